@@ -1,0 +1,3 @@
+"""rswitch: a self-hosted LLM gateway with a terminal UI."""
+
+__version__ = "0.1.0"

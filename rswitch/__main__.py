@@ -1,0 +1,3 @@
+from rswitch.cli import app
+
+app()

@@ -1,0 +1,283 @@
+"""The `rswitch` command line (typer): serve, template …, config check."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from rswitch.config import Config, ConfigError, find_config, load_config, parse_config
+from rswitch.templates import MissingVariables, Template, TemplateError, TemplateRegistry, check_id
+
+app = typer.Typer(help="rswitch: a self-hosted LLM gateway.", no_args_is_help=True, add_completion=False)
+template_app = typer.Typer(help="Register, list, show and render prompt templates.", no_args_is_help=True)
+config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
+app.add_typer(template_app, name="template")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file (default: $RSWITCH_CONFIG, then ./config.yaml, then the built-in sample).",
+    ),
+]
+
+SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "sample_prompts" / "config.yaml"
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def load(config: str | None) -> Config:
+    path = find_config(config)
+    try:
+        if path is None:
+            if SAMPLE_CONFIG.exists():
+                return load_config(SAMPLE_CONFIG)
+            return parse_config({})
+        return load_config(path)
+    except ConfigError as exc:
+        raise fail(f"invalid config: {exc}") from None
+
+
+def parse_addr(addr: str) -> tuple[str | None, int]:
+    """Accept the seeds' Go-style --addr: ':8080', 'host:8080' or '[::1]:8080'."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise fail(f"--addr must look like ':8080' or 'HOST:PORT'; got {addr!r}")
+    host = host.strip("[]")
+    return (host or "0.0.0.0"), int(port)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default: gateway.host, 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: gateway.port, 8080; 0 picks a free one).")
+    ] = None,
+    addr: Annotated[
+        str | None, typer.Option(help="Go-style listen address, e.g. ':8080' (same as --host/--port).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level for rswitch's own messages.")] = "info",
+) -> None:
+    """Run the gateway headless."""
+    import asyncio
+
+    import uvicorn
+
+    from rswitch.core import Core
+    from rswitch.server import create_app
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    cfg = load(config)
+    if addr:
+        host, port = parse_addr(addr)
+    host = host or cfg.gateway.host
+    port = cfg.gateway.port if port is None else port
+    try:
+        core = Core(cfg)
+    except ConfigError as exc:
+        raise fail(f"invalid config: {exc}") from None
+    except Exception as exc:
+        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(core),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=10,
+        )
+    )
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                break
+            await asyncio.sleep(0.05)
+        if server.started:
+            bound = [s.getsockname() for srv in server.servers for s in srv.sockets]
+            where = f"http://{bound[0][0]}:{bound[0][1]}" if bound else f"http://{host}:{port}"
+            typer.echo("\n".join(core.summary(where)), err=False)
+            typer.echo("  press Ctrl+C to stop (queued records are written before exit)")
+            sys.stdout.flush()
+        await task
+
+    asyncio.run(run())
+    if not server.started:
+        raise typer.Exit(1)
+    typer.echo(f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped")
+
+
+# -- templates ------------------------------------------------------------------------------
+
+
+def registry(config: str | None) -> TemplateRegistry:
+    from rswitch.core import open_registry
+
+    try:
+        return open_registry(load(config))
+    except ConfigError as exc:
+        raise fail(f"invalid config: {exc}") from None
+
+
+@template_app.command("register")
+def template_register(
+    template_id: Annotated[str, typer.Option("--template-id", help="Id apps use in metadata.template_id.")],
+    config: ConfigOpt = None,
+    name: Annotated[str | None, typer.Option(help="Human-readable name.")] = None,
+    prompt_text: Annotated[
+        str | None, typer.Option("--prompt-text", help="The template text, with {var} placeholders.")
+    ] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option("--prompt-file", help="Read the template text from a file.")
+    ] = None,
+    variables: Annotated[
+        str | None, typer.Option(help="Comma-separated variable names (default: the placeholders found).")
+    ] = None,
+    default_model: Annotated[str | None, typer.Option("--default-model")] = None,
+    default_provider: Annotated[str | None, typer.Option("--default-provider")] = None,
+) -> None:
+    """Register (or update, as a new version) a template."""
+    if (prompt_text is None) == (prompt_file is None):
+        raise fail("give exactly one of --prompt-text or --prompt-file")
+    if prompt_file is not None:
+        try:
+            prompt_text = prompt_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise fail(f"cannot read --prompt-file {prompt_file}: {exc.strerror}") from None
+    if not (prompt_text or "").strip():
+        raise fail("the template text is empty")
+    cfg = load(config)
+    if default_provider is not None and default_provider not in cfg.model_providers:
+        raise fail(
+            f"--default-provider {default_provider!r} is not a provider in the config; known: {', '.join(cfg.model_providers) or 'none'}"
+        )
+    names = [v.strip() for v in variables.split(",") if v.strip()] if variables else []
+    try:
+        check_id(template_id)
+        tpl = Template(
+            id=template_id,
+            template=prompt_text or "",
+            name=name or template_id,
+            variables=names,
+            default_model=default_model,
+            default_provider=default_provider,
+        )
+        tpl = TemplateRegistry(cfg.dataset_dir).register(tpl)
+    except TemplateError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(
+        f"registered template '{tpl.id}' version {tpl.version} → {cfg.dataset_dir / tpl.id / 'manifest.yaml'}"
+    )
+    typer.echo(f"  variables: {', '.join(tpl.variables) or '(none)'}")
+
+
+@template_app.command("list")
+def template_list(config: ConfigOpt = None) -> None:
+    """List registered templates (and those defined in the config)."""
+    reg = registry(config)
+    items = reg.list()
+    if not items:
+        typer.echo(f"no templates under {reg.base_dir}")
+        return
+    typer.echo(f"{'ID':<24} {'VER':>3}  {'SOURCE':<8} {'VARIABLES':<28} NAME")
+    for t in items:
+        typer.echo(f"{t.id:<24} {t.version:>3}  {t.source:<8} {', '.join(t.variables)[:28]:<28} {t.name}")
+    for e in reg.load_errors:
+        typer.secho(f"warning: {e}", err=True, fg=typer.colors.YELLOW)
+
+
+def _get(reg: TemplateRegistry, template_id: str) -> Template:
+    tpl = reg.get(template_id)
+    if tpl is None:
+        known = ", ".join(t.id for t in reg.list()) or "none"
+        raise fail(f"unknown template id '{template_id}' (known: {known})")
+    return tpl
+
+
+@template_app.command("show")
+def template_show(template_id: str, config: ConfigOpt = None) -> None:
+    """Print a template's manifest."""
+    tpl = _get(registry(config), template_id)
+    typer.echo(
+        yaml.safe_dump({**tpl.manifest(), "source": tpl.source}, sort_keys=False, allow_unicode=True).rstrip()
+    )
+
+
+@template_app.command("render")
+def template_render(
+    template_id: str,
+    var: Annotated[
+        list[str] | None, typer.Option("--var", help="A variable as name=value; repeat for more.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Render a template with --var name=value … and print the text."""
+    values: dict[str, Any] = {}
+    for item in var or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise fail(f"--var must be name=value; got {item!r}")
+        values[k] = v
+    tpl = _get(registry(config), template_id)
+    try:
+        typer.echo(tpl.render(values))
+    except MissingVariables as exc:
+        raise fail(f"{exc}; pass them as --var NAME=VALUE") from None
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(path: Path) -> None:
+    """Validate a config file and print every problem with its key path."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        typer.secho(f"{path}: {len(exc.problems)} problem(s)", err=True, fg=typer.colors.RED)
+        for p in exc.problems:
+            typer.echo(f"  {p}", err=True)
+        raise typer.Exit(1) from None
+    from rswitch.core import build_combinations, open_registry
+
+    try:
+        build_combinations(cfg, open_registry(cfg))
+    except ConfigError as exc:
+        typer.secho(f"{path}: {len(exc.problems)} problem(s)", err=True, fg=typer.colors.RED)
+        for p in exc.problems:
+            typer.echo(f"  {p}", err=True)
+        raise typer.Exit(1) from None
+    from rswitch.config import config_warnings
+
+    for w in config_warnings(cfg):
+        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(
+        f"{path}: ok — {len(cfg.model_providers)} provider(s), {len(cfg.gateway.combinations)} combination(s), strategy {cfg.gateway.strategy}"
+    )
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

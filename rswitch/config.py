@@ -1,0 +1,304 @@
+"""Typed configuration: YAML in, validated objects out, every problem named by its key path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STRATEGIES = ("round_robin", "weighted_round_robin", "performance_based")
+PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock")
+STANDARD_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+CONFIG_ENV = "RSWITCH_CONFIG"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class MockSettings(_Strict):
+    latency_ms: float = Field(0.0, ge=0)
+    failure_rate: float = Field(0.0, ge=0, le=1)
+    failure_status: int = Field(503, ge=400, le=599)
+    seed: int = 0
+    stream_chunks: int = Field(4, ge=1)
+    chunk_delay_ms: float = Field(0.0, ge=0)
+    response: str | None = None  # fixed answer; default echoes the last user message
+
+
+class ProviderConfig(_Strict):
+    type: Literal["openai", "anthropic", "ollama", "mock"]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key: str | None = None  # works, but prints a warning: keep keys in the environment
+    models: list[str] = Field(default_factory=list)
+    rate_limit: float | None = Field(None, gt=0, description="requests per minute")
+    tpm: float | None = Field(None, gt=0, description="tokens per minute")
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_connections: int = Field(256, ge=1)
+    mock: MockSettings = Field(default_factory=MockSettings)
+
+
+class CombinationConfig(_Strict):
+    id: str = Field(min_length=1)
+    name: str | None = None
+    template_id: str | None = None
+    prompt: str | None = None
+    model: str = Field(min_length=1)
+    provider: str = Field(min_length=1)
+    weight: float = Field(1.0, ge=0)
+    is_primary: bool = False
+    enabled: bool = True
+    fallbacks: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TemplateConfig(_Strict):
+    """A template defined in the config file itself (registered templates live on disk)."""
+
+    template: str = Field(min_length=1)
+    name: str | None = None
+    variables: list[str] = Field(default_factory=list)
+    default_model: str | None = None
+    default_provider: str | None = None
+
+
+class OptimizationConfig(_Strict):
+    enabled: bool = False
+    interval_seconds: float = Field(1800, gt=0)
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    strategy: Literal["round_robin", "weighted_round_robin", "performance_based"] = "weighted_round_robin"
+    combinations: list[CombinationConfig] = Field(default_factory=list)
+    fallback_threshold: float = Field(0.8, ge=0, le=1)
+    min_requests: int = Field(10, ge=1, description="requests in the window before health counts")
+    window_seconds: float = Field(300, gt=0, description="live-metrics window")
+    exploration: float = Field(
+        0.1, ge=0, le=1, description="share of performance_based traffic spent exploring"
+    )
+    max_attempts: int = Field(3, ge=1, description="upstream attempts per request, fallbacks included")
+    request_timeout_seconds: float = Field(120, gt=0, description="overall deadline per request")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
+
+
+class DatasetConfig(_Strict):
+    base_path: str = "data/prompts"
+    max_records: int = Field(10000, ge=1)
+
+
+class AnalyticsConfig(_Strict):
+    path: str = "data/analytics/metrics.duckdb"
+
+
+class RecorderConfig(_Strict):
+    queue_size: int = Field(50000, ge=1)
+    batch_size: int = Field(500, ge=1)
+    flush_interval_ms: float = Field(100, gt=0)
+
+
+class Price(_Strict):
+    input: float = Field(ge=0, description="USD per million input tokens")
+    output: float = Field(ge=0, description="USD per million output tokens")
+
+
+class Config(BaseModel):
+    # Unknown top-level sections (mipro_v2, router, …) belong to later features: kept, not rejected.
+    model_config = ConfigDict(extra="allow")
+
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    model_providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
+    recorder: RecorderConfig = Field(default_factory=RecorderConfig)
+    pricing: dict[str, Price] = Field(default_factory=dict)
+    templates: dict[str, TemplateConfig] = Field(default_factory=dict)
+
+    # where the file was, so relative data paths resolve next to it
+    source: str | None = Field(None, exclude=True)
+
+    @field_validator("model_providers")
+    @classmethod
+    def _names(cls, v: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
+        for name in v:
+            if not name or not str(name).strip():
+                raise ValueError("provider names must be non-empty")
+        return v
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(os.path.expanduser(p))
+        if not path.is_absolute() and self.source:
+            path = Path(self.source).parent / path
+        return path
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.resolve_path(self.dataset.base_path)
+
+    @property
+    def analytics_file(self) -> Path:
+        return self.resolve_path(self.analytics.path)
+
+
+class ConfigProblem:
+    def __init__(self, path: str, message: str, value: Any = None, has_value: bool = False) -> None:
+        self.path = path
+        self.message = message
+        self.value = value
+        self.has_value = has_value
+
+    def __str__(self) -> str:
+        got = f" (got {self.value!r})" if self.has_value else ""
+        return f"{self.path or '<root>'}: {self.message}{got}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[ConfigProblem], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    ids: dict[str, int] = {}
+    combos = cfg.gateway.combinations
+    for i, c in enumerate(combos):
+        base = f"gateway.combinations[{i}]"
+        if c.id in ids:
+            problems.append(
+                ConfigProblem(
+                    f"{base}.id", f"duplicate combination id (also at index {ids[c.id]})", c.id, True
+                )
+            )
+        ids.setdefault(c.id, i)
+        if c.provider not in cfg.model_providers:
+            allowed = ", ".join(sorted(cfg.model_providers)) or "none are defined under model_providers"
+            problems.append(
+                ConfigProblem(f"{base}.provider", f"unknown provider; allowed: {allowed}", c.provider, True)
+            )
+        if c.template_id is None and c.prompt is None:
+            problems.append(ConfigProblem(base, "needs either template_id or an inline prompt"))
+        if c.template_id is not None and c.prompt is not None:
+            problems.append(ConfigProblem(base, "set template_id or prompt, not both"))
+    for i, c in enumerate(combos):
+        for j, fb in enumerate(c.fallbacks):
+            if fb not in ids:
+                problems.append(
+                    ConfigProblem(
+                        f"gateway.combinations[{i}].fallbacks[{j}]",
+                        "unknown combination id; allowed: " + ", ".join(ids),
+                        fb,
+                        True,
+                    )
+                )
+            elif fb == c.id:
+                problems.append(
+                    ConfigProblem(
+                        f"gateway.combinations[{i}].fallbacks[{j}]",
+                        "a combination cannot fall back to itself",
+                        fb,
+                        True,
+                    )
+                )
+    for name, p in cfg.model_providers.items():
+        if p.type == "openai" and not p.base_url and not resolve_api_key(name, p)[0]:
+            pass  # defaults to api.openai.com; a missing key is reported at start, not as a config error
+        if p.api_key_env is not None and not p.api_key_env.strip():
+            problems.append(
+                ConfigProblem(
+                    f"model_providers.{name}.api_key_env",
+                    "must name an environment variable",
+                    p.api_key_env,
+                    True,
+                )
+            )
+    return problems
+
+
+def parse_config(data: Any, source: str | None = None) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem("", "the config must be a mapping of sections", data, True)], source)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(
+                ConfigProblem(
+                    _loc(err["loc"]), msg, err.get("input"), "input" in err and err["type"] != "missing"
+                )
+            )
+        raise ConfigError(problems, source) from None
+    cfg.source = source
+    problems = _semantic_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError([ConfigProblem("", f"config file not found: {p}")], str(p))
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem("", f"not valid YAML: {exc}")], str(p)) from None
+    return parse_config(data, str(p.resolve()))
+
+
+def find_config(explicit: str | None) -> str | None:
+    """--config, then $RSWITCH_CONFIG, then ./config.yaml."""
+    if explicit:
+        return explicit
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return env
+    if Path("config.yaml").exists():
+        return "config.yaml"
+    return None
+
+
+def resolve_api_key(name: str, p: ProviderConfig) -> tuple[str | None, str]:
+    """Return (key, where it came from). Keys never leave this process except to their upstream."""
+    if p.api_key_env:
+        return os.environ.get(p.api_key_env), f"${p.api_key_env}"
+    if p.api_key:
+        return p.api_key, "config file"
+    std = STANDARD_KEY_ENV.get(p.type)
+    if std:
+        return os.environ.get(std), f"${std}"
+    return None, "none needed"
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    out = []
+    for name, p in cfg.model_providers.items():
+        if p.api_key and not p.api_key_env:
+            out.append(
+                f"model_providers.{name}.api_key: an API key is written in the config file; "
+                f"move it to an environment variable and set api_key_env instead"
+            )
+    return out

@@ -1,0 +1,337 @@
+"""The runtime object: config, templates, combinations, providers, balancer, stores and
+live metrics wired together. The HTTP app, the CLI and (later) the TUI are views over it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from rswitch.config import Config, ConfigError, ConfigProblem, config_warnings, resolve_api_key
+from rswitch.gateway.balancer import Balancer, Combination
+from rswitch.gateway.metrics import LiveMetrics
+from rswitch.gateway.pipeline import Gateway
+from rswitch.gateway.ratelimit import ProviderLimiter
+from rswitch.providers import Provider, build_provider
+from rswitch.providers.pricing import PriceTable
+from rswitch.storage.analytics import AnalyticsStore
+from rswitch.storage.datasets import DatasetStore
+from rswitch.storage.writer import Recorder
+from rswitch.templates import Template, TemplateError, TemplateRegistry, check_id
+
+log = logging.getLogger("rswitch")
+
+
+def inline_template_id(prompt: str) -> str:
+    """Combinations that share an inline prompt share a template (and its dataset)."""
+    return "inline-" + hashlib.sha1(prompt.encode()).hexdigest()[:10]
+
+
+def open_registry(config: Config) -> TemplateRegistry:
+    """The templates registered on disk plus those defined in the config's `templates:`."""
+    registry = TemplateRegistry(config.dataset_dir)
+    problems: list[ConfigProblem] = []
+    for tid, tc in config.templates.items():
+        try:
+            check_id(tid)
+            registry.add_inline(
+                Template(
+                    id=tid,
+                    template=tc.template,
+                    name=tc.name or tid,
+                    variables=list(tc.variables),
+                    default_model=tc.default_model,
+                    default_provider=tc.default_provider,
+                )
+            )
+        except TemplateError as exc:
+            problems.append(ConfigProblem(f"templates.{tid}", str(exc)))
+    if problems:
+        raise ConfigError(problems, config.source)
+    return registry
+
+
+def build_combinations(config: Config, registry: TemplateRegistry) -> list[Combination]:
+    problems: list[ConfigProblem] = []
+    out: list[Combination] = []
+    for i, c in enumerate(config.gateway.combinations):
+        if c.prompt is not None:
+            template_id = inline_template_id(c.prompt)
+            try:
+                registry.add_inline(Template(id=template_id, template=c.prompt, name=c.name or c.id))
+            except TemplateError as exc:
+                problems.append(ConfigProblem(f"gateway.combinations[{i}].prompt", str(exc)))
+                continue
+        else:
+            template_id = c.template_id or ""
+            if registry.get(template_id) is None:
+                known = ", ".join(t.id for t in registry.list()) or "none registered"
+                problems.append(
+                    ConfigProblem(
+                        f"gateway.combinations[{i}].template_id",
+                        f"unknown template (registered under {registry.base_dir}: {known})",
+                        template_id,
+                        True,
+                    )
+                )
+                continue
+        out.append(
+            Combination(
+                id=c.id,
+                name=c.name or c.id,
+                template_id=template_id,
+                model=c.model,
+                provider=c.provider,
+                weight=c.weight,
+                is_primary=c.is_primary,
+                enabled=c.enabled,
+                fallbacks=list(c.fallbacks),
+                metadata=dict(c.metadata),
+            )
+        )
+    if problems:
+        raise ConfigError(problems, config.source)
+    return out
+
+
+class Core:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.warnings = config_warnings(config)
+        self.registry = open_registry(config)
+        self.combinations = build_combinations(config, self.registry)
+        self.key_sources: dict[str, str] = {}
+        self.providers: dict[str, Provider] = {}
+        for name, pc in config.model_providers.items():
+            key, source = resolve_api_key(name, pc)
+            self.key_sources[name] = source if key or source == "none needed" else f"{source} (not set)"
+            self.providers[name] = build_provider(name, pc, key)
+        self.limiters = {
+            name: ProviderLimiter(pc.rate_limit, pc.tpm)
+            for name, pc in config.model_providers.items()
+            if pc.rate_limit or pc.tpm
+        }
+        gw = config.gateway
+        self.metrics = LiveMetrics(gw.window_seconds)
+        self.balancer = Balancer(
+            gw.strategy,
+            self.metrics,
+            fallback_threshold=gw.fallback_threshold,
+            min_requests=gw.min_requests,
+            exploration=gw.exploration,
+        )
+        self.datasets = DatasetStore(config.dataset_dir, config.dataset.max_records)
+        self.analytics = AnalyticsStore(config.analytics_file)
+        rc = config.recorder
+        self.recorder = Recorder(
+            self.datasets,
+            self.analytics,
+            queue_size=rc.queue_size,
+            batch_size=rc.batch_size,
+            flush_interval=rc.flush_interval_ms / 1000,
+        )
+        self.gateway = Gateway(
+            registry=self.registry,
+            combinations=self.combinations,
+            providers=self.providers,
+            limiters=self.limiters,
+            balancer=self.balancer,
+            metrics=self.metrics,
+            prices=PriceTable(config.pricing),
+            submit=self.recorder.submit,
+            max_attempts=gw.max_attempts,
+            request_timeout=gw.request_timeout_seconds,
+        )
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self.recorder.start()
+        for p in self.providers.values():
+            await p.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Close upstream clients, then drain the recorder so no answered call is lost."""
+        for p in self.providers.values():
+            try:
+                await p.close()
+            except Exception:
+                log.exception("closing provider %s", p.name)
+        await asyncio.to_thread(self.recorder.close)
+        self.datasets.close()
+        self.analytics.close()
+        self._started = False
+
+    # -- operator actions ---------------------------------------------------------------------
+
+    def combination(self, combination_id: str) -> Combination:
+        combo = self.gateway.combinations.get(combination_id)
+        if combo is None:
+            raise KeyError(f"unknown combination id '{combination_id}'")
+        return combo
+
+    def reweight(self, combination_id: str, weight: float) -> None:
+        if weight < 0:
+            raise ValueError("weight must be >= 0")
+        self.combination(combination_id).weight = float(weight)
+        self.gateway.reindex()
+
+    def set_enabled(self, combination_id: str, enabled: bool) -> None:
+        self.combination(combination_id).enabled = enabled
+        self.gateway.reindex()
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Live view; DuckDB analytics are merged in by the caller (they are I/O)."""
+        eff = self.gateway.effective_weights()
+        combos = []
+        for c in self.gateway.combinations.values():
+            w = self.metrics.window_stats(c.id, fresh=True)
+            combos.append(
+                {
+                    "id": c.id,
+                    "name": c.name,
+                    "template_id": c.template_id,
+                    "model": c.model,
+                    "provider": c.provider,
+                    "weight": c.weight,
+                    "effective_weight": round(eff.get(c.id, 0.0), 4),
+                    "enabled": c.enabled,
+                    "is_primary": c.is_primary,
+                    "fallbacks": c.fallbacks,
+                    "demoted": c.enabled and self.balancer.demoted(c),
+                    "performance": {
+                        **w.as_dict(),
+                        "window_seconds": self.metrics.window,
+                        "since_start": self.metrics.totals(c.id),
+                    },
+                }
+            )
+        return {
+            "status": "ok",
+            "strategy": self.balancer.strategy,
+            "count": len(combos),
+            "combinations": combos,
+            "providers": [
+                {
+                    **p.describe(),
+                    "api_key": self.key_sources[name],
+                    "rate_limit": self.config.model_providers[name].rate_limit,
+                    "tpm": self.config.model_providers[name].tpm,
+                }
+                for name, p in self.providers.items()
+            ],
+            "recorder": self.recorder.stats(),
+        }
+
+    def status_with_analytics(self) -> dict[str, Any]:
+        out = self.status()
+        try:
+            by_combo = self.analytics.combination_stats()
+        except Exception as exc:
+            out["analytics_error"] = f"{type(exc).__name__}: {exc}"
+            by_combo = {}
+        for c in out["combinations"]:
+            c["analytics"] = by_combo.get(c["id"], {"total_requests": 0})
+        return out
+
+    def prompt_stats(self, prompt_id: str) -> dict[str, Any]:
+        is_template = self.registry.get(prompt_id) is not None
+        combo = self.gateway.combinations.get(prompt_id)
+        if not is_template and combo is None:
+            raise KeyError(f"unknown template or combination id '{prompt_id}'")
+        stats = self.analytics.prompt_stats(prompt_id)
+        return {
+            "prompt_id": prompt_id,
+            "template_id": prompt_id if is_template else combo.template_id,  # type: ignore[union-attr]
+            "combination_id": None if is_template else prompt_id,
+            **stats,
+        }
+
+    def system_analytics(self) -> dict[str, Any]:
+        return {**self.analytics.system_stats(), "recorder": self.recorder.stats()}
+
+    def storage_health(self) -> dict[str, Any]:
+        return {"datasets": self.datasets.ping(), "analytics": self.analytics.ping()}
+
+    def models(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+
+        def add(mid: str, kind: str, **extra: Any) -> None:
+            if mid not in seen:
+                seen.add(mid)
+                out.append(
+                    {
+                        "id": mid,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "rswitch",
+                        "rswitch_kind": kind,
+                        **extra,
+                    }
+                )
+
+        for c in self.gateway.combinations.values():
+            if c.enabled:
+                add(c.id, "combination", template_id=c.template_id, model=c.model, provider=c.provider)
+        for t in self.registry.list():
+            add(t.id, "template", variables=t.variables)
+        for c in self.gateway.combinations.values():
+            if c.enabled:
+                add(c.model, "model", provider=c.provider)
+        return out
+
+    def summary(self, address: str) -> list[str]:
+        """The start-up screen: where it listens, what it routes, where data goes."""
+        cfg = self.config
+        lines = [
+            f"rswitch gateway listening on {address}",
+            f"  config      {cfg.source or '(built-in defaults)'}",
+        ]
+        lines.append(
+            f"  strategy    {cfg.gateway.strategy}  (fallback_threshold {cfg.gateway.fallback_threshold}, "
+            f"max_attempts {cfg.gateway.max_attempts})"
+        )
+        lines.append(f"  providers   {len(self.providers)}")
+        for name in self.providers:
+            pc = cfg.model_providers[name]
+            limits = []
+            if pc.rate_limit:
+                limits.append(f"{pc.rate_limit:g} rpm")
+            if pc.tpm:
+                limits.append(f"{pc.tpm:g} tpm")
+            url = pc.base_url or ("(default)" if pc.type != "mock" else "-")
+            lines.append(
+                f"    {name:<14} {pc.type:<9} {url}  key: {self.key_sources[name]}"
+                + (f"  limits: {', '.join(limits)}" if limits else "")
+            )
+        lines.append(f"  combinations {len(self.combinations)}")
+        for c in self.combinations:
+            flags = " ".join(
+                x for x in ("primary" if c.is_primary else "", "" if c.enabled else "disabled") if x
+            )
+            fb = f" → {', '.join(c.fallbacks)}" if c.fallbacks else ""
+            lines.append(
+                f"    {c.id:<22} {c.template_id:<20} {c.provider}/{c.model}  w={c.weight:g} {flags}{fb}".rstrip()
+            )
+        lines.append(f"  templates   {len(self.registry.list())} ({cfg.dataset_dir})")
+        lines.append(
+            f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite (keep newest {cfg.dataset.max_records})"
+        )
+        lines.append(f"  analytics   {cfg.analytics_file}")
+        for w in self.warnings:
+            lines.append(f"  WARNING     {w}")
+        for e in self.registry.load_errors:
+            lines.append(f"  WARNING     bad manifest {e}")
+        return lines
+
+    def combination_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(c) for c in self.gateway.combinations.values()]

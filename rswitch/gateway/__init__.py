@@ -1,0 +1,1 @@
+"""The request pipeline: resolve, route, render, call, stream, record. No web framework here."""

@@ -1,0 +1,170 @@
+"""Combinations and the strategies that choose among them.
+
+- round_robin: each in turn.
+- weighted_round_robin: nginx's smooth weighted round-robin — deterministic, and over any
+  run of sum(weights) picks it splits exactly by weight without bunching.
+- performance_based: scores success rate and latency over the live window; a share of
+  traffic (`exploration`) still goes round the others so a recovered one earns its way back.
+
+Effective weights fold in `fallback_threshold`: a combination whose windowed success rate
+is below it (after `min_requests`) keeps a tenth of its weight and hands the rest to its
+fallbacks; it gets it back as soon as the window shows it healthy again.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rswitch.gateway.metrics import LiveMetrics
+
+DEMOTED_SHARE = 0.1
+
+
+@dataclass
+class Combination:
+    id: str
+    template_id: str
+    model: str
+    provider: str
+    name: str = ""
+    weight: float = 1.0
+    is_primary: bool = False
+    enabled: bool = True
+    fallbacks: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    implicit: bool = False  # made from a template's default model, not listed in the config
+
+
+class Balancer:
+    def __init__(
+        self,
+        strategy: str,
+        metrics: LiveMetrics,
+        *,
+        fallback_threshold: float = 0.8,
+        min_requests: int = 10,
+        exploration: float = 0.1,
+        seed: int | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.metrics = metrics
+        self.fallback_threshold = fallback_threshold
+        self.min_requests = min_requests
+        self.exploration = exploration
+        self._rng = random.Random(seed)
+        self._rr: dict[str, int] = {}
+        self._current: dict[str, dict[str, float]] = {}  # smooth WRR state per pool
+        self._eff: dict[str, float] = {}
+        self._eff_at = -1.0
+        self._eff_version = -1
+
+    # -- health and effective weights -------------------------------------------------------
+
+    def demoted(self, combo: Combination) -> bool:
+        if self.fallback_threshold <= 0:
+            return False
+        w = self.metrics.window_stats(combo.id)
+        return w.requests >= self.min_requests and (w.success_rate or 0.0) < self.fallback_threshold
+
+    def effective_weights(self, combos: dict[str, Combination], version: int = 0) -> dict[str, float]:
+        now = time.monotonic()
+        if version == self._eff_version and now - self._eff_at < self.metrics.cache_seconds:
+            return self._eff
+        eff = {cid: (c.weight if c.enabled else 0.0) for cid, c in combos.items()}
+        for cid, c in combos.items():
+            if not c.enabled or not self.demoted(c):
+                continue
+            lost = eff[cid] * (1 - DEMOTED_SHARE)
+            eff[cid] -= lost
+            heirs = [
+                f for f in c.fallbacks if f in combos and combos[f].enabled and not self.demoted(combos[f])
+            ]
+            for f in heirs:
+                eff[f] += lost / len(heirs)
+        self._eff, self._eff_at, self._eff_version = eff, now, version
+        return eff
+
+    # -- picking -------------------------------------------------------------------------
+
+    def pick(self, pool_key: str, pool: list[Combination], eff: dict[str, float]) -> Combination:
+        if len(pool) == 1:
+            return pool[0]
+        if self.strategy == "round_robin":
+            return self._round_robin(pool_key, pool)
+        if self.strategy == "performance_based":
+            return self._performance(pool_key, pool, eff)
+        return self._smooth_weighted(pool_key, pool, eff)
+
+    def _round_robin(self, key: str, pool: list[Combination]) -> Combination:
+        i = self._rr.get(key, 0)
+        self._rr[key] = i + 1
+        return pool[i % len(pool)]
+
+    def _smooth_weighted(self, key: str, pool: list[Combination], eff: dict[str, float]) -> Combination:
+        weights = {c.id: eff.get(c.id, c.weight) for c in pool}
+        total = sum(weights.values())
+        if total <= 0:
+            return self._round_robin(key, pool)
+        current = self._current.setdefault(key, {})
+        best: Combination | None = None
+        best_value = 0.0
+        for c in pool:
+            value = current.get(c.id, 0.0) + weights[c.id]
+            current[c.id] = value
+            if best is None or value > best_value:
+                best, best_value = c, value
+        assert best is not None
+        current[best.id] -= total
+        return best
+
+    def score(self, combo: Combination, reference_ms: float) -> float:
+        """Success rate (Laplace-smoothed) times a latency factor relative to the pool."""
+        w = self.metrics.window_stats(combo.id)
+        if w.requests == 0:
+            return 1.0  # unknown: optimistic, so it gets measured
+        success = (w.successes + 1) / (w.requests + 2)
+        latency = w.p50_ms if w.p50_ms is not None else reference_ms
+        return success * (reference_ms / (reference_ms + latency)) * 2
+
+    def _performance(self, key: str, pool: list[Combination], eff: dict[str, float]) -> Combination:
+        live = [c for c in pool if eff.get(c.id, c.weight) > 0] or pool
+        if self._rng.random() < self.exploration:
+            return self._round_robin(key + "/explore", live)
+        p50s = [w.p50_ms for c in live if (w := self.metrics.window_stats(c.id)).p50_ms is not None]
+        reference = sorted(p50s)[len(p50s) // 2] if p50s else 1.0
+        reference = max(reference, 1.0)
+        return max(
+            live,
+            key=lambda c: (
+                self.score(c, reference) * (1.0 if not self.demoted(c) else DEMOTED_SHARE),
+                eff.get(c.id, 0),
+            ),
+        )
+
+    def order(
+        self,
+        first: Combination,
+        pool: list[Combination],
+        combos: dict[str, Combination],
+        eff: dict[str, float],
+        pinned: bool,
+    ) -> list[Combination]:
+        """The candidates for one request: the pick, its fallbacks, then the other combinations
+        of its pool that serve the same template (best effective weight first)."""
+        out = [first]
+        seen = {first.id}
+        for fid in first.fallbacks:
+            c = combos.get(fid)
+            if c is not None and c.enabled and fid not in seen:
+                out.append(c)
+                seen.add(fid)
+        if not pinned:
+            rest = sorted(
+                (c for c in pool if c.id not in seen and c.template_id == first.template_id),
+                key=lambda c: -eff.get(c.id, 0.0),
+            )
+            out.extend(rest)
+        return out

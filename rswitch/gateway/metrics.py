@@ -1,0 +1,137 @@
+"""Live per-combination metrics over a recent time window, kept in memory.
+
+The balancer reads them on every request (through a short-lived cache) and the TUI and
+/status read frozen snapshots; DuckDB holds the history.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLES_PER_COMBINATION = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    requests: int = 0
+    successes: int = 0
+    success_rate: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    mean_ms: float | None = None
+    ttft_p50_ms: float | None = None
+    cost: float = 0.0
+    tokens: int = 0
+    requests_per_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "success_rate": self.success_rate,
+            "p50_latency_ms": self.p50_ms,
+            "p95_latency_ms": self.p95_ms,
+            "avg_latency_ms": self.mean_ms,
+            "ttft_p50_ms": self.ttft_p50_ms,
+            "cost": self.cost,
+            "tokens": self.tokens,
+            "requests_per_s": self.requests_per_s,
+        }
+
+
+def _pct(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+@dataclass
+class _Series:
+    # (monotonic ts, ok, latency_ms, ttft_ms or -1, cost, tokens)
+    samples: deque[tuple[float, bool, float, float, float, int]] = field(
+        default_factory=lambda: deque(maxlen=SAMPLES_PER_COMBINATION)
+    )
+    total_requests: int = 0
+    total_errors: int = 0
+    total_cost: float = 0.0
+    total_tokens: int = 0
+
+
+class LiveMetrics:
+    def __init__(self, window_seconds: float = 300.0, cache_seconds: float = 0.25) -> None:
+        self.window = window_seconds
+        self.cache_seconds = cache_seconds
+        self._series: dict[str, _Series] = {}
+        self._cache: dict[str, tuple[float, WindowStats]] = {}
+        self.started = time.monotonic()
+
+    def observe(
+        self,
+        combination_id: str,
+        ok: bool,
+        latency_ms: float,
+        ttft_ms: float | None,
+        cost: float,
+        tokens: int,
+    ) -> None:
+        s = self._series.get(combination_id)
+        if s is None:
+            s = self._series[combination_id] = _Series()
+        s.samples.append(
+            (time.monotonic(), ok, latency_ms, -1.0 if ttft_ms is None else ttft_ms, cost, tokens)
+        )
+        s.total_requests += 1
+        s.total_errors += 0 if ok else 1
+        s.total_cost += cost
+        s.total_tokens += tokens
+
+    def window_stats(self, combination_id: str, fresh: bool = False) -> WindowStats:
+        now = time.monotonic()
+        if not fresh:
+            hit = self._cache.get(combination_id)
+            if hit is not None and now - hit[0] < self.cache_seconds:
+                return hit[1]
+        stats = self._compute(combination_id, now)
+        self._cache[combination_id] = (now, stats)
+        return stats
+
+    def _compute(self, combination_id: str, now: float) -> WindowStats:
+        s = self._series.get(combination_id)
+        if s is None:
+            return WindowStats()
+        cutoff = now - self.window
+        while s.samples and s.samples[0][0] < cutoff:
+            s.samples.popleft()
+        samples = list(s.samples)
+        if not samples:
+            return WindowStats()
+        ok = sum(1 for x in samples if x[1])
+        lat = sorted(x[2] for x in samples)
+        ttft = sorted(x[3] for x in samples if x[3] >= 0)
+        span = max(1.0, min(self.window, now - samples[0][0]))
+        return WindowStats(
+            requests=len(samples),
+            successes=ok,
+            success_rate=ok / len(samples),
+            p50_ms=_pct(lat, 0.5),
+            p95_ms=_pct(lat, 0.95),
+            mean_ms=sum(lat) / len(lat),
+            ttft_p50_ms=_pct(ttft, 0.5),
+            cost=sum(x[4] for x in samples),
+            tokens=sum(x[5] for x in samples),
+            requests_per_s=len(samples) / span,
+        )
+
+    def totals(self, combination_id: str) -> dict[str, Any]:
+        s = self._series.get(combination_id)
+        if s is None:
+            return {"requests": 0, "errors": 0, "cost": 0.0, "tokens": 0}
+        return {
+            "requests": s.total_requests,
+            "errors": s.total_errors,
+            "cost": s.total_cost,
+            "tokens": s.total_tokens,
+        }

@@ -1,0 +1,703 @@
+"""The request pipeline: validate → resolve → route → render → call (with fallbacks) → record.
+
+Framework-free: the HTTP server, the CLI and tests all call `Gateway.complete` and
+`Gateway.open_stream` with a parsed JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from rswitch.gateway.balancer import Balancer, Combination
+from rswitch.gateway.errors import GatewayError, bad_request
+from rswitch.gateway.metrics import LiveMetrics
+from rswitch.gateway.ratelimit import ProviderLimiter
+from rswitch.providers.base import ChatCall, Provider, UpstreamError
+from rswitch.providers.pricing import PriceTable, estimate_tokens, message_text
+from rswitch.storage.record import CallRecord
+from rswitch.templates import MissingVariables, TemplateRegistry
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+RSWITCH_KEYS = frozenset({"model", "messages", "variables", "metadata", "stream", "stream_options"})
+ROUTING_METADATA = frozenset({"combination_id", "template_id"})
+MAX_RETRY_WAIT = 5.0  # never hold a client longer than this for a Retry-After; answer 429 instead
+
+
+@dataclass
+class Route:
+    """Where a request goes: candidates in order, and what they need."""
+
+    candidates: list[Combination]
+    pool_key: str
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    started: float  # perf_counter
+    created: float  # unix time
+    messages: list[dict[str, Any]]
+    variables: dict[str, Any]
+    params: dict[str, Any]
+    route: Route
+    client_usage: bool = False  # stream_options.include_usage asked by the client
+    rendered: dict[str, str] = field(default_factory=dict)
+    rate_wait: float | None = None  # set when rate limits, not failures, left nothing to try
+
+
+def _upstream_to_gateway(e: UpstreamError) -> GatewayError:
+    if e.retryable:
+        status = (
+            429
+            if e.status == 429
+            else 504
+            if e.status in (408, 504)
+            else 503
+            if e.status in (503, 529)
+            else 502
+        )
+    else:
+        status = e.status if 400 <= e.status < 500 else 502
+    return GatewayError(status, e.message, error_type=e.error_type, code=e.code, retry_after=e.retry_after)
+
+
+def validate(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Cheap structural checks (no pydantic on the hot path). Returns messages, variables, metadata."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_body")
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("'messages' is required", code="missing_messages", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array", code="empty_messages", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad_request(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad_request(
+                f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}; got {role!r}",
+                param=f"messages[{i}].role",
+            )
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise bad_request(
+                f"messages[{i}].content must be a string or an array of content parts",
+                param=f"messages[{i}].content",
+            )
+        if content is None and role not in ("assistant",):
+            raise bad_request(
+                f"messages[{i}].content is required for role {role!r}", param=f"messages[{i}].content"
+            )
+    variables = body.get("variables")
+    if variables is None:
+        variables = {}
+    elif not isinstance(variables, dict):
+        raise bad_request("'variables' must be an object of name → value", param="variables")
+    metadata = body.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict):
+        raise bad_request("'metadata' must be an object", param="metadata")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("'model' must be a string", param="model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("'stream' must be true or false", param="stream")
+    return messages, variables, metadata
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        registry: TemplateRegistry,
+        combinations: list[Combination],
+        providers: dict[str, Provider],
+        limiters: dict[str, ProviderLimiter],
+        balancer: Balancer,
+        metrics: LiveMetrics,
+        prices: PriceTable,
+        submit: Any,  # callable(CallRecord) -> bool; the recorder's non-blocking submit
+        max_attempts: int = 3,
+        request_timeout: float = 120.0,
+    ) -> None:
+        self.registry = registry
+        self.providers = providers
+        self.limiters = limiters
+        self.balancer = balancer
+        self.metrics = metrics
+        self.prices = prices
+        self.submit = submit
+        self.max_attempts = max_attempts
+        self.request_timeout = request_timeout
+        self.combinations: dict[str, Combination] = {}
+        self.version = 0
+        self.set_combinations(combinations)
+
+    # -- combinations and indexes -------------------------------------------------------
+
+    def set_combinations(self, combinations: list[Combination]) -> None:
+        self.combinations = {c.id: c for c in combinations}
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Rebuild lookup tables; call after changing a combination's enabled/weight."""
+        enabled = [c for c in self.combinations.values() if c.enabled]
+        self._enabled = enabled
+        self._by_template: dict[str, list[Combination]] = {}
+        self._by_model: dict[str, list[Combination]] = {}
+        for c in enabled:
+            self._by_template.setdefault(c.template_id, []).append(c)
+            self._by_model.setdefault(c.model, []).append(c)
+        self.version += 1
+
+    def effective_weights(self) -> dict[str, float]:
+        return self.balancer.effective_weights(self.combinations, self.version)
+
+    # -- resolution -----------------------------------------------------------------------
+
+    def _template_pool(self, template_id: str) -> list[Combination]:
+        pool = self._by_template.get(template_id)
+        if pool:
+            return pool
+        tpl = self.registry.get(template_id)
+        if tpl is None:
+            raise GatewayError(
+                400,
+                f"unknown template id '{template_id}'",
+                code="unknown_template",
+                param="metadata.template_id",
+            )
+        if tpl.default_model and tpl.default_provider in self.providers:
+            # a registered template with a default model and provider is servable on its own
+            return [
+                Combination(
+                    id=f"{template_id}@default",
+                    template_id=template_id,
+                    model=tpl.default_model,
+                    provider=tpl.default_provider,
+                    implicit=True,
+                )
+            ]
+        raise GatewayError(
+            400,
+            f"template '{template_id}' has no enabled combination (add one under gateway.combinations, "
+            f"or register it with --default-model and --default-provider)",
+            code="no_combination",
+        )
+
+    def resolve(self, model: str | None, metadata: dict[str, Any]) -> Route:
+        """metadata.combination_id → metadata.template_id → model as combination/template id →
+        model as a combination's model name → every enabled combination."""
+        cid = metadata.get("combination_id")
+        tid = metadata.get("template_id")
+        pinned = False
+        if cid is not None:
+            combo = self.combinations.get(str(cid))
+            if combo is None:
+                raise GatewayError(
+                    400,
+                    f"unknown combination id '{cid}'",
+                    code="unknown_combination",
+                    param="metadata.combination_id",
+                )
+            if not combo.enabled:
+                raise GatewayError(
+                    400,
+                    f"combination '{cid}' is disabled",
+                    code="combination_disabled",
+                    param="metadata.combination_id",
+                )
+            pool, key, pinned = [combo], f"c:{cid}", True
+        elif tid is not None:
+            pool, key = self._template_pool(str(tid)), f"t:{tid}"
+        elif model and model in self.combinations and self.combinations[model].enabled:
+            pool, key, pinned = [self.combinations[model]], f"c:{model}", True
+        elif model and (model in self._by_template or self.registry.get(model) is not None):
+            pool, key = self._template_pool(model), f"t:{model}"
+        elif model and model in self._by_model:
+            pool, key = self._by_model[model], f"m:{model}"
+        else:
+            pool, key = self._enabled, "*"
+        if not pool:
+            raise GatewayError(
+                503,
+                "no enabled combinations are configured",
+                error_type="service_unavailable",
+                code="no_combination",
+            )
+        eff = self.effective_weights()
+        first = self.balancer.pick(key, pool, eff)
+        return Route(self.balancer.order(first, pool, self.combinations, eff, pinned), key)
+
+    # -- preparing and calling --------------------------------------------------------------
+
+    def prepare(self, body: Any) -> Prepared:
+        messages, variables, metadata = validate(body)
+        route = self.resolve(body.get("model"), metadata)
+        params = {k: v for k, v in body.items() if k not in RSWITCH_KEYS}
+        extra_meta = {k: v for k, v in metadata.items() if k not in ROUTING_METADATA}
+        if extra_meta:
+            params["metadata"] = extra_meta
+        stream_options = body.get("stream_options")
+        client_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
+        prepared = Prepared(
+            request_id=uuid.uuid4().hex,
+            started=time.perf_counter(),
+            created=time.time(),
+            messages=messages,
+            variables=variables,
+            params=params,
+            route=route,
+            client_usage=client_usage,
+        )
+        # The first candidate's template must render, or the request is the client's mistake.
+        self.system_prompt(prepared, route.candidates[0])
+        return prepared
+
+    def system_prompt(self, p: Prepared, combo: Combination) -> str:
+        text = p.rendered.get(combo.template_id)
+        if text is None:
+            tpl = self.registry.get(combo.template_id)
+            if tpl is None:
+                raise GatewayError(
+                    500,
+                    f"combination '{combo.id}' names template '{combo.template_id}', which is not registered",
+                    error_type="server_error",
+                )
+            try:
+                text = tpl.render(p.variables)
+            except MissingVariables as exc:
+                raise GatewayError(400, str(exc), code="missing_variables", param="variables") from None
+            p.rendered[combo.template_id] = text
+        return text
+
+    def _call(self, p: Prepared, combo: Combination, system: str, remaining: float) -> ChatCall:
+        provider = self.providers[combo.provider]
+        messages = [{"role": "system", "content": system}, *p.messages] if system else list(p.messages)
+        return ChatCall(
+            model=combo.model,
+            messages=messages,
+            params=p.params,
+            timeout=min(remaining, provider.settings.timeout_seconds),
+        )
+
+    def _estimate(self, p: Prepared, system: str) -> int:
+        out = p.params.get("max_completion_tokens") or p.params.get("max_tokens") or 0
+        return (
+            estimate_tokens(system)
+            + estimate_tokens(message_text(p.messages))
+            + (out if isinstance(out, int) else 0)
+        )
+
+    async def _attempts(self, p: Prepared) -> AsyncIterator[tuple[Combination, str, ChatCall, int]]:
+        """Yield (combination, system prompt, call, estimated tokens) for each attempt to make,
+        honouring rate limits, the attempt budget, the deadline and backoff between rounds.
+        When rate limits alone left nothing to try, `p.rate_wait` says for how long."""
+        deadline = p.started + self.request_timeout
+        attempts = 0
+        round_no = 0
+        while attempts < self.max_attempts:
+            soonest: float | None = None
+            for i, combo in enumerate(p.route.candidates):
+                if attempts >= self.max_attempts:
+                    return
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    return
+                try:
+                    system = self.system_prompt(p, combo)
+                except GatewayError:
+                    if i == 0 and round_no == 0:
+                        raise
+                    continue  # a fallback whose template needs other variables cannot serve
+                limiter = self.limiters.get(combo.provider)
+                est = self._estimate(p, system)
+                if limiter is not None:
+                    wait = limiter.try_acquire(est)
+                    if wait > 0:
+                        soonest = wait if soonest is None else min(soonest, wait)
+                        continue
+                attempts += 1
+                yield combo, system, self._call(p, combo, system, remaining), est
+            round_no += 1
+            # every candidate was tried or was rate limited: wait for the soonest, if short
+            backoff = min(2.0, 0.1 * (2**round_no)) * (0.5 + random.random())
+            wait = max(backoff, soonest or 0.0)
+            remaining = deadline - time.perf_counter()
+            if attempts >= self.max_attempts or wait > min(MAX_RETRY_WAIT, remaining):
+                p.rate_wait = soonest
+                return
+            await asyncio.sleep(wait)
+
+    # -- recording ----------------------------------------------------------------------------
+
+    def _record(
+        self,
+        p: Prepared,
+        combo: Combination,
+        system: str,
+        *,
+        output: str = "",
+        ok: bool,
+        error: UpstreamError | GatewayError | None = None,
+        usage: dict[str, Any] | None = None,
+        ttft_ms: float | None = None,
+        stream: bool = False,
+        attempt: int = 1,
+        started: float | None = None,
+        observe: bool = True,
+    ) -> tuple[int, int, bool, float]:
+        duration_ms = (time.perf_counter() - (started or p.started)) * 1000
+        estimated = False
+        if usage and isinstance(usage.get("prompt_tokens"), int):
+            pt, ct = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0) or 0
+        elif ok:
+            pt = estimate_tokens(system) + estimate_tokens(message_text(p.messages))
+            ct, estimated = estimate_tokens(output), True
+        else:
+            pt = ct = 0
+        cost = self.prices.cost(combo.model, pt, ct)
+        if observe:
+            self.metrics.observe(combo.id, ok, duration_ms, ttft_ms, cost, pt + ct)
+        self.submit(
+            CallRecord(
+                request_id=p.request_id,
+                created_at=p.created,
+                template_id=combo.template_id,
+                combination_id=combo.id,
+                provider=combo.provider,
+                model=combo.model,
+                system_prompt=system,
+                messages=p.messages,
+                variables=p.variables,
+                output=output,
+                success=ok,
+                error_type=None if error is None else error.error_type,
+                error_message=None if error is None else error.message,
+                status=200 if error is None else error.status,
+                prompt_tokens=pt,
+                completion_tokens=ct,
+                tokens_estimated=estimated,
+                cost=cost,
+                duration_ms=duration_ms,
+                ttft_ms=ttft_ms,
+                stream=stream,
+                attempt=attempt,
+            )
+        )
+        return pt, ct, estimated, cost
+
+    def _failed(
+        self,
+        p: Prepared,
+        combo: Combination,
+        system: str,
+        e: UpstreamError,
+        attempt: int,
+        started: float,
+        stream: bool,
+    ) -> None:
+        if e.status == 429 and e.retry_after:
+            limiter = self.limiters.get(combo.provider)
+            if limiter is not None:
+                limiter.block_for(e.retry_after)
+        # only upstream trouble counts against a combination's health, not a client's bad request
+        self._record(
+            p,
+            combo,
+            system,
+            ok=False,
+            error=e,
+            attempt=attempt,
+            started=started,
+            stream=stream,
+            observe=e.retryable,
+        )
+
+    def _exhausted(self, p: Prepared, last: UpstreamError | None, rate_wait: float | None) -> GatewayError:
+        if last is not None:
+            err = _upstream_to_gateway(last)
+            if err.status == 429 and err.retry_after is None:
+                err.retry_after = rate_wait or 1.0
+            return err
+        if rate_wait is not None:
+            combo = p.route.candidates[0]
+            return GatewayError(
+                429,
+                f"rate limit of provider '{combo.provider}' reached and no fallback could serve; retry later",
+                error_type="rate_limit_error",
+                code="rate_limit_exceeded",
+                retry_after=rate_wait,
+            )
+        return GatewayError(
+            504,
+            "the request deadline passed before any upstream answered",
+            error_type="timeout",
+            code="deadline_exceeded",
+        )
+
+    def _settle(self, combo: Combination, est: int, pt: int, ct: int) -> None:
+        limiter = self.limiters.get(combo.provider)
+        if limiter is not None:
+            limiter.settle(est, pt + ct)
+
+    # -- non-streaming ------------------------------------------------------------------------
+
+    async def complete(self, body: Any) -> tuple[dict[str, Any], Combination]:
+        p = self.prepare(body)
+        last: UpstreamError | None = None
+        n = 0
+        async for combo, system, call, est in self._attempts(p):
+            n += 1
+            started = time.perf_counter()
+            try:
+                resp = await self.providers[combo.provider].complete(call)
+            except UpstreamError as e:
+                self._failed(p, combo, system, e, n, started, False)
+                if not e.retryable:
+                    raise _upstream_to_gateway(e) from None
+                last = e
+                continue
+            output = _completion_text(resp)
+            pt, ct, estimated, cost = self._record(
+                p,
+                combo,
+                system,
+                output=output,
+                ok=True,
+                usage=resp.get("usage"),
+                attempt=n,
+                started=p.started,
+            )
+            self._settle(combo, est, pt, ct)
+            if estimated or not resp.get("usage"):
+                resp["usage"] = {
+                    "prompt_tokens": pt,
+                    "completion_tokens": ct,
+                    "total_tokens": pt + ct,
+                    "estimated": True,
+                }
+            return resp, combo
+        raise self._exhausted(p, last, p.rate_wait)
+
+    # -- streaming --------------------------------------------------------------------------
+
+    async def open_stream(self, body: Any) -> StreamSession:
+        """Start a stream: fail over until the first content chunk arrives, then commit to it."""
+        p = self.prepare(body)
+        last: UpstreamError | None = None
+        n = 0
+        async for combo, system, call, est in self._attempts(p):
+            n += 1
+            started = time.perf_counter()
+            agen = self.providers[combo.provider].stream(call)
+            held: list[dict[str, Any]] = []
+            try:
+                async for chunk in agen:
+                    held.append(chunk)
+                    if _has_content(chunk):
+                        break
+            except UpstreamError as e:
+                await agen.aclose()
+                self._failed(p, combo, system, e, n, started, True)
+                if not e.retryable:
+                    raise _upstream_to_gateway(e) from None
+                last = e
+                continue
+            return StreamSession(self, p, combo, system, agen, held, est, n)
+        raise self._exhausted(p, last, p.rate_wait)
+
+
+def _completion_text(resp: dict[str, Any]) -> str:
+    try:
+        msg = resp["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    content = msg.get("content")
+    if content:
+        return content if isinstance(content, str) else orjson.dumps(content).decode()
+    if msg.get("tool_calls"):
+        return orjson.dumps(msg["tool_calls"]).decode()
+    return ""
+
+
+def _has_content(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason"):
+            return True
+    return bool(chunk.get("usage"))
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class StreamSession:
+    """A committed stream. Iterate it for SSE bytes; it records itself when it ends."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        p: Prepared,
+        combo: Combination,
+        system: str,
+        agen: AsyncIterator[dict[str, Any]],
+        held: list[dict[str, Any]],
+        est: int,
+        attempt: int,
+    ) -> None:
+        self.gateway = gateway
+        self.p = p
+        self.combination = combo
+        self.system = system
+        self._agen = agen
+        self._held = held
+        self._est = est
+        self._attempt = attempt
+        self._ttft: float | None = None
+        self._parts: list[str] = []
+        self._tool_calls = False
+
+    @property
+    def provider(self) -> str:
+        return self.combination.provider
+
+    def _observe(self, chunk: dict[str, Any]) -> None:
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                if self._ttft is None:
+                    self._ttft = (time.perf_counter() - self.p.started) * 1000
+                self._parts.append(text)
+            if delta.get("tool_calls"):
+                if self._ttft is None:
+                    self._ttft = (time.perf_counter() - self.p.started) * 1000
+                self._tool_calls = True
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        for chunk in self._held:
+            yield chunk
+        self._held = []
+        async for chunk in self._agen:
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        usage: dict[str, Any] | None = None
+        finish: dict[str, Any] | None = None  # held back so usage can ride on it
+        last_id, last_model, created = None, self.combination.model, int(self.p.created)
+        g, p = self.gateway, self.p
+        outcome: str = "client_closed"
+        try:
+            try:
+                async for chunk in self._chunks():
+                    last_id = chunk.get("id", last_id)
+                    last_model = chunk.get("model", last_model)
+                    created = chunk.get("created", created)
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    self._observe(chunk)
+                    choices = chunk.get("choices") or []
+                    if not choices:
+                        continue  # the upstream's usage-only chunk: re-emitted at the end
+                    if not p.client_usage and any(c.get("finish_reason") for c in choices):
+                        finish = chunk
+                        continue
+                    yield sse(chunk)
+            except Exception as exc:
+                # a broken stream ends with an error event and no [DONE]: never a clean close
+                outcome = "error"
+                e = (
+                    exc
+                    if isinstance(exc, UpstreamError)
+                    else UpstreamError(502, f"stream failed: {type(exc).__name__}", retryable=True)
+                )
+                g._failed(p, self.combination, self.system, e, self._attempt, p.started, True)
+                yield sse(_upstream_to_gateway(e).body())
+                return
+            output = "".join(self._parts)
+            pt, ct, estimated, _ = g._record(
+                p,
+                self.combination,
+                self.system,
+                output=output,
+                ok=True,
+                usage=usage,
+                ttft_ms=self._ttft,
+                stream=True,
+                attempt=self._attempt,
+            )
+            outcome = "ok"
+            g._settle(self.combination, self._est, pt, ct)
+            final_usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+            if usage:
+                final_usage = {**usage, **final_usage}
+            if estimated:
+                final_usage["estimated"] = True
+            if finish is not None:
+                finish = dict(finish)
+                finish["usage"] = final_usage
+                yield sse(finish)
+            if p.client_usage or finish is None:
+                yield sse(
+                    {
+                        "id": last_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": last_model,
+                        "choices": [],
+                        "usage": final_usage,
+                    }
+                )
+            yield DONE
+        finally:
+            if outcome == "client_closed":
+                # the client went away mid-stream: close the upstream and record what happened
+                await _aclose(self._agen)
+                closed = UpstreamError(
+                    499,
+                    "client closed the stream before it ended",
+                    error_type="client_closed",
+                    retryable=False,
+                )
+                g._record(
+                    p,
+                    self.combination,
+                    self.system,
+                    output="".join(self._parts),
+                    ok=False,
+                    error=closed,
+                    ttft_ms=self._ttft,
+                    stream=True,
+                    attempt=self._attempt,
+                    observe=False,
+                )
+
+    async def aclose(self) -> None:
+        await _aclose(self._agen)
+
+
+async def _aclose(agen: Any) -> None:
+    close = getattr(agen, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass

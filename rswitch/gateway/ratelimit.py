@@ -1,0 +1,75 @@
+"""Per-provider rate limits (requests/minute and tokens/minute) as token buckets.
+
+Hand-written rather than `limits`: the hot path needs a non-blocking "take or tell me how
+long to wait" on a bucket shared by every combination that calls a provider, and a way to
+settle a token estimate against the real usage afterwards; both are a few lines here.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class TokenBucket:
+    def __init__(self, per_minute: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0  # refill per second
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` could be taken (0 when it can be taken now)."""
+        self._refill()
+        amount = min(amount, self.capacity)
+        if self.tokens >= amount:
+            return 0.0
+        return (amount - self.tokens) / self.rate
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.tokens -= amount
+
+    def give_back(self, amount: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + amount)
+
+
+class ProviderLimiter:
+    """The rpm and tpm buckets of one provider. Single event loop, so no lock is needed."""
+
+    def __init__(self, rpm: float | None, tpm: float | None) -> None:
+        self.rpm = TokenBucket(rpm) if rpm else None
+        self.tpm = TokenBucket(tpm) if tpm else None
+        self.upstream_blocked_until = 0.0  # set from an upstream's Retry-After
+
+    def try_acquire(self, tokens: int) -> float:
+        """Take one request and `tokens` tokens, or return how many seconds to wait (taking nothing)."""
+        waits = [self.upstream_blocked_until - time.monotonic()]
+        if self.rpm is not None:
+            waits.append(self.rpm.wait_for(1))
+        if self.tpm is not None:
+            waits.append(self.tpm.wait_for(tokens))
+        wait = max(waits)
+        if wait > 0:
+            return wait
+        if self.rpm is not None:
+            self.rpm.take(1)
+        if self.tpm is not None:
+            self.tpm.take(tokens)
+        return 0.0
+
+    def settle(self, estimated: int, actual: int) -> None:
+        """Correct the tpm bucket once the upstream has reported real usage."""
+        if self.tpm is None:
+            return
+        if actual > estimated:
+            self.tpm.take(actual - estimated)
+        elif estimated > actual:
+            self.tpm.give_back(estimated - actual)
+
+    def block_for(self, seconds: float) -> None:
+        self.upstream_blocked_until = max(self.upstream_blocked_until, time.monotonic() + seconds)

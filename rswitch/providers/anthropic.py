@@ -1,0 +1,473 @@
+"""Anthropic Messages API, spoken through the official `anthropic` SDK.
+
+The gateway talks OpenAI chat-completions; this module translates a `ChatCall` into a
+Messages request and Anthropic's answer (or its SSE events) back into `chat.completion`
+(or `chat.completion.chunk`) dicts.
+
+Notes on the SDK (anthropic 2.x):
+- it is built on `httpx2`, a separate package from `httpx`; an `http_client` must be an
+  `httpx2.AsyncClient` (the SDK rejects `httpx` objects), so pool limits use `httpx2.Limits`;
+- with no explicit credential it searches the environment, profile files on disk and
+  workload-identity files, so a placeholder key is passed when the gateway has none;
+- it sends `api_key` as `Authorization: Bearer`, not as the documented `x-api-key` header;
+- `messages.create` has no temperature / top_p / top_k any more (see to_anthropic_request);
+- with no explicit base_url it reads ANTHROPIC_BASE_URL, so the default is pinned here:
+  the gateway's config, not the environment, decides where keys are sent.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import httpx2
+from anthropic import AsyncAnthropic
+
+from rswitch.providers.base import (
+    ChatCall,
+    Provider,
+    UpstreamError,
+    connection_error,
+    now,
+    parse_retry_after,
+    stream_broken,
+    timeout_error,
+)
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI callers often leave it out
+PLACEHOLDER_KEY = "rswitch-no-key"  # the upstream answers 401, which is the honest outcome
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+TOOL_CHOICES = {None: "auto", "auto": "auto", "required": "any", "none": "none"}
+
+IMAGE_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+
+
+def invalid_request(message: str) -> UpstreamError:
+    """A request Anthropic cannot express: no other attempt at this provider would help."""
+    return UpstreamError(400, message, error_type="invalid_request_error", retryable=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI request -> Anthropic request
+
+
+def to_anthropic_request(call: ChatCall) -> dict[str, Any]:
+    """Keyword arguments for `messages.create`, from an OpenAI-shaped call."""
+    params = call.params
+    if (params.get("n") or 1) > 1:
+        raise invalid_request("anthropic returns one choice per request; n > 1 is not supported")
+
+    system, messages = split_system(call.messages)
+    request: dict[str, Any] = {
+        "model": call.model,
+        "messages": to_anthropic_messages(messages),
+        "max_tokens": params.get("max_completion_tokens") or params.get("max_tokens") or DEFAULT_MAX_TOKENS,
+    }
+    if system:
+        request["system"] = system
+    stop = params.get("stop")
+    if stop:
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if params.get("user"):
+        request["metadata"] = {"user_id": str(params["user"])}
+    if params.get("tools"):
+        request["tools"] = [to_anthropic_tool(t) for t in params["tools"]]
+        choice = to_anthropic_tool_choice(params.get("tool_choice"), params.get("parallel_tool_calls"))
+        if choice:
+            request["tool_choice"] = choice
+    # Dropped, as the Messages API (version pinned by the SDK) has no such field: seed,
+    # response_format, logprobs, stream_options, ..., and temperature / top_p too: SDK 2.x
+    # removed sampling parameters, and sending them anyway would fail every such request.
+    return request
+
+
+def split_system(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Anthropic takes the system prompt as a top-level field, not as messages."""
+    system, rest = [], []
+    for m in messages:
+        if m.get("role") in ("system", "developer"):
+            system.append(text_of(m.get("content")))
+        else:
+            rest.append(m)
+    return "\n\n".join(s for s in system if s), rest
+
+
+def text_of(content: Any) -> str:
+    """The text of a string or of a list of OpenAI content parts (non-text parts skipped)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def to_anthropic_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role = m.get("role")
+        if role == "user":
+            add_turn(out, "user", content_blocks(m.get("content")))
+        elif role == "assistant":
+            add_turn(out, "assistant", assistant_blocks(m))
+        elif role == "tool":
+            add_turn(out, "user", [tool_result_block(m)])
+        else:
+            raise invalid_request(f"unsupported message role for anthropic: {role!r}")
+    return out
+
+
+def add_turn(out: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    """Append a turn, merging it into the previous one of the same role.
+
+    OpenAI sends one `tool` message per result; Anthropic wants all results of a turn in one
+    user message, followed by any user text. Merging adjacent same-role turns covers both."""
+    if out and out[-1]["role"] == role:
+        out[-1]["content"].extend(blocks)
+    else:
+        out.append({"role": role, "content": blocks})
+
+
+def content_blocks(content: Any) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            if part.get("text"):
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            blocks.append(image_block(image.get("url", "") if isinstance(image, dict) else str(image)))
+        else:
+            raise invalid_request(f"content part type {kind!r} is not supported by anthropic")
+    return blocks
+
+
+def image_block(url: str) -> dict[str, Any]:
+    if not url.startswith("data:"):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    header, _, data = url[5:].partition(",")
+    media_type, _, encoding = header.partition(";")
+    if encoding != "base64" or media_type not in IMAGE_MEDIA_TYPES:
+        raise invalid_request("image data URLs must be base64 jpeg, png, gif or webp")
+    try:
+        binascii.a2b_base64(data)
+    except binascii.Error:
+        raise invalid_request("image data URL is not valid base64") from None
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    blocks = content_blocks(message.get("content"))
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id"),
+                "name": function.get("name"),
+                "input": parse_arguments(function.get("arguments")),
+            }
+        )
+    return blocks
+
+
+def parse_arguments(arguments: Any) -> dict[str, Any]:
+    """OpenAI carries tool arguments as a JSON string; Anthropic wants the object."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not arguments:
+        return {}
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        raise invalid_request("tool call arguments are not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise invalid_request("tool call arguments must be a JSON object")
+    return parsed
+
+
+def tool_result_block(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    result = content if isinstance(content, str) or content is None else content_blocks(content)
+    return {"type": "tool_result", "tool_use_id": message.get("tool_call_id"), "content": result or ""}
+
+
+def to_anthropic_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise invalid_request(f"tool type {tool.get('type')!r} is not supported by anthropic")
+    function = tool.get("function") or {}
+    out = {
+        "name": function.get("name"),
+        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if function.get("description"):
+        out["description"] = function["description"]
+    return out
+
+
+def to_anthropic_tool_choice(choice: Any, parallel: bool | None) -> dict[str, Any] | None:
+    if choice is None and parallel is not False:
+        return None  # Anthropic's default is already "auto"
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        out = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+    elif (choice is None or isinstance(choice, str)) and choice in TOOL_CHOICES:
+        out = {"type": TOOL_CHOICES[choice]}
+    else:
+        raise invalid_request(f"unsupported tool_choice: {choice!r}")
+    if parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic response -> OpenAI response
+
+
+def finish_reason(stop_reason: str | None) -> str | None:
+    return FINISH_REASONS.get(stop_reason, "stop") if stop_reason else None
+
+
+def openai_usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": input_tokens,
+        "completion_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def prompt_tokens(usage: Any) -> int:
+    """Cached prompt tokens are billed and counted apart by Anthropic; OpenAI counts them all."""
+    return (
+        (usage.input_tokens or 0)
+        + (getattr(usage, "cache_creation_input_tokens", None) or 0)
+        + (getattr(usage, "cache_read_input_tokens", None) or 0)
+    )
+
+
+def to_openai_completion(message: anthropic.types.Message) -> dict[str, Any]:
+    text = "".join(b.text for b in message.content if b.type == "text")
+    tool_calls = [
+        {
+            "id": b.id,
+            "type": "function",
+            "function": {"name": b.name, "arguments": json.dumps(b.input)},
+        }
+        for b in message.content
+        if b.type == "tool_use"
+    ]
+    reply: dict[str, Any] = {"role": "assistant", "content": text or (None if tool_calls else "")}
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    return {
+        "id": message.id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": message.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": reply,
+                "finish_reason": finish_reason(message.stop_reason),
+                "logprobs": None,
+            }
+        ],
+        "usage": openai_usage(prompt_tokens(message.usage), message.usage.output_tokens),
+    }
+
+
+class ChunkTranslator:
+    """Turns Anthropic stream events into OpenAI chunks; remembers what later chunks need."""
+
+    def __init__(self, model: str) -> None:
+        self.id = ""
+        self.model = model
+        self.created = now()
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.finished = False  # message_stop seen: only then is the answer complete
+        self._tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool_calls index
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": openai_usage(self.input_tokens, self.output_tokens),
+        }
+
+    def translate(self, event: Any) -> dict[str, Any] | None:
+        """The chunk for one event, or None when the event carries nothing for OpenAI."""
+        handler = getattr(self, "_on_" + event.type, None)
+        return handler(event) if handler else None
+
+    def _on_message_start(self, event: Any) -> dict[str, Any]:
+        self.id = event.message.id
+        self.model = event.message.model or self.model
+        self.input_tokens = prompt_tokens(event.message.usage)
+        self.output_tokens = event.message.usage.output_tokens or 0
+        return self.chunk({"role": "assistant", "content": ""})
+
+    def _on_content_block_start(self, event: Any) -> dict[str, Any] | None:
+        block = event.content_block
+        if block.type == "text":
+            return self.chunk({"content": block.text}) if block.text else None
+        if block.type != "tool_use":
+            return None  # thinking and server-tool blocks have no OpenAI counterpart
+        index = self._tool_index[event.index] = len(self._tool_index)
+        call = {
+            "index": index,
+            "id": block.id,
+            "type": "function",
+            "function": {"name": block.name, "arguments": ""},
+        }
+        return self.chunk({"tool_calls": [call]})
+
+    def _on_content_block_delta(self, event: Any) -> dict[str, Any] | None:
+        delta = event.delta
+        if delta.type == "text_delta":
+            return self.chunk({"content": delta.text})
+        if delta.type == "input_json_delta" and event.index in self._tool_index:
+            call = {"index": self._tool_index[event.index], "function": {"arguments": delta.partial_json}}
+            return self.chunk({"tool_calls": [call]})
+        return None
+
+    def _on_message_delta(self, event: Any) -> dict[str, Any]:
+        usage = event.usage
+        self.output_tokens = usage.output_tokens
+        if usage.input_tokens is not None:  # newer APIs repeat the (cumulative) input count here
+            self.input_tokens = prompt_tokens(usage)
+        return self.chunk({}, finish_reason(event.delta.stop_reason) or "stop")
+
+    def _on_message_stop(self, event: Any) -> None:
+        self.finished = True
+
+
+# ---------------------------------------------------------------------------------------------
+# The provider
+
+
+class AnthropicProvider(Provider):
+    type = "anthropic"
+
+    def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
+        super().__init__(name, settings, api_key)
+        self._client: AsyncAnthropic | None = None
+
+    async def start(self) -> None:
+        limits = httpx2.Limits(
+            max_connections=self.settings.max_connections,
+            max_keepalive_connections=self.settings.max_connections,
+        )
+        key = self._api_key or PLACEHOLDER_KEY
+        self._client = AsyncAnthropic(
+            api_key=key,
+            base_url=self.settings.base_url or DEFAULT_BASE_URL,
+            timeout=self.settings.timeout_seconds,
+            max_retries=0,  # the gateway retries and falls back itself
+            # the SDK sends api_key as `Authorization: Bearer`; Anthropic documents `x-api-key`,
+            # the header Anthropic-compatible upstreams expect too, so send that alone
+            default_headers={"x-api-key": key, "Authorization": anthropic.omit},
+            # the SDK's own client class keeps its defaults (keep-alive sockets, redirects)
+            http_client=anthropic.DefaultAsyncHttpxClient(limits=limits),
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def client(self) -> AsyncAnthropic:
+        if self._client is None:
+            raise RuntimeError(f"provider '{self.name}' used before start()")
+        return self._client
+
+    def _timeout(self, call: ChatCall) -> float:
+        """The call's deadline, never beyond what this provider is configured to wait."""
+        return min(call.timeout, self.settings.timeout_seconds)
+
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        request = to_anthropic_request(call)
+        timeout = self._timeout(call)
+        try:
+            message = await self.client.messages.create(**request, timeout=timeout)
+        except anthropic.AnthropicError as exc:
+            raise self._upstream_error(exc, timeout) from None
+        return to_openai_completion(message)
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        request = to_anthropic_request(call)
+        timeout = self._timeout(call)
+        try:
+            events = await self.client.messages.create(**request, stream=True, timeout=timeout)
+        except anthropic.AnthropicError as exc:
+            raise self._upstream_error(exc, timeout) from None
+
+        translator = ChunkTranslator(call.model)
+        async with events:  # releases the connection even if the consumer stops early
+            try:
+                async for event in events:
+                    chunk = translator.translate(event)
+                    if chunk is not None:
+                        yield chunk
+            except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+                raise self._broken_stream_error(exc) from None
+        if not translator.finished:
+            raise stream_broken(self.name, "the stream ended before message_stop")
+        yield translator.usage_chunk()
+
+    def _upstream_error(self, exc: anthropic.AnthropicError, timeout: float) -> UpstreamError:
+        # APITimeoutError subclasses APIConnectionError, so it is tested first.
+        if isinstance(exc, anthropic.APITimeoutError):
+            return timeout_error(self.name, timeout)
+        if isinstance(exc, anthropic.APIConnectionError):
+            return connection_error(self.name, exc.__cause__ or exc)
+        if isinstance(exc, anthropic.APIStatusError):
+            return UpstreamError(
+                exc.status_code,
+                self.redact(f"provider '{self.name}': {exc.api_message or exc.message}"),
+                error_type=exc.type or "upstream_error",
+                code=exc.error_code,
+                retry_after=parse_retry_after(exc.response.headers.get("retry-after")),
+            )
+        # e.g. an answer the SDK could not parse: another attempt elsewhere may well succeed
+        return UpstreamError(502, self.redact(f"provider '{self.name}' failed: {exc}"), retryable=True)
+
+    def _broken_stream_error(self, exc: BaseException) -> UpstreamError:
+        """Once chunks may have been sent, any failure is a broken stream, never a clean end."""
+        if isinstance(exc, anthropic.APIStatusError):  # an in-stream `error` event
+            detail = f"{exc.type or 'error'} event: {exc.api_message or exc.message}"
+        elif isinstance(exc, httpx2.TimeoutException | anthropic.APITimeoutError):
+            detail = "no data within the timeout"
+        else:
+            detail = type(exc).__name__
+        return stream_broken(self.name, self.redact(detail))

@@ -1,0 +1,133 @@
+"""What every provider implements, and the one error type they raise.
+
+A provider speaks one upstream protocol and translates it to and from the OpenAI
+chat-completions shape, which is the gateway's lingua franca: `complete` returns a
+`chat.completion` dict, `stream` yields `chat.completion.chunk` dicts. The last chunk a
+provider yields carries `usage` (its `choices` may be empty, as OpenAI's own usage chunk is).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+
+
+@dataclass(slots=True)
+class ChatCall:
+    """One upstream chat call, already rendered: `messages` include rswitch's system prompt."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    params: dict[str, Any] = field(default_factory=dict)  # every other OpenAI parameter, untouched
+    timeout: float = 60.0
+
+
+class UpstreamError(Exception):
+    """An upstream failed. `retryable` says whether another attempt (elsewhere) may succeed."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str = "upstream_error",
+        code: str | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.code = code
+        self.retryable = status in RETRYABLE_STATUSES if retryable is None else retryable
+        self.retry_after = retry_after
+
+
+def connection_error(provider: str, exc: BaseException) -> UpstreamError:
+    return UpstreamError(
+        502,
+        f"provider '{provider}' could not be reached: {type(exc).__name__}",
+        error_type="connection_error",
+        code="upstream_unreachable",
+        retryable=True,
+    )
+
+
+def timeout_error(provider: str, seconds: float) -> UpstreamError:
+    return UpstreamError(
+        504,
+        f"provider '{provider}' did not answer within {seconds:g}s",
+        error_type="timeout",
+        code="upstream_timeout",
+        retryable=True,
+    )
+
+
+def stream_broken(provider: str, detail: str) -> UpstreamError:
+    return UpstreamError(
+        502,
+        f"provider '{provider}' stream broke: {detail}",
+        error_type="upstream_error",
+        code="stream_interrupted",
+        retryable=True,
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def new_completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Provider(abc.ABC):
+    """Base class. Subclasses set `type` and implement `complete` and `stream`."""
+
+    type: str = ""
+
+    def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
+        self.name = name
+        self.settings = settings  # rswitch.config.ProviderConfig
+        self._api_key = api_key
+
+    def redact(self, text: str) -> str:
+        """Never let the key leave through an upstream's error text."""
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "[redacted]")
+        return text
+
+    async def start(self) -> None:
+        """Open pooled clients; called once inside the serving event loop."""
+
+    async def close(self) -> None:
+        """Release clients; called on shutdown."""
+
+    @abc.abstractmethod
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        """Return an OpenAI `chat.completion` dict with real `usage`; raise UpstreamError."""
+
+    @abc.abstractmethod
+    def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        """Yield OpenAI `chat.completion.chunk` dicts as they arrive; the last carries `usage`.
+
+        A stream that ends early raises UpstreamError (never a silent, clean end)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "base_url": getattr(self.settings, "base_url", None)}

@@ -1,0 +1,157 @@
+"""Any OpenAI-compatible chat-completions upstream, forwarded as raw JSON over aiohttp.
+
+aiohttp rather than httpx: on this kind of 2-core machine httpx's default async transport
+was several times slower under concurrency, and the gateway's overhead is the product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from rswitch.providers.base import (
+    ChatCall,
+    Provider,
+    UpstreamError,
+    connection_error,
+    parse_retry_after,
+    stream_broken,
+    timeout_error,
+)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class OpenAIProvider(Provider):
+    type = "openai"
+
+    def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
+        super().__init__(name, settings, api_key)
+        self.url = (settings.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
+        self._headers = {"content-type": "application/json"}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=self._headers, auto_decompress=True
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _session_or_start(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"provider '{self.name}' used before start()")
+        return self._session
+
+    def _timeout(self, call: ChatCall) -> aiohttp.ClientTimeout:
+        t = min(call.timeout, self.settings.timeout_seconds)
+        return aiohttp.ClientTimeout(total=None, connect=min(t, 10.0), sock_read=t)
+
+    async def _error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
+        raw = await resp.read()
+        message, etype, code = f"upstream answered HTTP {resp.status}", "upstream_error", None
+        try:
+            err = orjson.loads(raw).get("error")
+            if isinstance(err, dict):
+                message = err.get("message") or message
+                etype = err.get("type") or etype
+                code = err.get("code")
+            elif isinstance(err, str):
+                message = err
+        except (orjson.JSONDecodeError, AttributeError):
+            if raw:
+                message = f"{message}: {raw[:200].decode('utf-8', 'replace')}"
+        return UpstreamError(
+            resp.status,
+            self.redact(f"provider '{self.name}': {message}"),
+            error_type=etype if isinstance(etype, str) else "upstream_error",
+            code=code if isinstance(code, str) else None,
+            retry_after=parse_retry_after(resp.headers.get("retry-after")),
+        )
+
+    def _body(self, call: ChatCall, stream: bool) -> bytes:
+        body = dict(call.params)
+        body["model"] = call.model
+        body["messages"] = call.messages
+        if stream:
+            body["stream"] = True
+            opts = dict(body.get("stream_options") or {})
+            opts["include_usage"] = True  # usage is always asked of the upstream
+            body["stream_options"] = opts
+        else:
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        return orjson.dumps(body)
+
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        session = self._session_or_start()
+        try:
+            async with session.post(
+                self.url, data=self._body(call, False), timeout=self._timeout(call)
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._error(resp)
+                raw = await resp.read()
+        except UpstreamError:
+            raise
+        except TimeoutError:
+            raise timeout_error(self.name, call.timeout) from None
+        except aiohttp.ClientError as exc:
+            raise connection_error(self.name, exc) from None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                502, f"provider '{self.name}' answered with invalid JSON", retryable=True
+            ) from None
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        session = self._session_or_start()
+        try:
+            async with session.post(
+                self.url, data=self._body(call, True), timeout=self._timeout(call)
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._error(resp)
+                if "text/event-stream" not in resp.headers.get("content-type", "") and resp.status == 200:
+                    # some servers ignore `stream` on error paths and answer one JSON body
+                    raw = await resp.read()
+                    raise UpstreamError(
+                        502, f"provider '{self.name}' did not stream: {raw[:200]!r}", retryable=True
+                    )
+                done = False
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        raise stream_broken(self.name, "invalid JSON in an event") from None
+                    if "error" in chunk:
+                        err = chunk["error"]
+                        msg = err.get("message") if isinstance(err, dict) else str(err)
+                        raise stream_broken(self.name, self.redact(str(msg)))
+                    yield chunk
+                if not done:
+                    raise stream_broken(self.name, "connection closed before [DONE]")
+        except UpstreamError:
+            raise
+        except TimeoutError:
+            raise timeout_error(self.name, call.timeout) from None
+        except aiohttp.ClientPayloadError as exc:
+            raise stream_broken(self.name, type(exc).__name__) from None
+        except aiohttp.ClientError as exc:
+            raise connection_error(self.name, exc) from None

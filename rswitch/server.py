@@ -1,0 +1,161 @@
+"""The ASGI app: HTTP routes over the core. A face, like cli.py — no logic of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from rswitch.core import Core
+from rswitch.gateway.errors import GatewayError
+
+log = logging.getLogger("rswitch.server")
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, default=str)
+
+
+def error_response(err: GatewayError) -> JSON:
+    return JSON(err.body(), status_code=err.status, headers=err.headers())
+
+
+async def read_body(request: Request, limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise GatewayError(
+            413,
+            f"request body is {int(length)} bytes; the limit is {limit} (gateway.max_body_bytes)",
+            code="body_too_large",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(
+                413,
+                f"request body exceeds the limit of {limit} bytes (gateway.max_body_bytes)",
+                code="body_too_large",
+            )
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw:
+        raise GatewayError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
+    limit = core.config.gateway.max_body_bytes
+    gateway = core.gateway
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = await read_body(request, limit)
+            if isinstance(body, dict) and body.get("stream") is True:
+                session = await gateway.open_stream(body)
+                headers = {
+                    "x-rswitch-combination": session.combination.id,
+                    "x-rswitch-provider": session.provider,
+                    "cache-control": "no-cache",
+                    "x-accel-buffering": "no",
+                }
+                return StreamingResponse(session.__aiter__(), media_type="text/event-stream", headers=headers)
+            resp, combo = await gateway.complete(body)
+            return JSON(
+                resp, headers={"x-rswitch-combination": combo.id, "x-rswitch-provider": combo.provider}
+            )
+        except GatewayError as err:
+            return error_response(err)
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+    async def health(request: Request) -> Response:
+        return JSON({"status": "healthy"})
+
+    async def health_storage(request: Request) -> Response:
+        try:
+            result = await asyncio.to_thread(core.storage_health)
+        except Exception as exc:
+            return JSON({"status": "unhealthy", "error": f"{type(exc).__name__}: {exc}"}, status_code=503)
+        return JSON({"status": "healthy", **result})
+
+    async def status(request: Request) -> Response:
+        return JSON(await asyncio.to_thread(core.status_with_analytics))
+
+    async def prompt_stats(request: Request) -> Response:
+        prompt_id = request.path_params["prompt_id"]
+        try:
+            return JSON(await asyncio.to_thread(core.prompt_stats, prompt_id))
+        except KeyError:
+            return error_response(
+                GatewayError(404, f"unknown template or combination id '{prompt_id}'", code="unknown_prompt")
+            )
+
+    async def system_analytics(request: Request) -> Response:
+        return JSON(await asyncio.to_thread(core.system_analytics))
+
+    async def models(request: Request) -> Response:
+        return JSON({"object": "list", "data": core.models()})
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            return error_response(
+                GatewayError(
+                    405,
+                    f"method {request.method} is not allowed on {request.url.path}",
+                    code="method_not_allowed",
+                )
+            )
+        return error_response(
+            GatewayError(exc.status_code, f"no route {request.method} {request.url.path}", code="not_found")
+        )
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(
+            GatewayError(500, f"internal error: {type(exc).__name__}", error_type="server_error")
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await core.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await core.stop()
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/chat/completions", chat_completions, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/health/storage", health_storage, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/v1/prompts/{prompt_id}/stats", prompt_stats, methods=["GET"]),
+        Route("/v1/system/analytics", system_analytics, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: not_found, Exception: server_error},
+    )
+    app.state.core = core
+    return app

@@ -1,0 +1,147 @@
+"""The DuckDB analytics store: table `invocations`, one row per gateway call.
+
+One process owns the file read-write; every thread gets its own cursor.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from rswitch.storage.record import CallRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS invocations (
+    request_id VARCHAR,
+    created_at TIMESTAMP,
+    prompt_id VARCHAR,
+    template_id VARCHAR,
+    combination_id VARCHAR,
+    provider VARCHAR,
+    model VARCHAR,
+    kind VARCHAR,
+    duration_ms DOUBLE,
+    ttft_ms DOUBLE,
+    success BOOLEAN,
+    status INTEGER,
+    error_type VARCHAR,
+    cost DOUBLE,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    tokens_estimated BOOLEAN,
+    stream BOOLEAN
+)
+"""
+N_COLS = 18
+
+_STATS = """
+    count(*) AS total_requests,
+    coalesce(avg(CASE WHEN success THEN 1.0 ELSE 0.0 END), 0) AS success_rate,
+    coalesce(avg(duration_ms), 0) AS avg_latency_ms,
+    coalesce(quantile_cont(duration_ms, 0.5), 0) AS p50_latency_ms,
+    coalesce(quantile_cont(duration_ms, 0.95), 0) AS p95_latency_ms,
+    coalesce(avg(cost), 0) AS avg_cost,
+    coalesce(sum(cost), 0) AS total_cost,
+    count(*) FILTER (WHERE NOT success) AS error_count,
+    coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+    coalesce(sum(completion_tokens), 0) AS completion_tokens,
+    min(created_at) AS first_seen,
+    max(created_at) AS last_seen
+"""
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return value
+
+
+def _row(r: CallRecord) -> tuple[Any, ...]:
+    return (
+        r.request_id,
+        datetime.fromtimestamp(r.created_at, UTC).replace(tzinfo=None),
+        r.template_id,
+        r.template_id,
+        r.combination_id,
+        r.provider,
+        r.model,
+        r.extra.get("kind", "chat"),
+        r.duration_ms,
+        r.ttft_ms,
+        r.success,
+        r.status,
+        r.error_type,
+        r.cost,
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.tokens_estimated,
+        r.stream,
+    )
+
+
+class AnalyticsStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = duckdb.connect(str(self.path))
+        self._conn.execute(SCHEMA)
+        self._local = threading.local()
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self._local.cursor = self._conn.cursor()
+        return cur
+
+    def write(self, records: list[CallRecord]) -> None:
+        # One multi-row INSERT per batch: DuckDB's executemany runs one statement per row.
+        cur = self._cursor()
+        for start in range(0, len(records), 500):
+            part = records[start : start + 500]
+            placeholders = ", ".join(["(" + ", ".join(["?"] * N_COLS) + ")"] * len(part))
+            params = [v for r in part for v in _row(r)]
+            cur.execute(f"INSERT INTO invocations VALUES {placeholders}", params)
+
+    def _one(self, sql: str, params: list[Any]) -> dict[str, Any]:
+        cur = self._cursor()
+        res = cur.execute(sql, params)
+        cols = [d[0] for d in res.description]
+        row = res.fetchone()
+        return {c: _iso(v) for c, v in zip(cols, row, strict=True)}
+
+    def prompt_stats(self, prompt_id: str) -> dict[str, Any]:
+        """Stats for a template id or a combination id (PromptStats in the seeds' API)."""
+        stats = self._one(
+            f"SELECT {_STATS} FROM invocations WHERE template_id = ? OR combination_id = ?",
+            [prompt_id, prompt_id],
+        )
+        return stats
+
+    def system_stats(self) -> dict[str, Any]:
+        stats = self._one(
+            f"SELECT count(DISTINCT template_id) AS total_prompts, {_STATS} FROM invocations", []
+        )
+        return stats
+
+    def combination_stats(self) -> dict[str, dict[str, Any]]:
+        cur = self._cursor()
+        res = cur.execute(f"SELECT combination_id, {_STATS} FROM invocations GROUP BY combination_id")
+        cols = [d[0] for d in res.description]
+        out = {}
+        for row in res.fetchall():
+            d = {c: _iso(v) for c, v in zip(cols, row, strict=True)}
+            out[d.pop("combination_id")] = d
+        return out
+
+    def count(self) -> int:
+        return self._cursor().execute("SELECT count(*) FROM invocations").fetchone()[0]
+
+    def ping(self) -> dict[str, Any]:
+        return {"path": str(self.path), "invocations": self.count()}
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,162 @@
+"""One SQLite file per prompt: `<base_path>/<template_id>/dataset.sqlite`, table `examples`.
+
+The rendered system prompt is stored apart from the client's own messages, so a later
+optimized prompt never nests inside a demo taken from this table.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from rswitch.storage.record import CallRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS examples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    template_id TEXT NOT NULL,
+    combination_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    system_prompt TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    variables TEXT NOT NULL,
+    output TEXT NOT NULL,
+    success INTEGER NOT NULL,
+    error_type TEXT,
+    error TEXT,
+    status INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    tokens_estimated INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    latency_ms REAL NOT NULL,
+    ttft_ms REAL,
+    stream INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS examples_created ON examples(created_at);
+"""
+COLUMNS = (
+    "request_id, created_at, template_id, combination_id, provider, model, system_prompt, messages, variables, "
+    "output, success, error_type, error, status, prompt_tokens, completion_tokens, tokens_estimated, cost, "
+    "latency_ms, ttft_ms, stream"
+)
+INSERT = f"INSERT INTO examples ({COLUMNS}) VALUES ({', '.join('?' * 21)})"
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _row(r: CallRecord) -> tuple[Any, ...]:
+    return (
+        r.request_id,
+        iso(r.created_at),
+        r.template_id,
+        r.combination_id,
+        r.provider,
+        r.model,
+        r.system_prompt,
+        orjson.dumps(r.messages).decode(),
+        orjson.dumps(r.variables, default=str).decode(),
+        r.output,
+        int(r.success),
+        r.error_type,
+        r.error_message,
+        r.status,
+        r.prompt_tokens,
+        r.completion_tokens,
+        int(r.tokens_estimated),
+        r.cost,
+        r.duration_ms,
+        r.ttft_ms,
+        int(r.stream),
+    )
+
+
+def open_dataset(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class DatasetStore:
+    """Writes go through one connection per prompt, owned by the writer thread; readers open their own."""
+
+    def __init__(self, base_dir: Path, max_records: int) -> None:
+        self.base_dir = Path(base_dir)
+        self.max_records = max_records
+        self._conns: dict[str, sqlite3.Connection] = {}
+        self._lock = threading.Lock()
+
+    def path(self, template_id: str) -> Path:
+        return self.base_dir / template_id / "dataset.sqlite"
+
+    def _conn(self, template_id: str) -> sqlite3.Connection:
+        conn = self._conns.get(template_id)
+        if conn is None:
+            conn = self._conns[template_id] = open_dataset(self.path(template_id))
+        return conn
+
+    def write(self, records: list[CallRecord]) -> None:
+        by_prompt: dict[str, list[CallRecord]] = {}
+        for r in records:
+            by_prompt.setdefault(r.template_id, []).append(r)
+        with self._lock:
+            for template_id, rows in by_prompt.items():
+                conn = self._conn(template_id)
+                conn.execute("BEGIN")
+                conn.executemany(INSERT, [_row(r) for r in rows])
+                # retention: keep the newest max_records rows
+                conn.execute(
+                    "DELETE FROM examples WHERE id <= (SELECT id FROM examples ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (self.max_records,),
+                )
+                conn.execute("COMMIT")
+
+    def recent(self, template_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        path = self.path(template_id)
+        if not path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute("SELECT * FROM examples ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            out = []
+            for row in rows:
+                d = dict(row)
+                d["messages"] = orjson.loads(d["messages"])
+                d["variables"] = orjson.loads(d["variables"])
+                d["success"] = bool(d["success"])
+                out.append(d)
+            return out
+        finally:
+            conn.close()
+
+    def ping(self) -> dict[str, Any]:
+        """Really query every dataset file; raise if one cannot be read."""
+        counts = {}
+        if self.base_dir.is_dir():
+            for f in sorted(self.base_dir.glob("*/dataset.sqlite")):
+                conn = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
+                try:
+                    counts[f.parent.name] = conn.execute("SELECT count(*) FROM examples").fetchone()[0]
+                finally:
+                    conn.close()
+        return {"path": str(self.base_dir), "datasets": len(counts), "records": sum(counts.values())}
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()

@@ -1,0 +1,137 @@
+"""The recorder: a bounded queue in front of a writer thread that batches into both stores.
+
+The request path only ever calls `submit`, which never blocks: when the queue is full the
+record is dropped and counted. `close` drains whatever is queued before returning.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from rswitch.storage.analytics import AnalyticsStore
+from rswitch.storage.datasets import DatasetStore
+from rswitch.storage.record import CallRecord
+
+log = logging.getLogger("rswitch.recorder")
+_STOP = object()
+
+
+class Recorder:
+    def __init__(
+        self,
+        datasets: DatasetStore,
+        analytics: AnalyticsStore,
+        *,
+        queue_size: int = 50000,
+        batch_size: int = 500,
+        flush_interval: float = 0.1,
+    ) -> None:
+        self.datasets = datasets
+        self.analytics = analytics
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.dropped = 0
+        self.written = 0
+        self.write_errors = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="rswitch-recorder", daemon=True)
+        self._closed = False
+        self._flushed = threading.Condition()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, record: CallRecord) -> bool:
+        try:
+            self._queue.put_nowait(record)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queue_depth": self.depth,
+            "queue_capacity": self._queue.maxsize,
+            "dropped": self.dropped,
+            "written": self.written,
+            "write_errors": self.write_errors,
+            "last_error": self.last_error,
+        }
+
+    def _take_batch(self) -> tuple[list[CallRecord], bool]:
+        batch: list[CallRecord] = []
+        stop = False
+        deadline = time.monotonic() + self.flush_interval
+        while len(batch) < self.batch_size:
+            timeout = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _write(self, batch: list[CallRecord]) -> None:
+        for name, store in (("datasets", self.datasets), ("analytics", self.analytics)):
+            try:
+                store.write(batch)
+            except Exception as exc:  # keep recording into the other store; surface it in /status
+                self.write_errors += 1
+                self.last_error = f"{name}: {type(exc).__name__}: {exc}"
+                log.exception("recorder could not write %d record(s) to %s", len(batch), name)
+        self.written += len(batch)
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._take_batch()
+            if batch:
+                self._write(batch)
+            with self._flushed:
+                self._flushed.notify_all()
+            if stop:
+                # drain what arrived before the stop marker was queued behind it
+                rest: list[CallRecord] = []
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP:
+                        rest.append(item)
+                if rest:
+                    self._write(rest)
+                return
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written (tests, shutdown, export)."""
+        target = self.written + self.depth
+        deadline = time.monotonic() + timeout
+        with self._flushed:
+            while self.written < target and self._thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._flushed.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        """Drain the queue into the stores and stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._queue.put(_STOP)  # blocking put: the marker must get in behind the records
+            self._thread.join()

@@ -1,0 +1,165 @@
+"""Prompt templates: `{var}` rendering and a registry of YAML manifests on disk.
+
+A template lives at `<dataset.base_path>/<id>/manifest.yaml`, next to its dataset.
+Rendering is one pass: `{name}` is replaced by the variable's value, `{{` and `}}` are
+literal braces, and a value that itself contains `{x}` is never expanded again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class TemplateError(ValueError):
+    """A template could not be registered or found."""
+
+
+class MissingVariables(ValueError):
+    def __init__(self, template_id: str, missing: list[str]) -> None:
+        self.template_id = template_id
+        self.missing = missing
+        super().__init__(f"template '{template_id}' is missing variable(s): {', '.join(missing)}")
+
+
+def placeholders(text: str) -> list[str]:
+    """Variable names in order of first appearance."""
+    seen: dict[str, None] = {}
+    for m in _TOKEN.finditer(text):
+        if m.group(1):
+            seen.setdefault(m.group(1))
+    return list(seen)
+
+
+def render(text: str, variables: dict[str, Any], template_id: str = "") -> str:
+    missing = [name for name in placeholders(text) if name not in variables]
+    if missing:
+        raise MissingVariables(template_id, missing)
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name is None:
+            return m.group(0)[0]  # "{{" -> "{", "}}" -> "}"
+        value = variables[name]
+        return value if isinstance(value, str) else str(value)
+
+    return _TOKEN.sub(sub, text)
+
+
+def check_id(template_id: str) -> str:
+    if not ID_PATTERN.match(template_id or ""):
+        raise TemplateError(
+            f"invalid template id {template_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return template_id
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Template:
+    id: str
+    template: str
+    name: str = ""
+    variables: list[str] = field(default_factory=list)
+    default_model: str | None = None
+    default_provider: str | None = None
+    version: int = 1
+    created_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+    source: str = "registry"  # registry | inline (from a combination's prompt in the config)
+
+    def __post_init__(self) -> None:
+        found = placeholders(self.template)
+        if not self.variables:
+            self.variables = found
+        else:
+            undeclared = [v for v in found if v not in self.variables]
+            if undeclared:
+                raise TemplateError(
+                    f"template '{self.id}' uses undeclared variable(s) {', '.join(undeclared)}; "
+                    f"declared: {', '.join(self.variables)}"
+                )
+        self.name = self.name or self.id
+
+    def render(self, variables: dict[str, Any]) -> str:
+        return render(self.template, variables, self.id)
+
+    def manifest(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+
+class TemplateRegistry:
+    """Templates registered on disk plus inline ones from the config. Thread-safe."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = Path(base_dir)
+        self._lock = threading.Lock()
+        self._templates: dict[str, Template] = {}
+        self.load_errors: list[str] = []
+        self.reload()
+
+    def manifest_path(self, template_id: str) -> Path:
+        return self.base_dir / check_id(template_id) / "manifest.yaml"
+
+    def reload(self) -> None:
+        found: dict[str, Template] = {}
+        errors: list[str] = []
+        if self.base_dir.is_dir():
+            for manifest in sorted(self.base_dir.glob("*/manifest.yaml")):
+                try:
+                    data = yaml.safe_load(manifest.read_text(encoding="utf-8")) or {}
+                    tpl = Template(**{k: v for k, v in data.items() if k in Template.__dataclass_fields__})
+                    found[tpl.id] = tpl
+                except Exception as exc:  # one bad manifest must not hide the others
+                    errors.append(f"{manifest}: {exc}")
+        with self._lock:
+            inline = {k: v for k, v in self._templates.items() if v.source == "inline"}
+            self._templates = {**inline, **found}  # a registered manifest wins over the config
+            self.load_errors = errors
+
+    def get(self, template_id: str) -> Template | None:
+        with self._lock:
+            return self._templates.get(template_id)
+
+    def list(self) -> list[Template]:
+        with self._lock:
+            return sorted(self._templates.values(), key=lambda t: t.id)
+
+    def add_inline(self, tpl: Template) -> None:
+        tpl.source = "inline"
+        with self._lock:
+            self._templates.setdefault(tpl.id, tpl)
+
+    def register(self, tpl: Template) -> Template:
+        """Write (or replace, bumping the version) a template's manifest atomically."""
+        path = self.manifest_path(tpl.id)
+        with self._lock:
+            old = self._templates.get(tpl.id)
+            if old is not None and old.source == "registry":
+                tpl.version = old.version + 1
+                tpl.created_at = old.created_at
+            tpl.updated_at = _now()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".yaml")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(tpl.manifest(), fh, sort_keys=False, allow_unicode=True)
+            os.replace(tmp, path)
+            tpl.source = "registry"
+            self._templates[tpl.id] = tpl
+        return tpl

@@ -1,0 +1,307 @@
+"""OllamaProvider against the fake Ollama server: translation both ways, streams, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from aiohttp import web
+
+from rswitch.config import ProviderConfig
+from rswitch.providers.base import ChatCall, UpstreamError
+from rswitch.providers.ollama import OllamaProvider
+from tests.fakes.ollama_fake import running
+from tests.fakes.server import FakeUpstream, Fault, serve_app
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    with running(models=["llama3.2"]) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def provider(fake: FakeUpstream) -> AsyncIterator[OllamaProvider]:
+    p = OllamaProvider(
+        "ollama", ProviderConfig(type="ollama", base_url=fake.base_url, timeout_seconds=5), api_key=None
+    )
+    await p.start()
+    yield p
+    await p.close()
+
+
+def chat(text: str = "hello there", model: str = "llama3.2", **params) -> ChatCall:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    return ChatCall(model=model, messages=messages, params=params)
+
+
+async def collect(p: OllamaProvider, call: ChatCall) -> list[dict]:
+    return [chunk async for chunk in p.stream(call)]
+
+
+async def test_request_carries_roles_system_prompt_and_options(provider, fake):
+    call = ChatCall(
+        model="llama3.2",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}],
+            },
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "again"},
+        ],
+        params={"temperature": 0.2, "top_p": 0.9, "seed": 7, "stop": "END", "max_tokens": 64},
+    )
+    await provider.complete(call)
+    body = fake.recorder.last
+    assert body["model"] == "llama3.2"
+    assert body["stream"] is False
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("system", "Be brief."),
+        ("user", "first\nsecond"),
+        ("assistant", "ok"),
+        ("user", "again"),
+    ]
+    assert body["options"] == {
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": ["END"],
+        "num_predict": 64,
+    }
+
+
+async def test_response_format_and_images_are_translated(provider, fake):
+    png = b"\x89PNG fake bytes"
+    image = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()},
+    }
+    call = ChatCall(
+        model="llama3.2",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "what is this"}, image]}],
+        params={
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object"}},
+            }
+        },
+    )
+    await provider.complete(call)
+    body = fake.recorder.last
+    assert body["format"] == {"type": "object"}
+    assert base64.b64decode(body["messages"][0]["images"][0]) == png
+
+    await provider.complete(chat(response_format={"type": "json_object"}))
+    assert fake.recorder.last["format"] == "json"
+
+
+async def test_remote_image_url_is_refused_before_any_request(provider, fake):
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    call = ChatCall(model="llama3.2", messages=[{"role": "user", "content": [image]}])
+    with pytest.raises(UpstreamError) as info:
+        await provider.complete(call)
+    assert info.value.status == 400 and not info.value.retryable
+    assert fake.recorder.requests == []
+
+
+async def test_tool_schema_ollama_cannot_take_is_a_final_400(provider, fake):
+    bad_tool = {"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}
+    for attempt in (provider.complete(chat(tools=[bad_tool])), collect(provider, chat(tools=[bad_tool]))):
+        with pytest.raises(UpstreamError) as info:
+            await attempt
+        assert info.value.status == 400 and not info.value.retryable
+    assert fake.recorder.requests == []
+
+
+async def test_complete_answers_with_usage_from_eval_counts(provider):
+    result = await provider.complete(chat("hello there"))
+    assert result["object"] == "chat.completion"
+    assert result["id"].startswith("chatcmpl-")
+    assert result["model"] == "llama3.2"
+    choice = result["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "echo: hello there"}
+    assert choice["finish_reason"] == "stop"
+    # the fake counts prompt words ("Be brief." + "hello there") and answer pieces
+    assert result["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+async def test_stream_yields_ordered_chunks_then_usage(provider, fake):
+    chunks = await collect(provider, chat("one two three four"))
+    assert fake.recorder.last["stream"] is True
+    content = [c for c in chunks if c["choices"]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert content[0]["choices"][0]["delta"]["role"] == "assistant"
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in content]
+    assert pieces[:3] == ["echo: ", "one ", "two "]
+    assert "".join(pieces) == "echo: one two three four"
+    assert content[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
+
+
+async def test_tool_call_is_mapped_both_ways(provider, fake):
+    result = await provider.complete(chat("what's the weather in Paris?", tools=[WEATHER_TOOL]))
+    assert fake.recorder.last["tools"] == [WEATHER_TOOL]
+    choice = result["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+    # the call and its result go back to Ollama as a dict of arguments and a tool_name
+    follow_up = chat("what's the weather in Paris?").messages + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny"},
+    ]
+    await provider.complete(ChatCall(model="llama3.2", messages=follow_up))
+    sent = fake.recorder.last["messages"]
+    assert sent[2]["tool_calls"] == [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert sent[3] == {"role": "tool", "content": "sunny", "tool_name": "get_weather"}
+
+
+async def test_streamed_tool_call(provider):
+    chunks = await collect(provider, chat("weather please", tools=[WEATHER_TOOL]))
+    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert [(tc["index"], tc["function"]["name"]) for tc in calls] == [(0, "get_weather")]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_unknown_model_is_a_final_404(provider):
+    with pytest.raises(UpstreamError) as info:
+        await provider.complete(chat(model="mistral"))
+    assert info.value.status == 404
+    assert not info.value.retryable
+    assert "mistral" in info.value.message
+
+
+async def test_unknown_model_fails_a_stream_too(provider):
+    with pytest.raises(UpstreamError) as info:
+        await collect(provider, chat(model="mistral"))
+    assert info.value.status == 404 and not info.value.retryable
+
+
+async def test_503_is_retryable(provider, fake):
+    fake.faults.push(Fault("status", status=503, message="server busy"))
+    with pytest.raises(UpstreamError) as info:
+        await provider.complete(chat())
+    assert info.value.status == 503
+    assert info.value.retryable
+    assert "server busy" in info.value.message
+
+
+async def test_reset_is_a_connection_error(provider, fake):
+    fake.faults.push(Fault("reset"), Fault("reset"))
+    for attempt in (provider.complete(chat()), collect(provider, chat())):
+        with pytest.raises(UpstreamError) as info:
+            await attempt
+        assert info.value.error_type == "connection_error"
+        assert info.value.retryable
+
+
+async def test_unreachable_host_is_a_connection_error():
+    settings = ProviderConfig(type="ollama", base_url="http://127.0.0.1:9", timeout_seconds=2)
+    p = OllamaProvider("ollama", settings, api_key=None)
+    await p.start()
+    try:
+        for attempt in (p.complete(chat()), collect(p, chat())):
+            with pytest.raises(UpstreamError) as info:
+                await attempt
+            assert info.value.error_type == "connection_error"
+    finally:
+        await p.close()
+
+
+async def test_stall_past_the_deadline_is_a_timeout(provider, fake):
+    fake.faults.push(Fault("stall", seconds=0.5))
+    call = chat()
+    call.timeout = 0.1
+    with pytest.raises(UpstreamError) as info:
+        await provider.complete(call)
+    assert info.value.error_type == "timeout"
+    await asyncio.sleep(0.6)  # let the fake finish the held request before it shuts down
+
+
+async def test_cut_stream_raises_after_the_parts_it_got(provider, fake):
+    fake.faults.push(Fault("cut", after=2))
+    received = []
+    with pytest.raises(UpstreamError) as info:
+        async for chunk in provider.stream(chat("one two three four")):
+            received.append(chunk)
+    assert info.value.code == "stream_interrupted"
+    assert info.value.retryable
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in received) == "echo: one "
+
+
+async def test_error_line_mid_stream_raises(provider, fake):
+    fake.faults.push(Fault("error_event", after=1, message="model runner crashed"))
+    with pytest.raises(UpstreamError) as info:
+        await collect(provider, chat("one two three"))
+    assert info.value.code == "stream_interrupted"
+    assert "model runner crashed" in info.value.message
+
+
+async def test_fake_lists_models_and_version(fake):
+    async with httpx.AsyncClient(base_url=fake.base_url) as client:
+        tags = (await client.get("/api/tags")).json()
+        version = (await client.get("/api/version")).json()
+        empty = await client.post("/api/chat", json={"model": "llama3.2", "messages": []})
+    assert [m["name"] for m in tags["models"]] == ["llama3.2:latest"]
+    assert version["version"]
+    assert empty.status_code == 400
+
+
+async def test_stream_ending_without_done_part_raises():
+    async def chat_without_end(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+        await resp.prepare(request)
+        part = {
+            "model": "llama3.2",
+            "created_at": "2025-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": "hi"},
+            "done": False,
+        }
+        await resp.write(json.dumps(part).encode() + b"\n")
+        await resp.write_eof()  # a clean end, but no `done: true`
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/api/chat", chat_without_end)
+    with serve_app(app) as base_url:
+        p = OllamaProvider(
+            "ollama", ProviderConfig(type="ollama", base_url=base_url, timeout_seconds=5), api_key=None
+        )
+        await p.start()
+        try:
+            with pytest.raises(UpstreamError) as info:
+                await collect(p, chat())
+        finally:
+            await p.close()
+    assert info.value.code == "stream_interrupted"
+
+
+async def test_ollama_api_key_from_environment_is_not_sent(fake, monkeypatch):
+    monkeypatch.setenv("OLLAMA_API_KEY", "sk-from-env")
+    settings = ProviderConfig(type="ollama", base_url=fake.base_url, timeout_seconds=5)
+    for api_key, expected in ((None, None), ("sk-configured", "Bearer sk-configured")):
+        p = OllamaProvider("ollama", settings, api_key=api_key)
+        await p.start()
+        await p.complete(chat())
+        await p.close()
+        assert fake.recorder.headers[-1].get("authorization") == expected
