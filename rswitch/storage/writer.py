@@ -35,6 +35,7 @@ class Recorder:
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.submitted = 0  # accepted onto the queue (submit runs on one event loop thread)
         self.dropped = 0
         self.written = 0
         self.write_errors = 0
@@ -49,10 +50,11 @@ class Recorder:
     def submit(self, record: CallRecord) -> bool:
         try:
             self._queue.put_nowait(record)
-            return True
         except queue.Full:
             self.dropped += 1
             return False
+        self.submitted += 1
+        return True
 
     @property
     def depth(self) -> int:
@@ -117,7 +119,7 @@ class Recorder:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written (tests, shutdown, export)."""
-        target = self.written + self.depth
+        target = self.submitted
         deadline = time.monotonic() + timeout
         with self._flushed:
             while self.written < target and self._thread.is_alive():

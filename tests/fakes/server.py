@@ -105,6 +105,11 @@ def serve_app(app: web.Application, host: str = "127.0.0.1") -> Iterator[str]:
             return
         started.set()
         loop.run_forever()
+        # cancel handlers still held by a stall fault, then close cleanly
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.run_until_complete(box["runner"].cleanup())
         loop.close()
 

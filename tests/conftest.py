@@ -1,0 +1,135 @@
+"""Shared fixtures: a Core built from a config dict in a temp dir, and an in-process client."""
+
+from __future__ import annotations
+
+import copy
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import pytest
+
+from rswitch.config import parse_config
+from rswitch.core import Core
+from rswitch.server import create_app
+
+BASE_CONFIG: dict[str, Any] = {
+    "gateway": {
+        "strategy": "weighted_round_robin",
+        "combinations": [
+            {
+                "id": "support-a",
+                "template_id": "support",
+                "model": "small",
+                "provider": "mock",
+                "weight": 3,
+                "is_primary": True,
+                "fallbacks": ["support-b"],
+            },
+            {"id": "support-b", "template_id": "support", "model": "large", "provider": "mock", "weight": 1},
+            {"id": "sum-a", "template_id": "summarise", "model": "small", "provider": "mock"},
+        ],
+    },
+    "templates": {
+        "support": {"template": "You support {product}. Be {tone}."},
+        "summarise": {"template": "Summarise in {words} words."},
+    },
+    "model_providers": {"mock": {"type": "mock"}},
+}
+
+SUPPORT_VARS = {"product": "Acme", "tone": "kind"}
+
+
+def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": content}]}
+    body.update(extra)
+    return body
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def make_config(tmp_path: Path, override: dict[str, Any] | None = None) -> Any:
+    data = merge(BASE_CONFIG, override or {})
+    data.setdefault("dataset", {})["base_path"] = str(tmp_path / "prompts")
+    data.setdefault("analytics", {})["path"] = str(tmp_path / "analytics.duckdb")
+    data.setdefault("recorder", {}).setdefault("flush_interval_ms", 20)
+    return parse_config(data)
+
+
+class Gateway:
+    """An in-process gateway: `client` talks to the ASGI app, `core` is the runtime behind it."""
+
+    def __init__(self, core: Core, client: httpx.AsyncClient, tmp_path: Path) -> None:
+        self.core = core
+        self.client = client
+        self.tmp_path = tmp_path
+
+    async def post(self, body: Any, **kw: Any) -> httpx.Response:
+        return await self.client.post("/v1/chat/completions", json=body, **kw)
+
+    def flush(self) -> None:
+        assert self.core.recorder.flush(10)
+
+    def dataset_rows(self, template_id: str) -> list[dict[str, Any]]:
+        self.flush()
+        path = self.tmp_path / "prompts" / template_id / "dataset.sqlite"
+        if not path.exists():
+            return []
+        conn = sqlite3.connect(path)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute("SELECT * FROM examples ORDER BY id")]
+        finally:
+            conn.close()
+
+    def analytics_rows(self) -> list[dict[str, Any]]:
+        self.flush()
+        cur = self.core.analytics._conn.cursor()
+        res = cur.execute("SELECT * FROM invocations ORDER BY created_at")
+        cols = [d[0] for d in res.description]
+        return [dict(zip(cols, r, strict=True)) for r in res.fetchall()]
+
+
+@pytest.fixture
+async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Gateway] = []
+
+    async def factory(override: dict[str, Any] | None = None) -> Gateway:
+        core = Core(make_config(tmp_path, override))
+        await core.start()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(core, manage_lifecycle=False)),
+            base_url="http://rswitch",
+        )
+        gw = Gateway(core, client, tmp_path)
+        made.append(gw)
+        return gw
+
+    yield factory
+    for gw in made:
+        await gw.client.aclose()
+        await gw.core.stop()
+
+
+@pytest.fixture
+async def gateway(make_gateway: Callable[..., Any]) -> Gateway:
+    return await make_gateway()
+
+
+def read_duckdb(path: Path) -> list[tuple[Any, ...]]:
+    conn = duckdb.connect(str(path), read_only=True)
+    try:
+        return conn.execute("SELECT combination_id, success, error_type FROM invocations").fetchall()
+    finally:
+        conn.close()

@@ -1,0 +1,144 @@
+"""Streaming through the gateway: pass-through, usage, [DONE], failover before the first
+content byte, and a broken stream ending in an error event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from tests.conftest import SUPPORT_VARS, chat
+from tests.fakes import anthropic_fake, ollama_fake
+from tests.fakes.server import Fault
+
+
+def events(text: str) -> list[Any]:
+    out = []
+    for block in text.split("\n\n"):
+        block = block.strip()
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        data = block[len("data: ") :]
+        out.append(data if data == "[DONE]" else orjson.loads(data))
+    return out
+
+
+def joined(evts: list[Any]) -> str:
+    return "".join(
+        (c.get("delta") or {}).get("content") or ""
+        for e in evts
+        if isinstance(e, dict)
+        for c in e.get("choices", [])
+    )
+
+
+async def test_stream_has_chunks_usage_on_last_chunk_and_done(gateway):
+    r = await gateway.post(chat("tell me", model="support-a", variables=SUPPORT_VARS, stream=True))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-rswitch-combination"] == "support-a"
+    evts = events(r.text)
+    assert evts[-1] == "[DONE]"
+    assert joined(evts) == "mock answer to: tell me"
+    last = evts[-2]
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert last["usage"]["total_tokens"] > 0
+    assert all("usage" not in e for e in evts[:-2] if isinstance(e, dict))
+    [row] = gateway.dataset_rows("support")
+    assert row["stream"] == 1 and row["success"] == 1 and row["output"] == "mock answer to: tell me"
+    assert row["ttft_ms"] is not None
+
+
+async def test_client_asking_include_usage_gets_openais_usage_chunk(gateway):
+    body = chat(
+        "x", model="support-a", variables=SUPPORT_VARS, stream=True, stream_options={"include_usage": True}
+    )
+    evts = events((await gateway.post(body)).text)
+    assert evts[-1] == "[DONE]"
+    assert evts[-2]["choices"] == [] and evts[-2]["usage"]["total_tokens"] > 0
+    assert evts[-3]["choices"][0]["finish_reason"] == "stop"
+
+
+ANTHROPIC_COMBOS = {
+    "model_providers": {"claude": {"type": "anthropic", "api_key": "sk-ant-test", "timeout_seconds": 5}},
+    "gateway": {
+        "combinations": [
+            {
+                "id": "c",
+                "template_id": "support",
+                "model": "claude-sonnet-4",
+                "provider": "claude",
+                "fallbacks": ["m"],
+            },
+            {"id": "m", "template_id": "support", "model": "small", "provider": "mock", "weight": 0},
+        ]
+    },
+}
+
+
+def with_base(override: dict[str, Any], provider: str, url: str) -> dict[str, Any]:
+    override = orjson.loads(orjson.dumps(override))
+    override["model_providers"][provider]["base_url"] = url
+    return override
+
+
+async def test_anthropic_stream_through_gateway_and_failover_before_first_byte(make_gateway):
+    with anthropic_fake.running() as fake:
+        gw = await make_gateway(with_base(ANTHROPIC_COMBOS, "claude", fake.base_url))
+        r = await gw.post(chat("hello there", model="c", variables=SUPPORT_VARS, stream=True))
+        evts = events(r.text)
+        assert r.headers["x-rswitch-combination"] == "c"
+        assert joined(evts) == "echo: hello there"
+        assert evts[-1] == "[DONE]" and evts[-2]["usage"]["prompt_tokens"] > 0
+        sent = fake.recorder.last
+        assert sent["system"] == "You support Acme. Be kind."
+        assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}]
+
+        # upstream fails before any content: the fallback serves the stream
+        fake.faults.push(Fault("status", status=529))
+        r = await gw.post(chat("again", model="c", variables=SUPPORT_VARS, stream=True))
+        assert r.status_code == 200 and r.headers["x-rswitch-combination"] == "m"
+        assert joined(events(r.text)) == "mock answer to: again"
+
+
+async def test_stream_cut_after_content_ends_with_error_event_not_done(make_gateway):
+    with anthropic_fake.running() as fake:
+        gw = await make_gateway(with_base(ANTHROPIC_COMBOS, "claude", fake.base_url))
+        fake.faults.push(Fault("cut", after=2))
+        r = await gw.post(chat("one two three four five", model="c", variables=SUPPORT_VARS, stream=True))
+        assert r.status_code == 200  # headers were sent with the first content byte
+        evts = events(r.text)
+        assert "[DONE]" not in evts
+        assert "error" in evts[-1] and evts[-1]["error"]["code"] == "stream_interrupted"
+        assert joined(evts) == "echo: one "
+        rows = [(x["combination_id"], x["success"]) for x in gw.analytics_rows()]
+        assert rows == [("c", False)]  # recorded as a failure, never as a success
+
+
+async def test_ollama_non_streaming_and_streaming_through_gateway(make_gateway):
+    with ollama_fake.running() as fake:
+        gw = await make_gateway(
+            {
+                "model_providers": {
+                    "local": {"type": "ollama", "base_url": fake.base_url, "timeout_seconds": 5}
+                },
+                "gateway": {
+                    "combinations": [
+                        {"id": "o", "template_id": "support", "model": "llama3.2", "provider": "local"}
+                    ]
+                },
+            }
+        )
+        r = await gw.post(chat("hi", variables=SUPPORT_VARS, temperature=0.3, max_tokens=20))
+        assert r.status_code == 200
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == "echo: hi"
+        assert body["usage"]["completion_tokens"] > 0
+        sent = fake.recorder.last
+        assert sent["messages"][0] == {"role": "system", "content": "You support Acme. Be kind."}
+        assert sent["options"]["temperature"] == 0.3 and sent["options"]["num_predict"] == 20
+        r = await gw.post(chat("stream me", variables=SUPPORT_VARS, stream=True))
+        evts = events(r.text)
+        assert joined(evts) == "echo: stream me" and evts[-1] == "[DONE]"
+        assert evts[-2]["usage"]["completion_tokens"] > 0
