@@ -95,7 +95,14 @@ def serve(
     except Exception as exc:
         raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
 
-    server = uvicorn.Server(
+    class GatewayServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn re-raises a caught SIGTERM/SIGINT after shutdown, which kills the process
+            # before it can report; the lifespan has drained the recorder by then, so exit 0.
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    server = GatewayServer(
         uvicorn.Config(
             create_app(core),
             host=host,

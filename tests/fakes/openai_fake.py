@@ -1,0 +1,421 @@
+"""A protocol-faithful fake of OpenAI's Chat Completions API (`POST /v1/chat/completions`).
+
+Answers `reply_text(messages)`, as one `chat.completion` JSON or as OpenAI's SSE stream of
+`chat.completion.chunk`s ending in `data: [DONE]`. When the request offers tools and the last
+user text mentions "weather", it calls the first tool instead. Token counts are words:
+deterministic, good enough. `base_url` ends in `/v1`, so it is used exactly like OpenAI's.
+
+Options (per fake): `require_key` (answer 401 unless `Authorization: Bearer <key>`), `models`
+(answer 404 for any other model; default: any model), `delay` (seconds before every answer)
+and `slow_chunks` (seconds between streamed chunks, to prove streaming is real pass-through).
+
+Every wait the fake does (`delay`, `slow_chunks`, a `stall` fault) ends early when the fake
+shuts down, so a request the client gave up on is never left pending when the loop closes
+("Task was destroyed but it is pending"); such a request is then dropped, not answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp import web
+
+from tests.fakes.server import (
+    FakeUpstream,
+    Fault,
+    Faults,
+    Recorder,
+    abort,
+    reply_text,
+    serve_app,
+    split_words,
+)
+
+DEFAULT_MODELS = ["gpt-4o-mini", "gpt-4o"]
+FINGERPRINT = "fp_fake0001"
+TOOL_ARGUMENTS = {"location": "Paris"}  # what the fake "model" asks the weather tool for
+
+# status -> (error.type, error.code, error.param), as OpenAI answers them
+ERRORS: dict[int, tuple[str, str | None, str | None]] = {
+    400: ("invalid_request_error", "context_length_exceeded", "messages"),
+    401: ("invalid_request_error", "invalid_api_key", None),
+    403: ("permission_error", None, None),
+    404: ("invalid_request_error", "model_not_found", None),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded", None),
+    500: ("server_error", None, None),
+    502: ("server_error", None, None),
+    503: ("service_unavailable", None, None),
+}
+
+CLOSING = web.AppKey("closing", asyncio.Event)
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    etype, code, param = ERRORS.get(status, ("server_error", None, None))
+    return {"error": {"message": message, "type": etype, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    etype: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    retry_after: float | None = None,
+) -> web.Response:
+    """OpenAI's error JSON; `etype`/`code`/`param` override the defaults for `status`."""
+    body = error_body(status, message)
+    if etype is not None:
+        body["error"].update(type=etype, code=code, param=param)
+    headers = {"x-request-id": "req_" + uuid.uuid4().hex}
+    if retry_after is not None:
+        headers["retry-after"] = f"{retry_after:g}"
+    return web.json_response(body, status=status, headers=headers)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    return error_response(400, message, etype="invalid_request_error", code=code, param=param)
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def text_of(content: Any) -> str:
+    """The text in a message's content: a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    total = 0
+    for m in messages:
+        total += words(text_of(m.get("content")))
+        for call in m.get("tool_calls") or []:
+            total += words(call.get("function", {}).get("arguments", ""))
+    return total
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return text_of(m.get("content"))
+    return ""
+
+
+def request_problem(body: Any, models: list[str] | None) -> web.Response | None:
+    """The 400/404 OpenAI would answer for a malformed request, or None."""
+    if not isinstance(body, dict):
+        return invalid_request("The request body must be a JSON object.")
+    if not body.get("model"):
+        return invalid_request("you must provide a model parameter", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return invalid_request(
+            "Missing required parameter: 'messages'.", "messages", "missing_required_parameter"
+        )
+    if not messages:
+        return invalid_request("[] is too short - 'messages'", "messages", "empty_array")
+    if any(not isinstance(m, dict) or "role" not in m for m in messages):
+        return invalid_request("Missing required parameter: 'messages[].role'.", "messages")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or n < 1 or n > 128:
+        return invalid_request(f"Invalid 'n': {n!r}. Expected an integer between 1 and 128.", "n")
+    if body.get("stream_options") is not None and not body.get("stream"):
+        return invalid_request(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options"
+        )
+    if models is not None and body["model"] not in models:
+        return error_response(
+            404, f"The model `{body['model']}` does not exist or you do not have access to it."
+        )
+    return None
+
+
+class Answer:
+    """What the fake says to one chat request: `n` identical choices, text or one tool call."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.model = body["model"]
+        self.n = body.get("n", 1)
+        tools = body.get("tools") or []
+        self.tool: dict[str, Any] | None = None
+        if tools and "weather" in last_user_text(body["messages"]).lower():
+            self.tool = {
+                "id": "call_" + uuid.uuid4().hex[:24],
+                "type": "function",
+                "function": {
+                    "name": tools[0].get("function", {}).get("name", "tool"),
+                    "arguments": json.dumps(TOOL_ARGUMENTS),
+                },
+            }
+            self.text = ""
+        else:
+            self.text = reply_text(body["messages"])
+        self.finish_reason = "tool_calls" if self.tool else "stop"
+        self.prompt_tokens = prompt_tokens(body["messages"])
+
+    @property
+    def pieces(self) -> list[str]:
+        """What each streamed content chunk carries: words of the text or of the arguments."""
+        return split_words(self.tool["function"]["arguments"] if self.tool else self.text)
+
+    def usage(self) -> dict[str, Any]:
+        per_choice = words(self.tool["function"]["arguments"]) if self.tool else words(self.text)
+        completion = per_choice * self.n
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+
+    def message(self) -> dict[str, Any]:
+        if self.tool:
+            return {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [self.tool],
+                "refusal": None,
+                "annotations": [],
+            }
+        return {"role": "assistant", "content": self.text, "refusal": None, "annotations": []}
+
+    def completion(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": i, "message": self.message(), "logprobs": None, "finish_reason": self.finish_reason}
+                for i in range(self.n)
+            ],
+            "usage": self.usage(),
+            "service_tier": "default",
+            "system_fingerprint": FINGERPRINT,
+        }
+
+    def chunk(self, choices: list[dict[str, Any]], with_usage_field: bool) -> dict[str, Any]:
+        out = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "service_tier": "default",
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        }
+        if with_usage_field:
+            out["usage"] = None  # OpenAI sends `usage: null` on every chunk but the last
+        return out
+
+    def chunks(
+        self, include_usage: bool
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """(opening, content, closing) chunks; `content` is what a cut/error fault counts."""
+
+        def choice(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        if self.tool:
+            header = {**self.tool, "index": 0, "function": {**self.tool["function"], "arguments": ""}}
+            first = {"role": "assistant", "content": None, "tool_calls": [header], "refusal": None}
+            deltas = [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in self.pieces]
+        else:
+            first = {"role": "assistant", "content": "", "refusal": None}
+            deltas = [{"content": p} for p in self.pieces]
+        opening = [self.chunk([choice(i, first)], include_usage) for i in range(self.n)]
+        content = [self.chunk([choice(i, d)], include_usage) for i in range(self.n) for d in deltas]
+        closing = [self.chunk([choice(i, {}, self.finish_reason)], include_usage) for i in range(self.n)]
+        if include_usage:
+            closing.append({**self.chunk([], False), "usage": self.usage()})
+        return opening, content, closing
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+async def pause(app: web.Application, seconds: float) -> bool:
+    """Wait `seconds`, or less if the fake shuts down meanwhile; True when it is shutting down."""
+    if seconds <= 0:
+        return app[CLOSING].is_set()
+    try:
+        await asyncio.wait_for(app[CLOSING].wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def write_stream(
+    request: web.Request, answer: Answer, body: dict[str, Any], fault: Fault | None, slow: float
+) -> web.StreamResponse:
+    options = body.get("stream_options") or {}
+    opening, content, closing = answer.chunks(bool(options.get("include_usage")))
+    response = web.StreamResponse(
+        headers={
+            "content-type": "text/event-stream; charset=utf-8",
+            "cache-control": "no-cache",
+            "x-request-id": "req_" + uuid.uuid4().hex,
+        }
+    )
+    await response.prepare(request)
+    breaks = fault is not None and fault.kind in ("cut", "error_event")
+    if breaks:
+        content = content[: fault.after]
+    for i, chunk in enumerate([*opening, *content]):
+        if i and await pause(request.app, slow):
+            await abort(request)
+            return response
+        await response.write(sse(chunk))
+    if breaks and fault.kind == "cut":
+        await asyncio.sleep(0.05)  # let the sent chunks reach the client before the reset
+        await abort(request)
+        return response
+    if breaks:
+        error = {"error": {"message": fault.message, "type": "server_error", "param": None, "code": None}}
+        await response.write(sse(error))
+        await response.write_eof()  # OpenAI ends the body here: no [DONE]
+        return response
+    for chunk in closing:
+        if await pause(request.app, slow):
+            await abort(request)
+            return response
+        await response.write(sse(chunk))
+    await response.write(sse("[DONE]"))
+    await response.write_eof()
+    return response
+
+
+def fault_response(fault: Fault) -> web.Response:
+    return error_response(fault.status, fault.message, retry_after=fault.retry_after)
+
+
+def create_app(
+    faults: Faults,
+    recorder: Recorder,
+    *,
+    require_key: str | None = None,
+    models: list[str] | None = None,
+    delay: float = 0.0,
+    slow_chunks: float = 0.0,
+) -> web.Application:
+    """The fake as an aiohttp app; routes are under `/v1`."""
+
+    def auth_problem(request: web.Request) -> web.Response | None:
+        if require_key is None:
+            return None
+        header = request.headers.get("authorization", "")
+        if not header:
+            return error_response(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an Authorization "
+                "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                etype="invalid_request_error",
+            )
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() != require_key:
+            # OpenAI masks the middle of the key; the fake echoes it whole, so that tests prove
+            # the gateway redacts the worst an upstream could say
+            return error_response(401, f"Incorrect API key provided: {key.strip()}.")
+        return None
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            recorder.add({"_raw": raw.decode("utf-8", "replace")}, request.headers)
+            return invalid_request(
+                "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+                "using your HTTP library correctly.)"
+            )
+        recorder.add(body, request.headers)
+        if await pause(request.app, delay):
+            await abort(request)
+            return web.Response()
+        problem = auth_problem(request) or request_problem(body, models)
+        if problem is not None:
+            return problem
+
+        fault = faults.next()
+        if fault is not None and fault.kind == "status":
+            return fault_response(fault)
+        if fault is not None and fault.kind == "reset":
+            await abort(request)
+            return web.Response()
+        if fault is not None and fault.kind == "stall" and await pause(request.app, fault.seconds):
+            await abort(request)
+            return web.Response()
+
+        answer = Answer(body)
+        if body.get("stream"):
+            return await write_stream(request, answer, body, fault, slow_chunks)
+        if fault is not None and fault.kind == "cut":
+            await abort(request)
+            return web.Response()
+        if fault is not None and fault.kind == "error_event":
+            return error_response(500, fault.message)
+        return web.json_response(answer.completion(), headers={"x-request-id": "req_" + uuid.uuid4().hex})
+
+    async def list_models(request: web.Request) -> web.Response:
+        problem = auth_problem(request)
+        if problem is not None:
+            return problem
+        listed = models if models is not None else DEFAULT_MODELS
+        data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "openai"} for m in listed]
+        return web.json_response({"object": "list", "data": data})
+
+    async def on_startup(app: web.Application) -> None:
+        app[CLOSING] = asyncio.Event()
+
+    async def on_shutdown(app: web.Application) -> None:
+        app[CLOSING].set()  # wakes every held request, so none is pending when the loop closes
+
+    async def on_cleanup(app: web.Application) -> None:
+        await asyncio.sleep(0.05)  # let the woken handlers finish
+
+    app = web.Application()
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    return app
+
+
+@contextmanager
+def running(
+    *,
+    require_key: str | None = None,
+    models: list[str] | None = None,
+    delay: float = 0.0,
+    slow_chunks: float = 0.0,
+) -> Iterator[FakeUpstream]:
+    """Serve the fake on a free loopback port; `base_url` is `http://127.0.0.1:PORT/v1`."""
+    faults, recorder = Faults(), Recorder()
+    app = create_app(
+        faults, recorder, require_key=require_key, models=models, delay=delay, slow_chunks=slow_chunks
+    )
+    with serve_app(app) as root:
+        yield FakeUpstream(base_url=root + "/v1", faults=faults, recorder=recorder)
