@@ -617,6 +617,9 @@ class StreamSession:
                     choices = chunk.get("choices") or []
                     if not choices:
                         continue  # the upstream's usage-only chunk: re-emitted at the end
+                    if finish is not None:  # n > 1: another choice is still streaming
+                        yield sse(finish)
+                        finish = None
                     if not p.client_usage and any(c.get("finish_reason") for c in choices):
                         finish = chunk
                         continue
