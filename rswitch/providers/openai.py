@@ -52,9 +52,13 @@ class OpenAIProvider(Provider):
             raise RuntimeError(f"provider '{self.name}' used before start()")
         return self._session
 
-    def _timeout(self, call: ChatCall) -> aiohttp.ClientTimeout:
-        t = min(call.timeout, self.settings.timeout_seconds)
-        return aiohttp.ClientTimeout(total=None, connect=min(t, 10.0), sock_read=t)
+    def _deadline(self, call: ChatCall) -> float:
+        return min(call.timeout, self.settings.timeout_seconds)
+
+    def _timeout(self, call: ChatCall, stream: bool) -> aiohttp.ClientTimeout:
+        t = self._deadline(call)
+        # a whole answer must arrive in time; a stream only must not go quiet for that long
+        return aiohttp.ClientTimeout(total=None if stream else t, connect=min(t, 10.0), sock_read=t)
 
     async def _error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         raw = await resp.read()
@@ -69,7 +73,7 @@ class OpenAIProvider(Provider):
                 message = err
         except (orjson.JSONDecodeError, AttributeError):
             if raw:
-                message = f"{message}: {raw[:200].decode('utf-8', 'replace')}"
+                message = f"{message}: {self.redact(raw.decode('utf-8', 'replace'))[:200]}"
         return UpstreamError(
             resp.status,
             self.redact(f"provider '{self.name}': {message}"),
@@ -96,7 +100,7 @@ class OpenAIProvider(Provider):
         session = self._session_or_start()
         try:
             async with session.post(
-                self.url, data=self._body(call, False), timeout=self._timeout(call)
+                self.url, data=self._body(call, False), timeout=self._timeout(call, False)
             ) as resp:
                 if resp.status >= 400:
                     raise await self._error(resp)
@@ -104,7 +108,7 @@ class OpenAIProvider(Provider):
         except UpstreamError:
             raise
         except TimeoutError:
-            raise timeout_error(self.name, call.timeout) from None
+            raise timeout_error(self.name, self._deadline(call)) from None
         except aiohttp.ClientError as exc:
             raise connection_error(self.name, exc) from None
         try:
@@ -118,16 +122,15 @@ class OpenAIProvider(Provider):
         session = self._session_or_start()
         try:
             async with session.post(
-                self.url, data=self._body(call, True), timeout=self._timeout(call)
+                self.url, data=self._body(call, True), timeout=self._timeout(call, True)
             ) as resp:
                 if resp.status >= 400:
                     raise await self._error(resp)
                 if "text/event-stream" not in resp.headers.get("content-type", "") and resp.status == 200:
                     # some servers ignore `stream` on error paths and answer one JSON body
                     raw = await resp.read()
-                    raise UpstreamError(
-                        502, f"provider '{self.name}' did not stream: {raw[:200]!r}", retryable=True
-                    )
+                    text = self.redact(raw.decode("utf-8", "replace"))[:200]
+                    raise UpstreamError(502, f"provider '{self.name}' did not stream: {text}", retryable=True)
                 done = False
                 async for line in resp.content:
                     if not line.startswith(b"data:"):
@@ -150,7 +153,7 @@ class OpenAIProvider(Provider):
         except UpstreamError:
             raise
         except TimeoutError:
-            raise timeout_error(self.name, call.timeout) from None
+            raise timeout_error(self.name, self._deadline(call)) from None
         except aiohttp.ClientPayloadError as exc:
             raise stream_broken(self.name, type(exc).__name__) from None
         except aiohttp.ClientError as exc:
