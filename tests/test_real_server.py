@@ -444,3 +444,31 @@ def test_sigterm_drains_every_answered_call_into_sqlite_and_duckdb(tmp_path):
     db = duckdb.connect(str(tmp_path / "analytics.duckdb"), read_only=True)
     assert db.execute("SELECT count(*) FROM invocations WHERE success").fetchone()[0] == answered
     db.close()
+
+
+def test_client_leaving_mid_stream_is_recorded_and_the_upstream_released(tmp_path):
+    gate = threading.Event()
+    with serve_app(gated_upstream(gate)) as root:
+        config = {
+            "model_providers": {"g": {"type": "openai", "base_url": root + "/v1"}},
+            "gateway": {"combinations": [{"id": "g", "prompt": "Be brief.", "model": "m", "provider": "g"}]},
+        }
+        with rswitch_serve(config, tmp_path) as (url, _):
+            with httpx.stream(
+                "POST",
+                url + "/v1/chat/completions",
+                json={"model": "g", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            ) as r:
+                first = next(r.iter_lines())
+                assert first.startswith("data: ")
+            # the client is gone; let the upstream go on, then the gateway notices the closed socket
+            gate.set()
+            deadline = time.monotonic() + 20
+            stats = {}
+            while time.monotonic() < deadline:
+                stats = httpx.get(url + "/v1/prompts/g/stats").json()
+                if stats["total_requests"]:
+                    break
+                time.sleep(0.05)
+            assert stats["total_requests"] == 1 and stats["error_count"] == 1
+            assert httpx.get(url + "/health").status_code == 200
