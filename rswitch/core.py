@@ -108,10 +108,9 @@ class Core:
             key, source = resolve_api_key(name, pc)
             self.key_sources[name] = source if key or source == "none needed" else f"{source} (not set)"
             self.providers[name] = build_provider(name, pc, key)
+        # every provider gets one: even without rpm/tpm it honours an upstream's Retry-After
         self.limiters = {
-            name: ProviderLimiter(pc.rate_limit, pc.tpm)
-            for name, pc in config.model_providers.items()
-            if pc.rate_limit or pc.tpm
+            name: ProviderLimiter(pc.rate_limit, pc.tpm) for name, pc in config.model_providers.items()
         }
         gw = config.gateway
         self.metrics = LiveMetrics(gw.window_seconds)

@@ -292,3 +292,68 @@ async def test_secret_never_leaks_into_status_or_errors(make_gateway, monkeypatc
     gw.flush()
     for row in gw.dataset_rows("summarise"):
         assert "sk-very-secret-value" not in json.dumps(row)
+
+
+async def test_missing_upstream_usage_is_estimated_and_marked(gateway):
+    provider = gateway.core.providers["mock"]
+    original = provider.complete
+
+    async def no_usage(call):
+        resp = await original(call)
+        resp.pop("usage")
+        return resp
+
+    provider.complete = no_usage
+    r = await gateway.post(chat("count these words please", model="support-a", variables=SUPPORT_VARS))
+    usage = r.json()["usage"]
+    assert usage["estimated"] is True and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    [row] = gateway.dataset_rows("support")
+    assert row["tokens_estimated"] == 1 and row["prompt_tokens"] == usage["prompt_tokens"]
+
+
+async def test_cost_uses_the_price_table_and_config_overrides(make_gateway):
+    gw = await make_gateway(
+        {
+            "pricing": {"small": {"input": 1000000, "output": 2000000}},  # $1 / $2 per token: easy to check
+            "gateway": {
+                "combinations": [
+                    {"id": "a", "template_id": "summarise", "model": "small", "provider": "mock"},
+                    {"id": "b", "template_id": "support", "model": "gpt-4o-2024-08-06", "provider": "mock"},
+                ]
+            },
+        }
+    )
+    body = (await gw.post(chat("hi", model="a", variables={"words": 3}))).json()
+    u = body["usage"]
+    await gw.post(chat("hi", model="b", variables=SUPPORT_VARS))
+    rows = {r["combination_id"]: r for r in gw.analytics_rows()}
+    assert rows["a"]["cost"] == pytest.approx(u["prompt_tokens"] * 1 + u["completion_tokens"] * 2)
+    b = rows["b"]  # a dated snapshot priced as gpt-4o ($2.50 / $10 per million)
+    assert b["cost"] == pytest.approx((b["prompt_tokens"] * 2.5 + b["completion_tokens"] * 10) / 1e6)
+
+
+async def test_upstream_429_without_fallback_is_429_with_its_retry_after(make_gateway):
+    from tests.fakes import openai_fake
+    from tests.fakes.server import Fault
+
+    with openai_fake.running() as fake:
+        gw = await make_gateway(
+            {
+                "model_providers": {
+                    "up": {"type": "openai", "base_url": fake.base_url, "timeout_seconds": 5}
+                },
+                "gateway": {
+                    "combinations": [
+                        {"id": "a", "template_id": "summarise", "model": "gpt-4o", "provider": "up"}
+                    ]
+                },
+            }
+        )
+        fake.faults.push(Fault("status", status=429, retry_after=30))
+        r = await gw.post(chat(variables={"words": 3}))
+        assert r.status_code == 429 and r.headers["retry-after"] == "30"
+        assert len(fake.recorder.requests) == 1  # not hammered again before Retry-After
+        # the provider stays blocked until then, without another upstream call
+        r = await gw.post(chat(variables={"words": 3}))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 28
+        assert len(fake.recorder.requests) == 1

@@ -325,3 +325,18 @@ def test_python_dash_m_works():
         [sys.executable, "-m", "rswitch", "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "serve" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("addr", "expected"),
+    [(":8080", ("0.0.0.0", 8080)), ("127.0.0.1:9000", ("127.0.0.1", 9000)), ("[::1]:7000", ("::1", 7000))],
+)
+def test_seed_style_addr(addr, expected):
+    from rswitch.cli import parse_addr
+
+    assert parse_addr(addr) == expected
+
+
+def test_bad_addr_is_a_clear_error():
+    r = runner.invoke(app, ["serve", "--addr", "nonsense"])
+    assert r.exit_code != 0 and "--addr must look like" in r.output
