@@ -119,6 +119,9 @@ class Config(BaseModel):
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)
     pricing: dict[str, Price] = Field(default_factory=dict)
     templates: dict[str, TemplateConfig] = Field(default_factory=dict)
+    template_dirs: list[str] = Field(
+        default_factory=list, description="folders of <id>/manifest.yaml to serve read-only"
+    )
 
     # where the file was, so relative data paths resolve next to it
     source: str | None = Field(None, exclude=True)

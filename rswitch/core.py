@@ -48,6 +48,15 @@ def open_registry(config: Config) -> TemplateRegistry:
             )
         except TemplateError as exc:
             problems.append(ConfigProblem(f"templates.{tid}", str(exc)))
+    for i, d in enumerate(config.template_dirs):
+        folder = config.resolve_path(d)
+        if not folder.is_dir():
+            problems.append(ConfigProblem(f"template_dirs[{i}]", f"not a folder: {folder}", d, True))
+            continue
+        found, errors = TemplateRegistry.read_dir(folder)
+        problems.extend(ConfigProblem(f"template_dirs[{i}]", e) for e in errors)
+        for tpl in found:
+            registry.add_inline(tpl, source="bundled")
     if problems:
         raise ConfigError(problems, config.source)
     return registry

@@ -80,7 +80,7 @@ class Template:
     version: int = 1
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
-    source: str = "registry"  # registry | inline (from a combination's prompt in the config)
+    source: str = "registry"  # registry | inline (the config file) | bundled (a template_dirs folder)
 
     def __post_init__(self) -> None:
         found = placeholders(self.template)
@@ -117,20 +117,33 @@ class TemplateRegistry:
     def manifest_path(self, template_id: str) -> Path:
         return self.base_dir / check_id(template_id) / "manifest.yaml"
 
-    def reload(self) -> None:
-        found: dict[str, Template] = {}
+    @staticmethod
+    def read_dir(directory: Path) -> tuple[list[Template], list[str]]:
+        """Every `<directory>/<id>/manifest.yaml`, and a message for each that is broken."""
+        found: list[Template] = []
         errors: list[str] = []
-        if self.base_dir.is_dir():
-            for manifest in sorted(self.base_dir.glob("*/manifest.yaml")):
+        if Path(directory).is_dir():
+            for manifest in sorted(Path(directory).glob("*/manifest.yaml")):
                 try:
                     data = yaml.safe_load(manifest.read_text(encoding="utf-8")) or {}
-                    tpl = Template(**{k: v for k, v in data.items() if k in Template.__dataclass_fields__})
-                    found[tpl.id] = tpl
+                    found.append(
+                        Template(
+                            **{
+                                k: v
+                                for k, v in data.items()
+                                if k in Template.__dataclass_fields__ and k != "source"
+                            }
+                        )
+                    )
                 except Exception as exc:  # one bad manifest must not hide the others
                     errors.append(f"{manifest}: {exc}")
+        return found, errors
+
+    def reload(self) -> None:
+        found, errors = self.read_dir(self.base_dir)
         with self._lock:
-            inline = {k: v for k, v in self._templates.items() if v.source == "inline"}
-            self._templates = {**inline, **found}  # a registered manifest wins over the config
+            inline = {k: v for k, v in self._templates.items() if v.source != "registry"}
+            self._templates = {**inline, **{t.id: t for t in found}}  # a registered manifest wins
             self.load_errors = errors
 
     def get(self, template_id: str) -> Template | None:
@@ -141,8 +154,9 @@ class TemplateRegistry:
         with self._lock:
             return sorted(self._templates.values(), key=lambda t: t.id)
 
-    def add_inline(self, tpl: Template) -> None:
-        tpl.source = "inline"
+    def add_inline(self, tpl: Template, source: str = "inline") -> None:
+        """Add a template that is not registered on disk (from the config or a bundled folder)."""
+        tpl.source = source
         with self._lock:
             self._templates.setdefault(tpl.id, tpl)
 

@@ -223,6 +223,27 @@ async def test_a_single_large_event_streams(provider: OpenAIProvider) -> None:
     assert streamed_text(chunks) == "echo: " + word
 
 
+async def test_an_event_of_a_megabyte_streams(provider: OpenAIProvider) -> None:
+    # e.g. an image returned as a base64 data URL in one delta (OpenRouter does this): aiohttp's
+    # own line iterator gives up at 512 KiB and raises LineTooLong, which is not even a ClientError
+    word = "x" * 1_000_000
+    chunks = await collect(provider, chat(user(word)))
+    assert streamed_text(chunks) == "echo: " + word
+
+
+async def test_an_event_beyond_any_line_limit_is_a_broken_stream() -> None:
+    async def huge_event(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [], "x": "' + b"x" * 80_000_000)
+        await response.write(b'"}\n\ndata: [DONE]\n\n')
+        await response.write_eof()
+        return response
+
+    err = await serve_once(huge_event, call_stream=True)
+    assert err.code == "stream_interrupted" and err.retryable
+
+
 async def test_early_stop_releases_the_connection(fake: FakeUpstream) -> None:
     p = make_provider(fake.base_url, max_connections=1)
     await p.start()
@@ -526,3 +547,53 @@ async def test_fake_delay_and_unknown_model() -> None:
             )
     assert ok.status_code == 200 and elapsed >= 0.3
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+# --- other OpenAI-compatible servers ----------------------------------------------------------
+
+
+async def serve_once(handler: Any, call_stream: bool) -> UpstreamError:
+    """Run `handler` as the chat endpoint and return the UpstreamError one call raises."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    with serve_app(app) as root:
+        p = make_provider(root + "/v1")
+        await p.start()
+        try:
+            with pytest.raises(UpstreamError) as info:
+                await (collect(p, chat()) if call_stream else p.complete(chat()))
+        finally:
+            await p.close()
+    return info.value
+
+
+@pytest.mark.parametrize("event", [b"null", b"42", b'"an error string"', b"[1, 2]"])
+async def test_an_event_that_is_not_a_json_object_breaks_the_stream(event: bytes) -> None:
+    async def odd_event(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + event + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    err = await serve_once(odd_event, call_stream=True)
+    assert err.code == "stream_interrupted" and err.retryable
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # vLLM's (pre-0.9) and SGLang's error shape: no `error` envelope
+        {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "code": 400},
+        # FastAPI-based proxies
+        {"detail": "max_tokens is too large"},
+    ],
+)
+async def test_error_message_of_a_compatible_server_without_an_error_envelope(body: dict[str, Any]) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response(body, status=400)
+
+    err = await serve_once(refuse, call_stream=False)
+    assert (err.status, err.retryable) == (400, False)
+    assert "max_tokens is too large" in err.message

@@ -461,8 +461,8 @@ def test_client_leaving_mid_stream_is_recorded_and_the_upstream_released(tmp_pat
             ) as r:
                 first = next(r.iter_lines())
                 assert first.startswith("data: ")
-            # the client is gone; let the upstream go on, then the gateway notices the closed socket
-            gate.set()
+            # the client is gone while the upstream is still silent: the gateway must notice,
+            # stop waiting on the upstream and record the call as a failure
             deadline = time.monotonic() + 20
             stats = {}
             while time.monotonic() < deadline:
@@ -470,5 +470,6 @@ def test_client_leaving_mid_stream_is_recorded_and_the_upstream_released(tmp_pat
                 if stats["total_requests"]:
                     break
                 time.sleep(0.05)
+            gate.set()
             assert stats["total_requests"] == 1 and stats["error_count"] == 1
             assert httpx.get(url + "/health").status_code == 200

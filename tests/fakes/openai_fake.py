@@ -340,7 +340,16 @@ def create_app(
             return error_response(401, f"Incorrect API key provided: {key.strip()}.")
         return None
 
+    active = [0]  # chat requests being answered right now
+
     async def chat_completions(request: web.Request) -> web.StreamResponse:
+        active[0] += 1
+        try:
+            return await answer_chat(request)
+        finally:
+            active[0] -= 1
+
+    async def answer_chat(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -393,9 +402,12 @@ def create_app(
         app[CLOSING].set()  # wakes every held request, so none is pending when the loop closes
 
     async def on_cleanup(app: web.Application) -> None:
-        await asyncio.sleep(0.05)  # let the woken handlers finish
+        for _ in range(50):  # let the woken handlers finish (at most 0.5s)
+            if not active[0]:
+                break
+            await asyncio.sleep(0.01)
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # OpenAI takes big (image) requests
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
