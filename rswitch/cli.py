@@ -254,6 +254,104 @@ def template_render(
         raise fail(f"{exc}; pass them as --var NAME=VALUE") from None
 
 
+# -- load -----------------------------------------------------------------------------------------
+
+
+@app.command("load")
+def load_traffic(
+    url: Annotated[str, typer.Option(help="The running gateway.")] = "http://127.0.0.1:8080",
+    rate: Annotated[float | None, typer.Option(help="Open loop: requests per second.", min=0.001)] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Closed loop: requests in flight (default 4).", min=1)
+    ] = None,
+    requests: Annotated[
+        int | None,
+        typer.Option(
+            "--requests", "-n", help="Stop after N requests (default 100 unless --duration).", min=1
+        ),
+    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after S seconds.", min=0.1)] = None,
+    template: Annotated[
+        str | None, typer.Option("--template", help="Only this sample template's examples.")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="JSONL of request bodies instead of the samples.")
+    ] = None,
+    stream: Annotated[bool, typer.Option(help="Send streaming requests.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Replay sample inputs (or a JSONL file) through a running gateway and summarise."""
+    import asyncio
+
+    import orjson
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rswitch.loadgen import LoadError, read_jsonl, run_load, sample_requests
+
+    if rate is not None and concurrency is not None:
+        raise fail("give --rate or --concurrency, not both")
+    if requests is None and duration is None:
+        requests = 100
+    try:
+        bodies = read_jsonl(file, template) if file else sample_requests(SAMPLE_CONFIG.parent, template)
+    except LoadError as exc:
+        raise fail(str(exc)) from None
+
+    total = requests
+    with Progress(
+        TextColumn("[bold]load"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        transient=True,
+        disable=json_out,
+    ) as progress:
+        task = progress.add_task("load", total=total, info="")
+
+        def tick(r: Any) -> None:
+            done = r.ok + sum(r.errors.values())
+            progress.update(task, completed=done, info=f"ok {r.ok}  errors {sum(r.errors.values())}")
+
+        try:
+            result = asyncio.run(
+                run_load(
+                    url,
+                    bodies,
+                    concurrency=None if rate else (concurrency or 4),
+                    rate=rate,
+                    total=requests,
+                    duration=duration,
+                    stream=stream,
+                    on_progress=tick,
+                )
+            )
+        except LoadError as exc:
+            raise fail(str(exc)) from None
+    s = result.summary()
+    if json_out:
+        typer.echo(orjson.dumps(s, option=orjson.OPT_INDENT_2).decode())
+        return
+    lat = s["latency_ms"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f} ms"
+
+    typer.echo(
+        f"requests     {s['requests']}  ({s['succeeded']} ok, {s['requests'] - s['succeeded']} failed) in {s['elapsed_s']:.2f} s"
+    )
+    typer.echo(f"throughput   {s['throughput_rps']:.1f} req/s")
+    typer.echo(f"latency      p50 {ms(lat['p50'])}  p95 {ms(lat['p95'])}  p99 {ms(lat['p99'])}")
+    typer.echo(f"tokens       {s['tokens']['prompt']} prompt, {s['tokens']['completion']} completion")
+    typer.echo(f"cost         ${s['cost_usd']:.6f}" + ("  (streams: see /status)" if stream else ""))
+    for combo, n in sorted(s["by_combination"].items()):
+        typer.echo(f"  served by  {combo:<24} {n}")
+    for err, n in sorted(s["errors"].items()):
+        typer.echo(f"  error      {err:<24} {n}")
+    if s["requests"] and not s["succeeded"]:
+        raise typer.Exit(1)
+
+
 # -- config -----------------------------------------------------------------------------------
 
 

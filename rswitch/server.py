@@ -72,14 +72,19 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
                 headers = {
                     "x-rswitch-combination": session.combination.id,
                     "x-rswitch-provider": session.provider,
+                    "x-rswitch-request-id": session.p.request_id,
                     "cache-control": "no-cache",
                     "x-accel-buffering": "no",
                 }
                 return StreamingResponse(session.__aiter__(), media_type="text/event-stream", headers=headers)
-            resp, combo = await gateway.complete(body)
-            return JSON(
-                resp, headers={"x-rswitch-combination": combo.id, "x-rswitch-provider": combo.provider}
-            )
+            done = await gateway.complete(body)
+            headers = {
+                "x-rswitch-combination": done.combination.id,
+                "x-rswitch-provider": done.combination.provider,
+                "x-rswitch-request-id": done.request_id,
+                "x-rswitch-cost": f"{done.cost:.8f}",
+            }
+            return JSON(done.response, headers=headers)
         except GatewayError as err:
             return error_response(err)
         except ClientDisconnect:

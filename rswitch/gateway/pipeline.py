@@ -39,6 +39,16 @@ class Route:
     pool_key: str
 
 
+@dataclass(slots=True)
+class Completed:
+    """A finished non-streaming call: the OpenAI body and how it was served."""
+
+    response: dict[str, Any]
+    combination: Combination
+    request_id: str
+    cost: float
+
+
 @dataclass
 class Prepared:
     request_id: str
@@ -454,7 +464,7 @@ class Gateway:
 
     # -- non-streaming ------------------------------------------------------------------------
 
-    async def complete(self, body: Any) -> tuple[dict[str, Any], Combination]:
+    async def complete(self, body: Any) -> Completed:
         p = self.prepare(body)
         last: UpstreamError | None = None
         n = 0
@@ -488,7 +498,7 @@ class Gateway:
                     "total_tokens": pt + ct,
                     "estimated": True,
                 }
-            return resp, combo
+            return Completed(resp, combo, p.request_id, cost)
         raise self._exhausted(p, last, p.rate_wait)
 
     # -- streaming --------------------------------------------------------------------------
