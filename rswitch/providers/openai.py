@@ -23,6 +23,7 @@ from rswitch.providers.base import (
 )
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+READ_BUFSIZE = 4 * 1024 * 1024
 
 
 class OpenAIProvider(Provider):
@@ -39,7 +40,10 @@ class OpenAIProvider(Provider):
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
-            connector=connector, headers=self._headers, auto_decompress=True
+            connector=connector,
+            headers=self._headers,
+            auto_decompress=True,
+            read_bufsize=READ_BUFSIZE,  # an SSE line may be twice this; aiohttp's default stops at 512 KiB
         )
 
     async def close(self) -> None:
@@ -64,16 +68,19 @@ class OpenAIProvider(Provider):
         raw = await resp.read()
         message, etype, code = f"upstream answered HTTP {resp.status}", "upstream_error", None
         try:
-            err = orjson.loads(raw).get("error")
-            if isinstance(err, dict):
-                message = err.get("message") or message
-                etype = err.get("type") or etype
-                code = err.get("code")
-            elif isinstance(err, str):
-                message = err
-        except (orjson.JSONDecodeError, AttributeError):
-            if raw:
-                message = f"{message}: {self.redact(raw.decode('utf-8', 'replace'))[:200]}"
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        # OpenAI wraps the error in {"error": {...}}; vLLM/SGLang and FastAPI proxies answer bare
+        err = body.get("error", body) if isinstance(body, dict) else None
+        text = err.get("message") or err.get("detail") if isinstance(err, dict) else err
+        if isinstance(err, dict):
+            etype = err.get("type") or etype
+            code = err.get("code")
+        if isinstance(text, str) and text:
+            message = text
+        elif raw:
+            message = f"{message}: {self.redact(raw.decode('utf-8', 'replace'))[:200]}"
         return UpstreamError(
             resp.status,
             self.redact(f"provider '{self.name}': {message}"),
@@ -143,7 +150,9 @@ class OpenAIProvider(Provider):
                         chunk = orjson.loads(data)
                     except orjson.JSONDecodeError:
                         raise stream_broken(self.name, "invalid JSON in an event") from None
-                    if "error" in chunk:
+                    if not isinstance(chunk, dict):
+                        raise stream_broken(self.name, "an event that is not a JSON object")
+                    if chunk.get("error"):
                         err = chunk["error"]
                         msg = err.get("message") if isinstance(err, dict) else str(err)
                         raise stream_broken(self.name, self.redact(str(msg)))
@@ -154,7 +163,8 @@ class OpenAIProvider(Provider):
             raise
         except TimeoutError:
             raise timeout_error(self.name, self._deadline(call)) from None
-        except aiohttp.ClientPayloadError as exc:
+        except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+            # HttpProcessingError: e.g. LineTooLong, an event bigger than the read buffer allows
             raise stream_broken(self.name, type(exc).__name__) from None
         except aiohttp.ClientError as exc:
             raise connection_error(self.name, exc) from None
