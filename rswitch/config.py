@@ -71,6 +71,13 @@ class OptimizationConfig(_Strict):
     interval_seconds: float = Field(1800, gt=0)
 
 
+class EmbeddingsDefault(_Strict):
+    """Where /v1/embeddings goes when `model` names no combination or listed model."""
+
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -86,6 +93,7 @@ class GatewayConfig(_Strict):
     request_timeout_seconds: float = Field(120, gt=0, description="overall deadline per request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    embeddings: EmbeddingsDefault | None = None
 
 
 class DatasetConfig(_Strict):
@@ -219,9 +227,15 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
                         True,
                     )
                 )
+    emb = cfg.gateway.embeddings
+    if emb is not None and emb.provider not in cfg.model_providers:
+        allowed = ", ".join(sorted(cfg.model_providers)) or "none are defined under model_providers"
+        problems.append(
+            ConfigProblem(
+                "gateway.embeddings.provider", f"unknown provider; allowed: {allowed}", emb.provider, True
+            )
+        )
     for name, p in cfg.model_providers.items():
-        if p.type == "openai" and not p.base_url and not resolve_api_key(name, p)[0]:
-            pass  # defaults to api.openai.com; a missing key is reported at start, not as a config error
         if p.api_key_env is not None and not p.api_key_env.strip():
             problems.append(
                 ConfigProblem(

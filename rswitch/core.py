@@ -151,6 +151,7 @@ class Core:
             submit=self.recorder.submit,
             max_attempts=gw.max_attempts,
             request_timeout=gw.request_timeout_seconds,
+            embedding_default=gw.embeddings,
         )
         self._started = False
 

@@ -90,6 +90,20 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         except ClientDisconnect:
             return Response(status_code=499)
 
+    async def embeddings(request: Request) -> Response:
+        try:
+            done = await gateway.embed(await read_body(request, limit))
+        except GatewayError as err:
+            return error_response(err)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        headers = {
+            "x-rswitch-combination": done.combination.id,
+            "x-rswitch-provider": done.combination.provider,
+            "x-rswitch-request-id": done.request_id,
+        }
+        return JSON(done.response, headers=headers)
+
     async def health(request: Request) -> Response:
         return JSON({"status": "healthy"})
 
@@ -150,6 +164,8 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/embeddings", embeddings, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/health/storage", health_storage, methods=["GET"]),
         Route("/status", status, methods=["GET"]),

@@ -20,7 +20,7 @@ from rswitch.gateway.balancer import Balancer, Combination
 from rswitch.gateway.errors import GatewayError, bad_request
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.ratelimit import ProviderLimiter
-from rswitch.providers.base import ChatCall, Provider, UpstreamError
+from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError
 from rswitch.providers.pricing import PriceTable, estimate_tokens, message_text
 from rswitch.storage.record import CallRecord
 from rswitch.templates import MissingVariables, TemplateRegistry
@@ -140,7 +140,9 @@ class Gateway:
         submit: Any,  # callable(CallRecord) -> bool; the recorder's non-blocking submit
         max_attempts: int = 3,
         request_timeout: float = 120.0,
+        embedding_default: Any = None,  # config.EmbeddingsDefault
     ) -> None:
+        self.embedding_default = embedding_default
         self.registry = registry
         self.providers = providers
         self.limiters = limiters
@@ -500,6 +502,135 @@ class Gateway:
                 }
             return Completed(resp, combo, p.request_id, cost)
         raise self._exhausted(p, last, p.rate_wait)
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def resolve_embedding(self, model: Any, metadata: dict[str, Any]) -> tuple[str, str, str]:
+        """(route id, provider, model): a combination id (metadata or `model`) → a model listed
+        under a provider's `models` → a combination's model name → gateway.embeddings."""
+        cid = metadata.get("combination_id")
+        if cid is not None:
+            combo = self.combinations.get(str(cid))
+            if combo is None:
+                raise GatewayError(
+                    400,
+                    f"unknown combination id '{cid}'",
+                    code="unknown_combination",
+                    param="metadata.combination_id",
+                )
+            return combo.id, combo.provider, combo.model
+        if not isinstance(model, str) or not model:
+            raise bad_request("'model' is required: an embedding model or a combination id", param="model")
+        combo = self.combinations.get(model)
+        if combo is not None:
+            return combo.id, combo.provider, combo.model
+        for name, provider in self.providers.items():
+            if model in (getattr(provider.settings, "models", None) or ()):
+                return f"{name}/{model}", name, model
+        by_model = self._by_model.get(model)
+        if by_model:
+            return f"{by_model[0].provider}/{model}", by_model[0].provider, model
+        if self.embedding_default is not None:
+            d = self.embedding_default
+            return f"{d.provider}/{d.model}", d.provider, d.model
+        raise GatewayError(
+            400,
+            f"unknown embedding model '{model}': name a combination, a model listed under a provider's "
+            f"`models`, or set gateway.embeddings",
+            code="unknown_model",
+            param="model",
+        )
+
+    async def embed(self, body: Any) -> Completed:
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object", code="invalid_body")
+        inputs = body.get("input")
+        ok = (isinstance(inputs, str) and inputs != "") or (
+            isinstance(inputs, list)
+            and inputs
+            and all(isinstance(x, str) or (isinstance(x, list) and x) for x in inputs)
+        )
+        if not ok:
+            raise bad_request(
+                "'input' must be a non-empty string or a non-empty array of strings (or token arrays)",
+                param="input",
+            )
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise bad_request("'metadata' must be an object", param="metadata")
+        route_id, provider_name, model = self.resolve_embedding(body.get("model"), metadata)
+        provider = self.providers[provider_name]
+        started = time.perf_counter()
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        est = sum(estimate_tokens(t) if isinstance(t, str) else len(t) for t in texts)
+        limiter = self.limiters.get(provider_name)
+        if limiter is not None:
+            wait = limiter.try_acquire(est)
+            if wait > 0:
+                raise GatewayError(
+                    429,
+                    f"rate limit of provider '{provider_name}' reached; retry later",
+                    error_type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    retry_after=wait,
+                )
+        params = {k: v for k, v in body.items() if k not in ("model", "input", "metadata")}
+        call = EmbedCall(
+            model=model,
+            inputs=inputs,
+            params=params,
+            timeout=min(self.request_timeout, provider.settings.timeout_seconds),
+        )
+        request_id = uuid.uuid4().hex
+        try:
+            resp = await provider.embed(call)
+            error = None
+        except UpstreamError as e:
+            resp, error = None, e
+        usage = (resp or {}).get("usage") or {}
+        tokens = (
+            usage.get("prompt_tokens")
+            if isinstance(usage.get("prompt_tokens"), int)
+            else (est if resp else 0)
+        )
+        cost = self.prices.cost(model, tokens, 0)
+        self.submit(
+            CallRecord(
+                request_id=request_id,
+                created_at=time.time(),
+                template_id="",
+                combination_id=route_id,
+                provider=provider_name,
+                model=model,
+                system_prompt="",
+                messages=[],
+                variables={},
+                output="",
+                success=error is None,
+                error_type=None if error is None else error.error_type,
+                error_message=None if error is None else error.message,
+                status=200 if error is None else error.status,
+                prompt_tokens=tokens,
+                tokens_estimated=resp is not None and not usage,
+                cost=cost,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                extra={"kind": "embedding"},
+            )
+        )
+        if error is not None:
+            if error.status == 429 and error.retry_after and limiter is not None:
+                limiter.block_for(error.retry_after)
+            raise _upstream_to_gateway(error)
+        if limiter is not None:
+            limiter.settle(est, tokens)
+        if not usage:
+            resp["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens, "estimated": True}
+        return Completed(
+            resp,
+            Combination(id=route_id, template_id="", model=model, provider=provider_name, implicit=True),
+            request_id,
+            cost,
+        )
 
     # -- streaming --------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rswitch.providers.base import ChatCall, Provider, UpstreamError
+from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError
 
 _CLASSES = {
     "openai": ("rswitch.providers.openai", "OpenAIProvider"),
@@ -20,4 +20,4 @@ def build_provider(name: str, settings: Any, api_key: str | None) -> Provider:
     return getattr(importlib.import_module(module), cls)(name, settings, api_key)
 
 
-__all__ = ["ChatCall", "Provider", "UpstreamError", "build_provider"]
+__all__ = ["ChatCall", "EmbedCall", "Provider", "UpstreamError", "build_provider"]

@@ -28,6 +28,16 @@ class ChatCall:
     timeout: float = 60.0
 
 
+@dataclass(slots=True)
+class EmbedCall:
+    """One upstream embeddings call: `inputs` is a string, a list of strings (or token arrays)."""
+
+    model: str
+    inputs: Any
+    params: dict[str, Any] = field(default_factory=dict)  # dimensions, encoding_format, user …
+    timeout: float = 60.0
+
+
 class UpstreamError(Exception):
     """An upstream failed. `retryable` says whether another attempt (elsewhere) may succeed."""
 
@@ -128,6 +138,16 @@ class Provider(abc.ABC):
         """Yield OpenAI `chat.completion.chunk` dicts as they arrive; the last carries `usage`.
 
         A stream that ends early raises UpstreamError (never a silent, clean end)."""
+
+    async def embed(self, call: EmbedCall) -> dict[str, Any]:
+        """Return an OpenAI embeddings `list` response with `usage`; raise UpstreamError."""
+        raise UpstreamError(
+            400,
+            f"provider '{self.name}' ({self.type}) does not serve embeddings",
+            error_type="invalid_request_error",
+            code="embeddings_not_supported",
+            retryable=False,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "base_url": getattr(self.settings, "base_url", None)}

@@ -4,11 +4,13 @@ latency, failure rate and streaming."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import random
 from collections.abc import AsyncIterator
 from typing import Any
 
-from rswitch.providers.base import ChatCall, Provider, UpstreamError, new_completion_id, now
+from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError, new_completion_id, now
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -95,3 +97,25 @@ class MockProvider(Provider):
             yield chunk({"content": text[i : i + size]})
         yield chunk({}, "stop")
         yield chunk(None, usage=usage)
+
+    async def embed(self, call: EmbedCall) -> dict[str, Any]:
+        """A hashed bag of words: deterministic, and texts sharing words land close together."""
+        await self._before()
+        inputs = [call.inputs] if isinstance(call.inputs, str) else list(call.inputs)
+        dims = int(call.params.get("dimensions") or 64)
+        data, tokens = [], 0
+        for i, text in enumerate(inputs):
+            words = str(text).lower().split()
+            tokens += len(words)
+            vec = [0.0] * dims
+            for w in words:
+                h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                vec[h % dims] += 1.0 if (h >> 32) & 1 else -1.0
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            data.append({"object": "embedding", "index": i, "embedding": [v / norm for v in vec]})
+        return {
+            "object": "list",
+            "data": data,
+            "model": call.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

@@ -28,6 +28,7 @@ import pydantic
 
 from rswitch.providers.base import (
     ChatCall,
+    EmbedCall,
     Provider,
     UpstreamError,
     connection_error,
@@ -269,7 +270,7 @@ class OllamaProvider(Provider):
             raise RuntimeError(f"provider '{self.name}' used before start()")
         return self._ollama
 
-    def _deadline(self, call: ChatCall) -> float:
+    def _deadline(self, call: ChatCall | EmbedCall) -> float:
         return min(call.timeout, self.settings.timeout_seconds)
 
     def _chat(self, call: ChatCall, stream: bool) -> Any:
@@ -288,7 +289,7 @@ class OllamaProvider(Provider):
             return stream_broken(self.name, self.redact(str(exc.error)))
         return UpstreamError(exc.status_code, self.redact(f"provider '{self.name}': {exc.error}"))
 
-    def _transport_error(self, exc: Exception, call: ChatCall, streaming: bool) -> UpstreamError:
+    def _transport_error(self, exc: Exception, call: ChatCall | EmbedCall, streaming: bool) -> UpstreamError:
         """Map what httpx (or the client) raised; `streaming` once parts have arrived."""
         if isinstance(exc, ollama.ResponseError):
             return self._response_error(exc)
@@ -315,6 +316,28 @@ class OllamaProvider(Provider):
         except ValueError as exc:
             raise self._invalid(exc, streaming=False) from None
         return to_openai_completion(resp)
+
+    async def embed(self, call: EmbedCall) -> dict[str, Any]:
+        inputs = call.inputs
+        if not (isinstance(inputs, str) or all(isinstance(x, str) for x in inputs)):
+            raise _bad_request(f"provider '{self.name}': Ollama embeds text only, not token arrays")
+        try:
+            async with asyncio.timeout(self._deadline(call)):
+                resp = await self._client().embed(
+                    call.model, inputs, dimensions=call.params.get("dimensions")
+                )
+        except (ollama.ResponseError, httpx.TransportError, ConnectionError, TimeoutError) as exc:
+            raise self._transport_error(exc, call, streaming=False) from None
+        tokens = resp.prompt_eval_count or 0
+        data = [
+            {"object": "embedding", "index": i, "embedding": list(v)} for i, v in enumerate(resp.embeddings)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": resp.model or call.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
         maker = _ChunkMaker(call.model)

@@ -14,6 +14,7 @@ import orjson
 
 from rswitch.providers.base import (
     ChatCall,
+    EmbedCall,
     Provider,
     UpstreamError,
     connection_error,
@@ -31,7 +32,9 @@ class OpenAIProvider(Provider):
 
     def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
         super().__init__(name, settings, api_key)
-        self.url = (settings.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
+        base = (settings.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self.url = base + "/chat/completions"
+        self.embeddings_url = base + "/embeddings"
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
@@ -56,10 +59,10 @@ class OpenAIProvider(Provider):
             raise RuntimeError(f"provider '{self.name}' used before start()")
         return self._session
 
-    def _deadline(self, call: ChatCall) -> float:
+    def _deadline(self, call: ChatCall | EmbedCall) -> float:
         return min(call.timeout, self.settings.timeout_seconds)
 
-    def _timeout(self, call: ChatCall, stream: bool) -> aiohttp.ClientTimeout:
+    def _timeout(self, call: ChatCall | EmbedCall, stream: bool) -> aiohttp.ClientTimeout:
         t = self._deadline(call)
         # a whole answer must arrive in time; a stream only must not go quiet for that long
         return aiohttp.ClientTimeout(total=None if stream else t, connect=min(t, 10.0), sock_read=t)
@@ -103,12 +106,10 @@ class OpenAIProvider(Provider):
             body.pop("stream_options", None)
         return orjson.dumps(body)
 
-    async def complete(self, call: ChatCall) -> dict[str, Any]:
+    async def _post_json(self, url: str, data: bytes, call: ChatCall | EmbedCall) -> dict[str, Any]:
         session = self._session_or_start()
         try:
-            async with session.post(
-                self.url, data=self._body(call, False), timeout=self._timeout(call, False)
-            ) as resp:
+            async with session.post(url, data=data, timeout=self._timeout(call, False)) as resp:
                 if resp.status >= 400:
                     raise await self._error(resp)
                 raw = await resp.read()
@@ -119,11 +120,19 @@ class OpenAIProvider(Provider):
         except aiohttp.ClientError as exc:
             raise connection_error(self.name, exc) from None
         try:
-            return orjson.loads(raw)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError(
-                502, f"provider '{self.name}' answered with invalid JSON", retryable=True
-            ) from None
+            body = None
+        if not isinstance(body, dict):
+            raise UpstreamError(502, f"provider '{self.name}' answered with invalid JSON", retryable=True)
+        return body
+
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        return await self._post_json(self.url, self._body(call, False), call)
+
+    async def embed(self, call: EmbedCall) -> dict[str, Any]:
+        body = {**call.params, "model": call.model, "input": call.inputs}
+        return await self._post_json(self.embeddings_url, orjson.dumps(body), call)
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
         session = self._session_or_start()

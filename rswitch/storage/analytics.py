@@ -122,10 +122,11 @@ class AnalyticsStore:
         return stats
 
     def system_stats(self) -> dict[str, Any]:
-        stats = self._one(
-            f"SELECT count(DISTINCT template_id) AS total_prompts, {_STATS} FROM invocations", []
+        sql = (
+            "SELECT count(DISTINCT template_id) FILTER (WHERE kind = 'chat') AS total_prompts, "
+            f"count(*) FILTER (WHERE kind = 'embedding') AS embedding_requests, {_STATS} FROM invocations"
         )
-        return stats
+        return self._one(sql, [])
 
     def combination_stats(self) -> dict[str, dict[str, Any]]:
         cur = self._cursor()

@@ -111,7 +111,8 @@ class DatasetStore:
     def write(self, records: list[CallRecord]) -> None:
         by_prompt: dict[str, list[CallRecord]] = {}
         for r in records:
-            by_prompt.setdefault(r.template_id, []).append(r)
+            if r.extra.get("kind", "chat") == "chat":  # embeddings go to analytics only
+                by_prompt.setdefault(r.template_id, []).append(r)
         with self._lock:
             for template_id, rows in by_prompt.items():
                 conn = self._conn(template_id)

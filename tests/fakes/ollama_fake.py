@@ -21,6 +21,7 @@ from tests.fakes.server import (
     Faults,
     Recorder,
     abort,
+    fake_embedding,
     reply_text,
     serve_app,
     split_words,
@@ -158,6 +159,28 @@ def make_app(models: list[str] | None = None) -> tuple[web.Application, Faults, 
             return _error(500, fault.message)
         return web.json_response(answer.whole())
 
+    async def embed(request: web.Request) -> web.Response:
+        body = await request.json()
+        recorder.add(body, request.headers)
+        if known is not None and _full_name(body.get("model", "")) not in known:
+            return _error(404, f'model "{body.get("model")}" not found, try pulling it first')
+        fault = faults.next()
+        if fault is not None and fault.kind == "status":
+            return _error(fault.status, fault.message, fault.retry_after)
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not inputs:
+            return _error(400, "input is required")
+        return web.json_response(
+            {
+                "model": body["model"],
+                "embeddings": [fake_embedding(t) for t in inputs],
+                "total_duration": 1000,
+                "load_duration": 10,
+                "prompt_eval_count": sum(len(t.split()) for t in inputs),
+            }
+        )
+
     async def tags(request: web.Request) -> web.Response:
         listed = sorted(known or [])
         return web.json_response(
@@ -169,6 +192,7 @@ def make_app(models: list[str] | None = None) -> tuple[web.Application, Faults, 
 
     app = web.Application()
     app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/embed", embed)
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/version", version)
     return app, faults, recorder

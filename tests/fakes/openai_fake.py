@@ -32,6 +32,7 @@ from tests.fakes.server import (
     Faults,
     Recorder,
     abort,
+    fake_embedding,
     reply_text,
     serve_app,
     split_words,
@@ -395,6 +396,36 @@ def create_app(
         data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "openai"} for m in listed]
         return web.json_response({"object": "list", "data": data})
 
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        recorder.add(body, request.headers)
+        if require_key is not None and request.headers.get("authorization") != f"Bearer {require_key}":
+            return error_response(401, "Incorrect API key provided")
+        fault = faults.next()
+        if fault is not None and fault.kind == "status":
+            return error_response(fault.status, fault.message, retry_after=fault.retry_after)
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not body.get("model") or not inputs:
+            return invalid_request("model and input are required")
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": fake_embedding(str(t), body.get("dimensions") or 8),
+            }
+            for i, t in enumerate(inputs)
+        ]
+        tokens = sum(len(str(t).split()) for t in inputs)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
     async def on_startup(app: web.Application) -> None:
         app[CLOSING] = asyncio.Event()
 
@@ -413,6 +444,7 @@ def create_app(
     app.on_cleanup.append(on_cleanup)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/embeddings", embeddings)
     return app
 
 

@@ -158,3 +158,11 @@ def split_words(text: str) -> list[str]:
     if cur:
         pieces.append(cur)
     return pieces or [""]
+
+
+def fake_embedding(text: str, dims: int = 8) -> list[float]:
+    """A deterministic vector for `text` (the fakes' embeddings)."""
+    import hashlib
+
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round((b - 128) / 128, 4) for b in digest[:dims]]
