@@ -1,16 +1,37 @@
 # The two set-up commands: `make run` and `make test`. Each creates .venv on first use.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench
+# llama.cpp is built from source once, as a portable x86-64 wheel (AVX2, no AVX-512/AMX:
+# the native build's AMX kernels crash on machines that do not grant AMX state), and cached
+# outside the clone so later clones and CI reuse it.
+LLAMA_VERSION := 0.3.36
+WHEELS ?= $(HOME)/.cache/rswitch/wheels
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+  -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-$(STAMP): pyproject.toml
+.PHONY: run test lint bench llama-wheel
+
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(MAKE) --no-print-directory llama-wheel
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -e '.[test,local]'
 	touch $(STAMP)
+
+llama-wheel:
+	@if ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "llama-cpp-python $(LLAMA_VERSION): using the cached wheel in $(WHEELS)"; \
+	else \
+	  echo "Building llama-cpp-python $(LLAMA_VERSION) from source, once (5-10 minutes on 2 cores; cached in $(WHEELS))"; \
+	  mkdir -p $(WHEELS); \
+	  set -o pipefail; CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel -v --no-deps --no-cache-dir \
+	    llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS) 2>&1 \
+	    | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|Successfully|ERROR|error:' ; \
+	fi
 
 run: $(STAMP)
 	$(VENV)/bin/rswitch serve $(ARGS)
@@ -20,4 +41,4 @@ test: $(STAMP)
 	$(PY) -m pytest -n auto -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_gateway.py
+	$(PY) benchmarks/bench_gateway.py $(ARGS)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from rswitch.config import Config, ConfigError, find_config, load_config, parse_config
+from rswitch.config import Config, ConfigError, find_config, load_config
 from rswitch.templates import MissingVariables, Template, TemplateError, TemplateRegistry, check_id
 
 app = typer.Typer(help="rswitch: a self-hosted LLM gateway.", no_args_is_help=True, add_completion=False)
@@ -25,11 +25,11 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="Config file (default: $RSWITCH_CONFIG, then ./config.yaml, then the built-in sample).",
+        help="Config file (default: $RSWITCH_CONFIG, then ./config.yaml, then the built-in default).",
     ),
 ]
 
-SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "sample_prompts" / "config.yaml"
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_prompts"
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -41,9 +41,9 @@ def load(config: str | None) -> Config:
     path = find_config(config)
     try:
         if path is None:
-            if SAMPLE_CONFIG.exists():
-                return load_config(SAMPLE_CONFIG)
-            return parse_config({})
+            from rswitch.defaults import default_config
+
+            return default_config()[0]
         return load_config(path)
     except ConfigError as exc:
         raise fail(f"invalid config: {exc}") from None
@@ -293,7 +293,7 @@ def load_traffic(
     if requests is None and duration is None:
         requests = 100
     try:
-        bodies = read_jsonl(file, template) if file else sample_requests(SAMPLE_CONFIG.parent, template)
+        bodies = read_jsonl(file, template) if file else sample_requests(SAMPLES, template)
     except LoadError as exc:
         raise fail(str(exc)) from None
 

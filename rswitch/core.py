@@ -310,6 +310,12 @@ class Core:
             f"max_attempts {cfg.gateway.max_attempts})"
         )
         lines.append(f"  providers   {len(self.providers)}")
+        for name, p in self.providers.items():
+            d = p.describe()
+            if "model_path" in d:
+                lines.append(
+                    f"    {name}: {d['model_path']} (loaded {'at start' if d['load'] == 'startup' else 'on first use'})"
+                )
         for name in self.providers:
             pc = cfg.model_providers[name]
             limits = []
@@ -336,6 +342,8 @@ class Core:
             f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite (keep newest {cfg.dataset.max_records})"
         )
         lines.append(f"  analytics   {cfg.analytics_file}")
+        for n in cfg.notes:
+            lines.append(f"  default     {n}")
         for w in self.warnings:
             lines.append(f"  WARNING     {w}")
         for e in self.registry.load_errors:

