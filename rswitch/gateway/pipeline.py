@@ -208,6 +208,17 @@ class Gateway:
             code="no_combination",
         )
 
+    def _named_combination(self, cid: Any) -> Combination:
+        combo = self.combinations.get(str(cid))
+        if combo is None:
+            raise GatewayError(
+                400,
+                f"unknown combination id '{cid}'",
+                code="unknown_combination",
+                param="metadata.combination_id",
+            )
+        return combo
+
     def resolve(self, model: str | None, metadata: dict[str, Any]) -> Route:
         """metadata.combination_id → metadata.template_id → model as combination/template id →
         model as a combination's model name → every enabled combination."""
@@ -215,14 +226,7 @@ class Gateway:
         tid = metadata.get("template_id")
         pinned = False
         if cid is not None:
-            combo = self.combinations.get(str(cid))
-            if combo is None:
-                raise GatewayError(
-                    400,
-                    f"unknown combination id '{cid}'",
-                    code="unknown_combination",
-                    param="metadata.combination_id",
-                )
+            combo = self._named_combination(cid)
             if not combo.enabled:
                 raise GatewayError(
                     400,
@@ -510,14 +514,7 @@ class Gateway:
         under a provider's `models` → a combination's model name → gateway.embeddings."""
         cid = metadata.get("combination_id")
         if cid is not None:
-            combo = self.combinations.get(str(cid))
-            if combo is None:
-                raise GatewayError(
-                    400,
-                    f"unknown combination id '{cid}'",
-                    code="unknown_combination",
-                    param="metadata.combination_id",
-                )
+            combo = self._named_combination(cid)
             return combo.id, combo.provider, combo.model
         if not isinstance(model, str) or not model:
             raise bad_request("'model' is required: an embedding model or a combination id", param="model")
