@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rswitch.config import Config, ConfigError, ConfigProblem, config_warnings, resolve_api_key
@@ -14,6 +15,7 @@ from rswitch.gateway.balancer import Balancer, Combination
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.pipeline import Gateway
 from rswitch.gateway.ratelimit import ProviderLimiter
+from rswitch.packaging import Stores, export_package, import_package
 from rswitch.providers import Provider, build_provider
 from rswitch.providers.pricing import PriceTable
 from rswitch.storage.analytics import AnalyticsStore
@@ -113,8 +115,11 @@ class Core:
         self.combinations = build_combinations(config, self.registry)
         self.key_sources: dict[str, str] = {}
         self.providers: dict[str, Provider] = {}
+        self._secrets: list[str] = []  # keys to keep out of packages
         for name, pc in config.model_providers.items():
             key, source = resolve_api_key(name, pc)
+            if key:
+                self._secrets.append(key)
             self.key_sources[name] = source if key or source == "none needed" else f"{source} (not set)"
             self.providers[name] = build_provider(name, pc, key)
         # every provider gets one: even without rpm/tpm it honours an upstream's Retry-After
@@ -194,6 +199,24 @@ class Core:
     def set_enabled(self, combination_id: str, enabled: bool) -> None:
         self.combination(combination_id).enabled = enabled
         self.gateway.reindex()
+
+    # -- packages ----------------------------------------------------------------------------
+
+    def _stores(self) -> Stores:
+        return Stores(
+            self.config.dataset_dir, self.config.analytics_file, self.analytics._conn, self.datasets.release
+        )
+
+    def export_package(self, template_id: str, output_dir: Path, **options: Any) -> Path:
+        """Export a template's package; what is queued for recording is written first."""
+        self.recorder.flush()
+        return export_package(
+            self.registry, self._stores(), template_id, output_dir, secrets=self._secrets, **options
+        )
+
+    def import_package(self, path: Path, **options: Any) -> dict[str, Any]:
+        self.recorder.flush()
+        return import_package(path, self.registry, self._stores(), **options)
 
     # -- views ----------------------------------------------------------------------------------
 

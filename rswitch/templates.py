@@ -104,6 +104,15 @@ class Template:
         return data
 
 
+def write_yaml(path: Path, data: Any) -> None:
+    """Write YAML atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, path)
+
+
 class TemplateRegistry:
     """Templates registered on disk plus inline ones from the config. Thread-safe."""
 
@@ -150,6 +159,16 @@ class TemplateRegistry:
         with self._lock:
             return self._templates.get(template_id)
 
+    def history(self, template_id: str) -> list[dict[str, Any]]:
+        """Earlier versions' manifests, oldest first (the current one is `get`)."""
+        folder = self.base_dir / check_id(template_id) / "versions"
+        out = (
+            [yaml.safe_load(f.read_text(encoding="utf-8")) for f in folder.glob("v*.yaml")]
+            if folder.is_dir()
+            else []
+        )
+        return sorted((v for v in out if isinstance(v, dict)), key=lambda v: v.get("version", 0))
+
     def list(self) -> list[Template]:
         with self._lock:
             return sorted(self._templates.values(), key=lambda t: t.id)
@@ -169,11 +188,9 @@ class TemplateRegistry:
                 tpl.version = old.version + 1
                 tpl.created_at = old.created_at
             tpl.updated_at = _now()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".yaml")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                yaml.safe_dump(tpl.manifest(), fh, sort_keys=False, allow_unicode=True)
-            os.replace(tmp, path)
+            if old is not None and old.source == "registry":  # keep every earlier version
+                write_yaml(path.parent / "versions" / f"v{old.version}.yaml", old.manifest())
+            write_yaml(path, tpl.manifest())
             tpl.source = "registry"
             self._templates[tpl.id] = tpl
         return tpl

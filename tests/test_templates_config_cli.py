@@ -340,3 +340,13 @@ def test_seed_style_addr(addr, expected):
 def test_bad_addr_is_a_clear_error():
     r = runner.invoke(app, ["serve", "--addr", "nonsense"])
     assert r.exit_code != 0 and "--addr must look like" in r.output
+
+
+def test_registry_keeps_every_earlier_version(tmp_path):
+    reg = TemplateRegistry(tmp_path)
+    reg.register(Template(id="g", template="one {x}"))
+    reg.register(Template(id="g", template="two {x}"))
+    reg.register(Template(id="g", template="three {x}"))
+    assert [v["template"] for v in reg.history("g")] == ["one {x}", "two {x}"]
+    assert [v["version"] for v in reg.history("g")] == [1, 2]
+    assert reg.get("g").version == 3

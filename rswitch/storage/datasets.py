@@ -125,6 +125,13 @@ class DatasetStore:
                 )
                 conn.execute("COMMIT")
 
+    def release(self, template_id: str) -> None:
+        """Close the writer's connection to one dataset (before an import replaces the file)."""
+        with self._lock:
+            conn = self._conns.pop(template_id, None)
+            if conn is not None:
+                conn.close()
+
     def recent(self, template_id: str, limit: int = 100) -> list[dict[str, Any]]:
         path = self.path(template_id)
         if not path.exists():

@@ -1,0 +1,508 @@
+"""Portable prompt packages: a template's whole life in one folder or `.tar.gz`.
+
+    <id>-<UTC timestamp>/
+      package.yaml        format version, rswitch version, template id, created_at, and every
+                          file with its size, sha256 and row count
+      manifest.yaml       the template and its version history
+      dataset.sqlite      a consistent snapshot (SQLite's online backup API)
+      logs/recent.jsonl   the newest N records
+      analytics.parquet   this template's rows of the DuckDB analytics store (optional)
+
+Import verifies everything before it touches anything, stages next to the data, and moves
+into place; a failed import leaves the data directory as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import duckdb
+import orjson
+import yaml
+
+from rswitch import __version__
+from rswitch.templates import ID_PATTERN, TemplateRegistry, check_id, write_yaml
+
+FORMAT_VERSION = 1
+PACKAGE_FILE = "package.yaml"
+SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+MIN_SECRET_LEN = 8
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class PackageError(Exception):
+    """A package could not be written, read or imported; the message says why."""
+
+
+@dataclass
+class Stores:
+    """Where a template's data lives: the dataset folder and the analytics database.
+
+    `analytics` is an open DuckDB connection (a running core's, so no second process has to
+    open the file) or None to open `analytics_path` for this one call."""
+
+    base_dir: Path
+    analytics_path: Path | None = None
+    analytics: duckdb.DuckDBPyConnection | None = None
+    release: Callable[[str], None] | None = None  # close a writer's dataset connection before a swap
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def known_secrets(extra: list[str] | None = None) -> dict[str, str]:
+    """Secret values this process knows (environment keys and configured ones) → where from."""
+    found = {
+        v: f"${k}"
+        for k, v in os.environ.items()
+        if k.upper().endswith(SECRET_SUFFIXES) and len(v) >= MIN_SECRET_LEN
+    }
+    for value in extra or []:
+        if value and len(value) >= MIN_SECRET_LEN:
+            found.setdefault(value, "a key in the config file")
+    return found
+
+
+def _utc_stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def _open_analytics(stores: Stores, read_only: bool) -> tuple[duckdb.DuckDBPyConnection | None, bool]:
+    """(connection, opened here). A lock held by another rswitch process is a clear error."""
+    if stores.analytics is not None:
+        return stores.analytics.cursor(), False
+    if stores.analytics_path is None or not stores.analytics_path.exists():
+        return None, False
+    try:
+        return duckdb.connect(str(stores.analytics_path), read_only=read_only), True
+    except duckdb.IOException as exc:
+        if "lock" in str(exc).lower():
+            raise PackageError(
+                f"the analytics store {stores.analytics_path} is in use by a running rswitch; stop it first, "
+                f"or leave analytics out (--no-include-analytics / --no-restore-analytics)"
+            ) from None
+        raise
+
+
+def _snapshot_dataset(src: Path, dst: Path, progress: Progress | None) -> int:
+    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+    target = sqlite3.connect(dst)
+    try:
+
+        def report(status: int, remaining: int, total: int) -> None:
+            if progress:
+                progress("dataset", total - remaining, total)
+
+        source.backup(target, pages=256, progress=report)  # consistent even while the gateway writes
+        target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+        return target.execute("SELECT count(*) FROM examples").fetchone()[0]
+    finally:
+        target.close()
+        source.close()
+
+
+def _write_logs(dataset: Path, dst: Path, limit: int) -> int:
+    conn = sqlite3.connect(f"file:{dataset}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute("SELECT * FROM examples ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    finally:
+        conn.close()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with dst.open("wb") as fh:
+        for row in reversed(rows):
+            d = dict(row)
+            d["messages"] = orjson.loads(d["messages"])
+            d["variables"] = orjson.loads(d["variables"])
+            fh.write(orjson.dumps(d) + b"\n")
+    return len(rows)
+
+
+def _scan_for_secrets(folder: Path, secrets: dict[str, str]) -> None:
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        for value, origin in secrets.items():
+            if value.encode() in data:
+                raise PackageError(
+                    f"{path.relative_to(folder)} contains a secret (the value of {origin}); nothing was exported. "
+                    f"Remove the rows that hold it from the dataset, then export again."
+                )
+
+
+def export_package(
+    registry: TemplateRegistry,
+    stores: Stores,
+    template_id: str,
+    output_dir: Path,
+    *,
+    include_analytics: bool = True,
+    logs_limit: int = 1000,
+    archive: bool = False,
+    secrets: list[str] | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Write a package; return the folder or archive path. Nothing is left behind on failure."""
+    check_id(template_id)
+    tpl = registry.get(template_id)
+    if tpl is None:
+        known = ", ".join(t.id for t in registry.list()) or "none"
+        raise PackageError(f"unknown template id '{template_id}' (known: {known})")
+    if logs_limit < 0:
+        raise PackageError("--logs-limit must be 0 or more")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{template_id}-{_utc_stamp()}"
+    final = output_dir / (name + ".tar.gz" if archive else name)
+    if final.exists():
+        raise PackageError(f"{final} already exists")
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=output_dir))
+    try:
+        files: list[dict[str, Any]] = []
+        manifest = {
+            **tpl.manifest(),
+            "history": registry.history(template_id) if tpl.source == "registry" else [],
+        }
+        write_yaml(staging / "manifest.yaml", manifest)
+        files.append({"path": "manifest.yaml"})
+
+        dataset = stores.base_dir / template_id / "dataset.sqlite"
+        if dataset.exists():
+            rows = _snapshot_dataset(dataset, staging / "dataset.sqlite", progress)
+            files.append({"path": "dataset.sqlite", "rows": rows})
+            n = _write_logs(staging / "dataset.sqlite", staging / "logs" / "recent.jsonl", logs_limit)
+            files.append({"path": "logs/recent.jsonl", "rows": n})
+
+        if include_analytics:
+            conn, _ = _open_analytics(stores, read_only=True)
+            if conn is not None:
+                try:
+                    target = staging / "analytics.parquet"
+                    conn.execute(
+                        f"COPY (SELECT * FROM invocations WHERE template_id = ? ORDER BY created_at, request_id) "
+                        f"TO '{target}' (FORMAT parquet)",
+                        [template_id],
+                    )
+                    n = conn.execute("SELECT count(*) FROM read_parquet(?)", [str(target)]).fetchone()[0]
+                    files.append({"path": "analytics.parquet", "rows": n})
+                finally:
+                    conn.close()  # our own connection, or our cursor on the core's
+
+        _scan_for_secrets(staging, known_secrets(secrets))
+        for f in files:
+            p = staging / f["path"]
+            f["size"] = p.stat().st_size
+            f["sha256"] = sha256(p)
+        write_yaml(
+            staging / PACKAGE_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "rswitch_version": __version__,
+                "template_id": template_id,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "files": files,
+            },
+        )
+        if archive:
+            tmp = output_dir / f".{name}.tar.gz.part"
+            with tarfile.open(tmp, "w:gz") as tar:
+                tar.add(staging, arcname=name)
+            os.replace(tmp, final)
+        else:
+            os.replace(staging, final)
+        return final
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        part = output_dir / f".{name}.tar.gz.part"
+        if part.exists():
+            part.unlink()
+
+
+# -- reading and verifying ------------------------------------------------------------------------
+
+
+def _safe_extract(archive: Path, dest: Path) -> Path:
+    """Extract an archive of one package folder, refusing anything that could escape it."""
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except tarfile.ReadError as exc:
+        raise PackageError(
+            f"{archive} is not a package archive (not a readable tar/tar.gz file: {exc})"
+        ) from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.ReadError, EOFError, OSError) as exc:
+            raise PackageError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        roots = set()
+        for m in members:
+            path = PurePosixPath(m.name)
+            if m.name.startswith("/") or path.is_absolute():
+                raise PackageError(f"refusing {archive}: entry '{m.name}' has an absolute path")
+            if ".." in path.parts:
+                raise PackageError(f"refusing {archive}: entry '{m.name}' escapes the package folder ('..')")
+            if m.issym() or m.islnk():
+                raise PackageError(f"refusing {archive}: entry '{m.name}' is a link")
+            if not (m.isfile() or m.isdir()):
+                raise PackageError(f"refusing {archive}: entry '{m.name}' is not a regular file or folder")
+            roots.add(path.parts[0])
+        if len(roots) != 1:
+            raise PackageError(f"{archive} must hold exactly one package folder; found {len(roots)}")
+        try:
+            tar.extractall(dest, filter="data")
+        except (tarfile.ReadError, EOFError, OSError, tarfile.FilterError) as exc:
+            raise PackageError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    return dest / roots.pop()
+
+
+def _refuse_links(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_symlink():
+            raise PackageError(f"refusing {folder}: '{p.relative_to(folder)}' is a link")
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check the format version and every listed file's size and checksum; return package.yaml."""
+    meta_path = folder / PACKAGE_FILE
+    if not meta_path.is_file():
+        raise PackageError(f"{folder} is not a package: {PACKAGE_FILE} is missing")
+    _refuse_links(folder)
+    try:
+        meta = yaml.safe_load(meta_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{PACKAGE_FILE} is not valid YAML: {exc}") from None
+    if not isinstance(meta, dict):
+        raise PackageError(f"{PACKAGE_FILE} must be a mapping")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackageError(
+            f"unsupported package format version {version!r}; this rswitch reads version {FORMAT_VERSION}"
+        )
+    tid = meta.get("template_id")
+    if not isinstance(tid, str) or not ID_PATTERN.match(tid):
+        raise PackageError(f"{PACKAGE_FILE} has an invalid template_id {tid!r}")
+    files = meta.get("files")
+    if not isinstance(files, list) or not files:
+        raise PackageError(f"{PACKAGE_FILE} lists no files")
+    listed = set()
+    for f in files:
+        rel = f.get("path") if isinstance(f, dict) else None
+        if not isinstance(rel, str) or rel.startswith("/") or ".." in PurePosixPath(rel).parts:
+            raise PackageError(f"{PACKAGE_FILE} lists an unsafe path {rel!r}")
+        p = folder / rel
+        if not p.is_file():
+            raise PackageError(f"missing file: {rel} is listed in {PACKAGE_FILE} but not in the package")
+        if p.stat().st_size != f.get("size"):
+            raise PackageError(
+                f"size mismatch for {rel}: {p.stat().st_size} bytes, {PACKAGE_FILE} says {f.get('size')}"
+            )
+        if sha256(p) != f.get("sha256"):
+            raise PackageError(f"checksum mismatch for {rel}: the file was changed or corrupted")
+        listed.add(rel)
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel != PACKAGE_FILE and rel not in listed:
+            raise PackageError(f"unlisted file in package: {rel}")
+    if "manifest.yaml" not in listed:
+        raise PackageError("the package has no manifest.yaml")
+    return meta
+
+
+class _Opened:
+    """A package folder ready to read: the folder itself, or an archive extracted to a temp dir."""
+
+    def __init__(self, path: Path, scratch_parent: Path | None = None) -> None:
+        self.path = Path(path)
+        self._tmp: Path | None = None
+        if not self.path.exists():
+            raise PackageError(f"no such package: {self.path}")
+        if self.path.is_dir():
+            self.folder = self.path
+        else:
+            self._tmp = Path(tempfile.mkdtemp(prefix=".rswitch-pkg-", dir=scratch_parent))
+            try:
+                self.folder = _safe_extract(self.path, self._tmp)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> _Opened:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def inspect_package(path: Path) -> dict[str, Any]:
+    """What a package holds, whether its checksums hold, without importing it."""
+    with _Opened(path) as opened:
+        folder = opened.folder
+        try:
+            meta = verify(folder)
+            ok, problem = True, None
+        except PackageError as exc:
+            meta = (
+                yaml.safe_load((folder / PACKAGE_FILE).read_text())
+                if (folder / PACKAGE_FILE).is_file()
+                else {}
+            )
+            ok, problem = False, str(exc)
+        manifest = (
+            yaml.safe_load((folder / "manifest.yaml").read_text())
+            if (folder / "manifest.yaml").is_file()
+            else {}
+        )
+        info: dict[str, Any] = {
+            "path": str(path),
+            "checksums_ok": ok,
+            "problem": problem,
+            "format_version": (meta or {}).get("format_version"),
+            "rswitch_version": (meta or {}).get("rswitch_version"),
+            "template_id": (meta or {}).get("template_id"),
+            "created_at": (meta or {}).get("created_at"),
+            "template": {k: manifest.get(k) for k in ("name", "version", "variables", "template")}
+            if manifest
+            else None,
+            "versions": [h.get("version") for h in manifest.get("history", [])] + [manifest.get("version")]
+            if manifest
+            else [],
+            "files": (meta or {}).get("files", []),
+        }
+        dataset = folder / "dataset.sqlite"
+        if ok and dataset.is_file():
+            conn = sqlite3.connect(f"file:{dataset}?mode=ro", uri=True)
+            try:
+                first, last = conn.execute("SELECT min(created_at), max(created_at) FROM examples").fetchone()
+            finally:
+                conn.close()
+            info["time_range"] = {"first": first, "last": last}
+        return info
+
+
+# -- import ---------------------------------------------------------------------------------------
+
+
+ANALYTICS_KEY = ("request_id", "combination_id", "created_at", "success", "kind")
+
+
+def import_package(
+    path: Path,
+    registry: TemplateRegistry,
+    stores: Stores,
+    *,
+    overwrite: bool = False,
+    restore_analytics: bool = True,
+) -> dict[str, Any]:
+    """Verify, stage and move a package into place; merge its analytics rows without duplicates."""
+    base = stores.base_dir
+    base.mkdir(parents=True, exist_ok=True)
+    with _Opened(path, scratch_parent=base) as opened:
+        folder = opened.folder
+        meta = verify(folder)
+        tid = meta["template_id"]
+        target = base / tid
+        exists = (target / "manifest.yaml").exists() or (target / "dataset.sqlite").exists()
+        if exists and not overwrite:
+            raise PackageError(f"template '{tid}' already exists in {base}; use --overwrite to replace it")
+        try:
+            manifest = yaml.safe_load((folder / "manifest.yaml").read_text(encoding="utf-8"))
+            history = manifest.pop("history", []) or []
+            if manifest.get("id") != tid:
+                raise PackageError(f"manifest.yaml is for '{manifest.get('id')}', package.yaml for '{tid}'")
+        except (yaml.YAMLError, AttributeError) as exc:
+            raise PackageError(f"manifest.yaml is not a valid manifest: {exc}") from None
+
+        staged = Path(tempfile.mkdtemp(prefix=f".import-{tid}-", dir=base))
+        conn = None
+        old: Path | None = None
+        try:
+            write_yaml(staged / "manifest.yaml", manifest)
+            for h in history:
+                write_yaml(staged / "versions" / f"v{h.get('version')}.yaml", h)
+            if (folder / "dataset.sqlite").is_file():
+                shutil.copy2(folder / "dataset.sqlite", staged / "dataset.sqlite")
+            merged = 0
+            parquet = folder / "analytics.parquet"
+            if restore_analytics and parquet.is_file():
+                conn, _ = _open_analytics(stores, read_only=False)
+                if conn is None:
+                    if stores.analytics_path is None:
+                        raise PackageError("no analytics store to restore into")
+                    stores.analytics_path.parent.mkdir(parents=True, exist_ok=True)
+                    conn = duckdb.connect(str(stores.analytics_path))
+                    from rswitch.storage.analytics import SCHEMA
+
+                    conn.execute(SCHEMA)
+                conn.execute("BEGIN TRANSACTION")
+                keys = " AND ".join(f"i.{k} IS NOT DISTINCT FROM p.{k}" for k in ANALYTICS_KEY)
+                before = conn.execute("SELECT count(*) FROM invocations").fetchone()[0]
+                conn.execute(
+                    f"INSERT INTO invocations SELECT p.* FROM read_parquet(?) p "
+                    f"WHERE NOT EXISTS (SELECT 1 FROM invocations i WHERE {keys})",
+                    [str(parquet)],
+                )
+                merged = conn.execute("SELECT count(*) FROM invocations").fetchone()[0] - before
+            # swap the staged folder into place, keeping the old one until that worked
+            if stores.release is not None:
+                stores.release(tid)
+            if target.exists():
+                old = base / f".replaced-{tid}-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+            try:
+                os.replace(staged, target)
+            except OSError:
+                if old is not None:
+                    os.replace(old, target)
+                    old = None
+                raise
+            if conn is not None:
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn is not None:
+                try:
+                    conn.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
+            raise
+        finally:
+            if conn is not None:
+                conn.close()
+            if staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+            if old is not None and old.exists():
+                shutil.rmtree(old, ignore_errors=True)
+        registry.reload()
+        rows = next((f.get("rows", 0) for f in meta["files"] if f["path"] == "dataset.sqlite"), 0)
+        return {
+            "template_id": tid,
+            "dataset_rows": rows,
+            "analytics_rows_added": merged,
+            "replaced": exists,
+            "path": str(target),
+        }
