@@ -462,11 +462,16 @@ def import_package(
                 conn.execute("BEGIN TRANSACTION")
                 keys = " AND ".join(f"i.{k} IS NOT DISTINCT FROM p.{k}" for k in ANALYTICS_KEY)
                 before = conn.execute("SELECT count(*) FROM invocations").fetchone()[0]
-                conn.execute(
-                    f"INSERT INTO invocations SELECT p.* FROM read_parquet(?) p "
-                    f"WHERE NOT EXISTS (SELECT 1 FROM invocations i WHERE {keys})",
-                    [str(parquet)],
-                )
+                try:
+                    conn.execute(
+                        f"INSERT INTO invocations SELECT p.* FROM read_parquet(?) p "
+                        f"WHERE NOT EXISTS (SELECT 1 FROM invocations i WHERE {keys})",
+                        [str(parquet)],
+                    )
+                except duckdb.Error as exc:
+                    raise PackageError(
+                        f"could not merge analytics.parquet into {stores.analytics_path}: {exc}"
+                    ) from None
                 merged = conn.execute("SELECT count(*) FROM invocations").fetchone()[0] - before
             # swap the staged folder into place, keeping the old one until that worked
             if stores.release is not None:

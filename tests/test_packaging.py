@@ -294,7 +294,7 @@ async def test_failed_analytics_merge_leaves_everything_as_it_was(exported):
         "ALTER TABLE invocations ADD COLUMN surprise INTEGER"
     )  # the merge will fail
     before = tree(data)
-    with pytest.raises(Exception):
+    with pytest.raises(PackageError, match="could not merge analytics.parquet"):
         target.import_package(pkg)
     assert tree(data) == before
     assert target.registry.get("support") is None
