@@ -132,7 +132,14 @@ def serve(
             sys.stdout.flush()
         await task
 
-    asyncio.run(run())
+    try:
+        import uvloop  # uvicorn's loop="uvloop" is skipped when we drive server.serve() ourselves
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run())
     if not server.started:
         raise typer.Exit(1)
     typer.echo(f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped")

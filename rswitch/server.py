@@ -34,24 +34,27 @@ def error_response(err: GatewayError) -> JSON:
 
 async def read_body(request: Request, limit: int) -> Any:
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise GatewayError(
-            413,
-            f"request body is {int(length)} bytes; the limit is {limit} (gateway.max_body_bytes)",
-            code="body_too_large",
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+    if length is not None and length.isdigit():
+        if int(length) > limit:
             raise GatewayError(
                 413,
-                f"request body exceeds the limit of {limit} bytes (gateway.max_body_bytes)",
+                f"request body is {int(length)} bytes; the limit is {limit} (gateway.max_body_bytes)",
                 code="body_too_large",
             )
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+        raw = await request.body()
+    else:  # chunked: count as it arrives
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(
+                    413,
+                    f"request body exceeds the limit of {limit} bytes (gateway.max_body_bytes)",
+                    code="body_too_large",
+                )
+            chunks.append(chunk)
+        raw = b"".join(chunks)
     if not raw:
         raise GatewayError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:

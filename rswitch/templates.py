@@ -42,8 +42,10 @@ def placeholders(text: str) -> list[str]:
     return list(seen)
 
 
-def render(text: str, variables: dict[str, Any], template_id: str = "") -> str:
-    missing = [name for name in placeholders(text) if name not in variables]
+def render(
+    text: str, variables: dict[str, Any], template_id: str = "", names: list[str] | None = None
+) -> str:
+    missing = [name for name in (placeholders(text) if names is None else names) if name not in variables]
     if missing:
         raise MissingVariables(template_id, missing)
 
@@ -84,6 +86,7 @@ class Template:
 
     def __post_init__(self) -> None:
         found = placeholders(self.template)
+        self._names = found  # rendering checks these without rescanning the text
         if not self.variables:
             self.variables = found
         else:
@@ -96,7 +99,7 @@ class Template:
         self.name = self.name or self.id
 
     def render(self, variables: dict[str, Any]) -> str:
-        return render(self.template, variables, self.id)
+        return render(self.template, variables, self.id, self._names)
 
     def manifest(self) -> dict[str, Any]:
         data = asdict(self)

@@ -357,3 +357,16 @@ async def test_upstream_429_without_fallback_is_429_with_its_retry_after(make_ga
         r = await gw.post(chat(variables={"words": 3}))
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 28
         assert len(fake.recorder.requests) == 1
+
+
+async def test_oversized_chunked_body_without_length_is_413(make_gateway):
+    gw = await make_gateway({"gateway": {"max_body_bytes": 2048}})
+
+    async def body():
+        for _ in range(10):
+            yield b"x" * 512
+
+    r = await gw.client.post(
+        "/v1/chat/completions", content=body(), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and "exceeds the limit of 2048" in r.json()["error"]["message"]

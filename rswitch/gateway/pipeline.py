@@ -338,7 +338,7 @@ class Gateway:
                         raise
                     continue  # a fallback whose template needs other variables cannot serve
                 limiter = self.limiters.get(combo.provider)
-                est = self._estimate(p, system)
+                est = self._estimate(p, system) if limiter is not None and limiter.tpm is not None else 0
                 if limiter is not None:
                     wait = limiter.try_acquire(est)
                     if wait > 0:

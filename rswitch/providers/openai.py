@@ -39,6 +39,7 @@ class OpenAIProvider(Provider):
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300)
@@ -46,6 +47,7 @@ class OpenAIProvider(Provider):
             connector=connector,
             headers=self._headers,
             auto_decompress=True,
+            cookie_jar=aiohttp.DummyCookieJar(),  # an API client has no cookies to keep; the jar costs per request
             read_bufsize=READ_BUFSIZE,  # an SSE line may be twice this; aiohttp's default stops at 512 KiB
         )
 
@@ -63,9 +65,15 @@ class OpenAIProvider(Provider):
         return min(call.timeout, self.settings.timeout_seconds)
 
     def _timeout(self, call: ChatCall | EmbedCall, stream: bool) -> aiohttp.ClientTimeout:
-        t = self._deadline(call)
-        # a whole answer must arrive in time; a stream only must not go quiet for that long
-        return aiohttp.ClientTimeout(total=None if stream else t, connect=min(t, 10.0), sock_read=t)
+        key = (self._deadline(call), stream)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            t = key[0]
+            # a whole answer must arrive in time; a stream only must not go quiet for that long
+            timeout = aiohttp.ClientTimeout(total=None if stream else t, connect=min(t, 10.0), sock_read=t)
+            if len(self._timeouts) < 1024:  # deadlines repeat: cache the objects
+                self._timeouts[key] = timeout
+        return timeout
 
     async def _error(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         raw = await resp.read()

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS invocations (
 )
 """
 N_COLS = 18
+_INSERT = "INSERT INTO invocations SELECT " + ", ".join(f"unnest(${i + 1})" for i in range(N_COLS))
 
 _STATS = """
     count(*) AS total_requests,
@@ -98,13 +99,10 @@ class AnalyticsStore:
         return cur
 
     def write(self, records: list[CallRecord]) -> None:
-        # One multi-row INSERT per batch: DuckDB's executemany runs one statement per row.
-        cur = self._cursor()
-        for start in range(0, len(records), 500):
-            part = records[start : start + 500]
-            placeholders = ", ".join(["(" + ", ".join(["?"] * N_COLS) + ")"] * len(part))
-            params = [v for r in part for v in _row(r)]
-            cur.execute(f"INSERT INTO invocations VALUES {placeholders}", params)
+        # One list per column, unnested in one INSERT: DuckDB's executemany runs a statement
+        # per row, and a multi-row VALUES costs ~10x more CPU per record than this.
+        columns = [list(col) for col in zip(*(_row(r) for r in records), strict=True)]
+        self._cursor().execute(_INSERT, columns)
 
     def _one(self, sql: str, params: list[Any]) -> dict[str, Any]:
         cur = self._cursor()
