@@ -21,12 +21,20 @@ LOCAL_MODEL = "smollm2-135m-instruct"
 OLLAMA_URL = "http://127.0.0.1:11434"
 
 
+def ollama_url() -> str:
+    """Ollama's own convention: $OLLAMA_HOST, else localhost:11434."""
+    host = os.environ.get("OLLAMA_HOST", "").strip()
+    if not host:
+        return OLLAMA_URL
+    return host if "://" in host else f"http://{host}"
+
+
 def data_dir() -> Path:
     """Where the embedded default keeps datasets and analytics ($RSWITCH_DATA_DIR overrides)."""
     return Path(os.environ.get("RSWITCH_DATA_DIR") or platformdirs.user_data_dir("rswitch"))
 
 
-def ollama_models(url: str = OLLAMA_URL, timeout: float = 0.5) -> list[str] | None:
+def ollama_models(url: str, timeout: float = 0.5) -> list[str] | None:
     """The models a local Ollama server has, or None when none answers."""
     try:
         resp = httpx.get(url + "/api/tags", timeout=timeout)
@@ -56,17 +64,18 @@ def default_config(probe_ollama: bool = True) -> tuple[Config, list[str]]:
         notes.append("detected  ANTHROPIC_API_KEY: added anthropic/claude-haiku-4-5 combinations")
     else:
         notes.append("not set   ANTHROPIC_API_KEY (set it to add Anthropic combinations)")
-    models = ollama_models() if probe_ollama else None
+    url = ollama_url()
+    models = ollama_models(url) if probe_ollama else None
     if models:
-        providers["ollama"] = {"type": "ollama", "base_url": OLLAMA_URL, "models": models}
+        providers["ollama"] = {"type": "ollama", "base_url": url, "models": models}
         extra.append(("ollama", models[0]))
         notes.append(
-            f"detected  Ollama at {OLLAMA_URL} ({len(models)} model(s)): added ollama/{models[0]} combinations"
+            f"detected  Ollama at {url} ({len(models)} model(s)): added ollama/{models[0]} combinations"
         )
     elif models == []:
-        notes.append(f"detected  Ollama at {OLLAMA_URL}, but it has no models (ollama pull …)")
+        notes.append(f"detected  Ollama at {url}, but it has no models (ollama pull …)")
     else:
-        notes.append(f"no answer Ollama at {OLLAMA_URL}")
+        notes.append(f"no answer Ollama at {url}")
 
     for tid in templates:
         local_id = f"{tid}-local"

@@ -218,6 +218,7 @@ def test_zero_config_serve_answers_with_the_real_model(tmp_path):
     """No --config, no config.yaml, no keys: the built-in default on the embedded model."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "RSWITCH_CONFIG"}
     env["RSWITCH_DATA_DIR"] = str(tmp_path / "data")
+    env["OLLAMA_HOST"] = "127.0.0.1:9"  # nothing there: the summary must say so
     proc = subprocess.Popen(
         [sys.executable, "-m", "rswitch", "serve", "--port", "0"],
         cwd=tmp_path,
@@ -238,6 +239,7 @@ def test_zero_config_serve_answers_with_the_real_model(tmp_path):
         summary = "".join(lines)
         assert url, summary
         assert "(built-in defaults)" in summary and "not set   OPENAI_API_KEY" in summary
+        assert "no answer Ollama at http://127.0.0.1:9" in summary
         assert "SmolLM2-135M-Instruct.Q4_1.gguf (loaded at start)" in summary
         assert str(tmp_path / "data") in summary
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
