@@ -30,7 +30,8 @@ llama-wheel:
 	  mkdir -p $(WHEELS); \
 	  set -o pipefail; CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel -v --no-deps --no-cache-dir \
 	    llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS) 2>&1 \
-	    | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|Successfully|ERROR|error:' ; \
+	    | grep --line-buffered -E '^ *\[ *[0-9]+(%|/[0-9]+)\]|Successfully built|ERROR|[Ee]rror:' \
+	    | sed -u -E 's/^ *(\[[^]]*\]).* -c [^ ]*\/([^/ ]+)$$/  \1 compiling \2/' | cut -c1-120 ; \
 	fi
 
 run: $(STAMP)
