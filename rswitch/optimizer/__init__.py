@@ -1,0 +1,1 @@
+"""MIPROv2 over recorded traffic: evaluators, splits, the search, and the background scheduler."""
