@@ -17,6 +17,10 @@ from rswitch.templates import MissingVariables, Template, TemplateError, Templat
 app = typer.Typer(help="rswitch: a self-hosted LLM gateway.", no_args_is_help=True, add_completion=False)
 template_app = typer.Typer(help="Register, list, show and render prompt templates.", no_args_is_help=True)
 config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
+dataset_app = typer.Typer(
+    help="Look at, export and bring in the examples a template's traffic produced.", no_args_is_help=True
+)
+app.add_typer(dataset_app, name="dataset")
 package_app = typer.Typer(help="Export, import and inspect portable prompt packages.", no_args_is_help=True)
 app.add_typer(package_app, name="package")
 app.add_typer(template_app, name="template")
@@ -359,6 +363,150 @@ def load_traffic(
         typer.echo(f"  error      {err:<24} {n}")
     if s["requests"] and not s["succeeded"]:
         raise typer.Exit(1)
+
+
+# -- datasets -------------------------------------------------------------------------------------
+
+
+def _dataset(config: str | None, template_id: str) -> Any:
+    from rswitch.storage.datasets import DatasetStore
+
+    cfg = load(config)
+    _get(registry(config), template_id)  # unknown ids are an error that lists the known ones
+    return DatasetStore(cfg.dataset_dir, cfg.dataset.max_records)
+
+
+def _example(row: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "request_id",
+        "created_at",
+        "combination_id",
+        "model",
+        "variables",
+        "messages",
+        "output",
+        "success",
+        "label_expected",
+        "label_score",
+        "label_comment",
+        "label_source",
+        "origin",
+    )
+    return {k: row.get(k) for k in keys}
+
+
+@dataset_app.command("show")
+def dataset_show(
+    template_id: str,
+    config: ConfigOpt = None,
+    limit: Annotated[int, typer.Option(help="Newest N rows.", min=1)] = 20,
+    labelled: Annotated[bool, typer.Option("--labelled", help="Only rows with a label.")] = False,
+) -> None:
+    """Print a template's newest examples, as the optimizer will see them."""
+    store = _dataset(config, template_id)
+    rows = [
+        r
+        for r in store.recent(template_id, limit if not labelled else 100_000)
+        if not labelled or _is_labelled(r)
+    ][:limit]
+    if not rows:
+        typer.echo(f"no {'labelled ' if labelled else ''}examples for '{template_id}' yet")
+        return
+    for r in rows:
+        last_user = next((m.get("content") for m in reversed(r["messages"]) if m.get("role") == "user"), "")
+        label = r.get("label_expected") if r.get("label_expected") is not None else r.get("label_score")
+        typer.echo(
+            f"{r['created_at']}  {'ok ' if r['success'] else 'ERR'}  {r['combination_id'] or r.get('origin', ''):<18} "
+            f"in: {str(last_user)[:40]!r}  out: {r['output'][:40]!r}"
+            + (f"  label: {str(label)[:30]!r}" if label is not None else "")
+        )
+
+
+def _is_labelled(r: dict[str, Any]) -> bool:
+    return r.get("label_expected") is not None or r.get("label_score") is not None
+
+
+@dataset_app.command("export")
+def dataset_export(
+    template_id: str,
+    config: ConfigOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="JSONL file (default: standard output).")
+    ] = None,
+    labelled: Annotated[bool, typer.Option("--labelled", help="Only rows with a label.")] = False,
+) -> None:
+    """Write a template's examples as JSONL (oldest first)."""
+    import orjson
+
+    store = _dataset(config, template_id)
+    rows = [
+        _example(r)
+        for r in reversed(store.recent(template_id, 10_000_000))
+        if not labelled or _is_labelled(r)
+    ]
+    data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    if output is None:
+        sys.stdout.write(data.decode())
+    else:
+        output.write_bytes(data)
+        typer.echo(f"wrote {len(rows)} example(s) to {output}", err=True)
+
+
+@dataset_app.command("import")
+def dataset_import(template_id: str, file: Path, config: ConfigOpt = None) -> None:
+    """Bring in labelled examples: JSONL lines of {"messages" or "input", "variables", "expected", "score", "output"}."""
+    import orjson
+
+    store = _dataset(config, template_id)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror}") from None
+    rows: list[dict[str, Any]] = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise fail(f"{file}:{n}: not valid JSON ({exc}); nothing imported") from None
+        problem = _import_problem(row)
+        if problem:
+            raise fail(f"{file}:{n}: {problem}; nothing imported")
+        if "input" in row and "messages" not in row:
+            row["messages"] = [{"role": "user", "content": row.pop("input")}]
+        rows.append(row)
+    if not rows:
+        raise fail(f"{file} holds no examples")
+    count = store.import_rows(template_id, rows)
+    store.close()
+    labelled = sum(1 for r in rows if r.get("expected") is not None or r.get("score") is not None)
+    typer.echo(f"imported {count} example(s) into '{template_id}' ({labelled} labelled)")
+
+
+def _import_problem(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return "each line must be a JSON object"
+    if "messages" in row:
+        msgs = row["messages"]
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) and "role" in m for m in msgs)
+        ):
+            return "'messages' must be a non-empty array of {role, content}"
+    elif not isinstance(row.get("input"), str) or not row["input"]:
+        return "give 'messages' or a non-empty 'input' string"
+    if "variables" in row and not isinstance(row["variables"], dict):
+        return "'variables' must be an object"
+    if row.get("expected") is not None and not isinstance(row["expected"], str):
+        return "'expected' must be a string"
+    score = row.get("score")
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1
+    ):
+        return f"'score' must be a number from 0 to 1; got {score!r}"
+    return None
 
 
 # -- packages -------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rswitch.config import Config, ConfigError, ConfigProblem, config_warnings, resolve_api_key
 from rswitch.gateway.balancer import Balancer, Combination
+from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.pipeline import Gateway
 from rswitch.gateway.ratelimit import ProviderLimiter
@@ -20,6 +22,7 @@ from rswitch.providers import Provider, build_provider
 from rswitch.providers.pricing import PriceTable
 from rswitch.storage.analytics import AnalyticsStore
 from rswitch.storage.datasets import DatasetStore
+from rswitch.storage.record import Label
 from rswitch.storage.writer import Recorder
 from rswitch.templates import Template, TemplateError, TemplateRegistry, check_id
 
@@ -199,6 +202,50 @@ class Core:
     def set_enabled(self, combination_id: str, enabled: bool) -> None:
         self.combination(combination_id).enabled = enabled
         self.gateway.reindex()
+
+    # -- ground truth ----------------------------------------------------------------------------
+
+    async def feedback(self, body: Any) -> dict[str, Any]:
+        """Label an answered call by its request id: a score, an expected output, a comment."""
+        if not isinstance(body, dict):
+            raise GatewayError(400, "the request body must be a JSON object", code="invalid_body")
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise GatewayError(
+                400,
+                "'request_id' is required (the x-rswitch-request-id header of the answer)",
+                param="request_id",
+            )
+        score, expected, comment = body.get("score"), body.get("expected"), body.get("comment")
+        if score is None and expected is None and comment is None:
+            raise GatewayError(
+                400, "give at least one of 'score', 'expected' or 'comment'", code="empty_feedback"
+            )
+        if score is not None and (
+            isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1
+        ):
+            raise GatewayError(400, f"'score' must be a number from 0 to 1; got {score!r}", param="score")
+        for key, value in (("expected", expected), ("comment", comment)):
+            if value is not None and not isinstance(value, str):
+                raise GatewayError(400, f"'{key}' must be a string", param=key)
+        template_id = self.recorder.recent_requests.get(request_id)
+        if template_id is None:
+            template_id = await asyncio.to_thread(self.datasets.find_request, request_id)
+        if template_id is None:
+            raise GatewayError(
+                404, f"unknown request id '{request_id}' (no recorded answer has it)", code="unknown_request"
+            )
+        label = Label(
+            template_id, request_id, time.time(), expected, None if score is None else float(score), comment
+        )
+        if not self.recorder.submit(label):
+            raise GatewayError(
+                503,
+                "the recorder queue is full; retry shortly",
+                error_type="service_unavailable",
+                retry_after=1,
+            )
+        return {"status": "accepted", "request_id": request_id, "template_id": template_id}
 
     # -- packages ----------------------------------------------------------------------------
 

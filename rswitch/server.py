@@ -107,6 +107,12 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         }
         return JSON(done.response, headers=headers)
 
+    async def feedback(request: Request) -> Response:
+        try:
+            return JSON(await core.feedback(await read_body(request, limit)), status_code=202)
+        except GatewayError as err:
+            return error_response(err)
+
     async def health(request: Request) -> Response:
         return JSON({"status": "healthy"})
 
@@ -169,6 +175,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/feedback", feedback, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/health/storage", health_storage, methods=["GET"]),
         Route("/status", status, methods=["GET"]),

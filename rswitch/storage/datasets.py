@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from rswitch.storage.record import CallRecord
+from rswitch.storage.record import CallRecord, Label
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -43,6 +44,15 @@ CREATE TABLE IF NOT EXISTS examples (
 );
 CREATE INDEX IF NOT EXISTS examples_created ON examples(created_at);
 """
+# Ground truth, added to datasets created before labels existed (see open_dataset).
+LABEL_COLUMNS = {
+    "label_expected": "TEXT",  # the right output, when known
+    "label_score": "REAL",  # a score in [0, 1] for the output given
+    "label_comment": "TEXT",
+    "label_source": "TEXT",  # feedback | import | reference
+    "labelled_at": "TEXT",
+    "origin": "TEXT NOT NULL DEFAULT 'gateway'",  # gateway | import
+}
 COLUMNS = (
     "request_id, created_at, template_id, combination_id, provider, model, system_prompt, messages, variables, "
     "output, success, error_type, error, status, prompt_tokens, completion_tokens, tokens_estimated, cost, "
@@ -87,6 +97,11 @@ def open_dataset(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(examples)")}
+    for name, decl in LABEL_COLUMNS.items():
+        if name not in have:
+            conn.execute(f"ALTER TABLE examples ADD COLUMN {name} {decl}")
+    conn.execute("CREATE INDEX IF NOT EXISTS examples_request ON examples(request_id)")
     return conn
 
 
@@ -108,8 +123,10 @@ class DatasetStore:
             conn = self._conns[template_id] = open_dataset(self.path(template_id))
         return conn
 
-    def write(self, records: list[CallRecord]) -> None:
+    def write(self, records: list[CallRecord | Label]) -> None:
         by_prompt: dict[str, list[CallRecord]] = {}
+        labels = [r for r in records if isinstance(r, Label)]
+        records = [r for r in records if not isinstance(r, Label)]
         for r in records:
             if r.extra.get("kind", "chat") == "chat":  # embeddings go to analytics only
                 by_prompt.setdefault(r.template_id, []).append(r)
@@ -124,6 +141,70 @@ class DatasetStore:
                     (self.max_records,),
                 )
                 conn.execute("COMMIT")
+            for label in labels:  # after the inserts: a label may arrive in the same batch as its row
+                self._conn(label.template_id).execute(
+                    "UPDATE examples SET label_expected = coalesce(?, label_expected), label_score = coalesce(?, label_score), "
+                    "label_comment = coalesce(?, label_comment), label_source = ?, labelled_at = ? "
+                    "WHERE request_id = ? AND success = 1",
+                    (
+                        label.expected,
+                        label.score,
+                        label.comment,
+                        label.source,
+                        iso(label.created_at),
+                        label.request_id,
+                    ),
+                )
+
+    def find_request(self, request_id: str) -> str | None:
+        """The template whose dataset holds this request's answer, if any."""
+        if not self.base_dir.is_dir():
+            return None
+        for f in sorted(self.base_dir.glob("*/dataset.sqlite")):
+            conn = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
+            try:
+                if conn.execute(
+                    "SELECT 1 FROM examples WHERE request_id = ? AND success = 1 LIMIT 1", (request_id,)
+                ).fetchone():
+                    return f.parent.name
+            except sqlite3.OperationalError:
+                continue
+            finally:
+                conn.close()
+        return None
+
+    def import_rows(self, template_id: str, rows: list[dict[str, Any]]) -> int:
+        """Add labelled examples brought from outside (all or nothing)."""
+        now = datetime.now(UTC).timestamp()
+        with self._lock:
+            conn = self._conn(template_id)
+            conn.execute("BEGIN")
+            try:
+                for i, r in enumerate(rows):
+                    rec = CallRecord(
+                        request_id=f"import-{uuid.uuid4().hex}",
+                        created_at=now + i * 1e-6,
+                        template_id=template_id,
+                        combination_id="",
+                        provider="",
+                        model="",
+                        system_prompt=r.get("system_prompt", ""),
+                        messages=r["messages"],
+                        variables=r.get("variables") or {},
+                        output=r.get("output") or "",
+                        success=True,
+                    )
+                    conn.execute(INSERT, _row(rec))
+                    conn.execute(
+                        "UPDATE examples SET label_expected = ?, label_score = ?, label_source = 'import', labelled_at = ?, "
+                        "origin = 'import' WHERE id = last_insert_rowid()",
+                        (r.get("expected"), r.get("score"), iso(now)),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return len(rows)
 
     def release(self, template_id: str) -> None:
         """Close the writer's connection to one dataset (before an import replaces the file)."""

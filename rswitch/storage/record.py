@@ -31,3 +31,16 @@ class CallRecord:
     stream: bool = False
     attempt: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Label:
+    """Ground truth for an answered call, queued behind it so it lands after the row."""
+
+    template_id: str
+    request_id: str
+    created_at: float
+    expected: str | None = None
+    score: float | None = None
+    comment: str | None = None
+    source: str = "feedback"

@@ -10,14 +10,16 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from rswitch.storage.analytics import AnalyticsStore
 from rswitch.storage.datasets import DatasetStore
-from rswitch.storage.record import CallRecord
+from rswitch.storage.record import CallRecord, Label
 
 log = logging.getLogger("rswitch.recorder")
 _STOP = object()
+RECENT_REQUESTS = 100_000
 
 
 class Recorder:
@@ -35,6 +37,7 @@ class Recorder:
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.recent_requests: OrderedDict[str, str] = OrderedDict()  # request id → template, for feedback
         self.submitted = 0  # accepted onto the queue (submit runs on one event loop thread)
         self.dropped = 0
         self.written = 0
@@ -47,13 +50,17 @@ class Recorder:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, record: CallRecord) -> bool:
+    def submit(self, record: CallRecord | Label) -> bool:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
             self.dropped += 1
             return False
         self.submitted += 1
+        if isinstance(record, CallRecord) and record.success and record.template_id:
+            self.recent_requests[record.request_id] = record.template_id
+            if len(self.recent_requests) > RECENT_REQUESTS:
+                self.recent_requests.popitem(last=False)
         return True
 
     @property
@@ -86,10 +93,13 @@ class Recorder:
             batch.append(item)
         return batch, stop
 
-    def _write(self, batch: list[CallRecord]) -> None:
-        for name, store in (("datasets", self.datasets), ("analytics", self.analytics)):
+    def _write(self, batch: list[Any]) -> None:
+        calls = [r for r in batch if isinstance(r, CallRecord)]
+        for name, store, items in (("datasets", self.datasets, batch), ("analytics", self.analytics, calls)):
+            if not items:
+                continue
             try:
-                store.write(batch)
+                store.write(items)
             except Exception as exc:  # keep recording into the other store; surface it in /status
                 self.write_errors += 1
                 self.last_error = f"{name}: {type(exc).__name__}: {exc}"
