@@ -82,6 +82,8 @@ class Template:
     version: int = 1
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
+    demos: list[dict[str, str]] = field(default_factory=list)  # few-shot turns: {"user", "assistant"}
+    provenance: dict[str, Any] = field(default_factory=dict)  # who wrote this version: optimizer run, score …
     source: str = "registry"  # registry | inline (the config file) | bundled (a template_dirs folder)
 
     def __post_init__(self) -> None:
@@ -97,9 +99,20 @@ class Template:
                     f"declared: {', '.join(self.variables)}"
                 )
         self.name = self.name or self.id
+        for i, d in enumerate(self.demos):
+            if not isinstance(d, dict) or not isinstance(d.get("user"), str) or not isinstance(d.get("assistant"), str):
+                raise TemplateError(f"template '{self.id}': demos[{i}] must have 'user' and 'assistant' strings")
 
     def render(self, variables: dict[str, Any]) -> str:
         return render(self.template, variables, self.id, self._names)
+
+    def demo_messages(self) -> list[dict[str, str]]:
+        """The demos as chat turns that go between the system prompt and the client's messages."""
+        out: list[dict[str, str]] = []
+        for d in self.demos:
+            out.append({"role": "user", "content": d["user"]})
+            out.append({"role": "assistant", "content": d["assistant"]})
+        return out
 
     def manifest(self) -> dict[str, Any]:
         data = asdict(self)

@@ -370,3 +370,29 @@ async def test_oversized_chunked_body_without_length_is_413(make_gateway):
         "/v1/chat/completions", content=body(), headers={"content-type": "application/json"}
     )
     assert r.status_code == 413 and "exceeds the limit of 2048" in r.json()["error"]["message"]
+
+
+async def test_template_demos_go_between_the_system_prompt_and_the_client_messages(gateway):
+    from rswitch.templates import Template
+
+    gateway.core.registry.register(
+        Template(id="support", template="You support {product}. Be {tone}.", demos=[{"user": "ping", "assistant": "pong"}])
+    )
+    captured = {}
+    provider = gateway.core.providers["mock"]
+    original = provider.complete
+
+    async def spy(call):
+        captured["messages"] = call.messages
+        return await original(call)
+
+    provider.complete = spy
+    await gateway.post(chat("hello", model="support-a", variables=SUPPORT_VARS))
+    assert captured["messages"] == [
+        {"role": "system", "content": "You support Acme. Be kind."},
+        {"role": "user", "content": "ping"},
+        {"role": "assistant", "content": "pong"},
+        {"role": "user", "content": "hello"},
+    ]
+    [row] = gateway.dataset_rows("support")
+    assert json.loads(row["messages"]) == [{"role": "user", "content": "hello"}]  # demos never enter the dataset

@@ -60,6 +60,7 @@ class Prepared:
     route: Route
     client_usage: bool = False  # stream_options.include_usage asked by the client
     rendered: dict[str, str] = field(default_factory=dict)
+    demos: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # the template's few-shot turns
     rate_wait: float | None = None  # set when rate limits, not failures, left nothing to try
 
 
@@ -296,11 +297,14 @@ class Gateway:
             except MissingVariables as exc:
                 raise GatewayError(400, str(exc), code="missing_variables", param="variables") from None
             p.rendered[combo.template_id] = text
+            p.demos[combo.template_id] = tpl.demo_messages() if tpl.demos else []
         return text
 
     def _call(self, p: Prepared, combo: Combination, system: str, remaining: float) -> ChatCall:
         provider = self.providers[combo.provider]
-        messages = [{"role": "system", "content": system}, *p.messages] if system else list(p.messages)
+        demos = p.demos.get(combo.template_id) or []
+        head = [{"role": "system", "content": system}] if system else []
+        messages = [*head, *demos, *p.messages]
         return ChatCall(
             model=combo.model,
             messages=messages,
