@@ -100,8 +100,14 @@ class Template:
                 )
         self.name = self.name or self.id
         for i, d in enumerate(self.demos):
-            if not isinstance(d, dict) or not isinstance(d.get("user"), str) or not isinstance(d.get("assistant"), str):
-                raise TemplateError(f"template '{self.id}': demos[{i}] must have 'user' and 'assistant' strings")
+            if (
+                not isinstance(d, dict)
+                or not isinstance(d.get("user"), str)
+                or not isinstance(d.get("assistant"), str)
+            ):
+                raise TemplateError(
+                    f"template '{self.id}': demos[{i}] must have 'user' and 'assistant' strings"
+                )
 
     def render(self, variables: dict[str, Any]) -> str:
         return render(self.template, variables, self.id, self._names)

@@ -376,7 +376,11 @@ async def test_template_demos_go_between_the_system_prompt_and_the_client_messag
     from rswitch.templates import Template
 
     gateway.core.registry.register(
-        Template(id="support", template="You support {product}. Be {tone}.", demos=[{"user": "ping", "assistant": "pong"}])
+        Template(
+            id="support",
+            template="You support {product}. Be {tone}.",
+            demos=[{"user": "ping", "assistant": "pong"}],
+        )
     )
     captured = {}
     provider = gateway.core.providers["mock"]
@@ -395,4 +399,6 @@ async def test_template_demos_go_between_the_system_prompt_and_the_client_messag
         {"role": "user", "content": "hello"},
     ]
     [row] = gateway.dataset_rows("support")
-    assert json.loads(row["messages"]) == [{"role": "user", "content": "hello"}]  # demos never enter the dataset
+    assert json.loads(row["messages"]) == [
+        {"role": "user", "content": "hello"}
+    ]  # demos never enter the dataset
