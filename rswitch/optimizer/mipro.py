@@ -1,0 +1,457 @@
+"""MIPROv2 (Opsahl-Ong et al., "Optimizing Instructions and Demonstrations for Multi-Stage
+Language Model Programs"; DSPy's `MIPROv2`) for one prompt: search instruction × demo set.
+
+1. Demo sets: zero-shot, labelled-only, and sets bootstrapped by running the task model on
+   train rows and keeping answers that score at or above the evaluator's threshold.
+2. Instruction candidates: the current instruction (always candidate 0) plus proposals from
+   a proposer model, grounded in a summary of the data, the current instruction, sample demos
+   and a random tip. Proposals that copy long spans of training rows, or change the
+   template's variables, are rejected.
+3. Search: optuna's TPE sampler (seeded, multivariate), maximising, a fresh study per run;
+   each trial is scored on a minibatch of validation rows, and the best-so-far candidate is
+   rescored on the full validation set every few trials. The winner is the best full-
+   validation score — never a minibatch fluke, never the minimum.
+4. Gate: the winner replaces the incumbent only if, on the held-out test split, a paired
+   bootstrap confidence interval of (winner − incumbent) lies above zero.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from rswitch.optimizer.data import Example, Splits
+from rswitch.optimizer.evaluators import EvaluationError, Evaluator
+from rswitch.templates import placeholders, render
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# DSPy's presets: n candidates (instructions and demo sets each) and the validation size.
+AUTO = {
+    "light": {"n": 6, "val_size": 100},
+    "medium": {"n": 12, "val_size": 300},
+    "heavy": {"n": 18, "val_size": 1000},
+}
+
+TIPS = [
+    "Be concise: say only what the task needs.",
+    "Be precise about the expected output format.",
+    "Describe the task step by step.",
+    "Mention the most common mistake to avoid.",
+    "Write it as an expert in this domain would.",
+    "Make the instruction short and direct.",
+    "Explain what a perfect answer looks like.",
+]
+COPY_SPAN_WORDS = 8  # a proposal sharing this many consecutive words with a training row is a copy
+
+
+@dataclass
+class CallResult:
+    text: str
+    cost: float = 0.0
+    tokens: int = 0
+
+
+TaskFn = Callable[[list[dict[str, Any]], dict[str, Any]], Awaitable[CallResult]]
+
+
+class BudgetExhausted(Exception):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Budget:
+    max_calls: int = 2000
+    max_cost: float = 5.0
+    calls: dict[str, int] = field(default_factory=dict)
+    cost: float = 0.0
+    tokens: int = 0
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    def check(self) -> None:
+        if self.total_calls >= self.max_calls:
+            raise BudgetExhausted(f"the call budget ({self.max_calls}) is used up")
+        if self.cost >= self.max_cost:
+            raise BudgetExhausted(f"the cost budget (${self.max_cost:g}) is used up")
+
+    def charge(self, kind: str, result: CallResult) -> None:
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        self.cost += result.cost
+        self.tokens += result.tokens
+
+
+@dataclass
+class Settings:
+    seed: int = 0
+    num_trials: int | None = None
+    num_instructions: int = 6
+    num_demo_sets: int = 6
+    max_bootstrapped_demos: int = 3
+    max_labeled_demos: int = 3
+    minibatch_size: int = 10
+    full_eval_every: int = 5
+    max_val: int = 100
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+    task_params: dict[str, Any] = field(default_factory=lambda: {"temperature": 0})
+
+    @classmethod
+    def auto(cls, preset: str, **overrides: Any) -> Settings:
+        if preset not in AUTO:
+            raise ValueError(f"--auto must be one of {', '.join(AUTO)}; got {preset!r}")
+        n = AUTO[preset]["n"]
+        base = {"num_instructions": n, "num_demo_sets": n, "max_val": AUTO[preset]["val_size"]}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def trials(self) -> int:
+        if self.num_trials:
+            return self.num_trials
+        # DSPy: max(2 · variables · log2(candidates), 1.5 · candidates), with 2 variables here
+        n = max(self.num_instructions, self.num_demo_sets)
+        return int(max(2 * 2 * math.log2(max(n, 2)), 1.5 * n))
+
+
+@dataclass
+class Candidate:
+    instruction: str
+    demos: list[dict[str, str]]
+
+    def messages(self, row: Example) -> list[dict[str, Any]]:
+        system = render(self.instruction, row.variables)
+        turns: list[dict[str, Any]] = [{"role": "system", "content": system}]
+        for d in self.demos:
+            turns += [
+                {"role": "user", "content": d["user"]},
+                {"role": "assistant", "content": d["assistant"]},
+            ]
+        return turns + list(row.messages)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    template_id: str
+    instructions: list[str]
+    demo_sets: list[list[dict[str, str]]]
+    trials: list[dict[str, Any]]
+    baseline_val: float | None = None
+    winner: tuple[int, int] | None = None
+    winner_val: float | None = None
+    incumbent_test: float | None = None
+    winner_test: float | None = None
+    ci: tuple[float, float] | None = None
+    promote: bool = False
+    verdict: str = ""
+    stopped: str | None = None  # budget | cancelled
+    calls: dict[str, int] = field(default_factory=dict)
+    cost: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def winner_candidate(self) -> Candidate | None:
+        if self.winner is None:
+            return None
+        return Candidate(self.instructions[self.winner[0]], self.demo_sets[self.winner[1]])
+
+
+def paired_bootstrap(
+    a: list[float], b: list[float], *, resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """Confidence interval of mean(b − a) over paired rows."""
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo = means[int((1 - confidence) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + confidence) / 2 * resamples))]
+    return lo, hi
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def copies_training(proposal: str, rows: list[Example], span: int = COPY_SPAN_WORDS) -> bool:
+    words = _words(proposal)
+    shingles = {tuple(words[i : i + span]) for i in range(len(words) - span + 1)}
+    if not shingles:
+        return False
+    for row in rows:
+        for text in (row.user_text(), row.target or ""):
+            w = _words(text)
+            if any(tuple(w[i : i + span]) in shingles for i in range(len(w) - span + 1)):
+                return True
+    return False
+
+
+class MIPROv2:
+    def __init__(
+        self,
+        task: TaskFn,
+        evaluator: Evaluator,
+        settings: Settings,
+        *,
+        proposer: TaskFn | None = None,
+        budget: Budget | None = None,
+        cancel: threading.Event | None = None,
+        on_trial: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.task = task
+        self.proposer = proposer or task
+        self.evaluator = evaluator
+        self.s = settings
+        self.budget = budget or Budget()
+        self.cancel = cancel or threading.Event()
+        self.on_trial = on_trial
+        self.rng = random.Random(settings.seed)
+        self._scores: dict[tuple[int, int, int], float] = {}  # (instruction, demo set, row) → score
+        self.instructions: list[str] = []
+        self.demo_sets: list[list[dict[str, str]]] = []
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    async def _call(
+        self, kind: str, fn: TaskFn, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> CallResult:
+        if self.cancel.is_set():
+            raise Cancelled("the run was cancelled")
+        self.budget.check()
+        result = await fn(messages, params)
+        self.budget.charge(kind, result)
+        return result
+
+    async def _score(self, i: int, d: int, row: Example) -> float:
+        key = (i, d, row.row_id)
+        if key not in self._scores:
+            cand = Candidate(self.instructions[i], self.demo_sets[d])
+            out = await self._call("task", self.task, cand.messages(row), self.s.task_params)
+            try:
+                s = await self.evaluator.score(
+                    output=out.text,
+                    expected=row.target,
+                    inputs={"messages": row.messages, "variables": row.variables},
+                )
+                self._scores[key] = s.value
+            except EvaluationError:
+                self._scores[key] = 0.0
+        return self._scores[key]
+
+    async def evaluate(self, i: int, d: int, rows: list[Example]) -> list[float]:
+        return [await self._score(i, d, r) for r in rows]
+
+    # -- demo sets ---------------------------------------------------------------------------
+
+    async def _demo_sets(
+        self, base_instruction: str, base_demos: list[dict[str, str]], train: list[Example]
+    ) -> None:
+        labelled = [r for r in train if r.expected is not None]
+        # set 0 is the incumbent's own demos (so candidate (0, 0) is the incumbent), then zero-shot
+        sets: list[list[dict[str, str]]] = [list(base_demos)] + ([[]] if base_demos else [])
+        if labelled and self.s.num_demo_sets > 2:
+            pick = random.Random(self.s.seed).sample(labelled, min(self.s.max_labeled_demos, len(labelled)))
+            sets.append([{"user": r.user_text(), "assistant": r.target or ""} for r in pick])
+        k = 0
+        while len(sets) < self.s.num_demo_sets and k < self.s.num_demo_sets * 2:
+            rows = list(train)
+            random.Random(self.s.seed + 1000 + k).shuffle(rows)
+            k += 1
+            demos: list[dict[str, str]] = []
+            for row in rows:
+                if len(demos) >= self.s.max_bootstrapped_demos:
+                    break
+                out = await self._call(
+                    "task", self.task, Candidate(base_instruction, []).messages(row), self.s.task_params
+                )
+                try:
+                    s = await self.evaluator.score(
+                        output=out.text,
+                        expected=row.target,
+                        inputs={"messages": row.messages, "variables": row.variables},
+                    )
+                except EvaluationError:
+                    continue
+                if self.evaluator.passed(s):
+                    demos.append({"user": row.user_text(), "assistant": out.text})
+            if demos and demos not in sets:
+                sets.append(demos)
+            elif not demos:
+                break  # the model answers nothing well zero-shot: more shuffles will not help
+        self.demo_sets = sets
+
+    # -- instruction proposals ----------------------------------------------------------------
+
+    def _summary_prompt(self, train: list[Example]) -> list[dict[str, Any]]:
+        sample = train[:8]
+        lines = "\n".join(
+            f"- input: {r.user_text()[:200]!r} → output: {(r.target or '')[:200]!r}" for r in sample
+        )
+        return [
+            {
+                "role": "system",
+                "content": "You describe datasets. In 2-3 sentences, say what task these examples show, "
+                "what the inputs look like and what a good output looks like.",
+            },
+            {"role": "user", "content": f"Examples:\n{lines}"},
+        ]
+
+    def _proposal_prompt(
+        self, summary: str, current: str, demos: list[dict[str, str]], tip: str
+    ) -> list[dict[str, Any]]:
+        names = placeholders(current)
+        keep = (
+            f" Keep these placeholders exactly as written: {', '.join('{' + n + '}' for n in names)}."
+            if names
+            else ""
+        )
+        shown = "\n".join(f"- {d['user'][:200]!r} → {d['assistant'][:200]!r}" for d in demos[:3]) or "(none)"
+        return [
+            {
+                "role": "system",
+                "content": "You write the instruction (system prompt) for a language model task. "
+                "Answer with the new instruction only, no preamble." + keep,
+            },
+            {
+                "role": "user",
+                "content": f"Task summary: {summary}\n\nCurrent instruction:\n{current}\n\n"
+                f"Example inputs and good outputs:\n{shown}\n\nTip: {tip}\n\nWrite an improved instruction.",
+            },
+        ]
+
+    def _acceptable(self, proposal: str, current: str, train: list[Example]) -> bool:
+        if not proposal.strip() or proposal.strip() in (x.strip() for x in self.instructions):
+            return False
+        if set(placeholders(proposal)) != set(placeholders(current)):
+            return False  # it must render with the same variables the traffic sends
+        return not copies_training(proposal, train)
+
+    async def _propose(self, current: str, train: list[Example]) -> None:
+        self.instructions = [current]
+        if self.s.num_instructions <= 1:
+            return
+        summary = (
+            await self._call("proposer", self.proposer, self._summary_prompt(train), {"temperature": 0})
+        ).text.strip()
+        attempts = 0
+        while len(self.instructions) < self.s.num_instructions and attempts < self.s.num_instructions * 3:
+            attempts += 1
+            tip = self.rng.choice(TIPS)
+            demos = self.rng.choice(self.demo_sets) if self.demo_sets else []
+            params = {"temperature": 1.0, "seed": self.s.seed * 1000 + attempts}
+            text = (
+                await self._call(
+                    "proposer", self.proposer, self._proposal_prompt(summary, current, demos, tip), params
+                )
+            ).text.strip()
+            if self._acceptable(text, current, train):
+                self.instructions.append(text)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    async def run(
+        self, template_id: str, instruction: str, demos: list[dict[str, str]], splits: Splits
+    ) -> RunResult:
+        started = time.monotonic()
+        result = RunResult(uuid.uuid4().hex[:12], template_id, [], [], [])
+        val = splits.val[: self.s.max_val]
+        try:
+            await self._demo_sets(instruction, demos, splits.train)
+            await self._propose(instruction, splits.train)
+            result.instructions, result.demo_sets = self.instructions, self.demo_sets
+            baseline = await self.evaluate(0, 0, val)
+            result.baseline_val = sum(baseline) / len(baseline)
+            best, best_val = (0, 0), result.baseline_val
+            sampler = optuna.samplers.TPESampler(
+                seed=self.s.seed, multivariate=True, n_startup_trials=min(5, self.s.trials())
+            )
+            study = optuna.create_study(
+                direction="maximize", sampler=sampler, study_name=f"rswitch-{result.run_id}"
+            )
+            dist = {
+                "instruction": optuna.distributions.CategoricalDistribution(
+                    list(range(len(self.instructions)))
+                ),
+                "demo_set": optuna.distributions.CategoricalDistribution(list(range(len(self.demo_sets)))),
+            }
+            means: dict[tuple[int, int], list[float]] = {}
+            for t in range(self.s.trials()):
+                trial = study.ask(dist)
+                cand = (trial.params["instruction"], trial.params["demo_set"])
+                batch = self.rng.sample(val, min(self.s.minibatch_size, len(val)))
+                score = sum(await self.evaluate(*cand, batch)) / len(batch)
+                study.tell(trial, score)
+                means.setdefault(cand, []).append(score)
+                record = {
+                    "trial": t,
+                    "instruction": cand[0],
+                    "demo_set": cand[1],
+                    "minibatch_score": score,
+                    "full_score": None,
+                }
+                if (t + 1) % self.s.full_eval_every == 0 or t == self.s.trials() - 1:
+                    top = max(means, key=lambda c: sum(means[c]) / len(means[c]))
+                    full = await self.evaluate(*top, val)
+                    full_score = sum(full) / len(full)
+                    record["full_score"], record["full_candidate"] = full_score, list(top)
+                    if full_score > best_val:
+                        best, best_val = top, full_score
+                record.update(
+                    best=list(best), best_score=best_val, calls=self.budget.total_calls, cost=self.budget.cost
+                )
+                result.trials.append(record)
+                if self.on_trial:
+                    self.on_trial(record)
+            result.winner, result.winner_val = best, best_val
+            await self._gate(result, splits.test)
+        except BudgetExhausted as exc:
+            result.stopped, result.verdict = "budget", f"stopped: {exc}; nothing promoted"
+        except Cancelled:
+            result.stopped, result.verdict = "cancelled", "stopped: cancelled; nothing promoted"
+        result.instructions, result.demo_sets = self.instructions, self.demo_sets
+        result.calls, result.cost = dict(self.budget.calls), self.budget.cost
+        result.seconds = time.monotonic() - started
+        return result
+
+    async def _gate(self, result: RunResult, test: list[Example]) -> None:
+        assert result.winner is not None
+        incumbent = await self.evaluate(0, 0, test)
+        result.incumbent_test = sum(incumbent) / len(incumbent)
+        if result.winner == (0, 0):
+            result.winner_test = result.incumbent_test
+            result.verdict = "kept the incumbent: no candidate beat it on validation"
+            return
+        winner = await self.evaluate(*result.winner, test)
+        result.winner_test = sum(winner) / len(winner)
+        lo, hi = paired_bootstrap(
+            incumbent,
+            winner,
+            resamples=self.s.bootstrap_resamples,
+            confidence=self.s.confidence,
+            seed=self.s.seed,
+        )
+        result.ci = (lo, hi)
+        pct = round(self.s.confidence * 100)
+        if lo > 0:
+            result.promote = True
+            result.verdict = f"promote: test {result.incumbent_test:.3f} → {result.winner_test:.3f}, {pct}% CI of the gain [{lo:+.3f}, {hi:+.3f}]"
+        else:
+            result.verdict = (
+                f"kept the incumbent: test {result.incumbent_test:.3f} vs {result.winner_test:.3f}, "
+                f"{pct}% CI of the gain [{lo:+.3f}, {hi:+.3f}] does not exclude zero"
+            )

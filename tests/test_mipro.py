@@ -1,0 +1,235 @@
+"""MIPROv2 on a deterministic task whose right instruction and demos are known."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from rswitch.optimizer.data import Example, NotEnoughData, split
+from rswitch.optimizer.evaluators import build_evaluator
+from rswitch.optimizer.mipro import Budget, CallResult, MIPROv2, Settings, copies_training, paired_bootstrap
+
+MAGIC = "ANSWER IN UPPERCASE"
+PROPOSALS = [
+    "Repeat the user's text for {topic}.",
+    f"For {{topic}}: {MAGIC}, repeating the user's words.",
+    "Summarise the text about {topic}.",
+    "Translate the text about {topic} into French.",
+    "This one drops the placeholder.",
+]
+
+
+def task_model(messages, params):
+    """Right only with the magic instruction AND some demos; zero-shot it prefixes 'Answer: '."""
+    system = messages[0]["content"]
+    user = messages[-1]["content"]
+    has_demos = len(messages) > 2
+    text = user.upper() if MAGIC in system else user
+    return text if has_demos else f"Answer: {text}"
+
+
+def make_task(calls: list):
+    async def task(messages, params):
+        calls.append(("task", messages))
+        return CallResult(task_model(messages, params), cost=0.001, tokens=10)
+
+    return task
+
+
+def make_proposer(calls: list, proposals=PROPOSALS):
+    it = iter(proposals * 10)
+
+    async def proposer(messages, params):
+        calls.append(("proposer", messages))
+        if "You describe datasets" in messages[0]["content"]:
+            return CallResult("Inputs are short phrases; outputs repeat them.")
+        return CallResult(next(it))
+
+    return proposer
+
+
+def rows(n: int, start: int = 0) -> list[Example]:
+    words = [
+        "alpha beta",
+        "gamma",
+        "delta epsilon",
+        "zeta",
+        "eta theta",
+        "iota",
+        "kappa",
+        "lambda mu",
+        "nu xi",
+        "omicron",
+        "pi rho",
+        "sigma",
+        "tau",
+        "upsilon",
+        "phi chi",
+        "psi",
+        "omega",
+        "red",
+        "green",
+        "blue",
+        "cyan",
+        "teal",
+        "navy",
+        "gold",
+    ]
+    return [
+        Example(
+            i,
+            f"2026-01-{(i % 28) + 1:02d}T00:00:{i % 60:02d}Z",
+            [{"role": "user", "content": words[i % len(words)] + f" {i}"}],
+            {"topic": "colours"},
+            "",
+            words[i % len(words)].upper() + f" {i}",
+            None,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def settings(**kw) -> Settings:
+    base = dict(
+        seed=3,
+        num_trials=24,
+        num_instructions=5,
+        num_demo_sets=4,
+        minibatch_size=5,
+        full_eval_every=4,
+        bootstrap_resamples=500,
+    )
+    base.update(kw)
+    return Settings(**base)
+
+
+async def test_search_finds_the_right_instruction_and_demos_and_the_gate_promotes():
+    calls: list = []
+    data = split(rows(40), seed=1)
+    opt = MIPROv2(make_task(calls), build_evaluator("exact_match"), settings(), proposer=make_proposer(calls))
+    res = await opt.run("t", "Repeat the user's text for {topic}.", [], data)
+    assert res.stopped is None
+    i, d = res.winner
+    assert MAGIC in res.instructions[i] and res.demo_sets[d]  # the known right answer
+    assert res.winner_val == 1.0 and res.baseline_val == 0.0
+    assert res.incumbent_test == 0.0 and res.winner_test == 1.0
+    assert res.promote and res.ci[0] > 0 and res.verdict.startswith("promote")
+    # proposals that drop the template's variables never become candidates
+    assert "This one drops the placeholder." not in res.instructions
+    assert res.instructions[0] == "Repeat the user's text for {topic}."  # the incumbent is candidate 0
+    assert len(res.trials) == 24 and res.calls["proposer"] >= 2
+
+
+async def test_the_gate_keeps_the_incumbent_when_nothing_is_better():
+    calls: list = []
+    data = split(rows(40), seed=1)
+    useless = [
+        "Repeat the text for {topic}, politely.",
+        "Echo the words about {topic}.",
+        "Say the text for {topic}.",
+    ]
+    opt = MIPROv2(
+        make_task(calls),
+        build_evaluator("exact_match"),
+        settings(num_trials=8),
+        proposer=make_proposer(calls, useless),
+    )
+    res = await opt.run("t", f"For {{topic}}: {MAGIC}.", [{"user": "a", "assistant": "A"}], data)
+    assert res.baseline_val == 1.0
+    assert not res.promote and res.verdict.startswith("kept the incumbent")
+
+
+async def test_budget_caps_stop_the_run_and_promote_nothing():
+    calls: list = []
+    opt = MIPROv2(
+        make_task(calls),
+        build_evaluator("exact_match"),
+        settings(),
+        proposer=make_proposer(calls),
+        budget=Budget(max_calls=30),
+    )
+    res = await opt.run("t", "Repeat the user's text for {topic}.", [], split(rows(40), seed=1))
+    assert res.stopped == "budget" and not res.promote and "budget" in res.verdict
+    assert sum(res.calls.values()) == 30 == len(calls)
+
+
+async def test_cancellation_is_prompt():
+    calls: list = []
+    cancel = threading.Event()
+    opt = MIPROv2(
+        make_task(calls),
+        build_evaluator("exact_match"),
+        settings(),
+        proposer=make_proposer(calls),
+        cancel=cancel,
+        on_trial=lambda t: cancel.set() if t["trial"] == 1 else None,
+    )
+    res = await opt.run("t", "Repeat the user's text for {topic}.", [], split(rows(40), seed=1))
+    assert res.stopped == "cancelled" and len(res.trials) == 2 and not res.promote
+
+
+async def test_each_run_has_a_fresh_study_and_scores_are_cached():
+    calls: list = []
+    data = split(rows(40), seed=1)
+    opt = MIPROv2(
+        make_task(calls),
+        build_evaluator("exact_match"),
+        settings(num_trials=6),
+        proposer=make_proposer(calls),
+    )
+    first = await opt.run("t", "Repeat the user's text for {topic}.", [], data)
+    opt2 = MIPROv2(
+        make_task(calls),
+        build_evaluator("exact_match"),
+        settings(num_trials=6),
+        proposer=make_proposer(calls),
+    )
+    second = await opt2.run("t", "Repeat the user's text for {topic}.", [], data)
+    assert len(first.trials) == len(second.trials) == 6  # no trials carried over from an earlier study
+    assert first.run_id != second.run_id
+    task_calls = [m for k, m in calls if k == "task"]
+    keys = [(str(m[0]), str(m[1:-1]), m[-1]["content"]) for m in task_calls[: len(task_calls) // 2]]
+    assert len(keys) == len(set(keys))  # within a run, no (candidate, row) is scored twice
+
+
+def test_splits_are_by_time_seeded_and_keep_duplicate_inputs_together():
+    data = rows(30)
+    newest = sorted(data, key=lambda e: e.created_at)[-1]
+    # an old copy of the newest input: it must follow its twin into test, never be trained on
+    dup = Example(999, "2025-01-01T00:00:00Z", newest.messages, newest.variables, "", "X", None)
+    s = split(data + [dup], seed=5)
+    assert any(e.row_id == 999 for e in s.test) and any(e.row_id == newest.row_id for e in s.test)
+    keys = [set(e.key for e in part) for part in (s.train, s.val, s.test)]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    oldest_test = min(e.created_at for e in s.test if e.row_id != 999)
+    assert all(e.created_at <= oldest_test for e in s.train + s.val)  # the newest inputs are the test split
+    again = split(data + [dup], seed=5)
+    assert [e.row_id for e in again.val] == [e.row_id for e in s.val]  # fixed by seed
+    other = split(data + [dup], seed=6)
+    assert [e.row_id for e in other.val] != [e.row_id for e in s.val]
+    with pytest.raises(NotEnoughData):
+        split(rows(4), seed=1)
+
+
+def test_copy_detection_and_bootstrap_interval():
+    train = rows(3)
+    assert copies_training(
+        "Say exactly: one two three four five six seven eight nine",
+        [
+            Example(
+                1,
+                "t",
+                [{"role": "user", "content": "x one two three four five six seven eight y"}],
+                {},
+                "",
+                "z",
+                None,
+            )
+        ],
+    )
+    assert not copies_training("Answer in uppercase.", train)
+    lo, hi = paired_bootstrap([0, 0, 0, 0], [1, 1, 1, 1], resamples=200, confidence=0.95, seed=1)
+    assert lo == hi == 1
+    lo, hi = paired_bootstrap([0, 1, 0, 1], [1, 0, 1, 0], resamples=200, confidence=0.95, seed=1)
+    assert lo < 0 < hi
