@@ -267,6 +267,169 @@ def template_render(
         raise fail(f"{exc}; pass them as --var NAME=VALUE") from None
 
 
+@template_app.command("history")
+def template_history(template_id: str, config: ConfigOpt = None) -> None:
+    """List a template's versions with their score and provenance."""
+    reg = registry(config)
+    tpl = _get(reg, template_id)
+    versions = (
+        [*reg.history(template_id), {**tpl.manifest()}] if tpl.source == "registry" else [tpl.manifest()]
+    )
+    for v in versions:
+        prov = v.get("provenance") or {}
+        why = ""
+        if "run_id" in prov:
+            why = f"optimizer run {prov['run_id']} ({prov.get('evaluator')}): test {prov.get('incumbent_test_score', 0):.3f} → {prov.get('test_score', 0):.3f}"
+        elif "rollback_of" in prov:
+            why = f"rollback to version {prov['rollback_of']}"
+        current = " (current)" if v.get("version") == tpl.version else ""
+        demos = len(v.get("demos") or [])
+        typer.echo(f"v{v.get('version')}{current}  {v.get('updated_at')}  {demos} demo(s)  {why}")
+        typer.echo(f"    {str(v.get('template')).splitlines()[0][:100] if v.get('template') else ''}")
+
+
+@template_app.command("rollback")
+def template_rollback(template_id: str, version: int, config: ConfigOpt = None) -> None:
+    """Make an earlier version current again (recorded as a new version)."""
+    reg = registry(config)
+    _get(reg, template_id)
+    try:
+        tpl = reg.rollback(template_id, version)
+    except TemplateError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"template '{template_id}' is now version {tpl.version}, a copy of version {version}")
+
+
+# -- optimize ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def optimize(
+    template_id: str,
+    config: ConfigOpt = None,
+    combination: Annotated[
+        str | None, typer.Option(help="Optimize for this combination (default: the template's primary).")
+    ] = None,
+    auto: Annotated[str, typer.Option(help="MIPROv2 preset: light | medium | heavy.")] = "light",
+    trials: Annotated[
+        int | None, typer.Option(help="Search trials (default: from the preset).", min=1)
+    ] = None,
+    instructions: Annotated[
+        int | None, typer.Option(help="Instruction candidates, the current one included.", min=1)
+    ] = None,
+    demo_sets: Annotated[int | None, typer.Option("--demo-sets", help="Demo-set candidates.", min=1)] = None,
+    evaluator: Annotated[
+        str,
+        typer.Option(
+            help="similarity | exact_match | keyword_match | token_f1 | fuzzy | json_fields | llm_judge"
+        ),
+    ] = "similarity",
+    proposer: Annotated[
+        str | None, typer.Option(help="Combination whose model proposes instructions (default: the task's).")
+    ] = None,
+    judge: Annotated[str | None, typer.Option(help="Combination whose model judges (llm_judge).")] = None,
+    budget_calls: Annotated[
+        int, typer.Option("--budget-calls", help="Hard cap on model calls.", min=1)
+    ] = 2000,
+    budget_cost: Annotated[float, typer.Option("--budget-cost", help="Hard cap on cost (USD).", min=0)] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed for splits, sampling and search.")] = 0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Run and report, but write nothing back.")
+    ] = False,
+) -> None:
+    """Run MIPROv2 on a template's recorded, labelled traffic; promote the winner only if it beats the incumbent on test."""
+    import asyncio
+    import difflib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rswitch.core import Core
+    from rswitch.optimizer.mipro import Budget, Settings
+    from rswitch.optimizer.service import OptimizeError
+    from rswitch.optimizer.service import optimize as run_optimize
+
+    cfg = load(config)
+    try:
+        settings = Settings.auto(
+            auto, seed=seed, num_trials=trials, num_instructions=instructions, num_demo_sets=demo_sets
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    try:
+        core = Core(cfg)
+    except Exception as exc:
+        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+
+    async def main() -> Any:
+        await core.start()
+        try:
+            with Progress(
+                TextColumn("[bold]trial"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+            ) as bar:
+                task = bar.add_task(
+                    "optimize", total=settings.trials(), info="preparing demos and instructions…"
+                )
+
+                def on_trial(t: dict[str, Any]) -> None:
+                    full = f" full {t['full_score']:.3f}" if t.get("full_score") is not None else ""
+                    bar.update(
+                        task,
+                        completed=t["trial"] + 1,
+                        info=f"score {t['minibatch_score']:.3f}{full}  best {t['best_score']:.3f}  "
+                        f"calls {t['calls']}  ${t['cost']:.4f}",
+                    )
+
+                return await run_optimize(
+                    core,
+                    template_id,
+                    settings=settings,
+                    combination_id=combination,
+                    evaluator=evaluator,
+                    proposer=proposer,
+                    judge=judge,
+                    budget=Budget(budget_calls, budget_cost),
+                    dry_run=dry_run,
+                    on_trial=on_trial,
+                )
+        finally:
+            await core.stop()
+
+    try:
+        result, version = asyncio.run(main())
+    except OptimizeError as exc:
+        raise fail(str(exc)) from None
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    typer.echo(
+        f"run {result.run_id}: {len(result.trials)} trial(s), {sum(result.calls.values())} call(s) {result.calls}, "
+        f"${result.cost:.4f}, {result.seconds:.1f} s"
+    )
+    typer.echo(f"validation  seed {fmt(result.baseline_val)}  winner {fmt(result.winner_val)}")
+    typer.echo(f"test        seed {fmt(result.incumbent_test)}  winner {fmt(result.winner_test)}")
+    typer.echo(f"verdict     {result.verdict}")
+    winner = result.winner_candidate
+    if winner is not None and result.winner != (0, 0):
+        diff = difflib.unified_diff(
+            result.instructions[0].splitlines(),
+            winner.instruction.splitlines(),
+            "current",
+            "winner",
+            lineterm="",
+        )
+        typer.echo("\n".join(diff))
+        typer.echo(f"winner demos: {len(winner.demos)}")
+    if version is not None:
+        typer.echo(
+            f"wrote template '{template_id}' version {version} (rswitch template rollback {template_id} N to undo)"
+        )
+
+
 # -- load -----------------------------------------------------------------------------------------
 
 

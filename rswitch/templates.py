@@ -191,6 +191,26 @@ class TemplateRegistry:
         )
         return sorted((v for v in out if isinstance(v, dict)), key=lambda v: v.get("version", 0))
 
+    def rollback(self, template_id: str, version: int) -> Template:
+        """Make an earlier version current again, as a new version (history only grows)."""
+        current = self.get(template_id)
+        if current is None or current.source != "registry":
+            raise TemplateError(f"unknown registered template id '{template_id}'")
+        old = next((v for v in self.history(template_id) if v.get("version") == version), None)
+        if old is None:
+            known = [v.get("version") for v in self.history(template_id)]
+            raise TemplateError(
+                f"template '{template_id}' has no earlier version {version} (earlier versions: {known or 'none'}; current: {current.version})"
+            )
+        fields = {
+            k: v
+            for k, v in old.items()
+            if k in Template.__dataclass_fields__
+            and k not in ("source", "version", "created_at", "updated_at")
+        }
+        fields["provenance"] = {"rollback_of": version, "previous_version": current.version}
+        return self.register(Template(**fields))
+
     def list(self) -> list[Template]:
         with self._lock:
             return sorted(self._templates.values(), key=lambda t: t.id)
@@ -206,12 +226,11 @@ class TemplateRegistry:
         path = self.manifest_path(tpl.id)
         with self._lock:
             old = self._templates.get(tpl.id)
-            if old is not None and old.source == "registry":
+            if old is not None:  # a new version of it, whether it came from disk, the config or a bundle
                 tpl.version = old.version + 1
                 tpl.created_at = old.created_at
+                write_yaml(path.parent / "versions" / f"v{old.version}.yaml", old.manifest())  # keep every version
             tpl.updated_at = _now()
-            if old is not None and old.source == "registry":  # keep every earlier version
-                write_yaml(path.parent / "versions" / f"v{old.version}.yaml", old.manifest())
             write_yaml(path, tpl.manifest())
             tpl.source = "registry"
             self._templates[tpl.id] = tpl

@@ -84,8 +84,10 @@ async def test_round_trip_into_a_fresh_data_dir_is_identical(gateway, tmp_path, 
         assert result["dataset_rows"] == 6 and result["analytics_rows_added"] == 6
         src = gateway.core.registry
         dst = other.registry
-        assert dst.get("support").template == src.get("support").template and dst.get("support").version == 2
-        assert dst.history("support") == src.history("support") and len(dst.history("support")) == 1
+        assert (
+            dst.get("support").template == src.get("support").template and dst.get("support").version == 3
+        )  # v1 from the config, then two registrations
+        assert dst.history("support") == src.history("support") and len(dst.history("support")) == 2
         assert dataset_rows(tmp_path / "other" / "prompts" / "support" / "dataset.sqlite") == dataset_rows(
             tmp_path / "prompts" / "support" / "dataset.sqlite"
         )
@@ -114,7 +116,7 @@ async def test_package_contents_and_inspect(gateway, tmp_path):
         f"question {i}" for i in range(2, 6)
     ]
     info = inspect_package(pkg)
-    assert info["checksums_ok"] and info["versions"] == [1, 2] and info["time_range"]["first"]
+    assert info["checksums_ok"] and info["versions"] == [1, 2, 3] and info["time_range"]["first"]
     r = runner.invoke(app, ["package", "inspect", str(pkg)])
     assert r.exit_code == 0 and "checksums   OK" in r.output and "dataset.sqlite" in r.output
 

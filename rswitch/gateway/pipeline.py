@@ -511,6 +511,76 @@ class Gateway:
             return Completed(resp, combo, p.request_id, cost)
         raise self._exhausted(p, last, p.rate_wait)
 
+    # -- background work (the optimizer) ------------------------------------------------------
+
+    async def call_direct(
+        self,
+        combo: Combination,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        kind: str = "optimizer",
+    ) -> tuple[str, int, float]:
+        """One call to a combination's model, outside the request path: it shares the provider's
+        rate limits (waiting for them, as background work can) and is recorded in analytics as
+        `kind`, so it never counts as production traffic. Returns (text, tokens, cost)."""
+        provider = self.providers[combo.provider]
+        limiter = self.limiters.get(combo.provider)
+        est = estimate_tokens(message_text(messages)) + int(params.get("max_tokens") or 0)
+        while limiter is not None and (wait := limiter.try_acquire(est)) > 0:
+            await asyncio.sleep(min(wait, 5.0))
+        started = time.perf_counter()
+        call = ChatCall(
+            model=combo.model, messages=messages, params=params, timeout=provider.settings.timeout_seconds
+        )
+        error: UpstreamError | None = None
+        resp: dict[str, Any] = {}
+        try:
+            resp = await provider.complete(call)
+        except UpstreamError as e:
+            error = e
+        usage = resp.get("usage") or {}
+        text = _completion_text(resp)
+        pt = (
+            usage.get("prompt_tokens")
+            if isinstance(usage.get("prompt_tokens"), int)
+            else estimate_tokens(message_text(messages))
+        )
+        ct = (
+            usage.get("completion_tokens")
+            if isinstance(usage.get("completion_tokens"), int)
+            else estimate_tokens(text)
+        )
+        cost = self.prices.cost(combo.model, pt, ct) if error is None else 0.0
+        self.submit(
+            CallRecord(
+                request_id=uuid.uuid4().hex,
+                created_at=time.time(),
+                template_id=combo.template_id,
+                combination_id=combo.id,
+                provider=combo.provider,
+                model=combo.model,
+                system_prompt="",
+                messages=[],
+                variables={},
+                output="",
+                success=error is None,
+                error_type=None if error is None else error.error_type,
+                error_message=None if error is None else error.message,
+                status=200 if error is None else error.status,
+                prompt_tokens=pt,
+                completion_tokens=ct,
+                tokens_estimated=not usage,
+                cost=cost,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                extra={"kind": kind},
+            )
+        )
+        if limiter is not None:
+            limiter.settle(est, pt + ct)
+        if error is not None:
+            raise error
+        return text, pt + ct, cost
+
     # -- embeddings ---------------------------------------------------------------------------
 
     def resolve_embedding(self, model: Any, metadata: dict[str, Any]) -> tuple[str, str, str]:

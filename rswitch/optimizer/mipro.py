@@ -398,6 +398,7 @@ class MIPROv2:
                 study.tell(trial, score)
                 means.setdefault(cand, []).append(score)
                 record = {
+                    "run_id": result.run_id,
                     "trial": t,
                     "instruction": cand[0],
                     "demo_set": cand[1],

@@ -36,6 +36,18 @@ CREATE TABLE IF NOT EXISTS invocations (
     stream BOOLEAN
 )
 """
+OPTIMIZER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS optimizer_runs (
+    run_id VARCHAR PRIMARY KEY, template_id VARCHAR, combination_id VARCHAR, evaluator VARCHAR, started_at TIMESTAMP,
+    seconds DOUBLE, trials INTEGER, baseline_val DOUBLE, winner_val DOUBLE, incumbent_test DOUBLE, winner_test DOUBLE,
+    ci_low DOUBLE, ci_high DOUBLE, promoted BOOLEAN, new_version INTEGER, verdict VARCHAR, stopped VARCHAR,
+    calls INTEGER, cost DOUBLE, winner_instruction VARCHAR
+);
+CREATE TABLE IF NOT EXISTS optimizer_trials (
+    run_id VARCHAR, trial INTEGER, instruction INTEGER, demo_set INTEGER, minibatch_score DOUBLE, full_score DOUBLE,
+    best_score DOUBLE, calls INTEGER, cost DOUBLE, recorded_at TIMESTAMP
+);
+"""
 N_COLS = 18
 _INSERT = "INSERT INTO invocations SELECT " + ", ".join(f"unnest(${i + 1})" for i in range(N_COLS))
 
@@ -90,6 +102,7 @@ class AnalyticsStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = duckdb.connect(str(self.path))
         self._conn.execute(SCHEMA)
+        self._conn.execute(OPTIMIZER_SCHEMA)
         self._local = threading.local()
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
@@ -114,27 +127,70 @@ class AnalyticsStore:
     def prompt_stats(self, prompt_id: str) -> dict[str, Any]:
         """Stats for a template id or a combination id (PromptStats in the seeds' API)."""
         stats = self._one(
-            f"SELECT {_STATS} FROM invocations WHERE template_id = ? OR combination_id = ?",
+            f"SELECT {_STATS} FROM invocations WHERE kind = 'chat' AND (template_id = ? OR combination_id = ?)",
             [prompt_id, prompt_id],
         )
         return stats
 
     def system_stats(self) -> dict[str, Any]:
         sql = (
-            "SELECT count(DISTINCT template_id) FILTER (WHERE kind = 'chat') AS total_prompts, "
-            f"count(*) FILTER (WHERE kind = 'embedding') AS embedding_requests, {_STATS} FROM invocations"
+            "SELECT count(DISTINCT template_id) AS total_prompts, "
+            "(SELECT count(*) FROM invocations WHERE kind = 'embedding') AS embedding_requests, "
+            "(SELECT count(*) FROM invocations WHERE kind = 'optimizer') AS optimizer_requests, "
+            f"{_STATS} FROM invocations WHERE kind = 'chat'"
         )
         return self._one(sql, [])
 
     def combination_stats(self) -> dict[str, dict[str, Any]]:
         cur = self._cursor()
-        res = cur.execute(f"SELECT combination_id, {_STATS} FROM invocations GROUP BY combination_id")
+        res = cur.execute(
+            f"SELECT combination_id, {_STATS} FROM invocations WHERE kind = 'chat' GROUP BY combination_id"
+        )
         cols = [d[0] for d in res.description]
         out = {}
         for row in res.fetchall():
             d = {c: _iso(v) for c, v in zip(cols, row, strict=True)}
             out[d.pop("combination_id")] = d
         return out
+
+    def record_trial(self, run_id: str, t: dict[str, Any]) -> None:
+        self._cursor().execute(
+            "INSERT INTO optimizer_trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [
+                run_id,
+                t["trial"],
+                t["instruction"],
+                t["demo_set"],
+                t["minibatch_score"],
+                t.get("full_score"),
+                t.get("best_score"),
+                t.get("calls"),
+                t.get("cost"),
+            ],
+        )
+
+    def record_run(self, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        self._cursor().execute(
+            f"INSERT OR REPLACE INTO optimizer_runs ({cols}) VALUES ({', '.join('?' * len(row))})",
+            list(row.values()),
+        )
+
+    def runs(self, template_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        cur = self._cursor()
+        where, params = ("WHERE template_id = ?", [template_id]) if template_id else ("", [])
+        res = cur.execute(
+            f"SELECT * FROM optimizer_runs {where} ORDER BY started_at DESC LIMIT {int(limit)}", params
+        )
+        cols = [d[0] for d in res.description]
+        return [{c: _iso(v) for c, v in zip(cols, r, strict=True)} for r in res.fetchall()]
+
+    def trials(self, run_id: str) -> list[dict[str, Any]]:
+        res = self._cursor().execute(
+            "SELECT * FROM optimizer_trials WHERE run_id = ? ORDER BY trial", [run_id]
+        )
+        cols = [d[0] for d in res.description]
+        return [{c: _iso(v) for c, v in zip(cols, r, strict=True)} for r in res.fetchall()]
 
     def count(self) -> int:
         return self._cursor().execute("SELECT count(*) FROM invocations").fetchone()[0]
