@@ -79,6 +79,13 @@ class TemplateConfig(_Strict):
 class OptimizationConfig(_Strict):
     enabled: bool = False
     interval_seconds: float = Field(1800, gt=0)
+    min_new_labels: int = Field(
+        20, ge=1, description="labelled rows added since a template's last run before it runs again"
+    )
+    evaluator: str = "similarity"
+    auto: Literal["light", "medium", "heavy"] = "light"
+    budget_calls: int = Field(2000, ge=1)
+    budget_cost: float = Field(5.0, ge=0)
 
 
 class EmbeddingsDefault(_Strict):

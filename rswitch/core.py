@@ -162,19 +162,30 @@ class Core:
             embedding_default=gw.embeddings,
         )
         self._started = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.optimizer: Any = None  # BackgroundOptimizer when gateway.optimization.enabled
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         if self._started:
             return
+        self.loop = asyncio.get_running_loop()  # where the providers' clients live
         self.recorder.start()
         for p in self.providers.values():
             await p.start()
+        if self.config.gateway.optimization.enabled:
+            from rswitch.optimizer.scheduler import BackgroundOptimizer
+
+            self.optimizer = BackgroundOptimizer(self, self.config.gateway.optimization)
+            self.optimizer.start()
         self._started = True
 
     async def stop(self) -> None:
-        """Close upstream clients, then drain the recorder so no answered call is lost."""
+        """Stop the optimizer, close upstream clients, then drain the recorder so no answered call is lost."""
+        if self.optimizer is not None:
+            await asyncio.to_thread(self.optimizer.stop)
+            self.optimizer = None
         for p in self.providers.values():
             try:
                 await p.close()
@@ -308,6 +319,7 @@ class Core:
                 for name, p in self.providers.items()
             ],
             "recorder": self.recorder.stats(),
+            "optimizer": self.optimizer.status() if self.optimizer is not None else {"enabled": False},
         }
 
     def status_with_analytics(self) -> dict[str, Any]:

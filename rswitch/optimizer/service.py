@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -44,8 +45,16 @@ def pick_combination(core: Any, template_id: str, combination_id: str | None) ->
 
 
 def _caller(core: Any, combo: Combination, kind: str) -> Callable[..., Any]:
+    """Model calls run on the gateway's loop (its providers' clients live there), wherever the
+    optimizer itself runs: in the background thread only the waiting happens on its own loop."""
+
     async def call(messages: list[dict[str, Any]], params: dict[str, Any]) -> CallResult:
-        text, tokens, cost = await core.gateway.call_direct(combo, messages, params, kind=kind)
+        coro = core.gateway.call_direct(combo, messages, params, kind=kind)
+        home = getattr(core, "loop", None)
+        if home is not None and home is not asyncio.get_running_loop():
+            text, tokens, cost = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
+        else:
+            text, tokens, cost = await coro
         return CallResult(text, cost, tokens)
 
     return call

@@ -1,0 +1,117 @@
+"""The background optimizer: a worker thread that reruns MIPROv2 where new labels arrived.
+
+It runs one template at a time on its own event loop, so its CPU work (search, scoring)
+never runs on the gateway's loop; only the model calls are handed to the gateway's loop,
+through the same providers and rate limits as production traffic. Stopping cancels the
+current run between two calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any
+
+from rswitch.optimizer.data import load_examples
+from rswitch.optimizer.mipro import Budget, Settings
+from rswitch.optimizer.service import OptimizeError, optimize
+
+log = logging.getLogger("rswitch.optimizer")
+
+
+class BackgroundOptimizer:
+    def __init__(self, core: Any, settings: Any) -> None:
+        self.core = core
+        self.cfg = settings  # config.OptimizationConfig
+        self._stop = threading.Event()
+        self._cancel = threading.Event()
+        self._requests: queue.Queue[str] = queue.Queue()
+        self._labels_at_last_run: dict[str, int] = {}
+        self.running: str | None = None
+        self.last: dict[str, Any] | None = None
+        self._thread = threading.Thread(target=self._run, name="rswitch-optimizer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._cancel.set()
+        self._requests.put("")  # wake the loop
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def request(self, template_id: str) -> None:
+        """Optimize this template as soon as the worker is free (the TUI's keypress)."""
+        self._requests.put(template_id)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            "running": self.running,
+            "last": self.last,
+            "interval_seconds": self.cfg.interval_seconds,
+        }
+
+    def due(self) -> list[str]:
+        """Templates with a combination and at least `min_new_labels` labels since their last run."""
+        out = []
+        served = {c.template_id for c in self.core.gateway.combinations.values() if c.enabled}
+        for tid in sorted(served):
+            n = len(load_examples(self.core.datasets.path(tid)))
+            if n - self._labels_at_last_run.get(tid, 0) >= self.cfg.min_new_labels:
+                out.append(tid)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wanted = self._requests.get(timeout=self.cfg.interval_seconds)
+            except queue.Empty:
+                wanted = None
+            if self._stop.is_set():
+                return
+            try:
+                targets = [wanted] if wanted else self.due()
+            except Exception:
+                log.exception("optimizer could not look for due templates")
+                continue
+            for tid in targets:
+                if self._stop.is_set():
+                    return
+                self._optimize(tid)
+
+    def _optimize(self, template_id: str) -> None:
+        self.running = template_id
+        self._cancel.clear()
+        settings = Settings.auto(self.cfg.auto)
+        try:
+            labels = len(load_examples(self.core.datasets.path(template_id)))
+            result, version = asyncio.run(
+                optimize(
+                    self.core,
+                    template_id,
+                    settings=settings,
+                    evaluator=self.cfg.evaluator,
+                    budget=Budget(self.cfg.budget_calls, self.cfg.budget_cost),
+                    cancel=self._cancel,
+                )
+            )
+            self._labels_at_last_run[template_id] = labels
+            self.last = {
+                "template_id": template_id,
+                "run_id": result.run_id,
+                "verdict": result.verdict,
+                "new_version": version,
+            }
+            log.info("optimizer: %s: %s", template_id, result.verdict)
+        except OptimizeError as exc:
+            self.last = {"template_id": template_id, "error": str(exc)}
+            log.warning("optimizer: %s: %s", template_id, exc)
+        except Exception as exc:  # a failed run must not end the worker
+            self.last = {"template_id": template_id, "error": f"{type(exc).__name__}: {exc}"}
+            log.exception("optimizer run for %s failed", template_id)
+        finally:
+            self.running = None
