@@ -430,6 +430,58 @@ def optimize(
         )
 
 
+def watch_optimizer(
+    url: str, template_id: str, request: bool, poll: float = 0.5, timeout: float | None = None
+) -> None:
+    """Print a template's trials as the gateway's background optimizer records them."""
+    import time
+
+    import httpx
+
+    base = url.rstrip("/")
+    try:
+        before = {
+            r["run_id"]
+            for r in httpx.get(
+                f"{base}/v1/optimizer/runs", params={"template_id": template_id}, timeout=10
+            ).json()["runs"]
+        }
+        if request:
+            r = httpx.post(f"{base}/v1/optimizer/runs", json={"template_id": template_id}, timeout=10)
+            if r.status_code != 202:
+                raise fail(f"the gateway refused: {r.json()['error']['message']}")
+    except httpx.HTTPError as exc:
+        raise fail(f"cannot reach the gateway at {url} ({type(exc).__name__})") from None
+    typer.echo(f"watching '{template_id}' on {base} (Ctrl+C to stop)")
+    shown: set[tuple[str, int]] = set()
+    started = time.monotonic()
+    while timeout is None or time.monotonic() - started < timeout:
+        trials = httpx.get(
+            f"{base}/v1/optimizer/trials", params={"template_id": template_id}, timeout=10
+        ).json()["trials"]
+        for t in trials:
+            if t["run_id"] in before or (t["run_id"], t["trial"]) in shown:
+                continue
+            shown.add((t["run_id"], t["trial"]))
+            full = f"  full {t['full_score']:.3f}" if t.get("full_score") is not None else ""
+            typer.echo(
+                f"run {t['run_id']} trial {t['trial']:>3}  instruction {t['instruction']}  demos {t['demo_set']}  "
+                f"minibatch {t['minibatch_score']:.3f}{full}  best {t['best_score']:.3f}  calls {t['calls']}  ${t['cost']:.4f}"
+            )
+        runs = httpx.get(f"{base}/v1/optimizer/runs", params={"template_id": template_id}, timeout=10).json()[
+            "runs"
+        ]
+        done = [r for r in runs if r["run_id"] not in before]
+        if done:
+            r = done[0]
+            typer.echo(
+                f"run {r['run_id']} finished: {r['verdict']}"
+                + (f" → version {r['new_version']}" if r.get("new_version") else "")
+            )
+            return
+        time.sleep(poll)
+
+
 # -- load -----------------------------------------------------------------------------------------
 
 

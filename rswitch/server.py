@@ -113,6 +113,37 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         except GatewayError as err:
             return error_response(err)
 
+    async def optimizer_runs(request: Request) -> Response:
+        tid = request.query_params.get("template_id")
+        runs = await asyncio.to_thread(core.analytics.runs, tid)
+        running = core.optimizer.status() if core.optimizer is not None else {"enabled": False}
+        return JSON({"runs": runs, "optimizer": running})
+
+    async def optimizer_trials(request: Request) -> Response:
+        run_id, tid = request.query_params.get("run_id"), request.query_params.get("template_id")
+        if not run_id and not tid:
+            return error_response(GatewayError(400, "give run_id or template_id", code="missing_parameter"))
+        return JSON({"trials": await asyncio.to_thread(core.analytics.trials, run_id, tid)})
+
+    async def optimizer_request(request: Request) -> Response:
+        try:
+            body = await read_body(request, limit)
+            tid = body.get("template_id") if isinstance(body, dict) else None
+            if core.optimizer is None:
+                raise GatewayError(
+                    409,
+                    "the background optimizer is off (gateway.optimization.enabled)",
+                    code="optimizer_disabled",
+                )
+            if not isinstance(tid, str) or core.registry.get(tid) is None:
+                raise GatewayError(
+                    400, f"unknown template id {tid!r}", code="unknown_template", param="template_id"
+                )
+        except GatewayError as err:
+            return error_response(err)
+        core.optimizer.request(tid)
+        return JSON({"status": "queued", "template_id": tid}, status_code=202)
+
     async def health(request: Request) -> Response:
         return JSON({"status": "healthy"})
 
@@ -176,6 +207,9 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/embeddings", embeddings, methods=["POST"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
+        Route("/v1/optimizer/runs", optimizer_runs, methods=["GET"]),
+        Route("/v1/optimizer/runs", optimizer_request, methods=["POST"]),
+        Route("/v1/optimizer/trials", optimizer_trials, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/health/storage", health_storage, methods=["GET"]),
         Route("/status", status, methods=["GET"]),

@@ -229,7 +229,9 @@ class TemplateRegistry:
             if old is not None:  # a new version of it, whether it came from disk, the config or a bundle
                 tpl.version = old.version + 1
                 tpl.created_at = old.created_at
-                write_yaml(path.parent / "versions" / f"v{old.version}.yaml", old.manifest())  # keep every version
+                write_yaml(
+                    path.parent / "versions" / f"v{old.version}.yaml", old.manifest()
+                )  # keep every version
             tpl.updated_at = _now()
             write_yaml(path, tpl.manifest())
             tpl.source = "registry"

@@ -106,3 +106,42 @@ async def test_stopping_cancels_the_current_run_promptly(make_gateway):
     assert not worker._thread.is_alive()
     assert worker.last["verdict"] == "stopped: cancelled; nothing promoted"
     assert gw.core.registry.get("echo").version == 1
+
+
+def test_watch_follows_a_requested_background_run_over_http(tmp_path, capsys):
+    import pytest
+
+    from rswitch.cli import watch_optimizer
+    from rswitch.storage.datasets import DatasetStore
+    from tests.test_real_server import rswitch_serve
+
+    store = DatasetStore(tmp_path / "prompts", 1000)
+    store.import_rows(
+        "echo", [{"messages": e.messages, "variables": e.variables, "expected": e.expected} for e in rows(30)]
+    )
+    store.close()
+    config = {
+        "model_providers": {"m": {"type": "mock"}},
+        "templates": {"echo": {"template": "Repeat the user's text for {topic}."}},
+        "gateway": {
+            "combinations": [{"id": "echo-m", "template_id": "echo", "model": "m", "provider": "m"}],
+            "optimization": {
+                "enabled": True,
+                "interval_seconds": 3600,
+                "min_new_labels": 1000,
+                "auto": "light",
+            },
+        },
+    }
+    with rswitch_serve(config, tmp_path) as (url, _):
+        watch_optimizer(url, "echo", request=True, poll=0.1, timeout=120)
+        out = capsys.readouterr().out
+        assert "trial   0" in out and "minibatch" in out
+        assert "finished: " in out
+        import httpx
+
+        runs = httpx.get(url + "/v1/optimizer/runs", params={"template_id": "echo"}).json()["runs"]
+        assert len(runs) == 1 and runs[0]["trials"] > 0
+        r = httpx.post(url + "/v1/optimizer/runs", json={"template_id": "ghost"})
+        assert r.status_code == 400 and "unknown template id 'ghost'" in r.json()["error"]["message"]
+    _ = pytest

@@ -399,6 +399,7 @@ class MIPROv2:
                 means.setdefault(cand, []).append(score)
                 record = {
                     "run_id": result.run_id,
+                    "template_id": template_id,
                     "trial": t,
                     "instruction": cand[0],
                     "demo_set": cand[1],

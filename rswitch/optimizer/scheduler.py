@@ -87,8 +87,10 @@ class BackgroundOptimizer:
         self.running = template_id
         self._cancel.clear()
         settings = Settings.auto(self.cfg.auto)
+        labels = len(load_examples(self.core.datasets.path(template_id)))
+        # counted as tried even if it fails, so a failing template waits for new labels, not the next tick
+        self._labels_at_last_run[template_id] = labels
         try:
-            labels = len(load_examples(self.core.datasets.path(template_id)))
             result, version = asyncio.run(
                 optimize(
                     self.core,

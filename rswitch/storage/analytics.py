@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS optimizer_runs (
     calls INTEGER, cost DOUBLE, winner_instruction VARCHAR
 );
 CREATE TABLE IF NOT EXISTS optimizer_trials (
-    run_id VARCHAR, trial INTEGER, instruction INTEGER, demo_set INTEGER, minibatch_score DOUBLE, full_score DOUBLE,
+    run_id VARCHAR, template_id VARCHAR, trial INTEGER, instruction INTEGER, demo_set INTEGER, minibatch_score DOUBLE, full_score DOUBLE,
     best_score DOUBLE, calls INTEGER, cost DOUBLE, recorded_at TIMESTAMP
 );
 """
@@ -155,9 +155,10 @@ class AnalyticsStore:
 
     def record_trial(self, run_id: str, t: dict[str, Any]) -> None:
         self._cursor().execute(
-            "INSERT INTO optimizer_trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            "INSERT INTO optimizer_trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
             [
                 run_id,
+                t.get("template_id"),
                 t["trial"],
                 t["instruction"],
                 t["demo_set"],
@@ -185,10 +186,18 @@ class AnalyticsStore:
         cols = [d[0] for d in res.description]
         return [{c: _iso(v) for c, v in zip(cols, r, strict=True)} for r in res.fetchall()]
 
-    def trials(self, run_id: str) -> list[dict[str, Any]]:
-        res = self._cursor().execute(
-            "SELECT * FROM optimizer_trials WHERE run_id = ? ORDER BY trial", [run_id]
-        )
+    def trials(self, run_id: str | None = None, template_id: str | None = None) -> list[dict[str, Any]]:
+        """A run's trials; or, by template, those of its newest run (finished or still going)."""
+        cur = self._cursor()
+        if run_id is None:
+            row = cur.execute(
+                "SELECT run_id FROM optimizer_trials WHERE template_id = ? ORDER BY recorded_at DESC LIMIT 1",
+                [template_id],
+            ).fetchone()
+            if row is None:
+                return []
+            run_id = row[0]
+        res = cur.execute("SELECT * FROM optimizer_trials WHERE run_id = ? ORDER BY trial", [run_id])
         cols = [d[0] for d in res.description]
         return [{c: _iso(v) for c, v in zip(cols, r, strict=True)} for r in res.fetchall()]
 
