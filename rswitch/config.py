@@ -86,6 +86,10 @@ class OptimizationConfig(_Strict):
     auto: Literal["light", "medium", "heavy"] = "light"
     budget_calls: int = Field(2000, ge=1)
     budget_cost: float = Field(5.0, ge=0)
+    reference_combinations: list[str] = Field(
+        default_factory=list,
+        description="combinations whose answers serve as labels for the others of their template",
+    )
 
 
 class EmbeddingsDefault(_Strict):
@@ -245,6 +249,14 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
                         True,
                     )
                 )
+    known = {c.id for c in combos}
+    for j, ref in enumerate(cfg.gateway.optimization.reference_combinations):
+        if ref not in known:
+            problems.append(
+                ConfigProblem(
+                    f"gateway.optimization.reference_combinations[{j}]", "unknown combination id", ref, True
+                )
+            )
     emb = cfg.gateway.embeddings
     if emb is not None and emb.provider not in cfg.model_providers:
         allowed = ", ".join(sorted(cfg.model_providers)) or "none are defined under model_providers"

@@ -213,3 +213,64 @@ def test_cli_history_and_rollback(tmp_path):
     assert r.exit_code == 0 and "now version 3, a copy of version 1" in r.output
     r = runner.invoke(app, ["template", "rollback", "t", "9", "-c", str(cfg)])
     assert r.exit_code != 0 and "no earlier version 9" in r.output
+
+
+async def test_reference_combination_answers_serve_as_labels(make_gateway):
+    config = {
+        **CONFIG,
+        "model_providers": {**CONFIG["model_providers"], "strong": {"type": "mock"}},
+        "gateway": {
+            "combinations": [
+                *CONFIG["gateway"]["combinations"],
+                {
+                    "id": "echo-ref",
+                    "template_id": "echo",
+                    "model": "big-model",
+                    "provider": "strong",
+                    "weight": 0,
+                },
+            ],
+            "optimization": {"reference_combinations": ["echo-ref"]},
+        },
+    }
+    gw = await make_gateway(config)
+    wire(gw.core)
+
+    async def strong(call):
+        return reply(call.messages[-1]["content"].upper())  # the strong model is right without help
+
+    gw.core.providers["strong"].complete = strong
+    for e in rows(40):  # unlabelled production traffic, served by the reference model
+        r = await gw.post({"model": "echo-ref", "messages": e.messages, "variables": e.variables})
+        assert r.status_code == 200
+    result, version = await optimize(
+        gw.core,
+        "echo",
+        settings=Settings(**SETTINGS),
+        combination_id="echo-task",
+        evaluator="exact_match",
+        proposer="echo-ideas",
+    )
+    assert result.promote and version == 2 and MAGIC in gw.core.registry.get("echo").template
+
+
+async def test_llm_judge_scores_through_a_judge_combination_and_counts_its_calls(opt_gateway):
+    core = opt_gateway.core
+    judged = []
+
+    async def judge(call):
+        judged.append(call)
+        assert call.params["temperature"] == 0
+        output = call.messages[-1]["content"].split("Actual output:")[-1]
+        return reply("5" if any(w.isupper() and len(w) > 1 for w in output.split()) else "1")
+
+    core.providers["ideas"].complete = judge
+    result, _ = await optimize(
+        core,
+        "echo",
+        settings=Settings(**{**SETTINGS, "num_instructions": 1}),
+        evaluator="llm_judge",
+        judge="echo-ideas",
+    )
+    assert result.calls["judge"] == len(judged) > 0
+    assert result.stopped is None and result.verdict

@@ -54,8 +54,12 @@ class Example:
         return ""
 
 
-def load_examples(dataset: Path, labelled_only: bool = True) -> list[Example]:
-    """Successful rows (oldest first); with `labelled_only`, only those with a usable target."""
+def load_examples(
+    dataset: Path, labelled_only: bool = True, reference: frozenset[str] = frozenset()
+) -> list[Example]:
+    """Successful rows (oldest first); with `labelled_only`, only those with a usable target.
+
+    Answers of a `reference` combination (a strong model) count as labels for the others."""
     if not dataset.exists():
         return []
     conn = sqlite3.connect(f"file:{dataset}?mode=ro", uri=True)
@@ -65,7 +69,7 @@ def load_examples(dataset: Path, labelled_only: bool = True) -> list[Example]:
         if "label_expected" not in cols:
             return []
         rows = conn.execute(
-            "SELECT id, created_at, messages, variables, output, label_expected, label_score FROM examples "
+            "SELECT id, created_at, combination_id, messages, variables, output, label_expected, label_score FROM examples "
             "WHERE success = 1 ORDER BY created_at, id"
         ).fetchall()
     finally:
@@ -77,7 +81,9 @@ def load_examples(dataset: Path, labelled_only: bool = True) -> list[Example]:
             orjson.loads(r["messages"]),
             orjson.loads(r["variables"]),
             r["output"],
-            r["label_expected"],
+            r["label_expected"]
+            if r["label_expected"] is not None or r["combination_id"] not in reference
+            else r["output"],
             r["label_score"],
         )
         for r in rows

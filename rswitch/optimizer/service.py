@@ -90,9 +90,13 @@ async def optimize(
         if not judge or judge not in core.gateway.combinations:
             raise OptimizeError("the llm_judge evaluator needs --judge COMBINATION_ID")
         judge_call = _caller(core, core.gateway.combinations[judge], "optimizer")
+        budget = budget or Budget()
 
         async def ask(messages: list[dict[str, Any]]) -> str:
-            return (await judge_call(messages, {"temperature": 0, "max_tokens": 8})).text
+            budget.check()  # judge calls count against the run's budget like every other call
+            result = await judge_call(messages, {"temperature": 0, "max_tokens": 8})
+            budget.charge("judge", result)
+            return result.text
 
         options["judge"] = ask
     try:
@@ -100,7 +104,9 @@ async def optimize(
     except ValueError as exc:
         raise OptimizeError(str(exc)) from None
     core.recorder.flush()
-    examples = load_examples(core.datasets.path(template_id))
+    # a reference combination's answers label the rows of the others (never its own optimization)
+    reference = frozenset(core.config.gateway.optimization.reference_combinations) - {combo.id}
+    examples = load_examples(core.datasets.path(template_id), reference=reference)
     try:
         splits = split(examples, seed=settings.seed)
     except ValueError as exc:
