@@ -21,6 +21,8 @@ dataset_app = typer.Typer(
     help="Look at, export and bring in the examples a template's traffic produced.", no_args_is_help=True
 )
 app.add_typer(dataset_app, name="dataset")
+route_app = typer.Typer(help="Inspect query-aware routing.", no_args_is_help=True)
+app.add_typer(route_app, name="route")
 package_app = typer.Typer(help="Export, import and inspect portable prompt packages.", no_args_is_help=True)
 app.add_typer(package_app, name="package")
 app.add_typer(template_app, name="template")
@@ -578,6 +580,50 @@ def load_traffic(
         typer.echo(f"  error      {err:<24} {n}")
     if s["requests"] and not s["succeeded"]:
         raise typer.Exit(1)
+
+
+# -- routing --------------------------------------------------------------------------------------
+
+
+@route_app.command("explain")
+def route_explain(
+    prompt: str,
+    config: ConfigOpt = None,
+    template: Annotated[
+        str | None, typer.Option("--template", help="Route as a request for this template.")
+    ] = None,
+    meta: Annotated[
+        list[str] | None, typer.Option("--metadata", help="A metadata tag as key=value; repeat for more.")
+    ] = None,
+) -> None:
+    """Show how the router chain would route a prompt, without calling a model."""
+    import asyncio
+
+    from rswitch.routing.base import Query
+    from rswitch.routing.chains import build_chains
+
+    cfg = load(config)
+    tags: dict[str, str] = {}
+    for item in meta or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise fail(f"--metadata must be key=value; got {item!r}")
+        tags[k] = v
+    default, per_template = build_chains(cfg.routing)
+    chain = (per_template.get(template) if template else None) or default
+    if chain is None:
+        typer.echo("no routing chain is configured: the balancer decides among the combinations")
+        return
+    which = f"template '{template}'" if template and template in per_template else "the gateway-wide chain"
+    outcome = asyncio.run(chain.route(Query([{"role": "user", "content": prompt}], {}, tags)))
+    typer.echo(f"chain       {which}")
+    for line in outcome.trace:
+        typer.echo(f"  {line}")
+    if outcome.decision is None:
+        typer.echo("decision    pass: the balancer decides among the usual combinations")
+    else:
+        typer.echo(f"decision    {outcome.decision.target} → {', '.join(outcome.decision.combinations)}")
+    typer.echo(f"took        {outcome.ms:.3f} ms")
 
 
 # -- datasets -------------------------------------------------------------------------------------

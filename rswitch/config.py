@@ -137,6 +137,33 @@ class Price(_Strict):
     output: float = Field(ge=0, description="USD per million output tokens")
 
 
+class RuleConfig(_Strict):
+    route: str = Field(min_length=1, description="a combination id, 'combination:ID' or 'tier:NAME'")
+    min_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0)
+    regex: str | None = None
+    keywords: list[str] = Field(default_factory=list)
+    min_messages: int | None = Field(None, ge=1)
+    max_messages: int | None = Field(None, ge=1)
+    has_tools: bool | None = None
+    has_images: bool | None = None
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class RulesStepConfig(_Strict):
+    type: Literal["rules"]
+    name: str = "rules"
+    rules: list[RuleConfig] = Field(min_length=1)
+
+
+class RoutingConfig(_Strict):
+    """Router chains: `default` for the gateway as a whole, `templates.<id>` for one template."""
+
+    tiers: dict[str, list[str]] = Field(default_factory=dict)
+    default: list[RulesStepConfig] = Field(default_factory=list)
+    templates: dict[str, list[RulesStepConfig]] = Field(default_factory=dict)
+
+
 class Config(BaseModel):
     # Unknown top-level sections (mipro_v2, router, …) belong to later features: kept, not rejected.
     model_config = ConfigDict(extra="allow")
@@ -148,6 +175,7 @@ class Config(BaseModel):
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)
     pricing: dict[str, Price] = Field(default_factory=dict)
     templates: dict[str, TemplateConfig] = Field(default_factory=dict)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     template_dirs: list[str] = Field(
         default_factory=list, description="folders of <id>/manifest.yaml to serve read-only"
     )
@@ -257,6 +285,7 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
                     f"gateway.optimization.reference_combinations[{j}]", "unknown combination id", ref, True
                 )
             )
+    problems.extend(_routing_problems(cfg, known))
     emb = cfg.gateway.embeddings
     if emb is not None and emb.provider not in cfg.model_providers:
         allowed = ", ".join(sorted(cfg.model_providers)) or "none are defined under model_providers"
@@ -275,6 +304,59 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
                     True,
                 )
             )
+    return problems
+
+
+def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProblem]:
+    import re
+
+    problems: list[ConfigProblem] = []
+    r = cfg.routing
+    for tier, members in r.tiers.items():
+        for j, cid in enumerate(members):
+            if cid not in combination_ids:
+                problems.append(
+                    ConfigProblem(f"routing.tiers.{tier}[{j}]", "unknown combination id", cid, True)
+                )
+    chains = [("routing.default", r.default)] + [
+        (f"routing.templates.{t}", steps) for t, steps in r.templates.items()
+    ]
+    for path, steps in chains:
+        for i, step in enumerate(steps):
+            for j, rule in enumerate(step.rules):
+                at = f"{path}[{i}].rules[{j}]"
+                kind, _, name = (
+                    rule.route.partition(":") if ":" in rule.route else ("combination", "", rule.route)
+                )
+                if kind == "tier" and name not in r.tiers:
+                    problems.append(
+                        ConfigProblem(
+                            f"{at}.route",
+                            f"unknown tier; allowed: {', '.join(r.tiers) or 'none defined'}",
+                            rule.route,
+                            True,
+                        )
+                    )
+                elif kind == "combination" and name not in combination_ids:
+                    problems.append(ConfigProblem(f"{at}.route", "unknown combination id", rule.route, True))
+                elif kind not in ("tier", "combination"):
+                    problems.append(
+                        ConfigProblem(
+                            f"{at}.route",
+                            "use a combination id, 'combination:ID' or 'tier:NAME'",
+                            rule.route,
+                            True,
+                        )
+                    )
+                if rule.regex is not None:
+                    try:
+                        re.compile(rule.regex)
+                    except re.error as exc:
+                        problems.append(
+                            ConfigProblem(
+                                f"{at}.regex", f"not a valid regular expression: {exc}", rule.regex, True
+                            )
+                        )
     return problems
 
 

@@ -20,6 +20,7 @@ from rswitch.gateway.ratelimit import ProviderLimiter
 from rswitch.packaging import Stores, export_package, import_package
 from rswitch.providers import Provider, build_provider
 from rswitch.providers.pricing import PriceTable
+from rswitch.routing.chains import build_chains
 from rswitch.storage.analytics import AnalyticsStore
 from rswitch.storage.datasets import DatasetStore
 from rswitch.storage.record import Label
@@ -160,6 +161,7 @@ class Core:
             max_attempts=gw.max_attempts,
             request_timeout=gw.request_timeout_seconds,
             embedding_default=gw.embeddings,
+            chains=build_chains(config.routing),
         )
         self._started = False
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -464,7 +464,7 @@ def import_package(
                 before = conn.execute("SELECT count(*) FROM invocations").fetchone()[0]
                 try:
                     conn.execute(
-                        f"INSERT INTO invocations SELECT p.* FROM read_parquet(?) p "
+                        f"INSERT INTO invocations BY NAME SELECT p.* FROM read_parquet(?) p "
                         f"WHERE NOT EXISTS (SELECT 1 FROM invocations i WHERE {keys})",
                         [str(parquet)],
                     )

@@ -76,6 +76,11 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
                     "x-rswitch-combination": session.combination.id,
                     "x-rswitch-provider": session.provider,
                     "x-rswitch-request-id": session.p.request_id,
+                    **(
+                        {"x-rswitch-route": session.p.route.explanation}
+                        if session.p.route.explanation
+                        else {}
+                    ),
                     "cache-control": "no-cache",
                     "x-accel-buffering": "no",
                 }
@@ -87,6 +92,8 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
                 "x-rswitch-request-id": done.request_id,
                 "x-rswitch-cost": f"{done.cost:.8f}",
             }
+            if done.route:
+                headers["x-rswitch-route"] = done.route
             return JSON(done.response, headers=headers)
         except GatewayError as err:
             return error_response(err)

@@ -22,6 +22,7 @@ from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.ratelimit import ProviderLimiter
 from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError
 from rswitch.providers.pricing import PriceTable, estimate_tokens, message_text
+from rswitch.routing.base import Chain, Query
 from rswitch.storage.record import CallRecord
 from rswitch.templates import MissingVariables, TemplateRegistry
 
@@ -33,10 +34,11 @@ MAX_RETRY_WAIT = 5.0  # never hold a client longer than this for a Retry-After; 
 
 @dataclass
 class Route:
-    """Where a request goes: candidates in order, and what they need."""
+    """Where a request goes: candidates in order, and why (the router chain's explanation)."""
 
     candidates: list[Combination]
     pool_key: str
+    explanation: str | None = None
 
 
 @dataclass(slots=True)
@@ -47,6 +49,7 @@ class Completed:
     combination: Combination
     request_id: str
     cost: float
+    route: str | None = None
 
 
 @dataclass
@@ -142,7 +145,10 @@ class Gateway:
         max_attempts: int = 3,
         request_timeout: float = 120.0,
         embedding_default: Any = None,  # config.EmbeddingsDefault
+        chains: tuple[Chain | None, dict[str, Chain]] = (None, {}),
     ) -> None:
+        self.default_chain, self.template_chains = chains
+        self.routing_enabled = self.default_chain is not None or bool(self.template_chains)
         self.embedding_default = embedding_default
         self.registry = registry
         self.providers = providers
@@ -220,7 +226,7 @@ class Gateway:
             )
         return combo
 
-    def resolve(self, model: str | None, metadata: dict[str, Any]) -> Route:
+    async def resolve(self, model: str | None, metadata: dict[str, Any], query: Query | None = None) -> Route:
         """metadata.combination_id → metadata.template_id → model as combination/template id →
         model as a combination's model name → every enabled combination."""
         cid = metadata.get("combination_id")
@@ -253,16 +259,31 @@ class Gateway:
                 error_type="service_unavailable",
                 code="no_combination",
             )
+        explanation = None
+        if not pinned and query is not None:
+            chain = self.template_chains.get(key[2:]) if key.startswith("t:") else None
+            chain = chain or self.default_chain
+            if chain is not None:
+                outcome = await chain.route(query)
+                explanation = outcome.explain()
+                if outcome.decision is not None:
+                    chosen = [
+                        self.combinations[c] for c in outcome.decision.combinations if c in self.combinations
+                    ]
+                    chosen = [c for c in chosen if c.enabled]
+                    if chosen:  # the balancer and fallbacks still apply inside the chosen set
+                        pool, key = chosen, f"{key}|{outcome.decision.target}"
         eff = self.effective_weights()
         first = self.balancer.pick(key, pool, eff)
-        return Route(self.balancer.order(first, pool, self.combinations, eff, pinned), key)
+        return Route(self.balancer.order(first, pool, self.combinations, eff, pinned), key, explanation)
 
     # -- preparing and calling --------------------------------------------------------------
 
-    def prepare(self, body: Any) -> Prepared:
+    async def prepare(self, body: Any) -> Prepared:
         messages, variables, metadata = validate(body)
-        route = self.resolve(body.get("model"), metadata)
         params = {k: v for k, v in body.items() if k not in RSWITCH_KEYS}
+        query = Query(messages, params, metadata) if self.routing_enabled else None
+        route = await self.resolve(body.get("model"), metadata, query)
         extra_meta = {k: v for k, v in metadata.items() if k not in ROUTING_METADATA}
         if extra_meta:
             params["metadata"] = extra_meta
@@ -414,6 +435,7 @@ class Gateway:
                 ttft_ms=ttft_ms,
                 stream=stream,
                 attempt=attempt,
+                extra={"route": p.route.explanation} if p.route.explanation else {},
             )
         )
         return pt, ct, estimated, cost
@@ -475,7 +497,7 @@ class Gateway:
     # -- non-streaming ------------------------------------------------------------------------
 
     async def complete(self, body: Any) -> Completed:
-        p = self.prepare(body)
+        p = await self.prepare(body)
         last: UpstreamError | None = None
         n = 0
         async for combo, system, call, est in self._attempts(p):
@@ -508,7 +530,7 @@ class Gateway:
                     "total_tokens": pt + ct,
                     "estimated": True,
                 }
-            return Completed(resp, combo, p.request_id, cost)
+            return Completed(resp, combo, p.request_id, cost, p.route.explanation)
         raise self._exhausted(p, last, p.rate_wait)
 
     # -- background work (the optimizer) ------------------------------------------------------
@@ -707,7 +729,7 @@ class Gateway:
 
     async def open_stream(self, body: Any) -> StreamSession:
         """Start a stream: fail over until the first content chunk arrives, then commit to it."""
-        p = self.prepare(body)
+        p = await self.prepare(body)
         last: UpstreamError | None = None
         n = 0
         async for combo, system, call, est in self._attempts(p):

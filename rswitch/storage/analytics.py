@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS invocations (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     tokens_estimated BOOLEAN,
-    stream BOOLEAN
+    stream BOOLEAN,
+    route VARCHAR
 )
 """
 OPTIMIZER_SCHEMA = """
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS optimizer_trials (
     best_score DOUBLE, calls INTEGER, cost DOUBLE, recorded_at TIMESTAMP
 );
 """
-N_COLS = 18
+N_COLS = 19
 _INSERT = "INSERT INTO invocations SELECT " + ", ".join(f"unnest(${i + 1})" for i in range(N_COLS))
 
 _STATS = """
@@ -93,6 +94,7 @@ def _row(r: CallRecord) -> tuple[Any, ...]:
         r.completion_tokens,
         r.tokens_estimated,
         r.stream,
+        r.extra.get("route"),
     )
 
 
@@ -102,6 +104,9 @@ class AnalyticsStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = duckdb.connect(str(self.path))
         self._conn.execute(SCHEMA)
+        self._conn.execute(
+            "ALTER TABLE invocations ADD COLUMN IF NOT EXISTS route VARCHAR"
+        )  # files from before routing
         self._conn.execute(OPTIMIZER_SCHEMA)
         self._local = threading.local()
 

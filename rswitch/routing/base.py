@@ -1,0 +1,100 @@
+"""The router chain: steps evaluated in order; the first that decides wins; each says why."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Protocol
+
+from rswitch.providers.pricing import estimate_tokens
+
+
+@dataclass
+class Query:
+    """What a routing step may look at; derived values are computed once, on first use."""
+
+    messages: list[dict[str, Any]]
+    params: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def text(self) -> str:
+        """The text of the user turns, which is what is being asked."""
+        parts: list[str] = []
+        for m in self.messages:
+            if m.get("role") != "user":
+                continue
+            c = m.get("content")
+            if isinstance(c, str):
+                parts.append(c)
+            elif isinstance(c, list):
+                parts.extend(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+        return "\n".join(parts)
+
+    @cached_property
+    def tokens(self) -> int:
+        return estimate_tokens(self.text)
+
+    @cached_property
+    def has_images(self) -> bool:
+        return any(
+            isinstance(m.get("content"), list)
+            and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
+            for m in self.messages
+        )
+
+    @property
+    def has_tools(self) -> bool:
+        return bool(self.params.get("tools"))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a step sends the query: a combination or a tier, and why."""
+
+    step: str
+    target: str  # "combination:ID" or "tier:NAME"
+    combinations: tuple[str, ...]
+    reason: str
+    score: float | None = None
+    threshold: float | None = None
+
+
+class Step(Protocol):
+    name: str
+
+    async def decide(self, query: Query) -> Decision | None: ...
+
+
+@dataclass
+class Outcome:
+    decision: Decision | None
+    trace: list[str]  # one entry per step consulted
+    ms: float
+
+    def explain(self) -> str:
+        """The x-rswitch-route header: each step's verdict, then the decision and its cost."""
+        verdict = self.decision.target if self.decision else "balancer"
+        return f"{'; '.join(self.trace)} => {verdict} ({self.ms:.3f} ms)"
+
+
+class Chain:
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+
+    async def route(self, query: Query) -> Outcome:
+        started = time.perf_counter()
+        trace: list[str] = []
+        for step in self.steps:
+            decision = await step.decide(query)
+            if decision is not None:
+                detail = (
+                    f" score={decision.score:.3f}/{decision.threshold:.3f}"
+                    if decision.score is not None and decision.threshold is not None
+                    else ""
+                )
+                trace.append(f"{step.name}: {decision.reason}{detail} -> {decision.target}")
+                return Outcome(decision, trace, (time.perf_counter() - started) * 1000)
+            trace.append(f"{step.name}: pass")
+        return Outcome(None, trace, (time.perf_counter() - started) * 1000)
