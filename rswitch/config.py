@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -156,12 +156,36 @@ class RulesStepConfig(_Strict):
     rules: list[RuleConfig] = Field(min_length=1)
 
 
+class EncoderConfig(_Strict):
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+
+
+class SemanticRouteConfig(_Strict):
+    route: str = Field(min_length=1)
+    threshold: float = Field(0.5, ge=-1, le=1)
+    utterances: list[str] = Field(min_length=1)
+
+
+class SemanticStepConfig(_Strict):
+    type: Literal["semantic"]
+    name: str = "semantic"
+    encoder: EncoderConfig
+    top_k: int = Field(3, ge=1)
+    aggregate: Literal["mean", "max"] = "mean"
+    timeout_seconds: float = Field(2.0, gt=0)
+    routes: list[SemanticRouteConfig] = Field(min_length=1)
+
+
+StepConfig = Annotated[RulesStepConfig | SemanticStepConfig, Field(discriminator="type")]
+
+
 class RoutingConfig(_Strict):
     """Router chains: `default` for the gateway as a whole, `templates.<id>` for one template."""
 
     tiers: dict[str, list[str]] = Field(default_factory=dict)
-    default: list[RulesStepConfig] = Field(default_factory=list)
-    templates: dict[str, list[RulesStepConfig]] = Field(default_factory=dict)
+    default: list[StepConfig] = Field(default_factory=list)
+    templates: dict[str, list[StepConfig]] = Field(default_factory=dict)
 
 
 class Config(BaseModel):
@@ -228,9 +252,19 @@ class ConfigError(Exception):
         super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
 
 
+STEP_TAGS = ("rules", "semantic")  # a tagged union's tag shows up in pydantic's error paths
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc:
+    parts = list(loc)
+    # drop the union tag pydantic inserts after a list index: default[0].rules.rules[0] → default[0].rules[0]
+    parts = [
+        p
+        for i, p in enumerate(parts)
+        if not (p in STEP_TAGS and i > 0 and isinstance(parts[i - 1], int) and i + 1 < len(parts))
+    ]
+    for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -323,8 +357,15 @@ def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProb
     ]
     for path, steps in chains:
         for i, step in enumerate(steps):
-            for j, rule in enumerate(step.rules):
-                at = f"{path}[{i}].rules[{j}]"
+            if step.type == "semantic" and step.encoder.provider not in cfg.model_providers:
+                problems.append(
+                    ConfigProblem(
+                        f"{path}[{i}].encoder.provider", "unknown provider", step.encoder.provider, True
+                    )
+                )
+            targets = step.rules if step.type == "rules" else step.routes
+            for j, rule in enumerate(targets):
+                at = f"{path}[{i}].{'rules' if step.type == 'rules' else 'routes'}[{j}]"
                 kind, _, name = (
                     rule.route.partition(":") if ":" in rule.route else ("combination", "", rule.route)
                 )
@@ -348,7 +389,7 @@ def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProb
                             True,
                         )
                     )
-                if rule.regex is not None:
+                if getattr(rule, "regex", None) is not None:
                     try:
                         re.compile(rule.regex)
                     except re.error as exc:
@@ -374,6 +415,16 @@ def parse_config(data: Any, source: str | None = None) -> Config:
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+            if err["type"] == "union_tag_invalid":
+                problems.append(
+                    ConfigProblem(
+                        _loc(err["loc"]) + ".type",
+                        f"unknown step type; allowed: {', '.join(STEP_TAGS)}",
+                        (err.get("input") or {}).get("type"),
+                        True,
+                    )
+                )
+                continue
             problems.append(
                 ConfigProblem(
                     _loc(err["loc"]), msg, err.get("input"), "input" in err and err["type"] != "missing"

@@ -18,7 +18,7 @@ from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.pipeline import Gateway
 from rswitch.gateway.ratelimit import ProviderLimiter
 from rswitch.packaging import Stores, export_package, import_package
-from rswitch.providers import Provider, build_provider
+from rswitch.providers import EmbedCall, Provider, build_provider
 from rswitch.providers.pricing import PriceTable
 from rswitch.routing.chains import build_chains
 from rswitch.storage.analytics import AnalyticsStore
@@ -161,11 +161,23 @@ class Core:
             max_attempts=gw.max_attempts,
             request_timeout=gw.request_timeout_seconds,
             embedding_default=gw.embeddings,
-            chains=build_chains(config.routing),
+            chains=build_chains(config.routing, self._embedder, config.dataset_dir.parent / "routing"),
         )
         self._started = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.optimizer: Any = None  # BackgroundOptimizer when gateway.optimization.enabled
+
+    def _embedder(self, provider_name: str, model: str) -> tuple[Any, str]:
+        """An embed function over a configured provider, for the semantic router, and its id."""
+        provider = self.providers[provider_name]
+        describe = provider.describe()
+        encoder_id = f"{provider.type}:{model}:{describe.get('model_path') or describe.get('base_url') or ''}"
+
+        async def embed(texts: list[str]) -> list[list[float]]:
+            resp = await provider.embed(EmbedCall(model=model, inputs=texts, params={}))
+            return [d["embedding"] for d in sorted(resp["data"], key=lambda d: d["index"])]
+
+        return embed, encoder_id
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -176,6 +188,13 @@ class Core:
         self.recorder.start()
         for p in self.providers.values():
             await p.start()
+        for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:
+            for step in chain.steps if chain else ():
+                if hasattr(step, "warm"):
+                    try:
+                        await step.warm()  # embed the utterances now, not on the first request
+                    except Exception as exc:
+                        log.warning("routing step %s could not warm up: %s", step.name, exc)
         if self.config.gateway.optimization.enabled:
             from rswitch.optimizer.scheduler import BackgroundOptimizer
 

@@ -62,9 +62,11 @@ class Decision:
 
 
 class Step(Protocol):
+    """Decides (a Decision), or passes: None, or a short note saying why it passed."""
+
     name: str
 
-    async def decide(self, query: Query) -> Decision | None: ...
+    async def decide(self, query: Query) -> Decision | str | None: ...
 
 
 @dataclass
@@ -88,6 +90,9 @@ class Chain:
         trace: list[str] = []
         for step in self.steps:
             decision = await step.decide(query)
+            if isinstance(decision, str):
+                trace.append(f"{step.name}: pass ({decision})")
+                continue
             if decision is not None:
                 detail = (
                     f" score={decision.score:.3f}/{decision.threshold:.3f}"

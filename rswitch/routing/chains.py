@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rswitch.routing.base import Chain
 from rswitch.routing.rules import build_rules_step
+from rswitch.routing.semantic import Embedder, SemanticRoute, SemanticStep
+
+# (provider name, model) -> (embed function, encoder id)
+EmbedderFactory = Callable[[str, str], tuple[Embedder, str]]
 
 
 def target_resolver(tiers: dict[str, list[str]]) -> Any:
@@ -18,12 +24,32 @@ def target_resolver(tiers: dict[str, list[str]]) -> Any:
     return resolve
 
 
-def build_chains(routing: Any) -> tuple[Chain | None, dict[str, Chain]]:
+def build_chains(
+    routing: Any, embedder: EmbedderFactory | None = None, cache_dir: Path | None = None
+) -> tuple[Chain | None, dict[str, Chain]]:
     """(the gateway-wide chain, per-template chains) from config.RoutingConfig."""
     resolve = target_resolver(routing.tiers)
 
+    def step(s: Any) -> Any:
+        if s.type == "rules":
+            return build_rules_step(s.name, s.rules, resolve)
+        if embedder is None:
+            raise ValueError(f"routing step '{s.name}' needs an embedder")
+        embed, encoder_id = embedder(s.encoder.provider, s.encoder.model)
+        routes = [SemanticRoute(*resolve(r.route), r.threshold, list(r.utterances)) for r in s.routes]
+        return SemanticStep(
+            s.name,
+            routes,
+            embed,
+            encoder_id,
+            top_k=s.top_k,
+            aggregate=s.aggregate,
+            timeout=s.timeout_seconds,
+            cache_dir=cache_dir,
+        )
+
     def chain(steps: list[Any]) -> Chain | None:
-        built = [build_rules_step(s.name, s.rules, resolve) for s in steps]
+        built = [step(s) for s in steps]
         return Chain(built) if built else None
 
     per_template = {tid: c for tid, steps in routing.templates.items() if (c := chain(steps)) is not None}

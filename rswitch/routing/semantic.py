@@ -1,0 +1,155 @@
+"""The semantic step: embed the prompt, compare it with each route's example utterances by
+cosine similarity (top-k, aggregated), and pick the best route above its threshold.
+
+Utterance embeddings are computed once per encoder and kept in a cache file keyed by the
+encoder's id, so they are recomputed only when the encoder changes. A failing or slow
+encoder makes the step pass (the next step or the balancer decides), never fail the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rswitch.routing.base import Decision, Query
+
+log = logging.getLogger("rswitch.routing")
+Embedder = Callable[[list[str]], Awaitable[list[list[float]]]]
+
+
+@dataclass
+class SemanticRoute:
+    target: str
+    combinations: tuple[str, ...]
+    threshold: float
+    utterances: list[str]
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return m / norms
+
+
+class SemanticStep:
+    def __init__(
+        self,
+        name: str,
+        routes: list[SemanticRoute],
+        embed: Embedder,
+        encoder_id: str,
+        *,
+        top_k: int = 3,
+        aggregate: str = "mean",
+        timeout: float = 2.0,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.routes = routes
+        self.embed = embed
+        self.encoder_id = encoder_id
+        self.top_k = top_k
+        self.aggregate = aggregate
+        self.timeout = timeout
+        self.cache_dir = cache_dir
+        self._matrix: np.ndarray | None = None  # all utterances, normalised, one row each
+        self._owner: list[int] = []  # route index of each row
+        self._lock = asyncio.Lock()
+
+    # -- utterance vectors, cached per encoder ------------------------------------------------
+
+    def _cache_path(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(self.encoder_id.encode()).hexdigest()[:16]
+        return self.cache_dir / f"utterances-{key}.json"
+
+    def _load_cache(self) -> dict[str, list[float]]:
+        path = self._cache_path()
+        if path is None or not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            return data["vectors"] if data.get("encoder") == self.encoder_id else {}
+        except (ValueError, KeyError, OSError):
+            return {}
+
+    def _save_cache(self, vectors: dict[str, list[float]]) -> None:
+        path = self._cache_path()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"encoder": self.encoder_id, "vectors": vectors}, fh)
+        os.replace(tmp, path)
+
+    async def warm(self) -> None:
+        """Embed every utterance (those not in the cache) once."""
+        async with self._lock:
+            if self._matrix is not None:
+                return
+            cached = self._load_cache()
+            texts = sorted({u for r in self.routes for u in r.utterances})
+            missing = [t for t in texts if t not in cached]
+            if missing:
+                for start in range(0, len(missing), 64):
+                    batch = missing[start : start + 64]
+                    cached.update(zip(batch, await self.embed(batch), strict=True))
+                self._save_cache({t: cached[t] for t in texts})
+            rows, owner = [], []
+            for i, r in enumerate(self.routes):
+                for u in r.utterances:
+                    rows.append(cached[u])
+                    owner.append(i)
+            self._matrix = _normalise(np.asarray(rows, dtype=np.float32))
+            self._owner = owner
+
+    # -- deciding -----------------------------------------------------------------------------
+
+    def scores(self, vector: list[float]) -> list[float]:
+        """Each route's aggregated similarity to the query vector."""
+        assert self._matrix is not None
+        q = np.asarray(vector, dtype=np.float32)
+        q = q / (np.linalg.norm(q) or 1.0)
+        sims = self._matrix @ q
+        out = []
+        owner = np.asarray(self._owner)
+        for i in range(len(self.routes)):
+            mine = np.sort(sims[owner == i])[::-1][: self.top_k]
+            out.append(float(mine.max() if self.aggregate == "max" else mine.mean()))
+        return out
+
+    async def decide(self, query: Query) -> Decision | str | None:
+        if not query.text.strip():
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._matrix is None:
+                    await self.warm()
+                [vector] = await self.embed([query.text])
+        except Exception as exc:  # the encoder is down or slow: pass, don't fail the request
+            log.warning("semantic step %s passes: %s: %s", self.name, type(exc).__name__, exc)
+            return None
+        scores = self.scores(vector)
+        best = max(range(len(scores)), key=scores.__getitem__)
+        route = self.routes[best]
+        if scores[best] < route.threshold:
+            return f"nearest {route.target} {scores[best]:.3f} < {route.threshold:.3f}"
+        return Decision(
+            self.name,
+            route.target,
+            route.combinations,
+            f"nearest {route.target}",
+            scores[best],
+            route.threshold,
+        )

@@ -1,0 +1,124 @@
+"""The semantic step: nearest route by cosine similarity to example utterances, cached, safe."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import chat
+from tests.test_router_rules import COMBOS
+
+SEMANTIC = {
+    "tiers": {"premium": ["strong"], "budget": ["cheap"]},
+    "default": [
+        {"type": "rules", "name": "fast-path", "rules": [{"route": "vision", "has_images": True}]},
+        {
+            "type": "semantic",
+            "name": "topics",
+            "encoder": {"provider": "mock", "model": "mock-embed"},
+            "top_k": 2,
+            "routes": [
+                {
+                    "route": "tier:premium",
+                    "threshold": 0.5,
+                    "utterances": [
+                        "review this legal contract clause",
+                        "is this contract clause enforceable",
+                        "draft a legal contract",
+                    ],
+                },
+                {
+                    "route": "tools",
+                    "threshold": 0.5,
+                    "utterances": [
+                        "what is the weather in paris today",
+                        "weather forecast for tomorrow in paris",
+                    ],
+                },
+            ],
+        },
+    ],
+}
+VARS = {"words": 5}
+
+
+async def test_nearest_route_above_its_threshold_decides(make_gateway):
+    gw = await make_gateway({"gateway": {"combinations": COMBOS}, "routing": SEMANTIC})
+    r = await gw.post(chat("please review this legal contract clause for me", variables=VARS))
+    assert r.headers["x-rswitch-combination"] == "strong"
+    route = r.headers["x-rswitch-route"]
+    assert (
+        route.startswith("fast-path: pass; topics: nearest tier:premium score=")
+        and "/0.500 -> tier:premium" in route
+    )
+    r = await gw.post(chat("what is the weather in paris", variables=VARS))
+    assert r.headers["x-rswitch-combination"] == "tools"
+    # nothing close: the step passes, saying how close the nearest route was
+    r = await gw.post(chat("bake sourdough bread at home", variables=VARS))
+    assert (
+        "topics: pass (nearest" in r.headers["x-rswitch-route"]
+        and "=> balancer" in r.headers["x-rswitch-route"]
+    )
+
+
+async def test_utterances_are_embedded_once_and_cached_per_encoder(make_gateway, tmp_path):
+    gw = await make_gateway({"gateway": {"combinations": COMBOS}, "routing": SEMANTIC})
+    cache = list((tmp_path / "routing").glob("utterances-*.json"))
+    assert len(cache) == 1  # written at start
+    calls = []
+    provider = gw.core.providers["mock"]
+    original = provider.embed
+
+    async def counting(call):
+        calls.append(list(call.inputs))
+        return await original(call)
+
+    provider.embed = counting
+    step = gw.core.gateway.default_chain.steps[1]
+    step._matrix = None  # as after a restart: the cache file is read, nothing re-embedded
+    await gw.post(chat("draft a legal contract", variables=VARS))
+    assert calls == [["draft a legal contract"]]  # only the query
+
+
+async def test_a_failing_or_slow_encoder_passes_instead_of_failing_the_request(make_gateway):
+    gw = await make_gateway(
+        {
+            "gateway": {"combinations": COMBOS},
+            "routing": {**SEMANTIC, "default": [{**SEMANTIC["default"][1], "timeout_seconds": 0.05}]},
+        }
+    )
+    provider = gw.core.providers["mock"]
+
+    async def slow(call):
+        await asyncio.sleep(1)
+
+    provider.embed = slow
+    r = await gw.post(chat("review this legal contract clause", variables=VARS))
+    assert r.status_code == 200 and "topics: pass => balancer" in r.headers["x-rswitch-route"]
+
+
+def test_semantic_config_errors():
+    import pytest
+
+    from rswitch.config import ConfigError, parse_config
+
+    bad = {
+        "default": [{**SEMANTIC["default"][1], "encoder": {"provider": "ghost", "model": "m"}}],
+        "tiers": SEMANTIC["tiers"],
+    }
+    with pytest.raises(ConfigError, match=r"routing.default\[0\].encoder.provider: unknown provider"):
+        parse_config(
+            {
+                "model_providers": {"mock": {"type": "mock"}},
+                "gateway": {"combinations": COMBOS},
+                "routing": bad,
+            }
+        )
+    bad = {"default": [{**SEMANTIC["default"][1], "routes": [{"route": "tier:gold", "utterances": ["x"]}]}]}
+    with pytest.raises(ConfigError, match=r"routing.default\[0\].routes\[0\].route: unknown tier"):
+        parse_config(
+            {
+                "model_providers": {"mock": {"type": "mock"}},
+                "gateway": {"combinations": COMBOS},
+                "routing": bad,
+            }
+        )
