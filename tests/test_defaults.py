@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rswitch.defaults import LOCAL_MODEL, default_config
+from rswitch.defaults import LOCAL_MODEL, SAMPLES, default_config
 from tests.fakes import ollama_fake
 
 
@@ -13,12 +13,9 @@ def test_without_keys_or_ollama_every_sample_template_runs_on_the_local_model(mo
     monkeypatch.setenv("RSWITCH_DATA_DIR", str(tmp_path))
     cfg, notes = default_config()
     combos = {c.id: c for c in cfg.gateway.combinations}
-    assert set(combos) == {
-        "support-reply-local",
-        "summarise-local",
-        "classify-intent-local",
-        "extract-json-local",
-    }
+    samples = {m.parent.name for m in SAMPLES.glob("*/manifest.yaml")}
+    assert {"support-reply", "summarise", "classify-intent", "extract-json"} <= samples
+    assert set(combos) == {f"{t}-local" for t in samples}
     assert all(c.provider == "local" and c.model == LOCAL_MODEL for c in combos.values())
     assert set(cfg.model_providers) == {"local"}
     assert (
