@@ -36,6 +36,9 @@ class LocalSettings(_Strict):
     n_batch: int = Field(512, ge=1)
     queue_size: int = Field(16, ge=1, description="calls waiting for the model before 503 + Retry-After")
     load: Literal["startup", "lazy"] = "startup"
+    logits_all: bool = Field(
+        False, description="keep every position's logits: needed for logprobs (the judge router)"
+    )
 
 
 class ProviderConfig(_Strict):
@@ -177,7 +180,24 @@ class SemanticStepConfig(_Strict):
     routes: list[SemanticRouteConfig] = Field(min_length=1)
 
 
-StepConfig = Annotated[RulesStepConfig | SemanticStepConfig, Field(discriminator="type")]
+class JudgeStepConfig(_Strict):
+    type: Literal["judge"]
+    name: str = "judge"
+    provider: str = Field(
+        min_length=1, description="a provider whose model returns logprobs (local needs logits_all)"
+    )
+    model: str = Field(min_length=1)
+    hard: str = Field(min_length=1, description="where prompts rated at or above the threshold go")
+    easy: str | None = None  # where the others go; unset = pass to the next step
+    threshold: float = Field(3.0, ge=1, le=5)
+    rubric: str | None = None
+    timeout_seconds: float = Field(1.0, gt=0)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown_seconds: float = Field(30.0, ge=0)
+    cache_size: int = Field(10_000, ge=0)
+
+
+StepConfig = Annotated[RulesStepConfig | SemanticStepConfig | JudgeStepConfig, Field(discriminator="type")]
 
 
 class RoutingConfig(_Strict):
@@ -252,7 +272,7 @@ class ConfigError(Exception):
         super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
 
 
-STEP_TAGS = ("rules", "semantic")  # a tagged union's tag shows up in pydantic's error paths
+STEP_TAGS = ("rules", "semantic", "judge")  # a tagged union's tag shows up in pydantic's error paths
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -341,6 +361,17 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
     return problems
 
 
+def _bad_target(route: str, tiers: dict[str, list[str]], combination_ids: set[str]) -> str | None:
+    kind, _, name = route.partition(":") if ":" in route else ("combination", "", route)
+    if kind == "tier" and name not in tiers:
+        return f"unknown tier; allowed: {', '.join(tiers) or 'none defined'}"
+    if kind == "combination" and name not in combination_ids:
+        return "unknown combination id"
+    if kind not in ("tier", "combination"):
+        return "use a combination id, 'combination:ID' or 'tier:NAME'"
+    return None
+
+
 def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProblem]:
     import re
 
@@ -363,32 +394,23 @@ def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProb
                         f"{path}[{i}].encoder.provider", "unknown provider", step.encoder.provider, True
                     )
                 )
+            if step.type == "judge":
+                if step.provider not in cfg.model_providers:
+                    problems.append(
+                        ConfigProblem(f"{path}[{i}].provider", "unknown provider", step.provider, True)
+                    )
+                for key in ("hard", "easy"):
+                    target = getattr(step, key)
+                    why = None if target is None else _bad_target(target, r.tiers, combination_ids)
+                    if why:
+                        problems.append(ConfigProblem(f"{path}[{i}].{key}", why, target, True))
+                continue
             targets = step.rules if step.type == "rules" else step.routes
             for j, rule in enumerate(targets):
                 at = f"{path}[{i}].{'rules' if step.type == 'rules' else 'routes'}[{j}]"
-                kind, _, name = (
-                    rule.route.partition(":") if ":" in rule.route else ("combination", "", rule.route)
-                )
-                if kind == "tier" and name not in r.tiers:
-                    problems.append(
-                        ConfigProblem(
-                            f"{at}.route",
-                            f"unknown tier; allowed: {', '.join(r.tiers) or 'none defined'}",
-                            rule.route,
-                            True,
-                        )
-                    )
-                elif kind == "combination" and name not in combination_ids:
-                    problems.append(ConfigProblem(f"{at}.route", "unknown combination id", rule.route, True))
-                elif kind not in ("tier", "combination"):
-                    problems.append(
-                        ConfigProblem(
-                            f"{at}.route",
-                            "use a combination id, 'combination:ID' or 'tier:NAME'",
-                            rule.route,
-                            True,
-                        )
-                    )
+                why = _bad_target(rule.route, r.tiers, combination_ids)
+                if why:
+                    problems.append(ConfigProblem(f"{at}.route", why, rule.route, True))
                 if getattr(rule, "regex", None) is not None:
                     try:
                         re.compile(rule.regex)

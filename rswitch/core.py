@@ -18,7 +18,7 @@ from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.pipeline import Gateway
 from rswitch.gateway.ratelimit import ProviderLimiter
 from rswitch.packaging import Stores, export_package, import_package
-from rswitch.providers import EmbedCall, Provider, build_provider
+from rswitch.providers import ChatCall, EmbedCall, Provider, build_provider
 from rswitch.providers.pricing import PriceTable
 from rswitch.routing.chains import build_chains
 from rswitch.storage.analytics import AnalyticsStore
@@ -161,7 +161,9 @@ class Core:
             max_attempts=gw.max_attempts,
             request_timeout=gw.request_timeout_seconds,
             embedding_default=gw.embeddings,
-            chains=build_chains(config.routing, self._embedder, config.dataset_dir.parent / "routing"),
+            chains=build_chains(
+                config.routing, self._embedder, config.dataset_dir.parent / "routing", self._caller
+            ),
         )
         self._started = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -178,6 +180,18 @@ class Core:
             return [d["embedding"] for d in sorted(resp["data"], key=lambda d: d["index"])]
 
         return embed, encoder_id
+
+    def _caller(self, provider_name: str, model: str) -> Any:
+        """A chat call to a configured provider's model, for the judge router."""
+        provider = self.providers[provider_name]
+
+        async def call(messages: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+            timeout = provider.settings.timeout_seconds
+            return await provider.complete(
+                ChatCall(model=model, messages=messages, params=params, timeout=timeout)
+            )
+
+        return call
 
     # -- lifecycle --------------------------------------------------------------------------
 

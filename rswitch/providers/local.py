@@ -32,6 +32,8 @@ SAMPLING = (
     "frequency_penalty",
     "response_format",
     "logit_bias",
+    "logprobs",  # these two need local.logits_all: the judge router reads score-token probabilities
+    "top_logprobs",
 )
 INSTALL_HINT = "install the local extra: pip install 'rswitch[local]' (from a clone: make run)"
 
@@ -72,6 +74,16 @@ def _text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        return value.item()
+    return value
+
+
 class LocalProvider(Provider):
     type = "local"
 
@@ -110,6 +122,7 @@ class LocalProvider(Provider):
                     n_ctx=self.local.n_ctx,
                     n_threads=self.local.n_threads,
                     n_batch=self.local.n_batch,
+                    logits_all=self.local.logits_all,
                     verbose=False,
                 )
                 self.load_seconds = time.perf_counter() - started
@@ -200,6 +213,8 @@ class LocalProvider(Provider):
             raise self._failure(exc) from None
         resp["model"] = call.model
         resp["id"] = resp.get("id") or new_completion_id()
+        if call.params.get("logprobs"):
+            resp["choices"] = _plain(resp["choices"])  # llama.cpp gives numpy floats; JSON wants floats
         return resp
 
     def _failure(self, exc: Exception) -> UpstreamError:

@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from rswitch.routing.base import Chain
+from rswitch.routing.judge import DEFAULT_RUBRIC, Caller, JudgeStep
 from rswitch.routing.rules import build_rules_step
 from rswitch.routing.semantic import Embedder, SemanticRoute, SemanticStep
 
 # (provider name, model) -> (embed function, encoder id)
 EmbedderFactory = Callable[[str, str], tuple[Embedder, str]]
+# (provider name, model) -> async (messages, params) -> OpenAI chat.completion dict
+CallerFactory = Callable[[str, str], Caller]
 
 
 def target_resolver(tiers: dict[str, list[str]]) -> Any:
@@ -25,7 +28,10 @@ def target_resolver(tiers: dict[str, list[str]]) -> Any:
 
 
 def build_chains(
-    routing: Any, embedder: EmbedderFactory | None = None, cache_dir: Path | None = None
+    routing: Any,
+    embedder: EmbedderFactory | None = None,
+    cache_dir: Path | None = None,
+    caller: CallerFactory | None = None,
 ) -> tuple[Chain | None, dict[str, Chain]]:
     """(the gateway-wide chain, per-template chains) from config.RoutingConfig."""
     resolve = target_resolver(routing.tiers)
@@ -33,6 +39,21 @@ def build_chains(
     def step(s: Any) -> Any:
         if s.type == "rules":
             return build_rules_step(s.name, s.rules, resolve)
+        if s.type == "judge":
+            if caller is None:
+                raise ValueError(f"routing step '{s.name}' needs a model caller")
+            return JudgeStep(
+                s.name,
+                caller(s.provider, s.model),
+                hard=resolve(s.hard),
+                easy=resolve(s.easy) if s.easy else None,
+                threshold=s.threshold,
+                rubric=s.rubric or DEFAULT_RUBRIC,
+                timeout=s.timeout_seconds,
+                breaker_failures=s.breaker_failures,
+                breaker_cooldown=s.breaker_cooldown_seconds,
+                cache_size=s.cache_size,
+            )
         if embedder is None:
             raise ValueError(f"routing step '{s.name}' needs an embedder")
         embed, encoder_id = embedder(s.encoder.provider, s.encoder.model)
