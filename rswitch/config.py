@@ -197,7 +197,33 @@ class JudgeStepConfig(_Strict):
     cache_size: int = Field(10_000, ge=0)
 
 
-StepConfig = Annotated[RulesStepConfig | SemanticStepConfig | JudgeStepConfig, Field(discriminator="type")]
+class BanditWeightsConfig(_Strict):
+    success: float = Field(0.4, ge=0)
+    quality: float = Field(0.4, ge=0)
+    cost: float = Field(0.1, ge=0)
+    latency: float = Field(0.1, ge=0)
+    cost_scale: float = Field(0.01, gt=0, description="USD at which the cost penalty is full")
+    latency_scale_ms: float = Field(10_000, gt=0)
+
+
+class BanditStepConfig(_Strict):
+    type: Literal["bandit"]
+    name: str = "bandit"
+    arms: list[str] = Field(min_length=2, description="combination ids, or one 'tier:NAME'")
+    policy: Literal["epsilon_greedy", "ucb1", "thompson", "linucb"] = "thompson"
+    drift: Literal["none", "window", "discounted"] = "window"
+    epsilon: float = Field(0.1, ge=0, le=1)
+    c: float = Field(1.0, ge=0, description="UCB1's exploration scale")
+    alpha: float = Field(1.0, ge=0, description="LinUCB's exploration scale")
+    window: int = Field(200, ge=10)
+    gamma: float = Field(0.99, gt=0, lt=1)
+    weights: BanditWeightsConfig = Field(default_factory=BanditWeightsConfig)
+    seed: int | None = None
+
+
+StepConfig = Annotated[
+    RulesStepConfig | SemanticStepConfig | JudgeStepConfig | BanditStepConfig, Field(discriminator="type")
+]
 
 
 class RoutingConfig(_Strict):
@@ -272,7 +298,12 @@ class ConfigError(Exception):
         super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
 
 
-STEP_TAGS = ("rules", "semantic", "judge")  # a tagged union's tag shows up in pydantic's error paths
+STEP_TAGS = (
+    "rules",
+    "semantic",
+    "judge",
+    "bandit",
+)  # a tagged union's tag shows up in pydantic's error paths
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -394,6 +425,12 @@ def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProb
                         f"{path}[{i}].encoder.provider", "unknown provider", step.encoder.provider, True
                     )
                 )
+            if step.type == "bandit":
+                for j, arm in enumerate(step.arms):
+                    why = _bad_target(arm, r.tiers, combination_ids)
+                    if why:
+                        problems.append(ConfigProblem(f"{path}[{i}].arms[{j}]", why, arm, True))
+                continue
             if step.type == "judge":
                 if step.provider not in cfg.model_providers:
                     problems.append(

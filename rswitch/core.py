@@ -218,6 +218,10 @@ class Core:
 
     async def stop(self) -> None:
         """Stop the optimizer, close upstream clients, then drain the recorder so no answered call is lost."""
+        for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:
+            for step in chain.steps if chain else ():
+                if hasattr(step, "close"):
+                    step.close()  # a bandit saves what it learned
         if self.optimizer is not None:
             await asyncio.to_thread(self.optimizer.stop)
             self.optimizer = None

@@ -39,6 +39,8 @@ class Route:
     candidates: list[Combination]
     pool_key: str
     explanation: str | None = None
+    learner: Any = None  # the routing step that decided, if it learns from outcomes (a bandit)
+    query: Query | None = None
 
 
 @dataclass(slots=True)
@@ -259,7 +261,7 @@ class Gateway:
                 error_type="service_unavailable",
                 code="no_combination",
             )
-        explanation = None
+        explanation, learner = None, None
         if not pinned and query is not None:
             chain = self.template_chains.get(key[2:]) if key.startswith("t:") else None
             chain = chain or self.default_chain
@@ -267,6 +269,8 @@ class Gateway:
                 outcome = await chain.route(query)
                 explanation = outcome.explain()
                 if outcome.decision is not None:
+                    step = next((st for st in chain.steps if st.name == outcome.decision.step), None)
+                    learner = step if hasattr(step, "observe") else None
                     chosen = [
                         self.combinations[c] for c in outcome.decision.combinations if c in self.combinations
                     ]
@@ -275,7 +279,9 @@ class Gateway:
                         pool, key = chosen, f"{key}|{outcome.decision.target}"
         eff = self.effective_weights()
         first = self.balancer.pick(key, pool, eff)
-        return Route(self.balancer.order(first, pool, self.combinations, eff, pinned), key, explanation)
+        return Route(
+            self.balancer.order(first, pool, self.combinations, eff, pinned), key, explanation, learner, query
+        )
 
     # -- preparing and calling --------------------------------------------------------------
 
@@ -411,6 +417,10 @@ class Gateway:
         cost = self.prices.cost(combo.model, pt, ct)
         if observe:
             self.metrics.observe(combo.id, ok, duration_ms, ttft_ms, cost, pt + ct)
+            learner = p.route.learner
+            if learner is not None:  # a bandit learns from the calls it routed
+                context = learner.features(p.route.query) if learner.policy.contextual else None
+                learner.observe(combo.id, ok, None, cost, duration_ms, context=context)
         self.submit(
             CallRecord(
                 request_id=p.request_id,

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rswitch.routing.bandit import (
+    UCB1,
+    BanditStep,
+    BanditWeights,
+    Discounted,
+    EpsilonGreedy,
+    LinUCB,
+    SlidingWindow,
+    ThompsonSampling,
+)
 from rswitch.routing.base import Chain
 from rswitch.routing.judge import DEFAULT_RUBRIC, Caller, JudgeStep
 from rswitch.routing.rules import build_rules_step
@@ -27,6 +38,37 @@ def target_resolver(tiers: dict[str, list[str]]) -> Any:
     return resolve
 
 
+def build_bandit(s: Any, resolve: Any, state_dir: Path | None) -> BanditStep:
+    arms: list[str] = []
+    for a in s.arms:  # a tier contributes its combinations
+        arms.extend(c for c in resolve(a)[1] if c not in arms)
+    base: Any
+    if s.policy == "linucb":
+        policy: Any = LinUCB(alpha=s.alpha)
+    else:
+        base = {
+            "epsilon_greedy": lambda: EpsilonGreedy(s.epsilon),
+            "ucb1": lambda: UCB1(s.c),
+            "thompson": ThompsonSampling,
+        }[s.policy]()
+        policy = {
+            "none": base,
+            "window": SlidingWindow(base, s.window),
+            "discounted": Discounted(base, s.gamma),
+        }[s.drift]
+    w = s.weights
+    weights = BanditWeights(
+        success=w.success,
+        quality=w.quality,
+        cost=w.cost,
+        latency=w.latency,
+        cost_scale=w.cost_scale,
+        latency_scale_ms=w.latency_scale_ms,
+    )
+    state = state_dir / f"bandit-{s.name}.json" if state_dir is not None else None
+    return BanditStep(s.name, arms, policy, weights, state, rng=random.Random(s.seed))
+
+
 def build_chains(
     routing: Any,
     embedder: EmbedderFactory | None = None,
@@ -39,6 +81,8 @@ def build_chains(
     def step(s: Any) -> Any:
         if s.type == "rules":
             return build_rules_step(s.name, s.rules, resolve)
+        if s.type == "bandit":
+            return build_bandit(s, resolve, cache_dir)
         if s.type == "judge":
             if caller is None:
                 raise ValueError(f"routing step '{s.name}' needs a model caller")
