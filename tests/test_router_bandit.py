@@ -256,6 +256,7 @@ async def test_state_survives_a_restart(tmp_path: Path, make):
         q = query("x " * i)
         arm = (await step.decide(q)).combinations[0]
         step.observe(arm, env.random() < 0.7, env.random(), 0.001, 500, context=step.features(q))
+    await step.pending  # periodic saves are written off the event loop
     saved = json.loads(path.read_text())["policy"]  # saved at 10 and 20 updates, not since
     assert saved != step.policy.state()
     step.close()

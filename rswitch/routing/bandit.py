@@ -22,12 +22,14 @@ The statistics are saved as JSON, so what was learned survives restarts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import os
 import random
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -426,6 +428,9 @@ class BanditStep:
         self.save_every = save_every
         self.features = features  # the context, for a contextual policy only
         self._unsaved = 0
+        self._seq = self._written_seq = 0
+        self._write_lock = threading.Lock()
+        self.pending: Any = None  # the last background write, for whoever must wait for it
         self._load()
 
     def _load(self) -> None:
@@ -476,20 +481,46 @@ class BanditStep:
             self.policy.update(arm, r)
         self._unsaved += 1
         if self._unsaved >= self.save_every:
-            self.save()
+            self._save_soon()
         return r
 
-    def save(self) -> None:
-        """Write the policy state atomically (temp file + rename): a crash leaves the old file."""
+    def _save_soon(self) -> None:
+        """Snapshot now (on the caller's thread), write off the event loop: no file I/O on the request path."""
         self._unsaved = 0
+        self._seq += 1
+        snapshot, seq = json.loads(json.dumps(self.policy.state())), self._seq
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write(snapshot, seq)
+            return
+        self.pending = loop.run_in_executor(None, self._write, snapshot, seq)
+
+    def save(self) -> None:
+        """Write the policy state now."""
+        self._unsaved = 0
+        self._seq += 1
+        self._write(self.policy.state(), self._seq)
+
+    def _write(self, state: Any, seq: int) -> None:
+        """Atomically (temp file + rename): a crash leaves the old file. Writes from the executor
+        and from close() may overlap; the lock and the sequence number keep the newest."""
         if self.state_path is None:
             return
+        with self._write_lock:
+            if seq <= self._written_seq:
+                return
+            self._written_seq = seq
+            self._write_file(state)
+
+    def _write_file(self, state: Any) -> None:
+        assert self.state_path is not None
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, suffix=".tmp")
             try:
                 with os.fdopen(fd, "w") as fh:
-                    json.dump({"version": 1, "step": self.name, "policy": self.policy.state()}, fh)
+                    json.dump({"version": 1, "step": self.name, "policy": state}, fh)
                 os.replace(tmp, self.state_path)
             except BaseException:
                 os.unlink(tmp)
