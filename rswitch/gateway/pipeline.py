@@ -583,14 +583,50 @@ class Gateway:
             else estimate_tokens(text)
         )
         cost = self.prices.cost(combo.model, pt, ct) if error is None else 0.0
+        self._record_side_call(
+            kind,
+            uuid.uuid4().hex,
+            combo.template_id,
+            combo.id,
+            combo.provider,
+            combo.model,
+            error,
+            pt,
+            ct,
+            not usage,
+            cost,
+            started,
+        )
+        if limiter is not None:
+            limiter.settle(est, pt + ct)
+        if error is not None:
+            raise error
+        return text, pt + ct, cost
+
+    def _record_side_call(
+        self,
+        kind: str,
+        request_id: str,
+        template_id: str,
+        combination_id: str,
+        provider: str,
+        model: str,
+        error: UpstreamError | None,
+        pt: int,
+        ct: int,
+        estimated: bool,
+        cost: float,
+        started: float,
+    ) -> None:
+        """Record a call that is not a chat request (optimizer, embeddings): analytics only."""
         self.submit(
             CallRecord(
-                request_id=uuid.uuid4().hex,
+                request_id=request_id,
                 created_at=time.time(),
-                template_id=combo.template_id,
-                combination_id=combo.id,
-                provider=combo.provider,
-                model=combo.model,
+                template_id=template_id,
+                combination_id=combination_id,
+                provider=provider,
+                model=model,
                 system_prompt="",
                 messages=[],
                 variables={},
@@ -601,17 +637,12 @@ class Gateway:
                 status=200 if error is None else error.status,
                 prompt_tokens=pt,
                 completion_tokens=ct,
-                tokens_estimated=not usage,
+                tokens_estimated=estimated,
                 cost=cost,
                 duration_ms=(time.perf_counter() - started) * 1000,
                 extra={"kind": kind},
             )
         )
-        if limiter is not None:
-            limiter.settle(est, pt + ct)
-        if error is not None:
-            raise error
-        return text, pt + ct, cost
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -697,28 +728,19 @@ class Gateway:
             else (est if resp else 0)
         )
         cost = self.prices.cost(model, tokens, 0)
-        self.submit(
-            CallRecord(
-                request_id=request_id,
-                created_at=time.time(),
-                template_id="",
-                combination_id=route_id,
-                provider=provider_name,
-                model=model,
-                system_prompt="",
-                messages=[],
-                variables={},
-                output="",
-                success=error is None,
-                error_type=None if error is None else error.error_type,
-                error_message=None if error is None else error.message,
-                status=200 if error is None else error.status,
-                prompt_tokens=tokens,
-                tokens_estimated=resp is not None and not usage,
-                cost=cost,
-                duration_ms=(time.perf_counter() - started) * 1000,
-                extra={"kind": "embedding"},
-            )
+        self._record_side_call(
+            "embedding",
+            request_id,
+            "",
+            route_id,
+            provider_name,
+            model,
+            error,
+            tokens,
+            0,
+            resp is not None and not usage,
+            cost,
+            started,
         )
         if error is not None:
             if error.status == 429 and error.retry_after and limiter is not None:
