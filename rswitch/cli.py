@@ -151,6 +151,41 @@ def serve(
     typer.echo(f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped")
 
 
+@app.command()
+def tui(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address the in-process gateway binds.")] = None,
+    port: Annotated[int | None, typer.Option(help="Its port (0 picks a free one).")] = None,
+) -> None:
+    """The operator console: the gateway in-process, with live panes and keys that steer it."""
+    from rswitch.core import Core
+    from rswitch.tui.app import RSwitchApp
+    from rswitch.tui.server import GatewayThread
+
+    cfg = load(config)
+    log_file = cfg.dataset_dir.parent / "rswitch-tui.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level="INFO", filename=log_file, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        core = Core(cfg)
+    except Exception as exc:
+        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+    gateway = GatewayThread(core, host or cfg.gateway.host, cfg.gateway.port if port is None else port)
+    try:
+        url = gateway.start()
+    except RuntimeError as exc:
+        raise fail(str(exc)) from None
+    try:
+        RSwitchApp(gateway, url=url).run()
+    finally:
+        gateway.stop()  # drains the recorder and stops the optimizer
+    typer.echo(
+        f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped (log: {log_file})"
+    )
+
+
 # -- templates ------------------------------------------------------------------------------
 
 
