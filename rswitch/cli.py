@@ -445,7 +445,7 @@ def optimize(
 
     typer.echo(
         f"run {result.run_id}: {len(result.trials)} trial(s), {sum(result.calls.values())} call(s) {result.calls}, "
-        f"${result.cost:.4f}, {result.seconds:.1f} s"
+        f"{result.tokens} tokens, ${result.cost:.4f}, {result.seconds:.1f} s"
     )
     typer.echo(f"validation  seed {fmt(result.baseline_val)}  winner {fmt(result.winner_val)}")
     typer.echo(f"test        seed {fmt(result.incumbent_test)}  winner {fmt(result.winner_test)}")

@@ -119,6 +119,7 @@ async def test_search_finds_the_right_instruction_and_demos_and_the_gate_promote
     assert "This one drops the placeholder." not in res.instructions
     assert res.instructions[0] == "Repeat the user's text for {topic}."  # the incumbent is candidate 0
     assert len(res.trials) == 24 and res.calls["proposer"] >= 2
+    assert res.tokens == 10 * res.calls["task"] and res.cost == pytest.approx(0.001 * res.calls["task"])
 
 
 async def test_the_gate_keeps_the_incumbent_when_nothing_is_better():

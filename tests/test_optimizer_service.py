@@ -274,3 +274,52 @@ async def test_llm_judge_scores_through_a_judge_combination_and_counts_its_calls
     )
     assert result.calls["judge"] == len(judged) > 0
     assert result.stopped is None and result.verdict
+
+
+def test_cli_optimize_reports_and_dry_run_writes_nothing(tmp_path):
+    from rswitch.storage.datasets import DatasetStore
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model_providers": {"m": {"type": "mock"}},
+                "templates": {"echo": {"template": "Repeat the user's text for {topic}."}},
+                "gateway": {
+                    "combinations": [{"id": "echo-m", "template_id": "echo", "model": "m", "provider": "m"}]
+                },
+                "dataset": {"base_path": str(tmp_path / "p")},
+                "analytics": {"path": str(tmp_path / "a.duckdb")},
+            }
+        )
+    )
+    store = DatasetStore(tmp_path / "p", 1000)
+    store.import_rows(
+        "echo", [{"messages": e.messages, "variables": e.variables, "expected": e.expected} for e in rows(30)]
+    )
+    store.close()
+    r = runner.invoke(
+        app,
+        [
+            "optimize",
+            "echo",
+            "-c",
+            str(cfg),
+            "--trials",
+            "4",
+            "--instructions",
+            "2",
+            "--demo-sets",
+            "3",
+            "--evaluator",
+            "token_f1",
+            "--dry-run",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    for line in ("trial(s)", "validation  seed", "test        seed", "verdict"):
+        assert line in r.output
+    r = runner.invoke(app, ["template", "history", "echo", "-c", str(cfg)])
+    assert "v1 (current)" in r.output and "v2" not in r.output
+    r = runner.invoke(app, ["optimize", "echo", "-c", str(cfg), "--auto", "extreme"])
+    assert r.exit_code != 0 and "--auto must be one of light, medium, heavy" in r.output

@@ -162,6 +162,7 @@ class RunResult:
     stopped: str | None = None  # budget | cancelled
     calls: dict[str, int] = field(default_factory=dict)
     cost: float = 0.0
+    tokens: int = 0
     seconds: float = 0.0
 
     @property
@@ -426,7 +427,11 @@ class MIPROv2:
         except Cancelled:
             result.stopped, result.verdict = "cancelled", "stopped: cancelled; nothing promoted"
         result.instructions, result.demo_sets = self.instructions, self.demo_sets
-        result.calls, result.cost = dict(self.budget.calls), self.budget.cost
+        result.calls, result.cost, result.tokens = (
+            dict(self.budget.calls),
+            self.budget.cost,
+            self.budget.tokens,
+        )
         result.seconds = time.monotonic() - started
         return result
 
