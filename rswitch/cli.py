@@ -156,10 +156,6 @@ def tui(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Address the in-process gateway binds.")] = None,
     port: Annotated[int | None, typer.Option(help="Its port (0 picks a free one).")] = None,
-    theme: Annotated[
-        str | None,
-        typer.Option(help="A theme from themes/ or <data dir>/rswitch/themes/ (default: brutalist)."),
-    ] = None,
 ) -> None:
     """The operator console: the gateway in-process, with live panes and keys that steer it."""
     from rswitch.core import Core
@@ -182,7 +178,7 @@ def tui(
     except RuntimeError as exc:
         raise fail(str(exc)) from None
     try:
-        RSwitchApp(gateway, url=url, theme=theme).run()
+        RSwitchApp(gateway, url=url).run()
     finally:
         gateway.stop()  # drains the recorder and stops the optimizer
     typer.echo(

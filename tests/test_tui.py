@@ -107,33 +107,3 @@ async def test_table_shows_live_traffic_and_keys_steer_the_core(gateway, tmp_pat
         await pilot.press("o")  # the background optimizer is off in this config: the events pane says so
         await pilot.press("q")
     await asyncio.sleep(0)
-
-
-def test_themes_load_from_yaml_and_bad_files_are_reported_and_skipped(tmp_path):
-    from rswitch.tui.themes import BUNDLED, load_themes
-
-    themes, errors = load_themes(BUNDLED)
-    assert {"brutalist", "midnight", "paper"} <= set(themes) and errors == []
-    assert themes["brutalist"].background == "#000000" and themes["paper"].dark is False
-    (tmp_path / "mine.yaml").write_text("name: mine\nprimary: '#123456'\nbackground: '#000'\n")
-    (tmp_path / "bad-colour.yaml").write_text("name: bad\nprimary: blue\n")
-    (tmp_path / "bad-key.yaml").write_text("name: odd\nprimary: '#123456'\nsparkle: yes\n")
-    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
-    themes, errors = load_themes(BUNDLED, tmp_path)
-    assert "mine" in themes and "bad" not in themes and "odd" not in themes
-    assert len(errors) == 3
-    assert any("'primary' must be a hex colour" in e for e in errors) and any(
-        "unknown key(s) sparkle" in e for e in errors
-    )
-
-
-async def test_app_uses_the_chosen_theme_and_reports_an_unknown_one(gateway):
-    app = RSwitchApp(gateway, url=gateway.url, theme="paper")
-    async with app.run_test() as pilot:
-        assert app.theme == "paper"
-        await pilot.press("q")
-    app = RSwitchApp(gateway, url=gateway.url, theme="nope")
-    async with app.run_test() as pilot:
-        assert app.theme == "brutalist"
-        assert any("unknown theme 'nope'" in e for e in app.theme_errors)
-        await pilot.press("q")

@@ -13,8 +13,6 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, RichLog, Sparkline, Static
 
-from rswitch.tui.themes import BUNDLED, DEFAULT_THEME, load_themes, user_dir
-
 COLUMNS = (
     "template",
     "model",
@@ -105,27 +103,9 @@ class RSwitchApp(App[None]):
     ]
 
     def __init__(
-        self,
-        gateway: Any,
-        *,
-        url: str = "",
-        refresh: float = 0.5,
-        export_dir: Path | None = None,
-        theme: str | None = None,
-        theme_dirs: tuple[Path, ...] | None = None,
+        self, gateway: Any, *, url: str = "", refresh: float = 0.5, export_dir: Path | None = None
     ) -> None:
         super().__init__()
-        themes, self.theme_errors = load_themes(
-            *(theme_dirs if theme_dirs is not None else (BUNDLED, user_dir()))
-        )
-        for t in themes.values():
-            self.register_theme(t)
-        wanted = theme or DEFAULT_THEME
-        self.wanted_theme = wanted if wanted in self.available_themes else DEFAULT_THEME
-        if theme and theme not in self.available_themes:
-            self.theme_errors.append(
-                f"unknown theme '{theme}'; available: {', '.join(sorted(self.available_themes))}"
-            )
         self.gateway = gateway
         self.controls = Controls(gateway)
         self.url = url
@@ -151,10 +131,6 @@ class RSwitchApp(App[None]):
             table.add_column(col, key=col)
         self.query_one("#throughput", Sparkline).border_title = "requests/s"
         self.query_one("#events", RichLog).border_title = "events"
-        if self.wanted_theme in self.available_themes:
-            self.theme = self.wanted_theme
-        if self.theme_errors:  # reported once, together; the bad files were skipped
-            self.notify("\n".join(self.theme_errors), title="theme problems", severity="warning", timeout=10)
         self.fetch()
         self.set_interval(self.refresh_seconds, self.fetch)
 
