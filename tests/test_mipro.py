@@ -234,3 +234,20 @@ def test_copy_detection_and_bootstrap_interval():
     assert lo == hi == 1
     lo, hi = paired_bootstrap([0, 1, 0, 1], [1, 0, 1, 0], resamples=200, confidence=0.95, seed=1)
     assert lo < 0 < hi
+
+
+async def test_degenerate_proposals_are_rejected():
+    calls: list = []
+    junk = [
+        "Improved example:\n{topic}\n" * 12,
+        "For {topic}: " + "very " * 400 + MAGIC,
+        f"For {{topic}}: {MAGIC}.",
+    ]
+    opt = MIPROv2(
+        make_task(calls),
+        build_evaluator("exact_match"),
+        settings(num_trials=4, num_instructions=2),
+        proposer=make_proposer(calls, junk),
+    )
+    res = await opt.run("t", "Repeat the user's text for {topic}.", [], split(rows(40), seed=1))
+    assert res.instructions == ["Repeat the user's text for {topic}.", f"For {{topic}}: {MAGIC}."]

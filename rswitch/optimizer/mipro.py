@@ -340,6 +340,11 @@ class MIPROv2:
             return False
         if set(placeholders(proposal)) != set(placeholders(current)):
             return False  # it must render with the same variables the traffic sends
+        if len(proposal) > max(4 * len(current), 800):
+            return False  # a rambling proposal is not an instruction
+        lines = [ln.strip() for ln in proposal.splitlines() if ln.strip()]
+        if len(lines) >= 4 and len(set(lines)) < len(lines) / 2:
+            return False  # mostly repeated lines: a degenerate generation
         return not copies_training(proposal, train)
 
     async def _propose(self, current: str, train: list[Example]) -> None:
@@ -347,14 +352,16 @@ class MIPROv2:
         if self.s.num_instructions <= 1:
             return
         summary = (
-            await self._call("proposer", self.proposer, self._summary_prompt(train), {"temperature": 0})
+            await self._call(
+                "proposer", self.proposer, self._summary_prompt(train), {"temperature": 0, "max_tokens": 160}
+            )
         ).text.strip()
         attempts = 0
         while len(self.instructions) < self.s.num_instructions and attempts < self.s.num_instructions * 3:
             attempts += 1
             tip = self.rng.choice(TIPS)
             demos = self.rng.choice(self.demo_sets) if self.demo_sets else []
-            params = {"temperature": 1.0, "seed": self.s.seed * 1000 + attempts}
+            params = {"temperature": 1.0, "seed": self.s.seed * 1000 + attempts, "max_tokens": 300}
             text = (
                 await self._call(
                     "proposer", self.proposer, self._proposal_prompt(summary, current, demos, tip), params
