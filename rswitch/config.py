@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 STRATEGIES = ("round_robin", "weighted_round_robin", "performance_based")
-PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock", "local")
+PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock", "local", "encoder")
 STANDARD_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 CONFIG_ENV = "RSWITCH_CONFIG"
 
@@ -41,8 +41,18 @@ class LocalSettings(_Strict):
     )
 
 
+class EncoderSettings(_Strict):
+    """An in-process sentence encoder (`type: encoder`): embeddings only."""
+
+    backend: Literal["static", "onnx"] = "static"
+    dim: Literal[64, 128, 256] = Field(256, description="static: WordLlama's Matryoshka dimensions")
+    path: str | None = Field(None, description="onnx: a folder with model.onnx and tokenizer.json")
+    model_file: str = "model.onnx"
+    max_length: int = Field(256, ge=8, le=8192, description="onnx: tokens kept per input")
+
+
 class ProviderConfig(_Strict):
-    type: Literal["openai", "anthropic", "ollama", "mock", "local"]
+    type: Literal["openai", "anthropic", "ollama", "mock", "local", "encoder"]
     base_url: str | None = None
     api_key_env: str | None = None
     api_key: str | None = None  # works, but prints a warning: keep keys in the environment
@@ -53,6 +63,7 @@ class ProviderConfig(_Strict):
     max_connections: int = Field(256, ge=1)
     mock: MockSettings = Field(default_factory=MockSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
 
 
 class CombinationConfig(_Strict):

@@ -111,6 +111,59 @@ def build_combinations(config: Config, registry: TemplateRegistry) -> list[Combi
     return out
 
 
+def embedder_factory(providers: dict[str, Provider]) -> Any:
+    """(provider, model) -> (an embed function over that configured provider, the encoder's id):
+    what the semantic router embeds with."""
+
+    def make(provider_name: str, model: str) -> tuple[Any, str]:
+        provider = providers[provider_name]
+        if hasattr(provider, "encode"):  # an in-process encoder: vectors straight, no JSON shape
+            return provider.encode, f"encoder:{provider.encoder_id()}"
+        describe = provider.describe()
+        encoder_id = f"{provider.type}:{model}:{describe.get('model_path') or describe.get('base_url') or ''}"
+
+        async def embed(texts: list[str]) -> list[list[float]]:
+            resp = await provider.embed(EmbedCall(model=model, inputs=texts, params={}))
+            return [d["embedding"] for d in sorted(resp["data"], key=lambda d: d["index"])]
+
+        return embed, encoder_id
+
+    return make
+
+
+def caller_factory(providers: dict[str, Provider]) -> Any:
+    """(provider, model) -> a chat call to that configured model: what the judge router asks."""
+
+    def make(provider_name: str, model: str) -> Any:
+        provider = providers[provider_name]
+
+        async def call(messages: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+            timeout = provider.settings.timeout_seconds
+            return await provider.complete(
+                ChatCall(model=model, messages=messages, params=params, timeout=timeout)
+            )
+
+        return call
+
+    return make
+
+
+def routing_providers(config: Config) -> dict[str, Provider]:
+    """The providers the router chains use (encoders, judges), built from config, not started."""
+    names: set[str] = set()
+    for steps in [config.routing.default, *config.routing.templates.values()]:
+        for s in steps:
+            if s.type == "semantic":
+                names.add(s.encoder.provider)
+            elif s.type == "judge":
+                names.add(s.provider)
+    out = {}
+    for name in sorted(names):
+        pc = config.model_providers[name]
+        out[name] = build_provider(name, pc, resolve_api_key(name, pc)[0])
+    return out
+
+
 class Core:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -162,36 +215,15 @@ class Core:
             request_timeout=gw.request_timeout_seconds,
             embedding_default=gw.embeddings,
             chains=build_chains(
-                config.routing, self._embedder, config.dataset_dir.parent / "routing", self._caller
+                config.routing,
+                embedder_factory(self.providers),
+                config.dataset_dir.parent / "routing",
+                caller_factory(self.providers),
             ),
         )
         self._started = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.optimizer: Any = None  # BackgroundOptimizer when gateway.optimization.enabled
-
-    def _embedder(self, provider_name: str, model: str) -> tuple[Any, str]:
-        """An embed function over a configured provider, for the semantic router, and its id."""
-        provider = self.providers[provider_name]
-        describe = provider.describe()
-        encoder_id = f"{provider.type}:{model}:{describe.get('model_path') or describe.get('base_url') or ''}"
-
-        async def embed(texts: list[str]) -> list[list[float]]:
-            resp = await provider.embed(EmbedCall(model=model, inputs=texts, params={}))
-            return [d["embedding"] for d in sorted(resp["data"], key=lambda d: d["index"])]
-
-        return embed, encoder_id
-
-    def _caller(self, provider_name: str, model: str) -> Any:
-        """A chat call to a configured provider's model, for the judge router."""
-        provider = self.providers[provider_name]
-
-        async def call(messages: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
-            timeout = provider.settings.timeout_seconds
-            return await provider.complete(
-                ChatCall(model=model, messages=messages, params=params, timeout=timeout)
-            )
-
-        return call
 
     # -- lifecycle --------------------------------------------------------------------------
 

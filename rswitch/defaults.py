@@ -18,6 +18,7 @@ from rswitch.templates import TemplateRegistry
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_prompts"
 LOCAL_MODEL = "smollm2-135m-instruct"
+ENCODER_MODEL = "wordllama-256"  # the static encoder: /v1/embeddings' default, and the semantic router's
 OLLAMA_URL = "http://127.0.0.1:11434"
 
 
@@ -48,7 +49,10 @@ def default_config(probe_ollama: bool = True) -> tuple[Config, list[str]]:
     """The built-in config and a line for each thing detected or not."""
     notes: list[str] = []
     templates = [t.id for t in TemplateRegistry.read_dir(SAMPLES)[0]] if SAMPLES.is_dir() else []
-    providers: dict[str, Any] = {"local": {"type": "local", "models": [LOCAL_MODEL]}}
+    providers: dict[str, Any] = {
+        "local": {"type": "local", "models": [LOCAL_MODEL]},
+        "encoder": {"type": "encoder", "models": [ENCODER_MODEL]},
+    }
     combos: list[dict[str, Any]] = []
     extra: list[tuple[str, str]] = []  # (provider, model) beside the local model
 
@@ -105,7 +109,7 @@ def default_config(probe_ollama: bool = True) -> tuple[Config, list[str]]:
 
     base = data_dir()
     data = {
-        "gateway": {"combinations": combos, "embeddings": {"provider": "local", "model": LOCAL_MODEL}},
+        "gateway": {"combinations": combos, "embeddings": {"provider": "encoder", "model": ENCODER_MODEL}},
         "template_dirs": [str(SAMPLES)] if templates else [],
         "model_providers": providers,
         "dataset": {"base_path": str(base / "prompts")},

@@ -17,7 +17,7 @@ def test_without_keys_or_ollama_every_sample_template_runs_on_the_local_model(mo
     assert {"support-reply", "summarise", "classify-intent", "extract-json"} <= samples
     assert set(combos) == {f"{t}-local" for t in samples}
     assert all(c.provider == "local" and c.model == LOCAL_MODEL for c in combos.values())
-    assert set(cfg.model_providers) == {"local"}
+    assert set(cfg.model_providers) == {"local", "encoder"}  # chat on the local model, embeddings static
     assert (
         cfg.dataset_dir == tmp_path / "prompts"
         and cfg.analytics_file == tmp_path / "analytics" / "metrics.duckdb"

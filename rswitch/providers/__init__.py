@@ -13,6 +13,7 @@ _CLASSES = {
     "ollama": ("rswitch.providers.ollama", "OllamaProvider"),
     "mock": ("rswitch.providers.mock", "MockProvider"),
     "local": ("rswitch.providers.local", "LocalProvider"),
+    "encoder": ("rswitch.providers.encoder", "EncoderProvider"),
 }
 
 

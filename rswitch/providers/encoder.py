@@ -1,0 +1,194 @@
+"""In-process sentence encoders: embeddings without a model server, a GPU or torch.
+
+`type: encoder` providers serve `/v1/embeddings` and the semantic router, nothing else.
+Two backends:
+
+- `static` (the default): WordLlama's bundled static embeddings (256 dimensions, weights
+  shipped inside the `wordllama` wheel, so nothing is downloaded). Token vectors averaged:
+  tens of microseconds a query.
+- `onnx`: a sentence-transformers model exported to ONNX (a folder with `model.onnx` and
+  `tokenizer.json`, e.g. all-MiniLM-L6-v2), run with onnxruntime, mean-pooled over the
+  attention mask and L2-normalised. Needs `pip install onnxruntime` (the `onnx` extra).
+
+`benchmarks/routing/` compares them with the local LLM's mean-pooled embeddings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError
+from rswitch.providers.pricing import estimate_tokens
+
+INLINE_CHARS = 2048  # a static encoder embeds this much on the event loop; more goes to a thread
+
+
+class EncoderError(RuntimeError):
+    pass
+
+
+class StaticEncoder:
+    """WordLlama's l2_supercat static embeddings, from the files inside the installed wheel."""
+
+    def __init__(self, dim: int = 256) -> None:
+        try:
+            import wordllama
+            from wordllama import WordLlama
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise EncoderError("the static encoder needs the 'wordllama' package") from exc
+        # WordLlama looks for bundled files under <dir>/weights and <dir>/tokenizers; its
+        # package folder has exactly that layout, so point it there and never download.
+        pkg = Path(wordllama.__file__).parent
+        try:
+            self._model = WordLlama.load(dim=dim, cache_dir=pkg, disable_download=True)
+        except FileNotFoundError as exc:
+            raise EncoderError(f"WordLlama files missing from {pkg}: {exc}") from exc
+        self.dim = dim
+        self.id = f"static:wordllama-l2_supercat-{dim}"
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self._model.embed(texts, norm=True), dtype=np.float32)
+
+
+class OnnxEncoder:
+    """A sentence-transformers ONNX export: `model.onnx` (or `model_file`) + `tokenizer.json`."""
+
+    def __init__(self, path: str, model_file: str = "model.onnx", max_length: int = 256) -> None:
+        folder = Path(path).expanduser()
+        onnx_file, tok_file = folder / model_file, folder / "tokenizer.json"
+        for f in (onnx_file, tok_file):
+            if not f.is_file():
+                raise EncoderError(f"onnx encoder: {f} does not exist")
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise EncoderError(
+                "the onnx encoder needs onnxruntime: pip install 'rswitch[onnx]' (or onnxruntime)"
+            ) from exc
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self._session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        self._tok = Tokenizer.from_file(str(tok_file))
+        self._tok.enable_truncation(max_length)
+        self._tok.enable_padding()
+        self._lock = threading.Lock()  # the tokenizer's padding state is not shared safely
+        self.dim = int(self._session.get_outputs()[0].shape[-1])
+        self.id = f"onnx:{onnx_file.resolve()}:{onnx_file.stat().st_size}"
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
+            enc = self._tok.encode_batch(texts)
+        ids = np.asarray([e.ids for e in enc], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        hidden = self._session.run(None, {k: v for k, v in feed.items() if k in self._inputs})[0]
+        m = mask[..., None].astype(np.float32)
+        pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def build_encoder(settings: Any) -> StaticEncoder | OnnxEncoder:
+    """From config.EncoderSettings."""
+    if settings.backend == "onnx":
+        if not settings.path:
+            raise EncoderError(
+                "encoder backend 'onnx' needs `path`: a folder with model.onnx and tokenizer.json"
+            )
+        return OnnxEncoder(settings.path, settings.model_file, settings.max_length)
+    return StaticEncoder(settings.dim)
+
+
+class EncoderProvider(Provider):
+    type = "encoder"
+
+    def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
+        super().__init__(name, settings, api_key)
+        self._encoder: StaticEncoder | OnnxEncoder | None = None
+        self._load_lock = threading.Lock()
+
+    @property
+    def encoder(self) -> StaticEncoder | OnnxEncoder:
+        if self._encoder is None:
+            with self._load_lock:
+                if self._encoder is None:
+                    self._encoder = build_encoder(self.settings.encoder)
+        return self._encoder
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(lambda: self.encoder)
+        except EncoderError:
+            pass  # reported on first use, as a 500 naming the problem
+
+    def encoder_id(self) -> str:
+        s = self.settings.encoder
+        if s.backend == "onnx":
+            return f"onnx:{s.path}:{s.model_file}:{s.max_length}"
+        return f"static:wordllama-l2_supercat-{s.dim}"
+
+    async def encode(self, texts: list[str]) -> np.ndarray:
+        """Normalised vectors, one row per text (the semantic router's fast path)."""
+        try:
+            enc = self.encoder
+            if isinstance(enc, StaticEncoder) and sum(len(t) for t in texts) <= INLINE_CHARS:
+                return enc.encode(texts)
+            return await asyncio.to_thread(enc.encode, texts)
+        except EncoderError as exc:
+            raise UpstreamError(500, f"provider '{self.name}': {exc}", retryable=False) from None
+
+    async def embed(self, call: EmbedCall) -> dict[str, Any]:
+        inputs = [call.inputs] if isinstance(call.inputs, str) else list(call.inputs)
+        if not inputs or not all(isinstance(x, str) for x in inputs):
+            raise UpstreamError(
+                400,
+                f"provider '{self.name}': 'input' must be a string or a list of strings",
+                error_type="invalid_request_error",
+                retryable=False,
+            )
+        vectors = await self.encode(inputs)
+        dims = call.params.get("dimensions")
+        if isinstance(dims, int) and 0 < dims < vectors.shape[1]:  # Matryoshka-style truncation
+            vectors = vectors[:, :dims]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        tokens = sum(estimate_tokens(t) for t in inputs)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)
+            ],
+            "model": call.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    def _chat_refused(self) -> UpstreamError:
+        return UpstreamError(
+            400,
+            f"provider '{self.name}' is an encoder: it serves /v1/embeddings only, not chat",
+            error_type="invalid_request_error",
+            code="chat_not_supported",
+            retryable=False,
+        )
+
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        raise self._chat_refused()
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        raise self._chat_refused()
+        yield {}  # pragma: no cover - makes this an async generator
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings.encoder
+        return {"name": self.name, "type": self.type, "base_url": None, "model_path": self.encoder_id()} | {
+            "backend": s.backend
+        }
