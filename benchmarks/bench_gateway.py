@@ -424,6 +424,23 @@ RULES_ROUTING = f"""routing:
 """
 
 
+# A semantic step on the built-in static encoder: 20 routes x 10 utterances (200 vectors), a
+# threshold no "hello" reaches, so every request embeds its prompt, scores every route and passes.
+_TOPICS = "billing refunds shipping returns passwords invoices contracts weather travel recipes".split()
+_TOPICS += "sports music movies health fitness taxes insurance mortgages careers gardening".split()
+SEMANTIC_ROUTING = """routing:
+  default:
+    - type: semantic
+      name: topics
+      encoder: {provider: encoder, model: wordllama-256}
+      routes:
+""" + "".join(
+    f"        - route: {COMBINATION}\n          threshold: 0.99\n          utterances:\n"
+    + "".join(f'            - "a question about {t}, variant {j} of ten"\n' for j in range(10))
+    for t in _TOPICS
+)
+
+
 def write_config(tmp: Path, upstream_port: int, recorder: dict[str, float], routing: str = "none") -> Path:
     data = tmp / "data"
     rec = "".join(f"\n  {k}: {v:g}" for k, v in recorder.items())
@@ -446,13 +463,16 @@ model_providers:
     type: openai
     base_url: http://{HOST}:{upstream_port}/v1
     api_key_env: RSWITCH_BENCH_KEY
+  encoder:
+    type: encoder
+    models: [wordllama-256]
 dataset:
   base_path: {data}/prompts
 analytics:
   path: {data}/analytics/metrics.duckdb
 """
         + (f"recorder:{rec}\n" if rec else "")
-        + (RULES_ROUTING if routing == "rules" else "")
+        + {"rules": RULES_ROUTING, "semantic": SEMANTIC_ROUTING}.get(routing, "")
     )
     path = tmp / "config.yaml"
     path.write_text(cfg)
@@ -822,9 +842,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, logs, databases)")
     ap.add_argument(
         "--routing",
-        choices=["none", "rules"],
+        choices=["none", "rules", "semantic"],
         default="none",
-        help="add a rules-only router chain (7 rules, none matching) to measure its hot-path cost",
+        help="add a router chain to measure its hot-path cost: rules (7 rules, none matching) or "
+        "semantic (the static encoder, 20 routes x 10 utterances, passing)",
     )
     ap.add_argument("--_upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_loadgen", nargs=4, help=argparse.SUPPRESS)

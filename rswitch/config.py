@@ -226,6 +226,11 @@ class BanditStepConfig(_Strict):
     epsilon: float = Field(0.1, ge=0, le=1)
     c: float = Field(1.0, ge=0, description="UCB1's exploration scale")
     alpha: float = Field(1.0, ge=0, description="LinUCB's exploration scale")
+    context: Literal["features", "embedding"] = Field(
+        "features", description="linucb: simple prompt features, or the prompt's embedding (needs encoder)"
+    )
+    encoder: EncoderConfig | None = None
+    timeout_seconds: float = Field(2.0, gt=0, description="linucb on embeddings: the encoder's deadline")
     window: int = Field(200, ge=10)
     gamma: float = Field(0.99, gt=0, lt=1)
     weights: BanditWeightsConfig = Field(default_factory=BanditWeightsConfig)
@@ -437,6 +442,31 @@ def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProb
                     )
                 )
             if step.type == "bandit":
+                if step.context == "embedding":
+                    if step.policy != "linucb":
+                        problems.append(
+                            ConfigProblem(
+                                f"{path}[{i}].context",
+                                "an embedding context needs policy: linucb",
+                                step.context,
+                                True,
+                            )
+                        )
+                    if step.encoder is None:
+                        problems.append(
+                            ConfigProblem(
+                                f"{path}[{i}].encoder", "context: embedding needs an encoder", None, True
+                            )
+                        )
+                    elif step.encoder.provider not in cfg.model_providers:
+                        problems.append(
+                            ConfigProblem(
+                                f"{path}[{i}].encoder.provider",
+                                "unknown provider",
+                                step.encoder.provider,
+                                True,
+                            )
+                        )
                 for j, arm in enumerate(step.arms):
                     why = _bad_target(arm, r.tiers, combination_ids)
                     if why:

@@ -157,6 +157,8 @@ def routing_providers(config: Config) -> dict[str, Provider]:
                 names.add(s.encoder.provider)
             elif s.type == "judge":
                 names.add(s.provider)
+            elif s.type == "bandit" and s.context == "embedding" and s.encoder is not None:
+                names.add(s.encoder.provider)
     out = {}
     for name in sorted(names):
         pc = config.model_providers[name]

@@ -419,8 +419,9 @@ class Gateway:
             self.metrics.observe(combo.id, ok, duration_ms, ttft_ms, cost, pt + ct)
             learner = p.route.learner
             if learner is not None:  # a bandit learns from the calls it routed
-                context = learner.features(p.route.query) if learner.policy.contextual else None
-                learner.observe(combo.id, ok, None, cost, duration_ms, context=context)
+                context = learner.context_for(p.route.query) if learner.policy.contextual else None
+                if context is not None or not learner.policy.contextual:
+                    learner.observe(combo.id, ok, None, cost, duration_ms, context=context)
         self.submit(
             CallRecord(
                 request_id=p.request_id,

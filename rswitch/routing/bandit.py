@@ -31,7 +31,7 @@ import random
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -319,30 +319,38 @@ class Discounted:
 
 class LinUCB:
     """Per arm a ridge regression of reward on the context x (A = I + sum x x^T, b = sum r x);
-    pick the arm maximising theta.x + alpha * sqrt(x^T A^-1 x), theta = A^-1 b."""
+    pick the arm maximising theta.x + alpha * sqrt(x^T A^-1 x), theta = A^-1 b.
+
+    A^-1 is kept up to date by Sherman-Morrison (O(d^2) a pull, no inversion per request), so
+    contexts of a few hundred dimensions (prompt embeddings) cost well under a millisecond.
+    `dim=None` takes the dimension from the first context."""
 
     name = "linucb"
     contextual = True
 
-    def __init__(self, alpha: float = 1.0, dim: int = 5) -> None:
+    def __init__(self, alpha: float = 1.0, dim: int | None = 5) -> None:
         self.alpha = alpha
         self.dim = dim
         self.A: dict[str, np.ndarray] = {}
+        self.A_inv: dict[str, np.ndarray] = {}
         self.b: dict[str, np.ndarray] = {}
         self.n: dict[str, int] = {}
 
     def _vector(self, context: Any) -> np.ndarray:
         x = np.asarray(context, dtype=float).reshape(-1)
+        if self.dim is None:
+            self.dim = x.size
         if x.shape != (self.dim,):
             raise ValueError(f"context has {x.size} features, expected {self.dim}")
         return x
 
     def _estimate(self, arm: str, x: np.ndarray) -> tuple[float, float]:
         """(predicted reward, confidence width) of `arm` at x."""
-        A = self.A.get(arm, np.eye(self.dim))
-        b = self.b.get(arm, np.zeros(self.dim))
-        a_inv = np.linalg.inv(A)
-        return float(a_inv @ b @ x), float(np.sqrt(x @ a_inv @ x))
+        a_inv = self.A_inv.get(arm)
+        if a_inv is None:  # untouched arm: A = I, b = 0
+            return 0.0, float(np.sqrt(x @ x))
+        ax = a_inv @ x
+        return float(self.b[arm] @ ax), float(np.sqrt(max(x @ ax, 0.0)))
 
     def select(self, arms: list[str], rng: random.Random, context: Any) -> str:
         x = self._vector(context)
@@ -358,8 +366,12 @@ class LinUCB:
 
     def update(self, arm: str, reward: float, context: Any) -> None:
         x = self._vector(context)
-        self.A[arm] = self.A.get(arm, np.eye(self.dim)) + np.outer(x, x)
-        self.b[arm] = self.b.get(arm, np.zeros(self.dim)) + reward * x
+        d = self.dim or x.size
+        a_inv = self.A_inv.get(arm, np.eye(d))
+        ax = a_inv @ x
+        self.A_inv[arm] = a_inv - np.outer(ax, ax) / (1.0 + x @ ax)
+        self.A[arm] = self.A.get(arm, np.eye(d)) + np.outer(x, x)
+        self.b[arm] = self.b.get(arm, np.zeros(d)) + reward * x
         self.n[arm] = self.n.get(arm, 0) + 1
 
     def describe(self, arm: str, context: Any) -> str:
@@ -373,16 +385,18 @@ class LinUCB:
         return {"kind": "linucb", "dim": self.dim, "arms": arms}
 
     def load(self, data: dict[str, Any], arms: Collection[str] | None = None) -> None:
-        if data.get("kind") != "linucb" or data.get("dim") != self.dim:
+        if data.get("kind") != "linucb" or (self.dim is not None and data.get("dim") != self.dim):
             raise ValueError(f"not a linucb state of dimension {self.dim}")
+        dim = int(data["dim"])
         A, b, n = {}, {}, {}
         for arm, s in data["arms"].items():
             a_m, b_v = np.asarray(s["A"], dtype=float), np.asarray(s["b"], dtype=float)
-            if a_m.shape != (self.dim, self.dim) or b_v.shape != (self.dim,):
+            if a_m.shape != (dim, dim) or b_v.shape != (dim,):
                 raise ValueError(f"arm {arm!r}: wrong shapes")
             if arms is None or arm in arms:
                 A[arm], b[arm], n[arm] = a_m, b_v, int(s["n"])
-        self.A, self.b, self.n = A, b, n
+        self.A, self.b, self.n, self.dim = A, b, n, dim
+        self.A_inv = {arm: np.linalg.inv(m) for arm, m in A.items()}
 
 
 def query_features(query: Query) -> np.ndarray:
@@ -416,6 +430,9 @@ class BanditStep:
         rng: random.Random | None = None,
         save_every: int = 20,
         features: Callable[[Query], np.ndarray] = query_features,
+        embed: Callable[[list[str]], Awaitable[Any]] | None = None,
+        context_id: str = "features",
+        embed_timeout: float = 2.0,
     ) -> None:
         if not arms or len(set(arms)) != len(arms):
             raise ValueError("a bandit step needs distinct arms")
@@ -427,6 +444,9 @@ class BanditStep:
         self.rng = rng or random.Random()
         self.save_every = save_every
         self.features = features  # the context, for a contextual policy only
+        self.embed = embed  # when set, the context is [1, the prompt's embedding] instead
+        self.context_id = context_id  # what the context is (an encoder id): state of another is dropped
+        self.embed_timeout = embed_timeout
         self._unsaved = 0
         self._seq = self._written_seq = 0
         self._write_lock = threading.Lock()
@@ -438,6 +458,8 @@ class BanditStep:
             return
         try:
             data = json.loads(self.state_path.read_text())
+            if self.policy.contextual and data.get("context", "features") != self.context_id:
+                raise ValueError(f"it was learned on context {data.get('context', 'features')!r}")
             self.policy.load(data["policy"], arms=set(self.arms))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning(
@@ -448,9 +470,35 @@ class BanditStep:
                 exc,
             )
 
-    async def decide(self, query: Query) -> Decision:
+    async def context(self, query: Query) -> np.ndarray:
+        """The query's context for a contextual policy, computed once per query and kept on it
+        (the outcome is learned against the very vector the pick used)."""
+        x = query.contexts.get(self.name)
+        if x is None:
+            if self.embed is None:
+                x = self.features(query)
+            else:
+                async with asyncio.timeout(self.embed_timeout):
+                    [v] = await self.embed([query.text])
+                v = np.asarray(v, dtype=float)
+                x = np.concatenate([[1.0], v / (np.linalg.norm(v) or 1.0)])
+            query.contexts[self.name] = x
+        return x
+
+    def context_for(self, query: Query) -> np.ndarray | None:
+        """The context `decide` used for this query (None if it never got one)."""
+        x = query.contexts.get(self.name)
+        if x is None and self.embed is None:
+            x = self.features(query)
+        return x
+
+    async def decide(self, query: Query) -> Decision | str:
         if self.policy.contextual:
-            context = self.features(query)
+            try:
+                context = await self.context(query)
+            except Exception as exc:  # the encoder is down or slow: pass, don't fail the request
+                log.warning("bandit step %s passes: %s: %s", self.name, type(exc).__name__, exc)
+                return f"no context: {type(exc).__name__}"
             arm = self.policy.select(self.arms, self.rng, context)
             why = self.policy.describe(arm, context)
         else:
@@ -520,7 +568,9 @@ class BanditStep:
             fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, suffix=".tmp")
             try:
                 with os.fdopen(fd, "w") as fh:
-                    json.dump({"version": 1, "step": self.name, "policy": state}, fh)
+                    json.dump(
+                        {"version": 1, "step": self.name, "context": self.context_id, "policy": state}, fh
+                    )
                 os.replace(tmp, self.state_path)
             except BaseException:
                 os.unlink(tmp)

@@ -17,6 +17,7 @@ class Query:
     messages: list[dict[str, Any]]
     params: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    contexts: dict[str, Any] = field(default_factory=dict)  # a contextual step's features, by step name
 
     @cached_property
     def text(self) -> str:

@@ -38,13 +38,21 @@ def target_resolver(tiers: dict[str, list[str]]) -> Any:
     return resolve
 
 
-def build_bandit(s: Any, resolve: Any, state_dir: Path | None) -> BanditStep:
+def build_bandit(
+    s: Any, resolve: Any, state_dir: Path | None, embedder: EmbedderFactory | None = None
+) -> BanditStep:
     arms: list[str] = []
     for a in s.arms:  # a tier contributes its combinations
         arms.extend(c for c in resolve(a)[1] if c not in arms)
     base: Any
+    embed, context_id = None, "features"
+    if s.policy == "linucb" and s.context == "embedding":
+        if embedder is None:
+            raise ValueError(f"routing step '{s.name}' needs an embedder")
+        embed, encoder_id = embedder(s.encoder.provider, s.encoder.model)
+        context_id = f"embedding:{encoder_id}"
     if s.policy == "linucb":
-        policy: Any = LinUCB(alpha=s.alpha)
+        policy: Any = LinUCB(alpha=s.alpha, dim=None if embed is not None else 5)
     else:
         base = {
             "epsilon_greedy": lambda: EpsilonGreedy(s.epsilon),
@@ -66,7 +74,17 @@ def build_bandit(s: Any, resolve: Any, state_dir: Path | None) -> BanditStep:
         latency_scale_ms=w.latency_scale_ms,
     )
     state = state_dir / f"bandit-{s.name}.json" if state_dir is not None else None
-    return BanditStep(s.name, arms, policy, weights, state, rng=random.Random(s.seed))
+    return BanditStep(
+        s.name,
+        arms,
+        policy,
+        weights,
+        state,
+        rng=random.Random(s.seed),
+        embed=embed,
+        context_id=context_id,
+        embed_timeout=s.timeout_seconds,
+    )
 
 
 def build_chains(
@@ -82,7 +100,7 @@ def build_chains(
         if s.type == "rules":
             return build_rules_step(s.name, s.rules, resolve)
         if s.type == "bandit":
-            return build_bandit(s, resolve, cache_dir)
+            return build_bandit(s, resolve, cache_dir, embedder)
         if s.type == "judge":
             if caller is None:
                 raise ValueError(f"routing step '{s.name}' needs a model caller")
