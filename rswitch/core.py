@@ -329,6 +329,11 @@ class Core:
                 error_type="service_unavailable",
                 retry_after=1,
             )
+        if score is not None:  # a bandit that routed this call learns its quality
+            for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:
+                for step in chain.steps if chain else ():
+                    if hasattr(step, "revise"):
+                        step.revise(request_id, float(score))
         return {"status": "accepted", "request_id": request_id, "template_id": template_id}
 
     # -- packages ----------------------------------------------------------------------------

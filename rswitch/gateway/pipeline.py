@@ -421,7 +421,9 @@ class Gateway:
             if learner is not None:  # a bandit learns from the calls it routed
                 context = learner.context_for(p.route.query) if learner.policy.contextual else None
                 if context is not None or not learner.policy.contextual:
-                    learner.observe(combo.id, ok, None, cost, duration_ms, context=context)
+                    learner.observe(
+                        combo.id, ok, None, cost, duration_ms, context=context, request_id=p.request_id
+                    )
         self.submit(
             CallRecord(
                 request_id=p.request_id,

@@ -30,7 +30,7 @@ import os
 import random
 import tempfile
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +115,7 @@ class BanditPolicy(Protocol):
 
     def select(self, arms: list[str], rng: random.Random) -> str: ...
     def update(self, arm: str, reward: float) -> None: ...
+    def revise(self, arm: str, old: float, new: float, age: int) -> None: ...
     def describe(self, arm: str) -> str: ...
     def state(self) -> dict[str, Any]: ...
     def load(self, data: dict[str, Any], arms: Collection[str] | None = None) -> None: ...
@@ -148,6 +149,12 @@ class Policy:
         s = self.stats.setdefault(arm, ArmStats())
         s.n += 1
         s.total += reward
+
+    def revise(self, arm: str, old: float, new: float, age: int, weight: float = 1.0) -> None:
+        """A reward given `age` updates ago turns out to be `new`, not `old` (feedback came)."""
+        s = self.stats.get(arm)
+        if s is not None:
+            s.total = min(max(s.total + (new - old) * weight, 0.0), s.n)
 
     def describe(self, arm: str) -> str:
         s = self.get(arm)
@@ -253,6 +260,11 @@ class SlidingWindow:
         self.pulls.append((arm, reward))
         self._recount()
 
+    def revise(self, arm: str, old: float, new: float, age: int) -> None:
+        if age < len(self.pulls) and self.pulls[-1 - age] == (arm, old):  # still in the window
+            self.pulls[-1 - age] = (arm, new)
+            self._recount()
+
     def _recount(self) -> None:
         # recomputed rather than adjusted on eviction: no float drift, and a window is small
         stats: dict[str, ArmStats] = {}
@@ -301,6 +313,9 @@ class Discounted:
             s.n *= self.gamma
             s.total *= self.gamma
         self.policy.update(arm, reward)
+
+    def revise(self, arm: str, old: float, new: float, age: int) -> None:
+        self.policy.revise(arm, old, new, age, weight=self.gamma**age)  # it has decayed since
 
     def describe(self, arm: str) -> str:
         return self.policy.describe(arm)
@@ -373,6 +388,10 @@ class LinUCB:
         self.A[arm] = self.A.get(arm, np.eye(d)) + np.outer(x, x)
         self.b[arm] = self.b.get(arm, np.zeros(d)) + reward * x
         self.n[arm] = self.n.get(arm, 0) + 1
+
+    def revise(self, arm: str, old: float, new: float, age: int, context: Any) -> None:
+        if arm in self.b:
+            self.b[arm] = self.b[arm] + (new - old) * self._vector(context)
 
     def describe(self, arm: str, context: Any) -> str:
         if self.n.get(arm, 0) == 0:
@@ -448,6 +467,9 @@ class BanditStep:
         self.context_id = context_id  # what the context is (an encoder id): state of another is dropped
         self.embed_timeout = embed_timeout
         self._unsaved = 0
+        self._updates = 0  # observe() calls so far: how old a reward is, when feedback revises it
+        self.feedback_memory = 10_000  # calls remembered for feedback, oldest forgotten first
+        self._awaiting: OrderedDict[str, tuple[str, float, float, Any, float, int]] = OrderedDict()
         self._seq = self._written_seq = 0
         self._write_lock = threading.Lock()
         self.pending: Any = None  # the last background write, for whoever must wait for it
@@ -515,9 +537,11 @@ class BanditStep:
         latency_ms: float = 0.0,
         *,
         context: Any = None,
+        request_id: str | None = None,
     ) -> float | None:
         """Learn from one call to `arm`; returns its reward, or None for an arm not in this step
-        (a fallback outside it, say). A contextual policy needs the context the pick used."""
+        (a fallback outside it, say). A contextual policy needs the context the pick used.
+        With a `request_id`, feedback on that call may later `revise` the reward with its quality."""
         if arm not in self.arms:
             return None
         r = reward(success, quality, cost, latency_ms, self.weights)
@@ -527,10 +551,32 @@ class BanditStep:
             self.policy.update(arm, r, context)
         else:
             self.policy.update(arm, r)
+        if request_id is not None and success and quality is None:
+            self._awaiting[request_id] = (arm, cost, latency_ms, context, r, self._updates)
+            if len(self._awaiting) > self.feedback_memory:
+                self._awaiting.popitem(last=False)
+        self._updates += 1
         self._unsaved += 1
         if self._unsaved >= self.save_every:
             self._save_soon()
         return r
+
+    def revise(self, request_id: str, quality: float) -> float | None:
+        """Feedback on a call this step routed: its reward is recomputed with `quality` in place
+        of the assumed 1, and the policy's statistics corrected as if it had been known then
+        (no extra pull). Returns the new reward, or None for a call it does not remember."""
+        entry = self._awaiting.pop(request_id, None)
+        if entry is None:
+            return None
+        arm, cost, latency_ms, context, old, at = entry
+        new = reward(True, quality, cost, latency_ms, self.weights)
+        age = self._updates - at - 1
+        if self.policy.contextual:
+            self.policy.revise(arm, old, new, age, context)
+        else:
+            self.policy.revise(arm, old, new, age)
+        self._unsaved += 1
+        return new
 
     def _save_soon(self) -> None:
         """Snapshot now (on the caller's thread), write off the event loop: no file I/O on the request path."""
