@@ -221,10 +221,14 @@ class BanditStepConfig(_Strict):
     type: Literal["bandit"]
     name: str = "bandit"
     arms: list[str] = Field(min_length=2, description="combination ids, or one 'tier:NAME'")
-    policy: Literal["epsilon_greedy", "ucb1", "thompson", "linucb"] = "thompson"
+    # defaults from benchmarks/routing/drift.py: epsilon-greedy over a window had the lowest
+    # regret with and without drift; UCB1's textbook c=1 explores like round-robin at these gaps
+    policy: Literal["epsilon_greedy", "ucb1", "thompson", "linucb"] = "epsilon_greedy"
     drift: Literal["none", "window", "discounted"] = "window"
     epsilon: float = Field(0.1, ge=0, le=1)
-    c: float = Field(1.0, ge=0, description="UCB1's exploration scale")
+    c: float = Field(
+        0.1, ge=0, description="UCB1's exploration scale (1 = textbook; rewards differ by hundredths)"
+    )
     alpha: float = Field(1.0, ge=0, description="LinUCB's exploration scale")
     context: Literal["features", "embedding"] = Field(
         "features", description="linucb: simple prompt features, or the prompt's embedding (needs encoder)"
