@@ -163,8 +163,9 @@ class RSwitchApp(App[None]):
         self.rates = [*self.rates[-59:], total]
         self.query_one("#throughput", Sparkline).data = self.rates  # reassign: it is reactive
         rec = message.status["recorder"]
+        served = sum(c["performance"]["since_start"]["requests"] for c in message.status["combinations"])
         self.query_one("#summary", Static).update(
-            f"gateway {self.url}   strategy {message.status['strategy']}   {total:.1f} req/s   "
+            f"gateway {self.url}   strategy {message.status['strategy']}   {total:.1f} req/s   requests {served}   "
             f"recorded {rec['written']}  dropped {rec['dropped']}  queue {rec['queue_depth']}"
         )
 
