@@ -226,6 +226,7 @@ class Core:
         self._started = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.optimizer: Any = None  # BackgroundOptimizer when gateway.optimization.enabled
+        self.on_demand_optimizer = False  # the TUI sets it: runs on a keypress, even when not periodic
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -243,10 +244,12 @@ class Core:
                         await step.warm()  # embed the utterances now, not on the first request
                     except Exception as exc:
                         log.warning("routing step %s could not warm up: %s", step.name, exc)
-        if self.config.gateway.optimization.enabled:
+        if self.config.gateway.optimization.enabled or self.on_demand_optimizer:
             from rswitch.optimizer.scheduler import BackgroundOptimizer
 
-            self.optimizer = BackgroundOptimizer(self, self.config.gateway.optimization)
+            self.optimizer = BackgroundOptimizer(
+                self, self.config.gateway.optimization, periodic=self.config.gateway.optimization.enabled
+            )
             self.optimizer.start()
         self._started = True
 
@@ -346,15 +349,81 @@ class Core:
     def export_package(self, template_id: str, output_dir: Path, **options: Any) -> Path:
         """Export a template's package; what is queued for recording is written first."""
         self.recorder.flush()
-        return export_package(
+        path = export_package(
             self.registry, self._stores(), template_id, output_dir, secrets=self._secrets, **options
         )
+        self.event("export", f"exported '{template_id}' → {path}")
+        return path
 
     def import_package(self, path: Path, **options: Any) -> dict[str, Any]:
         self.recorder.flush()
         return import_package(path, self.registry, self._stores(), **options)
 
     # -- views ----------------------------------------------------------------------------------
+
+    def event(self, kind: str, text: str) -> None:
+        """An event for the operator console, from any thread (it is appended on the gateway's loop)."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            self.gateway.event(kind, text)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.gateway.event(kind, text)
+        else:
+            loop.call_soon_threadsafe(self.gateway.event, kind, text)
+
+    def console_snapshot(self, events_after: int = 0) -> dict[str, Any]:
+        """What the TUI draws a frame from: status, new events, the last calls (all in memory)."""
+        out = self.status()
+        out["events"] = [e for e in self.gateway.events if e[0] > events_after]
+        out["recent"] = [
+            {
+                "request_id": r.request_id,
+                "created_at": r.created_at,
+                "combination_id": r.combination_id,
+                "success": r.success,
+                "status": r.status,
+                "duration_ms": r.duration_ms,
+                "cost": r.cost,
+                "tokens": r.prompt_tokens + r.completion_tokens,
+            }
+            for r in list(self.gateway.recent)[-50:]
+        ]
+        return out
+
+    def recent_call(self, request_id: str) -> dict[str, Any] | None:
+        """One of the last calls in full, for the request inspector."""
+        for r in reversed(self.gateway.recent):
+            if r.request_id == request_id:
+                return {
+                    "request_id": r.request_id,
+                    "created_at": r.created_at,
+                    "template_id": r.template_id,
+                    "combination_id": r.combination_id,
+                    "provider": r.provider,
+                    "model": r.model,
+                    "system_prompt": r.system_prompt,
+                    "messages": r.messages,
+                    "variables": r.variables,
+                    "output": r.output,
+                    "success": r.success,
+                    "error": r.error_message,
+                    "status": r.status,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "tokens_estimated": r.tokens_estimated,
+                    "cost": r.cost,
+                    "duration_ms": r.duration_ms,
+                    "ttft_ms": r.ttft_ms,
+                    "stream": r.stream,
+                    "attempt": r.attempt,
+                    "route": r.extra.get("route"),
+                }
+        return None
 
     def status(self) -> dict[str, Any]:
         """Live view; DuckDB analytics are merged in by the caller (they are I/O)."""

@@ -190,10 +190,14 @@ def export_package(
         if dataset.exists():
             rows = _snapshot_dataset(dataset, staging / "dataset.sqlite", progress)
             files.append({"path": "dataset.sqlite", "rows": rows})
+            if progress:
+                progress("logs", 0, 1)
             n = _write_logs(staging / "dataset.sqlite", staging / "logs" / "recent.jsonl", logs_limit)
             files.append({"path": "logs/recent.jsonl", "rows": n})
 
         if include_analytics:
+            if progress:
+                progress("analytics", 0, 1)
             conn, _ = _open_analytics(stores, read_only=True)
             if conn is not None:
                 try:
@@ -208,6 +212,8 @@ def export_package(
                 finally:
                     conn.close()  # our own connection, or our cursor on the core's
 
+        if progress:
+            progress("checksums", 0, 1)
         _scan_for_secrets(staging, known_secrets(secrets))
         for f in files:
             p = staging / f["path"]

@@ -10,6 +10,7 @@ import asyncio
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ from rswitch.templates import MissingVariables, TemplateRegistry
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 RSWITCH_KEYS = frozenset({"model", "messages", "variables", "metadata", "stream", "stream_options"})
 ROUTING_METADATA = frozenset({"combination_id", "template_id"})
+EVENTS_KEPT = 500
+RECENT_KEPT = 200  # calls kept in memory for the TUI's request inspector
 MAX_RETRY_WAIT = 5.0  # never hold a client longer than this for a Retry-After; answer 429 instead
 
 
@@ -164,6 +167,16 @@ class Gateway:
         self.combinations: dict[str, Combination] = {}
         self.version = 0
         self.set_combinations(combinations)
+        # for the operator console: what happened (fallbacks, errors, …) and the last calls,
+        # in memory; appended on the loop, read through snapshots
+        self.events: deque[tuple[int, float, str, str]] = deque(maxlen=EVENTS_KEPT)
+        self.event_seq = 0
+        self.recent: deque[CallRecord] = deque(maxlen=RECENT_KEPT)
+
+    def event(self, kind: str, text: str) -> None:
+        """Note something an operator should see: kind is fallback, error, rate_limit, optimizer, export …"""
+        self.event_seq += 1
+        self.events.append((self.event_seq, time.time(), kind, text))
 
     # -- combinations and indexes -------------------------------------------------------
 
@@ -424,33 +437,38 @@ class Gateway:
                     learner.observe(
                         combo.id, ok, None, cost, duration_ms, context=context, request_id=p.request_id
                     )
-        self.submit(
-            CallRecord(
-                request_id=p.request_id,
-                created_at=p.created,
-                template_id=combo.template_id,
-                combination_id=combo.id,
-                provider=combo.provider,
-                model=combo.model,
-                system_prompt=system,
-                messages=p.messages,
-                variables=p.variables,
-                output=output,
-                success=ok,
-                error_type=None if error is None else error.error_type,
-                error_message=None if error is None else error.message,
-                status=200 if error is None else error.status,
-                prompt_tokens=pt,
-                completion_tokens=ct,
-                tokens_estimated=estimated,
-                cost=cost,
-                duration_ms=duration_ms,
-                ttft_ms=ttft_ms,
-                stream=stream,
-                attempt=attempt,
-                extra={"route": p.route.explanation} if p.route.explanation else {},
-            )
+        if not ok and error is not None:
+            kind = "rate_limit" if error.status == 429 else "error"
+            self.event(kind, f"{combo.id}: {error.status} {error.error_type}: {error.message[:160]}")
+        elif ok and attempt > 1:
+            self.event("fallback", f"{combo.id} served on attempt {attempt} (request {p.request_id[:8]})")
+        record = CallRecord(
+            request_id=p.request_id,
+            created_at=p.created,
+            template_id=combo.template_id,
+            combination_id=combo.id,
+            provider=combo.provider,
+            model=combo.model,
+            system_prompt=system,
+            messages=p.messages,
+            variables=p.variables,
+            output=output,
+            success=ok,
+            error_type=None if error is None else error.error_type,
+            error_message=None if error is None else error.message,
+            status=200 if error is None else error.status,
+            prompt_tokens=pt,
+            completion_tokens=ct,
+            tokens_estimated=estimated,
+            cost=cost,
+            duration_ms=duration_ms,
+            ttft_ms=ttft_ms,
+            stream=stream,
+            attempt=attempt,
+            extra={"route": p.route.explanation} if p.route.explanation else {},
         )
+        self.recent.append(record)
+        self.submit(record)
         return pt, ct, estimated, cost
 
     def _failed(
@@ -488,6 +506,7 @@ class Gateway:
             return err
         if rate_wait is not None:
             combo = p.route.candidates[0]
+            self.event("rate_limit", f"{combo.provider}: rate limit reached, no fallback could serve")
             return GatewayError(
                 429,
                 f"rate limit of provider '{combo.provider}' reached and no fallback could serve; retry later",

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from typing import Any
 
 from rswitch.optimizer.data import load_examples
@@ -22,15 +23,19 @@ log = logging.getLogger("rswitch.optimizer")
 
 
 class BackgroundOptimizer:
-    def __init__(self, core: Any, settings: Any) -> None:
+    def __init__(self, core: Any, settings: Any, *, periodic: bool = True) -> None:
         self.core = core
         self.cfg = settings  # config.OptimizationConfig
+        self.periodic = periodic  # False: only runs asked for (the TUI's key), never on a timer
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._requests: queue.Queue[str] = queue.Queue()
         self._labels_at_last_run: dict[str, int] = {}
         self.running: str | None = None
         self.last: dict[str, Any] | None = None
+        self.trials: deque[dict[str, Any]] = deque(maxlen=200)  # the current (or last) run's trials, live
+        self.runs: deque[dict[str, Any]] = deque(maxlen=20)  # finished runs, newest last
+        self.queued: list[str] = []
         self._thread = threading.Thread(target=self._run, name="rswitch-optimizer", daemon=True)
 
     def start(self) -> None:
@@ -45,14 +50,26 @@ class BackgroundOptimizer:
 
     def request(self, template_id: str) -> None:
         """Optimize this template as soon as the worker is free (the TUI's keypress)."""
+        self.queued.append(template_id)
         self._requests.put(template_id)
+
+    def cancel(self) -> bool:
+        """Stop the current run between two calls; False when nothing runs."""
+        if self.running is None:
+            return False
+        self._cancel.set()
+        return True
 
     def status(self) -> dict[str, Any]:
         return {
             "enabled": True,
+            "periodic": self.periodic,
             "running": self.running,
+            "queued": list(self.queued),
             "last": self.last,
             "interval_seconds": self.cfg.interval_seconds,
+            "trials": [dict(t) for t in self.trials],
+            "runs": list(self.runs),
         }
 
     def due(self) -> list[str]:
@@ -68,11 +85,15 @@ class BackgroundOptimizer:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                wanted = self._requests.get(timeout=self.cfg.interval_seconds)
+                wanted = self._requests.get(timeout=self.cfg.interval_seconds if self.periodic else 1.0)
             except queue.Empty:
                 wanted = None
             if self._stop.is_set():
                 return
+            if not wanted and not self.periodic:
+                continue
+            if wanted in self.queued:
+                self.queued.remove(wanted)
             try:
                 targets = [wanted] if wanted else self.due()
             except Exception:
@@ -83,9 +104,20 @@ class BackgroundOptimizer:
                     return
                 self._optimize(tid)
 
+    def _trial(self, t: dict[str, Any]) -> None:
+        self.trials.append(
+            {
+                k: t.get(k)
+                for k in ("trial", "instruction", "demo_set", "minibatch_score", "full_score", "best_score")
+            }
+            | {"calls": t.get("calls"), "cost": t.get("cost")}
+        )
+
     def _optimize(self, template_id: str) -> None:
         self.running = template_id
+        self.trials.clear()
         self._cancel.clear()
+        self.core.event("optimizer", f"optimizing '{template_id}'")
         settings = Settings.auto(self.cfg.auto)
         labels = len(load_examples(self.core.datasets.path(template_id)))
         # counted as tried even if it fails, so a failing template waits for new labels, not the next tick
@@ -99,6 +131,7 @@ class BackgroundOptimizer:
                     evaluator=self.cfg.evaluator,
                     budget=Budget(self.cfg.budget_calls, self.cfg.budget_cost),
                     cancel=self._cancel,
+                    on_trial=self._trial,
                 )
             )
             self._labels_at_last_run[template_id] = labels
@@ -108,12 +141,28 @@ class BackgroundOptimizer:
                 "verdict": result.verdict,
                 "new_version": version,
             }
+            self.runs.append(
+                {
+                    "template_id": template_id,
+                    "run_id": result.run_id,
+                    "verdict": result.verdict,
+                    "new_version": version,
+                    "calls": sum(result.calls.values()),
+                    "cost": result.cost,
+                }
+            )
+            promoted = f"promoted as version {version}" if version else "not promoted"
+            self.core.event("optimizer", f"'{template_id}': {result.verdict} ({promoted})")
             log.info("optimizer: %s: %s", template_id, result.verdict)
         except OptimizeError as exc:
             self.last = {"template_id": template_id, "error": str(exc)}
+            self.runs.append(self.last)
+            self.core.event("optimizer", f"'{template_id}' not optimized: {exc}")
             log.warning("optimizer: %s: %s", template_id, exc)
         except Exception as exc:  # a failed run must not end the worker
             self.last = {"template_id": template_id, "error": f"{type(exc).__name__}: {exc}"}
+            self.runs.append(self.last)
+            self.core.event("optimizer", f"'{template_id}' optimization failed: {type(exc).__name__}")
             log.exception("optimizer run for %s failed", template_id)
         finally:
             self.running = None
