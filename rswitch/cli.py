@@ -157,6 +157,10 @@ def tui(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Address the in-process gateway binds.")] = None,
     port: Annotated[int | None, typer.Option(help="Its port (0 picks a free one).")] = None,
+    theme: Annotated[
+        str | None,
+        typer.Option(help="A theme from themes/ or <data dir>/themes/ (default: tui.theme, then brutalist)."),
+    ] = None,
 ) -> None:
     """The operator console: the gateway in-process, with live panes and keys that steer it."""
     from rswitch.core import Core
@@ -173,13 +177,21 @@ def tui(
         core = Core(cfg)
     except Exception as exc:
         raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+    core.on_demand_optimizer = True  # the optimize key works even when no periodic optimizer is set
     gateway = GatewayThread(core, host or cfg.gateway.host, cfg.gateway.port if port is None else port)
     try:
         url = gateway.start()
     except RuntimeError as exc:
         raise fail(str(exc)) from None
     try:
-        RSwitchApp(gateway, url=url).run()
+        RSwitchApp(
+            gateway,
+            url=url,
+            refresh=cfg.tui.refresh_seconds,
+            theme=theme or cfg.tui.theme,
+            keys=cfg.tui.keys,
+            export_dir=cfg.dataset_dir.parent / "packages",
+        ).run()
     finally:
         gateway.stop()  # drains the recorder and stops the optimizer
     typer.echo(

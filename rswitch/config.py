@@ -254,6 +254,45 @@ class RoutingConfig(_Strict):
     templates: dict[str, list[StepConfig]] = Field(default_factory=dict)
 
 
+# the operator console's key binding ids (rswitch/tui/app.py), remappable under tui.keys
+TUI_KEY_IDS = (
+    "reweight_up",
+    "reweight_down",
+    "toggle",
+    "reset_weights",
+    "optimize",
+    "cancel_optimize",
+    "export",
+    "inspect",
+    "filter",
+    "theme",
+    "help",
+    "quit",
+    "tab_throughput",
+    "tab_latency",
+    "tab_cost",
+    "tab_optimizer",
+)
+
+
+class TuiConfig(_Strict):
+    theme: str | None = Field(None, description="a theme name from themes/ or <data dir>/themes/")
+    refresh_seconds: float = Field(0.5, ge=0.25, le=1.0, description="pane refresh: 1 to 4 times a second")
+    keys: dict[str, str] = Field(
+        default_factory=dict, description="binding id -> keys, e.g. {optimize: 'ctrl+o'}; see `?` in the TUI"
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _known_ids(cls, v: dict[str, str]) -> dict[str, str]:
+        for key_id, keys in v.items():
+            if key_id not in TUI_KEY_IDS:
+                raise ValueError(f"unknown binding id '{key_id}'; allowed: {', '.join(TUI_KEY_IDS)}")
+            if not isinstance(keys, str) or not keys.strip():
+                raise ValueError(f"'{key_id}' needs keys like 'ctrl+o' (comma-separated for several)")
+        return v
+
+
 class Config(BaseModel):
     # Unknown top-level sections (mipro_v2, router, …) belong to later features: kept, not rejected.
     model_config = ConfigDict(extra="allow")
@@ -266,6 +305,7 @@ class Config(BaseModel):
     pricing: dict[str, Price] = Field(default_factory=dict)
     templates: dict[str, TemplateConfig] = Field(default_factory=dict)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    tui: TuiConfig = Field(default_factory=TuiConfig)
     template_dirs: list[str] = Field(
         default_factory=list, description="folders of <id>/manifest.yaml to serve read-only"
     )

@@ -21,6 +21,7 @@ class WindowStats:
     success_rate: float | None = None
     p50_ms: float | None = None
     p95_ms: float | None = None
+    p99_ms: float | None = None
     mean_ms: float | None = None
     ttft_p50_ms: float | None = None
     cost: float = 0.0
@@ -33,6 +34,7 @@ class WindowStats:
             "success_rate": self.success_rate,
             "p50_latency_ms": self.p50_ms,
             "p95_latency_ms": self.p95_ms,
+            "p99_latency_ms": self.p99_ms,
             "avg_latency_ms": self.mean_ms,
             "ttft_p50_ms": self.ttft_p50_ms,
             "cost": self.cost,
@@ -118,6 +120,7 @@ class LiveMetrics:
             success_rate=ok / len(samples),
             p50_ms=_pct(lat, 0.5),
             p95_ms=_pct(lat, 0.95),
+            p99_ms=_pct(lat, 0.99),
             mean_ms=sum(lat) / len(lat),
             ttft_p50_ms=_pct(ttft, 0.5),
             cost=sum(x[4] for x in samples),

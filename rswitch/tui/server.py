@@ -71,5 +71,5 @@ class GatewayThread:
 
         return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout)
 
-    def snapshot(self) -> dict[str, Any]:
-        return self.call(self.core.status)
+    def snapshot(self, events_after: int = 0) -> dict[str, Any]:
+        return self.call(self.core.console_snapshot, events_after)
