@@ -296,7 +296,7 @@ class RSwitchApp(App[None]):
     #cost-table { width: 44; }
     #optimizer-status { height: 3; }
     #trials { height: 1fr; }
-    #best-curve { width: 40; }
+    #best-curve { width: 34; }
     .dialog { width: 80; height: auto; max-height: 90%; padding: 1 2; border: thick $primary;
               background: $surface; }
     .dialog.wide { width: 90%; height: 90%; }
@@ -632,7 +632,7 @@ class RSwitchApp(App[None]):
             key = str(t["trial"])
             row = (
                 key,
-                abridge(t["instruction"], 48),
+                abridge(t["instruction"], 34),
                 str(t["demo_set"]),
                 _fmt(t["minibatch_score"], ".3f"),
                 _fmt(t["full_score"], ".3f"),

@@ -1,0 +1,262 @@
+"""SVG snapshots of the console's main screen, each pane and each modal, over fixed fake data.
+
+The data, the clock and the time zone are fixed and the only refresh is the first one, so a
+screen renders the same on every machine; Textual is pinned for the same reason. After a
+deliberate UI change: `pytest tests/test_tui_snapshots.py --snapshot-update`, then look at
+the SVGs in tests/__snapshots__/ before committing them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rswitch.tui.app import RSwitchApp
+
+NOW = 1_790_000_000.0  # a fixed wall clock for the events' and requests' times
+
+
+def perf(requests: int, rps: float, ok: float | None, p50: float | None, cost: float, errors: int = 0):
+    return {
+        "requests": requests,
+        "success_rate": ok,
+        "p50_latency_ms": p50,
+        "p95_latency_ms": None if p50 is None else p50 * 2.5,
+        "p99_latency_ms": None if p50 is None else p50 * 4,
+        "avg_latency_ms": p50,
+        "ttft_p50_ms": None,
+        "cost": cost,
+        "tokens": requests * 120,
+        "requests_per_s": rps,
+        "window_seconds": 300,
+        "since_start": {"requests": requests, "errors": errors, "cost": cost, "tokens": requests * 120},
+    }
+
+
+def combo(cid: str, template: str, model: str, provider: str, weight: float, p: dict, **kw: Any):
+    return {
+        "id": cid,
+        "name": cid,
+        "template_id": template,
+        "model": model,
+        "provider": provider,
+        "weight": weight,
+        "effective_weight": kw.get("effective", weight),
+        "enabled": kw.get("enabled", True),
+        "is_primary": False,
+        "fallbacks": [],
+        "demoted": kw.get("demoted", False),
+        "performance": p,
+    }
+
+
+SNAPSHOT: dict[str, Any] = {
+    "status": "ok",
+    "strategy": "weighted_round_robin",
+    "count": 3,
+    "combinations": [
+        combo(
+            "support-openai", "support-reply", "gpt-4o-mini", "openai", 3, perf(1200, 4.2, 0.99, 820, 0.36)
+        ),
+        combo(
+            "support-local",
+            "support-reply",
+            "smollm2-135m-instruct",
+            "local",
+            1,
+            perf(400, 1.3, 0.82, 2100, 0.0, errors=72),
+            demoted=True,
+            effective=0.25,
+        ),
+        combo(
+            "summarise-local", "summarise", "smollm2-135m-instruct", "local", 1, perf(0, 0, None, None, 0.0)
+        ),
+    ],
+    "providers": [],
+    "recorder": {"written": 1600, "dropped": 0, "queue_depth": 0},
+    "optimizer": {
+        "enabled": True,
+        "periodic": False,
+        "running": "support-reply",
+        "queued": [],
+        "last": None,
+        "interval_seconds": 1800,
+        "trials": [
+            {
+                "trial": i,
+                "instruction": f"Answer the customer's question about {{product}} in a {{tone}} tone. v{i}",
+                "demo_set": i % 3,
+                "minibatch_score": 0.4 + 0.05 * i,
+                "full_score": 0.5 + 0.04 * i if i % 2 else None,
+                "best_score": 0.5 + 0.04 * (i - (i + 1) % 2),
+                "calls": 24 * (i + 1),
+                "cost": 0.002 * (i + 1),
+            }
+            for i in range(6)
+        ],
+        "runs": [
+            {
+                "template_id": "summarise",
+                "run_id": "r1",
+                "verdict": "promoted: +0.12 (95% CI 0.04..0.20)",
+                "new_version": 2,
+                "calls": 310,
+                "cost": 0.0,
+            }
+        ],
+    },
+    "events": [
+        (1, NOW - 50, "error", "support-local: 503 upstream_error: the local model is busy"),
+        (2, NOW - 49, "fallback", "support-openai served on attempt 2 (request 7f3a9c21)"),
+        (3, NOW - 20, "optimizer", "'summarise': promoted: +0.12 (promoted as version 2)"),
+    ],
+    "recent": [
+        {
+            "request_id": f"req{i:04d}",
+            "created_at": NOW - 10 + i,
+            "combination_id": "support-openai" if i % 3 else "support-local",
+            "success": i != 4,
+            "status": 200 if i != 4 else 503,
+            "duration_ms": 800 + 37 * i,
+            "cost": 0.0003,
+            "tokens": 150,
+        }
+        for i in range(6)
+    ],
+}
+CALL = {
+    "request_id": "req0005",
+    "created_at": NOW - 5,
+    "template_id": "support-reply",
+    "combination_id": "support-openai",
+    "provider": "openai",
+    "model": "gpt-4o-mini",
+    "system_prompt": "You support Acme Router. Be kind and brief.",
+    "messages": [{"role": "user", "content": "My router keeps rebooting. What should I do?"}],
+    "variables": {"product": "Acme Router", "tone": "kind"},
+    "output": "Sorry about that! First, update the firmware from the admin page, then ...",
+    "success": True,
+    "error": None,
+    "status": 200,
+    "prompt_tokens": 41,
+    "completion_tokens": 23,
+    "tokens_estimated": False,
+    "cost": 0.0000199,
+    "duration_ms": 985.2,
+    "ttft_ms": None,
+    "stream": False,
+    "attempt": 1,
+    "route": "fast-path: pass; topics: nearest tier:premium score=0.71/0.55 -> tier:premium => tier:premium (0.41 ms)",
+}
+
+
+class FakeCore:
+    optimizer = None
+
+    def event(self, kind: str, text: str) -> None:
+        pass
+
+    def recent_call(self, request_id: str) -> dict[str, Any] | None:
+        return CALL if request_id == CALL["request_id"] else None
+
+
+class FakeGateway:
+    """What the app needs of GatewayThread, answering with the fixed data above."""
+
+    core = FakeCore()
+
+    def snapshot(self, events_after: int = 0) -> dict[str, Any]:
+        return copy.deepcopy(SNAPSHOT)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+
+@pytest.fixture(autouse=True)
+def utc():
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    yield
+    if old is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+def make_app() -> RSwitchApp:
+    return RSwitchApp(
+        FakeGateway(),
+        url="http://127.0.0.1:8080",
+        refresh=3600,  # only the first refresh happens during a test
+        export_dir=Path("/srv/rswitch/packages"),
+        clock=lambda: 500.0,  # frozen: the plots' "seconds ago" never move
+    )
+
+
+async def ready(pilot) -> None:
+    """Wait for the first snapshot, then draw fixed history into the plots."""
+    app = pilot.app
+    for _ in range(200):
+        if app.status:
+            break
+        await pilot.pause(0.02)
+    assert app.status, "the first snapshot never arrived"
+    app.rates.clear()
+    app.latency.clear()
+    app.costs.clear()
+    for i in range(120):
+        t = 500.0 - (120 - i) * 0.5
+        app.rates.append((t, 5 + 4 * ((i // 10) % 3), 0.5 if 60 <= i < 70 else 0.0))
+        app.latency.append((t, 800 + i, 1900 + 3 * i, 3100 + 5 * i))
+        app.costs.append((t, 0.003 * i))
+    app.latency_of = "support-openai"
+    app.render_active_pane()
+    for widget in app.query("Input"):
+        widget.cursor_blink = False
+    await pilot.pause()
+
+
+SIZE = (160, 45)
+
+
+def test_main_screen(snap_compare):
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=ready)
+
+
+@pytest.mark.parametrize("key", ["2", "3", "4"], ids=["latency", "cost", "optimizer"])
+def test_panes(snap_compare, key):
+    async def before(pilot):
+        await ready(pilot)
+        await pilot.press(key)
+        await pilot.pause()
+        pilot.app.render_active_pane()
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [["f1"], ["i"], ["x"], ["slash", "s", "u", "m"]],
+    ids=["help", "inspector", "export", "filter"],
+)
+def test_modals(snap_compare, keys):
+    async def before(pilot):
+        await ready(pilot)
+        if keys == ["i"]:  # the newest request is the one the fake core has in full
+            recent = pilot.app.query_one("#recent")
+            assert recent.get_row_at(0)[1] == "support-openai"
+        await pilot.press(*keys)
+        await pilot.pause()
+        for widget in pilot.app.screen.query("Input"):
+            widget.cursor_blink = False
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
