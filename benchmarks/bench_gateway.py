@@ -479,13 +479,17 @@ analytics:
     return path
 
 
-def start_rswitch(procs: Procs, tmp: Path, config: Path, cmd: list[str]) -> tuple[subprocess.Popen[Any], int]:
+def start_rswitch(
+    procs: Procs, tmp: Path, config: Path, cmd: list[str], tui: bool = False
+) -> tuple[subprocess.Popen[Any], int]:
+    """`rswitch serve`, or with `tui` the operator console running headless (its panes refreshing)."""
     port = free_port()
     log = open(tmp / "rswitch.out", "wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RSWITCH_BENCH_KEY": "bench-not-a-secret"}
+    mode = ["tui", "--headless"] if tui else ["serve", "--log-level", "warning"]
     p = procs.start(
         "rswitch",
-        [*cmd, "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
+        [*cmd, *mode, "--config", str(config), "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -847,6 +851,11 @@ def main(argv: list[str] | None = None) -> int:
         help="add a router chain to measure its hot-path cost: rules (7 rules, none matching) or "
         "semantic (the static encoder, 20 routes x 10 utterances, passing)",
     )
+    ap.add_argument(
+        "--tui",
+        action="store_true",
+        help="also run every level through `rswitch tui --headless` (the console open, panes refreshing)",
+    )
     ap.add_argument("--_upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_loadgen", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1019,6 +1028,31 @@ def main(argv: list[str] | None = None) -> int:
         hwm_kb = proc_status_kb(rs_proc.pid, "VmHWM")
         rss.stop()
 
+        if args.tui:  # the same load through the operator console (headless, panes live), serve stopped
+            procs.stop(rs_proc)
+            tui_tmp = tmp / "tui"
+            tui_tmp.mkdir()
+            tui_config = write_config(tui_tmp, up_port, recorder, args.routing)
+            tui_proc, tui_port = start_rswitch(procs, tui_tmp, tui_config, rs_cmd, tui=True)
+            tui_url = f"http://{HOST}:{tui_port}/v1/chat/completions"
+            loader.run(tui_url, max(levels), threads_for(max(levels)), max(args.warmup, 1.0))
+            for c in levels:
+                print(f"run: rs+tui  c={c:<3} t={threads_for(c)} {args.duration:g}s ...", flush=True)
+                results.append(
+                    measure(
+                        loader,
+                        f"c={c}",
+                        "rs+tui",
+                        tui_url,
+                        c,
+                        threads_for(c),
+                        args.duration,
+                        tui_proc.pid,
+                        None,
+                        [up_proc.pid, tui_proc.pid, os.getpid()],
+                    )
+                )
+
         # ---- report ----
         print()
         print(fmt_table(results))
@@ -1049,6 +1083,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"c={c}: rswitch {r.rps:.0f} req/s ({100 * r.rps / d.rps if d.rps else 0:.1f}% of direct); "
                 f"added p50 {added:.3f} ms, added p99 {r.p99_ms - d.p99_ms:.3f} ms{goal}"
             )
+        for c in levels:
+            r, t = by.get(("rswitch", c)), by.get(("rs+tui", c))
+            if r and t and r.rps:
+                ratio = t.rps / r.rps
+                summary[f"tui_rps_ratio_c{c}"] = ratio
+                met = ratio >= 0.9
+                goals_met &= met
+                print(
+                    f"c={c}: with the TUI open {t.rps:.0f} req/s ({100 * ratio:.1f}% of serve), p50 "
+                    f"{t.p50_ms:.3f} vs {r.p50_ms:.3f} ms   [goal: within 10% of serve: {'ok' if met else 'MISSED'}]"
+                )
         summary["goals_met"] = goals_met
         print(
             f"rswitch RSS: {rss_start_kb / 1024:.1f} MiB after start, peak sampled "

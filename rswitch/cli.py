@@ -161,6 +161,12 @@ def tui(
         str | None,
         typer.Option(help="A theme from themes/ or <data dir>/themes/ (default: tui.theme, then brutalist)."),
     ] = None,
+    headless: Annotated[
+        bool,
+        typer.Option(
+            "--headless", help="Run the app without a terminal (benchmarks); SIGTERM quits.", hidden=True
+        ),
+    ] = False,
 ) -> None:
     """The operator console: the gateway in-process, with live panes and keys that steer it."""
     from rswitch.core import Core
@@ -184,14 +190,19 @@ def tui(
     except RuntimeError as exc:
         raise fail(str(exc)) from None
     try:
-        RSwitchApp(
+        app = RSwitchApp(
             gateway,
             url=url,
             refresh=cfg.tui.refresh_seconds,
             theme=theme or cfg.tui.theme,
             keys=cfg.tui.keys,
             export_dir=cfg.dataset_dir.parent / "packages",
-        ).run()
+        )
+        if headless:
+            import signal
+
+            signal.signal(signal.SIGTERM, lambda *_: app.call_later(app.exit))
+        app.run(headless=headless)
     finally:
         gateway.stop()  # drains the recorder and stops the optimizer
     typer.echo(

@@ -541,7 +541,9 @@ class Core:
         lines.append(f"  providers   {len(self.providers)}")
         for name, p in self.providers.items():
             d = p.describe()
-            if "model_path" in d:
+            if d.get("type") == "encoder":
+                lines.append(f"    {name}: encoder {d['model_path']} (embeddings only)")
+            elif "model_path" in d:
                 lines.append(
                     f"    {name}: {d['model_path']} (loaded {'at start' if d['load'] == 'startup' else 'on first use'})"
                 )

@@ -255,3 +255,34 @@ def test_zero_config_serve_answers_with_the_real_model(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+async def test_a_call_given_up_on_keeps_its_queue_slot_until_the_model_is_done(make_gateway):
+    """A judge's timeout (or a client gone) stops the wait, not llama.cpp: the next call must see
+    the worker as busy, or the queue limit would undercount."""
+    gw = await make_gateway(LOCAL)
+    provider = gw.core.providers["local"]
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def long_inference() -> str:  # stands in for a generation still running on the worker thread
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(30)
+        return "done"
+
+    waiter = asyncio.create_task(provider._run(long_inference))
+    await asyncio.sleep(0)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(waiter), 0.05)
+    waiter.cancel()  # the caller gives up, as JudgeStep's timeout does
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    busy = await asyncio.wait_for(gw.post(chat("hi", model="solo", variables={"words": 5})), 10)
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "local_queue_full"
+    release.set()
+    for _ in range(200):  # the worker finishes, and only then is the slot free
+        if provider.describe()["queue_depth"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert provider.describe()["queue_depth"] == 0
+    ok = await gw.post(chat("hi", model="solo", variables={"words": 5}, max_tokens=4))
+    assert ok.status_code == 200

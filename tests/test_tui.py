@@ -166,27 +166,36 @@ async def test_inspector_shows_a_recent_call_with_its_route(tmp_path):
         g.stop()
 
 
-async def test_optimize_key_runs_the_optimizer_and_its_trials_appear(tmp_path):
+def optimizing_gateway(tmp_path, delay: float = 0.0):
+    """A gateway whose 'echo' template has 40 labelled rows and a scripted model to optimize with."""
     from tests.test_mipro import rows
     from tests.test_optimizer_background import wire_one_model
     from tests.test_optimizer_service import CONFIG
 
     def prepare(core):
-        wire_one_model(core)
-        core.datasets.import_rows(
-            "echo",
-            [{"messages": e.messages, "variables": e.variables, "expected": e.expected} for e in rows(40)],
-        )
+        wire_one_model(core, delay=delay)
+        labelled = [
+            {"messages": e.messages, "variables": e.variables, "expected": e.expected} for e in rows(40)
+        ]
+        core.datasets.import_rows("echo", labelled)
 
     override = CONFIG | {"gateway": {**CONFIG["gateway"], "optimization": {"evaluator": "exact_match"}}}
-    g = start(tmp_path, override, prepare)
+    return start(tmp_path, override, prepare)
+
+
+async def select_row(pilot, table, row_id: str) -> None:
+    await settle(pilot, lambda: row_id in [k.value for k in table.rows])
+    while table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value != row_id:
+        await pilot.press("down")
+
+
+async def test_optimize_key_runs_the_optimizer_and_its_trials_appear(tmp_path):
+    g = optimizing_gateway(tmp_path)
     try:
         app = RSwitchApp(g, url=g.url, refresh=0.1)
         async with app.run_test(size=(180, 50)) as pilot:
             table = await combinations(app, pilot)
-            await settle(pilot, lambda: "echo-task" in [k.value for k in table.rows])
-            while table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value != "echo-task":
-                await pilot.press("down")
+            await select_row(pilot, table, "echo-task")
             await pilot.press("o")
             await settle(pilot, lambda: app.query_one("#panes").active == "optimizer")
             trials = app.query_one("#trials")
@@ -206,26 +215,12 @@ async def test_optimize_key_runs_the_optimizer_and_its_trials_appear(tmp_path):
 
 
 async def test_cancel_key_stops_a_running_optimization(tmp_path):
-    from tests.test_mipro import rows
-    from tests.test_optimizer_background import wire_one_model
-    from tests.test_optimizer_service import CONFIG
-
-    def prepare(core):
-        wire_one_model(core, delay=0.02)
-        core.datasets.import_rows(
-            "echo",
-            [{"messages": e.messages, "variables": e.variables, "expected": e.expected} for e in rows(40)],
-        )
-
-    override = CONFIG | {"gateway": {**CONFIG["gateway"], "optimization": {"evaluator": "exact_match"}}}
-    g = start(tmp_path, override, prepare)
+    g = optimizing_gateway(tmp_path, delay=0.02)
     try:
         app = RSwitchApp(g, url=g.url, refresh=0.1)
         async with app.run_test(size=(180, 50)) as pilot:
             table = await combinations(app, pilot)
-            await settle(pilot, lambda: "echo-task" in [k.value for k in table.rows])
-            while table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value != "echo-task":
-                await pilot.press("down")
+            await select_row(pilot, table, "echo-task")
             await pilot.press("o")
             await settle(pilot, lambda: g.core.optimizer.running == "echo", tries=400)
             await pilot.press("c")

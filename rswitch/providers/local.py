@@ -110,6 +110,7 @@ class LocalProvider(Provider):
                     model_path=str(self.model_path),
                     n_ctx=self.local.n_ctx,
                     n_threads=self.local.n_threads,
+                    n_threads_batch=self.local.n_threads,  # prompt evaluation too (None: llama.cpp's choice)
                     n_batch=self.local.n_batch,
                     embedding=True,
                     pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
@@ -121,6 +122,7 @@ class LocalProvider(Provider):
                     model_path=str(self.model_path),
                     n_ctx=self.local.n_ctx,
                     n_threads=self.local.n_threads,
+                    n_threads_batch=self.local.n_threads,
                     n_batch=self.local.n_batch,
                     logits_all=self.local.logits_all,
                     verbose=False,
@@ -194,10 +196,16 @@ class LocalProvider(Provider):
 
     async def _run(self, fn: Any) -> Any:
         self._admit()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        finally:
-            self._pending -= 1
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        future.add_done_callback(self._release)
+        return await asyncio.shield(future)
+
+    def _release(self, f: asyncio.Future[Any]) -> None:
+        """A call's queue slot frees when llama.cpp is really done with it, not when its caller
+        stops waiting (a judge's timeout, a client gone): the worker is busy until then."""
+        self._pending -= 1
+        if not f.cancelled():
+            f.exception()  # retrieved: an abandoned call's failure is not an "unhandled" error
 
     async def complete(self, call: ChatCall) -> dict[str, Any]:
         kw, messages = self._kwargs(call), self._messages(call)
@@ -280,9 +288,8 @@ class LocalProvider(Provider):
                 item["id"], item["model"], item["created"] = cid, call.model, created
                 yield item
         finally:
-            stop.set()
-            self._pending -= 1
-            future.add_done_callback(lambda f: f.exception())  # never an unretrieved exception
+            stop.set()  # the worker stops at its next token; its slot frees once it has
+            future.add_done_callback(self._release)
 
     # -- embeddings -----------------------------------------------------------------------------
 
