@@ -46,7 +46,7 @@ TEMPLATE = "You are a concise assistant for {product}. Answer in a {tone} tone."
 VARIABLES = {"product": "rswitch", "tone": "friendly"}
 REQUEST_BODY = json.dumps(
     {
-        "model": COMBINATION,
+        "model": TEMPLATE_ID,  # a template, not a combination id: pinned requests skip routing
         "messages": [{"role": "user", "content": "hello"}],
         "variables": VARIABLES,
     },

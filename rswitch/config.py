@@ -277,7 +277,12 @@ TUI_KEY_IDS = (
 
 class TuiConfig(_Strict):
     theme: str | None = Field(None, description="a theme name from themes/ or <data dir>/themes/")
-    refresh_seconds: float = Field(0.5, ge=0.25, le=1.0, description="pane refresh: 1 to 4 times a second")
+    refresh_seconds: float = Field(
+        1.0,
+        ge=0.25,
+        le=1.0,
+        description="pane refresh: 1 to 4 times a second (each costs the gateway some CPU)",
+    )
     keys: dict[str, str] = Field(
         default_factory=dict, description="binding id -> keys, e.g. {optimize: 'ctrl+o'}; see `?` in the TUI"
     )

@@ -211,11 +211,13 @@ async def ready(pilot) -> None:
     app.rates.clear()
     app.latency.clear()
     app.costs.clear()
+    app.combo_costs.clear()
     for i in range(120):
         t = 500.0 - (120 - i) * 0.5
         app.rates.append((t, 5 + 4 * ((i // 10) % 3), 0.5 if 60 <= i < 70 else 0.0))
         app.latency.append((t, 800 + i, 1900 + 3 * i, 3100 + 5 * i))
         app.costs.append((t, 0.003 * i))
+        app.combo_costs.append((t, {"support-openai": 0.003 * i, "support-local": 0.0, "summarise-local": 0.0}))
     app.latency_of = "support-openai"
     app.render_active_pane()
     for widget in app.query("Input"):

@@ -532,37 +532,41 @@ class Gateway:
         p = await self.prepare(body)
         last: UpstreamError | None = None
         n = 0
-        async for combo, system, call, est in self._attempts(p):
-            n += 1
-            started = time.perf_counter()
-            try:
-                resp = await self.providers[combo.provider].complete(call)
-            except UpstreamError as e:
-                self._failed(p, combo, system, e, n, started, False)
-                if not e.retryable:
-                    raise _upstream_to_gateway(e) from None
-                last = e
-                continue
-            output = _completion_text(resp)
-            pt, ct, estimated, cost = self._record(
-                p,
-                combo,
-                system,
-                output=output,
-                ok=True,
-                usage=resp.get("usage"),
-                attempt=n,
-                started=p.started,
-            )
-            self._settle(combo, est, pt, ct)
-            if estimated or not resp.get("usage"):
-                resp["usage"] = {
-                    "prompt_tokens": pt,
-                    "completion_tokens": ct,
-                    "total_tokens": pt + ct,
-                    "estimated": True,
-                }
-            return Completed(resp, combo, p.request_id, cost, p.route.explanation)
+        attempts = self._attempts(p)
+        try:  # closed here, not by the loop's async-generator finalizer (a thread-safe wakeup)
+            async for combo, system, call, est in attempts:
+                n += 1
+                started = time.perf_counter()
+                try:
+                    resp = await self.providers[combo.provider].complete(call)
+                except UpstreamError as e:
+                    self._failed(p, combo, system, e, n, started, False)
+                    if not e.retryable:
+                        raise _upstream_to_gateway(e) from None
+                    last = e
+                    continue
+                output = _completion_text(resp)
+                pt, ct, estimated, cost = self._record(
+                    p,
+                    combo,
+                    system,
+                    output=output,
+                    ok=True,
+                    usage=resp.get("usage"),
+                    attempt=n,
+                    started=p.started,
+                )
+                self._settle(combo, est, pt, ct)
+                if estimated or not resp.get("usage"):
+                    resp["usage"] = {
+                        "prompt_tokens": pt,
+                        "completion_tokens": ct,
+                        "total_tokens": pt + ct,
+                        "estimated": True,
+                    }
+                return Completed(resp, combo, p.request_id, cost, p.route.explanation)
+        finally:
+            await attempts.aclose()
         raise self._exhausted(p, last, p.rate_wait)
 
     # -- background work (the optimizer) ------------------------------------------------------
@@ -786,24 +790,28 @@ class Gateway:
         p = await self.prepare(body)
         last: UpstreamError | None = None
         n = 0
-        async for combo, system, call, est in self._attempts(p):
-            n += 1
-            started = time.perf_counter()
-            agen = self.providers[combo.provider].stream(call)
-            held: list[dict[str, Any]] = []
-            try:
-                async for chunk in agen:
-                    held.append(chunk)
-                    if _has_content(chunk):
-                        break
-            except UpstreamError as e:
-                await agen.aclose()
-                self._failed(p, combo, system, e, n, started, True)
-                if not e.retryable:
-                    raise _upstream_to_gateway(e) from None
-                last = e
-                continue
-            return StreamSession(self, p, combo, system, agen, held, est, n)
+        attempts = self._attempts(p)
+        try:  # closed here, not by the loop's async-generator finalizer (a thread-safe wakeup)
+            async for combo, system, call, est in attempts:
+                n += 1
+                started = time.perf_counter()
+                agen = self.providers[combo.provider].stream(call)
+                held: list[dict[str, Any]] = []
+                try:
+                    async for chunk in agen:
+                        held.append(chunk)
+                        if _has_content(chunk):
+                            break
+                except UpstreamError as e:
+                    await agen.aclose()
+                    self._failed(p, combo, system, e, n, started, True)
+                    if not e.retryable:
+                        raise _upstream_to_gateway(e) from None
+                    last = e
+                    continue
+                return StreamSession(self, p, combo, system, agen, held, est, n)
+        finally:
+            await attempts.aclose()
         raise self._exhausted(p, last, p.rate_wait)
 
 

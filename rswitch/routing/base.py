@@ -34,6 +34,10 @@ class Query:
         return "\n".join(parts)
 
     @cached_property
+    def lower_text(self) -> str:
+        return self.text.lower()
+
+    @cached_property
     def tokens(self) -> int:
         return estimate_tokens(self.text)
 
@@ -90,7 +94,8 @@ class Chain:
         started = time.perf_counter()
         trace: list[str] = []
         for step in self.steps:
-            decision = await step.decide(query)
+            now = getattr(step, "decide_now", None)  # a synchronous step needs no coroutine
+            decision = now(query) if now is not None else await step.decide(query)
             if isinstance(decision, str):
                 trace.append(f"{step.name}: pass ({decision})")
                 continue

@@ -5,6 +5,7 @@ at start; a request costs a few comparisons."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,38 +27,51 @@ class Rule:
     has_images: bool | None = None
     metadata: tuple[tuple[str, str], ...] = ()
 
-    def matches(self, q: Query) -> str | None:
-        """The reason it matches, or None. Cheap checks first."""
-        why: list[str] = []
-        n = len(q.messages)
-        if self.min_messages is not None and n < self.min_messages:
-            return None
-        if self.max_messages is not None and n > self.max_messages:
-            return None
-        if self.has_tools is not None and q.has_tools != self.has_tools:
-            return None
+    def __post_init__(self) -> None:
+        self._checks = self._compile()
+
+    def _compile(self) -> tuple[Callable[[Query], bool], ...]:
+        """One small predicate per condition given, cheapest first: a request runs only those."""
+        checks: list[Callable[[Query], bool]] = []
+        if self.min_messages is not None:
+            lo = self.min_messages
+            checks.append(lambda q: len(q.messages) >= lo)
+        if self.max_messages is not None:
+            hi = self.max_messages
+            checks.append(lambda q: len(q.messages) <= hi)
+        if self.has_tools is not None:
+            tools = self.has_tools
+            checks.append(lambda q: q.has_tools == tools)
         for key, value in self.metadata:
-            if str(q.metadata.get(key)) != value:
-                return None
-        if self.has_images is not None and q.has_images != self.has_images:
-            return None
-        if self.min_tokens is not None or self.max_tokens is not None:
-            t = q.tokens
-            if (self.min_tokens is not None and t < self.min_tokens) or (
-                self.max_tokens is not None and t > self.max_tokens
-            ):
-                return None
-            why.append(f"tokens={t}")
+            checks.append(lambda q, k=key, v=value: str(q.metadata.get(k)) == v)
+        if self.has_images is not None:
+            images = self.has_images
+            checks.append(lambda q: q.has_images == images)
+        if self.min_tokens is not None:
+            lo_t = self.min_tokens
+            checks.append(lambda q: q.tokens >= lo_t)
+        if self.max_tokens is not None:
+            hi_t = self.max_tokens
+            checks.append(lambda q: q.tokens <= hi_t)
         if self.keywords:
-            low = q.text.lower()
-            hit = next((k for k in self.keywords if k in low), None)
-            if hit is None:
-                return None
-            why.append(f"keyword={hit!r}")
+            words = self.keywords
+            checks.append(lambda q: any(k in q.lower_text for k in words))
         if self.pattern is not None:
-            m = self.pattern.search(q.text)
-            if m is None:
+            search = self.pattern.search
+            checks.append(lambda q: search(q.text) is not None)
+        return tuple(checks)
+
+    def matches(self, q: Query) -> str | None:
+        """The reason it matches, or None. The reason is only worked out for a match."""
+        for check in self._checks:
+            if not check(q):
                 return None
+        why: list[str] = []
+        if self.min_tokens is not None or self.max_tokens is not None:
+            why.append(f"tokens={q.tokens}")
+        if self.keywords:
+            why.append(f"keyword={next(k for k in self.keywords if k in q.lower_text)!r}")
+        if self.pattern is not None:
             why.append(f"regex={self.pattern.pattern!r}")
         return ", ".join(why) or "matched"
 
@@ -67,12 +81,16 @@ class RulesStep:
         self.name = name
         self.rules = rules
 
-    async def decide(self, query: Query) -> Decision | None:
+    def decide_now(self, query: Query) -> Decision | None:
+        """Synchronous: the chain calls it without a coroutine round-trip (the hot path)."""
         for rule in self.rules:
             why = rule.matches(query)
             if why is not None:
                 return Decision(self.name, rule.target, rule.combinations, f"rule[{rule.index}] {why}")
         return None
+
+    async def decide(self, query: Query) -> Decision | None:
+        return self.decide_now(query)
 
 
 def build_rules_step(name: str, rules: list[Any], resolve_target: Any) -> RulesStep:

@@ -52,6 +52,7 @@ COLUMNS = (
     "optimized",
 )
 HISTORY = 240  # samples kept for the plots (two minutes at two refreshes a second)
+RECENT_SHOWN = 30  # rows in the recent-requests pane
 
 
 def _fmt(value: Any, spec: str = "", none: str = "-") -> str:
@@ -293,7 +294,7 @@ class RSwitchApp(App[None]):
     #side { width: 1fr; min-width: 40; max-width: 64; }
     #events, #recent { height: 1fr; border: round $primary; }
     PlotextPlot { height: 1fr; }
-    #cost-table { width: 44; }
+    #cost-table { width: 56; }
     #optimizer-status { height: 3; }
     #trials { height: 1fr; }
     #best-curve { width: 34; }
@@ -349,7 +350,7 @@ class RSwitchApp(App[None]):
         gateway: Any,
         *,
         url: str = "",
-        refresh: float = 0.5,
+        refresh: float = 1.0,
         export_dir: Path | None = None,
         theme: str | None = None,
         theme_dirs: tuple[Path, ...] | None = None,
@@ -384,6 +385,8 @@ class RSwitchApp(App[None]):
         self.rates: deque[tuple[float, float, float]] = deque(maxlen=HISTORY)  # (t, req/s, errors/s)
         self.latency: deque[tuple[float, float | None, float | None, float | None]] = deque(maxlen=HISTORY)
         self.costs: deque[tuple[float, float]] = deque(maxlen=HISTORY)  # (t, cumulative $)
+        # (t, {combination: cumulative $}) over the last minute or so, for the per-minute column
+        self.combo_costs: deque[tuple[float, dict[str, float]]] = deque(maxlen=HISTORY)
         self.started = clock()
 
     # -- layout --------------------------------------------------------------------------------
@@ -431,7 +434,7 @@ class RSwitchApp(App[None]):
         for col in ("trial", "instruction", "demos", "minibatch", "full", "best", "calls", "$"):
             trials.add_column(col, key=col)
         cost_table = self.query_one("#cost-table", DataTable)
-        for col in ("by", "name", "$ total", "$/req"):
+        for col in ("by", "name", "$ total", "$/min", "$/req"):
             cost_table.add_column(col, key=col)
         for plot_id, title in (
             ("throughput-plot", "requests/s and errors/s"),
@@ -511,6 +514,7 @@ class RSwitchApp(App[None]):
             self.rates.append((now, (requests - r0) / dt, (errors - e0) / dt))
         self.history.append((now, requests, errors, cost))
         self.costs.append((now, cost))
+        self.combo_costs.append((now, {c["id"]: c["performance"]["since_start"]["cost"] for c in combos}))
         sel = self.selected() or max(combos, key=lambda c: c["performance"]["requests"] or 0, default=None)
         if sel is not None:
             p = sel["performance"]
@@ -530,24 +534,25 @@ class RSwitchApp(App[None]):
         table.sort("seq", key=lambda v: int(v), reverse=True)
 
     def render_recent(self, recent: list[dict[str, Any]]) -> None:
+        """Newest first. Under load every refresh brings a new set: redrawn whole, not row by row."""
         table = self.query_one("#recent", DataTable)
-        keep = {r["request_id"] for r in recent}
-        added = False
-        for r in recent:
-            if r["request_id"] not in table.rows:
-                stamp = time.strftime("%H:%M:%S", time.localtime(r["created_at"]))
-                table.add_row(
-                    f"{stamp}.{int(r['created_at'] * 1000) % 1000:03d}",
-                    r["combination_id"],
-                    str(r["status"]) if r["success"] else f"{r['status']} ✗",
-                    f"{r['duration_ms']:.0f}",
-                    key=r["request_id"],
-                )
-                added = True
-        for key in [k for k in table.rows if k.value not in keep]:
-            table.remove_row(key)
-        if added:
-            table.sort("time", reverse=True)  # newest first
+        newest = sorted(recent, key=lambda r: r["created_at"], reverse=True)[:RECENT_SHOWN]
+        ids = [r["request_id"] for r in newest]
+        if ids == [k.value for k in table.rows]:
+            return
+        cursor = table.cursor_row
+        table.clear()
+        for r in newest:
+            stamp = time.strftime("%H:%M:%S", time.localtime(r["created_at"]))
+            table.add_row(
+                f"{stamp}.{int(r['created_at'] * 1000) % 1000:03d}",
+                r["combination_id"],
+                str(r["status"]) if r["success"] else f"{r['status']} ✗",
+                f"{r['duration_ms']:.0f}",
+                key=r["request_id"],
+            )
+        if 0 <= cursor < table.row_count:
+            table.move_cursor(row=cursor)
 
     def render_active_pane(self) -> None:
         active = self.query_one("#panes", TabbedContent).active
@@ -570,7 +575,11 @@ class RSwitchApp(App[None]):
                 "latency-plot", series, title=f"latency of {which}, ms (live window)" if which else None
             )
         elif active == "cost":
-            self.draw_lines("cost-plot", [("$ total", list(self.costs))])
+            per_minute = [
+                (t1, (c1 - c0) / max(t1 - t0, 1e-9) * 60)
+                for (t0, c0), (t1, c1) in zip(list(self.costs), list(self.costs)[1:], strict=False)
+            ]
+            self.draw_lines("cost-plot", [("$ total", list(self.costs)), ("$ per minute", per_minute)])
             self.render_cost_table()
         elif active == "optimizer":
             self.render_optimizer()
@@ -593,17 +602,27 @@ class RSwitchApp(App[None]):
 
     def render_cost_table(self) -> None:
         table = self.query_one("#cost-table", DataTable)
-        rows: list[tuple[str, str, float, int]] = []
-        providers: dict[str, tuple[float, int]] = {}
+        # the last minute: the oldest sample at most 60 s back, scaled to a minute
+        now_t, now_c = self.combo_costs[-1] if self.combo_costs else (0.0, {})
+        then_t, then_c = next(((t, c) for t, c in self.combo_costs if now_t - t <= 60), (now_t, now_c))
+        span = now_t - then_t
+
+        def per_min(cid: str) -> float | None:
+            return (now_c.get(cid, 0.0) - then_c.get(cid, 0.0)) * 60 / span if span > 0 else None
+
+        rows: list[tuple[str, str, float, int, float | None]] = []
+        providers: dict[str, tuple[float, int, float | None]] = {}
         for c in self.status.get("combinations", []):
             s = c["performance"]["since_start"]
-            rows.append(("combination", c["id"], s["cost"], s["requests"]))
-            cost, n = providers.get(c["provider"], (0.0, 0))
-            providers[c["provider"]] = (cost + s["cost"], n + s["requests"])
-        rows += [("provider", name, cost, n) for name, (cost, n) in sorted(providers.items())]
+            pm = per_min(c["id"])
+            rows.append(("combination", c["id"], s["cost"], s["requests"], pm))
+            cost, n, ppm = providers.get(c["provider"], (0.0, 0, None))
+            both = None if pm is None and ppm is None else (pm or 0.0) + (ppm or 0.0)
+            providers[c["provider"]] = (cost + s["cost"], n + s["requests"], both)
+        rows += [("provider", name, cost, n, pm) for name, (cost, n, pm) in sorted(providers.items())]
         table.clear()
-        for by, name, cost, n in rows:
-            table.add_row(by, name, f"{cost:.5f}", f"{cost / n:.6f}" if n else "-")
+        for by, name, cost, n, pm in rows:
+            table.add_row(by, name, f"{cost:.5f}", _fmt(pm, ".5f"), f"{cost / n:.6f}" if n else "-")
 
     def render_optimizer(self) -> None:
         opt = self.status.get("optimizer") or {}

@@ -38,7 +38,14 @@ class GatewayThread:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self.server.serve())
+            import uvloop  # the loop `rswitch serve` runs on: the console must not slow serving
+
+            factory: Any = uvloop.new_event_loop
+        except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+            factory = None
+        try:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(self.server.serve())
         except BaseException as exc:  # surfaced to the TUI, which shows it and quits
             self.error = exc
 
