@@ -184,6 +184,7 @@ def tui(
     except Exception as exc:
         raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
     core.on_demand_optimizer = True  # the optimize key works even when no periodic optimizer is set
+
     gateway = GatewayThread(core, host or cfg.gateway.host, cfg.gateway.port if port is None else port)
     try:
         url = gateway.start()

@@ -5,6 +5,8 @@ follows it; a run really started and its trials appear; a package really exists 
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 
@@ -106,6 +108,10 @@ async def test_table_shows_live_traffic_and_keys_steer_the_core(gateway, tmp_pat
         events = app.query_one("#events")
         await settle(pilot, lambda: any("reset" in t for t in cells(events, "text")))
         assert cells(events, "text")[0].startswith("weights and states reset")
+        # and so are rswitch's warnings (they go to the log file too)
+        logging.getLogger("rswitch.routing").warning("semantic step topics passes: TimeoutError")
+        await settle(pilot, lambda: "log" in cells(events, "kind"))
+        assert "semantic step topics passes" in cells(events, "text")[0]
 
 
 async def test_export_modal_writes_a_package_that_verifies(gateway, tmp_path):

@@ -217,7 +217,9 @@ async def ready(pilot) -> None:
         app.rates.append((t, 5 + 4 * ((i // 10) % 3), 0.5 if 60 <= i < 70 else 0.0))
         app.latency.append((t, 800 + i, 1900 + 3 * i, 3100 + 5 * i))
         app.costs.append((t, 0.003 * i))
-        app.combo_costs.append((t, {"support-openai": 0.003 * i, "support-local": 0.0, "summarise-local": 0.0}))
+        app.combo_costs.append(
+            (t, {"support-openai": 0.003 * i, "support-local": 0.0, "summarise-local": 0.0})
+        )
     app.latency_of = "support-openai"
     app.render_active_pane()
     for widget in app.query("Input"):

@@ -7,6 +7,7 @@ to the screen: uvicorn's loggers are left unconfigured and rswitch logs go to a 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
@@ -14,6 +15,20 @@ import uvicorn
 
 from rswitch.core import Core
 from rswitch.server import create_app
+
+
+class EventsLogHandler(logging.Handler):
+    """rswitch's warnings and errors also reach the console's events pane (the log file has all)."""
+
+    def __init__(self, core: Core) -> None:
+        super().__init__(level=logging.WARNING)
+        self.core = core
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.core.event("log", f"{record.levelname.lower()} {record.name}: {record.getMessage()}"[:300])
+        except Exception:  # the loop may be gone while shutting down
+            pass
 
 
 class GatewayThread:
@@ -35,6 +50,7 @@ class GatewayThread:
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self._run, name="rswitch-gateway", daemon=True)
         self.error: BaseException | None = None
+        self.log_handler = EventsLogHandler(core)
 
     def _run(self) -> None:
         try:
@@ -50,6 +66,7 @@ class GatewayThread:
             self.error = exc
 
     def start(self, timeout: float = 30.0) -> str:
+        logging.getLogger("rswitch").addHandler(self.log_handler)
         self.thread.start()
         stop = threading.Event()
         while not self.server.started and self.thread.is_alive() and not stop.wait(0.02):
@@ -65,6 +82,7 @@ class GatewayThread:
         """Graceful: the lifespan stops the optimizer and drains the recorder."""
         self.server.should_exit = True
         self.thread.join(timeout)
+        logging.getLogger("rswitch").removeHandler(self.log_handler)
 
     def call(self, fn: Any, *args: Any, timeout: float = 5.0) -> Any:
         """Run `fn(*args)` on the gateway's loop and return its result: the core's state is only
