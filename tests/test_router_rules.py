@@ -207,3 +207,34 @@ def test_cli_route_explain(tmp_path):
     assert "tier:budget → cheap" in r.output
     r = CliRunner().invoke(app, ["route", "explain", "hi", "-c", str(cfg)])
     assert "decision    pass" in r.output
+
+
+async def test_config_text_in_rules_is_matched_literally_never_run_as_code():
+    """The rules compile to one Python function; quotes, backslashes and code-like text in
+    keywords and metadata are data in it, matched literally."""
+    tricky = ['it\'s "quoted"', "back\\slash", "x' or True or '", "__import__('os')"]
+    routing = {
+        "default": [
+            {
+                "type": "rules",
+                "rules": [
+                    {"route": "strong", "keywords": tricky[:2]},
+                    {"route": "tools", "metadata": {"plan": tricky[2]}},
+                    {"route": "vision", "keywords": [tricky[3]]},
+                ],
+            }
+        ]
+    }
+    chain, _ = chains(routing)
+    step = chain.steps[0]
+    assert (await chain.route(q("nothing special"))).decision is None
+    assert (await chain.route(q('so IT\'S "QUOTED" then'))).decision.target == "combination:strong"
+    assert (await chain.route(q("a back\\slash here"))).decision.target == "combination:strong"
+    assert (await chain.route(q("hi", metadata={"plan": tricky[2]}))).decision.target == "combination:tools"
+    assert (await chain.route(q("hi", metadata={"plan": "free"}))).decision is None
+    assert (await chain.route(q("call __import__('os') now"))).decision.target == "combination:vision"
+    # each rule alone agrees with the compiled whole
+    for text in ("nothing", 'it\'s "quoted"', "__import__('os')"):
+        query = q(text)
+        alone = next((r.index for r in step.rules if r.matches(query) is not None), -1)
+        assert alone == step._first_match(query)

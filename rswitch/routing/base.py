@@ -3,51 +3,75 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rswitch.providers.pricing import estimate_tokens
 
 
-@dataclass
 class Query:
-    """What a routing step may look at; derived values are computed once, on first use."""
+    """What a routing step may look at; derived values are computed once, on first use.
 
-    messages: list[dict[str, Any]]
-    params: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    contexts: dict[str, Any] = field(default_factory=dict)  # a contextual step's features, by step name
+    A plain class with slots rather than a dataclass with cached_property: it is built for every
+    routed request, and Python 3.11's cached_property takes a lock on each first access."""
 
-    @cached_property
+    __slots__ = ("messages", "params", "metadata", "contexts", "_text", "_lower", "_tokens", "_images")
+
+    def __init__(
+        self,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        contexts: dict[str, Any] | None = None,
+    ) -> None:
+        self.messages = messages
+        self.params = {} if params is None else params
+        self.metadata = {} if metadata is None else metadata
+        self.contexts = {} if contexts is None else contexts  # a contextual step's features, by step name
+        self._text: str | None = None
+        self._lower: str | None = None
+        self._tokens: int | None = None
+        self._images: bool | None = None
+
+    @property
     def text(self) -> str:
         """The text of the user turns, which is what is being asked."""
-        parts: list[str] = []
-        for m in self.messages:
-            if m.get("role") != "user":
-                continue
-            c = m.get("content")
-            if isinstance(c, str):
-                parts.append(c)
-            elif isinstance(c, list):
-                parts.extend(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
-        return "\n".join(parts)
+        if self._text is None:
+            parts: list[str] = []
+            for m in self.messages:
+                if m.get("role") != "user":
+                    continue
+                c = m.get("content")
+                if isinstance(c, str):
+                    parts.append(c)
+                elif isinstance(c, list):
+                    parts.extend(
+                        p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text"
+                    )
+            self._text = "\n".join(parts)
+        return self._text
 
-    @cached_property
+    @property
     def lower_text(self) -> str:
-        return self.text.lower()
+        if self._lower is None:
+            self._lower = self.text.lower()
+        return self._lower
 
-    @cached_property
+    @property
     def tokens(self) -> int:
-        return estimate_tokens(self.text)
+        if self._tokens is None:
+            self._tokens = estimate_tokens(self.text)
+        return self._tokens
 
-    @cached_property
+    @property
     def has_images(self) -> bool:
-        return any(
-            isinstance(m.get("content"), list)
-            and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
-            for m in self.messages
-        )
+        if self._images is None:
+            self._images = any(
+                isinstance(m.get("content"), list)
+                and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
+                for m in self.messages
+            )
+        return self._images
 
     @property
     def has_tools(self) -> bool:
