@@ -19,6 +19,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (
@@ -459,6 +460,12 @@ class RSwitchApp(App[None]):
 
     @on(Snapshot)
     def render_snapshot(self, message: Snapshot) -> None:
+        try:
+            self.draw(message)
+        except NoMatches:  # a snapshot that arrives while the app shuts down: nothing to draw on
+            return
+
+    def draw(self, message: Snapshot) -> None:
         status = self.status = message.status
         combos = status["combinations"]
         self.render_table(combos)
