@@ -19,12 +19,13 @@ Usage: python benchmarks/make_intent_bench.py [--source PATH/clinc_full.json] [-
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = Path("/work/shared/data/routing/intent/clinc_full.json")
+DEFAULT_SOURCE = Path(__file__).resolve().parent / "routing" / "data" / "clinc_full.json.gz"
 DEFAULT_OUT = ROOT / "sample_prompts" / "intent-bench"
 
 # CLINC150 intent → the label word the model answers with.
@@ -57,7 +58,8 @@ def row(text: str, label: str) -> dict:
 
 
 def build(source: Path) -> tuple[list[dict], list[dict]]:
-    data = json.loads(source.read_text(encoding="utf-8"))
+    raw = source.read_bytes()
+    data = json.loads(gzip.decompress(raw) if source.suffix == ".gz" else raw)
     rng = random.Random(SEED)
     seen: set[str] = set()  # no sentence twice, across all three files' splits
     train: list[dict] = []

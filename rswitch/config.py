@@ -191,13 +191,20 @@ class SemanticStepConfig(_Strict):
     routes: list[SemanticRouteConfig] = Field(min_length=1)
 
 
+JUDGE_PROVIDER = "rswitch-judge"  # the provider a judge step without `provider` gets
+JUDGE_MODEL = "smollm2-135m-instruct"
+
+
 class JudgeStepConfig(_Strict):
     type: Literal["judge"]
     name: str = "judge"
-    provider: str = Field(
-        min_length=1, description="a provider whose model returns logprobs (local needs logits_all)"
+    provider: str | None = Field(
+        None,
+        min_length=1,
+        description="a provider whose model returns logprobs (local needs logits_all); "
+        "unset: the embedded SmolLM2, loaded on first use",
     )
-    model: str = Field(min_length=1)
+    model: str = Field(JUDGE_MODEL, min_length=1)
     hard: str = Field(min_length=1, description="where prompts rated at or above the threshold go")
     easy: str | None = None  # where the others go; unset = pass to the next step
     threshold: float = Field(3.0, ge=1, le=5)
@@ -550,6 +557,19 @@ def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProb
     return problems
 
 
+def _default_judge(cfg: Config) -> None:
+    """A judge step without `provider` asks the embedded model: a local provider with logprobs
+    on, loaded on first use, is added under JUDGE_PROVIDER (unless the config defines one)."""
+    steps = [s for chain in (cfg.routing.default, *cfg.routing.templates.values()) for s in chain]
+    judges = [s for s in steps if s.type == "judge" and s.provider is None]
+    for step in judges:
+        step.provider = JUDGE_PROVIDER
+    if judges and JUDGE_PROVIDER not in cfg.model_providers:
+        cfg.model_providers[JUDGE_PROVIDER] = ProviderConfig(
+            type="local", models=[JUDGE_MODEL], local=LocalSettings(logits_all=True, load="lazy")
+        )
+
+
 def parse_config(data: Any, source: str | None = None) -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     if data is None:
@@ -581,6 +601,7 @@ def parse_config(data: Any, source: str | None = None) -> Config:
             )
         raise ConfigError(problems, source) from None
     cfg.source = source
+    _default_judge(cfg)
     problems = _semantic_problems(cfg)
     if problems:
         raise ConfigError(problems, source)

@@ -12,8 +12,6 @@ import pytest
 from benchmarks.routing import routellm as rl
 from rswitch.routing.bandit import LinUCB
 
-needs_data = pytest.mark.skipif(not rl.DATA_DIR.exists(), reason="RouteLLM data not present")
-
 
 def synthetic(w: int, l_: int, both: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
     """Outcome columns with w strong-only wins, l_ weak-only wins, and the rest ties."""
@@ -88,7 +86,6 @@ def test_linucb_scores_are_the_policys_own_estimates():
     assert rl.win_auc(rl.linucb_scores(policy, x), strong, weak) > 0.9
 
 
-@needs_data
 def test_loading_drops_the_contaminated_prompts():
     gsm8k, mmlu, mt = rl.load_gsm8k(), rl.load_mmlu(), rl.load_mt_bench()
     assert (len(gsm8k), gsm8k.n_raw, gsm8k.n_contaminated) == (1307, 1319, 12)
@@ -106,7 +103,6 @@ def test_loading_drops_the_contaminated_prompts():
     assert not contaminated & set(gsm8k.prompts)
 
 
-@needs_data
 def test_splits_are_disjoint_and_keep_identical_prompts_together():
     mmlu = rl.load_mmlu()
     train, test = rl.split(mmlu.groups, seed=0)
@@ -115,7 +111,6 @@ def test_splits_are_disjoint_and_keep_identical_prompts_together():
     assert not {mmlu.prompts[i] for i in train} & {mmlu.prompts[i] for i in test}
 
 
-@needs_data
 def test_the_knn_router_beats_random_on_mmlu():
     mmlu = rl.load_mmlu()
     idx = np.random.default_rng(0).choice(len(mmlu), 2000, replace=False)
@@ -130,7 +125,6 @@ def test_the_knn_router_beats_random_on_mmlu():
     assert knn["cpt50"] < 0.45
 
 
-@needs_data
 def test_a_small_run_reports_every_router():
     mt = rl.load_mt_bench()
     result = rl.run_dataset(mt, rl.embed(mt.prompts), seeds=2, judge_n=0)

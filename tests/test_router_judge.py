@@ -145,3 +145,23 @@ async def test_the_local_model_judges_through_its_score_token_probabilities(make
     route = r.headers["x-rswitch-route"]
     assert r.status_code == 200 and route.startswith("judge: ")
     assert " score=" in route or "no score tokens" in route  # a real expected score, or an honest pass
+
+
+@pytest.mark.slow
+async def test_a_judge_without_a_provider_asks_the_embedded_model(make_gateway):
+    step = {k: v for k, v in JUDGE["default"][0].items() if k not in ("provider", "model")}
+    step["timeout_seconds"] = 30
+    gw = await make_gateway(
+        {
+            "model_providers": {"mock": {"type": "mock"}},
+            "gateway": {"combinations": COMBOS},
+            "routing": {**JUDGE, "default": [step]},
+        }
+    )
+    pc = gw.core.config.model_providers["rswitch-judge"]
+    assert pc.type == "local" and pc.local.logits_all and pc.local.load == "lazy"
+    assert gw.core.config.routing.default[0].provider == "rswitch-judge"
+    r = await gw.post(chat("Prove the Riemann hypothesis in full detail.", variables=VARS))
+    route = r.headers["x-rswitch-route"]
+    assert r.status_code == 200 and route.startswith("judge: ")
+    assert " score=" in route or "no score tokens" in route

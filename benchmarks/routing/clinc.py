@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import statistics
 import sys
@@ -39,7 +40,7 @@ from rswitch.routing.base import Query  # noqa: E402
 from rswitch.routing.fit import OUT_OF_SCOPE, evaluate, fit  # noqa: E402
 from rswitch.routing.semantic import SemanticRoute, SemanticStep  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "routing" / "intent" / "clinc_full.json"
+DATA = ROOT / "benchmarks" / "routing" / "data" / "clinc_full.json.gz"  # CC BY 3.0: see data/ATTRIBUTION.md
 
 
 def minilm_dir(dest: Path) -> Path | None:
@@ -79,7 +80,7 @@ def provider_for(kind: str, onnx_dir: Path | None) -> tuple[Any, str]:
 
 
 def load_clinc(per_intent: int, limit: int | None) -> dict[str, Any]:
-    data = json.loads(DATA.read_text())
+    data = json.loads(gzip.decompress(DATA.read_bytes()))
     utterances: dict[str, list[str]] = {}
     for text, intent in data["train"]:
         if len(utterances.setdefault(intent, [])) < per_intent:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Offline replay of routers on RouteLLM's evaluation data (GSM8K, MMLU, MT Bench).
 
-The data (../shared/data/routing/routellm/evals, see ATTRIBUTION.md there) holds, for every
+The data (benchmarks/routing/data/routellm/evals, gzipped; see data/ATTRIBUTION.md) holds, for every
 prompt, the outcome of a strong model (gpt-4-1106-preview) and of a weak one
 (Mixtral-8x7B-Instruct-v0.1). Any router can therefore be replayed exactly: it only has to
 give each prompt a "strong-win score"; the prompts with the highest scores go to the strong
@@ -78,6 +78,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import gzip
 import json
 import random
 import statistics
@@ -95,7 +96,9 @@ if str(ROOT) not in sys.path:
 
 from rswitch.routing.bandit import LinUCB  # noqa: E402
 
-DATA_DIR = ROOT.parent / "shared" / "data" / "routing" / "routellm" / "evals"
+# RouteLLM's evaluation files, gzipped, in the repo (benchmarks/routing/data/ATTRIBUTION.md);
+# --data-dir takes a folder of the same files, plain or gzipped
+DATA_DIR = Path(__file__).resolve().parent / "data" / "routellm" / "evals"
 STRONG = "gpt-4-1106-preview"
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 DATASETS = ("gsm8k", "mmlu", "mt_bench")
@@ -144,8 +147,15 @@ class RoutingData:
         return float(self.weak.mean())
 
 
+def _open(path: Path) -> Any:
+    """A text file, or its .gz twin."""
+    if path.exists():
+        return path.open(newline="", encoding="utf-8")
+    return gzip.open(path.with_name(path.name + ".gz"), "rt", newline="", encoding="utf-8")
+
+
 def _contaminated(path: Path) -> set[str]:
-    with path.open() as fh:
+    with _open(path) as fh:
         return {json.loads(line)["eval_prompt"] for line in fh if line.strip()}
 
 
@@ -176,16 +186,18 @@ def _from_rows(name: str, rows: list[dict[str, str]], contaminated: set[str]) ->
 
 
 def load_gsm8k(data_dir: Path = DATA_DIR) -> RoutingData:
-    with (data_dir / "gsm8k" / "gsm8k_responses.csv").open(newline="") as fh:
+    with _open(data_dir / "gsm8k" / "gsm8k_responses.csv") as fh:
         rows = list(csv.DictReader(fh))
     return _from_rows("gsm8k", rows, _contaminated(data_dir / "gsm8k" / "contaminated_prompts.jsonl"))
 
 
 def load_mmlu(data_dir: Path = DATA_DIR) -> RoutingData:
     rows: list[dict[str, str]] = []
-    files = sorted((data_dir / "mmlu" / "responses").glob("mmlu_*.csv"))
-    for f in files:
-        with f.open(newline="") as fh:
+    files = sorted(
+        {f.name.removesuffix(".gz") for f in (data_dir / "mmlu" / "responses").glob("mmlu_*.csv*")}
+    )
+    for name in files:
+        with _open(data_dir / "mmlu" / "responses" / name) as fh:
             rows.extend(csv.DictReader(fh))
     data = _from_rows("mmlu", rows, _contaminated(data_dir / "mmlu" / "contaminated_prompts.jsonl"))
     data.meta["subjects"] = len(files)
@@ -194,11 +206,11 @@ def load_mmlu(data_dir: Path = DATA_DIR) -> RoutingData:
 
 def load_mt_bench(data_dir: Path = DATA_DIR) -> RoutingData:
     d = data_dir / "mt_bench"
-    with (d / "question.jsonl").open() as fh:
+    with _open(d / "question.jsonl") as fh:
         questions = [json.loads(line) for line in fh if line.strip()]
     contaminated = _contaminated(d / "contaminated_prompts.jsonl")
     scores: dict[tuple[int, str], list[float]] = {}
-    with (d / "judgements.jsonl").open() as fh:
+    with _open(d / "judgements.jsonl") as fh:
         for line in fh:
             if line.strip():
                 j = json.loads(line)
