@@ -238,3 +238,21 @@ async def test_config_text_in_rules_is_matched_literally_never_run_as_code():
         query = q(text)
         alone = next((r.index for r in step.rules if r.matches(query) is not None), -1)
         assert alone == step._first_match(query)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_error_answer_still_says_how_the_request_was_routed(make_gateway, stream):
+    combos = [{**c, "provider": "down"} if c["id"] == "strong" else c for c in COMBOS]
+    gw = await make_gateway(
+        {
+            "model_providers": {
+                "down": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 500}}
+            },
+            "gateway": {"combinations": combos, "max_attempts": 1},
+            "routing": ROUTING,
+        }
+    )
+    r = await gw.post(chat("this contract is unfair", variables=VARS, stream=stream))
+    assert r.status_code == 502  # the upstream's 500, as a gateway error
+    assert "keyword='contract' -> tier:premium" in r.headers["x-rswitch-route"]
+    assert len(r.headers["x-rswitch-request-id"]) == 32

@@ -23,6 +23,8 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.route: str | None = None  # the router chain's explanation, once the request was routed
+        self.request_id: str | None = None
 
     def body(self) -> dict[str, Any]:
         return {
@@ -35,9 +37,14 @@ class GatewayError(Exception):
         }
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"retry-after": str(max(1, int(-(-self.retry_after // 1))))}
+        out: dict[str, str] = {}
+        if self.retry_after is not None:
+            out["retry-after"] = str(max(1, int(-(-self.retry_after // 1))))
+        if self.route:
+            out["x-rswitch-route"] = self.route
+        if self.request_id:
+            out["x-rswitch-request-id"] = self.request_id
+        return out
 
 
 def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None) -> GatewayError:

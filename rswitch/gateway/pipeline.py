@@ -530,6 +530,13 @@ class Gateway:
 
     async def complete(self, body: Any) -> Completed:
         p = await self.prepare(body)
+        try:
+            return await self._complete(p)
+        except GatewayError as err:  # a routed request's error still says how it was routed
+            err.route, err.request_id = p.route.explanation, p.request_id
+            raise
+
+    async def _complete(self, p: Prepared) -> Completed:
         last: UpstreamError | None = None
         n = 0
         attempts = self._attempts(p)
@@ -788,6 +795,13 @@ class Gateway:
     async def open_stream(self, body: Any) -> StreamSession:
         """Start a stream: fail over until the first content chunk arrives, then commit to it."""
         p = await self.prepare(body)
+        try:
+            return await self._open_stream(p)
+        except GatewayError as err:
+            err.route, err.request_id = p.route.explanation, p.request_id
+            raise
+
+    async def _open_stream(self, p: Prepared) -> StreamSession:
         last: UpstreamError | None = None
         n = 0
         attempts = self._attempts(p)
