@@ -251,3 +251,38 @@ async def test_degenerate_proposals_are_rejected():
     )
     res = await opt.run("t", "Repeat the user's text for {topic}.", [], split(rows(40), seed=1))
     assert res.instructions == ["Repeat the user's text for {topic}.", f"For {{topic}}: {MAGIC}."]
+
+
+async def test_when_the_demos_do_the_work_the_incumbent_instruction_is_kept_with_them():
+    """Any instruction scores 1.0 given demos: the winner is the incumbent's own instruction with
+    the winning demos (fewer changes, same score), not whichever rewrite was rescored first."""
+    calls: list = []
+
+    async def demos_decide(messages, params):
+        calls.append(("task", messages))
+        user = messages[-1]["content"]
+        return CallResult(user.upper() if len(messages) > 2 else user, cost=0.001, tokens=10)
+
+    longer = [
+        "Please, for the topic {topic}, carefully repeat every word the user wrote, in order.",
+        "For {topic}: restate the user's message exactly, word for word, without commentary.",
+    ]
+    opt = MIPROv2(
+        demos_decide,
+        build_evaluator("exact_match"),
+        settings(num_trials=12, num_instructions=3),
+        proposer=make_proposer(calls, longer),
+    )
+    res = await opt.run("t", "Repeat the user's text for {topic}.", [], split(rows(40), seed=1))
+    i, d = res.winner
+    assert i == 0 and res.demo_sets[d], (res.instructions[i], res.demo_sets[d])
+    assert res.winner_val == 1.0 and res.promote
+
+
+def test_a_tie_on_validation_goes_to_the_shorter_prompt():
+    opt = MIPROv2(None, build_evaluator("exact_match"), settings())
+    opt.instructions = ["Short {topic}.", "A much longer instruction about {topic} with many words."]
+    opt.demo_sets = [[], [{"user": "a", "assistant": "A"}]]
+    assert opt._better(((1, 0), 0.8), ((0, 0), 0.8)) == ((0, 0), 0.8)  # shorter wins the tie
+    assert opt._better(((0, 0), 0.8), ((1, 0), 0.8)) == ((0, 0), 0.8)  # and keeps it
+    assert opt._better(((0, 0), 0.8), ((1, 1), 0.81)) == ((1, 1), 0.81)  # a better score wins outright

@@ -398,6 +398,7 @@ class MIPROv2:
                 "demo_set": optuna.distributions.CategoricalDistribution(list(range(len(self.demo_sets)))),
             }
             means: dict[tuple[int, int], list[float]] = {}
+            rescored: dict[tuple[int, int], float] = {(0, 0): best_val}
             for t in range(self.s.trials()):
                 trial = study.ask(dist)
                 cand = (trial.params["instruction"], trial.params["demo_set"])
@@ -419,14 +420,21 @@ class MIPROv2:
                     full = await self.evaluate(*top, val)
                     full_score = sum(full) / len(full)
                     record["full_score"], record["full_candidate"] = full_score, list(top)
-                    if full_score > best_val:
-                        best, best_val = top, full_score
+                    rescored[top] = full_score
+                    best, best_val = self._better((best, best_val), (top, full_score))
                 record.update(
                     best=list(best), best_score=best_val, calls=self.budget.total_calls, cost=self.budget.cost
                 )
                 result.trials.append(record)
                 if self.on_trial:
                     self.on_trial(record)
+            if best[0] != 0 and (0, best[1]) not in rescored:
+                # the gain often comes from the demos alone: the incumbent's own instruction with
+                # the winning demos is rescored too, and wins a tie (fewer changes, same score)
+                full = await self.evaluate(0, best[1], val)
+                plain = sum(full) / len(full)
+                if plain >= best_val:
+                    best, best_val = (0, best[1]), plain
             result.winner, result.winner_val = best, best_val
             await self._gate(result, splits.test)
         except BudgetExhausted as exc:
@@ -441,6 +449,20 @@ class MIPROv2:
         )
         result.seconds = time.monotonic() - started
         return result
+
+    def _size(self, cand: tuple[int, int]) -> int:
+        demos = self.demo_sets[cand[1]]
+        return len(self.instructions[cand[0]]) + sum(len(d["user"]) + len(d["assistant"]) for d in demos)
+
+    def _better(
+        self, current: tuple[tuple[int, int], float], challenger: tuple[tuple[int, int], float]
+    ) -> tuple[tuple[int, int], float]:
+        """The higher full-validation score; on a tie the shorter prompt (instruction + demos),
+        which costs less per call, and the earlier one after that."""
+        (c, cs), (n, ns) = current, challenger
+        if ns > cs + 1e-12 or (abs(ns - cs) <= 1e-12 and self._size(n) < self._size(c)):
+            return challenger
+        return current
 
     async def _gate(self, result: RunResult, test: list[Example]) -> None:
         assert result.winner is not None
