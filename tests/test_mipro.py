@@ -286,3 +286,45 @@ def test_a_tie_on_validation_goes_to_the_shorter_prompt():
     assert opt._better(((1, 0), 0.8), ((0, 0), 0.8)) == ((0, 0), 0.8)  # shorter wins the tie
     assert opt._better(((0, 0), 0.8), ((1, 0), 0.8)) == ((0, 0), 0.8)  # and keeps it
     assert opt._better(((0, 0), 0.8), ((1, 1), 0.81)) == ((1, 1), 0.81)  # a better score wins outright
+
+
+def labelled_rows(labels: list[str]) -> list[Example]:
+    return [
+        Example(
+            i,
+            f"2026-01-01T00:00:{i:02d}Z",
+            [{"role": "user", "content": f"q{i}"}],
+            {"topic": "t"},
+            "",
+            lab,
+            None,
+        )
+        for i, lab in enumerate(labels)
+    ]
+
+
+async def test_the_first_labelled_demo_set_covers_every_label():
+    train = labelled_rows(["common"] * 25 + ["rare"] * 3 + ["rarest"] * 2)
+
+    async def wrong(messages, params):
+        return CallResult("?")
+
+    opt = MIPROv2(wrong, build_evaluator("exact_match"), settings(num_demo_sets=3, max_labeled_demos=4))
+    await opt._demo_sets("Classify for {topic}.", [], train)
+    first = opt.demo_sets[1]  # after the incumbent's (empty) set
+    assert len(first) == 4 and {d["assistant"] for d in first} == {"common", "rare", "rarest"}
+
+
+async def test_bootstrapping_asks_with_labelled_demos_in_context():
+    """A model that is right only with demos in context still yields bootstrapped demos."""
+    asked = []
+
+    async def needs_demos(messages, params):
+        asked.append(len(messages))
+        user = messages[-1]["content"]
+        return CallResult(user.upper() if len(messages) > 2 else user)
+
+    opt = MIPROv2(needs_demos, build_evaluator("exact_match"), settings(num_demo_sets=4))
+    await opt._demo_sets("Repeat for {topic}.", [], rows(30))
+    bootstrapped = [s for s in opt.demo_sets[2:] if s and all(d["assistant"].isupper() for d in s)]
+    assert bootstrapped and min(asked) > 2  # every bootstrap call had demos before the row

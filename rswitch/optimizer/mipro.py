@@ -259,15 +259,42 @@ class MIPROv2:
 
     # -- demo sets ---------------------------------------------------------------------------
 
+    def _labelled_sets(self, labelled: list[Example]) -> list[list[dict[str, str]]]:
+        """Demo sets drawn from labelled rows: the first covers every distinct label it can (one
+        row per label, then others), so a classifier sees each class; the second is a plain
+        random draw. Identical draws are kept once."""
+        size = min(self.s.max_labeled_demos, len(labelled))
+        rng = random.Random(self.s.seed)
+        by_label: dict[str, list[Example]] = {}
+        for r in labelled:
+            by_label.setdefault(r.target or "", []).append(r)
+        first: list[Example] = []
+        for rows in rng.sample(list(by_label.values()), len(by_label)):
+            if len(first) < size:
+                first.append(rng.choice(rows))
+        rest = [r for r in labelled if r not in first]
+        first += rng.sample(rest, min(size - len(first), len(rest)))
+        rng.shuffle(first)  # the last demo's label must not always be the same one
+        second = random.Random(self.s.seed + 1).sample(labelled, size)
+        out: list[list[dict[str, str]]] = []
+        for pick in (first, second):
+            demos = [{"user": r.user_text(), "assistant": r.target or ""} for r in pick]
+            if demos not in out:
+                out.append(demos)
+        return out
+
     async def _demo_sets(
         self, base_instruction: str, base_demos: list[dict[str, str]], train: list[Example]
     ) -> None:
         labelled = [r for r in train if r.expected is not None]
         # set 0 is the incumbent's own demos (so candidate (0, 0) is the incumbent), then zero-shot
         sets: list[list[dict[str, str]]] = [list(base_demos)] + ([[]] if base_demos else [])
-        if labelled and self.s.num_demo_sets > 2:
-            pick = random.Random(self.s.seed).sample(labelled, min(self.s.max_labeled_demos, len(labelled)))
-            sets.append([{"user": r.user_text(), "assistant": r.target or ""} for r in pick])
+        labelled_sets = self._labelled_sets(labelled) if labelled and self.s.num_demo_sets > 2 else []
+        if labelled_sets:
+            sets.append(labelled_sets[0])
+        # bootstrapping asks the model with labelled demos in context (DSPy's teacher), which a
+        # weak model needs to get anything right; the demos kept are its own passing answers
+        teacher = labelled_sets[0] if labelled_sets else []
         k = 0
         while len(sets) < self.s.num_demo_sets and k < self.s.num_demo_sets * 2:
             rows = list(train)
@@ -277,8 +304,9 @@ class MIPROv2:
             for row in rows:
                 if len(demos) >= self.s.max_bootstrapped_demos:
                     break
+                context = [d for d in teacher if d["user"] != row.user_text()]
                 out = await self._call(
-                    "task", self.task, Candidate(base_instruction, []).messages(row), self.s.task_params
+                    "task", self.task, Candidate(base_instruction, context).messages(row), self.s.task_params
                 )
                 try:
                     s = await self.evaluator.score(
@@ -293,7 +321,10 @@ class MIPROv2:
             if demos and demos not in sets:
                 sets.append(demos)
             elif not demos:
-                break  # the model answers nothing well zero-shot: more shuffles will not help
+                break  # the model answers nothing well even with demos: more shuffles will not help
+        for extra in labelled_sets[1:]:
+            if len(sets) < self.s.num_demo_sets and extra not in sets:
+                sets.append(extra)
         self.demo_sets = sets
 
     # -- instruction proposals ----------------------------------------------------------------
