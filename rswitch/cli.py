@@ -745,8 +745,11 @@ def _read_route_examples(path: Path, resolve: Any) -> list[tuple[str, str | None
             raise fail(f'{path}:{n}: "route" must be a string, or null for out of scope')
         if label is None or label.strip().lower() in OOS_LABELS:
             out.append((row["text"], None))
-        else:
+            continue
+        try:
             out.append((row["text"], resolve(label.strip())[0]))
+        except KeyError:
+            raise fail(f"{path}:{n}: unknown tier in {label!r} (routing.tiers defines the tiers)") from None
     if not out:
         raise fail(f"{path}: no examples")
     return out

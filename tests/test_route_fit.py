@@ -169,3 +169,17 @@ def test_route_explain_runs_the_semantic_step_on_its_encoder(setup):
     assert r.exit_code == 0, r.output
     assert "topics: nearest combination:weather" in r.output
     assert "decision    combination:weather → weather" in r.output
+
+
+def test_fit_can_reject_everything_when_everything_is_out_of_scope():
+    scores = np.array([[0.3, 0.1], [0.5, 0.2], [0.9, 0.4]])
+    labels = np.array([OUT_OF_SCOPE] * 3)
+    m = evaluate(scores, labels, fit(scores, labels, objective="accuracy"))
+    assert m.oos_recall == 1.0 and m.accuracy == 1.0
+
+
+def test_route_fit_names_an_unknown_tier(setup):
+    cfg_path, ex = setup
+    ex.write_text('{"text": "hi", "route": "tier:nope"}\n')
+    r = runner.invoke(app, ["route", "fit", "-c", str(cfg_path), "-e", str(ex)])
+    assert r.exit_code == 2 and ":1: unknown tier in 'tier:nope'" in r.output

@@ -176,3 +176,29 @@ def test_embedding_context_config_errors(change, path, message):
         parse_config(CONFIG | {"routing": {"default": [step]}})
     text = str(info.value)
     assert path in text and message in text
+
+
+async def test_no_text_or_a_nan_vector_makes_the_step_pass_and_learns_nothing(encoder):
+    async def embed(texts):
+        return encoder.encode(texts)
+
+    step = BanditStep("ctx", ["a", "b"], LinUCB(dim=None), rng=random.Random(0), embed=embed, context_id="e")
+    system_only = Query([{"role": "system", "content": "be brief"}])
+    assert (await step.decide(system_only)).startswith("no context")
+
+    async def nan(texts):
+        return np.full((len(texts), 8), np.nan)
+
+    step.embed = nan
+    assert (await step.decide(q("hello"))).startswith("no context")
+    assert step.policy.n == {} and step.policy.dim is None  # nothing poisoned
+
+
+async def test_state_of_another_dimension_passes_instead_of_failing_requests(encoder):
+    async def embed(texts):
+        return encoder.encode(texts)
+
+    policy = LinUCB(dim=None)
+    policy.update("a", 1.0, np.ones(9))  # learned on a 9-dimensional context (another encoder)
+    step = BanditStep("ctx", ["a", "b"], policy, rng=random.Random(0), embed=embed, context_id="e")
+    assert (await step.decide(q("hello"))).startswith("no context: ValueError")

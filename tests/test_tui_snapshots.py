@@ -264,3 +264,25 @@ def test_modals(snap_compare, keys):
         await pilot.pause()
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
+
+
+async def test_a_new_optimizer_run_replaces_the_last_runs_trials_and_theme_keys_never_crash():
+    """Over the same fake data: a second run's trials (numbered from 0 again) replace the first's,
+    and cycling themes works even when no theme file was found."""
+    gateway = FakeGateway()
+    app = RSwitchApp(gateway, url="x", refresh=3600, theme_dirs=(), clock=lambda: 500.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("4")
+        await pilot.pause()
+        trials = app.query_one("#trials")
+        app.render_active_pane()
+        assert trials.row_count == 6
+        second = copy.deepcopy(SNAPSHOT)
+        second["optimizer"]["trials"] = [dict(t, run_id="run-2") for t in second["optimizer"]["trials"][:2]]
+        app.status = second
+        app.render_active_pane()
+        assert trials.row_count == 2
+        before = app.theme
+        await pilot.press("t")
+        assert app.theme in app.available_themes and app.theme != before

@@ -68,7 +68,8 @@ class BackgroundOptimizer:
             "queued": list(self.queued),
             "last": self.last,
             "interval_seconds": self.cfg.interval_seconds,
-            "trials": [dict(t) for t in self.trials],
+            # list() first: one C call, safe while the optimizer thread appends
+            "trials": [dict(t) for t in list(self.trials)],
             "runs": list(self.runs),
         }
 
@@ -108,7 +109,15 @@ class BackgroundOptimizer:
         self.trials.append(
             {
                 k: t.get(k)
-                for k in ("trial", "instruction", "demo_set", "minibatch_score", "full_score", "best_score")
+                for k in (
+                    "run_id",
+                    "trial",
+                    "instruction",
+                    "demo_set",
+                    "minibatch_score",
+                    "full_score",
+                    "best_score",
+                )
             }
             | {"calls": t.get("calls"), "cost": t.get("cost")}
         )

@@ -115,6 +115,7 @@ class EncoderProvider(Provider):
     def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
         super().__init__(name, settings, api_key)
         self._encoder: StaticEncoder | OnnxEncoder | None = None
+        self._broken: EncoderError | None = None
         self._load_lock = threading.Lock()
 
     @property
@@ -130,16 +131,27 @@ class EncoderProvider(Provider):
             await asyncio.to_thread(lambda: self.encoder)
         except EncoderError:
             pass  # reported on first use, as a 500 naming the problem
+        except Exception as exc:  # a corrupt model file: the same, never a failed start-up
+            self._broken = EncoderError(f"could not load the encoder: {type(exc).__name__}: {exc}")
 
     def encoder_id(self) -> str:
+        """Changes whenever the vectors would: another model file in the same folder included."""
         s = self.settings.encoder
         if s.backend == "onnx":
-            return f"onnx:{s.path}:{s.model_file}:{s.max_length}"
+            f = Path(s.path or ".").expanduser() / s.model_file
+            try:
+                st = f.stat()
+                stamp = f"{st.st_size}:{int(st.st_mtime)}"
+            except OSError:
+                stamp = "missing"
+            return f"onnx:{f.resolve()}:{stamp}:{s.max_length}"
         return f"static:wordllama-l2_supercat-{s.dim}"
 
     async def encode(self, texts: list[str]) -> np.ndarray:
         """Normalised vectors, one row per text (the semantic router's fast path)."""
         try:
+            if self._broken is not None:
+                raise self._broken
             enc = self.encoder
             if isinstance(enc, StaticEncoder) and sum(len(t) for t in texts) <= INLINE_CHARS:
                 return enc.encode(texts)
@@ -158,7 +170,9 @@ class EncoderProvider(Provider):
             )
         vectors = await self.encode(inputs)
         dims = call.params.get("dimensions")
-        if isinstance(dims, int) and 0 < dims < vectors.shape[1]:  # Matryoshka-style truncation
+        if (
+            isinstance(dims, int) and not isinstance(dims, bool) and 0 < dims < vectors.shape[1]
+        ):  # Matryoshka-style truncation
             vectors = vectors[:, :dims]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         tokens = sum(estimate_tokens(t) for t in inputs)

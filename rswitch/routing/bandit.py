@@ -400,7 +400,10 @@ class LinUCB:
         return f"estimate {mean:.2f}, n={self.n[arm]}"
 
     def state(self) -> dict[str, Any]:
-        arms = {a: {"A": self.A[a].tolist(), "b": self.b[a].tolist(), "n": self.n[a]} for a in self.n}
+        return _plain(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        arms = {a: {"A": self.A[a].copy(), "b": self.b[a].copy(), "n": self.n[a]} for a in self.n}
         return {"kind": "linucb", "dim": self.dim, "arms": arms}
 
     def load(self, data: dict[str, Any], arms: Collection[str] | None = None) -> None:
@@ -416,6 +419,15 @@ class LinUCB:
                 A[arm], b[arm], n[arm] = a_m, b_v, int(s["n"])
         self.A, self.b, self.n, self.dim = A, b, n, dim
         self.A_inv = {arm: np.linalg.inv(m) for arm, m in A.items()}
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays inside a snapshot, as JSON lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def query_features(query: Query) -> np.ndarray:
@@ -500,10 +512,15 @@ class BanditStep:
             if self.embed is None:
                 x = self.features(query)
             else:
+                if not query.text.strip():
+                    raise ValueError("no user text to embed")
                 async with asyncio.timeout(self.embed_timeout):
                     [v] = await self.embed([query.text])
                 v = np.asarray(v, dtype=float)
-                x = np.concatenate([[1.0], v / (np.linalg.norm(v) or 1.0)])
+                norm = float(np.linalg.norm(v))
+                if not np.isfinite(norm) or norm == 0:  # never let NaN into the statistics
+                    raise ValueError("the encoder returned no usable vector")
+                x = np.concatenate([[1.0], v / norm])
             query.contexts[self.name] = x
         return x
 
@@ -518,10 +535,10 @@ class BanditStep:
         if self.policy.contextual:
             try:
                 context = await self.context(query)
-            except Exception as exc:  # the encoder is down or slow: pass, don't fail the request
+                arm = self.policy.select(self.arms, self.rng, context)
+            except Exception as exc:  # the encoder is down, slow or changed: pass, don't fail the request
                 log.warning("bandit step %s passes: %s: %s", self.name, type(exc).__name__, exc)
                 return f"no context: {type(exc).__name__}"
-            arm = self.policy.select(self.arms, self.rng, context)
             why = self.policy.describe(arm, context)
         else:
             arm = self.policy.select(self.arms, self.rng)
@@ -553,7 +570,9 @@ class BanditStep:
             self.policy.update(arm, r)
         if request_id is not None and success and quality is None:
             self._awaiting[request_id] = (arm, cost, latency_ms, context, r, self._updates)
-            if len(self._awaiting) > self.feedback_memory:
+            # an embedding context is a few KB: remember fewer calls then (~4 MB at 257 dims)
+            limit = self.feedback_memory if context is None or np.size(context) <= 64 else 2_000
+            while len(self._awaiting) > limit:
                 self._awaiting.popitem(last=False)
         self._updates += 1
         self._unsaved += 1
@@ -582,13 +601,21 @@ class BanditStep:
         """Snapshot now (on the caller's thread), write off the event loop: no file I/O on the request path."""
         self._unsaved = 0
         self._seq += 1
-        snapshot, seq = json.loads(json.dumps(self.policy.state())), self._seq
+        snapshot, seq = self._snapshot(), self._seq
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._write(snapshot, seq)
             return
         self.pending = loop.run_in_executor(None, self._write, snapshot, seq)
+
+    def _snapshot(self) -> Any:
+        """A copy of the policy's state that later updates cannot touch. LinUCB's matrices are
+        copied as arrays (cheap) and turned into JSON in the writer, off the event loop."""
+        snap = getattr(self.policy, "snapshot", None)
+        if snap is not None:
+            return snap()
+        return json.loads(json.dumps(self.policy.state()))
 
     def save(self) -> None:
         """Write the policy state now."""
@@ -615,7 +642,13 @@ class BanditStep:
             try:
                 with os.fdopen(fd, "w") as fh:
                     json.dump(
-                        {"version": 1, "step": self.name, "context": self.context_id, "policy": state}, fh
+                        {
+                            "version": 1,
+                            "step": self.name,
+                            "context": self.context_id,
+                            "policy": _plain(state),
+                        },
+                        fh,
                     )
                 os.replace(tmp, self.state_path)
             except BaseException:

@@ -60,13 +60,15 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> 
 
 
 def _candidates(values: np.ndarray, limit: int = 400) -> np.ndarray:
-    """Midpoints between neighbouring distinct scores (at most `limit`), and one below them all."""
+    """Midpoints between neighbouring distinct scores (at most `limit`), one below them all and
+    one above (capped at 1, the most a threshold may be)."""
     v = np.unique(values)
     if len(v) > limit + 1:
         v = np.unique(np.quantile(v, np.linspace(0, 1, limit + 1)))
     mids = (v[:-1] + v[1:]) / 2 if len(v) > 1 else v
     low = (v[0] - 1e-3) if len(v) else -1.0
-    return np.concatenate([[low], mids])
+    high = [min(v[-1] + 1e-3, 1.0)] if len(v) else []  # rejecting everything is a choice too
+    return np.concatenate([[low], mids, high])
 
 
 def fit(

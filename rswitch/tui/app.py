@@ -548,6 +548,9 @@ class RSwitchApp(App[None]):
         if ids == [k.value for k in table.rows]:
             return
         cursor = table.cursor_row
+        selected = (
+            table.coordinate_to_cell_key((cursor, 0)).row_key.value if 0 <= cursor < table.row_count else None
+        )
         table.clear()
         for r in newest:
             stamp = time.strftime("%H:%M:%S", time.localtime(r["created_at"]))
@@ -558,7 +561,9 @@ class RSwitchApp(App[None]):
                 f"{r['duration_ms']:.0f}",
                 key=r["request_id"],
             )
-        if 0 <= cursor < table.row_count:
+        if selected in ids:  # the cursor stays on the request it was on, wherever it moved
+            table.move_cursor(row=ids.index(selected))
+        elif 0 <= cursor < table.row_count:
             table.move_cursor(row=cursor)
 
     def render_active_pane(self) -> None:
@@ -654,6 +659,10 @@ class RSwitchApp(App[None]):
         status.update("\n".join(lines))
         trials = opt.get("trials") or []
         table = self.query_one("#trials", DataTable)
+        run = trials[0].get("run_id") if trials else None
+        if run != getattr(self, "_trials_run", None):  # another run: its trial numbers start at 0 again
+            table.clear()
+            self._trials_run = run
         for t in trials:
             key = str(t["trial"])
             row = (
@@ -669,8 +678,6 @@ class RSwitchApp(App[None]):
             if key in table.rows:
                 continue
             table.add_row(*row, key=key)
-        if not trials and table.row_count:
-            table.clear()
         plot = self.query_one("#best-curve", PlotextPlot)
         plot.plt.clear_data()
         best = [(t["trial"], t["best_score"]) for t in trials if t.get("best_score") is not None]
@@ -782,7 +789,7 @@ class RSwitchApp(App[None]):
             event.stop()
 
     def action_next_theme(self) -> None:
-        names = self.theme_names
+        names = [n for n in self.theme_names if n in self.available_themes] or sorted(self.available_themes)
         i = names.index(self.theme) if self.theme in names else -1
         self.theme = names[(i + 1) % len(names)]
         self.notify(f"theme: {self.theme}", timeout=2)

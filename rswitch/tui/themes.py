@@ -6,6 +6,7 @@ Bundled themes live in the repo's `themes/`; users add their own under
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,16 @@ import platformdirs
 import yaml
 from textual.theme import Theme
 
-BUNDLED = Path(__file__).resolve().parent.parent.parent / "themes"
+
+def _bundled() -> Path:
+    """The repo's themes/ (a checkout or an editable install), else where the wheel put them."""
+    repo = Path(__file__).resolve().parent.parent.parent / "themes"
+    if repo.is_dir():
+        return repo
+    return Path(sys.prefix) / "share" / "rswitch" / "themes"
+
+
+BUNDLED = _bundled()
 COLOUR_KEYS = (
     "primary",
     "secondary",
@@ -48,10 +58,11 @@ def parse_theme(data: Any, source: str) -> Theme:
     for key in COLOUR_KEYS:
         if key in data and not (isinstance(data[key], str) and HEX.match(data[key])):
             raise ValueError(f"{source}: '{key}' must be a hex colour like '#1f4fbf'; got {data[key]!r}")
+    variables = data.get("variables") or {}
+    if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
+        raise ValueError(f"{source}: 'variables' must map names to strings")
     colours = {k: data[k] for k in COLOUR_KEYS if k in data}
-    return Theme(
-        name=name, dark=bool(data.get("dark", True)), variables=dict(data.get("variables") or {}), **colours
-    )
+    return Theme(name=name, dark=bool(data.get("dark", True)), variables=dict(variables), **colours)
 
 
 def load_themes(*folders: Path) -> tuple[dict[str, Theme], list[str]]:
