@@ -157,7 +157,7 @@ class HelpScreen(ModalScreen[None]):
         self.rows = rows
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
+        with Vertical(classes="dialog keys"):
             yield Label("Keys  (remap under tui.keys in the config, by id)", classes="title")
             table: DataTable[str] = DataTable(id="help-keys", cursor_type="none", show_cursor=False)
             table.add_columns("id", "keys", "action")
@@ -302,6 +302,7 @@ class RSwitchApp(App[None]):
     .dialog { width: 80; height: auto; max-height: 90%; padding: 1 2; border: thick $primary;
               background: $surface; }
     .dialog.wide { width: 90%; height: 90%; }
+    .dialog.keys { width: 120; max-width: 95%; }
     .title { text-style: bold; margin-bottom: 1; }
     .section { text-style: bold; margin-top: 1; }
     .hint { color: $text-muted; margin-top: 1; }
