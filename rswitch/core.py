@@ -332,7 +332,10 @@ class Core:
                 error_type="service_unavailable",
                 retry_after=1,
             )
-        if score is not None:  # a bandit that routed this call learns its quality
+        if score is not None:  # the live metrics and a bandit that routed this call learn its quality
+            served = self.gateway.served.get(request_id)
+            if served is not None:
+                self.metrics.observe_quality(served, float(score))
             for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:
                 for step in chain.steps if chain else ():
                     if hasattr(step, "revise"):

@@ -217,6 +217,33 @@ def test_performance_based_prefers_fast_healthy_and_still_explores():
     assert picks["broken"] > picks["fast"]
 
 
+async def test_performance_based_follows_feedback_on_answer_quality(make_gateway):
+    """Two equally fast, healthy combinations: users rate one's answers badly, and
+    performance_based moves its traffic to the other."""
+    combos = [
+        {"id": "a", "template_id": "summarise", "model": "m1", "provider": "mock"},
+        {"id": "b", "template_id": "summarise", "model": "m2", "provider": "mock"},
+    ]
+    gw = await make_gateway({"gateway": {"strategy": "performance_based", "combinations": combos}})
+    answered: dict[str, list[str]] = {"a": [], "b": []}
+    for _ in range(40):
+        r = await gw.post(chat(model="summarise", variables=VARS))
+        answered[r.headers["x-rswitch-combination"]].append(r.headers["x-rswitch-request-id"])
+    assert answered["a"] and answered["b"]
+    for cid, score in (("a", 0.1), ("b", 0.9)):
+        for rid in answered[cid]:
+            r = await gw.client.post("/v1/feedback", json={"request_id": rid, "score": score})
+            assert r.status_code == 202
+    status = {c["id"]: c for c in (await gw.client.get("/status")).json()["combinations"]}
+    assert abs(status["a"]["performance"]["quality"] - 0.1) < 1e-9
+    assert status["a"]["performance"]["quality_n"] == len(answered["a"])
+    served = [
+        (await gw.post(chat(model="summarise", variables=VARS))).headers["x-rswitch-combination"]
+        for _ in range(100)
+    ]
+    assert served.count("b") > 80  # exploration still sends a few to "a"
+
+
 def test_performance_window_forgets_old_failures():
     metrics = LiveMetrics(window_seconds=0.05, cache_seconds=0)
     metrics.observe("x", False, 10, None, 0, 0)

@@ -188,6 +188,12 @@ class SimulatedClockMetrics(LiveMetrics):
         samples[-1] = (self.now, *samples[-1][1:])
         self._stats.pop(combination_id, None)
 
+    def observe_quality(self, combination_id: str, score: float) -> None:
+        super().observe_quality(combination_id, score)
+        quality = self._series[combination_id].quality
+        quality[-1] = (self.now, quality[-1][1])
+        self._stats.pop(combination_id, None)
+
     def window_stats(self, combination_id: str, fresh: bool = False) -> WindowStats:
         series = self._series.get(combination_id)
         expired = series is not None and series.samples and series.samples[0][0] < self.now - self.window
@@ -200,8 +206,17 @@ class SimulatedClockMetrics(LiveMetrics):
 class BalancerRouter:
     """The gateway's Balancer with its default settings (GatewayConfig), one pool of all arms."""
 
-    def __init__(self, strategy: str, arms: Sequence[Arm], weights: Sequence[float], seed: int, rps: float):
+    def __init__(
+        self,
+        strategy: str,
+        arms: Sequence[Arm],
+        weights: Sequence[float],
+        seed: int,
+        rps: float,
+        quality_signal: bool = False,
+    ):
         gw = GatewayConfig()
+        self.quality_signal = quality_signal
         self.metrics = SimulatedClockMetrics(gw.window_seconds)
         self.balancer = Balancer(
             strategy,
@@ -227,8 +242,11 @@ class BalancerRouter:
         return self.index[self.balancer.pick("bench", self.pool, eff).id]
 
     def record(self, arm: int, ok: bool, quality: float, cost: float, latency_ms: float) -> None:
-        # what pipeline._record reports: no quality reaches the live metrics
+        # what pipeline._record reports, then (with the quality signal) the answer's feedback
+        # score, as POST /v1/feedback hands it to the live metrics
         self.metrics.observe(self.pool[arm].id, ok, latency_ms, None, cost, 0)
+        if self.quality_signal and ok:
+            self.metrics.observe_quality(self.pool[arm].id, quality)
 
 
 class BanditRouter:
@@ -257,7 +275,7 @@ def make_router(policy: str, arms: Sequence[Arm], seed: int, rps: float, quality
     if policy == "weighted":
         return BalancerRouter("weighted_round_robin", arms, WEIGHTED_WEIGHTS, seed, rps)
     if policy == "performance_based":
-        return BalancerRouter("performance_based", arms, [1.0] * len(arms), seed, rps)
+        return BalancerRouter("performance_based", arms, [1.0] * len(arms), seed, rps, quality_signal)
     name, _, drift = policy.partition("+")
     return BanditRouter(name, drift, arms, seed, quality_signal)
 

@@ -3,7 +3,7 @@
 - round_robin: each in turn.
 - weighted_round_robin: nginx's smooth weighted round-robin — deterministic, and over any
   run of sum(weights) picks it splits exactly by weight without bunching.
-- performance_based: scores success rate and latency over the live window; a share of
+- performance_based: scores success rate, latency and feedback quality over the live window; a share of
   traffic (`exploration`) still goes round the others so a recovered one earns its way back.
 
 Effective weights fold in `fallback_threshold`: a combination whose windowed success rate
@@ -121,13 +121,15 @@ class Balancer:
         return best
 
     def score(self, combo: Combination, reference_ms: float) -> float:
-        """Success rate (Laplace-smoothed) times a latency factor relative to the pool."""
+        """Success rate (Laplace-smoothed) times a latency factor relative to the pool, times
+        the answers' quality from feedback (smoothed towards 1: no feedback changes nothing)."""
         w = self.metrics.window_stats(combo.id)
         if w.requests == 0:
             return 1.0  # unknown: optimistic, so it gets measured
         success = (w.successes + 1) / (w.requests + 2)
         latency = w.p50_ms if w.p50_ms is not None else reference_ms
-        return success * (reference_ms / (reference_ms + latency)) * 2
+        quality = ((w.quality or 0.0) * w.quality_n + 1) / (w.quality_n + 1)
+        return success * (reference_ms / (reference_ms + latency)) * 2 * quality
 
     def _performance(self, key: str, pool: list[Combination], eff: dict[str, float]) -> Combination:
         live = [c for c in pool if eff.get(c.id, c.weight) > 0] or pool

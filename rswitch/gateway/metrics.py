@@ -27,6 +27,8 @@ class WindowStats:
     cost: float = 0.0
     tokens: int = 0
     requests_per_s: float = 0.0
+    quality: float | None = None  # mean feedback score of its answers in the window
+    quality_n: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +42,8 @@ class WindowStats:
             "cost": self.cost,
             "tokens": self.tokens,
             "requests_per_s": self.requests_per_s,
+            "quality": self.quality,
+            "quality_n": self.quality_n,
         }
 
 
@@ -56,6 +60,7 @@ class _Series:
     samples: deque[tuple[float, bool, float, float, float, int]] = field(
         default_factory=lambda: deque(maxlen=SAMPLES_PER_COMBINATION)
     )
+    quality: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=SAMPLES_PER_COMBINATION))
     total_requests: int = 0
     total_errors: int = 0
     total_cost: float = 0.0
@@ -90,6 +95,14 @@ class LiveMetrics:
         s.total_cost += cost
         s.total_tokens += tokens
 
+    def observe_quality(self, combination_id: str, score: float) -> None:
+        """A feedback score (0..1) for one of the combination's answers."""
+        s = self._series.get(combination_id)
+        if s is None:
+            s = self._series[combination_id] = _Series()
+        s.quality.append((time.monotonic(), min(max(float(score), 0.0), 1.0)))
+        self._cache.pop(combination_id, None)
+
     def window_stats(self, combination_id: str, fresh: bool = False) -> WindowStats:
         now = time.monotonic()
         if not fresh:
@@ -107,9 +120,13 @@ class LiveMetrics:
         cutoff = now - self.window
         while s.samples and s.samples[0][0] < cutoff:
             s.samples.popleft()
+        while s.quality and s.quality[0][0] < cutoff:
+            s.quality.popleft()
+        scores = [q for _, q in s.quality]
+        quality = sum(scores) / len(scores) if scores else None
         samples = list(s.samples)
         if not samples:
-            return WindowStats()
+            return WindowStats(quality=quality, quality_n=len(scores))
         ok = sum(1 for x in samples if x[1])
         lat = sorted(x[2] for x in samples)
         ttft = sorted(x[3] for x in samples if x[3] >= 0)
@@ -126,6 +143,8 @@ class LiveMetrics:
             cost=sum(x[4] for x in samples),
             tokens=sum(x[5] for x in samples),
             requests_per_s=len(samples) / span,
+            quality=quality,
+            quality_n=len(scores),
         )
 
     def totals(self, combination_id: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,7 @@ RSWITCH_KEYS = frozenset({"model", "messages", "variables", "metadata", "stream"
 ROUTING_METADATA = frozenset({"combination_id", "template_id"})
 EVENTS_KEPT = 500
 RECENT_KEPT = 200  # calls kept in memory for the TUI's request inspector
+SERVED_KEPT = 10_000  # answers whose feedback still reaches the live metrics
 MAX_RETRY_WAIT = 5.0  # never hold a client longer than this for a Retry-After; answer 429 instead
 
 
@@ -172,6 +173,7 @@ class Gateway:
         self.events: deque[tuple[int, float, str, str]] = deque(maxlen=EVENTS_KEPT)
         self.event_seq = 0
         self.recent: deque[CallRecord] = deque(maxlen=RECENT_KEPT)
+        self.served: OrderedDict[str, str] = OrderedDict()  # request id -> combination that answered
 
     def event(self, kind: str, text: str) -> None:
         """Note something an operator should see: kind is fallback, error, rate_limit, optimizer, export …"""
@@ -468,6 +470,10 @@ class Gateway:
             extra={"route": p.route.explanation} if p.route.explanation else {},
         )
         self.recent.append(record)
+        if ok:  # feedback on this answer can then count for the combination that gave it
+            self.served[p.request_id] = combo.id
+            if len(self.served) > SERVED_KEPT:
+                self.served.popitem(last=False)
         self.submit(record)
         return pt, ct, estimated, cost
 
