@@ -35,6 +35,8 @@ def perf(requests: int, rps: float, ok: float | None, p50: float | None, cost: f
         "requests_per_s": rps,
         "window_seconds": 300,
         "since_start": {"requests": requests, "errors": errors, "cost": cost, "tokens": requests * 120},
+        "quality": None if ok is None else round(0.5 + ok / 3, 2),
+        "quality_n": 0 if ok is None else requests // 10,
     }
 
 

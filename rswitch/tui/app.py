@@ -50,6 +50,7 @@ COLUMNS = (
     "p50 ms",
     "p95 ms",
     "$/req",
+    "quality",
     "optimized",
 )
 HISTORY = 240  # samples kept for the plots (two minutes at two refreshes a second)
@@ -76,6 +77,7 @@ def combination_row(c: dict[str, Any], optimized: str = "-") -> tuple[str, ...]:
         _fmt(perf["p50_latency_ms"], ".0f"),
         _fmt(perf["p95_latency_ms"], ".0f"),
         _fmt(perf["cost"] / n if n else None, ".5f"),
+        _fmt(perf.get("quality"), ".2f"),  # mean feedback score in the window
         optimized,
     )
 
