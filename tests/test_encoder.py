@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -191,4 +189,3 @@ def test_embedded_default_embeds_with_the_static_encoder():
     cfg, _ = default_config(probe_ollama=False)
     assert cfg.gateway.embeddings.model == ENCODER_MODEL
     assert cfg.model_providers[cfg.gateway.embeddings.provider].type == "encoder"
-    json.dumps(cfg.model_dump(mode="json"))  # nothing unserialisable sneaks into the default

@@ -226,18 +226,12 @@ async def test_config_text_in_rules_is_matched_literally_never_run_as_code():
         ]
     }
     chain, _ = chains(routing)
-    step = chain.steps[0]
     assert (await chain.route(q("nothing special"))).decision is None
     assert (await chain.route(q('so IT\'S "QUOTED" then'))).decision.target == "combination:strong"
     assert (await chain.route(q("a back\\slash here"))).decision.target == "combination:strong"
     assert (await chain.route(q("hi", metadata={"plan": tricky[2]}))).decision.target == "combination:tools"
     assert (await chain.route(q("hi", metadata={"plan": "free"}))).decision is None
     assert (await chain.route(q("call __import__('os') now"))).decision.target == "combination:vision"
-    # each rule alone agrees with the compiled whole
-    for text in ("nothing", 'it\'s "quoted"', "__import__('os')"):
-        query = q(text)
-        alone = next((r.index for r in step.rules if r.matches(query) is not None), -1)
-        assert alone == step._first_match(query)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -32,7 +32,6 @@ class BackgroundOptimizer:
         self._requests: queue.Queue[str] = queue.Queue()
         self._labels_at_last_run: dict[str, int] = {}
         self.running: str | None = None
-        self.last: dict[str, Any] | None = None
         self.trials: deque[dict[str, Any]] = deque(maxlen=200)  # the current (or last) run's trials, live
         self.runs: deque[dict[str, Any]] = deque(maxlen=20)  # finished runs, newest last
         self.queued: list[str] = []
@@ -52,6 +51,11 @@ class BackgroundOptimizer:
         """Optimize this template as soon as the worker is free (the TUI's keypress)."""
         self.queued.append(template_id)
         self._requests.put(template_id)
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """The newest finished run (its verdict, or its error)."""
+        return self.runs[-1] if self.runs else None
 
     def cancel(self) -> bool:
         """Stop the current run between two calls; False when nothing runs."""
@@ -144,12 +148,6 @@ class BackgroundOptimizer:
                 )
             )
             self._labels_at_last_run[template_id] = labels
-            self.last = {
-                "template_id": template_id,
-                "run_id": result.run_id,
-                "verdict": result.verdict,
-                "new_version": version,
-            }
             self.runs.append(
                 {
                     "template_id": template_id,
@@ -164,13 +162,11 @@ class BackgroundOptimizer:
             self.core.event("optimizer", f"'{template_id}': {result.verdict} ({promoted})")
             log.info("optimizer: %s: %s", template_id, result.verdict)
         except OptimizeError as exc:
-            self.last = {"template_id": template_id, "error": str(exc)}
-            self.runs.append(self.last)
+            self.runs.append({"template_id": template_id, "error": str(exc)})
             self.core.event("optimizer", f"'{template_id}' not optimized: {exc}")
             log.warning("optimizer: %s: %s", template_id, exc)
         except Exception as exc:  # a failed run must not end the worker
-            self.last = {"template_id": template_id, "error": f"{type(exc).__name__}: {exc}"}
-            self.runs.append(self.last)
+            self.runs.append({"template_id": template_id, "error": f"{type(exc).__name__}: {exc}"})
             self.core.event("optimizer", f"'{template_id}' optimization failed: {type(exc).__name__}")
             log.exception("optimizer run for %s failed", template_id)
         finally:

@@ -50,7 +50,6 @@ class StaticEncoder:
         except FileNotFoundError as exc:
             raise EncoderError(f"WordLlama files missing from {pkg}: {exc}") from exc
         self.dim = dim
-        self.id = f"static:wordllama-l2_supercat-{dim}"
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self._model.embed(texts, norm=True), dtype=np.float32)
@@ -81,7 +80,6 @@ class OnnxEncoder:
         self._tok.enable_padding()
         self._lock = threading.Lock()  # the tokenizer's padding state is not shared safely
         self.dim = int(self._session.get_outputs()[0].shape[-1])
-        self.id = f"onnx:{onnx_file.resolve()}:{onnx_file.stat().st_size}"
 
     def encode(self, texts: list[str]) -> np.ndarray:
         with self._lock:
@@ -202,7 +200,10 @@ class EncoderProvider(Provider):
         yield {}  # pragma: no cover - makes this an async generator
 
     def describe(self) -> dict[str, Any]:
-        s = self.settings.encoder
-        return {"name": self.name, "type": self.type, "base_url": None, "model_path": self.encoder_id()} | {
-            "backend": s.backend
+        return {
+            "name": self.name,
+            "type": self.type,
+            "base_url": None,
+            "model_path": self.encoder_id(),
+            "backend": self.settings.encoder.backend,
         }

@@ -53,14 +53,6 @@ class Rule:
             out.append(f"search_{self.index}(q.text) is not None")
         return out
 
-    def matches(self, q: Query) -> str | None:
-        """The reason it matches, or None (one rule on its own; the step runs all at once)."""
-        env: dict[str, Any] = {}
-        code = " and ".join(self.conditions(env)) or "True"
-        if not eval(code, env, {"q": q, "n": len(q.messages)}):  # noqa: S307 - config-built, see conditions()
-            return None
-        return self.reason(q)
-
     def reason(self, q: Query) -> str:
         why: list[str] = []
         if self.min_tokens is not None or self.max_tokens is not None:

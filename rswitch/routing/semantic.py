@@ -62,7 +62,6 @@ class SemanticStep:
         self.timeout = timeout
         self.cache_dir = cache_dir
         self._matrix: np.ndarray | None = None  # all utterances, normalised, one row each
-        self._owner: list[int] = []  # route index of each row
         self._table = np.zeros((0, 0), dtype=np.int64)  # route -> its rows (padded)
         self._k = np.zeros(0, dtype=np.int64)  # rows aggregated per route: min(top_k, utterances)
         self._lock = asyncio.Lock()
@@ -115,7 +114,6 @@ class SemanticStep:
                     rows.append(cached[u])
                     owner.append(i)
             self._matrix = _normalise(np.asarray(rows, dtype=np.float32))
-            self._owner = owner
             # route i's rows as row i of a padded index table, so one sort ranks every route
             counts = np.bincount(np.asarray(owner), minlength=len(self.routes))
             table = np.full((len(self.routes), int(counts.max())), len(rows), dtype=np.int64)

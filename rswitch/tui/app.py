@@ -391,7 +391,8 @@ class RSwitchApp(App[None]):
         self.costs: deque[tuple[float, float]] = deque(maxlen=HISTORY)  # (t, cumulative $)
         # (t, {combination: cumulative $}) over the last minute or so, for the per-minute column
         self.combo_costs: deque[tuple[float, dict[str, float]]] = deque(maxlen=HISTORY)
-        self.started = clock()
+        self.latency_of: str | None = None  # the combination the latency pane follows
+        self._trials_run: str | None = None  # the optimizer run whose trials the table shows
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -585,7 +586,7 @@ class RSwitchApp(App[None]):
                 ("p95", [(row[0], row[2]) for row in self.latency]),
                 ("p99", [(row[0], row[3]) for row in self.latency]),
             ]
-            which = getattr(self, "latency_of", None)
+            which = self.latency_of
             self.draw_lines(
                 "latency-plot", series, title=f"latency of {which}, ms (live window)" if which else None
             )
@@ -663,7 +664,7 @@ class RSwitchApp(App[None]):
         trials = opt.get("trials") or []
         table = self.query_one("#trials", DataTable)
         run = trials[0].get("run_id") if trials else None
-        if run != getattr(self, "_trials_run", None):  # another run: its trial numbers start at 0 again
+        if run != self._trials_run:  # another run: its trial numbers start at 0 again
             table.clear()
             self._trials_run = run
         for t in trials:
