@@ -386,6 +386,7 @@ class Core:
         out["recent"] = [
             {
                 "request_id": r.request_id,
+                "attempt": r.attempt,  # a retried or failed-over request has one row per attempt
                 "created_at": r.created_at,
                 "combination_id": r.combination_id,
                 "success": r.success,
@@ -398,10 +399,11 @@ class Core:
         ]
         return out
 
-    def recent_call(self, request_id: str) -> dict[str, Any] | None:
-        """One of the last calls in full, for the request inspector."""
+    def recent_call(self, request_id: str, attempt: int | None = None) -> dict[str, Any] | None:
+        """One of the last calls in full, for the request inspector: that attempt of the request,
+        or its newest attempt when `attempt` is None."""
         for r in reversed(self.gateway.recent):
-            if r.request_id == request_id:
+            if r.request_id == request_id and (attempt is None or r.attempt == attempt):
                 return {
                     "request_id": r.request_id,
                     "created_at": r.created_at,
