@@ -12,7 +12,10 @@ import pytest
 
 from rswitch.core import Core
 from rswitch.packaging import inspect_package
-from rswitch.tui.app import ExportScreen, HelpScreen, InspectorScreen, RSwitchApp
+from rswitch.tui.app import RSwitchApp
+from rswitch.tui.keys import KEY_IDS
+from rswitch.tui.model import event_lines
+from rswitch.tui.screens import ExportScreen, HelpScreen, InspectorScreen
 from rswitch.tui.server import GatewayThread
 from tests.conftest import SUPPORT_VARS, make_config
 
@@ -62,6 +65,11 @@ async def combinations(app, pilot):
     return app.query_one("#combinations")
 
 
+def events(app) -> list[tuple[str, str]]:
+    """The events pane's (kind, text), newest first."""
+    return [(kind, text) for _, kind, text in event_lines(list(app.query_one("#events").events))]
+
+
 def cells(table, column: str) -> list[str]:
     """A column's values in display order (top row first)."""
     i = [c.key.value for c in table.ordered_columns].index(column)
@@ -105,13 +113,12 @@ async def test_table_shows_live_traffic_and_keys_steer_the_core(gateway, tmp_pat
             ),
         )
         # each action is in the events pane, newest first
-        events = app.query_one("#events")
-        await settle(pilot, lambda: any("reset" in t for t in cells(events, "text")))
-        assert cells(events, "text")[0].startswith("weights and states reset")
+        await settle(pilot, lambda: any("reset" in t for _, t in events(app)))
+        assert events(app)[0][1].startswith("weights and states reset")
         # and so are rswitch's warnings (they go to the log file too)
         logging.getLogger("rswitch.routing").warning("semantic step topics passes: TimeoutError")
-        await settle(pilot, lambda: "log" in cells(events, "kind"))
-        assert "semantic step topics passes" in cells(events, "text")[0]
+        await settle(pilot, lambda: "log" in [k for k, _ in events(app)])
+        assert "semantic step topics passes" in events(app)[0][1]
 
 
 async def test_export_modal_writes_a_package_that_verifies(gateway, tmp_path):
@@ -134,8 +141,7 @@ async def test_export_modal_writes_a_package_that_verifies(gateway, tmp_path):
         assert info["checksums_ok"] and info["template_id"] == "support"
         await pilot.press("escape")
         await settle(pilot, lambda: not isinstance(app.screen, ExportScreen))
-        events = app.query_one("#events")
-        await settle(pilot, lambda: any("exported 'support'" in t for t in cells(events, "text")))
+        await settle(pilot, lambda: any("exported 'support'" in t for _, t in events(app)))
 
 
 async def test_inspector_shows_a_recent_call_with_its_route(tmp_path):
@@ -157,7 +163,7 @@ async def test_inspector_shows_a_recent_call_with_its_route(tmp_path):
             assert r.status_code == 200
             rid = r.headers["x-rswitch-request-id"]
             recent = app.query_one("#recent")
-            await settle(pilot, lambda: rid in [k.value for k in recent.rows])
+            await settle(pilot, lambda: f"{rid}#1" in [k.value for k in recent.rows])
             await pilot.press("i")
             await settle(pilot, lambda: isinstance(app.screen, InspectorScreen))
             head = str(app.screen.query_one("#inspector-head").content)
@@ -305,7 +311,7 @@ async def test_unknown_theme_and_bad_theme_files_are_reported_once(gateway, tmp_
 def test_tui_key_ids_in_config_match_the_app_and_bad_ids_are_config_errors():
     from rswitch.config import TUI_KEY_IDS, ConfigError, parse_config
 
-    assert [b.id for b in RSwitchApp.BINDINGS] == list(TUI_KEY_IDS)
+    assert [b.id for b in RSwitchApp.BINDINGS] == list(TUI_KEY_IDS) == list(KEY_IDS)
     assert parse_config({"tui": {"keys": {"optimize": "ctrl+o"}}}).tui.keys == {"optimize": "ctrl+o"}
     with pytest.raises(ConfigError) as info:
         parse_config({"tui": {"keys": {"optimise": "ctrl+o"}}})

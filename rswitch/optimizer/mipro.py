@@ -213,6 +213,7 @@ class MIPROv2:
         budget: Budget | None = None,
         cancel: threading.Event | None = None,
         on_trial: Callable[[dict[str, Any]], None] | None = None,
+        on_stage: Callable[[str], None] | None = None,
     ) -> None:
         self.task = task
         self.proposer = proposer or task
@@ -221,6 +222,7 @@ class MIPROv2:
         self.budget = budget or Budget()
         self.cancel = cancel or threading.Event()
         self.on_trial = on_trial
+        self.on_stage = on_stage  # told what the run is doing, e.g. before trial 0 (which takes a while)
         self.rng = random.Random(settings.seed)
         self._scores: dict[tuple[int, int, int], float] = {}  # (instruction, demo set, row) → score
         self.instructions: list[str] = []
@@ -410,9 +412,12 @@ class MIPROv2:
         result = RunResult(uuid.uuid4().hex[:12], template_id, [], [], [])
         val = splits.val[: self.s.max_val]
         try:
+            self._stage("bootstrapping demos")
             await self._demo_sets(instruction, demos, splits.train)
+            self._stage("proposing instructions")
             await self._propose(instruction, splits.train)
             result.instructions, result.demo_sets = self.instructions, self.demo_sets
+            self._stage("scoring the current prompt")
             baseline = await self.evaluate(0, 0, val)
             result.baseline_val = sum(baseline) / len(baseline)
             best, best_val = (0, 0), result.baseline_val
@@ -430,6 +435,7 @@ class MIPROv2:
             }
             means: dict[tuple[int, int], list[float]] = {}
             rescored: dict[tuple[int, int], float] = {(0, 0): best_val}
+            self._stage("trials")
             for t in range(self.s.trials()):
                 trial = study.ask(dist)
                 cand = (trial.params["instruction"], trial.params["demo_set"])
@@ -442,6 +448,7 @@ class MIPROv2:
                     "template_id": template_id,
                     "trial": t,
                     "instruction": cand[0],
+                    "instruction_text": self.instructions[cand[0]],
                     "demo_set": cand[1],
                     "minibatch_score": score,
                     "full_score": None,
@@ -467,6 +474,7 @@ class MIPROv2:
                 if plain >= best_val:
                     best, best_val = (0, best[1]), plain
             result.winner, result.winner_val = best, best_val
+            self._stage("testing the winner")
             await self._gate(result, splits.test)
         except BudgetExhausted as exc:
             result.stopped, result.verdict = "budget", f"stopped: {exc}; nothing promoted"
@@ -480,6 +488,10 @@ class MIPROv2:
         )
         result.seconds = time.monotonic() - started
         return result
+
+    def _stage(self, name: str) -> None:
+        if self.on_stage:
+            self.on_stage(name)
 
     def _size(self, cand: tuple[int, int]) -> int:
         demos = self.demo_sets[cand[1]]

@@ -32,6 +32,8 @@ class BackgroundOptimizer:
         self._requests: queue.Queue[str] = queue.Queue()
         self._labels_at_last_run: dict[str, int] = {}
         self.running: str | None = None
+        self.stage: str | None = None  # what the running run is doing (bootstrapping demos, trials, …)
+        self._budget: Budget | None = None  # the running run's, for its calls so far
         self.trials: deque[dict[str, Any]] = deque(maxlen=200)  # the current (or last) run's trials, live
         self.runs: deque[dict[str, Any]] = deque(maxlen=20)  # finished runs, newest last
         self.queued: list[str] = []
@@ -69,6 +71,8 @@ class BackgroundOptimizer:
             "enabled": True,
             "periodic": self.periodic,
             "running": self.running,
+            "stage": self.stage if self.running else None,
+            "calls": self._budget.total_calls if self.running and self._budget else None,
             "queued": list(self.queued),
             "last": self.last,
             "interval_seconds": self.cfg.interval_seconds,
@@ -117,6 +121,7 @@ class BackgroundOptimizer:
                     "run_id",
                     "trial",
                     "instruction",
+                    "instruction_text",
                     "demo_set",
                     "minibatch_score",
                     "full_score",
@@ -126,8 +131,13 @@ class BackgroundOptimizer:
             | {"calls": t.get("calls"), "cost": t.get("cost")}
         )
 
+    def _on_stage(self, name: str) -> None:
+        self.stage = name
+
     def _optimize(self, template_id: str) -> None:
         self.running = template_id
+        self.stage = "loading examples"
+        self._budget = Budget(self.cfg.budget_calls, self.cfg.budget_cost)
         self.trials.clear()
         self._cancel.clear()
         self.core.event("optimizer", f"optimizing '{template_id}'")
@@ -142,9 +152,10 @@ class BackgroundOptimizer:
                     template_id,
                     settings=settings,
                     evaluator=self.cfg.evaluator,
-                    budget=Budget(self.cfg.budget_calls, self.cfg.budget_cost),
+                    budget=self._budget,
                     cancel=self._cancel,
                     on_trial=self._trial,
+                    on_stage=self._on_stage,
                 )
             )
             self._labels_at_last_run[template_id] = labels
@@ -170,4 +181,4 @@ class BackgroundOptimizer:
             self.core.event("optimizer", f"'{template_id}' optimization failed: {type(exc).__name__}")
             log.exception("optimizer run for %s failed", template_id)
         finally:
-            self.running = None
+            self.running = self.stage = None

@@ -73,6 +73,7 @@ async def optimize(
     dry_run: bool = False,
     cancel: threading.Event | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> tuple[RunResult, int | None]:
     """Run MIPROv2 for one template; write the winner back as a new version when the gate
     says so (and not `dry_run`). Returns the run and the new version number, if any."""
@@ -127,6 +128,7 @@ async def optimize(
         budget=budget,
         cancel=cancel,
         on_trial=trial_hook,
+        on_stage=on_stage,
     )
     started = datetime.now(UTC).replace(tzinfo=None)
     result = await mipro.run(template_id, tpl.template, list(tpl.demos), splits)

@@ -1,0 +1,229 @@
+"""The console's panes: widgets that draw what `rswitch.tui.model` computes from a snapshot.
+Each updates in place (keyed rows, cells changed only when they change), so the operator's
+cursor and scroll survive a refresh."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, Static
+from textual_plotext import PlotextPlot
+
+from rswitch.tui import model
+from rswitch.tui.model import EVENTS_KEPT, RECENT_COLUMNS, TRIAL_COLUMNS
+
+
+class CombinationsTable(DataTable[str]):
+    """One row per combination (keyed by its id); the columns that fit the width, hiding the least
+    important first."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kw)
+        self.rows_shown: dict[str, dict[str, str]] = {}
+        self.columns_shown: list[str] = []
+
+    def show(self, combos: list[dict[str, Any]], optimized: dict[str, str], filter_text: str) -> None:
+        self.rows_shown = {
+            c["id"]: model.combination_row(c, optimized.get(c["template_id"], "-"))
+            for c in combos
+            if model.matches(c, filter_text)
+        }
+        self.redraw()
+
+    def fitting_columns(self) -> list[str]:
+        width = self.size.width or self.app.size.width
+        return model.visible_columns(self.rows_shown, width)
+
+    def redraw(self) -> None:
+        columns = self.fitting_columns()
+        with self.app.batch_update():
+            if columns != self.columns_shown:  # columns come and go with the width: rebuilt in order
+                selected = self.selected_id()
+                self.clear(columns=True)
+                for col in columns:
+                    self.add_column(col, key=col)
+                self.columns_shown = columns
+                self._fill()
+                if selected in self.rows:
+                    self.move_cursor(row=self.get_row_index(selected))
+                return
+            self._fill()
+
+    def _fill(self) -> None:
+        for cid, row in self.rows_shown.items():
+            if cid in self.rows:  # update in place: cursor and scroll survive
+                for col in self.columns_shown:
+                    if self.get_cell(cid, col) != row[col]:
+                        self.update_cell(cid, col, row[col])
+            else:
+                self.add_row(*(row[col] for col in self.columns_shown), key=cid, label=cid)
+        for key in [k for k in self.rows if k.value not in self.rows_shown]:
+            self.remove_row(key)
+
+    def selected_id(self) -> str | None:
+        if not self.rows or self.cursor_row < 0:
+            return None
+        return self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value
+
+    def on_resize(self) -> None:
+        if self.rows_shown:
+            self.redraw()
+
+
+class RecentTable(DataTable[str]):
+    """The last calls, newest first, one row per upstream attempt (keyed request id + attempt)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(cursor_type="row", **kw)
+        self.attempts: dict[str, tuple[str, int]] = {}  # row key -> (request id, attempt)
+
+    def on_mount(self) -> None:
+        self.border_title = "recent requests, one row per attempt (i: inspect)"
+        for col in RECENT_COLUMNS:
+            self.add_column(col, key=col)
+
+    def show(self, recent: list[dict[str, Any]]) -> None:
+        """Under load every refresh brings a new set: redrawn whole, the cursor kept on its attempt."""
+        rows = model.recent_rows(recent)
+        keys = [r.key for r in rows]
+        if keys == [k.value for k in self.rows]:
+            return
+        cursor = self.cursor_row
+        selected = self.selected_key()
+        self.clear()
+        self.attempts = {r.key: (r.request_id, r.attempt) for r in rows}
+        for r in rows:
+            self.add_row(*r.cells, key=r.key)
+        if selected in keys:  # the cursor stays on the attempt it was on, wherever it moved
+            self.move_cursor(row=keys.index(selected))
+        elif 0 <= cursor < self.row_count:
+            self.move_cursor(row=cursor)
+
+    def selected_key(self) -> str | None:
+        if not self.rows or not 0 <= self.cursor_row < self.row_count:
+            return None
+        return self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value
+
+
+class EventsPane(VerticalScroll):
+    """Events newest first; long text wraps to the pane's width instead of being cut."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.events: deque[tuple[int, float, str, str]] = deque(maxlen=EVENTS_KEPT)
+        self.last_seq = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="events-text")
+
+    def on_mount(self) -> None:
+        self.border_title = "events (newest first)"
+
+    def show(self, events: list[Any]) -> None:
+        new = [tuple(e) for e in events if e[0] > self.last_seq]
+        if not new:
+            return
+        self.events.extend(new)  # type: ignore[arg-type]
+        self.last_seq = max(e[0] for e in new)
+        text = Text(no_wrap=False, overflow="fold")
+        for i, (stamp, kind, what) in enumerate(model.event_lines(list(self.events))):
+            if i:
+                text.append("\n")
+            text.append(f"{stamp} ", style="dim")
+            text.append(kind, style="bold")
+            text.append(f"  {what}")
+        self.query_one("#events-text", Static).update(text)
+
+    def texts(self) -> list[str]:
+        """The events' texts as shown, newest first."""
+        return [what for _, _, what in model.event_lines(list(self.events))]
+
+
+class Chart(PlotextPlot):
+    """A line chart of series over the last minutes, drawn from a `model.Chart`."""
+
+    def __init__(self, title: str, *, xlabel: str = "seconds ago", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.title = title
+        self.xlabel = xlabel
+
+    def on_mount(self) -> None:
+        self.draw(model.chart([], 0.0))
+
+    def draw(self, c: model.Chart, title: str | None = None) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.title(title or self.title)
+        for name, xs, ys in c.lines:
+            plt.plot(xs, ys, label=name)
+        plt.xlim(*c.xlim)
+        plt.ylim(*c.ylim)
+        plt.xticks(c.xticks, c.xlabels)
+        plt.xlabel(self.xlabel)
+        self.refresh()
+
+
+class CostPane(Horizontal):
+    def compose(self) -> ComposeResult:
+        yield Chart("cumulative cost, $", id="cost-plot")
+        yield DataTable(id="cost-table", cursor_type="none", show_cursor=False)
+
+    def on_mount(self) -> None:
+        table = self.query_one("#cost-table", DataTable)
+        for col in ("by", "name", "$ total", "$/min", "$/attempt"):
+            table.add_column(col, key=col)
+
+    def show(self, status: dict[str, Any], history: model.History, now: float) -> None:
+        self.query_one("#cost-plot", Chart).draw(
+            model.chart([("$ total", list(history.costs)), ("$ per minute", history.cost_per_minute())], now)
+        )
+        table = self.query_one("#cost-table", DataTable)
+        table.clear()
+        for row in model.cost_rows(status, history):
+            table.add_row(*row)
+
+
+class OptimizerPane(Vertical):
+    """The optimizer's state and stage, the running (or last) run's trials, and its best score."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.trials_run: str | None = None  # the optimizer run whose trials the table shows
+
+    def compose(self) -> ComposeResult:
+        yield Static("optimizer: idle", id="optimizer-status", markup=False)
+        with Horizontal():
+            yield DataTable(id="trials", cursor_type="row")
+            yield PlotextPlot(id="best-curve")
+
+    def on_mount(self) -> None:
+        trials = self.query_one("#trials", DataTable)
+        for col in TRIAL_COLUMNS:
+            trials.add_column(col, key=col)
+        self.query_one("#best-curve", PlotextPlot).plt.title("best so far (full validation)")
+
+    def show(self, opt: dict[str, Any]) -> None:
+        self.query_one("#optimizer-status", Static).update("\n".join(model.optimizer_lines(opt)))
+        if not opt.get("enabled"):
+            return
+        trials = opt.get("trials") or []
+        table = self.query_one("#trials", DataTable)
+        run = trials[0].get("run_id") if trials else None
+        if run != self.trials_run:  # another run: its trial numbers start at 0 again
+            table.clear()
+            self.trials_run = run
+        for t in trials:
+            key = str(t["trial"])
+            if key not in table.rows:
+                table.add_row(*model.trial_row(t), key=key)
+        plot = self.query_one("#best-curve", PlotextPlot)
+        plot.plt.clear_data()
+        best = [(t["trial"], t["best_score"]) for t in trials if t.get("best_score") is not None]
+        if best:
+            plot.plt.plot([x for x, _ in best], [y for _, y in best], label="best so far")
+            plot.plt.xlabel("trial")
+        plot.refresh()

@@ -1,0 +1,148 @@
+"""The console's modal screens: the keys (help), one request attempt in full (inspector), and
+exporting a package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Static
+
+from rswitch.tui.model import fmt_cost
+
+
+class HelpScreen(ModalScreen[None]):
+    """Every key: its binding id (for tui.keys), the keys it is bound to now, what it does."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,f1,question_mark", "dismiss", "Close")]
+
+    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
+        super().__init__(id="help")
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog keys"):
+            yield Label("Keys  (remap under tui.keys in the config, by id)", classes="title")
+            table: DataTable[str] = DataTable(id="help-keys", cursor_type="none", show_cursor=False)
+            table.add_columns("id", "keys", "action")
+            for row in self.rows:
+                table.add_row(*row)
+            yield table
+            yield Label("ctrl+p: command palette   escape: close", classes="hint")
+
+
+class InspectorScreen(ModalScreen[None]):
+    """One recent call in full: prompt, messages, output, tokens, cost, latency, and the route."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,i", "dismiss", "Close")]
+
+    def __init__(self, call: dict[str, Any]) -> None:
+        super().__init__(id="inspector")
+        self.call = call
+
+    def compose(self) -> ComposeResult:
+        c = self.call
+        tokens = f"{c['prompt_tokens']} in / {c['completion_tokens']} out" + (
+            " (estimated)" if c["tokens_estimated"] else ""
+        )
+        head = [
+            f"request     {c['request_id']}",
+            f"{'served by' if c['success'] else 'tried    '}   {c['combination_id']}  ({c['provider']}/{c['model']}, template {c['template_id']})",
+            f"outcome     {'ok' if c['success'] else 'failed'} {c['status']}, attempt {c['attempt']}"
+            + (f", streamed (ttft {c['ttft_ms']:.0f} ms)" if c["stream"] and c["ttft_ms"] else ""),
+            f"latency     {c['duration_ms']:.1f} ms",
+            f"tokens      {tokens}",
+            f"cost        ${fmt_cost(c['cost'])}",
+            f"route       {c['route'] or 'balancer (no routing chain)'}",
+        ]
+        if c.get("error"):
+            head.append(f"error       {c['error']}")
+        with Vertical(classes="dialog wide"):
+            yield Label(f"Request {c['request_id'][:12]}, attempt {c['attempt']}", classes="title")
+            with VerticalScroll():
+                yield Static("\n".join(head), markup=False, id="inspector-head")
+                yield Label("rendered prompt (system)", classes="section")
+                yield Static(c["system_prompt"] or "(none)", markup=False, id="inspector-prompt")
+                yield Label("messages", classes="section")
+                lines = [f"{m.get('role', '?')}: {m.get('content')}" for m in c["messages"]]
+                yield Static("\n".join(lines) or "(none)", markup=False, id="inspector-messages")
+                yield Label("output", classes="section")
+                yield Static(c["output"] or "(empty)", markup=False, id="inspector-output")
+            yield Label("escape: close", classes="hint")
+
+
+class ExportScreen(ModalScreen[Path | None]):
+    """Export a template as a package: the folder, progress by stage, then the result."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
+
+    def __init__(self, template_id: str, folder: Path, export: Any) -> None:
+        super().__init__(id="export")
+        self.template_id = template_id
+        self.folder = folder
+        self.export_fn = export  # (template_id, folder, progress) -> Path, run on a worker thread
+        self.result: Path | None = None
+        self.busy = False
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(f"Export '{self.template_id}' as a package", classes="title")
+            yield Label("into folder")
+            yield Input(str(self.folder), id="export-folder")
+            yield ProgressBar(total=4, show_eta=False, id="export-progress")
+            yield Static("enter or Export to start", id="export-status", markup=False)
+            with Horizontal(classes="buttons"):
+                yield Button("Export", id="export-go", variant="primary")
+                yield Button("Close", id="export-close")
+
+    @on(Input.Submitted, "#export-folder")
+    @on(Button.Pressed, "#export-go")
+    def start(self) -> None:
+        if self.busy or self.result is not None:
+            return
+        folder = self.query_one("#export-folder", Input).value.strip()
+        if not folder:
+            self.query_one("#export-status", Static).update("give a folder")
+            return
+        self.busy = True
+        self.query_one("#export-go", Button).disabled = True
+        self.run_export(Path(folder).expanduser())
+
+    @work(thread=True, exclusive=True, group="export", exit_on_error=False)
+    def run_export(self, folder: Path) -> None:
+        stages = {"dataset": 1, "logs": 2, "analytics": 3, "checksums": 4}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            step = stages.get(stage, 0) - 1 + (done / total if total else 0)
+            self.app.call_from_thread(self._progress, stage, step)
+
+        try:
+            path = self.export_fn(self.template_id, folder, progress)
+        except Exception as exc:
+            self.app.call_from_thread(self._done, None, f"{type(exc).__name__}: {exc}")
+            return
+        self.app.call_from_thread(self._done, path, None)
+
+    def _progress(self, stage: str, step: float) -> None:
+        self.query_one("#export-progress", ProgressBar).update(progress=step)
+        self.query_one("#export-status", Static).update(f"{stage} …")
+
+    def _done(self, path: Path | None, error: str | None) -> None:
+        self.busy = False
+        if path is not None:
+            self.result = path
+            self.query_one("#export-progress", ProgressBar).update(progress=4)
+            self.query_one("#export-status", Static).update(f"done: {path}")
+        else:
+            self.query_one("#export-go", Button).disabled = False
+            self.query_one("#export-status", Static).update(f"failed: {error}")
+
+    @on(Button.Pressed, "#export-close")
+    def action_close(self) -> None:
+        if not self.busy:
+            self.dismiss(self.result)
