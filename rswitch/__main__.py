@@ -1,3 +1,3 @@
 from rswitch.cli import app
 
-app()
+app(prog_name="rswitch")

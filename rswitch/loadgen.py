@@ -1,5 +1,6 @@
-"""`rswitch load`: replay sample inputs (or a JSONL file) through a running gateway and
-summarise what happened — how an operator makes the panes move, and what benchmarks use."""
+"""`rswitch load`'s engine: send request bodies through a running gateway and summarise what
+happened — how an operator makes the panes move, and what benchmarks use. Reading the
+inputs (sample templates, JSONL files) is the command's job, in rswitch/cli/load.py."""
 
 from __future__ import annotations
 
@@ -9,65 +10,44 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
-from rswitch.templates import TemplateRegistry
-
 
 class LoadError(ValueError):
-    """Bad load input: no examples, unreadable file, malformed line."""
+    """Load cannot run: no examples, an unreachable gateway, nothing it serves."""
 
 
-def _request(example: dict[str, Any], template_id: str | None, line: str) -> dict[str, Any]:
-    if not isinstance(example, dict) or not isinstance(example.get("messages"), list):
-        raise LoadError(f"{line}: each example needs a 'messages' array")
-    body = {k: v for k, v in example.items() if k not in ("expected", "template_id")}
-    tid = example.get("template_id") or template_id
-    if tid and "model" not in body:
-        body["model"] = tid
-    return body
+def _unreachable(url: str, exc: Exception) -> LoadError:
+    return LoadError(
+        f"cannot reach the gateway at {url} ({type(exc).__name__}); start it with `rswitch serve`"
+    )
 
 
-def read_jsonl(path: Path, template_id: str | None = None) -> list[dict[str, Any]]:
-    """Each line: a chat request body, optionally with `template_id` and `expected`."""
+async def served_templates(url: str, timeout: float = 10.0) -> set[str]:
+    """The templates a running gateway has an enabled combination for (from its /v1/models):
+    a request for any other template could only fail with `no_combination`."""
+    endpoint = url.rstrip("/") + "/v1/models"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise LoadError(f"cannot read {path}: {exc.strerror}") from None
-    out = []
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            example = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise LoadError(f"{path}:{i}: not valid JSON ({exc})") from None
-        out.append(_request(example, template_id, f"{path}:{i}"))
-    if not out:
-        raise LoadError(f"{path} holds no examples")
-    return out
-
-
-def sample_requests(folder: Path, template_id: str | None = None) -> list[dict[str, Any]]:
-    """The `examples.jsonl` next to each sample template's manifest."""
-    templates, _ = TemplateRegistry.read_dir(folder)
-    wanted = [t for t in templates if template_id is None or t.id == template_id]
-    if template_id and not wanted:
-        raise LoadError(
-            f"no sample template '{template_id}' in {folder}; have: {', '.join(t.id for t in templates)}"
-        )
-    out = []
-    for t in wanted:
-        path = folder / t.id / "examples.jsonl"
-        if path.exists():
-            out.extend(read_jsonl(path, t.id))
-    if not out:
-        raise LoadError(f"no examples found under {folder}")
-    return out
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            async with session.get(endpoint) as resp:
+                data = await resp.read()
+                status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _unreachable(url, exc) from None
+    try:
+        models = orjson.loads(data)["data"] if status == 200 else None
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        models = None
+    if not isinstance(models, list):
+        raise LoadError(f"{endpoint} answered HTTP {status} without a model list; is it an rswitch gateway?")
+    return {
+        m["template_id"]
+        for m in models
+        if isinstance(m, dict) and m.get("rswitch_kind") == "combination" and m.get("template_id")
+    }
 
 
 @dataclass
@@ -189,9 +169,7 @@ async def run_load(
                 if resp.status != 200:
                     raise LoadError(f"{url}/health answered HTTP {resp.status}; is it an rswitch gateway?")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise LoadError(
-                f"cannot reach the gateway at {url} ({type(exc).__name__}); start it with `rswitch serve`"
-            ) from None
+            raise _unreachable(url, exc) from None
         start = time.perf_counter()
         deadline = start + duration if duration else None
 

@@ -140,7 +140,7 @@ def test_route_fit_reports_before_and_after_and_writes_a_valid_config(setup, tmp
     ("lines", "message"),
     [
         (['{"text": "hi", "route": "billing"}'], "routes step 'topics' does not have: combination:billing"),
-        (['{"text": "hi", "route": "legal"}', "{not json"], ":2: not JSON"),
+        (['{"text": "hi", "route": "legal"}', "{not json"], ":2: not valid JSON"),
         (['{"route": "legal"}'], ':1: each line needs "text"'),
         (['{"text": "hi", "route": 3}'], '"route" must be a string'),
         ([], "no examples"),

@@ -1,0 +1,363 @@
+"""`rswitch optimize ID`: run MIPROv2 here, or `--watch` a running gateway's background run."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+
+from rswitch.cli.common import ConfigOpt, fail, get_template, load, registry
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def optimize(
+    template_id: str,
+    config: ConfigOpt = None,
+    combination: Annotated[
+        str | None, typer.Option(help="Optimize for this combination (default: the template's primary).")
+    ] = None,
+    auto: Annotated[str, typer.Option(help="MIPROv2 preset: light | medium | heavy.")] = "light",
+    trials: Annotated[
+        int | None, typer.Option(help="Search trials (default: from the preset).", min=1)
+    ] = None,
+    instructions: Annotated[
+        int | None, typer.Option(help="Instruction candidates, the current one included.", min=1)
+    ] = None,
+    demo_sets: Annotated[int | None, typer.Option("--demo-sets", help="Demo-set candidates.", min=1)] = None,
+    evaluator: Annotated[
+        str,
+        typer.Option(
+            help="similarity | exact_match | keyword_match | token_f1 | fuzzy | json_fields | llm_judge"
+        ),
+    ] = "similarity",
+    proposer: Annotated[
+        str | None, typer.Option(help="Combination whose model proposes instructions (default: the task's).")
+    ] = None,
+    judge: Annotated[str | None, typer.Option(help="Combination whose model judges (llm_judge).")] = None,
+    budget_calls: Annotated[
+        int, typer.Option("--budget-calls", help="Hard cap on model calls.", min=1)
+    ] = 2000,
+    budget_cost: Annotated[float, typer.Option("--budget-cost", help="Hard cap on cost (USD).", min=0)] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed for splits, sampling and search.")] = 0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Run and report, but write nothing back.")
+    ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="Follow the background optimizer's run in a running gateway, trial by trial."
+        ),
+    ] = False,
+    url: Annotated[
+        str | None, typer.Option(help=f"With --watch: the running gateway (default {DEFAULT_URL}).")
+    ] = None,
+    request: Annotated[
+        bool, typer.Option("--request", help="With --watch: ask the gateway to start a run now.")
+    ] = False,
+) -> None:
+    """Run MIPROv2 on a template's recorded, labelled traffic; promote the winner only if it beats the incumbent on test."""
+    if watch:
+        local_only = {
+            "--combination": combination is not None,
+            "--auto": auto != "light",
+            "--trials": trials is not None,
+            "--instructions": instructions is not None,
+            "--demo-sets": demo_sets is not None,
+            "--evaluator": evaluator != "similarity",
+            "--proposer": proposer is not None,
+            "--judge": judge is not None,
+            "--budget-calls": budget_calls != 2000,
+            "--budget-cost": budget_cost != 5.0,
+            "--seed": seed != 0,
+            "--dry-run": dry_run,
+            "--config": config is not None,
+        }
+        given = [name for name, used in local_only.items() if used]
+        if given:
+            raise fail(
+                f"{', '.join(given)}: only for a run here; with --watch the gateway's own "
+                "gateway.optimization settings apply"
+            )
+        watch_optimizer(url or DEFAULT_URL, template_id, request=request)
+        return
+    if url is not None or request:
+        raise fail("--url and --request go with --watch (following a running gateway's optimizer)")
+    run_here(
+        template_id,
+        config,
+        combination=combination,
+        auto=auto,
+        trials=trials,
+        instructions=instructions,
+        demo_sets=demo_sets,
+        evaluator=evaluator,
+        proposer=proposer,
+        judge=judge,
+        budget_calls=budget_calls,
+        budget_cost=budget_cost,
+        seed=seed,
+        dry_run=dry_run,
+    )
+
+
+def run_here(
+    template_id: str,
+    config: str | None,
+    *,
+    combination: str | None,
+    auto: str,
+    trials: int | None,
+    instructions: int | None,
+    demo_sets: int | None,
+    evaluator: str,
+    proposer: str | None,
+    judge: str | None,
+    budget_calls: int,
+    budget_cost: float,
+    seed: int,
+    dry_run: bool,
+) -> None:
+    """MIPROv2 in this process, with its own gateway core, and a live progress line."""
+    import asyncio
+    import difflib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rswitch.core import Core
+    from rswitch.optimizer.evaluators import EVALUATORS
+    from rswitch.optimizer.mipro import Budget, Settings
+    from rswitch.optimizer.service import OptimizeError
+    from rswitch.optimizer.service import optimize as run_optimize
+
+    # everything that can be checked without starting a gateway is checked first
+    if evaluator not in EVALUATORS:
+        raise fail(f"unknown evaluator {evaluator!r}; choose one of: {', '.join(EVALUATORS)}")
+    if evaluator == "llm_judge" and not judge:
+        raise fail("the llm_judge evaluator needs --judge COMBINATION_ID")
+    cfg = load(config)
+    try:
+        settings = Settings.auto(
+            auto, seed=seed, num_trials=trials, num_instructions=instructions, num_demo_sets=demo_sets
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    get_template(registry(config), template_id)
+    try:
+        core = Core(cfg)
+    except Exception as exc:
+        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+
+    async def main() -> Any:
+        await core.start()
+        try:
+            with Progress(
+                TextColumn("[bold]trial"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+            ) as bar:
+                task = bar.add_task(
+                    "optimize", total=settings.trials(), info="preparing demos and instructions…"
+                )
+
+                def on_trial(t: dict[str, Any]) -> None:
+                    full = f" full {t['full_score']:.3f}" if t.get("full_score") is not None else ""
+                    bar.update(
+                        task,
+                        completed=t["trial"] + 1,
+                        info=f"score {t['minibatch_score']:.3f}{full}  best {t['best_score']:.3f}  "
+                        f"calls {t['calls']}  ${t['cost']:.4f}",
+                    )
+
+                return await run_optimize(
+                    core,
+                    template_id,
+                    settings=settings,
+                    combination_id=combination,
+                    evaluator=evaluator,
+                    proposer=proposer,
+                    judge=judge,
+                    budget=Budget(budget_calls, budget_cost),
+                    dry_run=dry_run,
+                    on_trial=on_trial,
+                )
+        finally:
+            await core.stop()
+
+    try:
+        result, version = asyncio.run(main())
+    except OptimizeError as exc:
+        raise fail(str(exc)) from None
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    typer.echo(
+        f"run {result.run_id}: {len(result.trials)} trial(s), {sum(result.calls.values())} call(s) {result.calls}, "
+        f"{result.tokens} tokens, ${result.cost:.4f}, {result.seconds:.1f} s"
+    )
+    typer.echo(f"validation  seed {fmt(result.baseline_val)}  winner {fmt(result.winner_val)}")
+    typer.echo(f"test        seed {fmt(result.incumbent_test)}  winner {fmt(result.winner_test)}")
+    typer.echo(f"verdict     {result.verdict}")
+    winner = result.winner_candidate
+    if winner is not None and result.winner != (0, 0):
+        diff = difflib.unified_diff(
+            result.instructions[0].splitlines(),
+            winner.instruction.splitlines(),
+            "current",
+            "winner",
+            lineterm="",
+        )
+        typer.echo("\n".join(diff))
+        typer.echo(f"winner demos: {len(winner.demos)}")
+    if version is not None:
+        typer.echo(
+            f"wrote template '{template_id}' version {version} (rswitch template rollback {template_id} N to undo)"
+        )
+
+
+# -- --watch --------------------------------------------------------------------------------------
+
+
+def _new_entries(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries appended to the optimizer's bounded list of finished runs since `before`."""
+    for shift in range(len(before) + 1):
+        if now[: len(before) - shift] == before[shift:]:
+            return now[len(before) - shift :]
+    return now
+
+
+class _Gateway:
+    """The few optimizer endpoints of a running gateway, with errors an operator can act on."""
+
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        try:
+            resp = self.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise fail(
+                f"cannot reach the gateway at {self.url} ({type(exc).__name__}); "
+                "start it with `rswitch serve` or `rswitch tui`, or pass --url",
+                1,
+            ) from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise fail(
+                f"{self.url}{path} answered HTTP {resp.status_code}, not JSON: is it an rswitch gateway?", 1
+            )
+        return resp.status_code, body
+
+    def status(self, template_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(finished runs recorded in analytics, the optimizer's live status)."""
+        code, body = self._call("GET", "/v1/optimizer/runs", params={"template_id": template_id})
+        if code != 200 or "optimizer" not in body:
+            raise fail(f"{self.url}/v1/optimizer/runs answered HTTP {code}: is it an rswitch gateway?", 1)
+        return body.get("runs") or [], body["optimizer"]
+
+    def trials(self, template_id: str) -> list[dict[str, Any]]:
+        code, body = self._call("GET", "/v1/optimizer/trials", params={"template_id": template_id})
+        return body.get("trials") or [] if code == 200 else []
+
+    def templates(self) -> set[str]:
+        code, body = self._call("GET", "/v1/models")
+        return {m["id"] for m in body.get("data") or [] if m.get("rswitch_kind") == "template"}
+
+    def request(self, template_id: str) -> None:
+        code, body = self._call("POST", "/v1/optimizer/runs", json={"template_id": template_id})
+        if code != 202:
+            message = (body.get("error") or {}).get("message") or f"HTTP {code}"
+            raise fail(f"the gateway refused to start a run: {message}", 1)
+
+
+def _trial_line(t: dict[str, Any]) -> str:
+    full = f"  full {t['full_score']:.3f}" if t.get("full_score") is not None else ""
+    best = f"  best {t['best_score']:.3f}" if t.get("best_score") is not None else ""
+    return (
+        f"run {t['run_id']} trial {t['trial']:>3}  instruction {t['instruction']}  demos {t['demo_set']}  "
+        f"minibatch {t['minibatch_score']:.3f}{full}{best}  calls {t['calls']}  ${(t.get('cost') or 0):.4f}"
+    )
+
+
+def watch_optimizer(
+    url: str, template_id: str, request: bool, poll: float = 0.5, timeout: float | None = None
+) -> None:
+    """Print a template's trials as the gateway's background optimizer records them, until the
+    run ends (with --request: the run it asked for; else the current or next run)."""
+    gw = _Gateway(url)
+    finished_before, status = gw.status(template_id)
+    if not status.get("enabled"):
+        raise fail(
+            f"the gateway at {gw.url} runs no background optimizer: set gateway.optimization.enabled "
+            f"in its config, or run `rswitch optimize {template_id}` here without --watch",
+            1,
+        )
+    if template_id not in gw.templates():
+        raise fail(f"the gateway at {gw.url} has no template '{template_id}'", 1)
+    old_runs = {r["run_id"] for r in finished_before}
+    ended_before = list(status.get("runs") or [])
+    if request:
+        gw.request(template_id)
+        typer.echo(
+            f"asked {gw.url} to optimize '{template_id}'; watching (Ctrl+C stops watching, not the run)"
+        )
+    elif status.get("running") == template_id:
+        typer.echo(f"watching the run of '{template_id}' on {gw.url} (Ctrl+C stops watching, not the run)")
+    else:
+        every = status.get("interval_seconds")
+        when = (
+            f"checks every {every:g} s" if status.get("periodic", True) and every else "runs only on request"
+        )
+        typer.echo(
+            f"waiting for the next run of '{template_id}' on {gw.url} (its optimizer {when}; "
+            "--request starts one now; Ctrl+C stops watching)"
+        )
+    shown: set[tuple[str, int]] = set()
+    announced = ""
+    started = time.monotonic()
+    try:
+        while timeout is None or time.monotonic() - started < timeout:
+            _, status = gw.status(template_id)
+            mine = [
+                r
+                for r in _new_entries(ended_before, list(status.get("runs") or []))
+                if r.get("template_id") == template_id
+            ]
+            for t in gw.trials(template_id):
+                if t["run_id"] in old_runs or (t["run_id"], t["trial"]) in shown:
+                    continue
+                shown.add((t["run_id"], t["trial"]))
+                typer.echo(_trial_line(t))
+            active = status.get("running") == template_id or template_id in (status.get("queued") or [])
+            if mine and not active:
+                end = mine[-1]
+                if end.get("error"):
+                    raise fail(f"the run of '{template_id}' failed: {end['error']}", 1)
+                promoted = f" → version {end['new_version']}" if end.get("new_version") else ""
+                typer.echo(
+                    f"run {end.get('run_id')} finished: {end.get('verdict')}{promoted} "
+                    f"({end.get('calls')} calls, ${(end.get('cost') or 0):.4f})"
+                )
+                return
+            running = status.get("running")
+            if running and running != template_id and template_id in (status.get("queued") or []):
+                if announced != running:
+                    typer.echo(f"queued behind the run of '{running}'")
+                    announced = running
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        typer.echo("stopped watching; the gateway's run goes on")
+        raise typer.Exit(130) from None
+    raise fail(f"stopped watching after {timeout:g} s; the run had not finished", 1)

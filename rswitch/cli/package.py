@@ -1,0 +1,127 @@
+"""`rswitch package …`: export, import and inspect portable prompt packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rswitch.cli.common import ConfigOpt, fail, load, registry
+from rswitch.config import Config
+
+app = typer.Typer(help="Export, import and inspect portable prompt packages.", no_args_is_help=True)
+
+
+def _stores(cfg: Config) -> Any:
+    from rswitch.packaging import Stores
+
+    return Stores(cfg.dataset_dir, cfg.analytics_file)
+
+
+@app.command("export")
+def package_export(
+    template_id: Annotated[str, typer.Option("--template-id", help="The template to package.")],
+    config: ConfigOpt = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the package goes.")] = Path("."),
+    include_analytics: Annotated[bool, typer.Option("--include-analytics/--no-include-analytics")] = True,
+    logs_limit: Annotated[
+        int, typer.Option("--logs-limit", help="Newest records in logs/recent.jsonl.", min=0)
+    ] = 1000,
+    archive: Annotated[
+        bool, typer.Option("--archive", help="Write one .tar.gz instead of a folder.")
+    ] = False,
+) -> None:
+    """Export a template, its dataset, recent logs and analytics as a package."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from rswitch.config import resolve_api_key
+    from rswitch.packaging import PackageError, export_package
+
+    cfg = load(config)
+    reg = registry(config)
+    secrets = [k for name, pc in cfg.model_providers.items() if (k := resolve_api_key(name, pc)[0])]
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("snapshot", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{stage} snapshot", completed=done, total=total)
+
+        try:
+            out = export_package(
+                reg,
+                _stores(cfg),
+                template_id,
+                output_dir,
+                include_analytics=include_analytics,
+                logs_limit=logs_limit,
+                archive=archive,
+                secrets=secrets,
+                progress=progress,
+            )
+        except PackageError as exc:
+            raise fail(str(exc)) from None
+    typer.echo(f"exported '{template_id}' → {out}")
+
+
+@app.command("import")
+def package_import(
+    path: Path,
+    config: ConfigOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing template and its dataset.")
+    ] = False,
+    restore_analytics: Annotated[bool, typer.Option("--restore-analytics/--no-restore-analytics")] = True,
+) -> None:
+    """Import a package folder or archive (verified first; all or nothing)."""
+    from rswitch.packaging import PackageError, import_package
+
+    cfg = load(config)
+    try:
+        result = import_package(
+            path, registry(config), _stores(cfg), overwrite=overwrite, restore_analytics=restore_analytics
+        )
+    except PackageError as exc:
+        raise fail(f"import refused: {exc}") from None
+    verb = "replaced" if result["replaced"] else "imported"
+    typer.echo(
+        f"{verb} '{result['template_id']}' → {result['path']}: {result['dataset_rows']} dataset row(s), "
+        f"{result['analytics_rows_added']} analytics row(s) added"
+    )
+
+
+@app.command("inspect")
+def package_inspect(path: Path) -> None:
+    """Show what a package holds and whether its checksums hold, without importing it."""
+    from rswitch.packaging import PackageError, inspect_package
+
+    try:
+        info = inspect_package(path)
+    except PackageError as exc:
+        raise fail(str(exc)) from None
+    tpl = info["template"] or {}
+    typer.echo(f"package     {info['path']}")
+    typer.echo(
+        f"template    {info['template_id']}  ({tpl.get('name')}), version {tpl.get('version')}; versions {info['versions']}"
+    )
+    typer.echo(f"variables   {', '.join(tpl.get('variables') or []) or '(none)'}")
+    typer.echo(
+        f"created     {info['created_at']} by rswitch {info['rswitch_version']} (format {info['format_version']})"
+    )
+    if info.get("time_range"):
+        typer.echo(f"records     {info['time_range']['first']} … {info['time_range']['last']}")
+    for f in info["files"]:
+        rows = f" {f['rows']} rows" if "rows" in f else ""
+        typer.echo(
+            f"  {f.get('path', '?'):<22} {f.get('size', 0):>10} bytes{rows}  sha256 {str(f.get('sha256', ''))[:12]}…"
+        )
+    if info["checksums_ok"]:
+        typer.echo("checksums   OK")
+    else:
+        typer.secho(f"checksums   FAILED: {info['problem']}", fg=typer.colors.RED)
+        raise typer.Exit(1)

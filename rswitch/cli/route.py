@@ -1,0 +1,235 @@
+"""`rswitch route …`: how the router chain would route a prompt; fit a semantic step's thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from rswitch.cli.common import ConfigOpt, JsonlError, fail, load, read_jsonl
+from rswitch.config import Config, find_config
+
+app = typer.Typer(help="Inspect query-aware routing.", no_args_is_help=True)
+
+
+class _RoutingRuntime:
+    """The router chains of a config with the providers they need (encoders, judges), started in
+    the running loop: what `route explain` and `route fit` run, without the rest of the gateway."""
+
+    def __init__(self, cfg: Config) -> None:
+        from rswitch.core import caller_factory, embedder_factory, routing_providers
+        from rswitch.routing.chains import build_chains
+
+        self.providers = routing_providers(cfg)
+        cache = cfg.dataset_dir.parent / "routing"
+        self.default, self.per_template = build_chains(
+            cfg.routing, embedder_factory(self.providers), cache, caller_factory(self.providers)
+        )
+
+    async def __aenter__(self) -> _RoutingRuntime:
+        for p in self.providers.values():
+            await p.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for p in self.providers.values():
+            await p.close()
+
+    def chain(self, template: str | None) -> Any:
+        return (self.per_template.get(template) if template else None) or self.default
+
+
+@app.command("explain")
+def route_explain(
+    prompt: str,
+    config: ConfigOpt = None,
+    template: Annotated[
+        str | None, typer.Option("--template", help="Route as a request for this template.")
+    ] = None,
+    meta: Annotated[
+        list[str] | None, typer.Option("--metadata", help="A metadata tag as key=value; repeat for more.")
+    ] = None,
+) -> None:
+    """Show how the router chain would route a prompt, without calling the chat models.
+
+    Semantic steps do embed the prompt, and judge steps do ask their judge: that is how they decide."""
+    import asyncio
+
+    from rswitch.routing.base import Query
+
+    cfg = load(config)
+    tags: dict[str, str] = {}
+    for item in meta or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise fail(f"--metadata must be key=value; got {item!r}")
+        tags[k] = v
+    runtime = _RoutingRuntime(cfg)
+    chain = runtime.chain(template)
+    if chain is None:
+        typer.echo("no routing chain is configured: the balancer decides among the combinations")
+        return
+    which = (
+        f"template '{template}'"
+        if template and template in runtime.per_template
+        else "the gateway-wide chain"
+    )
+
+    async def run() -> Any:
+        async with runtime:
+            return await chain.route(Query([{"role": "user", "content": prompt}], {}, tags))
+
+    outcome = asyncio.run(run())
+    typer.echo(f"chain       {which}")
+    for line in outcome.trace:
+        typer.echo(f"  {line}")
+    if outcome.decision is None:
+        typer.echo("decision    pass: the balancer decides among the usual combinations")
+    else:
+        typer.echo(f"decision    {outcome.decision.target} → {', '.join(outcome.decision.combinations)}")
+    typer.echo(f"took        {outcome.ms:.3f} ms")
+
+
+OOS_LABELS = {"", "oos", "none", "out_of_scope", "out-of-scope"}
+
+
+def _read_route_examples(path: Path, resolve: Any) -> list[tuple[str, str | None]]:
+    """(text, route target or None for out of scope) from JSONL lines {"text": …, "route": …}."""
+    if not path.is_file():
+        raise fail(f"examples file not found: {path}")
+
+    def example(row: Any) -> tuple[str, str | None]:
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ValueError('each line needs "text" (a non-empty string) and "route"')
+        label = row.get("route")
+        if label is not None and not isinstance(label, str):
+            raise ValueError('"route" must be a string, or null for out of scope')
+        if label is None or label.strip().lower() in OOS_LABELS:
+            return row["text"], None
+        try:
+            return row["text"], resolve(label.strip())[0]
+        except KeyError:
+            raise ValueError(f"unknown tier in {label!r} (routing.tiers defines the tiers)") from None
+
+    try:
+        return [ex for _, ex in read_jsonl(path, example)]
+    except JsonlError as exc:
+        raise exc.exit() from None
+
+
+@app.command("fit")
+def route_fit(
+    examples: Annotated[
+        Path,
+        typer.Option(
+            "--examples",
+            "-e",
+            help='JSONL, one {"text": …, "route": …} a line; route null or "oos" = out of scope.',
+        ),
+    ],
+    config: ConfigOpt = None,
+    template: Annotated[
+        str | None,
+        typer.Option("--template", help="Fit this template's chain (default: the gateway-wide one)."),
+    ] = None,
+    step_name: Annotated[
+        str | None, typer.Option("--step", help="The semantic step to fit (default: the chain's first).")
+    ] = None,
+    objective: Annotated[
+        str, typer.Option(help="balanced (mean of in-scope accuracy and OOS recall) or accuracy.")
+    ] = "balanced",
+    per_route: Annotated[
+        bool, typer.Option("--per-route", help="A threshold per route (needs several examples per route).")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the config with the fitted thresholds to this file (comments are not kept)."
+        ),
+    ] = None,
+) -> None:
+    """Calibrate a semantic step's thresholds on labelled examples; report accuracy and OOS recall."""
+    import asyncio
+
+    import numpy as np
+
+    from rswitch.routing.chains import target_resolver
+    from rswitch.routing.fit import OBJECTIVES, OUT_OF_SCOPE, evaluate, fit
+    from rswitch.routing.semantic import SemanticStep
+
+    if objective not in OBJECTIVES:
+        raise fail(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    cfg = load(config)
+    if template is not None and template not in cfg.routing.templates:
+        raise fail(f"no routing chain for template '{template}' (routing.templates has none)")
+    steps_cfg = cfg.routing.templates[template] if template else cfg.routing.default
+    where = f"routing.templates.{template}" if template else "routing.default"
+    semantic = [(i, s) for i, s in enumerate(steps_cfg) if s.type == "semantic"]
+    if step_name is not None:
+        semantic = [(i, s) for i, s in semantic if s.name == step_name]
+    if not semantic:
+        what = f"named '{step_name}' " if step_name else ""
+        raise fail(f"{where} has no semantic step {what}to fit")
+    index, step_cfg = semantic[0]
+    rows = _read_route_examples(examples, target_resolver(cfg.routing.tiers))
+    runtime = _RoutingRuntime(cfg)
+    chain = runtime.chain(template)
+    step = chain.steps[index]
+    assert isinstance(step, SemanticStep)
+    targets = [r.target for r in step.routes]
+    unknown = sorted({t for _, t in rows if t is not None and t not in targets})
+    if unknown:
+        raise fail(
+            f"examples name routes step '{step.name}' does not have: {', '.join(unknown)}; "
+            f"its routes: {', '.join(targets)}"
+        )
+    labels = np.array([targets.index(t) if t is not None else OUT_OF_SCOPE for _, t in rows])
+
+    async def embed_all() -> np.ndarray:
+        async with runtime:
+            await step.warm()
+            vectors = []
+            texts = [t for t, _ in rows]
+            for start in range(0, len(texts), 64):
+                vectors.extend(np.asarray(await step.embed(texts[start : start + 64]), dtype=np.float32))
+                typer.echo(f"\rembedded {min(start + 64, len(texts))}/{len(texts)}", nl=False, err=True)
+            typer.echo("", err=True)
+            return np.vstack(vectors)
+
+    scores = step.score_many(asyncio.run(embed_all()))
+    before = evaluate(scores, labels, np.array([r.threshold for r in step.routes]))
+    thresholds = fit(scores, labels, objective=objective, per_route=per_route)
+    after = evaluate(scores, labels, thresholds)
+
+    def line(name: str, m: Any) -> str:
+        oos = f"{m.oos_recall:.1%}" if m.oos_recall is not None else "n/a (no out-of-scope examples)"
+        return (
+            f"{name:<8} accuracy {m.accuracy:.1%}   in-scope accuracy {m.in_scope_accuracy:.1%}   "
+            f"out-of-scope recall {oos}"
+        )
+
+    typer.echo(f"step      {where}[{index}] '{step.name}' ({step.encoder_id})")
+    typer.echo(f"examples  {len(rows)}: {before.in_scope} in scope, {before.out_of_scope} out of scope")
+    typer.echo(line("current", before))
+    typer.echo(line("fitted", after))
+    if before.oos_recall is None:
+        typer.echo("note      with no out-of-scope examples the fit can only lower thresholds; add some")
+    typer.echo("route                          threshold  fitted   recall")
+    for i, r in enumerate(step.routes):
+        recall = after.per_route.get(i)
+        shown = f"{recall:.0%}" if recall is not None else "-"
+        typer.echo(f"  {r.target:<28} {r.threshold:>8.3f} {thresholds[i]:>8.3f}   {shown}")
+    if output is None:
+        typer.echo("(use --output FILE to write a config with the fitted thresholds)")
+        return
+    source = find_config(config)
+    if source is None:
+        raise fail("--output needs a config file (the built-in default has no routing to fit)")
+    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    node = data["routing"]["templates"][template] if template else data["routing"]["default"]
+    for route, t in zip(node[index]["routes"], thresholds, strict=True):
+        route["threshold"] = round(float(t), 4)
+    output.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    typer.echo(f"wrote     {output}")

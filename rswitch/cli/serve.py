@@ -1,0 +1,241 @@
+"""`rswitch serve` (the gateway headless) and `rswitch tui` (the operator console)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from rswitch.cli.common import ConfigOpt, fail, load
+from rswitch.config import ConfigError
+
+
+def parse_addr(addr: str) -> tuple[str | None, int]:
+    """Accept the seeds' Go-style --addr: ':8080', 'host:8080' or '[::1]:8080'."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise fail(f"--addr must look like ':8080' or 'HOST:PORT'; got {addr!r}")
+    host = host.strip("[]")
+    return (host or "0.0.0.0"), int(port)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket, bound here so that a taken port is one clear line
+    (and nothing has started yet), not uvicorn's error and a traceback."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise fail(f"cannot listen on {host}:{port}: {exc.strerror}", 1) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            "; is another rswitch running? pick another with --port" if exc.errno == errno.EADDRINUSE else ""
+        )
+        raise fail(f"cannot listen on {host}:{port}: {exc.strerror}{hint}", 1) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def startup_summary(core: Any, address: str) -> list[str]:
+    """The start-up screen: where it listens, what it routes, where data goes."""
+    cfg = core.config
+    lines = [
+        f"rswitch gateway listening on {address}",
+        f"  config      {cfg.source or '(built-in defaults)'}",
+        f"  strategy    {cfg.gateway.strategy}  (fallback_threshold {cfg.gateway.fallback_threshold}, "
+        f"max_attempts {cfg.gateway.max_attempts})",
+        f"  providers   {len(core.providers)}",
+    ]
+    for name, p in core.providers.items():
+        d = p.describe()
+        if d.get("type") == "encoder":
+            lines.append(f"    {name}: encoder {d['model_path']} (embeddings only)")
+        elif "model_path" in d:
+            when = "at start" if d["load"] == "startup" else "on first use"
+            lines.append(f"    {name}: {d['model_path']} (loaded {when})")
+    for name in core.providers:
+        pc = cfg.model_providers[name]
+        limits = []
+        if pc.rate_limit:
+            limits.append(f"{pc.rate_limit:g} rpm")
+        if pc.tpm:
+            limits.append(f"{pc.tpm:g} tpm")
+        url = pc.base_url or ("(default)" if pc.type != "mock" else "-")
+        lines.append(
+            f"    {name:<14} {pc.type:<9} {url}  key: {core.key_sources[name]}"
+            + (f"  limits: {', '.join(limits)}" if limits else "")
+        )
+    lines.append(f"  combinations {len(core.combinations)}")
+    for c in core.combinations:
+        flags = " ".join(x for x in ("primary" if c.is_primary else "", "" if c.enabled else "disabled") if x)
+        fb = f" → {', '.join(c.fallbacks)}" if c.fallbacks else ""
+        lines.append(
+            f"    {c.id:<22} {c.template_id:<20} {c.provider}/{c.model}  w={c.weight:g} {flags}{fb}".rstrip()
+        )
+    lines.append(f"  templates   {len(core.registry.list())} ({cfg.dataset_dir})")
+    lines.append(
+        f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite (keep newest {cfg.dataset.max_records})"
+    )
+    lines.append(f"  analytics   {cfg.analytics_file}")
+    for n in cfg.notes:
+        lines.append(f"  default     {n}")
+    for w in core.warnings:
+        lines.append(f"  WARNING     {w}")
+    for e in core.registry.load_errors:
+        lines.append(f"  WARNING     bad manifest {e}")
+    return lines
+
+
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default: gateway.host, 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: gateway.port, 8080; 0 picks a free one).")
+    ] = None,
+    addr: Annotated[
+        str | None, typer.Option(help="Go-style listen address, e.g. ':8080' (same as --host/--port).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level for rswitch's own messages.")] = "info",
+) -> None:
+    """Run the gateway headless."""
+    import asyncio
+
+    import uvicorn
+
+    from rswitch.core import Core
+    from rswitch.server import create_app
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    cfg = load(config)
+    if addr:
+        host, port = parse_addr(addr)
+    host = host or cfg.gateway.host
+    port = cfg.gateway.port if port is None else port
+    sock = listen(host, port)
+    try:
+        core = Core(cfg)
+    except ConfigError as exc:
+        sock.close()
+        raise fail(f"invalid config: {exc}") from None
+    except Exception as exc:
+        sock.close()
+        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+
+    class GatewayServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn re-raises a caught SIGTERM/SIGINT after shutdown, which kills the process
+            # before it can report; the lifespan has drained the recorder by then, so exit 0.
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    server = GatewayServer(
+        uvicorn.Config(
+            create_app(core),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=10,
+        )
+    )
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                break
+            await asyncio.sleep(0.05)
+        if server.started:
+            bound = [s.getsockname() for srv in server.servers for s in srv.sockets]
+            where = f"http://{bound[0][0]}:{bound[0][1]}" if bound else f"http://{host}:{port}"
+            typer.echo("\n".join(startup_summary(core, where)), err=False)
+            typer.echo("  press Ctrl+C to stop (queued records are written before exit)")
+            sys.stdout.flush()
+        await task
+
+    try:
+        import uvloop  # uvicorn's loop="uvloop" is skipped when we drive server.serve() ourselves
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run())
+    if not server.started:
+        raise typer.Exit(1)
+    typer.echo(f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped")
+
+
+def tui(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address the in-process gateway binds.")] = None,
+    port: Annotated[int | None, typer.Option(help="Its port (0 picks a free one).")] = None,
+    theme: Annotated[
+        str | None,
+        typer.Option(help="A theme from themes/ or <data dir>/themes/ (default: tui.theme, then brutalist)."),
+    ] = None,
+    headless: Annotated[
+        bool,
+        typer.Option(
+            "--headless", help="Run the app without a terminal (benchmarks); SIGTERM quits.", hidden=True
+        ),
+    ] = False,
+) -> None:
+    """The operator console: the gateway in-process, with live panes and keys that steer it."""
+    from rswitch.core import Core
+    from rswitch.tui.app import RSwitchApp
+    from rswitch.tui.server import GatewayThread
+
+    cfg = load(config)
+    log_file = cfg.dataset_dir.parent / "rswitch-tui.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level="INFO", filename=log_file, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        core = Core(cfg)
+    except Exception as exc:
+        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+    core.on_demand_optimizer = True  # the optimize key works even when no periodic optimizer is set
+
+    gateway = GatewayThread(core, host or cfg.gateway.host, cfg.gateway.port if port is None else port)
+    try:
+        url = gateway.start()
+    except RuntimeError as exc:
+        raise fail(str(exc)) from None
+    try:
+        app = RSwitchApp(
+            gateway,
+            url=url,
+            refresh=cfg.tui.refresh_seconds,
+            theme=theme or cfg.tui.theme,
+            keys=cfg.tui.keys,
+            export_dir=cfg.dataset_dir.parent / "packages",
+        )
+        if headless:
+            import signal
+
+            signal.signal(signal.SIGTERM, lambda *_: app.call_later(app.exit))
+        app.run(headless=headless)
+    finally:
+        gateway.stop()  # drains the recorder and stops the optimizer
+    typer.echo(
+        f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped (log: {log_file})"
+    )
