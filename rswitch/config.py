@@ -134,6 +134,9 @@ class GatewayConfig(_Strict):
 class DatasetConfig(_Strict):
     base_path: str = "data/prompts"
     max_records: int = Field(10000, ge=1)
+    max_labelled_records: int | None = Field(
+        100000, ge=1, description="labelled rows kept per prompt, oldest dropped first (null: no bound)"
+    )
 
 
 class AnalyticsConfig(_Strict):

@@ -194,7 +194,12 @@ class Core:
             min_requests=gw.min_requests,
             exploration=gw.exploration,
         )
-        self.datasets = DatasetStore(config.dataset_dir, config.dataset.max_records)
+        self.datasets = DatasetStore(
+            config.dataset_dir,
+            config.dataset.max_records,
+            config.dataset.max_labelled_records,
+            reference=frozenset(gw.optimization.reference_combinations),
+        )
         self.analytics = AnalyticsStore(config.analytics_file)
         rc = config.recorder
         self.recorder = Recorder(

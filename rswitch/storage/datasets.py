@@ -2,6 +2,11 @@
 
 The rendered system prompt is stored apart from the client's own messages, so a later
 optimized prompt never nests inside a demo taken from this table.
+
+Retention keeps two budgets per prompt. Ground truth — imported rows, rows labelled by
+feedback, a reference combination's successful answers (`labelled = 1`) — is what the
+optimizer learns from, so traffic never pushes it out: the newest `max_records` unlabelled
+rows are kept, and labelled rows only go, oldest first, past `max_labelled_records`.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,13 +59,18 @@ LABEL_COLUMNS = {
     "label_source": "TEXT",  # feedback | import | reference
     "labelled_at": "TEXT",
     "origin": "TEXT NOT NULL DEFAULT 'gateway'",  # gateway | import
+    # ground truth that retention spares: imported, labelled by feedback, or a reference's answer
+    "labelled": "INTEGER NOT NULL DEFAULT 0",
 }
+HAS_LABEL = (
+    "label_source IS NOT NULL OR origin = 'import' OR label_expected IS NOT NULL OR label_score IS NOT NULL"
+)
 COLUMNS = (
     "request_id, created_at, template_id, combination_id, provider, model, system_prompt, messages, variables, "
     "output, success, error_type, error, status, prompt_tokens, completion_tokens, tokens_estimated, cost, "
     "latency_ms, ttft_ms, stream"
 )
-INSERT = f"INSERT INTO examples ({COLUMNS}) VALUES ({', '.join('?' * 21)})"
+INSERT = f"INSERT INTO examples ({COLUMNS}, labelled) VALUES ({', '.join('?' * 22)})"
 
 
 def iso(ts: float) -> str:
@@ -91,7 +103,8 @@ def _row(r: CallRecord) -> tuple[Any, ...]:
     )
 
 
-def open_dataset(path: Path) -> sqlite3.Connection:
+def open_dataset(path: Path, reference: frozenset[str] = frozenset()) -> sqlite3.Connection:
+    """Open (creating or upgrading) a dataset; rows of `reference` combinations count as labelled."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -101,17 +114,47 @@ def open_dataset(path: Path) -> sqlite3.Connection:
     for name, decl in LABEL_COLUMNS.items():
         if name not in have:
             conn.execute(f"ALTER TABLE examples ADD COLUMN {name} {decl}")
+    if "labelled" not in have:  # a dataset from before the flag: its labels are ground truth too
+        conn.execute(f"UPDATE examples SET labelled = 1 WHERE {HAS_LABEL}")
+    if reference:  # a combination may have become a reference since these rows were written
+        conn.execute(
+            f"UPDATE examples SET labelled = 1 WHERE labelled = 0 AND success = 1 "
+            f"AND combination_id IN ({', '.join('?' * len(reference))})",
+            sorted(reference),
+        )
     conn.execute("CREATE INDEX IF NOT EXISTS examples_request ON examples(request_id)")
+    # retention walks the oldest rows of one kind: (labelled, rowid) order
+    conn.execute("CREATE INDEX IF NOT EXISTS examples_labelled ON examples(labelled)")
     return conn
 
 
-class DatasetStore:
-    """Writes go through one connection per prompt, owned by the writer thread; readers open their own."""
+# The oldest `?` rows of one kind; through examples_labelled, never a table scan.
+TRIM = "DELETE FROM examples WHERE id IN (SELECT id FROM examples WHERE labelled = ? ORDER BY id LIMIT ?)"
 
-    def __init__(self, base_dir: Path, max_records: int) -> None:
+
+class DatasetStore:
+    """Writes go through one connection per prompt, owned by the writer thread; readers open their own.
+
+    `max_records` bounds the unlabelled rows of each prompt, `max_labelled_records` (None: no
+    bound) the labelled ones. Retention runs with every write on counts kept in memory —
+    taken when a dataset is opened, updated by this store's own writes, taken again when
+    another process wrote to the file (`dataset import` while the gateway runs) — so it costs
+    a few integer comparisons per batch and an indexed delete of exactly the excess."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        max_records: int,
+        max_labelled_records: int | None = None,
+        reference: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
         self.base_dir = Path(base_dir)
         self.max_records = max_records
+        self.max_labelled_records = max_labelled_records
+        self.reference = frozenset(reference)
         self._conns: dict[str, sqlite3.Connection] = {}
+        self._counts: dict[str, list[int]] = {}  # template id -> [unlabelled rows, labelled rows]
+        self._versions: dict[str, int] = {}  # template id -> PRAGMA data_version when counted
         self._lock = threading.Lock()
 
     def path(self, template_id: str) -> Path:
@@ -120,8 +163,24 @@ class DatasetStore:
     def _conn(self, template_id: str) -> sqlite3.Connection:
         conn = self._conns.get(template_id)
         if conn is None:
-            conn = self._conns[template_id] = open_dataset(self.path(template_id))
+            conn = self._conns[template_id] = open_dataset(self.path(template_id), self.reference)
+            self._count(template_id, conn)
         return conn
+
+    def _count(self, template_id: str, conn: sqlite3.Connection) -> None:
+        counts = dict(conn.execute("SELECT labelled, count(*) FROM examples GROUP BY labelled"))
+        self._counts[template_id] = [counts.get(0, 0), counts.get(1, 0)]
+        self._versions[template_id] = conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def _trim(self, template_id: str, conn: sqlite3.Connection) -> None:
+        """Drop the oldest unlabelled rows past max_records, and labelled ones past their own cap."""
+        # data_version moves only when another connection committed: then count again
+        if conn.execute("PRAGMA data_version").fetchone()[0] != self._versions[template_id]:
+            self._count(template_id, conn)
+        counts = self._counts[template_id]
+        for labelled, cap in ((0, self.max_records), (1, self.max_labelled_records)):
+            if cap is not None and counts[labelled] > cap:
+                counts[labelled] -= conn.execute(TRIM, (labelled, counts[labelled] - cap)).rowcount
 
     def write(self, records: list[CallRecord | Label]) -> None:
         by_prompt: dict[str, list[CallRecord]] = {}
@@ -132,29 +191,68 @@ class DatasetStore:
                 by_prompt.setdefault(r.template_id, []).append(r)
         with self._lock:
             for template_id, rows in by_prompt.items():
-                conn = self._conn(template_id)
-                conn.execute("BEGIN")
-                conn.executemany(INSERT, [_row(r) for r in rows])
-                # retention: keep the newest max_records rows
-                conn.execute(
-                    "DELETE FROM examples WHERE id <= (SELECT id FROM examples ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                    (self.max_records,),
-                )
-                conn.execute("COMMIT")
+                with self._transaction(template_id) as conn:
+                    conn.executemany(INSERT, [(*_row(r), self._is_reference(r)) for r in rows])
+                    counts = self._counts[template_id]
+                    marked = sum(self._is_reference(r) for r in rows)
+                    counts[0] += len(rows) - marked
+                    counts[1] += marked
+                    if not any(label.template_id == template_id for label in labels):
+                        self._trim(template_id, conn)  # else after the labels: one may protect a new row
             for label in labels:  # after the inserts: a label may arrive in the same batch as its row
-                self._conn(label.template_id).execute(
-                    "UPDATE examples SET label_expected = coalesce(?, label_expected), label_score = coalesce(?, label_score), "
-                    "label_comment = coalesce(?, label_comment), label_source = ?, labelled_at = ? "
-                    "WHERE request_id = ? AND success = 1",
-                    (
-                        label.expected,
-                        label.score,
-                        label.comment,
-                        label.source,
-                        iso(label.created_at),
-                        label.request_id,
-                    ),
-                )
+                with self._transaction(label.template_id) as conn:
+                    self._label(conn, label)
+            for template_id in {label.template_id for label in labels}:
+                self._trim(template_id, self._conn(template_id))
+
+    @contextmanager
+    def _transaction(self, template_id: str) -> Iterator[sqlite3.Connection]:
+        conn = self._conn(template_id)
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            self._count(template_id, conn)  # the counts moved with the rolled-back writes
+            raise
+        conn.execute("COMMIT")
+
+    def _label(self, conn: sqlite3.Connection, label: Label) -> None:
+        newly = conn.execute(
+            "UPDATE examples SET labelled = 1 WHERE request_id = ? AND success = 1 AND labelled = 0",
+            (label.request_id,),
+        ).rowcount
+        conn.execute(
+            "UPDATE examples SET label_expected = coalesce(?, label_expected), label_score = coalesce(?, label_score), "
+            "label_comment = coalesce(?, label_comment), label_source = ?, labelled_at = ? "
+            "WHERE request_id = ? AND success = 1",
+            (
+                label.expected,
+                label.score,
+                label.comment,
+                label.source,
+                iso(label.created_at),
+                label.request_id,
+            ),
+        )
+        counts = self._counts[label.template_id]
+        counts[0] -= newly
+        counts[1] += newly
+
+    def _is_reference(self, r: CallRecord) -> int:
+        return int(r.success and r.combination_id in self.reference)
+
+    def counts(self, template_id: str) -> dict[str, int]:
+        """Rows kept for a prompt, by kind (read from the file, so other writers count too)."""
+        path = self.path(template_id)
+        if not path.exists():
+            return {"unlabelled": 0, "labelled": 0}
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            counts = dict(conn.execute("SELECT labelled, count(*) FROM examples GROUP BY labelled"))
+        finally:
+            conn.close()
+        return {"unlabelled": counts.get(0, 0), "labelled": counts.get(1, 0)}
 
     def find_request(self, request_id: str) -> str | None:
         """The template whose dataset holds this request's answer, if any."""
@@ -194,7 +292,7 @@ class DatasetStore:
                         output=r.get("output") or "",
                         success=True,
                     )
-                    conn.execute(INSERT, _row(rec))
+                    conn.execute(INSERT, (*_row(rec), 1))
                     conn.execute(
                         "UPDATE examples SET label_expected = ?, label_score = ?, label_source = 'import', labelled_at = ?, "
                         "origin = 'import' WHERE id = last_insert_rowid()",
@@ -204,12 +302,15 @@ class DatasetStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            self._counts[template_id][1] += len(rows)
         return len(rows)
 
     def release(self, template_id: str) -> None:
         """Close the writer's connection to one dataset (before an import replaces the file)."""
         with self._lock:
             conn = self._conns.pop(template_id, None)
+            self._counts.pop(template_id, None)
+            self._versions.pop(template_id, None)
             if conn is not None:
                 conn.close()
 
@@ -249,3 +350,5 @@ class DatasetStore:
             for conn in self._conns.values():
                 conn.close()
             self._conns.clear()
+            self._counts.clear()
+            self._versions.clear()
