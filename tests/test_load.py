@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.test_real_server import rswitch_serve
 
 pytestmark = pytest.mark.slow
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_prompts"
 
 CONFIG = {
     "model_providers": {
@@ -35,9 +38,7 @@ def run_load(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_load_replays_samples_and_summarises(tmp_path):
-    from pathlib import Path
-
-    config = {**CONFIG, "template_dirs": [str(Path(__file__).resolve().parent.parent / "sample_prompts")]}
+    config = {**CONFIG, "template_dirs": [str(SAMPLES)]}
     with rswitch_serve(config, tmp_path) as (url, _):
         out = run_load(
             "--url", url, "--requests", "40", "--concurrency", "4", "--template", "classify-intent", "--json"
@@ -84,3 +85,28 @@ def test_load_reports_bad_input_clearly(tmp_path):
     assert out.returncode != 0 and "cannot reach the gateway" in out.stderr
     out = run_load("--rate", "5", "--concurrency", "2")
     assert out.returncode != 0 and "not both" in out.stderr
+
+
+def test_load_without_template_replays_only_what_the_gateway_serves(tmp_path):
+    # the gateway knows every sample template (template_dirs) but has combinations for two only
+    config = {**CONFIG, "template_dirs": [str(SAMPLES)]}
+    config["gateway"] = {"combinations": CONFIG["gateway"]["combinations"][:2]}
+    with rswitch_serve(config, tmp_path) as (url, _):
+        out = run_load("--url", url, "--requests", "60", "--concurrency", "4", "--json")
+        assert out.returncode == 0, out.stderr
+        s = json.loads(out.stdout)
+        assert s["requests"] == 60 and s["succeeded"] == 60 and s["errors"] == {}
+        assert set(s["by_combination"]) == {"sum", "cls"}
+        assert s["skipped_templates"] == ["extract-json", "intent-bench", "support-reply"]
+        assert "does not serve: extract-json, intent-bench, support-reply" in out.stderr
+
+        out = run_load("--url", url, "--requests", "4")  # the human summary says it too
+        assert out.returncode == 0 and "skipped    extract-json, intent-bench, support-reply" in out.stdout
+
+
+def test_load_refuses_when_the_gateway_serves_no_sample_template(tmp_path):
+    config = {**CONFIG, "gateway": {"combinations": [CONFIG["gateway"]["combinations"][2]]}}
+    with rswitch_serve(config, tmp_path) as (url, _):
+        out = run_load("--url", url, "--requests", "4")
+        assert out.returncode != 0
+        assert "serves none of the sample templates" in out.stderr and "--file" in out.stderr
