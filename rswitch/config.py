@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -127,6 +128,9 @@ class GatewayConfig(_Strict):
     max_attempts: int = Field(3, ge=1, description="upstream attempts per request, fallbacks included")
     request_timeout_seconds: float = Field(120, gt=0, description="overall deadline per request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_rate_wait_seconds: float = Field(
+        5.0, ge=0, description="longest a request waits for rate limits in all before it gets 429"
+    )
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     embeddings: EmbeddingsDefault | None = None
 
@@ -309,8 +313,9 @@ class TuiConfig(_Strict):
 
 
 class Config(BaseModel):
-    # Unknown top-level sections (mipro_v2, router, …) belong to later features: kept, not rejected.
-    model_config = ConfigDict(extra="allow")
+    # A misspelt section (`gatway:`) would otherwise be silently ignored: unknown top-level keys
+    # are errors. `mipro_v2` is Route-Switch's optimizer section, accepted for compatibility.
+    model_config = ConfigDict(extra="forbid")
 
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     model_providers: dict[str, ProviderConfig] = Field(default_factory=dict)
@@ -323,6 +328,9 @@ class Config(BaseModel):
     tui: TuiConfig = Field(default_factory=TuiConfig)
     template_dirs: list[str] = Field(
         default_factory=list, description="folders of <id>/manifest.yaml to serve read-only"
+    )
+    mipro_v2: dict[str, Any] | None = Field(
+        None, description="Route-Switch's optimizer section: accepted, not used (see gateway.optimization)"
     )
 
     # where the file was, so relative data paths resolve next to it
@@ -573,6 +581,13 @@ def _default_judge(cfg: Config) -> None:
         )
 
 
+def _unknown_section(key: str) -> str:
+    allowed = [k for k, f in Config.model_fields.items() if not f.exclude]
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown top-level key; {hint}allowed: {', '.join(allowed)}"
+
+
 def parse_config(data: Any, source: str | None = None) -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     if data is None:
@@ -587,6 +602,8 @@ def parse_config(data: Any, source: str | None = None) -> Config:
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+                if len(err["loc"]) == 1:
+                    msg = _unknown_section(str(err["loc"][0]))
             if err["type"] == "union_tag_invalid":
                 problems.append(
                     ConfigProblem(
@@ -654,4 +671,9 @@ def config_warnings(cfg: Config) -> list[str]:
                 f"model_providers.{name}.api_key: an API key is written in the config file; "
                 f"move it to an environment variable and set api_key_env instead"
             )
+    if cfg.mipro_v2:
+        out.append(
+            "mipro_v2: Route-Switch's optimizer section is accepted but not used; "
+            "configure the optimizer under gateway.optimization (see the README's Optimizer section)"
+        )
     return out

@@ -220,6 +220,7 @@ class Core:
             submit=self.recorder.submit,
             max_attempts=gw.max_attempts,
             request_timeout=gw.request_timeout_seconds,
+            max_rate_wait=gw.max_rate_wait_seconds,
             embedding_default=gw.embeddings,
             chains=build_chains(
                 config.routing,
@@ -437,10 +438,11 @@ class Core:
 
     def status(self) -> dict[str, Any]:
         """Live view; DuckDB analytics are merged in by the caller (they are I/O)."""
-        eff = self.gateway.effective_weights()
+        windows = {cid: self.metrics.window_stats(cid, fresh=True) for cid in self.gateway.combinations}
+        eff = self.gateway.effective_weights(fresh=True)  # as of now, not as of the last balanced request
         combos = []
         for c in self.gateway.combinations.values():
-            w = self.metrics.window_stats(c.id, fresh=True)
+            w = windows[c.id]
             combos.append(
                 {
                     "id": c.id,
@@ -464,6 +466,7 @@ class Core:
         return {
             "status": "ok",
             "strategy": self.balancer.strategy,
+            "traffic": self.metrics.traffic(),
             "count": len(combos),
             "combinations": combos,
             "providers": [
@@ -479,10 +482,12 @@ class Core:
             "optimizer": self.optimizer.status() if self.optimizer is not None else {"enabled": False},
         }
 
-    def status_with_analytics(self) -> dict[str, Any]:
+    async def status_with_analytics(self) -> dict[str, Any]:
+        """/status: the live view, taken on the gateway's loop (which owns the metrics), with
+        the DuckDB history merged in from a worker thread."""
         out = self.status()
         try:
-            by_combo = self.analytics.combination_stats()
+            by_combo = await asyncio.to_thread(self.analytics.combination_stats)
         except Exception as exc:
             out["analytics_error"] = f"{type(exc).__name__}: {exc}"
             by_combo = {}
@@ -495,7 +500,7 @@ class Core:
         combo = self.gateway.combinations.get(prompt_id)
         if not is_template and combo is None:
             raise KeyError(f"unknown template or combination id '{prompt_id}'")
-        stats = self.analytics.prompt_stats(prompt_id)
+        stats = self.analytics.prompt_stats(prompt_id, is_template)
         return {
             "prompt_id": prompt_id,
             "template_id": prompt_id if is_template else combo.template_id,  # type: ignore[union-attr]
@@ -532,9 +537,8 @@ class Core:
                 add(c.id, "combination", template_id=c.template_id, model=c.model, provider=c.provider)
         for t in self.registry.list():
             add(t.id, "template", variables=t.variables)
-        for c in self.gateway.combinations.values():
-            if c.enabled:
-                add(c.model, "model", provider=c.provider)
+        for model, pool in self.gateway.resolver.passthrough.items():
+            add(model, "model", provider=pool[0].provider, providers=[c.provider for c in pool])
         return out
 
     def summary(self, address: str) -> list[str]:

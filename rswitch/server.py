@@ -162,7 +162,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         return JSON({"status": "healthy", **result})
 
     async def status(request: Request) -> Response:
-        return JSON(await asyncio.to_thread(core.status_with_analytics))
+        return JSON(await core.status_with_analytics())
 
     async def prompt_stats(request: Request) -> Response:
         prompt_id = request.path_params["prompt_id"]

@@ -50,7 +50,7 @@ async def test_rendered_system_prompt_and_client_messages_are_recorded_apart(gat
         ({"model": "support-b"}, {"support-b"}),
         ({"metadata": {"template_id": "support"}}, {"support-a", "support-b"}),
         ({"model": "support"}, {"support-a", "support-b"}),
-        ({"model": "large"}, {"support-b"}),
+        ({"model": "large"}, {"mock/large"}),  # a model name alone: pass-through, no template
         # metadata wins over model
         ({"model": "support-b", "metadata": {"combination_id": "support-a"}}, {"support-a"}),
     ],
@@ -64,10 +64,10 @@ async def test_resolution_order(gateway, body_extra, expected):
     assert seen == expected
 
 
-async def test_unknown_model_balances_over_all_enabled_combinations(gateway):
+async def test_no_model_balances_over_all_enabled_combinations(gateway):
     seen = set()
     for _ in range(10):
-        r = await gateway.post(chat(model="gpt-4", variables={**SUPPORT_VARS, "words": 5}))
+        r = await gateway.post(chat(variables={**SUPPORT_VARS, "words": 5}))
         assert r.status_code == 200
         seen.add(r.headers["x-rswitch-combination"])
     assert seen == {"support-a", "support-b", "sum-a"}
@@ -253,7 +253,12 @@ async def test_failed_calls_are_recorded_with_their_error_type(make_gateway):
     rows = [(x["combination_id"], x["success"], x["error_type"]) for x in gw.analytics_rows()]
     assert sorted(rows) == [("bad", False, "upstream_error"), ("good", True, None)]
     stats = (await gw.client.get("/v1/prompts/summarise/stats")).json()
-    assert stats["total_requests"] == 2 and stats["error_count"] == 1 and stats["success_rate"] == 0.5
+    # one client request, rescued by its fallback: it succeeded, after two attempts
+    assert stats["total_requests"] == 1 and stats["error_count"] == 0 and stats["success_rate"] == 1.0
+    assert stats["total_attempts"] == 2 and stats["failed_attempts"] == 1
+    assert stats["attempt_success_rate"] == 0.5
+    bad = (await gw.client.get("/v1/prompts/bad/stats")).json()  # a combination: per attempt
+    assert bad["total_attempts"] == 1 and bad["error_count"] == 1 and bad["success_rate"] == 0.0
 
 
 async def test_dataset_retention_keeps_newest_rows(make_gateway):

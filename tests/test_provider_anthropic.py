@@ -99,7 +99,19 @@ async def test_system_prompt_and_roles_arrive(provider: AnthropicProvider, fake:
     assert sent["max_tokens"] == 4096
     assert sent["stop_sequences"] == ["END"]
     assert sent["metadata"] == {"user_id": "u-42"}
-    assert "seed" not in sent and "temperature" not in sent  # the Messages API has neither
+    assert "seed" not in sent  # the Messages API has no seed
+    assert sent["temperature"] == 0.2  # sampling reaches Claude
+
+
+async def test_sampling_parameters_reach_anthropic_within_its_range(
+    provider: AnthropicProvider, fake: FakeUpstream
+) -> None:
+    await provider.complete(chat(user("hi"), temperature=1.6, top_p=0.9))
+    sent = fake.recorder.last
+    assert sent["temperature"] == 1.0  # OpenAI allows up to 2, Anthropic up to 1
+    assert sent["top_p"] == 0.9
+    streamed = [c async for c in provider.stream(chat(user("hi"), temperature=0.3))]
+    assert streamed and fake.recorder.last["temperature"] == 0.3
     headers = fake.recorder.headers[-1]
     assert headers["x-api-key"] == KEY and "authorization" not in headers
     assert headers["anthropic-version"]

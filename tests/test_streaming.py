@@ -142,3 +142,30 @@ async def test_ollama_non_streaming_and_streaming_through_gateway(make_gateway):
         evts = events(r.text)
         assert joined(evts) == "echo: stream me" and evts[-1] == "[DONE]"
         assert evts[-2]["usage"]["completion_tokens"] > 0
+
+
+async def test_a_bug_in_rswitchs_stream_code_is_a_logged_500_not_the_upstreams_fault(
+    gateway, monkeypatch, caplog
+):
+    from rswitch.gateway.streaming import StreamSession
+
+    observe = StreamSession._observe
+
+    def buggy(self, chunk):
+        if self._parts:  # after the first piece of content has gone out
+            raise KeyError("a bug of ours")
+        observe(self, chunk)
+
+    monkeypatch.setattr(StreamSession, "_observe", buggy)
+    r = await gateway.post(chat("tell me more", model="support-a", variables=SUPPORT_VARS, stream=True))
+    evts = events(r.text)
+    assert evts[-1] != "[DONE]"
+    err = evts[-1]["error"]
+    assert err["type"] == "server_error" and "internal error" in err["message"]
+    assert "upstream" not in err["message"]
+    assert any("internal error while streaming" in rec.message and rec.exc_info for rec in caplog.records)
+    perf = {c["id"]: c["performance"] for c in gateway.core.status()["combinations"]}
+    assert perf["support-a"]["requests"] == 0  # the upstream's health is left alone
+    assert gateway.core.status()["traffic"]["failed"] == 1
+    [row] = gateway.dataset_rows("support")
+    assert row["success"] == 0 and row["error_type"] == "server_error" and row["status"] == 500

@@ -69,9 +69,12 @@ class Balancer:
         w = self.metrics.window_stats(combo.id)
         return w.requests >= self.min_requests and (w.success_rate or 0.0) < self.fallback_threshold
 
-    def effective_weights(self, combos: dict[str, Combination], version: int = 0) -> dict[str, float]:
+    def effective_weights(
+        self, combos: dict[str, Combination], version: int = 0, fresh: bool = False
+    ) -> dict[str, float]:
+        """Weights with demotions folded in; cached briefly for the hot path, unless `fresh`."""
         now = time.monotonic()
-        if version == self._eff_version and now - self._eff_at < self.metrics.cache_seconds:
+        if not fresh and version == self._eff_version and now - self._eff_at < self.metrics.cache_seconds:
             return self._eff
         eff = {cid: (c.weight if c.enabled else 0.0) for cid, c in combos.items()}
         for cid, c in combos.items():

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLES_PER_COMBINATION = 4096
+REQUESTS_KEPT = 100_000  # client requests kept for the window's request rate and success
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,51 @@ class LiveMetrics:
         self._series: dict[str, _Series] = {}
         self._cache: dict[str, tuple[float, WindowStats]] = {}
         self.started = time.monotonic()
+        # client requests, apart from the upstream attempts made for them (a retried or failed-over
+        # request is one request and several attempts)
+        self.requests = {"requests": 0, "succeeded": 0, "failed": 0, "rejected": 0, "cancelled": 0}
+        self._requests: deque[tuple[float, bool]] = deque(maxlen=REQUESTS_KEPT)
+
+    def observe_request(self, status: int) -> None:
+        """One client request answered with `status`: 200 succeeded; 499 cancelled (the client
+        went away); another 4xx but 429 rejected (the client's mistake); anything else failed."""
+        counts = self.requests
+        counts["requests"] += 1
+        if status == 200:
+            outcome = "succeeded"
+        elif status == 499:
+            outcome = "cancelled"
+        elif 400 <= status < 500 and status != 429:
+            outcome = "rejected"
+        else:
+            outcome = "failed"
+        counts[outcome] += 1
+        if outcome in ("succeeded", "failed"):
+            self._requests.append((time.monotonic(), outcome == "succeeded"))
+
+    def traffic(self) -> dict[str, Any]:
+        """Client requests and upstream attempts since start, and the gateway's own success over
+        the window (per client request: a request rescued by a fallback succeeded)."""
+        now = time.monotonic()
+        cutoff = now - self.window
+        recent = self._requests
+        while recent and recent[0][0] < cutoff:
+            recent.popleft()
+        ok = sum(1 for _, good in recent if good)
+        span = max(1.0, min(self.window, now - recent[0][0])) if recent else 1.0
+        attempts = sum(s.total_requests for s in self._series.values())
+        attempt_errors = sum(s.total_errors for s in self._series.values())
+        return {
+            **self.requests,
+            "attempts": attempts,
+            "attempt_errors": attempt_errors,
+            "window": {
+                "seconds": self.window,
+                "requests": len(recent),
+                "success_rate": ok / len(recent) if recent else None,
+                "requests_per_s": len(recent) / span,
+            },
+        }
 
     def observe(
         self,

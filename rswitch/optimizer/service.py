@@ -37,7 +37,7 @@ def pick_combination(core: Any, template_id: str, combination_id: str | None) ->
     if mine:
         return mine[0]
     try:
-        return core.gateway._template_pool(template_id)[0]
+        return core.gateway.template_pool(template_id)[0]
     except Exception:
         raise OptimizeError(
             f"template '{template_id}' has no combination to optimize for; add one or pass --combination"

@@ -10,7 +10,8 @@ Notes on the SDK (anthropic 2.x):
 - with no explicit credential it searches the environment, profile files on disk and
   workload-identity files, so a placeholder key is passed when the gateway has none;
 - it sends `api_key` as `Authorization: Bearer`, not as the documented `x-api-key` header;
-- `messages.create` has no temperature / top_p / top_k any more (see to_anthropic_request);
+- `messages.create` has no temperature / top_p parameters any more, though the API takes
+  them: they are sent through `extra_body` (see to_anthropic_request);
 - with no explicit base_url it reads ANTHROPIC_BASE_URL, so the default is pinned here:
   the gateway's config, not the environment, decides where keys are sent.
 """
@@ -89,9 +90,19 @@ def to_anthropic_request(call: ChatCall) -> dict[str, Any]:
         choice = to_anthropic_tool_choice(params.get("tool_choice"), params.get("parallel_tool_calls"))
         if choice:
             request["tool_choice"] = choice
-    # Dropped, as the Messages API (version pinned by the SDK) has no such field: seed,
-    # response_format, logprobs, stream_options, ..., and temperature / top_p too: SDK 2.x
-    # removed sampling parameters, and sending them anyway would fail every such request.
+    # The Messages API takes temperature (0..1, where OpenAI's is 0..2) and top_p, but SDK 2.x
+    # dropped them from `messages.create`'s signature: they go in the body directly.
+    sampling: dict[str, Any] = {}
+    temperature = params.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool):
+        sampling["temperature"] = min(max(float(temperature), 0.0), 1.0)
+    top_p = params.get("top_p")
+    if isinstance(top_p, int | float) and not isinstance(top_p, bool):
+        sampling["top_p"] = float(top_p)
+    if sampling:
+        request["extra_body"] = sampling
+    # Dropped, as the Messages API has no such field: seed, response_format, logprobs,
+    # stream_options, presence/frequency penalties, ...
     return request
 
 

@@ -52,20 +52,39 @@ CREATE TABLE IF NOT EXISTS optimizer_trials (
 N_COLS = 19
 _INSERT = "INSERT INTO invocations SELECT " + ", ".join(f"unnest(${i + 1})" for i in range(N_COLS))
 
-_STATS = """
-    count(*) AS total_requests,
-    coalesce(avg(CASE WHEN success THEN 1.0 ELSE 0.0 END), 0) AS success_rate,
+_COMMON = """
+    count(DISTINCT request_id) AS total_requests,
+    count(*) AS total_attempts,
+    count(*) FILTER (WHERE NOT success) AS failed_attempts,
+    coalesce(avg(CASE WHEN success THEN 1.0 ELSE 0.0 END), 0) AS attempt_success_rate,
     coalesce(avg(duration_ms), 0) AS avg_latency_ms,
     coalesce(quantile_cont(duration_ms, 0.5), 0) AS p50_latency_ms,
     coalesce(quantile_cont(duration_ms, 0.95), 0) AS p95_latency_ms,
-    coalesce(avg(cost), 0) AS avg_cost,
+    coalesce(sum(cost) / nullif(count(DISTINCT request_id), 0), 0) AS avg_cost,
     coalesce(sum(cost), 0) AS total_cost,
-    count(*) FILTER (WHERE NOT success) AS error_count,
     coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
     coalesce(sum(completion_tokens), 0) AS completion_tokens,
     min(created_at) AS first_seen,
     max(created_at) AS last_seen
 """
+# A template's (or the gateway's) success is per client request: a request that a fallback
+# rescued succeeded, however many attempts failed on the way.
+_STATS = (
+    _COMMON
+    + """,
+    coalesce(count(DISTINCT request_id) FILTER (WHERE success) / nullif(count(DISTINCT request_id), 0), 0)
+        AS success_rate,
+    count(DISTINCT request_id) - count(DISTINCT request_id) FILTER (WHERE success) AS error_count
+"""
+)
+# A combination's success is per attempt: each failed attempt on it counts against it.
+_ATTEMPT_STATS = (
+    _COMMON
+    + """,
+    coalesce(avg(CASE WHEN success THEN 1.0 ELSE 0.0 END), 0) AS success_rate,
+    count(*) FILTER (WHERE NOT success) AS error_count
+"""
+)
 
 
 def _iso(value: Any) -> Any:
@@ -129,13 +148,12 @@ class AnalyticsStore:
         row = res.fetchone()
         return {c: _iso(v) for c, v in zip(cols, row, strict=True)}
 
-    def prompt_stats(self, prompt_id: str) -> dict[str, Any]:
-        """Stats for a template id or a combination id (PromptStats in the seeds' API)."""
-        stats = self._one(
-            f"SELECT {_STATS} FROM invocations WHERE kind = 'chat' AND (template_id = ? OR combination_id = ?)",
-            [prompt_id, prompt_id],
-        )
-        return stats
+    def prompt_stats(self, prompt_id: str, is_template: bool = True) -> dict[str, Any]:
+        """Stats for a template id (success per client request) or a combination id (success
+        per attempt) — PromptStats in the seeds' API."""
+        column = "template_id" if is_template else "combination_id"
+        stats = _STATS if is_template else _ATTEMPT_STATS
+        return self._one(f"SELECT {stats} FROM invocations WHERE kind = 'chat' AND {column} = ?", [prompt_id])
 
     def system_stats(self) -> dict[str, Any]:
         sql = (
@@ -149,7 +167,7 @@ class AnalyticsStore:
     def combination_stats(self) -> dict[str, dict[str, Any]]:
         cur = self._cursor()
         res = cur.execute(
-            f"SELECT combination_id, {_STATS} FROM invocations WHERE kind = 'chat' GROUP BY combination_id"
+            f"SELECT combination_id, {_ATTEMPT_STATS} FROM invocations WHERE kind = 'chat' GROUP BY combination_id"
         )
         cols = [d[0] for d in res.description]
         out = {}

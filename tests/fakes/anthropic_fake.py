@@ -65,6 +65,9 @@ def request_problem(request: web.Request, body: Any) -> web.Response | None:
         return error_response(400, "max_tokens: Field required")
     if not body.get("messages"):
         return error_response(400, "messages: at least one message is required")
+    temperature = body.get("temperature")
+    if temperature is not None and not (isinstance(temperature, int | float) and 0 <= temperature <= 1):
+        return error_response(400, "temperature: Input should be less than or equal to 1")
     return None
 
 

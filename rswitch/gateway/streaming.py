@@ -1,0 +1,214 @@
+"""A committed stream: upstream chunks passed through as server-sent events, usage on the
+last chunk, `[DONE]` only after a complete answer. It records itself when it ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from rswitch.gateway.balancer import Combination
+from rswitch.gateway.errors import GatewayError
+from rswitch.gateway.request import Prepared
+from rswitch.providers.base import UpstreamError
+
+if TYPE_CHECKING:
+    from rswitch.gateway.pipeline import Gateway
+
+log = logging.getLogger("rswitch.gateway")
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def has_content(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason"):
+            return True
+    return bool(chunk.get("usage"))
+
+
+class StreamSession:
+    """Iterate it for SSE bytes."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        p: Prepared,
+        combo: Combination,
+        system: str,
+        agen: AsyncIterator[dict[str, Any]],
+        held: list[dict[str, Any]],
+        est: int,
+        attempt: int,
+    ) -> None:
+        self.gateway = gateway
+        self.p = p
+        self.combination = combo
+        self.system = system
+        self._agen = agen
+        self._held = held
+        self._est = est
+        self._attempt = attempt
+        self._ttft: float | None = None
+        self._parts: list[str] = []
+
+    @property
+    def provider(self) -> str:
+        return self.combination.provider
+
+    def _observe(self, chunk: dict[str, Any]) -> None:
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if (text or delta.get("tool_calls")) and self._ttft is None:
+                self._ttft = (time.perf_counter() - self.p.started) * 1000
+            if text:
+                self._parts.append(text)
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        for chunk in self._held:
+            yield chunk
+        self._held = []
+        async for chunk in self._agen:
+            yield chunk
+
+    def _broken(self, exc: Exception) -> bytes:
+        """The error event that ends a broken stream (never a clean close), recorded first."""
+        g, p = self.gateway, self.p
+        if isinstance(exc, UpstreamError):
+            g.failed(p, self.combination, self.system, exc, self._attempt, p.started, True)
+            err = g.to_client_error(exc)
+        else:  # rswitch's own bug: logged, answered as ours, not held against the upstream
+            log.error(
+                "internal error while streaming request %s from %s",
+                p.request_id,
+                self.combination.id,
+                exc_info=exc,
+            )
+            err = GatewayError(
+                500, f"internal error while streaming: {type(exc).__name__}", error_type="server_error"
+            )
+            g.record(
+                p,
+                self.combination,
+                self.system,
+                output="".join(self._parts),
+                ok=False,
+                error=err,
+                ttft_ms=self._ttft,
+                stream=True,
+                attempt=self._attempt,
+                observe=False,
+            )
+        g.finish(p, err.status)
+        return sse(err.body())
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        usage: dict[str, Any] | None = None
+        finish: dict[str, Any] | None = None  # held back so usage can ride on it
+        last_id, last_model, created = None, self.combination.model, int(self.p.created)
+        g, p = self.gateway, self.p
+        outcome: str = "client_closed"
+        try:
+            try:
+                async for chunk in self._chunks():
+                    last_id = chunk.get("id", last_id)
+                    last_model = chunk.get("model", last_model)
+                    created = chunk.get("created", created)
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    self._observe(chunk)
+                    choices = chunk.get("choices") or []
+                    if not choices:
+                        continue  # the upstream's usage-only chunk: re-emitted at the end
+                    if finish is not None:  # n > 1: another choice is still streaming
+                        yield sse(finish)
+                        finish = None
+                    if not p.client_usage and any(c.get("finish_reason") for c in choices):
+                        finish = chunk
+                        continue
+                    yield sse(chunk)
+            except Exception as exc:
+                outcome = "error"
+                yield self._broken(exc)
+                return
+            pt, ct, estimated, _ = g.record(
+                p,
+                self.combination,
+                self.system,
+                output="".join(self._parts),
+                ok=True,
+                usage=usage,
+                ttft_ms=self._ttft,
+                stream=True,
+                attempt=self._attempt,
+            )
+            outcome = "ok"
+            g.finish(p, 200)
+            g.settle(self.combination, self._est, pt, ct)
+            final_usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+            if usage:
+                final_usage = {**usage, **final_usage}
+            if estimated:
+                final_usage["estimated"] = True
+            if finish is not None:
+                finish = dict(finish)
+                finish["usage"] = final_usage
+                yield sse(finish)
+            if p.client_usage or finish is None:
+                yield sse(
+                    {
+                        "id": last_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": last_model,
+                        "choices": [],
+                        "usage": final_usage,
+                    }
+                )
+            yield DONE
+        finally:
+            if outcome == "client_closed":
+                # the client went away mid-stream: close the upstream and record what happened
+                await aclose(self._agen)
+                closed = UpstreamError(
+                    499,
+                    "client closed the stream before it ended",
+                    error_type="client_closed",
+                    retryable=False,
+                )
+                g.record(
+                    p,
+                    self.combination,
+                    self.system,
+                    output="".join(self._parts),
+                    ok=False,
+                    error=closed,
+                    ttft_ms=self._ttft,
+                    stream=True,
+                    attempt=self._attempt,
+                    observe=False,
+                )
+                g.finish(p, 499)
+
+    async def aclose(self) -> None:
+        await aclose(self._agen)
+
+
+async def aclose(agen: Any) -> None:
+    close = getattr(agen, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass

@@ -1,0 +1,118 @@
+"""What /status and the stats endpoints count: client requests apart from upstream attempts;
+weights as of now; a bounded wait for rate limits; the live view taken on the gateway's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from tests.conftest import SUPPORT_VARS, chat
+
+BROKEN_FIRST = {
+    "model_providers": {"broken": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 503}}},
+    "gateway": {
+        "min_requests": 3,
+        "combinations": [
+            {
+                "id": "a",
+                "template_id": "summarise",
+                "model": "m",
+                "provider": "broken",
+                "fallbacks": ["b"],
+                "weight": 5,
+            },
+            {"id": "b", "template_id": "summarise", "model": "m", "provider": "mock", "weight": 1},
+        ],
+    },
+}
+
+
+async def test_status_counts_client_requests_apart_from_attempts(make_gateway):
+    gw = await make_gateway(BROKEN_FIRST)
+    for _ in range(4):  # each: a fails, its fallback b answers
+        r = await gw.post(chat(metadata={"combination_id": "a"}, variables={"words": 3}))
+        assert r.status_code == 200
+    assert (await gw.post(chat(model="nobody-serves-this"))).status_code == 400
+    traffic = (await gw.client.get("/status")).json()["traffic"]
+    assert traffic["requests"] == 5 and traffic["succeeded"] == 4
+    assert traffic["failed"] == 0 and traffic["rejected"] == 1
+    assert traffic["attempts"] == 8 and traffic["attempt_errors"] == 4
+    assert traffic["window"]["success_rate"] == 1.0  # the gateway served every request it could
+    combos = {c["id"]: c for c in (await gw.client.get("/status")).json()["combinations"]}
+    assert combos["a"]["performance"]["success_rate"] == 0.0  # a combination: per attempt
+    assert combos["a"]["performance"]["requests"] == 4
+
+    gw.flush()
+    system = (await gw.client.get("/v1/system/analytics")).json()
+    assert system["total_requests"] == 4 and system["total_attempts"] == 8
+    assert system["success_rate"] == 1.0 and system["attempt_success_rate"] == 0.5
+
+
+async def test_a_request_nothing_could_serve_counts_as_failed(make_gateway):
+    gw = await make_gateway(
+        {
+            "model_providers": {"broken": {"type": "mock", "mock": {"failure_rate": 1.0}}},
+            "gateway": {
+                "max_attempts": 2,
+                "combinations": [{"id": "x", "template_id": "summarise", "model": "m", "provider": "broken"}],
+            },
+        }
+    )
+    r = await gw.post(chat(model="x", variables={"words": 3}))
+    assert r.status_code == 503
+    traffic = gw.core.status()["traffic"]
+    assert (traffic["requests"], traffic["failed"], traffic["attempts"]) == (1, 1, 2)
+    assert traffic["window"]["success_rate"] == 0.0
+
+
+async def test_effective_weight_in_status_follows_demotion_without_another_balanced_request(make_gateway):
+    gw = await make_gateway(BROKEN_FIRST)
+    before = {c["id"]: c["effective_weight"] for c in (await gw.client.get("/status")).json()["combinations"]}
+    assert before == {"a": 5.0, "b": 1.0}
+    for _ in range(3):  # pinned requests: no balancing happens
+        await gw.post(chat(metadata={"combination_id": "a"}, variables={"words": 3}))
+    combos = {c["id"]: c for c in (await gw.client.get("/status")).json()["combinations"]}
+    assert combos["a"]["demoted"] is True
+    assert combos["a"]["effective_weight"] == 0.5 and combos["b"]["effective_weight"] == 5.5
+
+
+async def test_status_is_taken_on_the_gateways_loop(gateway, monkeypatch):
+    """The live metrics are mutated by the loop; reading them from a worker thread raced it."""
+    threads = []
+    status = gateway.core.status
+
+    def spy():
+        threads.append(threading.get_ident())
+        return status()
+
+    monkeypatch.setattr(gateway.core, "status", spy)
+    assert (await gateway.client.get("/status")).status_code == 200
+    assert threads == [threading.get_ident()]
+
+
+async def test_rate_limit_wait_is_bounded_then_429_with_retry_after(make_gateway):
+    """At 60 requests/minute, a burst of 150 must not queue clients for minutes: past
+    gateway.max_rate_wait_seconds in all, the answer is 429 with Retry-After."""
+    gw = await make_gateway(
+        {
+            "model_providers": {"mock": {"type": "mock", "rate_limit": 60}},
+            "gateway": {"max_rate_wait_seconds": 0.5},
+        }
+    )
+    started = time.monotonic()
+    replies = await asyncio.gather(
+        *(gw.post(chat(f"q{i}", model="support-a", variables=SUPPORT_VARS)) for i in range(150))
+    )
+    statuses = [r.status_code for r in replies]
+    ok, limited = statuses.count(200), statuses.count(429)
+    assert ok + limited == 150
+    # the bucket's 60, plus what refills (1/s) while the test itself runs
+    assert 60 <= ok <= 60 + int(time.monotonic() - started) + 1
+    for r in replies:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert "max_rate_wait_seconds" in r.json()["error"]["message"]
+    traffic = gw.core.status()["traffic"]
+    assert traffic["failed"] == limited and traffic["succeeded"] == ok
