@@ -26,6 +26,7 @@ from rswitch.storage.datasets import DatasetStore
 from rswitch.storage.record import Label
 from rswitch.storage.writer import Recorder
 from rswitch.templates import Template, TemplateError, TemplateRegistry, check_id
+from rswitch.templates_watch import TemplateWatcher
 
 log = logging.getLogger("rswitch")
 
@@ -233,6 +234,10 @@ class Core:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.optimizer: Any = None  # BackgroundOptimizer when gateway.optimization.enabled
         self.on_demand_optimizer = False  # the TUI sets it: runs on a keypress, even when not periodic
+        # manifests registered or rolled back by the CLI while this runs are served within ~1 s
+        self.template_watcher = TemplateWatcher(
+            self.registry, [config.resolve_path(d) for d in config.template_dirs], event=self.event
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -257,10 +262,12 @@ class Core:
                 self, self.config.gateway.optimization, periodic=self.config.gateway.optimization.enabled
             )
             self.optimizer.start()
+        self.template_watcher.start()
         self._started = True
 
     async def stop(self) -> None:
         """Stop the optimizer, close upstream clients, then drain the recorder so no answered call is lost."""
+        await self.template_watcher.stop()
         for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:
             for step in chain.steps if chain else ():
                 if hasattr(step, "close"):

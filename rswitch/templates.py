@@ -135,13 +135,55 @@ def write_yaml(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+Signature = tuple[int, int, int]  # (inode, size, mtime_ns) of a manifest file
+
+
+def _signature(path: Path) -> Signature | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_manifest(path: Path) -> Template:
+    """One manifest file as a Template; raises (TemplateError, yaml or OS errors) if it is broken."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise TemplateError(f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise TemplateError("a manifest must be a mapping of template fields")
+    for key in ("id", "template"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise TemplateError(f"'{key}' must be a non-empty string")
+    return Template(**{k: v for k, v in data.items() if k in Template.__dataclass_fields__ and k != "source"})
+
+
+@dataclass
+class ManifestChanges:
+    """What a scan of the manifest folders found since the last one (read off the request path)."""
+
+    parsed: list[tuple[Path, Signature, str, Template]] = field(default_factory=list)  # path, sig, source
+    errors: list[tuple[Path, str]] = field(default_factory=list)  # a broken manifest and why
+    removed: list[Path] = field(default_factory=list)
+
+
 class TemplateRegistry:
-    """Templates registered on disk plus inline ones from the config. Thread-safe."""
+    """Templates registered on disk plus inline ones from the config. Thread-safe.
+
+    A running gateway picks up manifests that other processes write (`rswitch template
+    register`, `template rollback`) through `scan` (stat calls, and parsing only what changed)
+    and `apply` (a swap under the lock); see rswitch.templates_watch."""
 
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = Path(base_dir)
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
         self._templates: dict[str, Template] = {}
+        self._seen: dict[Path, Signature] = {}  # manifests as last scanned
         self.load_errors: list[str] = []
         self.reload()
 
@@ -156,19 +198,55 @@ class TemplateRegistry:
         if Path(directory).is_dir():
             for manifest in sorted(Path(directory).glob("*/manifest.yaml")):
                 try:
-                    data = yaml.safe_load(manifest.read_text(encoding="utf-8")) or {}
-                    found.append(
-                        Template(
-                            **{
-                                k: v
-                                for k, v in data.items()
-                                if k in Template.__dataclass_fields__ and k != "source"
-                            }
-                        )
-                    )
+                    found.append(read_manifest(manifest))
                 except Exception as exc:  # one bad manifest must not hide the others
                     errors.append(f"{manifest}: {exc}")
         return found, errors
+
+    def scan(self, bundled: list[Path] | tuple[Path, ...] = ()) -> ManifestChanges:
+        """Stat every manifest under the registry folder (and `bundled` template_dirs) and parse
+        the ones that changed since the last scan. Blocking file I/O: call it off the event loop.
+        Changes the served templates not at all; `apply` does."""
+        changes = ManifestChanges()
+        with self._scan_lock:
+            present: set[Path] = set()
+            for directory, source in [(self.base_dir, "registry"), *((Path(d), "bundled") for d in bundled)]:
+                if not directory.is_dir():
+                    continue
+                for manifest in sorted(directory.glob("*/manifest.yaml")):
+                    present.add(manifest)
+                    sig = _signature(manifest)
+                    if sig is None or self._seen.get(manifest) == sig:
+                        continue
+                    self._seen[manifest] = sig  # a broken file is reported once, until it changes again
+                    try:
+                        changes.parsed.append((manifest, sig, source, read_manifest(manifest)))
+                    except Exception as exc:
+                        changes.errors.append((manifest, f"{type(exc).__name__}: {exc}"))
+            for gone in [p for p in list(self._seen) if p not in present]:  # apply may pop meanwhile
+                self._seen.pop(gone, None)
+                changes.removed.append(gone)
+        return changes
+
+    def apply(self, changes: ManifestChanges) -> list[Template]:
+        """Serve what `scan` parsed; returns the templates that changed. A registered manifest wins
+        over a bundled one, and a bundled one over the config's own; a file written again since it
+        was parsed is left for the next scan (so an older read never replaces a newer version)."""
+        swapped: list[Template] = []
+        with self._lock:
+            for path, sig, source, tpl in changes.parsed:
+                if _signature(path) != sig:
+                    self._seen.pop(path, None)  # parse it again next time
+                    continue
+                current = self._templates.get(tpl.id)
+                if source == "bundled" and current is not None and current.source != "bundled":
+                    continue
+                if current is not None and current.source == source and current.manifest() == tpl.manifest():
+                    continue
+                tpl.source = source
+                self._templates[tpl.id] = tpl
+                swapped.append(tpl)
+        return swapped
 
     def reload(self) -> None:
         found, errors = self.read_dir(self.base_dir)
