@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from rswitch import prometheus
 from rswitch.core import Core
 from rswitch.gateway.errors import GatewayError
 
@@ -176,6 +177,9 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
     async def system_analytics(request: Request) -> Response:
         return JSON(await asyncio.to_thread(core.system_analytics))
 
+    async def metrics(request: Request) -> Response:
+        return Response(prometheus.render(core), media_type=prometheus.CONTENT_TYPE)
+
     async def models(request: Request) -> Response:
         return JSON({"object": "list", "data": core.models()})
 
@@ -223,6 +227,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         Route("/v1/prompts/{prompt_id}/stats", prompt_stats, methods=["GET"]),
         Route("/v1/system/analytics", system_analytics, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -116,3 +116,29 @@ async def test_rate_limit_wait_is_bounded_then_429_with_retry_after(make_gateway
             assert "max_rate_wait_seconds" in r.json()["error"]["message"]
     traffic = gw.core.status()["traffic"]
     assert traffic["failed"] == limited and traffic["succeeded"] == ok
+
+
+async def test_metrics_endpoint_counts_requests_and_attempts_apart(make_gateway):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gw = await make_gateway(BROKEN_FIRST)
+    for _ in range(3):
+        await gw.post(chat(metadata={"combination_id": "a"}, variables={"words": 3}))
+    r = await gw.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+    assert samples[("rswitch_requests_total", (("outcome", "succeeded"),))] == 3
+    assert samples[("rswitch_requests_total", (("outcome", "failed"),))] == 0
+
+    def attempt(cid: str, provider: str, outcome: str) -> float:
+        labels = {"combination": cid, "template": "summarise", "provider": provider, "model": "m"}
+        return samples[("rswitch_attempts_total", tuple(sorted({**labels, "outcome": outcome}.items())))]
+
+    assert attempt("a", "broken", "error") == 3 and attempt("a", "broken", "ok") == 0
+    assert attempt("b", "mock", "ok") == 3
+    weights = {k[1]: v for k, v in samples.items() if k[0] == "rswitch_effective_weight"}
+    assert sum(weights.values()) == 6.0 and len(weights) == 2

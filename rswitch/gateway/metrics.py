@@ -193,6 +193,10 @@ class LiveMetrics:
             quality_n=len(scores),
         )
 
+    def combination_ids(self) -> list[str]:
+        """Every combination (pass-through ones included) that has been attempted."""
+        return list(self._series)
+
     def totals(self, combination_id: str) -> dict[str, Any]:
         s = self._series.get(combination_id)
         if s is None:

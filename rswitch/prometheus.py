@@ -1,0 +1,97 @@
+"""`GET /metrics`: the live state in Prometheus' text format, for operators to scrape.
+
+Nothing is counted twice or on the request path: a custom collector reads the same in-memory
+metrics `/status` shows, when scraped (on the gateway's loop, which owns them). Client
+requests and the upstream attempts made for them are separate families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from rswitch.core import Core
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class CoreCollector:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[Metric]:
+        core = self.core
+        traffic = core.metrics.traffic()
+        requests = CounterMetricFamily(
+            "rswitch_requests",
+            "Client chat requests by outcome (succeeded, failed, rejected: the client's 4xx, cancelled)",
+            labels=["outcome"],
+        )
+        for outcome in ("succeeded", "failed", "rejected", "cancelled"):
+            requests.add_metric([outcome], traffic[outcome])
+        yield requests
+
+        labels = ["combination", "template", "provider", "model"]
+        attempts = CounterMetricFamily(
+            "rswitch_attempts", "Upstream attempts by combination and outcome", labels=[*labels, "outcome"]
+        )
+        cost = CounterMetricFamily("rswitch_cost_usd", "Cost of upstream attempts, USD", labels=labels)
+        tokens = CounterMetricFamily("rswitch_tokens", "Tokens of upstream attempts", labels=labels)
+        latency = GaugeMetricFamily(
+            "rswitch_attempt_latency_ms",
+            "Attempt latency over the live window (gateway.window_seconds), by quantile",
+            labels=[*labels, "quantile"],
+        )
+        weight = GaugeMetricFamily(
+            "rswitch_effective_weight", "Configured weight with demotions folded in", labels=labels
+        )
+        demoted = GaugeMetricFamily(
+            "rswitch_demoted", "1 when the combination is below gateway.fallback_threshold", labels=labels
+        )
+        eff = core.gateway.effective_weights(fresh=True)
+        known = {c.id: c for c in core.gateway.combinations.values()}
+        for pool in core.gateway.resolver.passthrough.values():
+            for c in pool:
+                known.setdefault(c.id, c)
+        for cid in core.metrics.combination_ids():
+            c = known.get(cid)
+            if c is None:
+                continue  # a default-model combination or one since removed: counted in requests
+            values = [cid, c.template_id, c.provider, c.model]
+            totals = core.metrics.totals(cid)
+            attempts.add_metric([*values, "ok"], totals["requests"] - totals["errors"])
+            attempts.add_metric([*values, "error"], totals["errors"])
+            cost.add_metric(values, totals["cost"])
+            tokens.add_metric(values, totals["tokens"])
+            w = core.metrics.window_stats(cid)
+            for q, v in (("0.5", w.p50_ms), ("0.95", w.p95_ms), ("0.99", w.p99_ms)):
+                if v is not None:
+                    latency.add_metric([*values, q], v)
+        for cid, c in core.gateway.combinations.items():
+            values = [cid, c.template_id, c.provider, c.model]
+            weight.add_metric(values, eff.get(cid, 0.0))
+            demoted.add_metric(values, 1.0 if c.enabled and core.balancer.demoted(c) else 0.0)
+        yield from (attempts, cost, tokens, latency, weight, demoted)
+
+        rec = core.recorder.stats()
+        yield GaugeMetricFamily(
+            "rswitch_recorder_queue_depth", "Records waiting for the writer", rec["queue_depth"]
+        )
+        yield CounterMetricFamily("rswitch_recorder_written", "Records written", rec["written"])
+        yield CounterMetricFamily(
+            "rswitch_recorder_dropped", "Records dropped because the queue was full", rec["dropped"]
+        )
+        yield CounterMetricFamily(
+            "rswitch_recorder_write_errors", "Failed writer batches", rec["write_errors"]
+        )
+
+
+def render(core: Core) -> bytes:
+    """The exposition text; call on the gateway's loop."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CoreCollector(core))
+    return generate_latest(registry)
