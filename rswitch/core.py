@@ -548,59 +548,5 @@ class Core:
             add(model, "model", provider=pool[0].provider, providers=[c.provider for c in pool])
         return out
 
-    def summary(self, address: str) -> list[str]:
-        """The start-up screen: where it listens, what it routes, where data goes."""
-        cfg = self.config
-        lines = [
-            f"rswitch gateway listening on {address}",
-            f"  config      {cfg.source or '(built-in defaults)'}",
-        ]
-        lines.append(
-            f"  strategy    {cfg.gateway.strategy}  (fallback_threshold {cfg.gateway.fallback_threshold}, "
-            f"max_attempts {cfg.gateway.max_attempts})"
-        )
-        lines.append(f"  providers   {len(self.providers)}")
-        for name, p in self.providers.items():
-            d = p.describe()
-            if d.get("type") == "encoder":
-                lines.append(f"    {name}: encoder {d['model_path']} (embeddings only)")
-            elif "model_path" in d:
-                lines.append(
-                    f"    {name}: {d['model_path']} (loaded {'at start' if d['load'] == 'startup' else 'on first use'})"
-                )
-        for name in self.providers:
-            pc = cfg.model_providers[name]
-            limits = []
-            if pc.rate_limit:
-                limits.append(f"{pc.rate_limit:g} rpm")
-            if pc.tpm:
-                limits.append(f"{pc.tpm:g} tpm")
-            url = pc.base_url or ("(default)" if pc.type != "mock" else "-")
-            lines.append(
-                f"    {name:<14} {pc.type:<9} {url}  key: {self.key_sources[name]}"
-                + (f"  limits: {', '.join(limits)}" if limits else "")
-            )
-        lines.append(f"  combinations {len(self.combinations)}")
-        for c in self.combinations:
-            flags = " ".join(
-                x for x in ("primary" if c.is_primary else "", "" if c.enabled else "disabled") if x
-            )
-            fb = f" → {', '.join(c.fallbacks)}" if c.fallbacks else ""
-            lines.append(
-                f"    {c.id:<22} {c.template_id:<20} {c.provider}/{c.model}  w={c.weight:g} {flags}{fb}".rstrip()
-            )
-        lines.append(f"  templates   {len(self.registry.list())} ({cfg.dataset_dir})")
-        lines.append(
-            f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite (keep newest {cfg.dataset.max_records})"
-        )
-        lines.append(f"  analytics   {cfg.analytics_file}")
-        for n in cfg.notes:
-            lines.append(f"  default     {n}")
-        for w in self.warnings:
-            lines.append(f"  WARNING     {w}")
-        for e in self.registry.load_errors:
-            lines.append(f"  WARNING     bad manifest {e}")
-        return lines
-
     def combination_dicts(self) -> list[dict[str, Any]]:
         return [asdict(c) for c in self.gateway.combinations.values()]
