@@ -83,8 +83,10 @@ def startup_summary(core: Any, address: str) -> list[str]:
             f"    {c.id:<22} {c.template_id:<20} {c.provider}/{c.model}  w={c.weight:g} {flags}{fb}".rstrip()
         )
     lines.append(f"  templates   {len(core.registry.list())} ({cfg.dataset_dir})")
+    labelled = cfg.dataset.max_labelled_records
     lines.append(
-        f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite (keep newest {cfg.dataset.max_records})"
+        f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite (keep newest {cfg.dataset.max_records} "
+        f"unlabelled, {'all' if labelled is None else f'up to {labelled}'} labelled)"
     )
     lines.append(f"  analytics   {cfg.analytics_file}")
     for n in cfg.notes:
@@ -204,6 +206,10 @@ def tui(
     from rswitch.tui.server import GatewayThread
 
     cfg = load(config)
+    host = host or cfg.gateway.host
+    port = cfg.gateway.port if port is None else port
+    if port:
+        listen(host, port).close()  # a taken port is one clear line before the console starts
     log_file = cfg.dataset_dir.parent / "rswitch-tui.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
@@ -215,7 +221,7 @@ def tui(
         raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
     core.on_demand_optimizer = True  # the optimize key works even when no periodic optimizer is set
 
-    gateway = GatewayThread(core, host or cfg.gateway.host, cfg.gateway.port if port is None else port)
+    gateway = GatewayThread(core, host, port)
     try:
         url = gateway.start()
     except RuntimeError as exc:
