@@ -252,6 +252,17 @@ def test_zero_config_serve_answers_with_the_real_model(tmp_path):
         )
         assert reply.choices[0].message.content.strip()
         assert reply.usage.completion_tokens > 0
+        # the bare model name from /v1/models, no template: passed through to the model as sent
+        served = [m.id for m in client.models.list().data if getattr(m, "rswitch_kind", None) == "model"]
+        assert "smollm2-135m-instruct" in served
+        plain = client.chat.completions.with_raw_response.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Say hello"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert plain.headers["x-rswitch-combination"] == "local/smollm2-135m-instruct"
+        assert plain.parse().choices[0].message.content.strip()
     finally:
         proc.terminate()
         proc.wait(30)
