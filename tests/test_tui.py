@@ -5,6 +5,7 @@ follows it; a run really started and its trials appear; a package really exists 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import httpx
@@ -319,3 +320,116 @@ def test_tui_key_ids_in_config_match_the_app_and_bad_ids_are_config_errors():
     with pytest.raises(ConfigError) as info:
         parse_config({"tui": {"refresh_seconds": 5}})
     assert "tui.refresh_seconds" in str(info.value)
+
+
+FALLBACK = {
+    "model_providers": {"broken": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 503}}},
+    "gateway": {
+        "combinations": [
+            {
+                "id": "flaky",
+                "template_id": "support",
+                "model": "small",
+                "provider": "broken",
+                "fallbacks": ["steady"],
+            },
+            {"id": "steady", "template_id": "support", "model": "large", "provider": "mock", "weight": 1},
+        ]
+    },
+}
+
+
+async def test_a_fallback_keeps_the_console_running_and_each_attempt_can_be_inspected(tmp_path):
+    """A failed-over request writes two records with one request id: both rows show (once each)
+    and the inspector opens the attempt under the cursor; the summary counts one request."""
+    g = start(tmp_path, FALLBACK)
+    try:
+        app = RSwitchApp(g, url=g.url, refresh=0.1)
+        async with app.run_test(size=(180, 50)) as pilot:
+            await combinations(app, pilot)
+            [r] = await post(g.url, "flaky", variables=SUPPORT_VARS)
+            assert r.status_code == 200 and r.headers["x-rswitch-combination"] == "steady"
+            rid = r.headers["x-rswitch-request-id"]
+            recent = app.query_one("#recent")
+            await settle(pilot, lambda: {f"{rid}#1", f"{rid}#2"} <= {k.value for k in recent.rows})
+            summary = app.query_one("#summary")
+            await settle(pilot, lambda: "requests 1 (failed 0)" in str(summary.content))
+            assert "attempts 2 (errors 1)" in str(summary.content)
+            # a second refresh with the same rows redraws nothing and crashes nothing
+            await post(g.url, "flaky", variables=SUPPORT_VARS)
+            await settle(pilot, lambda: "requests 2 (failed 0)" in str(summary.content))
+            assert app.is_running
+
+            recent.focus()
+            for attempt, outcome in ((1, "failed 503, attempt 1"), (2, "ok 200, attempt 2")):
+                recent.move_cursor(row=recent.get_row_index(f"{rid}#{attempt}"))
+                await pilot.press("enter")
+                await settle(pilot, lambda: isinstance(app.screen, InspectorScreen))
+                head = str(app.screen.query_one("#inspector-head").content)
+                assert rid in head and outcome in head
+                assert ("flaky" if attempt == 1 else "steady") in head
+                await pilot.press("escape")
+                await settle(pilot, lambda: not isinstance(app.screen, InspectorScreen))
+    finally:
+        g.stop()
+
+
+async def test_a_pane_that_fails_to_draw_is_reported_and_the_console_keeps_running(
+    gateway, caplog, monkeypatch
+):
+    from rswitch.tui.panes import RecentTable
+
+    def broken(self, recent):
+        raise RuntimeError("boom in the recent pane")
+
+    app = RSwitchApp(gateway, url=gateway.url, refresh=0.1)
+    with caplog.at_level(logging.ERROR, logger="rswitch.tui"):
+        async with app.run_test(size=(180, 50)) as pilot:
+            table = await combinations(app, pilot)
+            monkeypatch.setattr(RecentTable, "show", broken)
+            await post(gateway.url, "support-a", 2, variables=SUPPORT_VARS)
+            summary = app.query_one("#summary")
+            # every other pane still draws, refresh after refresh
+            await settle(pilot, lambda: "requests 2 " in str(summary.content))
+            await settle(pilot, lambda: table.get_cell("support-a", "success") == "100%")
+            errors = [n for n in app._notifications if n.severity == "error"]  # noqa: SLF001
+            assert len(errors) == 1, "one notice, not one per refresh"
+            assert "recent requests pane could not be drawn" in errors[0].message
+            assert "boom in the recent pane" in errors[0].message
+            assert app.is_running
+            monkeypatch.undo()  # the pane recovers on the next refresh
+            recent = app.query_one("#recent")
+            await settle(pilot, lambda: recent.row_count == 2)
+    failures = [r for r in caplog.records if "recent requests pane failed to draw" in r.getMessage()]
+    assert failures and failures[0].exc_info and "boom in the recent pane" in str(failures[0].exc_info[1])
+
+
+async def test_the_optimizer_pane_shows_the_stage_before_the_first_trial(tmp_path):
+    g = optimizing_gateway(tmp_path)
+    # the model answers nothing until released: the run stays in its first stage meanwhile
+    released = asyncio.Event()
+    answer = g.core.providers["task"].complete
+
+    async def held(call):
+        await released.wait()
+        return await answer(call)
+
+    g.core.providers["task"].complete = held
+    try:
+        app = RSwitchApp(g, url=g.url, refresh=0.1)
+        async with app.run_test(size=(180, 50)) as pilot:
+            table = await combinations(app, pilot)
+            await select_row(pilot, table, "echo-task")
+            await pilot.press("o")
+            status = app.query_one("#optimizer-status")
+            trials = app.query_one("#trials")
+            await settle(pilot, lambda: "running 'echo' — bootstrapping demos" in str(status.content))
+            assert trials.row_count == 0
+            g.core.loop.call_soon_threadsafe(released.set)
+            await settle(pilot, lambda: trials.row_count > 0, tries=1200)
+            labels = cells(trials, "instruction")
+            assert all(label.startswith("#") and len(label) > 3 for label in labels), labels
+            await pilot.press("c")
+            await settle(pilot, lambda: g.core.optimizer.runs, tries=600)
+    finally:
+        g.stop()
