@@ -740,7 +740,7 @@ def summarize_collapsed(path: Path, seconds: float, rate: int, top: int = 20) ->
         for f, c in incl.items()
         if ("(rswitch/" in f or "/rswitch/" in f)
         and "rswitch/__main__" not in f
-        and "rswitch/cli.py" not in f
+        and "rswitch/cli/" not in f
     ]
     for f, c in sorted(ours, key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {100 * c / total:5.1f}%  {f}")
