@@ -473,3 +473,31 @@ def test_client_leaving_mid_stream_is_recorded_and_the_upstream_released(tmp_pat
             gate.set()
             assert stats["total_requests"] == 1 and stats["error_count"] == 1
             assert httpx.get(url + "/health").status_code == 200
+
+
+def test_serve_output_has_no_per_call_library_lines(tmp_path):
+    """The Ollama and Anthropic SDKs call through httpx, which logs an INFO line per request."""
+    with ollama_fake.running() as olla, anthropic_fake.running() as claude:
+        os.environ["RSWITCH_TEST_UP_KEY"] = "sk-up-secret"
+        config = {
+            "model_providers": {
+                "olla": {"type": "ollama", "base_url": olla.base_url},
+                "claude": {
+                    "type": "anthropic",
+                    "base_url": claude.base_url,
+                    "api_key_env": "RSWITCH_TEST_UP_KEY",
+                },
+            },
+            "gateway": {
+                "combinations": [
+                    {"id": "ol", "prompt": "Be brief.", "model": "llama3.2", "provider": "olla"},
+                    {"id": "cl", "prompt": "Be brief.", "model": "claude-x", "provider": "claude"},
+                ]
+            },
+        }
+        with rswitch_serve(config, tmp_path) as (url, proc):
+            sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            for model in ("ol", "cl"):
+                sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    assert len(olla.recorder.requests) == 1 and len(claude.recorder.requests) == 1
+    assert "HTTP Request" not in proc.output and "httpx" not in proc.output, proc.output

@@ -98,6 +98,17 @@ def startup_summary(core: Any, address: str) -> list[str]:
     return lines
 
 
+def setup_logging(level: str, **destination: Any) -> None:
+    """rswitch's own messages from `level`; libraries' only from WARNING (httpx, under the Ollama
+    and Anthropic SDKs, would otherwise log a line per upstream call)."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", **destination
+    )
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise fail(f"--log-level must be one of debug, info, warning, error, critical; got {level!r}")
+    logging.getLogger("rswitch").setLevel(level.upper())
+
+
 def serve(
     config: ConfigOpt = None,
     host: Annotated[
@@ -119,9 +130,7 @@ def serve(
     from rswitch.core import Core
     from rswitch.server import create_app
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(log_level, stream=sys.stderr)
     cfg = load(config)
     if addr:
         host, port = parse_addr(addr)
@@ -212,9 +221,7 @@ def tui(
         listen(host, port).close()  # a taken port is one clear line before the console starts
     log_file = cfg.dataset_dir.parent / "rswitch-tui.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level="INFO", filename=log_file, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging("info", filename=log_file)
     try:
         core = Core(cfg)
     except Exception as exc:
