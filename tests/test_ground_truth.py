@@ -80,8 +80,10 @@ def test_old_datasets_gain_label_columns(tmp_path):
     conn.close()
     conn = open_dataset(path)
     cols = {r[1] for r in conn.execute("PRAGMA table_info(examples)")}
-    assert {"label_expected", "label_score", "origin"} <= cols
-    assert conn.execute("SELECT request_id, origin FROM examples").fetchall() == [("r1", "gateway")]
+    assert {"label_expected", "label_score", "origin", "labelled"} <= cols
+    assert conn.execute("SELECT request_id, origin, labelled FROM examples").fetchall() == [
+        ("r1", "gateway", 0)
+    ]
 
 
 @pytest.fixture
