@@ -172,6 +172,10 @@ def run_here(
                         f"calls {t['calls']}  ${t['cost']:.4f}",
                     )
 
+                def on_stage(stage: str) -> None:
+                    if stage != "trials":  # trials show their own scores
+                        bar.update(task, info=f"{stage}…")
+
                 return await run_optimize(
                     core,
                     template_id,
@@ -183,6 +187,7 @@ def run_here(
                     budget=Budget(budget_calls, budget_cost),
                     dry_run=dry_run,
                     on_trial=on_trial,
+                    on_stage=on_stage,
                 )
         finally:
             await core.stop()
@@ -326,6 +331,7 @@ def watch_optimizer(
         )
     shown: set[tuple[str, int]] = set()
     announced = ""
+    stage = None
     started = time.monotonic()
     try:
         while timeout is None or time.monotonic() - started < timeout:
@@ -335,6 +341,9 @@ def watch_optimizer(
                 for r in _new_entries(ended_before, list(status.get("runs") or []))
                 if r.get("template_id") == template_id
             ]
+            if status.get("running") == template_id and status.get("stage") not in (stage, None, "trials"):
+                stage = status["stage"]
+                typer.echo(f"'{template_id}': {stage}…")  # the minutes before trial 0 are not silent
             for t in gw.trials(template_id):
                 if t["run_id"] in old_runs or (t["run_id"], t["trial"]) in shown:
                     continue
