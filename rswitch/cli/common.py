@@ -12,6 +12,8 @@ import typer
 from rswitch.config import Config, ConfigError, find_config, load_config
 from rswitch.templates import Template, TemplateRegistry
 
+DEFAULT_URL = "http://127.0.0.1:8080"  # a running gateway, for the commands that talk to one
+
 ConfigOpt = Annotated[
     str | None,
     typer.Option(

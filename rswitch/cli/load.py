@@ -7,9 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rswitch.cli.common import JsonlError, fail, read_jsonl
-
-DEFAULT_URL = "http://127.0.0.1:8080"
+from rswitch.cli.common import DEFAULT_URL, JsonlError, fail, read_jsonl
 
 
 def request_body(example: Any, template_id: str | None) -> dict[str, Any]:

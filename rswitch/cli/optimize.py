@@ -7,9 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rswitch.cli.common import ConfigOpt, fail, get_template, load, registry
-
-DEFAULT_URL = "http://127.0.0.1:8080"
+from rswitch.cli.common import DEFAULT_URL, ConfigOpt, fail, get_template, load, registry
 
 
 def optimize(
