@@ -132,17 +132,19 @@ def test_a_fallback_is_two_rows_with_unique_keys():
     rows = model.recent_rows(recent + recent[:1])
     assert [r.key for r in rows] == ["r2#1", "r1#2", "r1#1", "r1#1.2"]
     assert [(r.request_id, r.attempt) for r in rows[:3]] == [("r2", 1), ("r1", 2), ("r1", 1)]
-    assert rows[2].cells[1:4] == ("bad", "1", "503 ✗")
+    assert rows[2].cells[1:] == ("503 ✗", "3", "1", "bad")
 
 
 def test_optimizer_pane_shows_the_stage_and_names_every_instruction():
-    opt = {"enabled": True, "running": "echo", "stage": "bootstrapping demos", "calls": 12, "queued": []}
+    opt = {"enabled": True, "running": "echo", "stage": "bootstrapping demos", "calls": 12, "cost": 0.000042}
     lines = model.optimizer_lines(opt)
-    assert lines[0].startswith("optimizer: running 'echo' — bootstrapping demos (12 model calls so far)")
+    assert lines[0].startswith(
+        "optimizer: running 'echo' — bootstrapping demos (12 model calls, $0.000042 so far)"
+    )
     assert any("best so far: the highest full-validation score" in line for line in lines)
     t = {"trial": 0, "instruction": 0, "instruction_text": "Answer with one word.", "demo_set": 1,
          "minibatch_score": 0.5, "full_score": None, "best_score": 0.4, "calls": 30, "cost": 0.000042}  # fmt: skip
     row = model.trial_row(t)
-    assert row[1] == "#0 Answer with one word." and row[7] == "0.000042"
+    assert row[1] == "#0 Answer with one word." and row[3:] == ("0.500", "-", "0.400")
     assert model.instruction_label({"instruction": 0}) == "#0 (the current instruction)"
     assert model.optimizer_lines({"enabled": False}) == ["optimizer: off"]

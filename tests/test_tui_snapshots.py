@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rswitch.tui.app import RSwitchApp
+from rswitch.tui.model import History
 
 NOW = 1_790_000_000.0  # a fixed wall clock for the events' and requests' times
 
@@ -63,7 +65,7 @@ SNAPSHOT: dict[str, Any] = {
     "count": 3,
     "combinations": [
         combo(
-            "support-openai", "support-reply", "gpt-4o-mini", "openai", 3, perf(1200, 4.2, 0.99, 820, 0.36)
+            "support-openai", "support-reply", "gpt-4o-mini", "openai", 3, perf(1200, 4.2, 0.99, 820, 0.05)
         ),
         combo(
             "support-local",
@@ -80,18 +82,22 @@ SNAPSHOT: dict[str, Any] = {
         ),
     ],
     "providers": [],
+    "traffic": {"requests": 1528, "failed": 3, "attempts": 1600, "attempt_errors": 72},
     "recorder": {"written": 1600, "dropped": 0, "queue_depth": 0},
     "optimizer": {
         "enabled": True,
         "periodic": False,
         "running": "support-reply",
+        "stage": "trials",
+        "calls": 144,
         "queued": [],
         "last": None,
         "interval_seconds": 1800,
         "trials": [
             {
                 "trial": i,
-                "instruction": f"Answer the customer's question about {{product}} in a {{tone}} tone. v{i}",
+                "instruction": i % 3,
+                "instruction_text": f"Answer the customer's question about {{product}} in a {{tone}} tone. v{i % 3}",
                 "demo_set": i % 3,
                 "minibatch_score": 0.4 + 0.05 * i,
                 "full_score": 0.5 + 0.04 * i if i % 2 else None,
@@ -115,11 +121,18 @@ SNAPSHOT: dict[str, Any] = {
     "events": [
         (1, NOW - 50, "error", "support-local: 503 upstream_error: the local model is busy"),
         (2, NOW - 49, "fallback", "support-openai served on attempt 2 (request 7f3a9c21)"),
+        (
+            4,
+            NOW - 5,
+            "log",
+            "warning rswitch.routing: semantic step topics passes: TimeoutError after 0.5 s; the chain goes on",
+        ),
         (3, NOW - 20, "optimizer", "'summarise': promoted: +0.12 (promoted as version 2)"),
     ],
     "recent": [
         {
             "request_id": f"req{i:04d}",
+            "attempt": 1,
             "created_at": NOW - 10 + i,
             "combination_id": "support-openai" if i % 3 else "support-local",
             "success": i != 4,
@@ -129,6 +142,19 @@ SNAPSHOT: dict[str, Any] = {
             "tokens": 150,
         }
         for i in range(6)
+    ]
+    + [  # request 4 failed over: its second attempt, same request id
+        {
+            "request_id": "req0004",
+            "attempt": 2,
+            "created_at": NOW - 5.5,
+            "combination_id": "support-openai",
+            "success": True,
+            "status": 200,
+            "duration_ms": 640,
+            "cost": 0.0003,
+            "tokens": 150,
+        }
     ],
 }
 CALL = {
@@ -163,8 +189,8 @@ class FakeCore:
     def event(self, kind: str, text: str) -> None:
         pass
 
-    def recent_call(self, request_id: str) -> dict[str, Any] | None:
-        return CALL if request_id == CALL["request_id"] else None
+    def recent_call(self, request_id: str, attempt: int | None = None) -> dict[str, Any] | None:
+        return CALL if request_id == CALL["request_id"] and attempt in (None, CALL["attempt"]) else None
 
 
 class FakeGateway:
@@ -210,19 +236,17 @@ async def ready(pilot) -> None:
             break
         await pilot.pause(0.02)
     assert app.status, "the first snapshot never arrived"
-    app.rates.clear()
-    app.latency.clear()
-    app.costs.clear()
-    app.combo_costs.clear()
+    app.history = History()
+    latency = app.history.latency.setdefault("support-openai", deque())
     for i in range(120):
         t = 500.0 - (120 - i) * 0.5
-        app.rates.append((t, 5 + 4 * ((i // 10) % 3), 0.5 if 60 <= i < 70 else 0.0))
-        app.latency.append((t, 800 + i, 1900 + 3 * i, 3100 + 5 * i))
-        app.costs.append((t, 0.003 * i))
-        app.combo_costs.append(
+        rps = 5 + 4 * ((i // 10) % 3)
+        app.history.rates.append((t, rps, 0.5 if 60 <= i < 70 else 0.0, rps * 1.05))
+        latency.append((t, 800 + i, 1900 + 3 * i, 3100 + 5 * i))
+        app.history.costs.append((t, 0.003 * i))
+        app.history.combo_costs.append(
             (t, {"support-openai": 0.003 * i, "support-local": 0.0, "summarise-local": 0.0})
         )
-    app.latency_of = "support-openai"
     app.render_active_pane()
     for widget in app.query("Input"):
         widget.cursor_blink = False
@@ -234,6 +258,12 @@ SIZE = (160, 45)
 
 def test_main_screen(snap_compare):
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=ready)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)], ids=["80x24", "100x30"])
+def test_main_screen_narrow(snap_compare, size):
+    """Narrow terminals: the least important columns hide, the events wrap."""
+    assert snap_compare(make_app(), terminal_size=size, run_before=ready)
 
 
 @pytest.mark.parametrize("key", ["2", "3", "4"], ids=["latency", "cost", "optimizer"])
@@ -258,7 +288,7 @@ def test_modals(snap_compare, keys):
         await ready(pilot)
         if keys == ["i"]:  # the newest request is the one the fake core has in full
             recent = pilot.app.query_one("#recent")
-            assert recent.get_row_at(0)[1] == "support-openai"
+            assert recent.get_row_at(0)[4] == "support-openai"
         await pilot.press(*keys)
         await pilot.pause()
         for widget in pilot.app.screen.query("Input"):

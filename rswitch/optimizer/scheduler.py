@@ -73,6 +73,7 @@ class BackgroundOptimizer:
             "running": self.running,
             "stage": self.stage if self.running else None,
             "calls": self._budget.total_calls if self.running and self._budget else None,
+            "cost": self._budget.cost if self.running and self._budget else None,
             "queued": list(self.queued),
             "last": self.last,
             "interval_seconds": self.cfg.interval_seconds,

@@ -103,10 +103,11 @@ class RSwitchApp(App[None]):
     #side { width: 1fr; min-width: 30; max-width: 64; }
     #events, #recent { height: 1fr; border: round $primary; }
     PlotextPlot { height: 1fr; }
-    #cost-table { width: 56; }
+    #cost-plot { width: 1fr; }
+    #cost-table { width: 1fr; max-width: 60; }
     #optimizer-status { height: auto; max-height: 5; }
     #trials { height: 1fr; }
-    #best-curve { width: 34; }
+    #best-curve { width: 30; }
     .dialog { width: 80; height: auto; max-height: 90%; padding: 1 2; border: thick $primary;
               background: $surface; }
     .dialog.wide { width: 90%; height: 90%; }

@@ -310,7 +310,7 @@ class RecentRow:
     cells: tuple[str, ...]
 
 
-RECENT_COLUMNS = ("time", "combination", "try", "status", "ms")
+RECENT_COLUMNS = ("time", "status", "ms", "try", "combination")
 
 
 def recent_rows(recent: list[dict[str, Any]], shown: int = RECENT_SHOWN) -> list[RecentRow]:
@@ -334,10 +334,10 @@ def recent_rows(recent: list[dict[str, Any]], shown: int = RECENT_SHOWN) -> list
                 attempt,
                 (
                     f"{stamp}.{int(r['created_at'] * 1000) % 1000:03d}",
-                    r["combination_id"],
-                    str(attempt),
                     str(r["status"]) if r["success"] else f"{r['status']} ✗",
                     f"{r['duration_ms']:.0f}",
+                    str(attempt),
+                    r["combination_id"],
                 ),
             )
         )
@@ -356,11 +356,10 @@ def event_lines(events: list[tuple[int, float, str, str]]) -> list[tuple[str, st
 
 # -- the optimizer pane -------------------------------------------------------------------------
 
-TRIAL_COLUMNS = ("trial", "instruction", "demos", "minibatch", "full val", "best so far", "calls", "$")
+TRIAL_COLUMNS = ("trial", "instruction", "demos", "minibatch", "full val", "best so far")
 OPTIMIZER_LEGEND = (
-    "minibatch: the trial's candidate on a random sample of validation rows   "
-    "full val: the best candidate so far on every validation row   "
-    "best so far: the highest full-validation score yet (the current prompt's at first)"
+    "minibatch: the trial's prompt on a sample of validation rows · full val: the leading prompt on all "
+    "of them · best so far: the highest full-validation score yet (at first the current prompt's)"
 )
 
 
@@ -378,13 +377,11 @@ def instruction_label(t: dict[str, Any]) -> str:
 def trial_row(t: dict[str, Any]) -> tuple[str, ...]:
     return (
         str(t["trial"]),
-        abridge(instruction_label(t), 40),
+        abridge(instruction_label(t), 24),
         str(t["demo_set"]),
         fmt(t["minibatch_score"], ".3f"),
         fmt(t["full_score"], ".3f"),
         fmt(t["best_score"], ".3f"),
-        fmt(t["calls"]),
-        fmt_cost(t["cost"]),
     )
 
 
@@ -395,8 +392,9 @@ def optimizer_lines(opt: dict[str, Any]) -> list[str]:
     head = f"optimizer: running {running!r}" if running else "optimizer: idle"
     if running:
         stage = opt.get("stage") or "starting"
-        calls = opt.get("calls")
-        head += f" — {stage}" + (f" ({calls} model calls so far)" if calls else "")
+        calls, cost = opt.get("calls"), opt.get("cost")
+        so_far = f"{calls} model calls" + (f", ${fmt_cost(cost)}" if cost else "") if calls else ""
+        head += f" — {stage}" + (f" ({so_far} so far)" if so_far else "")
     head += (f"   queued: {', '.join(opt['queued'])}" if opt.get("queued") else "") + (
         "   (periodic)" if opt.get("periodic") else "   (on demand: o)"
     )

@@ -82,7 +82,7 @@ class RecentTable(DataTable[str]):
         self.attempts: dict[str, tuple[str, int]] = {}  # row key -> (request id, attempt)
 
     def on_mount(self) -> None:
-        self.border_title = "recent requests, one row per attempt (i: inspect)"
+        self.border_title = "recent attempts (i: inspect)"
         for col in RECENT_COLUMNS:
             self.add_column(col, key=col)
 
