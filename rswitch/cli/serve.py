@@ -252,3 +252,5 @@ def tui(
     typer.echo(
         f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped (log: {log_file})"
     )
+    if app.return_code:  # the console ended on an error: never a silent exit 0
+        raise fail(f"the console stopped on an error; its traceback is in {log_file}", app.return_code)
