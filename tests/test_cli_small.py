@@ -134,3 +134,34 @@ def test_a_bogus_evaluator_is_refused_before_anything_starts(cfg_file, tmp_path)
     assert r.output.startswith("unknown evaluator 'bogus'; choose one of: similarity, exact_match")
     assert "trial" not in r.output  # no progress bar was drawn
     assert not (tmp_path / "analytics.duckdb").exists()  # no gateway was started
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_serve_on_ipv6_prints_a_url_that_works(cfg_file):
+    import re
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rswitch", "serve", "-c", str(cfg_file), "--addr", "[::1]:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first = proc.stdout.readline()
+        m = re.search(r"listening on (\S+)", first)
+        assert m and re.fullmatch(r"http://\[::1\]:\d+", m.group(1)), first
+        assert httpx.get(m.group(1) + "/health", timeout=10).json() == {"status": "healthy"}
+    finally:
+        proc.terminate()
+        proc.wait(30)

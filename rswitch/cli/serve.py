@@ -27,9 +27,9 @@ def listen(host: str, port: int) -> socket.socket:
     """The gateway's listening socket, bound here so that a taken port is one clear line
     (and nothing has started yet), not uvicorn's error and a traceback."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # a name with both (localhost) binds IPv4, where clients of "localhost" mostly connect
+        family, kind, proto, _, address = min(found, key=lambda a: a[0] != socket.AF_INET)
     except socket.gaierror as exc:
         raise fail(f"cannot listen on {host}:{port}: {exc.strerror}", 1) from None
     sock = socket.socket(family, kind, proto)
@@ -175,7 +175,8 @@ def serve(
             await asyncio.sleep(0.05)
         if server.started:
             bound = [s.getsockname() for srv in server.servers for s in srv.sockets]
-            where = f"http://{bound[0][0]}:{bound[0][1]}" if bound else f"http://{host}:{port}"
+            at, at_port = (bound[0][0], bound[0][1]) if bound else (host, port)
+            where = f"http://[{at}]:{at_port}" if ":" in at else f"http://{at}:{at_port}"  # IPv6 in brackets
             typer.echo("\n".join(startup_summary(core, where)), err=False)
             typer.echo("  press Ctrl+C to stop (queued records are written before exit)")
             sys.stdout.flush()
