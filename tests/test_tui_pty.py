@@ -31,6 +31,16 @@ REQUESTS_RE = re.compile(r"requests (\d+)")
 # Textual pushes/pops the kitty keyboard protocol (ESC[>25u, ESC[<u); pyte does not know them and would
 # print their final "u" onto the screen
 KITTY_KEYS_RE = re.compile(rb"\x1b\[[<>=]\d*u")
+ATTEMPTS_RE = re.compile(r"requests (\d+) \(failed (\d+)\)\s+attempts (\d+) \(errors (\d+)\)")
+# every call to 'flaky' fails upstream and falls back to support-b: one request, two attempts, one id
+FLAKY_PROVIDER = {"broken": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 503}}}
+FLAKY = {
+    "id": "flaky",
+    "template_id": "support",
+    "model": "small",
+    "provider": "broken",
+    "fallbacks": ["support-b"],
+}
 STOPPED_RE = re.compile(r"rswitch stopped; (\d+) record\(s\) written, (\d+) dropped")
 
 
@@ -96,7 +106,8 @@ class Terminal:
 
 @pytest.fixture
 def console(tmp_path: Path) -> Iterator[tuple[Terminal, Path]]:
-    config = merge(BASE_CONFIG, {"recorder": {"flush_interval_ms": 20}})
+    config = merge(BASE_CONFIG, {"recorder": {"flush_interval_ms": 20}, "model_providers": FLAKY_PROVIDER})
+    config["gateway"]["combinations"].append(FLAKY)
     config.setdefault("dataset", {})["base_path"] = str(tmp_path / "prompts")
     config.setdefault("analytics", {})["path"] = str(tmp_path / "analytics.duckdb")
     config_file = tmp_path / "rswitch.yaml"
@@ -138,6 +149,26 @@ def test_tui_in_a_real_terminal_counts_sdk_traffic_and_quits_cleanly(console):
 
     term.wait_for("`requests 5` or more", five_requests, timeout=20)
 
+    # failed-over requests while the console runs: it shows each attempt and keeps running
+    for i in range(3):
+        raw = client.chat.completions.with_raw_response.create(
+            model="flaky",
+            messages=[{"role": "user", "content": f"fallback {i}"}],
+            extra_body={"variables": SUPPORT_VARS},
+        )
+        assert raw.headers["x-rswitch-combination"] == "support-b", "the fallback did not serve"
+
+    def requests_and_attempts(screen: str) -> re.Match[str] | None:
+        m = ATTEMPTS_RE.search(" ".join(screen.split("\n")))
+        return m if m and m.group(1) == "8" else None
+
+    counts = term.wait_for("`requests 8 ... attempts 11`", requests_and_attempts, timeout=20)
+    assert counts.groups() == ("8", "0", "11", "3"), counts.group(0)
+    term.wait_for(
+        "a failed attempt in the recent pane", lambda screen: re.search(r"503 ✗", screen), timeout=10
+    )
+    assert term.child.isalive(), f"the console exited.\n--- raw tail ---\n{term.tail()}"
+
     term.child.send("q")
     deadline = time.monotonic() + 10
     while term.pump(0.1):
@@ -155,7 +186,7 @@ def test_tui_in_a_real_terminal_counts_sdk_traffic_and_quits_cleanly(console):
     closing = STOPPED_RE.search(term.plain())
     assert closing, f"no closing `rswitch stopped; ...` line.\n--- raw tail ---\n{term.tail()}"
     written, dropped = int(closing.group(1)), int(closing.group(2))
-    assert written >= 5 and dropped == 0, f"records lost: {closing.group(0)}"
+    assert written >= 11 and dropped == 0, f"records lost: {closing.group(0)}"
 
     assert (tmp_path / "analytics.duckdb").is_file(), "the analytics database was not written"
     assert (tmp_path / "prompts" / "support" / "dataset.sqlite").is_file(), (
