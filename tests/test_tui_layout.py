@@ -3,6 +3,8 @@ shows the columns that fit (never cut off, success and p50 always), and events w
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 from textual.geometry import Region
 
@@ -72,3 +74,26 @@ async def test_long_events_wrap_instead_of_being_cut():
         joined = " ".join(line.strip() for line in lines)
         assert "semantic step topics passes: TimeoutError after 0.5 s; the chain goes on" in joined
         assert all(len(line.rstrip()) <= width for line in lines)
+
+
+async def test_the_latency_chart_follows_the_cursor_with_that_combinations_own_history():
+    app = make_app()
+    async with app.run_test(size=(160, 45)) as pilot:
+        await ready(pilot)  # support-openai has two minutes of history, 800-920 ms at p50
+        local = app.history.latency.setdefault("support-local", deque())
+        for i in range(10):
+            local.append((495.0 + i * 0.5, 2000.0, 5000.0, 8000.0))
+        await pilot.press("2")
+        await pilot.pause()
+        plot = app.query_one("#latency-plot")
+        assert plot.drawn_title == "latency of support-openai, ms (live window)"
+        assert max(plot.drawn.lines[0][2]) < 1000
+        await pilot.press("down")
+        await pilot.pause()
+        assert plot.drawn_title == "latency of support-local, ms (live window)"
+        assert plot.drawn.lines[0][2] == [2000.0] * 10  # its own samples, not support-openai's
+        await pilot.press("down")  # summarise-local has no traffic: an empty chart, axes from 0
+        await pilot.pause()
+        assert plot.drawn_title == "latency of summarise-local, ms (live window)"
+        assert plot.drawn.lines == [] and plot.drawn.ylim == (0.0, 1.0)
+        assert not any(label.startswith("-") for label in plot.drawn.xlabels)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,6 +29,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedCont
 from textual.worker import Worker, WorkerState
 
 from rswitch.tui import model
+from rswitch.tui.controls import Controls
 from rswitch.tui.keys import KEYS, key_rows
 from rswitch.tui.panes import Chart, CombinationsTable, CostPane, EventsPane, OptimizerPane, RecentTable
 from rswitch.tui.screens import ExportScreen, HelpScreen, InspectorScreen
@@ -45,49 +45,6 @@ class Snapshot(Message):
         super().__init__()
         self.status = status
         self.taken = taken
-
-
-@dataclass
-class Controls:
-    """What the app may ask of the core; each runs on the gateway's loop (see GatewayThread.call)."""
-
-    gateway: Any  # GatewayThread, or a test double with .call and .core
-
-    def reweight(self, cid: str, weight: float) -> None:
-        self.gateway.call(self.gateway.core.reweight, cid, max(0.0, weight))
-
-    def toggle(self, cid: str, enabled: bool) -> None:
-        self.gateway.call(self.gateway.core.set_enabled, cid, enabled)
-
-    def reset_weights(self) -> None:
-        def reset() -> None:
-            configured = {c.id: c for c in self.gateway.core.config.gateway.combinations}
-            for cid, cfg in configured.items():
-                combo = self.gateway.core.gateway.combinations.get(cid)
-                if combo is not None:
-                    combo.weight, combo.enabled = cfg.weight, cfg.enabled
-            self.gateway.core.gateway.reindex()
-
-        self.gateway.call(reset)
-
-    def optimize(self, template_id: str) -> str:
-        optimizer = self.gateway.core.optimizer
-        if optimizer is None:
-            return "the optimizer is not running"
-        self.gateway.call(optimizer.request, template_id)
-        return f"optimization of '{template_id}' queued"
-
-    def cancel_optimize(self) -> str:
-        optimizer = self.gateway.core.optimizer
-        if optimizer is None or not optimizer.cancel():
-            return "no optimization is running"
-        return f"cancelling the optimization of '{optimizer.running}'"
-
-    def event(self, kind: str, text: str) -> None:
-        self.gateway.core.event(kind, text)
-
-    def call_detail(self, request_id: str, attempt: int | None = None) -> dict[str, Any] | None:
-        return self.gateway.call(self.gateway.core.recent_call, request_id, attempt)
 
 
 class RSwitchApp(App[None]):

@@ -150,11 +150,14 @@ class Chart(PlotextPlot):
         super().__init__(**kw)
         self.title = title
         self.xlabel = xlabel
+        self.drawn = model.chart([], 0.0)
+        self.drawn_title = title
 
     def on_mount(self) -> None:
         self.draw(model.chart([], 0.0))
 
     def draw(self, c: model.Chart, title: str | None = None) -> None:
+        self.drawn, self.drawn_title = c, title or self.title  # what the chart shows now
         plt = self.plt
         plt.clear_data()
         plt.title(title or self.title)

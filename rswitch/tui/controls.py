@@ -1,0 +1,50 @@
+"""What the console may ask of the core: each action runs on the gateway's loop, never on the UI
+thread's own, so the core's state is only ever touched from one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Controls:
+    """What the app may ask of the core; each runs on the gateway's loop (see GatewayThread.call)."""
+
+    gateway: Any  # GatewayThread, or a test double with .call and .core
+
+    def reweight(self, cid: str, weight: float) -> None:
+        self.gateway.call(self.gateway.core.reweight, cid, max(0.0, weight))
+
+    def toggle(self, cid: str, enabled: bool) -> None:
+        self.gateway.call(self.gateway.core.set_enabled, cid, enabled)
+
+    def reset_weights(self) -> None:
+        def reset() -> None:
+            configured = {c.id: c for c in self.gateway.core.config.gateway.combinations}
+            for cid, cfg in configured.items():
+                combo = self.gateway.core.gateway.combinations.get(cid)
+                if combo is not None:
+                    combo.weight, combo.enabled = cfg.weight, cfg.enabled
+            self.gateway.core.gateway.reindex()
+
+        self.gateway.call(reset)
+
+    def optimize(self, template_id: str) -> str:
+        optimizer = self.gateway.core.optimizer
+        if optimizer is None:
+            return "the optimizer is not running"
+        self.gateway.call(optimizer.request, template_id)
+        return f"optimization of '{template_id}' queued"
+
+    def cancel_optimize(self) -> str:
+        optimizer = self.gateway.core.optimizer
+        if optimizer is None or not optimizer.cancel():
+            return "no optimization is running"
+        return f"cancelling the optimization of '{optimizer.running}'"
+
+    def event(self, kind: str, text: str) -> None:
+        self.gateway.core.event(kind, text)
+
+    def call_detail(self, request_id: str, attempt: int | None = None) -> dict[str, Any] | None:
+        return self.gateway.call(self.gateway.core.recent_call, request_id, attempt)
