@@ -94,6 +94,6 @@ async def test_the_latency_chart_follows_the_cursor_with_that_combinations_own_h
         assert plot.drawn.lines[0][2] == [2000.0] * 10  # its own samples, not support-openai's
         await pilot.press("down")  # summarise-local has no traffic: an empty chart, axes from 0
         await pilot.pause()
-        assert plot.drawn_title == "latency of summarise-local, ms (live window)"
+        assert plot.drawn_title == "latency of summarise-local, ms (live window) — no data yet"
         assert plot.drawn.lines == [] and plot.drawn.ylim == (0.0, 1.0)
         assert not any(label.startswith("-") for label in plot.drawn.xlabels)

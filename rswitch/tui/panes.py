@@ -157,10 +157,11 @@ class Chart(PlotextPlot):
         self.draw(model.chart([], 0.0))
 
     def draw(self, c: model.Chart, title: str | None = None) -> None:
-        self.drawn, self.drawn_title = c, title or self.title  # what the chart shows now
+        title = (title or self.title) + ("" if c.lines else " — no data yet")
+        self.drawn, self.drawn_title = c, title  # what the chart shows now
         plt = self.plt
         plt.clear_data()
-        plt.title(title or self.title)
+        plt.title(title)
         for name, xs, ys in c.lines:
             plt.plot(xs, ys, label=name)
         plt.xlim(*c.xlim)
