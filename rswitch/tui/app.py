@@ -196,8 +196,10 @@ class RSwitchApp(App[None]):
             self.failing.discard(pane)
 
     def pane_failed(self, pane: str, exc: BaseException | None) -> None:
-        log.error("the console's %s pane failed to draw", pane, exc_info=exc)
-        if pane not in self.failing:
+        if pane in self.failing:  # still failing: said once already, not once a refresh
+            log.debug("the console's %s pane still fails to draw: %r", pane, exc)
+        else:
+            log.error("the console's %s pane failed to draw", pane, exc_info=exc)
             self.failing.add(pane)
             self.notify(
                 f"the {pane} pane could not be drawn: {type(exc).__name__}: {exc} "
