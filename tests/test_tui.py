@@ -434,3 +434,24 @@ async def test_the_optimizer_pane_shows_the_stage_before_the_first_trial(tmp_pat
             await settle(pilot, lambda: g.core.optimizer.runs, tries=600)
     finally:
         g.stop()
+
+
+async def test_a_key_whose_action_fails_is_reported_and_the_console_keeps_running(gateway, monkeypatch):
+    app = RSwitchApp(gateway, url=gateway.url, refresh=0.1)
+    async with app.run_test(size=(180, 50)) as pilot:
+        table = await combinations(app, pilot)
+        await settle(pilot, lambda: len(table.rows) == 3)
+
+        def busy(cid, weight):
+            raise TimeoutError("the gateway's loop did not answer")
+
+        monkeypatch.setattr(app.controls, "reweight", busy)
+        await pilot.press("plus")
+        await settle(pilot, lambda: any(n.severity == "error" for n in app._notifications))  # noqa: SLF001
+        [notice] = [n for n in app._notifications if n.severity == "error"]  # noqa: SLF001
+        assert "could not reweight: TimeoutError" in notice.message
+        assert app.is_running and gateway.core.gateway.combinations["support-a"].weight == 3
+        assert not any(t.startswith("reweighted") for _, t in events(app))  # nothing claimed
+        monkeypatch.undo()
+        await pilot.press("plus")
+        await settle(pilot, lambda: table.get_cell("support-a", "weight") == "4")

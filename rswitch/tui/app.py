@@ -272,35 +272,52 @@ class RSwitchApp(App[None]):
 
     def event(self, text: str, kind: str = "console") -> None:
         """An operator action, into the core's events (shown with the rest on the next refresh)."""
-        self.controls.event(kind, text)
+        self.ask("record the event", self.controls.event, kind, text)
         self.fetch()
 
     # -- actions ---------------------------------------------------------------------------------
 
+    def ask(self, what: str, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """Ask the core for something; if that fails (the gateway is busy, gone…), say so and go on."""
+        try:
+            return True, fn(*args)
+        except Exception as exc:
+            log.error("the console could not %s", what, exc_info=exc)
+            self.notify(
+                f"could not {what}: {type(exc).__name__}: {exc} (details in the log file)",
+                title="console error",
+                severity="error",
+                timeout=10,
+            )
+            return False, None
+
     def action_reweight(self, delta: int) -> None:
         c = self.selected()
-        if c is not None:
-            self.controls.reweight(c["id"], c["weight"] + delta)
+        if c is not None and self.ask("reweight", self.controls.reweight, c["id"], c["weight"] + delta)[0]:
             self.event(f"reweighted {c['id']}: {c['weight']:g} → {max(0, c['weight'] + delta):g}")
 
     def action_toggle(self) -> None:
         c = self.selected()
-        if c is not None:
-            self.controls.toggle(c["id"], not c["enabled"])
+        if c is not None and self.ask("enable/disable", self.controls.toggle, c["id"], not c["enabled"])[0]:
             self.event(f"{'disabled' if c['enabled'] else 'enabled'} {c['id']}")
 
     def action_reset(self) -> None:
-        self.controls.reset_weights()
-        self.event("weights and states reset to the configured values")
+        if self.ask("reset the weights", self.controls.reset_weights)[0]:
+            self.event("weights and states reset to the configured values")
 
     def action_optimize(self) -> None:
         c = self.selected()
-        if c is not None:
-            self.event(self.controls.optimize(c["template_id"]), "optimizer")
+        if c is None:
+            return
+        ok, said = self.ask("start the optimizer", self.controls.optimize, c["template_id"])
+        if ok:
+            self.event(said, "optimizer")
             self.query_one("#panes", TabbedContent).active = "optimizer"
 
     def action_cancel_optimize(self) -> None:
-        self.event(self.controls.cancel_optimize(), "optimizer")
+        ok, said = self.ask("cancel the optimizer", self.controls.cancel_optimize)
+        if ok:
+            self.event(said, "optimizer")
 
     def action_export(self) -> None:
         c = self.selected()
@@ -326,7 +343,11 @@ class RSwitchApp(App[None]):
 
     def open_inspector(self, key: str | None) -> None:
         attempt = self.query_one(RecentTable).attempts.get(key or "")
-        call = self.controls.call_detail(*attempt) if attempt else None
+        ok, call = (
+            self.ask("open the request", self.controls.call_detail, *attempt) if attempt else (True, None)
+        )
+        if not ok:
+            return
         if call is None:
             self.notify("that request is no longer in memory", timeout=3)
             return
