@@ -394,13 +394,13 @@ async def test_a_pane_that_fails_to_draw_is_reported_and_the_console_keeps_runni
             await settle(pilot, lambda: table.get_cell("support-a", "success") == "100%")
             errors = [n for n in app._notifications if n.severity == "error"]  # noqa: SLF001
             assert len(errors) == 1, "one notice, not one per refresh"
-            assert "recent requests pane could not be drawn" in errors[0].message
+            assert "could not draw the recent requests pane: RuntimeError" in errors[0].message
             assert "boom in the recent pane" in errors[0].message
             assert app.is_running
             monkeypatch.undo()  # the pane recovers on the next refresh
             recent = app.query_one("#recent")
             await settle(pilot, lambda: recent.row_count == 2)
-    failures = [r for r in caplog.records if "recent requests pane failed to draw" in r.getMessage()]
+    failures = [r for r in caplog.records if "could not draw the recent requests pane" in r.getMessage()]
     assert len(failures) == 1, "logged with its traceback once, not once a refresh"
     assert failures[0].exc_info and "boom in the recent pane" in str(failures[0].exc_info[1])
 
@@ -455,3 +455,30 @@ async def test_a_key_whose_action_fails_is_reported_and_the_console_keeps_runnin
         monkeypatch.undo()
         await pilot.press("plus")
         await settle(pilot, lambda: table.get_cell("support-a", "weight") == "4")
+
+
+async def test_a_snapshot_that_fails_is_reported_once_and_the_console_catches_up(gateway, monkeypatch):
+    app = RSwitchApp(gateway, url=gateway.url, refresh=0.1)
+    async with app.run_test(size=(180, 50)) as pilot:
+        table = await combinations(app, pilot)
+        await settle(pilot, lambda: len(table.rows) == 3)
+
+        asked = []
+
+        def stuck(events_after=0):
+            asked.append(events_after)
+            raise TimeoutError("the gateway's loop did not answer in 5 s")
+
+        monkeypatch.setattr(gateway, "snapshot", stuck)
+        await post(gateway.url, "support-a", 3, variables=SUPPORT_VARS)
+        await settle(pilot, lambda: any(n.severity == "error" for n in app._notifications))  # noqa: SLF001
+        await settle(pilot, lambda: len(asked) >= 5)  # more failed refreshes: still one notice
+        errors = [n for n in app._notifications if n.severity == "error"]  # noqa: SLF001
+        assert (
+            len(errors) == 1
+            and "could not get a snapshot from the gateway: TimeoutError" in errors[0].message
+        )
+        assert app.is_running
+        monkeypatch.undo()
+        summary = app.query_one("#summary")
+        await settle(pilot, lambda: "requests 3 " in str(summary.content))

@@ -115,7 +115,8 @@ class RSwitchApp(App[None]):
         self.status: dict[str, Any] = {}
         self.filter_text = ""
         self.history = model.History()
-        self.failing: set[str] = set()  # panes whose last draw failed (reported once until they recover)
+        self.event_seq = 0  # the newest event shown; a snapshot brings only newer ones
+        self.failing: set[str] = set()  # what failed last time (reported once, until it works again)
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -157,15 +158,12 @@ class RSwitchApp(App[None]):
 
     @work(thread=True, exclusive=True, group="fetch", exit_on_error=False)
     def fetch(self) -> None:
-        self.post_message(Snapshot(self.gateway.snapshot(self.events_pane().last_seq), self.clock()))
-
-    def events_pane(self) -> EventsPane:
-        return self.query_one(EventsPane)
+        self.post_message(Snapshot(self.gateway.snapshot(self.event_seq), self.clock()))
 
     @on(Worker.StateChanged)
     def worker_failed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR and event.worker.group == "fetch":
-            self.pane_failed("snapshot", event.worker.error)
+            self.failed("get a snapshot from the gateway", event.worker.error)
 
     @on(Snapshot)
     def render_snapshot(self, message: Snapshot) -> None:
@@ -176,12 +174,14 @@ class RSwitchApp(App[None]):
 
     def draw(self, message: Snapshot) -> None:
         status = self.status = message.status
-        self.failing.discard("snapshot")
-        self.history.record(message.taken, status)
-        self.guarded("combinations", self.render_table)
-        self.guarded("events", self.events_pane().show, status.get("events", []))
-        self.guarded("recent requests", self.query_one(RecentTable).show, status.get("recent", []))
-        self.guarded("summary", self.render_summary)
+        self.failing.discard("get a snapshot from the gateway")
+        self.guarded("the charts' history", self.history.record, message.taken, status)
+        self.guarded("the combinations table", self.render_table)
+        events = self.query_one(EventsPane)
+        self.guarded("the events pane", events.show, status.get("events", []))
+        self.event_seq = events.last_seq
+        self.guarded("the recent requests pane", self.query_one(RecentTable).show, status.get("recent", []))
+        self.guarded("the summary", self.render_summary)
         self.render_active_pane()
 
     def guarded(self, pane: str, draw: Callable[..., None], *args: Any) -> None:
@@ -191,18 +191,18 @@ class RSwitchApp(App[None]):
         except NoMatches:
             raise
         except Exception as exc:
-            self.pane_failed(pane, exc)
+            self.failed(f"draw {pane}", exc)
         else:
-            self.failing.discard(pane)
+            self.failing.discard(f"draw {pane}")
 
-    def pane_failed(self, pane: str, exc: BaseException | None) -> None:
-        if pane in self.failing:  # still failing: said once already, not once a refresh
-            log.debug("the console's %s pane still fails to draw: %r", pane, exc)
+    def failed(self, what: str, exc: BaseException | None) -> None:
+        if what in self.failing:  # still failing: said once already, not once a refresh
+            log.debug("the console still cannot %s: %r", what, exc)
         else:
-            log.error("the console's %s pane failed to draw", pane, exc_info=exc)
-            self.failing.add(pane)
+            log.error("the console could not %s", what, exc_info=exc)
+            self.failing.add(what)
             self.notify(
-                f"the {pane} pane could not be drawn: {type(exc).__name__}: {exc} "
+                f"could not {what}: {type(exc).__name__}: {exc} "
                 "(traceback in the log file; the rest of the console keeps running)",
                 title="console error",
                 severity="error",
@@ -228,7 +228,7 @@ class RSwitchApp(App[None]):
         now = self.clock()
         if active == "throughput":
             self.guarded(
-                "throughput",
+                "the throughput chart",
                 lambda: self.query_one("#throughput-plot", Chart).draw(
                     model.chart(model.throughput_series(self.history), now)
                 ),
@@ -238,13 +238,15 @@ class RSwitchApp(App[None]):
             title = f"latency of {which}, ms (live window)" if which else None
             series = model.latency_series(self.history, which)
             self.guarded(
-                "latency",
+                "the latency chart",
                 lambda: self.query_one("#latency-plot", Chart).draw(model.chart(series, now), title),
             )
         elif active == "cost":
-            self.guarded("cost", self.query_one(CostPane).show, self.status, self.history, now)
+            self.guarded("the cost pane", self.query_one(CostPane).show, self.status, self.history, now)
         elif active == "optimizer":
-            self.guarded("optimizer", self.query_one(OptimizerPane).show, self.status.get("optimizer") or {})
+            self.guarded(
+                "the optimizer pane", self.query_one(OptimizerPane).show, self.status.get("optimizer") or {}
+            )
 
     def latency_of(self) -> str | None:
         """The combination the latency pane follows: the selected one, else the busiest."""
@@ -364,7 +366,7 @@ class RSwitchApp(App[None]):
         self.filter_text = event.value.strip()
         if self.status:  # rebuilt in the gateway's order, so clearing the filter restores it
             self.query_one(CombinationsTable).clear()
-            self.guarded("combinations", self.render_table)
+            self.guarded("the combinations table", self.render_table)
 
     @on(Input.Submitted, "#filter")
     def filter_done(self) -> None:
