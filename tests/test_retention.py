@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ async def traffic(gw: Any, n: int, prefix: str = "q", **extra: Any) -> list[str]
 async def test_traffic_past_max_records_keeps_every_imported_label(make_gateway, tmp_path):
     override = {"dataset": {"max_records": 20}}
     gw = await make_gateway(override)
-    await traffic(gw, 3, prefix="early")  # the writer has the dataset open before the import
+    await traffic(gw, 3, prefix="early")
+    gw.flush()  # the writer has the dataset open (and its counts taken) before the import
     import_labels(tmp_path, config_file(tmp_path, override), 8)  # `dataset import` while it serves
     await traffic(gw, 60, model="support-a")
 
@@ -187,3 +189,25 @@ def test_labels_in_a_dataset_from_before_the_flag_are_protected(tmp_path):
     store.write([record(f"new{i}") for i in range(3)])
     assert [r["request_id"] for r in reversed(store.recent("t"))] == ["old-labelled", "new2"]
     store.close()
+
+
+def test_processes_opening_a_new_dataset_at_once_all_succeed(tmp_path):
+    """The gateway's writer creating a dataset while `dataset import` opens it (seen as
+    'duplicate column name: label_source')."""
+    path = tmp_path / "t" / "dataset.sqlite"
+    start = threading.Barrier(8)
+    problems: list[BaseException] = []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            open_dataset(path).close()
+        except BaseException as exc:
+            problems.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []

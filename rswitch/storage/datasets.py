@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,28 +104,54 @@ def _row(r: CallRecord) -> tuple[Any, ...]:
     )
 
 
+def _use_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
+    """Switch a (new) file to WAL. SQLite answers "locked" at once, without waiting, while
+    another connection is switching the same file, so wait here (never on the request path)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def open_dataset(path: Path, reference: frozenset[str] = frozenset()) -> sqlite3.Connection:
-    """Open (creating or upgrading) a dataset; rows of `reference` combinations count as labelled."""
+    """Open (creating or upgrading) a dataset; rows of `reference` combinations count as labelled.
+
+    The upgrade is one write transaction, so the gateway's writer and a `dataset import` may
+    open the same new file at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    _use_wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(SCHEMA)
-    have = {row[1] for row in conn.execute("PRAGMA table_info(examples)")}
-    for name, decl in LABEL_COLUMNS.items():
-        if name not in have:
-            conn.execute(f"ALTER TABLE examples ADD COLUMN {name} {decl}")
-    if "labelled" not in have:  # a dataset from before the flag: its labels are ground truth too
-        conn.execute(f"UPDATE examples SET labelled = 1 WHERE {HAS_LABEL}")
-    if reference:  # a combination may have become a reference since these rows were written
-        conn.execute(
-            f"UPDATE examples SET labelled = 1 WHERE labelled = 0 AND success = 1 "
-            f"AND combination_id IN ({', '.join('?' * len(reference))})",
-            sorted(reference),
-        )
-    conn.execute("CREATE INDEX IF NOT EXISTS examples_request ON examples(request_id)")
-    # retention walks the oldest rows of one kind: (labelled, rowid) order
-    conn.execute("CREATE INDEX IF NOT EXISTS examples_labelled ON examples(labelled)")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(examples)")}
+        for name, decl in LABEL_COLUMNS.items():
+            if name not in have:
+                conn.execute(f"ALTER TABLE examples ADD COLUMN {name} {decl}")
+        if "labelled" not in have:  # a dataset from before the flag: its labels are ground truth too
+            conn.execute(f"UPDATE examples SET labelled = 1 WHERE {HAS_LABEL}")
+        if reference:  # a combination may have become a reference since these rows were written
+            conn.execute(
+                f"UPDATE examples SET labelled = 1 WHERE labelled = 0 AND success = 1 "
+                f"AND combination_id IN ({', '.join('?' * len(reference))})",
+                sorted(reference),
+            )
+        conn.execute("CREATE INDEX IF NOT EXISTS examples_request ON examples(request_id)")
+        # retention walks the oldest rows of one kind: (labelled, rowid) order
+        conn.execute("CREATE INDEX IF NOT EXISTS examples_labelled ON examples(labelled)")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        conn.close()
+        raise
     return conn
 
 
