@@ -164,10 +164,10 @@ def read_manifest(path: Path) -> Template:
 
 @dataclass
 class ManifestChanges:
-    """What a scan of the manifest folders found since the last one (read off the request path)."""
+    """What a scan of the manifest folders found changed (read off the request path)."""
 
     parsed: list[tuple[Path, Signature, str, Template]] = field(default_factory=list)  # path, sig, source
-    errors: list[tuple[Path, str]] = field(default_factory=list)  # a broken manifest and why
+    errors: list[tuple[Path, Signature, str]] = field(default_factory=list)  # a broken manifest and why
     removed: list[Path] = field(default_factory=list)
 
 
@@ -205,8 +205,8 @@ class TemplateRegistry:
 
     def scan(self, bundled: list[Path] | tuple[Path, ...] = ()) -> ManifestChanges:
         """Stat every manifest under the registry folder (and `bundled` template_dirs) and parse
-        the ones that changed since the last scan. Blocking file I/O: call it off the event loop.
-        Changes the served templates not at all; `apply` does."""
+        the ones that changed since the last `apply`. Blocking file I/O: call it off the event
+        loop. Changes nothing; `apply` does."""
         changes = ManifestChanges()
         with self._scan_lock:
             present: set[Path] = set()
@@ -218,26 +218,26 @@ class TemplateRegistry:
                     sig = _signature(manifest)
                     if sig is None or self._seen.get(manifest) == sig:
                         continue
-                    self._seen[manifest] = sig  # a broken file is reported once, until it changes again
                     try:
                         changes.parsed.append((manifest, sig, source, read_manifest(manifest)))
                     except Exception as exc:
-                        changes.errors.append((manifest, f"{type(exc).__name__}: {exc}"))
-            for gone in [p for p in list(self._seen) if p not in present]:  # apply may pop meanwhile
-                self._seen.pop(gone, None)
-                changes.removed.append(gone)
+                        changes.errors.append((manifest, sig, f"{type(exc).__name__}: {exc}"))
+            changes.removed = [p for p in list(self._seen) if p not in present]
         return changes
 
-    def apply(self, changes: ManifestChanges) -> list[Template]:
-        """Serve what `scan` parsed; returns the templates that changed. A registered manifest wins
-        over a bundled one, and a bundled one over the config's own; a file written again since it
-        was parsed is left for the next scan (so an older read never replaces a newer version)."""
-        swapped: list[Template] = []
+    def apply(self, changes: ManifestChanges) -> ManifestChanges:
+        """Serve what `scan` parsed; returns what took effect: the templates served anew, the
+        broken manifests (each reported once, until it changes again) and the removed ones.
+
+        A registered manifest wins over a bundled one, and a bundled one over the config's own.
+        A file written again since it was read is left for the next scan, so an older read never
+        replaces a newer version."""
+        done = ManifestChanges()
         with self._lock:
             for path, sig, source, tpl in changes.parsed:
                 if _signature(path) != sig:
-                    self._seen.pop(path, None)  # parse it again next time
                     continue
+                self._seen[path] = sig
                 current = self._templates.get(tpl.id)
                 if source == "bundled" and current is not None and current.source != "bundled":
                     continue
@@ -245,8 +245,15 @@ class TemplateRegistry:
                     continue
                 tpl.source = source
                 self._templates[tpl.id] = tpl
-                swapped.append(tpl)
-        return swapped
+                done.parsed.append((path, sig, source, tpl))
+            for path, sig, problem in changes.errors:
+                if _signature(path) == sig:
+                    self._seen[path] = sig
+                    done.errors.append((path, sig, problem))
+            for path in changes.removed:
+                if self._seen.pop(path, None) is not None:
+                    done.removed.append(path)
+        return done
 
     def reload(self) -> None:
         found, errors = self.read_dir(self.base_dir)

@@ -46,15 +46,15 @@ class TemplateWatcher:
             self._lock = asyncio.Lock()
         async with self._lock:
             changes = await asyncio.to_thread(self.registry.scan, self.bundled)
-            swapped = self.registry.apply(changes)
-            self._report(changes, swapped)
-            return swapped
+            done = self.registry.apply(changes)
+            self._report(done)
+            return [tpl for _, _, _, tpl in done.parsed]
 
-    def _report(self, changes: ManifestChanges, swapped: list[Template]) -> None:
-        for tpl in swapped:
+    def _report(self, done: ManifestChanges) -> None:
+        for _, _, _, tpl in done.parsed:
             log.info("template '%s' version %d is served now (%s)", tpl.id, tpl.version, tpl.source)
             self.event("template", f"template '{tpl.id}' version {tpl.version} is served now")
-        for path, problem in changes.errors:
+        for path, _, problem in done.errors:
             current = self.registry.get(path.parent.name)
             keeps = (
                 f"version {current.version} keeps serving"
@@ -63,7 +63,7 @@ class TemplateWatcher:
             )
             log.warning("bad template manifest %s: %s; %s", path, problem, keeps)
             self.event("error", f"bad template manifest {path}: {problem}; {keeps}")
-        for path in changes.removed:
+        for path in done.removed:
             if self.registry.get(path.parent.name) is not None:
                 log.warning("template manifest %s was removed; its last version serves until restart", path)
                 self.event("template", f"manifest {path} removed; its last version serves until restart")

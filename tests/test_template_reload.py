@@ -53,6 +53,8 @@ async def served(make_gateway, tmp_path, upstream) -> Any:
     """A running in-process gateway, and the same config as a file for the CLI."""
     data = config(tmp_path, upstream)
     gw = await make_gateway(data)
+    # the tests trigger the check the timer runs, so a tick never takes a change from under them
+    await gw.core.template_watcher.stop()
     path = tmp_path / "config.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -121,6 +123,7 @@ async def test_a_new_version_and_a_rollback_replace_a_served_template(served, up
 
 
 async def test_the_watcher_notices_a_registration_by_itself(served, upstream):
+    served.core.template_watcher.start()  # as the gateway runs it: a check every second
     body = chat("hi", model="support-a", variables={"product": "Acme"})
     register(served, "support", "You cherish {product}.")
     deadline = time.monotonic() + WAIT
@@ -160,6 +163,17 @@ async def test_a_broken_manifest_is_reported_and_the_served_version_keeps_servin
     assert tpl.version == 2 and await system_prompt_sent(served, upstream, body) == "Fixed for Acme."
 
 
+async def test_a_removed_manifest_keeps_serving_until_restart(served, upstream):
+    body = chat("hi", model="support-a", variables={"product": "Acme"})
+    register(served, "support", "You sell {product}.")
+    await served.core.template_watcher.check()
+    Path(served.core.registry.manifest_path("support")).unlink()
+
+    assert await served.core.template_watcher.check() == []
+    assert await system_prompt_sent(served, upstream, body) == "You sell Acme."
+    assert events(served, "template")[-1].endswith("removed; its last version serves until restart")
+
+
 async def test_the_gateways_own_write_backs_are_not_reported_as_changes(served):
     served.core.registry.register(Template(id="support", template="Optimized for {product}."))
     assert await served.core.template_watcher.check() == []
@@ -175,8 +189,8 @@ def test_an_older_read_never_replaces_a_newer_write(tmp_path):
     writer.register(Template(id="t", template="two"))
     changes = served.scan()
     writer.register(Template(id="t", template="three"))  # while "two" was being parsed
-    assert served.apply(changes) == [] and served.get("t").template == "one"
-    [tpl] = served.apply(served.scan())
+    assert served.apply(changes).parsed == [] and served.get("t").template == "one"
+    [(_, _, _, tpl)] = served.apply(served.scan()).parsed
     assert tpl.template == "three" and served.get("t").template == "three"
 
 
@@ -190,6 +204,7 @@ async def test_template_dirs_are_watched_but_a_registered_version_wins(make_gate
     )
     data = config(tmp_path, upstream, {"template_dirs": [str(bundle)]})
     gw = await make_gateway(data)
+    await gw.core.template_watcher.stop()
     body = chat("hi", model="faq")
     assert await system_prompt_sent(gw, upstream, body) == "Answer FAQs."
 
