@@ -86,6 +86,19 @@ def test_registering_again_without_name_keeps_the_name(cfg_file, tmp_path):
     assert manifest["version"] == 3 and manifest["name"] == "Plain"
 
 
+def test_registering_again_keeps_the_default_model_so_the_template_stays_servable(cfg_file, tmp_path):
+    args = ["template", "register", "-c", str(cfg_file), "--template-id", "solo"]
+    r = runner.invoke(
+        app, [*args, "--prompt-text", "One.", "--default-model", "x", "--default-provider", "m"]
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*args, "--prompt-text", "Two."])
+    assert r.exit_code == 0, r.output
+    manifest = yaml.safe_load((tmp_path / "prompts" / "solo" / "manifest.yaml").read_text())
+    assert manifest["template"] == "Two."
+    assert (manifest["default_model"], manifest["default_provider"]) == ("x", "m")
+
+
 def test_registering_a_config_template_keeps_its_configured_name(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(

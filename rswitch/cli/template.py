@@ -30,8 +30,13 @@ def template_register(
     variables: Annotated[
         str | None, typer.Option(help="Comma-separated variable names (default: the placeholders found).")
     ] = None,
-    default_model: Annotated[str | None, typer.Option("--default-model")] = None,
-    default_provider: Annotated[str | None, typer.Option("--default-provider")] = None,
+    default_model: Annotated[
+        str | None,
+        typer.Option("--default-model", help="Serve the template on this model (default: the current one)."),
+    ] = None,
+    default_provider: Annotated[
+        str | None, typer.Option("--default-provider", help="...on this provider (default: the current one).")
+    ] = None,
 ) -> None:
     """Register (or update, as a new version) a template."""
     if (prompt_text is None) == (prompt_file is None):
@@ -55,11 +60,11 @@ def template_register(
         tpl = Template(
             id=template_id,
             template=prompt_text or "",
-            # a new version keeps the name it had unless --name gives another
+            # a new version keeps its name and default model unless options give others
             name=name or (current.name if current is not None else template_id),
             variables=names,
-            default_model=default_model,
-            default_provider=default_provider,
+            default_model=default_model or (current.default_model if current is not None else None),
+            default_provider=default_provider or (current.default_provider if current is not None else None),
         )
         tpl = TemplateRegistry(cfg.dataset_dir).register(tpl)
     except TemplateError as exc:
