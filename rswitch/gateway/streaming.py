@@ -98,20 +98,24 @@ class StreamSession:
             err = GatewayError(
                 500, f"internal error while streaming: {type(exc).__name__}", error_type="server_error"
             )
-            g.record(
-                p,
-                self.combination,
-                self.system,
-                output="".join(self._parts),
-                ok=False,
-                error=err,
-                ttft_ms=self._ttft,
-                stream=True,
-                attempt=self._attempt,
-                observe=False,
-            )
+            self._record_unfinished(err)
         g.finish(p, err.status)
         return sse(err.body())
+
+    def _record_unfinished(self, error: UpstreamError | GatewayError) -> None:
+        """Record the part that was streamed, not held against the upstream's health."""
+        self.gateway.record(
+            self.p,
+            self.combination,
+            self.system,
+            output="".join(self._parts),
+            ok=False,
+            error=error,
+            ttft_ms=self._ttft,
+            stream=True,
+            attempt=self._attempt,
+            observe=False,
+        )
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         usage: dict[str, Any] | None = None
@@ -187,18 +191,7 @@ class StreamSession:
                     error_type="client_closed",
                     retryable=False,
                 )
-                g.record(
-                    p,
-                    self.combination,
-                    self.system,
-                    output="".join(self._parts),
-                    ok=False,
-                    error=closed,
-                    ttft_ms=self._ttft,
-                    stream=True,
-                    attempt=self._attempt,
-                    observe=False,
-                )
+                self._record_unfinished(closed)
                 g.finish(p, 499)
 
     async def aclose(self) -> None:
