@@ -162,6 +162,50 @@ def read_manifest(path: Path) -> Template:
     return Template(**{k: v for k, v in data.items() if k in Template.__dataclass_fields__ and k != "source"})
 
 
+_STR_OR_NONE = ("default_model", "default_provider")
+_STR = ("name", "created_at", "updated_at")
+
+
+def check_manifest(data: Any, prefix: str = "") -> Template:
+    """A manifest from outside (a package) as a Template, refused unless `template register`
+    could have written it: a valid id, non-blank text, declared variables, typed fields, a
+    version of 1 or more, no unknown fields. Errors name the field, after `prefix`."""
+    if not isinstance(data, dict):
+        raise TemplateError(f"{prefix.rstrip('.') or 'the manifest'} must be a mapping of template fields")
+    known = [k for k in Template.__dataclass_fields__ if k != "source"]
+    for key in data:
+        if key not in known:
+            raise TemplateError(f"unknown field {prefix}{key} (known: {', '.join(known)})")
+    try:
+        check_id(data.get("id") if isinstance(data.get("id"), str) else "")
+    except TemplateError as exc:
+        raise TemplateError(f"{prefix}id: {exc}") from None
+    if not isinstance(data.get("template"), str) or not data["template"].strip():
+        raise TemplateError(f"{prefix}template must be a non-empty string")
+    for key in _STR:
+        if key in data and not isinstance(data[key], str):
+            raise TemplateError(f"{prefix}{key} must be a string")
+    for key in _STR_OR_NONE:
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise TemplateError(f"{prefix}{key} must be a string")
+    names = data.get("variables", [])
+    if not isinstance(names, list) or not all(isinstance(v, str) and v for v in names):
+        raise TemplateError(f"{prefix}variables must be a list of names")
+    version = data.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise TemplateError(f"{prefix}version {version!r} must be an integer")
+    if version < 1:
+        raise TemplateError(f"{prefix}version {version!r} must be 1 or more")
+    if not isinstance(data.get("demos", []), list):
+        raise TemplateError(f"{prefix}demos must be a list")
+    if not isinstance(data.get("provenance", {}), dict):
+        raise TemplateError(f"{prefix}provenance must be a mapping")
+    try:
+        return Template(**data)
+    except TemplateError as exc:
+        raise TemplateError(f"{prefix.rstrip('.') + ': ' if prefix else ''}{exc}") from None
+
+
 @dataclass
 class ManifestChanges:
     """What a scan of the manifest folders found changed (read off the request path)."""

@@ -8,8 +8,10 @@
       logs/recent.jsonl   the newest N records
       analytics.parquet   this template's rows of the DuckDB analytics store (optional)
 
-Import verifies everything before it touches anything, stages next to the data, and moves
-into place; a failed import leaves the data directory as it was.
+Import verifies everything before it touches anything (see `checks`: every name that comes
+from a package is validated before it becomes a path, every file must be what export writes),
+stages next to the data, and moves into place; a failed import leaves the data directory as it
+was.
 """
 
 from __future__ import annotations
@@ -24,25 +26,35 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import duckdb
 import orjson
 import yaml
 
 from rswitch import __version__
-from rswitch.templates import ID_PATTERN, TemplateRegistry, check_id, write_yaml
+from rswitch.packaging.checks import (
+    ANALYTICS_KEY,
+    FORMAT_VERSION,
+    PACKAGE_FILE,
+    PackageError,
+    check_archive_members,
+    check_contents,
+    check_folder,
+    check_meta,
+    listed_rows,
+    read_only_uri,
+    version_file,
+)
+from rswitch.storage.datasets import HAS_LABEL, open_dataset
+from rswitch.templates import TemplateRegistry, check_id, write_yaml
 
-FORMAT_VERSION = 1
-PACKAGE_FILE = "package.yaml"
+__all__ = ["FORMAT_VERSION", "PackageError", "Stores", "export_package", "import_package", "inspect_package"]
 SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 MIN_SECRET_LEN = 8
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-class PackageError(Exception):
-    """A package could not be written, read or imported; the message says why."""
 
 
 @dataclass
@@ -261,31 +273,12 @@ def _safe_extract(archive: Path, dest: Path) -> Path:
             members = tar.getmembers()
         except (tarfile.ReadError, EOFError, OSError) as exc:
             raise PackageError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
-        roots = set()
-        for m in members:
-            path = PurePosixPath(m.name)
-            if m.name.startswith("/") or path.is_absolute():
-                raise PackageError(f"refusing {archive}: entry '{m.name}' has an absolute path")
-            if ".." in path.parts:
-                raise PackageError(f"refusing {archive}: entry '{m.name}' escapes the package folder ('..')")
-            if m.issym() or m.islnk():
-                raise PackageError(f"refusing {archive}: entry '{m.name}' is a link")
-            if not (m.isfile() or m.isdir()):
-                raise PackageError(f"refusing {archive}: entry '{m.name}' is not a regular file or folder")
-            roots.add(path.parts[0])
-        if len(roots) != 1:
-            raise PackageError(f"{archive} must hold exactly one package folder; found {len(roots)}")
+        root = check_archive_members(members, archive)
         try:
             tar.extractall(dest, filter="data")
         except (tarfile.ReadError, EOFError, OSError, tarfile.FilterError) as exc:
             raise PackageError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
-    return dest / roots.pop()
-
-
-def _refuse_links(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_symlink():
-            raise PackageError(f"refusing {folder}: '{p.relative_to(folder)}' is a link")
+    return dest / root
 
 
 def verify(folder: Path) -> dict[str, Any]:
@@ -293,29 +286,15 @@ def verify(folder: Path) -> dict[str, Any]:
     meta_path = folder / PACKAGE_FILE
     if not meta_path.is_file():
         raise PackageError(f"{folder} is not a package: {PACKAGE_FILE} is missing")
-    _refuse_links(folder)
+    check_folder(folder)
     try:
         meta = yaml.safe_load(meta_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PackageError(f"{PACKAGE_FILE} is not valid YAML: {exc}") from None
-    if not isinstance(meta, dict):
-        raise PackageError(f"{PACKAGE_FILE} must be a mapping")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PackageError(
-            f"unsupported package format version {version!r}; this rswitch reads version {FORMAT_VERSION}"
-        )
-    tid = meta.get("template_id")
-    if not isinstance(tid, str) or not ID_PATTERN.match(tid):
-        raise PackageError(f"{PACKAGE_FILE} has an invalid template_id {tid!r}")
-    files = meta.get("files")
-    if not isinstance(files, list) or not files:
-        raise PackageError(f"{PACKAGE_FILE} lists no files")
+    check_meta(meta)
     listed = set()
-    for f in files:
-        rel = f.get("path") if isinstance(f, dict) else None
-        if not isinstance(rel, str) or rel.startswith("/") or ".." in PurePosixPath(rel).parts:
-            raise PackageError(f"{PACKAGE_FILE} lists an unsafe path {rel!r}")
+    for f in meta["files"]:
+        rel = f["path"]  # one of checks.KNOWN_FILES
         p = folder / rel
         if not p.is_file():
             raise PackageError(f"missing file: {rel} is listed in {PACKAGE_FILE} but not in the package")
@@ -330,8 +309,6 @@ def verify(folder: Path) -> dict[str, Any]:
         rel = p.relative_to(folder).as_posix()
         if p.is_file() and rel != PACKAGE_FILE and rel not in listed:
             raise PackageError(f"unlisted file in package: {rel}")
-    if "manifest.yaml" not in listed:
-        raise PackageError("the package has no manifest.yaml")
     return meta
 
 
@@ -365,44 +342,53 @@ class _Opened:
         self.close()
 
 
+def _read_loosely(path: Path) -> dict[str, Any]:
+    """A YAML mapping to describe a package that failed its checks; {} when it is not one."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def inspect_package(path: Path) -> dict[str, Any]:
-    """What a package holds, whether its checksums hold, without importing it."""
+    """What a package holds, whether it passes every check an import makes, without importing it."""
     with _Opened(path) as opened:
         folder = opened.folder
         try:
             meta = verify(folder)
+            check_contents(folder, meta)
             ok, problem = True, None
         except PackageError as exc:
-            meta = (
-                yaml.safe_load((folder / PACKAGE_FILE).read_text())
-                if (folder / PACKAGE_FILE).is_file()
-                else {}
-            )
+            meta = _read_loosely(folder / PACKAGE_FILE)
             ok, problem = False, str(exc)
-        manifest = (
-            yaml.safe_load((folder / "manifest.yaml").read_text())
-            if (folder / "manifest.yaml").is_file()
-            else {}
-        )
+        manifest = _read_loosely(folder / "manifest.yaml")
+        history = manifest.get("history") if isinstance(manifest.get("history"), list) else []
+        variables = manifest.get("variables")
+        files = meta.get("files") if isinstance(meta.get("files"), list) else []
         info: dict[str, Any] = {
             "path": str(path),
             "checksums_ok": ok,
             "problem": problem,
-            "format_version": (meta or {}).get("format_version"),
-            "rswitch_version": (meta or {}).get("rswitch_version"),
-            "template_id": (meta or {}).get("template_id"),
-            "created_at": (meta or {}).get("created_at"),
-            "template": {k: manifest.get(k) for k in ("name", "version", "variables", "template")}
+            "format_version": meta.get("format_version"),
+            "rswitch_version": meta.get("rswitch_version"),
+            "template_id": meta.get("template_id"),
+            "created_at": meta.get("created_at"),
+            "template": {
+                **{k: manifest.get(k) for k in ("name", "version", "template")},
+                "variables": [str(v) for v in variables] if isinstance(variables, list) else [],
+            }
             if manifest
             else None,
-            "versions": [h.get("version") for h in manifest.get("history", [])] + [manifest.get("version")]
+            "versions": [h.get("version") if isinstance(h, dict) else None for h in history]
+            + [manifest.get("version")]
             if manifest
             else [],
-            "files": (meta or {}).get("files", []),
+            "files": [f for f in files if isinstance(f, dict)],
         }
         dataset = folder / "dataset.sqlite"
         if ok and dataset.is_file():
-            conn = sqlite3.connect(f"file:{dataset}?mode=ro", uri=True)
+            conn = sqlite3.connect(read_only_uri(dataset), uri=True)
             try:
                 first, last = conn.execute("SELECT min(created_at), max(created_at) FROM examples").fetchone()
             finally:
@@ -414,7 +400,36 @@ def inspect_package(path: Path) -> dict[str, Any]:
 # -- import ---------------------------------------------------------------------------------------
 
 
-ANALYTICS_KEY = ("request_id", "combination_id", "created_at", "success", "kind")
+def _copy_dataset(src: Path, dst: Path) -> None:
+    """Rebuild a checked package dataset row by row into a fresh file with rswitch's own schema,
+    so nothing of the package's file but its rows (no triggers, pragmas or odd pages) comes in."""
+    open_dataset(dst).close()  # the schema, its indexes and WAL, as the gateway creates them
+    conn = sqlite3.connect(read_only_uri(src), uri=True)
+    try:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(examples)")]
+        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'examples'").fetchone()
+    except sqlite3.OperationalError:  # no sqlite_sequence: nothing was ever inserted
+        seq = None
+    finally:
+        conn.close()
+    conn = sqlite3.connect(f"file:{quote(str(dst.resolve()))}", uri=True, isolation_level=None)
+    try:
+        conn.execute("ATTACH DATABASE ? AS pkg", (read_only_uri(src),))
+        names = ", ".join(columns)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"INSERT INTO main.examples ({names}) SELECT {names} FROM pkg.examples ORDER BY id")
+        if "labelled" not in columns:  # a dataset from before the flag, as open_dataset upgrades one
+            conn.execute(f"UPDATE main.examples SET labelled = 1 WHERE {HAS_LABEL}")
+        if seq is not None:  # ids of rows retention removed are not given out again
+            conn.execute(
+                "UPDATE main.sqlite_sequence SET seq = max(seq, ?) WHERE name = 'examples'", (int(seq[0]),)
+            )
+        conn.execute("COMMIT")
+        conn.execute("DETACH DATABASE pkg")
+    except sqlite3.DatabaseError as exc:
+        raise PackageError(f"dataset.sqlite could not be copied: {exc}") from None
+    finally:
+        conn.close()
 
 
 def import_package(
@@ -436,13 +451,7 @@ def import_package(
         exists = (target / "manifest.yaml").exists() or (target / "dataset.sqlite").exists()
         if exists and not overwrite:
             raise PackageError(f"template '{tid}' already exists in {base}; use --overwrite to replace it")
-        try:
-            manifest = yaml.safe_load((folder / "manifest.yaml").read_text(encoding="utf-8"))
-            history = manifest.pop("history", []) or []
-            if manifest.get("id") != tid:
-                raise PackageError(f"manifest.yaml is for '{manifest.get('id')}', package.yaml for '{tid}'")
-        except (yaml.YAMLError, AttributeError) as exc:
-            raise PackageError(f"manifest.yaml is not a valid manifest: {exc}") from None
+        manifest, history = check_contents(folder, meta)  # before anything is written
 
         staged = Path(tempfile.mkdtemp(prefix=f".import-{tid}-", dir=base))
         conn = None
@@ -450,9 +459,9 @@ def import_package(
         try:
             write_yaml(staged / "manifest.yaml", manifest)
             for h in history:
-                write_yaml(staged / "versions" / f"v{h.get('version')}.yaml", h)
+                write_yaml(staged / "versions" / version_file(h), h)
             if (folder / "dataset.sqlite").is_file():
-                shutil.copy2(folder / "dataset.sqlite", staged / "dataset.sqlite")
+                _copy_dataset(folder / "dataset.sqlite", staged / "dataset.sqlite")
             merged = 0
             parquet = folder / "analytics.parquet"
             if restore_analytics and parquet.is_file():
@@ -509,7 +518,7 @@ def import_package(
             if old is not None and old.exists():
                 shutil.rmtree(old, ignore_errors=True)
         registry.reload()
-        rows = next((f.get("rows", 0) for f in meta["files"] if f["path"] == "dataset.sqlite"), 0)
+        rows = listed_rows(meta, "dataset.sqlite") or 0
         return {
             "template_id": tid,
             "dataset_rows": rows,

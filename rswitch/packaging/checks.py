@@ -1,0 +1,363 @@
+"""What a package may hold, checked before any of it becomes a path, a file or a row.
+
+A package comes from elsewhere and anyone can recompute its checksums, so every name in it is
+validated (template ids, versions, file names, archive members) and every file must be what
+export writes: a manifest that `template register` could have written, a SQLite dataset with
+the `examples` schema, this template's analytics rows, JSON lines for the logs. Each refusal
+names the file and the field.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import stat
+import tarfile
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import duckdb
+import orjson
+import yaml
+
+from rswitch.storage.analytics import SCHEMA as ANALYTICS_SCHEMA
+from rswitch.storage.datasets import LABEL_COLUMNS
+from rswitch.storage.datasets import SCHEMA as DATASET_SCHEMA
+from rswitch.templates import TemplateError, check_id, check_manifest
+
+
+class PackageError(Exception):
+    """A package could not be written, read or imported; the message says why."""
+
+
+FORMAT_VERSION = 1
+PACKAGE_FILE = "package.yaml"
+# Every file a package may hold besides package.yaml: nothing else becomes a path.
+KNOWN_FILES = ("manifest.yaml", "dataset.sqlite", "logs/recent.jsonl", "analytics.parquet")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ANALYTICS_KEY = ("request_id", "combination_id", "created_at", "success", "kind")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# -- package.yaml ---------------------------------------------------------------------------------
+
+
+def check_meta(meta: Any) -> dict[str, Any]:
+    """package.yaml's fields: format version, template id, and the list of files."""
+    if not isinstance(meta, dict):
+        raise PackageError(f"{PACKAGE_FILE} must be a mapping")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise PackageError(
+            f"unsupported package format version {version!r}; this rswitch reads version {FORMAT_VERSION}"
+        )
+    tid = meta.get("template_id")
+    try:
+        check_id(tid if isinstance(tid, str) else "")
+    except TemplateError as exc:
+        raise PackageError(f"{PACKAGE_FILE}: template_id: {exc}") from None
+    files = meta.get("files")
+    if not isinstance(files, list) or not files:
+        raise PackageError(f"{PACKAGE_FILE} lists no files")
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        where = f"{PACKAGE_FILE}: files[{i}]"
+        if not isinstance(f, dict):
+            raise PackageError(f"{where} must be a mapping with path, size and sha256")
+        rel = f.get("path")
+        if not isinstance(rel, str):
+            raise PackageError(f"{where}.path must be a string; got {rel!r}")
+        if rel not in KNOWN_FILES:
+            raise PackageError(
+                f"{where}.path {rel!r} is not a file a package holds (one of: {', '.join(KNOWN_FILES)})"
+            )
+        if rel in seen:
+            raise PackageError(f"{where}.path {rel!r} is listed twice")
+        seen.add(rel)
+        if not _count(f.get("size")):
+            raise PackageError(f"{where}.size must be an integer of 0 or more; got {f.get('size')!r}")
+        if not isinstance(f.get("sha256"), str) or not _SHA256.match(f["sha256"]):
+            raise PackageError(f"{where}.sha256 must be 64 lowercase hex digits")
+        if "rows" in f and not _count(f["rows"]):
+            raise PackageError(f"{where}.rows must be an integer of 0 or more; got {f['rows']!r}")
+    if "manifest.yaml" not in seen:
+        raise PackageError("the package has no manifest.yaml")
+    return meta
+
+
+def listed_rows(meta: dict[str, Any], rel: str) -> int | None:
+    return next((f.get("rows") for f in meta["files"] if f["path"] == rel), None)
+
+
+# -- the package's own files and folders ------------------------------------------------------------
+
+
+def check_archive_members(members: list[tarfile.TarInfo], archive: Path) -> str:
+    """Refuse any member that could land outside the package folder or is not a plain file or
+    folder; return the one root folder's name."""
+    roots: set[str] = set()
+    seen: set[str] = set()
+    for m in members:
+        path = PurePosixPath(m.name)
+        if m.name.startswith("/") or path.is_absolute():
+            raise PackageError(f"refusing {archive}: entry '{m.name}' has an absolute path")
+        if ".." in path.parts:
+            raise PackageError(f"refusing {archive}: entry '{m.name}' escapes the package folder ('..')")
+        if "\\" in m.name:
+            raise PackageError(f"refusing {archive}: entry '{m.name}' has a '\\' in its name")
+        if m.issym() or m.islnk():
+            raise PackageError(f"refusing {archive}: entry '{m.name}' is a link")
+        if not (m.isfile() or m.isdir()):
+            raise PackageError(f"refusing {archive}: entry '{m.name}' is not a regular file or folder")
+        if not path.parts:
+            raise PackageError(f"refusing {archive}: entry '{m.name}' has no name")
+        key = path.as_posix()
+        if key in seen:
+            raise PackageError(f"refusing {archive}: entry '{m.name}' appears twice")
+        seen.add(key)
+        roots.add(path.parts[0])
+    if len(roots) != 1:
+        raise PackageError(f"{archive} must hold exactly one package folder; found {len(roots)}")
+    return roots.pop()
+
+
+def check_folder(folder: Path) -> None:
+    """Only plain files and folders: no links, devices, pipes or sockets."""
+    for p in folder.rglob("*"):
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise PackageError(f"refusing {folder}: '{p.relative_to(folder)}' is a link")
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise PackageError(
+                f"refusing {folder}: '{p.relative_to(folder)}' is not a regular file or folder"
+            )
+
+
+# -- manifest.yaml ----------------------------------------------------------------------------------
+
+
+def check_manifest_file(path: Path, tid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the current manifest, its earlier versions), each as `template register` would accept it."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PackageError(f"manifest.yaml is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PackageError("manifest.yaml must be a mapping of template fields")
+    history = data.pop("history", [])
+    if history is None:
+        history = []
+    if not isinstance(history, list):
+        raise PackageError("manifest.yaml: history must be a list of earlier versions")
+    try:
+        current = check_manifest(data)
+    except TemplateError as exc:
+        raise PackageError(f"manifest.yaml: {exc}") from None
+    if current.id != tid:
+        raise PackageError(f"manifest.yaml is for '{current.id}', package.yaml for '{tid}'")
+    seen: set[int] = set()
+    for i, h in enumerate(history):
+        where = f"history[{i}]"
+        if not isinstance(h, dict):
+            raise PackageError(f"manifest.yaml: {where} must be a mapping of template fields")
+        try:
+            old = check_manifest(h, prefix=f"{where}.")
+        except TemplateError as exc:
+            raise PackageError(f"manifest.yaml: {exc}") from None
+        if old.id != tid:
+            raise PackageError(f"manifest.yaml: {where}.id '{old.id}' is not the package's template '{tid}'")
+        if "version" not in h:
+            raise PackageError(f"manifest.yaml: {where}.version is missing; it must be an integer")
+        if old.version in seen:
+            raise PackageError(f"manifest.yaml: {where}.version {old.version} appears twice")
+        if old.version >= current.version:
+            raise PackageError(
+                f"manifest.yaml: {where}.version {old.version} is not earlier than the current version "
+                f"{current.version}"
+            )
+        seen.add(old.version)
+    return data, history
+
+
+def version_file(entry: dict[str, Any]) -> str:
+    """`v<N>.yaml` for a checked history entry: built from an integer, never from text."""
+    version = entry.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PackageError(f"manifest.yaml: history version {version!r} must be an integer of 1 or more")
+    return f"v{version:d}.yaml"
+
+
+# -- dataset.sqlite ---------------------------------------------------------------------------------
+
+
+@cache
+def dataset_columns() -> dict[str, tuple[str, int, int]]:
+    """The `examples` columns rswitch writes: name → (declared type, not null, primary key)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(DATASET_SCHEMA)
+        for name, decl in LABEL_COLUMNS.items():
+            conn.execute(f"ALTER TABLE examples ADD COLUMN {name} {decl}")
+        return {r[1]: (r[2].upper(), r[3], r[5]) for r in conn.execute("PRAGMA table_info(examples)")}
+    finally:
+        conn.close()
+
+
+def read_only_uri(path: Path) -> str:
+    """A URI that opens a package's SQLite file without writing, locking or a -wal beside it."""
+    return f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1"
+
+
+def check_dataset(path: Path, rows: int | None) -> list[str]:
+    """Refuse anything but an intact SQLite file with the `examples` schema; return its columns."""
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    if head != b"SQLite format 3\x00":
+        raise PackageError("dataset.sqlite is not a SQLite database (its header is not 'SQLite format 3')")
+    try:
+        conn = sqlite3.connect(read_only_uri(path), uri=True)
+    except sqlite3.Error as exc:
+        raise PackageError(f"dataset.sqlite cannot be opened: {exc}") from None
+    try:
+        conn.execute("PRAGMA trusted_schema=OFF")
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise PackageError(f"dataset.sqlite is corrupt (quick_check: {'; '.join(problems[:3])})")
+        objects = conn.execute("SELECT type, name, tbl_name FROM sqlite_master").fetchall()
+        for kind, name, table in objects:
+            if kind in ("trigger", "view"):
+                raise PackageError(
+                    f"dataset.sqlite holds a {kind} '{name}'; a dataset holds only the examples table and its indexes"
+                )
+            if (
+                kind == "table"
+                and name not in ("examples", "sqlite_sequence")
+                and not name.startswith("sqlite_stat")
+            ):
+                raise PackageError(f"dataset.sqlite holds an unexpected table '{name}'")
+            if kind == "index" and table != "examples":
+                raise PackageError(f"dataset.sqlite holds an index '{name}' on an unexpected table '{table}'")
+        if not any(kind == "table" and name == "examples" for kind, name, _ in objects):
+            raise PackageError("dataset.sqlite has no 'examples' table")
+        have = {r[1]: (str(r[2]).upper(), r[3], r[5]) for r in conn.execute("PRAGMA table_info(examples)")}
+        expected = dataset_columns()
+        required = [c for c in expected if c not in LABEL_COLUMNS]
+        missing = [c for c in required if c not in have]
+        if missing:
+            raise PackageError(f"dataset.sqlite: table 'examples' lacks column(s) {', '.join(missing)}")
+        extra = [c for c in have if c not in expected]
+        if extra:
+            raise PackageError(
+                f"dataset.sqlite: table 'examples' has unexpected column(s) {', '.join(extra)}"
+            )
+        for name, (kind, _notnull, pk) in have.items():
+            if (kind, pk) != (expected[name][0], expected[name][2]):
+                raise PackageError(
+                    f"dataset.sqlite: column '{name}' is declared {kind or 'untyped'}"
+                    f"{' PRIMARY KEY' if pk else ''}; expected {expected[name][0]}"
+                    f"{' PRIMARY KEY' if expected[name][2] else ''}"
+                )
+        count = conn.execute("SELECT count(*) FROM examples").fetchone()[0]
+        if rows is not None and count != rows:
+            raise PackageError(f"dataset.sqlite holds {count} row(s); {PACKAGE_FILE} says {rows}")
+        for column in ("messages", "variables"):
+            bad = conn.execute(
+                f"SELECT id FROM examples WHERE {column} IS NULL OR NOT json_valid({column}) ORDER BY id LIMIT 1"
+            ).fetchone()
+            if bad is not None:
+                raise PackageError(f"dataset.sqlite: row id {bad[0]} has a '{column}' that is not JSON")
+        return list(have)
+    except sqlite3.DatabaseError as exc:
+        raise PackageError(f"dataset.sqlite is corrupt or not a SQLite database: {exc}") from None
+    finally:
+        conn.close()
+
+
+# -- analytics.parquet ------------------------------------------------------------------------------
+
+
+@cache
+def analytics_columns() -> dict[str, str]:
+    conn = duckdb.connect()
+    try:
+        conn.execute(ANALYTICS_SCHEMA)
+        return {r[0]: r[1] for r in conn.execute("DESCRIBE invocations").fetchall()}
+    finally:
+        conn.close()
+
+
+def check_analytics(path: Path, tid: str, rows: int | None) -> None:
+    """Only this template's rows, with the analytics store's columns and types."""
+    conn = duckdb.connect()
+    try:
+        try:
+            described = conn.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
+        except duckdb.Error as exc:
+            first = str(exc).splitlines()[0]
+            raise PackageError(f"analytics.parquet is not a readable Parquet file ({first})") from None
+        have = {r[0]: r[1] for r in described}
+        expected = analytics_columns()
+        extra = [c for c in have if c not in expected]
+        if extra:
+            raise PackageError(
+                f"analytics.parquet has column(s) the analytics store does not: {', '.join(extra)}"
+            )
+        missing = [c for c in ("template_id", *ANALYTICS_KEY) if c not in have]
+        if missing:
+            raise PackageError(f"analytics.parquet lacks column(s) {', '.join(missing)}")
+        for name, kind in have.items():
+            if kind != expected[name]:
+                raise PackageError(f"analytics.parquet: column '{name}' is {kind}; expected {expected[name]}")
+        try:
+            count, others, names = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE template_id IS DISTINCT FROM ?), "
+                "list(DISTINCT template_id) FILTER (WHERE template_id IS DISTINCT FROM ?) "
+                "FROM read_parquet(?)",
+                [tid, tid, str(path)],
+            ).fetchone()
+        except duckdb.Error as exc:
+            raise PackageError(f"analytics.parquet cannot be read: {str(exc).splitlines()[0]}") from None
+        if others:
+            shown = ", ".join(repr(n) for n in sorted(names or [], key=str)[:3])
+            raise PackageError(f"analytics.parquet holds {others} row(s) for other templates ({shown})")
+        if rows is not None and count != rows:
+            raise PackageError(f"analytics.parquet holds {count} row(s); {PACKAGE_FILE} says {rows}")
+    finally:
+        conn.close()
+
+
+# -- logs/recent.jsonl ------------------------------------------------------------------------------
+
+
+def check_logs(path: Path, rows: int | None) -> None:
+    n = 0
+    with path.open("rb") as fh:
+        for i, line in enumerate(fh, 1):
+            try:
+                ok = isinstance(orjson.loads(line), dict)
+            except orjson.JSONDecodeError:
+                ok = False
+            if not ok:
+                raise PackageError(f"logs/recent.jsonl: line {i} is not a JSON object")
+            n += 1
+    if rows is not None and n != rows:
+        raise PackageError(f"logs/recent.jsonl holds {n} line(s); {PACKAGE_FILE} says {rows}")
+
+
+def check_contents(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every listed file is what export writes; returns (manifest, history) for the import."""
+    tid = meta["template_id"]
+    manifest, history = check_manifest_file(folder / "manifest.yaml", tid)
+    listed = {f["path"] for f in meta["files"]}
+    if "dataset.sqlite" in listed:
+        check_dataset(folder / "dataset.sqlite", listed_rows(meta, "dataset.sqlite"))
+    if "logs/recent.jsonl" in listed:
+        check_logs(folder / "logs" / "recent.jsonl", listed_rows(meta, "logs/recent.jsonl"))
+    if "analytics.parquet" in listed:
+        check_analytics(folder / "analytics.parquet", tid, listed_rows(meta, "analytics.parquet"))
+    return manifest, history

@@ -1,0 +1,393 @@
+"""Hostile packages: every name and every file that comes from a package is checked before it
+becomes a path or a row, and a refusal changes nothing.
+
+Each tampered package is built the way an attacker would: from a real export, modified, with
+its checksums recomputed (anyone can), in both forms (folder and .tar.gz)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sqlite3
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rswitch.cli import app
+from rswitch.packaging import PackageError, inspect_package
+from rswitch.templates import Template
+from tests.test_packaging import fresh_core, traffic, tree
+
+runner = CliRunner()
+
+
+def reseal(pkg: Path) -> None:
+    """Recompute every listed file's size and sha256 in package.yaml, as an attacker can."""
+    meta = yaml.safe_load((pkg / "package.yaml").read_text())
+    for f in meta["files"]:
+        p = pkg / str(f.get("path"))
+        if p.is_file():
+            f["size"] = p.stat().st_size
+            f["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    (pkg / "package.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def edit_yaml(path: Path, change: Callable[[dict], None]) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def as_archive(pkg: Path) -> Path:
+    out = pkg.parent / f"{pkg.name}.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(pkg, arcname=pkg.name)
+    return out
+
+
+@pytest.fixture
+async def world(gateway, tmp_path):
+    """A real export, and a target data dir with another template and a file beside it that an
+    escape would overwrite."""
+    await traffic(gateway)
+    pkg = gateway.core.export_package("support", tmp_path / "out")
+    target = fresh_core(tmp_path, "target")
+    target.registry.register(Template(id="keep", template="keep me"))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "manifest.yaml").write_text("id: victim\ntemplate: untouched\n")
+    yield pkg, target, tmp_path
+    await target.stop()
+
+
+def refused(target, pkg: Path, archive: bool, match: str, tmp_path: Path) -> PackageError:
+    """Import `pkg` (as a folder or as an archive) and check that it is refused with `match`
+    and that nothing changed: the data dir, the analytics rows, the files around it."""
+    path = as_archive(pkg) if archive else pkg
+    before_data = tree(tmp_path / "target")
+    before_victim = tree(tmp_path / "victim")
+    rows = target.analytics._conn.execute("SELECT count(*) FROM invocations").fetchone()[0]
+    with pytest.raises(PackageError, match=match) as exc:
+        target.import_package(path)
+    assert tree(tmp_path / "target") == before_data
+    assert tree(tmp_path / "victim") == before_victim
+    assert target.analytics._conn.execute("SELECT count(*) FROM invocations").fetchone()[0] == rows
+    assert target.registry.get("support") is None
+    return exc.value
+
+
+# -- the reported attack: a version that is a path --------------------------------------------------
+
+
+@pytest.mark.parametrize("archive", [False, True])
+async def test_history_version_that_is_a_path_is_refused_and_writes_nothing(world, archive):
+    pkg, target, tmp = world
+    escape = "/../../../victim/manifest"
+    edit_yaml(pkg / "manifest.yaml", lambda m: m["history"][0].__setitem__("version", escape))
+    reseal(pkg)
+    err = refused(target, pkg, archive, r"manifest\.yaml: history\[0\]\.version .*must be an integer", tmp)
+    assert escape in str(err)
+    assert (tmp / "victim" / "manifest.yaml").read_text() == "id: victim\ntemplate: untouched\n"
+
+
+@pytest.mark.parametrize(
+    ("version", "why"),
+    [
+        ("2", "must be an integer"),
+        (2.5, "must be an integer"),
+        (True, "must be an integer"),
+        (0, "must be 1 or more"),
+        (-3, "must be 1 or more"),
+        (None, "must be an integer"),
+    ],
+)
+async def test_history_versions_must_be_positive_integers(world, version, why):
+    pkg, target, tmp = world
+    edit_yaml(pkg / "manifest.yaml", lambda m: m["history"][0].__setitem__("version", version))
+    reseal(pkg)
+    refused(target, pkg, False, rf"manifest\.yaml: history\[0\]\.version .*{why}", tmp)
+
+
+async def test_duplicate_or_later_history_versions_are_refused(world):
+    pkg, target, tmp = world
+    edit_yaml(pkg / "manifest.yaml", lambda m: m["history"][1].__setitem__("version", 1))
+    reseal(pkg)
+    refused(target, pkg, False, r"history\[1\]\.version 1 appears twice", tmp)
+    edit_yaml(pkg / "manifest.yaml", lambda m: m["history"][1].__setitem__("version", 7))
+    reseal(pkg)
+    refused(target, pkg, False, r"history\[1\]\.version 7 is not earlier than the current version 3", tmp)
+
+
+@pytest.mark.parametrize("archive", [False, True])
+async def test_history_entry_for_another_template_is_refused(world, archive):
+    pkg, target, tmp = world
+    edit_yaml(pkg / "manifest.yaml", lambda m: m["history"][0].__setitem__("id", "../keep"))
+    reseal(pkg)
+    refused(target, pkg, archive, r"manifest\.yaml: history\[0\]\.id: invalid template id '\.\./keep'", tmp)
+
+
+# -- the manifest gets the same checks as `template register` ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m.__setitem__("template", "   "), r"manifest\.yaml: template must be a non-empty"),
+        (lambda m: m.__setitem__("template", ["a"]), r"manifest\.yaml: template must be a non-empty"),
+        (lambda m: m.__setitem__("variables", "product"), r"manifest\.yaml: variables must be a list"),
+        (lambda m: m.__setitem__("variables", ["product"]), r"manifest\.yaml: .*undeclared variable"),
+        (lambda m: m.__setitem__("name", {"x": 1}), r"manifest\.yaml: name must be a string"),
+        (lambda m: m.__setitem__("default_model", 5), r"manifest\.yaml: default_model must be a string"),
+        (lambda m: m.__setitem__("version", "3"), r"manifest\.yaml: version .*must be an integer"),
+        (lambda m: m.__setitem__("demos", [{"user": "hi"}]), r"manifest\.yaml: .*demos\[0\]"),
+        (lambda m: m.__setitem__("provenance", "x"), r"manifest\.yaml: provenance must be a mapping"),
+        (lambda m: m.__setitem__("history", {"a": 1}), r"manifest\.yaml: history must be a list"),
+        (lambda m: m["history"].__setitem__(0, "v1"), r"manifest\.yaml: history\[0\] must be a mapping"),
+        (lambda m: m.__setitem__("shell", "rm -rf"), r"manifest\.yaml: unknown field shell"),
+    ],
+)
+async def test_manifest_that_register_would_refuse_is_refused(world, change, match):
+    pkg, target, tmp = world
+    edit_yaml(pkg / "manifest.yaml", change)
+    reseal(pkg)
+    refused(target, pkg, False, match, tmp)
+
+
+async def test_manifest_that_is_not_a_mapping_is_refused(world):
+    pkg, target, tmp = world
+    (pkg / "manifest.yaml").write_text("- just\n- a list\n")
+    reseal(pkg)
+    refused(target, pkg, True, r"manifest\.yaml must be a mapping", tmp)
+
+
+async def test_package_yaml_template_id_that_is_a_path_is_refused(world):
+    pkg, target, tmp = world
+    edit_yaml(pkg / "package.yaml", lambda m: m.__setitem__("template_id", "../victim"))
+    edit_yaml(pkg / "manifest.yaml", lambda m: m.__setitem__("id", "../victim"))
+    reseal(pkg)
+    refused(target, pkg, True, r"package\.yaml: template_id: invalid template id '\.\./victim'", tmp)
+
+
+# -- the file list -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ("/etc/hostname", r"package\.yaml: files\[4\]\.path '/etc/hostname' is not a file a package holds"),
+        ("../victim/manifest.yaml", r"files\[4\]\.path '\.\./victim/manifest\.yaml' is not a file"),
+        ("logs/../manifest.yaml", r"files\[4\]\.path 'logs/\.\./manifest\.yaml' is not a file"),
+        ("manifest.yaml", r"package\.yaml: files\[4\]\.path 'manifest\.yaml' is listed twice"),
+        (["x"], r"package\.yaml: files\[4\]\.path must be a string"),
+    ],
+)
+async def test_file_list_with_unsafe_or_duplicate_names_is_refused(world, entry, match):
+    pkg, target, tmp = world
+    edit_yaml(
+        pkg / "package.yaml", lambda m: m["files"].append({"path": entry, "size": 1, "sha256": "0" * 64})
+    )
+    refused(target, pkg, False, match, tmp)
+
+
+async def test_file_list_entry_that_is_not_a_mapping_or_has_a_bad_size_is_refused(world):
+    pkg, target, tmp = world
+    edit_yaml(pkg / "package.yaml", lambda m: m["files"].append("manifest.yaml"))
+    refused(target, pkg, False, r"package\.yaml: files\[4\] must be a mapping", tmp)
+    edit_yaml(pkg / "package.yaml", lambda m: m["files"].pop())
+    edit_yaml(pkg / "package.yaml", lambda m: m["files"][1].__setitem__("rows", -1))
+    refused(target, pkg, False, r"package\.yaml: files\[1\]\.rows must be an integer of 0 or more", tmp)
+
+
+# -- archives ----------------------------------------------------------------------------------------
+
+
+def _tar_with(pkg: Path, extra: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    out = pkg.parent / "evil.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(pkg, arcname=pkg.name)
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return out
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "") -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.linkname = link
+    return info, data
+
+
+@pytest.mark.parametrize(
+    ("member", "match"),
+    [
+        (
+            lambda root: _member(f"{root}/manifest.yaml", data=b"id: x\n"),
+            r"entry '.*manifest\.yaml' appears twice",
+        ),
+        (
+            lambda root: _member(f"{root}/./manifest.yaml", data=b"id: x\n"),
+            r"entry '.*manifest\.yaml' appears twice",
+        ),
+        (lambda root: _member(f"{root}/hard", tarfile.LNKTYPE, link=f"{root}/manifest.yaml"), "is a link"),
+        (lambda root: _member(f"{root}/dev", tarfile.CHRTYPE), "not a regular file or folder"),
+        (lambda root: _member(f"{root}/fifo", tarfile.FIFOTYPE), "not a regular file or folder"),
+        (lambda root: _member("other/x", data=b"x"), "exactly one package folder"),
+        (lambda root: _member(f"{root}\\..\\..\\x", data=b"x"), r"entry '.*' has a '\\' in its name"),
+    ],
+)
+async def test_archive_with_hostile_members_is_refused(world, member, match):
+    pkg, target, tmp = world
+    before = tree(tmp / "target")
+    evil = _tar_with(pkg, [member(pkg.name)])
+    with pytest.raises(PackageError, match=match):
+        target.import_package(evil)
+    assert tree(tmp / "target") == before
+    assert target.registry.get("support") is None
+
+
+# -- the dataset -------------------------------------------------------------------------------------
+
+
+def _replace_dataset(pkg: Path, build: Callable[[sqlite3.Connection], None] | bytes) -> None:
+    path = pkg / "dataset.sqlite"
+    if isinstance(build, bytes):
+        path.write_bytes(build)
+    else:
+        conn = sqlite3.connect(path)
+        try:
+            build(conn)
+            conn.commit()
+        finally:
+            conn.close()
+    reseal(pkg)
+
+
+@pytest.mark.parametrize("archive", [False, True])
+async def test_dataset_that_is_not_sqlite_is_refused(world, archive):
+    pkg, target, tmp = world
+    _replace_dataset(pkg, b"definitely not a database" * 100)
+    refused(target, pkg, archive, r"dataset\.sqlite is not a SQLite database", tmp)
+
+
+async def test_dataset_without_the_examples_table_is_refused(world):
+    pkg, target, tmp = world
+    _replace_dataset(pkg, lambda c: c.execute("DROP TABLE examples"))
+    refused(target, pkg, False, r"dataset\.sqlite has no 'examples' table", tmp)
+
+
+async def test_dataset_missing_a_column_is_refused(world):
+    pkg, target, tmp = world
+    _replace_dataset(pkg, lambda c: c.execute("ALTER TABLE examples DROP COLUMN output"))
+    refused(target, pkg, False, r"dataset\.sqlite: table 'examples' lacks column\(s\) output", tmp)
+
+
+async def test_dataset_with_a_trigger_is_refused(world):
+    pkg, target, tmp = world
+    _replace_dataset(
+        pkg,
+        lambda c: c.execute(
+            "CREATE TRIGGER stop BEFORE INSERT ON examples BEGIN SELECT RAISE(FAIL, 'no more'); END"
+        ),
+    )
+    refused(target, pkg, False, r"dataset\.sqlite holds a trigger 'stop'", tmp)
+
+
+async def test_dataset_with_bad_json_or_wrong_row_count_is_refused(world):
+    pkg, target, tmp = world
+    _replace_dataset(pkg, lambda c: c.execute("UPDATE examples SET messages = '{not json' WHERE id = 2"))
+    refused(target, pkg, False, r"dataset\.sqlite: row id 2 has a 'messages' that is not JSON", tmp)
+    _replace_dataset(pkg, lambda c: c.execute("UPDATE examples SET messages = '[]'"))
+    edit_yaml(pkg / "package.yaml", lambda m: m["files"][1].__setitem__("rows", 99))
+    refused(target, pkg, False, r"dataset\.sqlite holds 6 row\(s\); package\.yaml says 99", tmp)
+
+
+async def test_dataset_that_is_corrupt_is_refused(world):
+    pkg, target, tmp = world
+    raw = bytearray((pkg / "dataset.sqlite").read_bytes())
+    page = 4096
+    assert len(raw) > 2 * page
+    raw[page + 8 : 2 * page] = b"\xa5" * (page - 8)  # a scrambled b-tree page, header intact
+    _replace_dataset(pkg, bytes(raw))
+    refused(target, pkg, False, r"dataset\.sqlite (is corrupt|is not a SQLite database)", tmp)
+
+
+# -- the analytics excerpt and the logs --------------------------------------------------------------
+
+
+def _rewrite_parquet(pkg: Path, select: str) -> None:
+    path = pkg / "analytics.parquet"
+    tmp = path.with_name("new.parquet")
+    conn = duckdb.connect()
+    try:
+        conn.execute(
+            f"COPY ({select.format(src=f'read_parquet({str(path)!r})')}) TO '{tmp}' (FORMAT parquet)"
+        )
+    finally:
+        conn.close()
+    tmp.replace(path)
+    reseal(pkg)
+
+
+@pytest.mark.parametrize("archive", [False, True])
+async def test_analytics_rows_for_another_template_are_refused(world, archive):
+    pkg, target, tmp = world
+    _rewrite_parquet(pkg, "SELECT * REPLACE ('keep' AS template_id) FROM {src}")
+    refused(target, pkg, archive, r"analytics\.parquet holds 6 row\(s\) for other templates \('keep'\)", tmp)
+
+
+async def test_analytics_with_unknown_columns_or_wrong_types_is_refused(world):
+    pkg, target, tmp = world
+    _rewrite_parquet(pkg, "SELECT *, 1 AS payload FROM {src}")
+    refused(
+        target, pkg, False, r"analytics\.parquet has column\(s\) the analytics store does not: payload", tmp
+    )
+    _rewrite_parquet(pkg, "SELECT * EXCLUDE (payload) REPLACE (cost::VARCHAR AS cost) FROM {src}")
+    refused(target, pkg, False, r"analytics\.parquet: column 'cost' is VARCHAR; expected DOUBLE", tmp)
+
+
+async def test_analytics_that_is_not_parquet_is_refused(world):
+    pkg, target, tmp = world
+    (pkg / "analytics.parquet").write_bytes(b"PAR1 but not really")
+    reseal(pkg)
+    refused(target, pkg, False, r"analytics\.parquet is not a readable Parquet file", tmp)
+
+
+async def test_logs_that_are_not_json_lines_are_refused(world):
+    pkg, target, tmp = world
+    (pkg / "logs" / "recent.jsonl").write_text('{"ok": 1}\nnot json\n')
+    reseal(pkg)
+    refused(target, pkg, False, r"logs/recent\.jsonl: line 2 is not a JSON object", tmp)
+
+
+# -- the faces ---------------------------------------------------------------------------------------
+
+
+async def test_cli_refuses_with_exit_1_and_inspect_names_the_problem(world):
+    pkg, target, tmp = world
+    edit_yaml(
+        pkg / "manifest.yaml", lambda m: m["history"][0].__setitem__("version", "/../../../victim/manifest")
+    )
+    reseal(pkg)
+    info = inspect_package(pkg)
+    assert not info["checksums_ok"] and "history[0].version" in info["problem"]
+    cfg = tmp / "cli.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model_providers": {"mock": {"type": "mock"}},
+                "dataset": {"base_path": str(tmp / "cli" / "prompts")},
+                "analytics": {"path": str(tmp / "cli" / "a.duckdb")},
+            }
+        )
+    )
+    r = runner.invoke(app, ["package", "import", str(as_archive(pkg)), "-c", str(cfg)])
+    assert r.exit_code != 0 and "history[0].version" in r.output, r.output
+    assert not (tmp / "cli" / "prompts" / "support").exists()
+    r = runner.invoke(app, ["package", "inspect", str(pkg)])
+    assert r.exit_code != 0 and "history[0].version" in r.output, r.output
