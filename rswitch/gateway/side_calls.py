@@ -5,13 +5,18 @@ store under their own `kind`, never in prompt datasets or live traffic."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import orjson
+
 from rswitch.gateway.balancer import Combination
 from rswitch.gateway.errors import GatewayError, bad_request
-from rswitch.providers.base import ChatCall, EmbedCall, UpstreamError
+from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError
 from rswitch.providers.pricing import estimate_tokens, message_text
 from rswitch.storage.record import CallRecord
 
@@ -151,29 +156,174 @@ def resolve_embedding(g: Gateway, model: Any, metadata: dict[str, Any]) -> tuple
     )
 
 
+ENCODING_FORMATS = ("float", "base64")
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit per request
+EMBED_KEYS = frozenset({"model", "input", "metadata", "dimensions", "encoding_format", "user"})
+INPUT_RULE = "'input' must be a non-empty string, or a non-empty array of strings or of token arrays"
+
+
+def _json_kind(value: Any) -> str:
+    """What a client sent, in JSON's words, never echoing a (possibly long) value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "an empty string" if value == "" else "a string"
+    if isinstance(value, list):
+        return "an empty array" if not value else "an array"
+    return "an object"
+
+
+def _token_array(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
+
+
+def check_embed_input(inputs: Any) -> list[Any]:
+    """The inputs as a list; a 400 naming the first bad element otherwise."""
+    if isinstance(inputs, str) and inputs:
+        return [inputs]
+    if not isinstance(inputs, list) or not inputs:
+        raise bad_request(f"{INPUT_RULE}; got {_json_kind(inputs)}", param="input")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise bad_request(
+            f"'input' has {len(inputs)} items; at most {MAX_EMBED_INPUTS} are embedded per request",
+            param="input",
+        )
+    strings = isinstance(inputs[0], str)
+    for i, x in enumerate(inputs):
+        if strings and not (isinstance(x, str) and x):
+            raise bad_request(
+                f"{INPUT_RULE}: input[{i}] is {_json_kind(x)} in an array of strings", param="input"
+            )
+        if not strings and not _token_array(x):
+            raise bad_request(
+                f"{INPUT_RULE}: input[{i}] is {_json_kind(x)}, not a token array "
+                f"(a non-empty array of non-negative integers)",
+                param="input",
+            )
+    return inputs
+
+
+def check_embed_options(body: dict[str, Any]) -> tuple[int | None, str]:
+    """(dimensions, encoding_format) as the client asked, each checked."""
+    dims = body.get("dimensions")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+        shown = (
+            repr(dims) if isinstance(dims, int | float) and not isinstance(dims, bool) else _json_kind(dims)
+        )
+        raise bad_request(
+            f"'dimensions' must be a positive integer; got {shown[:40]}",
+            code="invalid_value",
+            param="dimensions",
+        )
+    fmt = body.get("encoding_format")
+    if fmt is None:
+        fmt = "float"
+    if not isinstance(fmt, str) or fmt not in ENCODING_FORMATS:
+        shown = repr(fmt[:40]) if isinstance(fmt, str) else _json_kind(fmt)
+        raise bad_request(
+            f'\'encoding_format\' must be "float" or "base64"; got {shown}',
+            code="invalid_value",
+            param="encoding_format",
+        )
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request(f"'user' must be a string; got {_json_kind(user)}", param="user")
+    return dims, fmt
+
+
+def check_can_embed(provider: Provider, route_id: str, model: str, dims: int | None) -> None:
+    """Refuse, before anything is spent or recorded, what this route cannot serve."""
+    if type(provider).embed is Provider.embed:
+        raise GatewayError(
+            400,
+            f"'{route_id}' cannot embed: provider '{provider.name}' ({provider.type}) does not serve "
+            f"embeddings; name an embedding model or a combination on a provider that embeds",
+            code="embeddings_not_supported",
+            param="model",
+        )
+    known = provider.embedding_dimensions(model)
+    if dims is not None and known is not None and dims > known:
+        raise bad_request(
+            f"'dimensions' is {dims}, but model '{model}' (provider '{provider.name}') has {known} dimensions; "
+            f"ask for {known} or fewer",
+            code="invalid_value",
+            param="dimensions",
+        )
+
+
+def embed_client_error(e: UpstreamError, route_id: str, provider: Provider) -> GatewayError:
+    """An upstream's refusal, as the client should read it: a route that cannot embed is the
+    client's 400, rejected credentials are the gateway's (502), never the client's 401."""
+    from rswitch.gateway.pipeline import to_client_error
+
+    if e.status in (404, 405, 501) or e.code in ("model_not_found", "embeddings_not_supported"):
+        return GatewayError(
+            400,
+            f"'{route_id}' cannot embed: {e.message}",
+            code="embeddings_not_supported",
+            param="model",
+        )
+    if e.status in (401, 403):
+        return GatewayError(
+            502,
+            f"provider '{provider.name}' refused rswitch's credentials (HTTP {e.status}); "
+            f"check its api_key_env. It said: {e.message}",
+            error_type="upstream_error",
+            code="upstream_auth_failed",
+        )
+    return to_client_error(e)
+
+
+def encode_embeddings(resp: dict[str, Any], fmt: str) -> None:
+    """Each `data[].embedding` in the format the client asked for. base64 is what OpenAI serves:
+    the vector as little-endian float32, base64-encoded. Upstreams are asked for floats, but
+    one that answers base64 anyway is decoded or passed on as it fits."""
+    for item in resp.get("data") or ():
+        vec = item.get("embedding") if isinstance(item, dict) else None
+        if fmt == "base64" and isinstance(vec, list):
+            item["embedding"] = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
+        elif fmt == "float" and isinstance(vec, str):
+            try:
+                item["embedding"] = np.frombuffer(base64.b64decode(vec, validate=True), dtype="<f4").tolist()
+            except (binascii.Error, ValueError):
+                raise UpstreamError(
+                    502, "an embedding came back as a string that is not base64 float32"
+                ) from None
+
+
 async def embed(g: Gateway, body: Any) -> Completed:
-    from rswitch.gateway.pipeline import Completed, to_client_error
+    from rswitch.gateway.pipeline import Completed
 
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_body")
     inputs = body.get("input")
-    ok = (isinstance(inputs, str) and inputs != "") or (
-        isinstance(inputs, list)
-        and inputs
-        and all(isinstance(x, str) or (isinstance(x, list) and x) for x in inputs)
-    )
-    if not ok:
-        raise bad_request(
-            "'input' must be a non-empty string or a non-empty array of strings (or token arrays)",
-            param="input",
-        )
+    texts = check_embed_input(inputs)
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise bad_request("'metadata' must be an object", param="metadata")
+    dims, fmt = check_embed_options(body)
+    # any other field goes to the upstream as it came (as OpenAI's SDK sends extra_body)
+    params = {k: v for k, v in body.items() if k not in EMBED_KEYS}
+    try:
+        orjson.dumps(params)
+    except orjson.JSONEncodeError:
+        raise bad_request("the request body is nested too deeply to forward", code="too_deep") from None
+    if dims is not None:
+        params["dimensions"] = dims
+    if isinstance(body.get("user"), str):
+        params["user"] = body["user"]
     route_id, provider_name, model = resolve_embedding(g, body.get("model"), metadata)
     provider = g.providers[provider_name]
+    check_can_embed(provider, route_id, model, dims)
     started = time.perf_counter()
-    texts = [inputs] if isinstance(inputs, str) else inputs
     est = sum(estimate_tokens(t) if isinstance(t, str) else len(t) for t in texts)
     limiter = g.limiters.get(provider_name)
     if limiter is not None:
@@ -186,16 +336,16 @@ async def embed(g: Gateway, body: Any) -> Completed:
                 code="rate_limit_exceeded",
                 retry_after=wait,
             )
-    params = {k: v for k, v in body.items() if k not in ("model", "input", "metadata")}
     call = EmbedCall(
         model=model,
         inputs=inputs,
-        params=params,
+        params=params,  # never encoding_format: upstreams are asked for floats, encoded here
         timeout=min(g.request_timeout, provider.settings.timeout_seconds),
     )
     request_id = uuid.uuid4().hex
     try:
         resp = await provider.embed(call)
+        encode_embeddings(resp, fmt)
         error = None
     except UpstreamError as e:
         resp, error = None, e
@@ -219,12 +369,13 @@ async def embed(g: Gateway, body: Any) -> Completed:
         started,
         request_id,
     )
+    if limiter is not None:
+        limiter.settle(est, tokens)
     if error is not None:
         if error.status == 429 and error.retry_after and limiter is not None:
             limiter.block_for(error.retry_after)
-        raise to_client_error(error)
-    if limiter is not None:
-        limiter.settle(est, tokens)
+        raise embed_client_error(error, route_id, provider)
+    assert resp is not None
     if not usage:
         resp["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens, "estimated": True}
     return Completed(

@@ -149,5 +149,9 @@ class Provider(abc.ABC):
             retryable=False,
         )
 
+    def embedding_dimensions(self, model: str) -> int | None:
+        """How long `model`'s vectors are, when known without asking an upstream (None: unknown)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "base_url": getattr(self.settings, "base_url", None)}

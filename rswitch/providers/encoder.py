@@ -157,6 +157,12 @@ class EncoderProvider(Provider):
         except EncoderError as exc:
             raise UpstreamError(500, f"provider '{self.name}': {exc}", retryable=False) from None
 
+    def embedding_dimensions(self, model: str) -> int | None:
+        if self._encoder is not None:
+            return self._encoder.dim
+        s = self.settings.encoder
+        return s.dim if s.backend == "static" else None  # an ONNX model says once loaded
+
     async def embed(self, call: EmbedCall) -> dict[str, Any]:
         inputs = [call.inputs] if isinstance(call.inputs, str) else list(call.inputs)
         if not inputs or not all(isinstance(x, str) for x in inputs):
@@ -168,9 +174,14 @@ class EncoderProvider(Provider):
             )
         vectors = await self.encode(inputs)
         dims = call.params.get("dimensions")
-        if (
-            isinstance(dims, int) and not isinstance(dims, bool) and 0 < dims < vectors.shape[1]
-        ):  # Matryoshka-style truncation
+        if dims is not None and not (isinstance(dims, int) and 0 < dims <= vectors.shape[1]):
+            raise UpstreamError(
+                400,
+                f"provider '{self.name}': 'dimensions' must be 1 to {vectors.shape[1]} for this encoder",
+                error_type="invalid_request_error",
+                retryable=False,
+            )
+        if dims is not None and dims < vectors.shape[1]:  # Matryoshka-style truncation
             vectors = vectors[:, :dims]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         tokens = sum(estimate_tokens(t) for t in inputs)

@@ -9,6 +9,7 @@ Retry-After, so a fallback can serve instead of the request waiting without end.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 import time
@@ -293,15 +294,37 @@ class LocalProvider(Provider):
 
     # -- embeddings -----------------------------------------------------------------------------
 
+    def embedding_dimensions(self, model: str) -> int | None:
+        # the chat model and the embedder are the same GGUF: either one, once loaded, knows
+        for llm in (self._embedder, self._llm):
+            if llm is not None:
+                return int(llm.n_embd())
+        return None
+
     async def embed(self, call: EmbedCall) -> dict[str, Any]:
         inputs = [call.inputs] if isinstance(call.inputs, str) else list(call.inputs)
         if not all(isinstance(x, str) for x in inputs):
             raise UpstreamError(
                 400, f"provider '{self.name}': the local model embeds text, not token arrays", retryable=False
             )
+        dims = call.params.get("dimensions")
 
         def work() -> dict[str, Any]:
-            return self._load(embedding=True).create_embedding(inputs)
+            llm = self._load(embedding=True)
+            if dims is not None and not (isinstance(dims, int) and 0 < dims <= llm.n_embd()):
+                raise UpstreamError(
+                    400,
+                    f"provider '{self.name}': 'dimensions' must be 1 to {llm.n_embd()} for this model",
+                    error_type="invalid_request_error",
+                    retryable=False,
+                )
+            resp = llm.create_embedding(inputs)
+            if dims is not None:
+                for item in resp["data"]:  # truncated and re-normalised, as the encoders do
+                    vec = item["embedding"][:dims]
+                    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+                    item["embedding"] = [v / norm for v in vec]
+            return resp
 
         try:
             resp = await self._run(work)

@@ -12,6 +12,8 @@ from typing import Any
 
 from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError, new_completion_id, now
 
+EMBED_DIMENSIONS = 64  # the mock's vectors; `dimensions` asks for fewer
+
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
     for m in reversed(messages):
@@ -98,11 +100,21 @@ class MockProvider(Provider):
         yield chunk({}, "stop")
         yield chunk(None, usage=usage)
 
+    def embedding_dimensions(self, model: str) -> int | None:
+        return EMBED_DIMENSIONS
+
     async def embed(self, call: EmbedCall) -> dict[str, Any]:
         """A hashed bag of words: deterministic, and texts sharing words land close together."""
+        dims = call.params.get("dimensions") or EMBED_DIMENSIONS
+        if not isinstance(dims, int) or not 0 < dims <= EMBED_DIMENSIONS:
+            raise UpstreamError(
+                400,
+                f"provider '{self.name}': 'dimensions' must be 1 to {EMBED_DIMENSIONS}",
+                error_type="invalid_request_error",
+                retryable=False,
+            )
         await self._before()
         inputs = [call.inputs] if isinstance(call.inputs, str) else list(call.inputs)
-        dims = int(call.params.get("dimensions") or 64)
         data, tokens = [], 0
         for i, text in enumerate(inputs):
             words = str(text).lower().split()
