@@ -347,11 +347,15 @@ class Gateway:
         attempt: int,
         started: float,
         stream: bool,
+        est: int = 0,
+        used: int = 0,
     ) -> None:
-        """Record a failed attempt; an upstream's 429 Retry-After blocks its provider until then."""
-        if e.status == 429 and e.retry_after:
-            limiter = self.limiters.get(combo.provider)
-            if limiter is not None:
+        """Record a failed attempt and settle its token estimate against what it `used` (for a
+        broken stream, what was streamed); an upstream's 429 Retry-After blocks its provider."""
+        limiter = self.limiters.get(combo.provider)
+        if limiter is not None:
+            limiter.settle(est, used)
+            if e.status == 429 and e.retry_after:
                 limiter.block_for(e.retry_after)
         # only upstream trouble counts against a combination's health, not a client's bad request
         self.record(
@@ -438,7 +442,7 @@ class Gateway:
                 try:
                     resp = await self.providers[combo.provider].complete(call)
                 except UpstreamError as e:
-                    self.failed(p, combo, system, e, n, started, False)
+                    self.failed(p, combo, system, e, n, started, False, est)
                     if not e.retryable:
                         raise to_client_error(e) from None
                     last = e
@@ -491,7 +495,7 @@ class Gateway:
                             break
                 except UpstreamError as e:
                     await agen.aclose()
-                    self.failed(p, combo, system, e, n, started, True)
+                    self.failed(p, combo, system, e, n, started, True, est)
                     if not e.retryable:
                         raise to_client_error(e) from None
                     last = e

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+MAX_UPSTREAM_BLOCK = 60.0  # seconds a provider is skipped for an upstream's Retry-After, at most
+
 
 class TokenBucket:
     def __init__(self, per_minute: float) -> None:
@@ -31,11 +33,17 @@ class TokenBucket:
         return (amount - self.tokens) / self.rate
 
     def take(self, amount: float) -> None:
+        """Take up to one window's worth: no single call can hold the bucket longer than that."""
         self._refill()
-        self.tokens -= amount
+        self.tokens -= min(max(amount, 0.0), self.capacity)
+
+    def charge(self, amount: float) -> None:
+        """Take what a call used beyond its estimate, down to empty, never into debt."""
+        self._refill()
+        self.tokens = max(0.0, self.tokens - max(amount, 0.0))
 
     def give_back(self, amount: float) -> None:
-        self.tokens = min(self.capacity, self.tokens + amount)
+        self.tokens = min(self.capacity, self.tokens + max(amount, 0.0))
 
 
 class ProviderLimiter:
@@ -63,13 +71,17 @@ class ProviderLimiter:
         return 0.0
 
     def settle(self, estimated: int, actual: int) -> None:
-        """Correct the tpm bucket once the upstream has reported real usage."""
+        """Correct the tpm bucket once the upstream has reported real usage (0 for a failed
+        call: its estimate goes back). What was taken was at most one window's worth."""
         if self.tpm is None:
             return
-        if actual > estimated:
-            self.tpm.take(actual - estimated)
-        elif estimated > actual:
-            self.tpm.give_back(estimated - actual)
+        taken = min(max(estimated, 0), self.tpm.capacity)
+        if actual > taken:
+            self.tpm.charge(actual - taken)
+        elif taken > actual:
+            self.tpm.give_back(taken - actual)
 
     def block_for(self, seconds: float) -> None:
+        """Honour an upstream's Retry-After, for one minute at most: a later call asks again."""
+        seconds = min(max(seconds, 0.0), MAX_UPSTREAM_BLOCK)
         self.upstream_blocked_until = max(self.upstream_blocked_until, time.monotonic() + seconds)

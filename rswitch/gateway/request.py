@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rswitch.gateway.errors import bad_request
+from rswitch.gateway.schema import check_message, check_params
 
 if TYPE_CHECKING:
     from rswitch.gateway.resolver import Route
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 RSWITCH_KEYS = frozenset({"model", "messages", "variables", "metadata", "stream", "stream_options"})
 ROUTING_METADATA = frozenset({"combination_id", "template_id"})
+MAX_DEPTH = 64  # nesting of objects and arrays in a body; JSON encoders give up past ~250
+MAX_OUTPUT_TOKENS = 2**31 - 1  # what upstreams accept as max_tokens
 
 
 @dataclass
@@ -32,10 +35,47 @@ class Prepared:
     waited: float = 0.0  # seconds this request has spent waiting for rate limits and backoff
 
 
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """The path of the first object or array nested deeper than `limit`, or None. Strings and
+    numbers are leaves, so a large body of text costs nothing here."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > limit:
+            return path or "the body"
+        if isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+    return None
+
+
+def _output_tokens(body: dict[str, Any]) -> None:
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS:
+            raise bad_request(
+                f"'{key}' must be a positive integer up to {MAX_OUTPUT_TOKENS}; got {value!r}"[:300],
+                code="invalid_value",
+                param=key,
+            )
+
+
 def validate(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Structural checks of a chat body. Returns messages, variables, metadata."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_body")
+    deep = too_deep(body)
+    if deep is not None:
+        raise bad_request(
+            f"the request body is nested more than {MAX_DEPTH} levels deep (at {deep[:120]})",
+            code="too_deep",
+            param=deep.split(".")[0].split("[")[0],
+        )
+    _output_tokens(body)
+    check_params(body)
     messages = body.get("messages")
     if messages is None:
         raise bad_request("'messages' is required", code="missing_messages", param="messages")
@@ -45,9 +85,9 @@ def validate(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str,
         if not isinstance(m, dict):
             raise bad_request(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise bad_request(
-                f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}; got {role!r}",
+                f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}; got {role!r}"[:300],
                 param=f"messages[{i}].role",
             )
         content = m.get("content")
@@ -60,6 +100,10 @@ def validate(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str,
             raise bad_request(
                 f"messages[{i}].content is required for role {role!r}", param=f"messages[{i}].content"
             )
+        if len(m) > 2 or isinstance(content, list):  # names, tool calls, content parts' shapes
+            problem = check_message(i, m)
+            if problem is not None:
+                raise problem
     variables = body.get("variables")
     if variables is None:
         variables = {}

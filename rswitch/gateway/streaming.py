@@ -14,6 +14,7 @@ from rswitch.gateway.balancer import Combination
 from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.request import Prepared
 from rswitch.providers.base import UpstreamError
+from rswitch.providers.pricing import estimate_tokens
 
 if TYPE_CHECKING:
     from rswitch.gateway.pipeline import Gateway
@@ -86,7 +87,8 @@ class StreamSession:
         """The error event that ends a broken stream (never a clean close), recorded first."""
         g, p = self.gateway, self.p
         if isinstance(exc, UpstreamError):
-            g.failed(p, self.combination, self.system, exc, self._attempt, p.started, True)
+            used = estimate_tokens("".join(self._parts))
+            g.failed(p, self.combination, self.system, exc, self._attempt, p.started, True, self._est, used)
             err = g.to_client_error(exc)
         else:  # rswitch's own bug: logged, answered as ours, not held against the upstream
             log.error(
@@ -103,7 +105,9 @@ class StreamSession:
         return sse(err.body())
 
     def _record_unfinished(self, error: UpstreamError | GatewayError) -> None:
-        """Record the part that was streamed, not held against the upstream's health."""
+        """Record the part that was streamed, not held against the upstream's health, and settle
+        its token estimate against that part."""
+        self.gateway.settle(self.combination, self._est, 0, estimate_tokens("".join(self._parts)))
         self.gateway.record(
             self.p,
             self.combination,

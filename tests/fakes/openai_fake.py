@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.openai_schema import chat_request_problem
 from tests.fakes.server import (
     FakeUpstream,
     Fault,
@@ -129,6 +130,9 @@ def request_problem(body: Any, models: list[str] | None) -> web.Response | None:
         return invalid_request("[] is too short - 'messages'", "messages", "empty_array")
     if any(not isinstance(m, dict) or "role" not in m for m in messages):
         return invalid_request("Missing required parameter: 'messages[].role'.", "messages")
+    problem = chat_request_problem(body)
+    if problem is not None:
+        return invalid_request(problem[0], problem[1])
     n = body.get("n", 1)
     if not isinstance(n, int) or n < 1 or n > 128:
         return invalid_request(f"Invalid 'n': {n!r}. Expected an integer between 1 and 128.", "n")
@@ -408,6 +412,10 @@ def create_app(
         inputs = [inputs] if isinstance(inputs, str) else inputs
         if not body.get("model") or not inputs:
             return invalid_request("model and input are required")
+        if models is not None and body["model"] not in models:
+            return error_response(
+                404, f"The model `{body['model']}` does not exist or you do not have access to it."
+            )
         data = [
             {
                 "object": "embedding",

@@ -1,0 +1,74 @@
+"""One request must not block a provider for everyone: output-token limits are validated, the
+token estimate is bounded by one window, failed calls give their estimate back, and an
+upstream's Retry-After blocks a provider for a minute at most."""
+
+from __future__ import annotations
+
+import pytest
+
+from rswitch.gateway.ratelimit import ProviderLimiter
+from tests.conftest import chat
+from tests.fakes import openai_fake
+from tests.fakes.server import Fault
+
+FAILING_WITH_TPM = {
+    "model_providers": {
+        "up": {"type": "mock", "tpm": 1000, "mock": {"failure_rate": 1.0, "failure_status": 503}},
+    },
+    "gateway": {
+        "max_attempts": 1,
+        "combinations": [{"id": "a", "template_id": "summarise", "model": "m", "provider": "up"}],
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "value", [-1_000_000_000, 0, 4611686018427387904, 2**31, 1.5, "100", True, [1]], ids=repr
+)
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
+async def test_bad_output_token_limits_are_400_naming_the_field(gateway, key, value):
+    r = await gateway.post(chat(model="support-a", variables={"product": "x", "tone": "y"}, **{key: value}))
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == key
+    assert gateway.analytics_rows() == []
+
+
+async def test_a_huge_estimate_on_a_failing_call_does_not_block_the_provider(make_gateway):
+    gw = await make_gateway(FAILING_WITH_TPM)
+    body = chat("hi", model="a", variables={"words": 3}, max_tokens=2**31 - 1)
+    first = await gw.post(body)
+    assert first.status_code == 503  # the upstream failed; the bucket was not emptied for years
+    for _ in range(3):
+        later = await gw.post(chat("again", model="a", variables={"words": 3}))
+        assert later.status_code == 503, later.text  # tried, not rate limited
+    limiter = gw.core.limiters["up"]
+    assert limiter.tpm.wait_for(1000) == 0.0  # every failed call gave its estimate back
+
+
+def test_one_call_takes_at_most_one_window_and_real_usage_never_puts_the_bucket_in_debt():
+    limiter = ProviderLimiter(None, 1000)
+    assert limiter.try_acquire(10**12) == 0.0  # clamped to the bucket: one minute's worth
+    limiter.settle(10**12, 10**9)  # it really used far more than a window
+    assert limiter.tpm.tokens >= 0
+    assert limiter.try_acquire(1000) <= 60.0  # the next full-window call waits one window at most
+
+
+async def test_an_upstreams_retry_after_of_years_blocks_for_a_minute_at_most(make_gateway):
+    with openai_fake.running() as fake:
+        gw = await make_gateway(
+            {
+                "model_providers": {"up": {"type": "openai", "base_url": fake.base_url, "api_key": "sk-x"}},
+                "gateway": {
+                    "max_attempts": 1,
+                    "combinations": [
+                        {"id": "o", "template_id": "summarise", "model": "gpt-4o", "provider": "up"}
+                    ],
+                },
+            }
+        )
+        fake.faults.push(Fault("status", status=429, retry_after=10**9))
+        first = await gw.post(chat("hi", model="o", variables={"words": 3}))
+        assert first.status_code == 429
+        second = await gw.post(chat("hi", model="o", variables={"words": 3}))
+        assert second.status_code == 429
+        assert int(second.headers["retry-after"]) <= 60
