@@ -180,7 +180,7 @@ class Core:
             key, source = resolve_api_key(name, pc)
             if key:
                 self._secrets.append(key)
-            self.key_sources[name] = source if key or source == "none needed" else f"{source} (not set)"
+            self.key_sources[name] = source if key or source.startswith("none") else f"{source} (not set)"
             self.providers[name] = build_provider(name, pc, key)
         # every provider gets one: even without rpm/tpm it honours an upstream's Retry-After
         self.limiters = {
@@ -519,7 +519,16 @@ class Core:
         return {**self.analytics.system_stats(), "recorder": self.recorder.stats()}
 
     def storage_health(self) -> dict[str, Any]:
-        return {"datasets": self.datasets.ping(), "analytics": self.analytics.ping()}
+        """Every store answers a query and took its latest writes; raises naming each that did not."""
+        health, problems = {}, []
+        for name, store in (("datasets", self.datasets), ("analytics", self.analytics)):
+            try:
+                health[name] = store.ping()
+            except Exception as exc:
+                problems.append(f"{name}: {type(exc).__name__}: {exc}")
+        self.recorder.check_writes(problems)
+        rec = self.recorder.stats()
+        return {**health, "rejected_records": rec["rejected_records"], "last_rejected": rec["last_rejected"]}
 
     def models(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from rswitch.storage.record import CallRecord
+from rswitch.storage.record import CallRecord, Refused, WriteReport, reason
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS invocations (
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS invocations (
     completion_tokens INTEGER,
     tokens_estimated BOOLEAN,
     stream BOOLEAN,
-    route VARCHAR
+    route VARCHAR,
+    client VARCHAR
 )
 """
 OPTIMIZER_SCHEMA = """
@@ -49,7 +50,9 @@ CREATE TABLE IF NOT EXISTS optimizer_trials (
     best_score DOUBLE, calls INTEGER, cost DOUBLE, recorded_at TIMESTAMP
 );
 """
-N_COLS = 19
+N_COLS = 20
+# Errors about a row's own values (a count too big for its column, a string DuckDB cannot encode)
+ROW_ERRORS = (duckdb.DataError, duckdb.InvalidInputException, ValueError, TypeError, OverflowError)
 _INSERT = "INSERT INTO invocations SELECT " + ", ".join(f"unnest(${i + 1})" for i in range(N_COLS))
 
 _COMMON = """
@@ -93,6 +96,12 @@ def _iso(value: Any) -> Any:
     return value
 
 
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    # One list per column, unnested in one INSERT: DuckDB's executemany runs a statement
+    # per row, and a multi-row VALUES costs ~10x more CPU per record than this.
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
 def _row(r: CallRecord) -> tuple[Any, ...]:
     return (
         r.request_id,
@@ -114,6 +123,7 @@ def _row(r: CallRecord) -> tuple[Any, ...]:
         r.tokens_estimated,
         r.stream,
         r.extra.get("route"),
+        r.extra.get("client"),  # the name of the API key it was made with (gateway.auth.keys)
     )
 
 
@@ -126,6 +136,7 @@ class AnalyticsStore:
         self._conn.execute(
             "ALTER TABLE invocations ADD COLUMN IF NOT EXISTS route VARCHAR"
         )  # files from before routing
+        self._conn.execute("ALTER TABLE invocations ADD COLUMN IF NOT EXISTS client VARCHAR")  # before keys
         self._conn.execute(OPTIMIZER_SCHEMA)
         self._local = threading.local()
 
@@ -135,11 +146,49 @@ class AnalyticsStore:
             cur = self._local.cursor = self._conn.cursor()
         return cur
 
-    def write(self, records: list[CallRecord]) -> None:
-        # One list per column, unnested in one INSERT: DuckDB's executemany runs a statement
-        # per row, and a multi-row VALUES costs ~10x more CPU per record than this.
-        columns = [list(col) for col in zip(*(_row(r) for r in records), strict=True)]
-        self._cursor().execute(_INSERT, columns)
+    def write(self, records: list[CallRecord]) -> WriteReport:
+        """Insert a batch; a record that cannot be stored is refused alone, the rest go in.
+
+        Raises if the store fails the whole batch (nothing could be written)."""
+        report = WriteReport()
+        rows: list[tuple[CallRecord, tuple[Any, ...]]] = []
+        for r in records:
+            try:
+                rows.append((r, _row(r)))
+            except Exception as exc:
+                report.refused.append(Refused("analytics", r.request_id, reason(exc)))
+        if not rows:
+            return report
+        cur = self._cursor()
+        try:
+            cur.execute(_INSERT, _columns([row for _, row in rows]))
+        except Exception as exc:  # one statement, so nothing went in: find the row(s) at fault
+            self._one_by_one(cur, rows, report, exc)
+        report.ok.add("")
+        return report
+
+    def _one_by_one(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        rows: list[tuple[CallRecord, tuple[Any, ...]]],
+        report: WriteReport,
+        first: Exception,
+    ) -> None:
+        """The batch failed: insert its rows singly and refuse the ones whose values cannot be stored.
+
+        If no row went in and one failed for another reason, the store is failing: raised."""
+        refused = []
+        store_error: Exception | None = None
+        for r, row in rows:
+            try:
+                cur.execute(_INSERT, _columns([row]))
+            except Exception as exc:
+                if not isinstance(exc, ROW_ERRORS):
+                    store_error = exc
+                refused.append(Refused("analytics", r.request_id, reason(exc)))
+        if len(refused) == len(rows) and store_error is not None:
+            raise store_error from first
+        report.refused.extend(refused)
 
     def _one(self, sql: str, params: list[Any]) -> dict[str, Any]:
         cur = self._cursor()

@@ -7,10 +7,17 @@ Retention keeps two budgets per prompt. Ground truth — imported rows, rows lab
 feedback, a reference combination's successful answers (`labelled = 1`) — is what the
 optimizer learns from, so traffic never pushes it out: the newest `max_records` unlabelled
 rows are kept, and labelled rows only go, oldest first, past `max_labelled_records`.
+
+A record that cannot be stored (variables nested too deep to serialise, a value SQLite cannot
+hold) is refused on its own and reported; the rest of its batch goes in. A dataset whose
+writes fail is reported too, its transaction rolled back and its connection reopened on the
+next write, so one failure never wedges later ones.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import sqlite3
 import threading
 import time
@@ -23,7 +30,9 @@ from typing import Any
 
 import orjson
 
-from rswitch.storage.record import CallRecord, Label
+from rswitch.storage.record import CallRecord, Label, Refused, WriteReport, reason
+
+log = logging.getLogger("rswitch.datasets")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -78,29 +87,70 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _row(r: CallRecord) -> tuple[Any, ...]:
-    return (
-        r.request_id,
-        iso(r.created_at),
-        r.template_id,
-        r.combination_id,
-        r.provider,
-        r.model,
-        r.system_prompt,
-        orjson.dumps(r.messages).decode(),
-        orjson.dumps(r.variables, default=str).decode(),
-        r.output,
-        int(r.success),
-        r.error_type,
-        r.error_message,
-        r.status,
-        r.prompt_tokens,
-        r.completion_tokens,
-        int(r.tokens_estimated),
-        r.cost,
-        r.duration_ms,
-        r.ttft_ms,
-        int(r.stream),
+NAMES = (*(c.strip() for c in COLUMNS.split(",")), "labelled")
+NULLABLE = frozenset({"error_type", "error", "ttft_ms"})
+INT64 = 1 << 63
+# Errors raised while binding a row's own values, before SQLite runs the statement: the row's fault.
+ROW_ERRORS = (ValueError, TypeError, OverflowError)
+
+
+def checked(names: tuple[str, ...], values: tuple[Any, ...], nullable: frozenset[str]) -> tuple[Any, ...]:
+    """The values, if SQLite can store each in its column; else a ValueError/TypeError naming it."""
+    for name, value in zip(names, values, strict=True):
+        if value is None:
+            if name not in nullable:
+                raise ValueError(f"{name} is missing")
+        elif isinstance(value, int):  # bool too
+            if not -INT64 <= value < INT64:
+                raise ValueError(f"{name} {value} does not fit in 64 bits")
+        elif isinstance(value, float):
+            if math.isnan(value):
+                raise ValueError(f"{name} is NaN")
+        elif not isinstance(value, str):
+            raise TypeError(f"{name} cannot be stored as {type(value).__name__}")
+    return values
+
+
+def _row(r: CallRecord, labelled: int) -> tuple[Any, ...]:
+    """The row for a record, serialised and checked: raises (and nothing is written) if it cannot be."""
+    return checked(
+        NAMES,
+        (
+            r.request_id,
+            iso(r.created_at),
+            r.template_id,
+            r.combination_id,
+            r.provider,
+            r.model,
+            r.system_prompt,
+            orjson.dumps(r.messages).decode(),
+            orjson.dumps(r.variables, default=str).decode(),
+            r.output,
+            int(r.success),
+            r.error_type,
+            r.error_message,
+            r.status,
+            r.prompt_tokens,
+            r.completion_tokens,
+            int(r.tokens_estimated),
+            r.cost,
+            r.duration_ms,
+            r.ttft_ms,
+            int(r.stream),
+            labelled,
+        ),
+        NULLABLE,
+    )
+
+
+LABEL_NAMES = ("label_expected", "label_score", "label_comment", "label_source", "labelled_at", "request_id")
+
+
+def _label_params(label: Label) -> tuple[Any, ...]:
+    return checked(
+        LABEL_NAMES,
+        (label.expected, label.score, label.comment, label.source, iso(label.created_at), label.request_id),
+        frozenset({"label_expected", "label_score", "label_comment"}),
     )
 
 
@@ -209,42 +259,143 @@ class DatasetStore:
             if cap is not None and counts[labelled] > cap:
                 counts[labelled] -= conn.execute(TRIM, (labelled, counts[labelled] - cap)).rowcount
 
-    def write(self, records: list[CallRecord | Label]) -> None:
-        by_prompt: dict[str, list[CallRecord]] = {}
-        labels = [r for r in records if isinstance(r, Label)]
-        records = [r for r in records if not isinstance(r, Label)]
+    def write(self, records: list[CallRecord | Label]) -> WriteReport:
+        """Write a batch: each prompt's rows in one transaction, then the labels, each on its own.
+
+        Rows are serialised before any transaction starts; one that cannot be is refused alone.
+        A dataset whose write fails is rolled back and reported without stopping the others."""
+        report = WriteReport()
+        labels: list[tuple[Label, tuple[Any, ...]]] = []
+        by_prompt: dict[str, list[tuple[CallRecord, tuple[Any, ...]]]] = {}
         for r in records:
-            if r.extra.get("kind", "chat") == "chat":  # embeddings go to analytics only
-                by_prompt.setdefault(r.template_id, []).append(r)
+            try:
+                if isinstance(r, Label):
+                    labels.append((r, _label_params(r)))
+                elif r.extra.get("kind", "chat") == "chat":  # embeddings go to analytics only
+                    by_prompt.setdefault(r.template_id, []).append((r, _row(r, self._is_reference(r))))
+            except Exception as exc:
+                report.refused.append(Refused(f"dataset '{r.template_id}'", r.request_id, reason(exc)))
+        labelled = {label.template_id for label, _ in labels}
         with self._lock:
             for template_id, rows in by_prompt.items():
-                with self._transaction(template_id) as conn:
-                    conn.executemany(INSERT, [(*_row(r), self._is_reference(r)) for r in rows])
-                    counts = self._counts[template_id]
-                    marked = sum(self._is_reference(r) for r in rows)
-                    counts[0] += len(rows) - marked
-                    counts[1] += marked
-                    if not any(label.template_id == template_id for label in labels):
-                        self._trim(template_id, conn)  # else after the labels: one may protect a new row
-            for label in labels:  # after the inserts: a label may arrive in the same batch as its row
-                with self._transaction(label.template_id) as conn:
-                    self._label(conn, label)
-            for template_id in {label.template_id for label in labels}:
-                self._trim(template_id, self._conn(template_id))
+                with self._guard(report, template_id, len(rows)):
+                    # with labels for this prompt, trim after them: one may protect a row of this batch
+                    self._insert(template_id, rows, report, trim=template_id not in labelled)
+            for label, params in labels:  # after the inserts: a label may arrive in the same batch as its row
+                with self._guard(report, label.template_id, 1):
+                    self._write_label(label, params, report)
+            for template_id in labelled:
+                with self._guard(report, template_id, 0):
+                    self._trim(template_id, self._conn(template_id))
+        return report
+
+    @contextmanager
+    def _guard(self, report: WriteReport, template_id: str, n: int) -> Iterator[None]:
+        """One write to a dataset: a failure is reported (not raised), the connection reopened next time."""
+        try:
+            yield
+        except Exception as exc:
+            self._forget(template_id)
+            lost = report.failed.get(template_id, ("", 0))[1] + n
+            report.failed[template_id] = (reason(exc), lost)
+            report.ok.discard(template_id)
+            log.debug("dataset '%s': a write of %d record(s) failed", template_id, n, exc_info=True)
+        else:
+            if template_id not in report.failed:
+                report.ok.add(template_id)
+
+    def _insert(
+        self,
+        template_id: str,
+        rows: list[tuple[CallRecord, tuple[Any, ...]]],
+        report: WriteReport,
+        trim: bool,
+    ) -> None:
+        with self._transaction(template_id) as conn:
+            conn.execute("SAVEPOINT batch")
+            try:
+                conn.executemany(INSERT, [row for _, row in rows])
+                kept = [row for _, row in rows]
+            except Exception as exc:
+                if not conn.in_transaction:  # SQLite gave the whole transaction up: the store's trouble
+                    raise
+                conn.execute("ROLLBACK TO batch")
+                kept = self._one_by_one(conn, template_id, rows, report, exc)
+            counts = self._counts[template_id]
+            marked = sum(row[-1] for row in kept)
+            counts[0] += len(kept) - marked
+            counts[1] += marked
+            if trim:
+                self._trim(template_id, conn)
+
+    def _one_by_one(
+        self,
+        conn: sqlite3.Connection,
+        template_id: str,
+        rows: list[tuple[CallRecord, tuple[Any, ...]]],
+        report: WriteReport,
+        first: Exception,
+    ) -> list[tuple[Any, ...]]:
+        """The batch failed: insert its rows singly and refuse the ones that fail.
+
+        A row whose own values SQLite could not bind is refused. A row the database refused
+        (a constraint, a trigger) is refused only if others went in; if none could, the
+        dataset is failing, and that is raised."""
+        kept: list[tuple[Any, ...]] = []
+        refused: list[Refused] = []
+        store_error: Exception | None = None
+        for r, row in rows:
+            try:
+                conn.execute(INSERT, row)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    raise
+                if not isinstance(exc, ROW_ERRORS):
+                    store_error = exc
+                refused.append(Refused(f"dataset '{template_id}'", r.request_id, reason(exc)))
+            else:
+                kept.append(row)
+        if not kept and store_error is not None:
+            raise store_error from first
+        report.refused.extend(refused)
+        return kept
 
     @contextmanager
     def _transaction(self, template_id: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back on any error, including a failed COMMIT."""
         conn = self._conn(template_id)
         conn.execute("BEGIN")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
-            self._count(template_id, conn)  # the counts moved with the rolled-back writes
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._count(template_id, conn)  # the counts moved with the rolled-back writes
+            except sqlite3.Error:  # the file is in trouble: open it afresh next time, report the first error
+                self._forget(template_id)
             raise
-        conn.execute("COMMIT")
 
-    def _label(self, conn: sqlite3.Connection, label: Label) -> None:
+    def _forget(self, template_id: str) -> None:
+        """Close a dataset's connection after a failed write; the next write opens it afresh."""
+        conn = self._conns.pop(template_id, None)
+        self._counts.pop(template_id, None)
+        self._versions.pop(template_id, None)
+        if conn is not None:
+            try:
+                conn.close()  # rolls back whatever is still open
+            except sqlite3.Error:
+                log.debug("dataset '%s': closing after a failed write", template_id, exc_info=True)
+
+    def _write_label(self, label: Label, params: tuple[Any, ...], report: WriteReport) -> None:
+        try:
+            with self._transaction(label.template_id) as conn:
+                self._label(conn, label, params)
+        except ROW_ERRORS as exc:  # its own values could not be bound; the dataset is fine
+            report.refused.append(Refused(f"dataset '{label.template_id}'", label.request_id, reason(exc)))
+
+    def _label(self, conn: sqlite3.Connection, label: Label, params: tuple[Any, ...]) -> None:
         newly = conn.execute(
             "UPDATE examples SET labelled = 1 WHERE request_id = ? AND success = 1 AND labelled = 0",
             (label.request_id,),
@@ -253,14 +404,7 @@ class DatasetStore:
             "UPDATE examples SET label_expected = coalesce(?, label_expected), label_score = coalesce(?, label_score), "
             "label_comment = coalesce(?, label_comment), label_source = ?, labelled_at = ? "
             "WHERE request_id = ? AND success = 1",
-            (
-                label.expected,
-                label.score,
-                label.comment,
-                label.source,
-                iso(label.created_at),
-                label.request_id,
-            ),
+            params,
         )
         counts = self._counts[label.template_id]
         counts[0] -= newly
@@ -301,34 +445,31 @@ class DatasetStore:
     def import_rows(self, template_id: str, rows: list[dict[str, Any]]) -> int:
         """Add labelled examples brought from outside (all or nothing)."""
         now = datetime.now(UTC).timestamp()
+        prepared = []  # serialised before the transaction starts
+        for i, r in enumerate(rows):
+            rec = CallRecord(
+                request_id=f"import-{uuid.uuid4().hex}",
+                created_at=now + i * 1e-6,
+                template_id=template_id,
+                combination_id="",
+                provider="",
+                model="",
+                system_prompt=r.get("system_prompt", ""),
+                messages=r["messages"],
+                variables=r.get("variables") or {},
+                output=r.get("output") or "",
+                success=True,
+            )
+            prepared.append((_row(rec, 1), (r.get("expected"), r.get("score"), iso(now))))
         with self._lock:
-            conn = self._conn(template_id)
-            conn.execute("BEGIN")
-            try:
-                for i, r in enumerate(rows):
-                    rec = CallRecord(
-                        request_id=f"import-{uuid.uuid4().hex}",
-                        created_at=now + i * 1e-6,
-                        template_id=template_id,
-                        combination_id="",
-                        provider="",
-                        model="",
-                        system_prompt=r.get("system_prompt", ""),
-                        messages=r["messages"],
-                        variables=r.get("variables") or {},
-                        output=r.get("output") or "",
-                        success=True,
-                    )
-                    conn.execute(INSERT, (*_row(rec), 1))
+            with self._transaction(template_id) as conn:
+                for row, label in prepared:
+                    conn.execute(INSERT, row)
                     conn.execute(
                         "UPDATE examples SET label_expected = ?, label_score = ?, label_source = 'import', labelled_at = ?, "
                         "origin = 'import' WHERE id = last_insert_rowid()",
-                        (r.get("expected"), r.get("score"), iso(now)),
+                        label,
                     )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             self._counts[template_id][1] += len(rows)
         return len(rows)
 
@@ -361,15 +502,20 @@ class DatasetStore:
             conn.close()
 
     def ping(self) -> dict[str, Any]:
-        """Really query every dataset file; raise if one cannot be read."""
+        """Really query every dataset file; raise, naming it, if one cannot be read."""
         counts = {}
         if self.base_dir.is_dir():
             for f in sorted(self.base_dir.glob("*/dataset.sqlite")):
-                conn = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
                 try:
-                    counts[f.parent.name] = conn.execute("SELECT count(*) FROM examples").fetchone()[0]
-                finally:
-                    conn.close()
+                    conn = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
+                    try:
+                        counts[f.parent.name] = conn.execute("SELECT count(*) FROM examples").fetchone()[0]
+                    finally:
+                        conn.close()
+                except sqlite3.Error as exc:
+                    raise sqlite3.OperationalError(
+                        f"dataset '{f.parent.name}' cannot be read: {exc}"
+                    ) from exc
         return {"path": str(self.base_dir), "datasets": len(counts), "records": sum(counts.values())}
 
     def close(self) -> None:

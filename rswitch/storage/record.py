@@ -44,3 +44,29 @@ class Label:
     score: float | None = None
     comment: str | None = None
     source: str = "feedback"
+
+
+@dataclass(slots=True)
+class Refused:
+    """A record one store could not take (the rest of its batch went in)."""
+
+    store: str  # "dataset 'support'" or "analytics"
+    request_id: str
+    reason: str
+
+
+@dataclass(slots=True)
+class WriteReport:
+    """What a store made of one batch: records it refused, and the parts of it that failed.
+
+    `failed` maps a part (a dataset's template id; "" for the store as a whole) to the error
+    that stopped its write and the number of records that did not get in; `ok` holds the
+    parts that took their rows."""
+
+    refused: list[Refused] = field(default_factory=list)
+    failed: dict[str, tuple[str, int]] = field(default_factory=dict)
+    ok: set[str] = field(default_factory=set)
+
+
+def reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

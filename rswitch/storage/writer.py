@@ -2,6 +2,10 @@
 
 The request path only ever calls `submit`, which never blocks: when the queue is full the
 record is dropped and counted. `close` drains whatever is queued before returning.
+
+A record a store cannot take is refused alone and counted (`rejected_records`, `last_rejected`);
+a store (or one dataset) whose writes fail is listed in `failing` until a write to it succeeds
+again, which `/health/storage` reports as 503.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from collections import OrderedDict
 from typing import Any
 
 from rswitch.storage.analytics import AnalyticsStore
-from rswitch.storage.datasets import DatasetStore
-from rswitch.storage.record import CallRecord, Label
+from rswitch.storage.datasets import DatasetStore, iso
+from rswitch.storage.record import CallRecord, Label, WriteReport, reason
 
 log = logging.getLogger("rswitch.recorder")
 _STOP = object()
 RECENT_REQUESTS = 100_000
+
+
+class StorageFailing(RuntimeError):
+    """The latest writes to a store or dataset failed; the message names each and its error."""
 
 
 class Recorder:
@@ -41,8 +49,13 @@ class Recorder:
         self.submitted = 0  # accepted onto the queue (submit runs on one event loop thread)
         self.dropped = 0
         self.written = 0
-        self.write_errors = 0
+        self.write_errors = 0  # failed writes of a store or dataset
         self.last_error: str | None = None
+        self.rejected = 0  # records a store refused on their own (the rest of their batch went in)
+        self.last_rejected: str | None = None
+        self.lost = 0  # records a failing store or dataset did not take
+        self._failing: dict[str, dict[str, Any]] = {}  # "analytics" / "dataset 'x'" -> its trouble
+        self._failing_lock = threading.Lock()  # read by /health/storage on another thread
         self._thread = threading.Thread(target=self._run, name="rswitch-recorder", daemon=True)
         self._closed = False
         self._flushed = threading.Condition()
@@ -75,7 +88,28 @@ class Recorder:
             "written": self.written,
             "write_errors": self.write_errors,
             "last_error": self.last_error,
+            "rejected_records": self.rejected,
+            "last_rejected": self.last_rejected,
+            "records_lost": self.lost,
+            "failing": self.failing(),
         }
+
+    def failing(self) -> dict[str, dict[str, Any]]:
+        """Stores and datasets whose latest write failed: error, since when, records lost since."""
+        with self._failing_lock:
+            return {part: dict(f) for part, f in self._failing.items()}
+
+    def check_writes(self, problems: list[str] | None = None) -> None:
+        """Raise StorageFailing naming each store or dataset whose latest write failed, after any
+        other `problems` found (a store that cannot be read)."""
+        found = list(problems or [])
+        for part, f in self.failing().items():
+            found.append(
+                f"writes to {part} failing since {f['since']} ({f['records_lost']} record(s) not written): "
+                f"{f['error']}"
+            )
+        if found:
+            raise StorageFailing("; ".join(found))
 
     def _take_batch(self) -> tuple[list[CallRecord], bool]:
         batch: list[CallRecord] = []
@@ -99,12 +133,49 @@ class Recorder:
             if not items:
                 continue
             try:
-                store.write(items)
-            except Exception as exc:  # keep recording into the other store; surface it in /status
-                self.write_errors += 1
-                self.last_error = f"{name}: {type(exc).__name__}: {exc}"
-                log.exception("recorder could not write %d record(s) to %s", len(batch), name)
+                report = store.write(items)
+            except Exception as exc:  # keep recording into the other store; surface it in /health/storage
+                self._account(name, WriteReport(failed={"": (reason(exc), len(items))}), whole=False, exc=exc)
+            else:
+                self._account(name, report, whole=True)
         self.written += len(batch)
+
+    def _account(self, name: str, report: WriteReport, whole: bool, exc: Exception | None = None) -> None:
+        """Count what a store refused or lost; track which parts of it are failing."""
+        for refused in report.refused:
+            self.rejected += 1
+            self.last_rejected = f"{refused.store}, request {refused.request_id}: {refused.reason}"
+            log.warning(
+                "recorder: %s refused request %s: %s", refused.store, refused.request_id, refused.reason
+            )
+        with self._failing_lock:
+            recovered = [name] if whole else []  # the store as a whole answered
+            recovered += [f"dataset '{part}'" if part else name for part in report.ok]
+            for part in recovered:
+                if self._failing.pop(part, None) is not None:
+                    log.info("recorder: writes to %s succeed again", part)
+            for key, (error, lost) in report.failed.items():
+                part = f"dataset '{key}'" if key else name
+                self.write_errors += 1
+                self.last_error = f"{part}: {error}"
+                self.lost += lost
+                trouble = self._failing.get(part)
+                if trouble is None:
+                    # once, when it starts failing: a store that stays broken must not flood the log
+                    log.error(
+                        "recorder: writes to %s fail (%d record(s) not written): %s",
+                        part,
+                        lost,
+                        error,
+                        exc_info=exc,
+                    )
+                    trouble = self._failing[part] = {
+                        "error": error,
+                        "since": iso(time.time()),
+                        "records_lost": 0,
+                    }
+                trouble["error"] = error
+                trouble["records_lost"] += lost
 
     def _run(self) -> None:
         while True:
