@@ -60,7 +60,7 @@ def render(
 
 
 def check_id(template_id: str) -> str:
-    if not ID_PATTERN.match(template_id or ""):
+    if not ID_PATTERN.fullmatch(template_id or ""):  # fullmatch: "$" alone lets "id\n" through
         raise TemplateError(
             f"invalid template id {template_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

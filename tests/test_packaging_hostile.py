@@ -391,3 +391,56 @@ async def test_cli_refuses_with_exit_1_and_inspect_names_the_problem(world):
     assert not (tmp / "cli" / "prompts" / "support").exists()
     r = runner.invoke(app, ["package", "inspect", str(pkg)])
     assert r.exit_code != 0 and "history[0].version" in r.output, r.output
+
+
+async def test_template_id_with_a_trailing_newline_is_refused(world):
+    pkg, target, tmp = world
+    edit_yaml(pkg / "package.yaml", lambda m: m.__setitem__("template_id", "support\n"))
+    edit_yaml(pkg / "manifest.yaml", lambda m: m.__setitem__("id", "support\n"))
+    reseal(pkg)
+    refused(target, pkg, False, r"package\.yaml: template_id: invalid template id 'support\\n'", tmp)
+
+
+# -- valid packages import as before -----------------------------------------------------------------
+
+
+async def test_export_into_a_folder_with_a_quote_round_trips(gateway, tmp_path):
+    await traffic(gateway)
+    pkg = gateway.core.export_package("support", tmp_path / "it's here")
+    other = fresh_core(tmp_path, "other")
+    try:
+        assert other.import_package(pkg)["analytics_rows_added"] == 6
+    finally:
+        await other.stop()
+
+
+async def test_dataset_from_before_labels_imports_with_its_rows_and_ids(world):
+    """A package exported before the label columns existed: rows and ids come in unchanged,
+    the label columns are added, and nothing that was not ground truth becomes it."""
+    pkg, target, tmp = world
+
+    def drop_labels(c: sqlite3.Connection) -> None:
+        c.execute("DELETE FROM examples WHERE id = 6")  # a gap retention left: ids are not reused
+        for index in ("examples_request", "examples_labelled"):
+            c.execute(f"DROP INDEX IF EXISTS {index}")
+        for column in ("label_expected", "label_score", "label_comment", "label_source", "labelled_at"):
+            c.execute(f"ALTER TABLE examples DROP COLUMN {column}")
+        c.execute("ALTER TABLE examples DROP COLUMN labelled")
+        c.execute("ALTER TABLE examples DROP COLUMN origin")
+
+    before = sqlite3.connect(pkg / "dataset.sqlite")
+    rows = before.execute("SELECT id, request_id, output FROM examples WHERE id < 6 ORDER BY id").fetchall()
+    before.close()
+    _replace_dataset(pkg, drop_labels)
+    edit_yaml(pkg / "package.yaml", lambda m: m["files"][1].__setitem__("rows", 5))
+    reseal(pkg)
+    result = target.import_package(pkg)
+    assert result["dataset_rows"] == 5
+    conn = sqlite3.connect(Path(result["path"]) / "dataset.sqlite")
+    try:
+        assert conn.execute("SELECT id, request_id, output FROM examples ORDER BY id").fetchall() == rows
+        assert conn.execute("SELECT sum(labelled), count(label_source) FROM examples").fetchone() == (0, 0)
+        assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'examples'").fetchone() == (6,)
+    finally:
+        conn.close()
+    assert target.registry.get("support") is not None

@@ -214,9 +214,10 @@ def export_package(
             if conn is not None:
                 try:
                     target = staging / "analytics.parquet"
+                    quoted = str(target).replace("'", "''")  # the output folder's name may hold a quote
                     conn.execute(
                         f"COPY (SELECT * FROM invocations WHERE template_id = ? ORDER BY created_at, request_id) "
-                        f"TO '{target}' (FORMAT parquet)",
+                        f"TO '{quoted}' (FORMAT parquet)",
                         [template_id],
                     )
                     n = conn.execute("SELECT count(*) FROM read_parquet(?)", [str(target)]).fetchone()[0]
