@@ -108,6 +108,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             },
             "templates": {"fuzz": {"template": "You talk about {topic}."}},
             "gateway": {
+                "embeddings": {"provider": "mock", "model": "m"},  # /v1/embeddings answers too
                 "combinations": [
                     {"id": "on-mock", "template_id": "fuzz", "model": "m", "provider": "mock"},
                     {"id": "on-openai", "template_id": "fuzz", "model": "gpt-4o", "provider": "oa", "weight": 0},
@@ -169,3 +170,19 @@ def test_every_answered_fuzz_call_was_recorded(server: dict[str, Any]) -> None:
         missing = [rid for rid in missing if not recorded(server["workdir"], rid)]
     assert len(answered) >= 10, "the fuzzer should also produce bodies that are answered"
     assert not missing, f"{len(missing)} of {len(answered)} answered calls not recorded"
+
+
+POST_ENDPOINTS = ["/v1/chat/completions", "/v1/embeddings", "/v1/feedback", "/v1/optimizer/runs"]
+
+
+@FUZZ
+@given(
+    path=st.sampled_from(POST_ENDPOINTS),
+    body=json_values | st.dictionaries(st.sampled_from([*KNOWN_KEYS, "input", "request_id", "score", "expected", "template_id", "dimensions", "encoding_format"]), json_values, max_size=5),  # fmt: skip
+)
+def test_no_json_body_on_any_endpoint_gets_a_5xx(server: dict[str, Any], path: str, body: Any) -> None:
+    client: httpx.Client = server["client"]
+    r = client.post(path, json=body)
+    assert r.status_code < 500, (path, body, r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith(("application/json", "text/event-stream"))
+    assert client.get("/health").status_code == 200
