@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import sqlite3
 import tarfile
 from collections.abc import Callable
@@ -249,6 +250,12 @@ async def test_archive_with_hostile_members_is_refused(world, member, match):
         target.import_package(evil)
     assert tree(tmp / "target") == before
     assert target.registry.get("support") is None
+
+
+async def test_package_folder_with_a_pipe_is_refused(world):
+    pkg, target, tmp = world
+    os.mkfifo(pkg / "logs" / "pipe")
+    refused(target, pkg, False, r"'logs/pipe' is not a regular file or folder", tmp)
 
 
 # -- the dataset -------------------------------------------------------------------------------------
