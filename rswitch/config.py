@@ -114,6 +114,45 @@ class EmbeddingsDefault(_Strict):
     model: str = Field(min_length=1)
 
 
+KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"  # see rswitch/auth.py for why plain SHA-256 suffices
+
+
+class ClientKeyConfig(_Strict):
+    """One client's bearer key for /v1/*: its hash (from `rswitch key create`) or the
+    environment variable holding it, never the key itself."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+    hash: str | None = Field(None, pattern=KEY_HASH_PATTERN, description="sha256:<hex> of the key")
+    key_env: str | None = Field(None, min_length=1, description="an environment variable holding the key")
+    rpm: float | None = Field(None, gt=0, description="requests per minute for this key")
+    tpm: float | None = Field(None, gt=0, description="tokens per minute for this key")
+    templates: list[str] | None = Field(None, description="template ids this key may call (unset: all)")
+
+
+class AuthConfig(_Strict):
+    keys: list[ClientKeyConfig] = Field(default_factory=list)
+    admin_key_env: str | None = Field(None, min_length=1, description="environment variable holding it")
+    admin_key_hash: str | None = Field(None, pattern=KEY_HASH_PATTERN)
+
+    @field_validator("keys")
+    @classmethod
+    def _one_secret_each(cls, v: list[ClientKeyConfig]) -> list[ClientKeyConfig]:
+        names: set[str] = set()
+        for i, k in enumerate(v):
+            if (k.hash is None) == (k.key_env is None):
+                raise ValueError(f"keys[{i}] ('{k.name}'): give either hash or key_env (one of them)")
+            if k.name in names:
+                raise ValueError(f"keys[{i}]: duplicate key name '{k.name}'")
+            names.add(k.name)
+        return v
+
+
+class CorsConfig(_Strict):
+    allow_origins: list[str] = Field(
+        default_factory=list, description="browser origins allowed to call, e.g. https://app.example"
+    )
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -133,6 +172,8 @@ class GatewayConfig(_Strict):
     )
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     embeddings: EmbeddingsDefault | None = None
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
 
 
 class DatasetConfig(_Strict):

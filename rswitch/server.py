@@ -11,11 +11,14 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from rswitch import prometheus
+from rswitch.auth import Auth, Ticket, foreign_origin, json_content_type
 from rswitch.core import Core
 from rswitch.gateway.errors import GatewayError
 
@@ -30,10 +33,33 @@ class JSON(Response):
 
 
 def error_response(err: GatewayError) -> JSON:
-    return JSON(err.body(), status_code=err.status, headers=err.headers())
+    headers = err.headers()
+    if err.status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return JSON(err.body(), status_code=err.status, headers=headers)
 
 
 async def read_body(request: Request, limit: int) -> Any:
+    return (await read_json(request, limit))[0]
+
+
+def estimate_tokens(body: Any, size: int) -> int:
+    """A key's tpm estimate before the call: the body's size in tokens (about 4 bytes each)
+    plus the answer it asks for; settled against the real usage when the call is answered."""
+    out = 0
+    if isinstance(body, dict):
+        asked = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+            out = asked
+    return size // 4 + out
+
+
+async def read_json(request: Request, limit: int) -> tuple[Any, int]:
+    """The parsed JSON body and its size in bytes. JSON only: a web page can POST text/plain or a
+    form to any origin without the browser asking first, so those are refused (415)."""
+    refused = json_content_type(request.headers.get("content-type"))
+    if refused is not None:
+        raise refused
     length = request.headers.get("content-length")
     if length is not None and length.isdigit():
         if int(length) > limit:
@@ -59,20 +85,35 @@ async def read_body(request: Request, limit: int) -> Any:
     if not raw:
         raise GatewayError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:
-        return orjson.loads(raw)
+        return orjson.loads(raw), len(raw)
     except orjson.JSONDecodeError as exc:
         raise GatewayError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
-    limit = core.config.gateway.max_body_bytes
+    """The HTTP face. Who may call what (README, "Security"):
+
+    - app endpoints (chat completions, embeddings, models and the other GET /v1/* views): a
+      client key from gateway.auth.keys, or the admin key; open when no client keys are set;
+    - the operator's endpoints (every mutation, /status, /metrics, /health/storage): the admin
+      key; open only when no key at all is configured; /health is always open.
+
+    With no keys configured `auth` is None and no guard is installed: a request pays nothing."""
+    cfg = core.config.gateway
+    limit = cfg.max_body_bytes
     gateway = core.gateway
+    auth = Auth.from_config(cfg.auth)
+    origins = frozenset(cfg.cors.allow_origins)
 
     async def chat_completions(request: Request) -> Response:
+        ticket: Ticket | None = None
         try:
-            body = await read_body(request, limit)
+            key = auth.client(request.headers.get("authorization")) if auth is not None else None
+            body, size = await read_json(request, limit)  # (a wrong key is refused before reading it)
+            if key is not None:
+                ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
             if isinstance(body, dict) and body.get("stream") is True:
-                session = await gateway.open_stream(body)
+                session = await gateway.open_stream(body, client=ticket)
                 headers = {
                     "x-rswitch-combination": session.combination.id,
                     "x-rswitch-provider": session.provider,
@@ -86,7 +127,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
                     "x-accel-buffering": "no",
                 }
                 return StreamingResponse(session.__aiter__(), media_type="text/event-stream", headers=headers)
-            done = await gateway.complete(body)
+            done = await gateway.complete(body, client=ticket)
             headers = {
                 "x-rswitch-combination": done.combination.id,
                 "x-rswitch-provider": done.combination.provider,
@@ -97,14 +138,27 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
                 headers["x-rswitch-route"] = done.route
             return JSON(done.response, headers=headers)
         except GatewayError as err:
+            if ticket is not None:
+                ticket.settle(0)  # nothing answered: the key's token estimate is given back
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
 
     async def embeddings(request: Request) -> Response:
+        ticket: Ticket | None = None
         try:
-            done = await gateway.embed(await read_body(request, limit))
+            key = auth.client(request.headers.get("authorization")) if auth is not None else None
+            body, size = await read_json(request, limit)
+            if key is not None:
+                ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
+            done = await gateway.embed(body)
+            if ticket is not None:
+                usage = done.response.get("usage") if isinstance(done.response, dict) else None
+                used = usage.get("total_tokens") if isinstance(usage, dict) else None
+                ticket.settle(used if isinstance(used, int) else ticket.est)
         except GatewayError as err:
+            if ticket is not None:
+                ticket.settle(0)
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
@@ -212,25 +266,85 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
             if manage_lifecycle:
                 await core.stop()
 
+    def reader(handler: Any) -> Any:
+        """A GET view for apps: a client key (or the admin key) when client keys are set."""
+        if auth is None:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            try:
+                auth.client(request.headers.get("authorization"))
+            except GatewayError as err:
+                return error_response(err)
+            return await handler(request)
+
+        return guarded
+
+    def operator(handler: Any) -> Any:
+        """The operator's views: the admin key when any key is configured."""
+        if auth is None:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            try:
+                auth.admin(request.headers.get("authorization"), request.url.path)
+            except GatewayError as err:
+                return error_response(err)
+            return await handler(request)
+
+        return guarded
+
+    def mutation(handler: Any) -> Any:
+        """Changes to rswitch: never from another origin's web page; the admin key when keys are on."""
+        guarded_handler = operator(handler)
+
+        async def guarded(request: Request) -> Response:
+            refused = foreign_origin(request.headers.get("origin"), request.headers.get("host"), origins)
+            if refused is not None:
+                return error_response(refused)
+            return await guarded_handler(request)
+
+        return guarded
+
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/feedback", feedback, methods=["POST"]),
-        Route("/v1/optimizer/runs", optimizer_runs, methods=["GET"]),
-        Route("/v1/optimizer/runs", optimizer_request, methods=["POST"]),
-        Route("/v1/optimizer/trials", optimizer_trials, methods=["GET"]),
+        Route("/v1/feedback", mutation(feedback), methods=["POST"]),
+        Route("/v1/optimizer/runs", reader(optimizer_runs), methods=["GET"]),
+        Route("/v1/optimizer/runs", mutation(optimizer_request), methods=["POST"]),
+        Route("/v1/optimizer/trials", reader(optimizer_trials), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-        Route("/health/storage", health_storage, methods=["GET"]),
-        Route("/status", status, methods=["GET"]),
-        Route("/v1/prompts/{prompt_id}/stats", prompt_stats, methods=["GET"]),
-        Route("/v1/system/analytics", system_analytics, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/health/storage", operator(health_storage), methods=["GET"]),
+        Route("/status", operator(status), methods=["GET"]),
+        Route("/v1/prompts/{prompt_id}/stats", reader(prompt_stats), methods=["GET"]),
+        Route("/v1/system/analytics", reader(system_analytics), methods=["GET"]),
+        Route("/v1/models", reader(models), methods=["GET"]),
+        Route("/metrics", operator(metrics), methods=["GET"]),
     ]
+    middleware = []
+    if origins:  # off by default: no browser page of another origin may read answers
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=sorted(origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type"],
+                expose_headers=[
+                    "x-rswitch-combination",
+                    "x-rswitch-provider",
+                    "x-rswitch-request-id",
+                    "x-rswitch-cost",
+                    "x-rswitch-route",
+                    "retry-after",
+                ],
+                max_age=600,
+            )
+        )
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={HTTPException: not_found, Exception: server_error},
     )

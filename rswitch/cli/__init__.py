@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from rswitch import __version__
-from rswitch.cli import config, dataset, package, route, template
+from rswitch.cli import config, dataset, key, package, route, template
 from rswitch.cli.load import load_traffic
 from rswitch.cli.optimize import optimize, watch_optimizer
 from rswitch.cli.serve import parse_addr, serve, startup_summary, tui
@@ -47,3 +47,4 @@ app.add_typer(route.app, name="route")
 app.add_typer(dataset.app, name="dataset")
 app.add_typer(package.app, name="package")
 app.add_typer(config.app, name="config")
+app.add_typer(key.app, name="key")

@@ -46,6 +46,38 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_exposure(cfg: Any, host: str, insecure_no_auth: bool) -> None:
+    """Refuse to listen beyond loopback without client keys and an admin key (one line saying why),
+    unless --insecure-no-auth. A bad gateway.auth (an unset key variable) stops the start too."""
+    from rswitch.auth import Auth, is_loopback
+
+    try:
+        auth = Auth.from_config(cfg.gateway.auth)
+    except ConfigError as exc:
+        raise fail(f"invalid config: {exc}") from None
+    if insecure_no_auth or is_loopback(host):
+        return
+    missing = []
+    if auth is None or not auth.keys:
+        missing.append("client keys (gateway.auth.keys)")
+    if auth is None or auth.admin_digest is None:
+        missing.append("an admin key (gateway.auth.admin_key_env)")
+    if missing:
+        raise fail(
+            f"refusing to listen on {host}: beyond loopback anyone who reaches it could spend your provider "
+            f"keys and change rswitch; configure {' and '.join(missing)} (`rswitch key create NAME`), "
+            "bind 127.0.0.1, or pass --insecure-no-auth"
+        )
+
+
+def auth_summary(cfg: Any) -> str:
+    a = cfg.gateway.auth
+    keys = f"{len(a.keys)} client key(s)" if a.keys else "no client keys (app endpoints open)"
+    admin = "admin key set" if (a.admin_key_env or a.admin_key_hash) else "no admin key"
+    cors = f"; CORS for {', '.join(cfg.gateway.cors.allow_origins)}" if cfg.gateway.cors.allow_origins else ""
+    return f"  auth        {keys}, {admin}{cors}"
+
+
 def startup_summary(core: Any, address: str) -> list[str]:
     """The start-up screen: where it listens, what it routes, where data goes."""
     cfg = core.config
@@ -89,6 +121,7 @@ def startup_summary(core: Any, address: str) -> list[str]:
         f"unlabelled, {'all' if labelled is None else f'up to {labelled}'} labelled)"
     )
     lines.append(f"  analytics   {cfg.analytics_file}")
+    lines.append(auth_summary(cfg))
     for n in cfg.notes:
         lines.append(f"  default     {n}")
     for w in core.warnings:
@@ -121,6 +154,12 @@ def serve(
         str | None, typer.Option(help="Go-style listen address, e.g. ':8080' (same as --host/--port).")
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level for rswitch's own messages.")] = "info",
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth", help="Listen beyond loopback without keys (anyone who reaches it may call)."
+        ),
+    ] = False,
 ) -> None:
     """Run the gateway headless."""
     import asyncio
@@ -136,6 +175,7 @@ def serve(
         host, port = parse_addr(addr)
     host = host or cfg.gateway.host
     port = cfg.gateway.port if port is None else port
+    check_exposure(cfg, host, insecure_no_auth)
     sock = listen(host, port)
     try:
         core = Core(cfg)
@@ -209,6 +249,12 @@ def tui(
             "--headless", help="Run the app without a terminal (benchmarks); SIGTERM quits.", hidden=True
         ),
     ] = False,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth", help="Listen beyond loopback without keys (anyone who reaches it may call)."
+        ),
+    ] = False,
 ) -> None:
     """The operator console: the gateway in-process, with live panes and keys that steer it."""
     from rswitch.core import Core
@@ -218,6 +264,7 @@ def tui(
     cfg = load(config)
     host = host or cfg.gateway.host
     port = cfg.gateway.port if port is None else port
+    check_exposure(cfg, host, insecure_no_auth)
     if port:
         listen(host, port).close()  # a taken port is one clear line before the console starts
     log_file = cfg.dataset_dir.parent / "rswitch-tui.log"

@@ -152,11 +152,13 @@ class Gateway:
 
     # -- preparing and calling --------------------------------------------------------------
 
-    async def prepare(self, body: Any) -> Prepared:
+    async def prepare(self, body: Any, client: Any = None) -> Prepared:
         messages, variables, metadata = validate(body)
         params = {k: v for k, v in body.items() if k not in RSWITCH_KEYS}
         query = Query(messages, params, metadata) if self.resolver.routing_enabled else None
         route = await self.resolver.resolve(body.get("model"), metadata, query)
+        if client is not None:
+            client.check(route)  # a key limited to templates: 403 for another
         extra_meta = {k: v for k, v in metadata.items() if k not in ROUTING_METADATA}
         if extra_meta:
             params["metadata"] = extra_meta
@@ -171,6 +173,7 @@ class Gateway:
             params=params,
             route=route,
             client_usage=client_usage,
+            client=client,
         )
         # The first candidate's template must render, or the request is the client's mistake.
         self.system_prompt(prepared, route.candidates[0])
@@ -330,6 +333,10 @@ class Gateway:
             attempt=attempt,
             extra={"route": p.route.explanation} if p.route.explanation else {},
         )
+        if p.client is not None:  # the caller's key: its name recorded, its tpm settled once answered
+            record.extra["client"] = p.client.name
+            if ok:
+                p.client.settle(pt + ct)
         self.recent.append(record)
         if ok:  # feedback on this answer can then count for the combination that gave it
             self.served[p.request_id] = combo.id
@@ -406,11 +413,11 @@ class Gateway:
         if limiter is not None:
             limiter.settle(est, pt + ct)
 
-    async def _counted(self, body: Any, run: Any) -> Any:
+    async def _counted(self, body: Any, run: Any, client: Any = None) -> Any:
         """Run a chat request, counting it once as a client request however it ends."""
         p: Prepared | None = None
         try:
-            p = await self.prepare(body)
+            p = await self.prepare(body, client)
             return await run(p)
         except GatewayError as err:  # a routed request's error still says how it was routed
             if p is not None:
@@ -426,8 +433,8 @@ class Gateway:
 
     # -- non-streaming ------------------------------------------------------------------------
 
-    async def complete(self, body: Any) -> Completed:
-        done: Completed = await self._counted(body, self._complete)
+    async def complete(self, body: Any, client: Any = None) -> Completed:
+        done: Completed = await self._counted(body, self._complete, client)
         self.finish(None, 200)
         return done
 
@@ -473,10 +480,10 @@ class Gateway:
 
     # -- streaming --------------------------------------------------------------------------
 
-    async def open_stream(self, body: Any) -> StreamSession:
+    async def open_stream(self, body: Any, client: Any = None) -> StreamSession:
         """Start a stream: fail over until the first content chunk arrives, then commit to it.
         The session counts the client request when the stream ends."""
-        return await self._counted(body, self._open_stream)
+        return await self._counted(body, self._open_stream, client)
 
     async def _open_stream(self, p: Prepared) -> StreamSession:
         last: UpstreamError | None = None

@@ -33,6 +33,7 @@ class Prepared:
     demos: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # the template's few-shot turns
     rate_wait: float | None = None  # set when rate limits, not failures, left nothing to try
     waited: float = 0.0  # seconds this request has spent waiting for rate limits and backoff
+    client: Any = None  # the caller's key (rswitch.auth.Ticket: .name, .check(route), .settle(tokens))
 
 
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
