@@ -12,7 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 STRATEGIES = ("round_robin", "weighted_round_robin", "performance_based")
 PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock", "local", "encoder")
+# A provider type's standard key, and the only host it goes to on its own: a provider whose
+# base_url is anywhere else (a local vLLM, a third-party endpoint) gets a key only by naming it
+# in api_key_env, so the operator's OpenAI or Anthropic key never leaks to another server.
 STANDARD_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+STANDARD_KEY_HOST = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}
 CONFIG_ENV = "RSWITCH_CONFIG"
 
 
@@ -692,13 +696,35 @@ def find_config(explicit: str | None) -> str | None:
     return None
 
 
+def standard_key_withheld(p: ProviderConfig) -> str | None:
+    """The standard variable a provider does not get because its base_url is not the vendor's
+    own https host (None: it gets it, or has its own key, or its type has none)."""
+    from urllib.parse import urlsplit
+
+    std = STANDARD_KEY_ENV.get(p.type)
+    if std is None or p.api_key_env or p.api_key or not p.base_url:
+        return None
+    host = STANDARD_KEY_HOST[p.type]
+    try:
+        url = urlsplit(p.base_url.strip())
+        port = url.port
+    except ValueError:
+        return std
+    name = (url.hostname or "").rstrip(".")
+    vendor = name == host or name.endswith("." + host)  # eu.api.openai.com is OpenAI's too
+    return None if url.scheme.lower() == "https" and port in (None, 443) and vendor else std
+
+
 def resolve_api_key(name: str, p: ProviderConfig) -> tuple[str | None, str]:
-    """Return (key, where it came from). Keys never leave this process except to their upstream."""
+    """Return (key, where it came from). Keys never leave this process except to their upstream:
+    the standard $OPENAI_API_KEY / $ANTHROPIC_API_KEY only to api.openai.com / api.anthropic.com."""
     if p.api_key_env:
         return os.environ.get(p.api_key_env), f"${p.api_key_env}"
     if p.api_key:
         return p.api_key, "config file"
     std = STANDARD_KEY_ENV.get(p.type)
+    if std and standard_key_withheld(p):
+        return None, f"none (${std} goes only to https://{STANDARD_KEY_HOST[p.type]}; set api_key_env)"
     if std:
         return os.environ.get(std), f"${std}"
     return None, "none needed"
@@ -711,6 +737,13 @@ def config_warnings(cfg: Config) -> list[str]:
             out.append(
                 f"model_providers.{name}.api_key: an API key is written in the config file; "
                 f"move it to an environment variable and set api_key_env instead"
+            )
+        std = standard_key_withheld(p)
+        if std and "api_key_env" not in p.model_fields_set:  # `api_key_env: null`: no key, on purpose
+            out.append(
+                f"model_providers.{name}: ${std} is not sent to {p.base_url} (only to "
+                f"https://{STANDARD_KEY_HOST[p.type]}); set api_key_env to the variable holding this "
+                f"server's key (api_key_env: {std} to send that one), or api_key_env: null if it needs none"
             )
     if cfg.mipro_v2:
         out.append(
