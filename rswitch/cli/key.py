@@ -34,11 +34,10 @@ def key_create(
     typer.echo(f"  {key}")
     typer.echo("")
     if admin:
-        typer.echo("add to your config (or put the key in an environment variable and set admin_key_env):")
-        typer.echo("gateway:\n  auth:")
-        typer.echo(f'    admin_key_hash: "{digest}"  # {name}')
+        typer.echo("add to your config (or keep the key in an environment variable and set admin_key_env):")
+        typer.echo(f'gateway:\n  auth:\n    admin_key_hash: "{digest}"  # {name}')
     else:
-        typer.echo("add under gateway.auth.keys in your config:")
-        typer.echo(f'    - {{name: "{name}", hash: "{digest}"}}')
+        typer.echo("add to your config (under gateway.auth.keys if you have some already):")
+        typer.echo(f'gateway:\n  auth:\n    keys:\n      - {{name: "{name}", hash: "{digest}"}}')
     typer.echo("")
     typer.echo("clients send it as 'Authorization: Bearer <key>' (the OpenAI SDK's api_key).")
