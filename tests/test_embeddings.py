@@ -136,12 +136,14 @@ def test_openai_sdk_embeddings_through_real_server(tmp_path):
     config = {**EMBED, "templates": {"summarise": {"template": "Sum {words}"}}}
     with rswitch_serve(config, tmp_path) as (url, _):
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        res = c.embeddings.create(model="mock-embed", input=["one", "two"])
+        # the SDK asks for base64 unless told otherwise, and would take floats without a word:
+        # look at the wire to see base64 really is served
+        raw = c.embeddings.with_raw_response.create(model="mock-embed", input=["one", "two"])
+        assert all(isinstance(d["embedding"], str) for d in raw.http_response.json()["data"])
+        res = raw.parse()
         assert len(res.data) == 2 and len(res.data[0].embedding) == 64
         assert res.usage.prompt_tokens == 2
         floats = (
             c.embeddings.create(model="mock-embed", input="one", encoding_format="float").data[0].embedding
         )
-        assert res.data[0].embedding == pytest.approx(
-            floats, rel=1e-6
-        )  # the SDK's default base64 decodes to the same
+        assert res.data[0].embedding == pytest.approx(floats, rel=1e-6)  # float32 of the same vector

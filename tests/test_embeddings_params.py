@@ -273,3 +273,22 @@ async def test_an_openai_compatible_chat_model_is_a_400_that_names_the_combinati
         oa.faults.push(Fault("status", status=503))
         r = await embeddings(gw, model="text-embedding-3-small", input="x")
         assert r.status_code == 503  # upstream trouble stays upstream trouble
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("load", ["startup", "lazy"])  # lazy: the size is known only once loaded
+async def test_the_local_model_honours_dimensions_and_base64(make_gateway, load):
+    gw = await make_gateway(
+        {
+            "model_providers": {"local": {"type": "local", "local": {"n_ctx": 512, "load": load}}},
+            "gateway": {"embeddings": {"provider": "local", "model": "smollm2"}},
+        }
+    )
+    r = await embeddings(gw, model="smollm2", input="refund my order", dimensions=1000)
+    assert r.status_code == 400 and "576" in r.json()["error"]["message"]  # SmolLM2-135M's size
+    texts = ["refund my order", "the volcano erupted"]
+    floats = (await embeddings(gw, model="smollm2", input=texts, dimensions=64)).json()["data"]
+    assert [len(d["embedding"]) for d in floats] == [64, 64]
+    assert all(abs(sum(v * v for v in d["embedding"]) - 1.0) < 1e-5 for d in floats)  # re-normalised
+    b64 = (await embeddings(gw, model="smollm2", input=texts, dimensions=64, encoding_format="base64")).json()
+    assert [decoded(d["embedding"]) for d in b64["data"]] == [as_float32(d["embedding"]) for d in floats]
