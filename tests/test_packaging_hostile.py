@@ -166,6 +166,14 @@ async def test_manifest_that_is_not_a_mapping_is_refused(world):
     refused(target, pkg, True, r"manifest\.yaml must be a mapping", tmp)
 
 
+async def test_manifest_nested_too_deeply_is_refused(world):
+    pkg, target, tmp = world
+    text = (pkg / "manifest.yaml").read_text()
+    (pkg / "manifest.yaml").write_text(text + "provenance: " + "[" * 20000 + "]" * 20000 + "\n")
+    reseal(pkg)
+    refused(target, pkg, False, r"manifest\.yaml is nested too deeply", tmp)
+
+
 async def test_package_yaml_template_id_that_is_a_path_is_refused(world):
     pkg, target, tmp = world
     edit_yaml(pkg / "package.yaml", lambda m: m.__setitem__("template_id", "../victim"))
@@ -239,6 +247,14 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: s
         (lambda root: _member(f"{root}/dev", tarfile.CHRTYPE), "not a regular file or folder"),
         (lambda root: _member(f"{root}/fifo", tarfile.FIFOTYPE), "not a regular file or folder"),
         (lambda root: _member("other/x", data=b"x"), "exactly one package folder"),
+        (
+            lambda root: _member(f"{root}/notes.txt", data=b"x"),
+            r"entry '.*/notes\.txt' is not a file a package",
+        ),
+        (
+            lambda root: _member(f"{root}/logs/more/x", data=b"x"),
+            r"entry '.*/logs/more/x' is not a file a pack",
+        ),
         (lambda root: _member(f"{root}\\..\\..\\x", data=b"x"), r"entry '.*' has a '\\' in its name"),
     ],
 )

@@ -45,6 +45,7 @@ from rswitch.packaging.checks import (
     check_folder,
     check_meta,
     listed_rows,
+    load_yaml,
     read_only_uri,
     version_file,
 )
@@ -271,10 +272,9 @@ def _safe_extract(archive: Path, dest: Path) -> Path:
         ) from None
     with tar:
         try:
-            members = tar.getmembers()
+            root = check_archive_members(tar, archive)  # reads the members one by one
         except (tarfile.ReadError, EOFError, OSError) as exc:
             raise PackageError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
-        root = check_archive_members(members, archive)
         try:
             tar.extractall(dest, filter="data")
         except (tarfile.ReadError, EOFError, OSError, tarfile.FilterError) as exc:
@@ -288,11 +288,7 @@ def verify(folder: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise PackageError(f"{folder} is not a package: {PACKAGE_FILE} is missing")
     check_folder(folder)
-    try:
-        meta = yaml.safe_load(meta_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{PACKAGE_FILE} is not valid YAML: {exc}") from None
-    check_meta(meta)
+    meta = check_meta(load_yaml(meta_path, PACKAGE_FILE))
     listed = set()
     for f in meta["files"]:
         rel = f["path"]  # one of checks.KNOWN_FILES
@@ -347,7 +343,7 @@ def _read_loosely(path: Path) -> dict[str, Any]:
     """A YAML mapping to describe a package that failed its checks; {} when it is not one."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (yaml.YAMLError, UnicodeDecodeError):
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

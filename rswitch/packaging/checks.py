@@ -13,6 +13,7 @@ import re
 import sqlite3
 import stat
 import tarfile
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -42,6 +43,15 @@ ANALYTICS_KEY = ("request_id", "combination_id", "created_at", "success", "kind"
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def load_yaml(path: Path, name: str) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{name} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise PackageError(f"{name} is nested too deeply to be a package file") from None
 
 
 # -- package.yaml ---------------------------------------------------------------------------------
@@ -97,10 +107,15 @@ def listed_rows(meta: dict[str, Any], rel: str) -> int | None:
 # -- the package's own files and folders ------------------------------------------------------------
 
 
-def check_archive_members(members: list[tarfile.TarInfo], archive: Path) -> str:
-    """Refuse any member that could land outside the package folder or is not a plain file or
-    folder; return the one root folder's name."""
-    roots: set[str] = set()
+# What an archive of a package may hold under its one folder: the folder, logs/, and the files.
+ARCHIVE_NAMES = frozenset({"", "logs", PACKAGE_FILE, *KNOWN_FILES})
+
+
+def check_archive_members(members: Iterable[tarfile.TarInfo], archive: Path) -> str:
+    """Refuse, member by member (an archive of a million entries stops at the first odd one),
+    anything that could land outside the package folder, is not a plain file or folder, or is
+    not a file a package holds; return the folder's name."""
+    root: str | None = None
     seen: set[str] = set()
     for m in members:
         path = PurePosixPath(m.name)
@@ -120,10 +135,20 @@ def check_archive_members(members: list[tarfile.TarInfo], archive: Path) -> str:
         if key in seen:
             raise PackageError(f"refusing {archive}: entry '{m.name}' appears twice")
         seen.add(key)
-        roots.add(path.parts[0])
-    if len(roots) != 1:
-        raise PackageError(f"{archive} must hold exactly one package folder; found {len(roots)}")
-    return roots.pop()
+        if root is None:
+            root = path.parts[0]
+        elif path.parts[0] != root:
+            raise PackageError(
+                f"{archive} must hold exactly one package folder; found '{root}' and '{path.parts[0]}'"
+            )
+        if "/".join(path.parts[1:]) not in ARCHIVE_NAMES:
+            raise PackageError(
+                f"refusing {archive}: entry '{m.name}' is not a file a package holds "
+                f"({', '.join([PACKAGE_FILE, *KNOWN_FILES])})"
+            )
+    if root is None:
+        raise PackageError(f"{archive} must hold exactly one package folder; found none")
+    return root
 
 
 def check_folder(folder: Path) -> None:
@@ -143,10 +168,7 @@ def check_folder(folder: Path) -> None:
 
 def check_manifest_file(path: Path, tid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(the current manifest, its earlier versions), each as `template register` would accept it."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise PackageError(f"manifest.yaml is not valid YAML: {exc}") from None
+    data = load_yaml(path, "manifest.yaml")
     if not isinstance(data, dict):
         raise PackageError("manifest.yaml must be a mapping of template fields")
     history = data.pop("history", [])
