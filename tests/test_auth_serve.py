@@ -188,3 +188,25 @@ def test_key_create_prints_a_new_key_once_and_its_config_line(tmp_path):
         [sys.executable, "-m", "rswitch", "key", "create", "a b"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and "key name must be" in bad.stderr
+
+
+def test_optimize_watch_sends_the_admin_key_from_the_environment(tmp_path):
+    def watch(env: dict[str, str]) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "rswitch", "optimize", "support", "--watch", "--url", url, "--request"]
+        base = {k: v for k, v in os.environ.items() if k != "RSWITCH_ADMIN_KEY"}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**base, **env})
+
+    optimizing = {"interval_seconds": 3600, "min_new_labels": 1000, "enabled": True}
+    config = {**KEYED, "gateway": {**KEYED["gateway"], "optimization": optimizing}}
+    with rswitch_serve(config, tmp_path) as (url, _):
+        without = watch({})
+        assert without.returncode == 1
+        assert "missing API key" in without.stderr and "set RSWITCH_ADMIN_KEY" in without.stderr
+        wrong = watch({"RSWITCH_ADMIN_KEY": APP_KEY})
+        assert wrong.returncode == 1 and "needs the admin key" in wrong.stderr
+        admin = watch({"RSWITCH_ADMIN_KEY": ADMIN_KEY})
+        assert admin.returncode == 1  # past the keys: the run fails for want of labelled rows
+        assert f"asked {url} to optimize 'support'" in admin.stdout, admin.stderr
+        assert "the run of 'support' failed:" in admin.stderr
+        for out in (without, wrong, admin):
+            assert ADMIN_KEY not in out.stdout + out.stderr and APP_KEY not in out.stdout + out.stderr

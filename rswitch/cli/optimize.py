@@ -237,10 +237,14 @@ class _Gateway:
     """The few optimizer endpoints of a running gateway, with errors an operator can act on."""
 
     def __init__(self, url: str) -> None:
+        import os
+
         import httpx
 
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=10)
+        admin_key = os.environ.get("RSWITCH_ADMIN_KEY")  # a gateway with keys asks for its admin key
+        headers = {"authorization": f"Bearer {admin_key}"} if admin_key else None
+        self.http = httpx.Client(base_url=self.url, timeout=10, headers=headers)
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         import httpx
@@ -261,6 +265,9 @@ class _Gateway:
             raise fail(
                 f"{self.url}{path} answered HTTP {resp.status_code}, not JSON: is it an rswitch gateway?", 1
             )
+        if resp.status_code in (401, 403):  # a gateway with keys (gateway.auth)
+            message = (body.get("error") or {}).get("message") or f"HTTP {resp.status_code}"
+            raise fail(f"{self.url}{path}: {message}; set RSWITCH_ADMIN_KEY to the gateway's admin key", 1)
         return resp.status_code, body
 
     def status(self, template_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
