@@ -292,3 +292,36 @@ async def test_the_local_model_honours_dimensions_and_base64(make_gateway, load)
     assert all(abs(sum(v * v for v in d["embedding"]) - 1.0) < 1e-5 for d in floats)  # re-normalised
     b64 = (await embeddings(gw, model="smollm2", input=texts, dimensions=64, encoding_format="base64")).json()
     assert [decoded(d["embedding"]) for d in b64["data"]] == [as_float32(d["embedding"]) for d in floats]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "status", "message"),
+    [
+        ("oa", 400, "The model does not support Embeddings API"),  # as vLLM answers
+        ("ol", 500, "this model does not support embeddings"),  # as Ollama answers a chat-only model
+    ],
+)
+async def test_an_upstream_saying_the_model_does_not_embed_is_a_400(make_gateway, upstream, status, message):
+    with openai_fake.running() as oa, ollama_fake.running() as ol:
+        gw = await make_gateway(
+            {
+                "templates": {"support": {"template": "You support {product}."}},
+                "model_providers": {
+                    "oa": {"type": "openai", "base_url": oa.base_url},
+                    "ol": {"type": "ollama", "base_url": ol.base_url},
+                },
+                "gateway": {
+                    "combinations": [
+                        {"id": "chat", "template_id": "support", "model": "llama3.2", "provider": upstream}
+                    ]
+                },
+            }
+        )
+        fake = oa if upstream == "oa" else ol
+        fake.faults.push(Fault("status", status=status, message=message))
+        r = await embeddings(gw, model="chat", input="x")
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "embeddings_not_supported" and err["message"].startswith("'chat' cannot embed:")
+        assert message in err["message"]
+        assert [b.get("input") for b in fake.recorder.requests] == ["x"]  # its embeddings endpoint, once

@@ -264,7 +264,9 @@ def embed_client_error(e: UpstreamError, route_id: str, provider: Provider) -> G
     client's 400, rejected credentials are the gateway's (502), never the client's 401."""
     from rswitch.gateway.pipeline import to_client_error
 
-    if e.status in (404, 405, 501) or e.code in ("model_not_found", "embeddings_not_supported"):
+    text = e.message.lower()
+    refused = "support" in text and "embed" in text  # vLLM, Ollama: "… does not support embeddings"
+    if refused or e.status in (404, 405, 501) or e.code in ("model_not_found", "embeddings_not_supported"):
         return GatewayError(
             400,
             f"'{route_id}' cannot embed: {e.message}",
