@@ -88,6 +88,22 @@ class CoreCollector:
         yield CounterMetricFamily(
             "rswitch_recorder_write_errors", "Failed writer batches", rec["write_errors"]
         )
+        yield CounterMetricFamily(
+            "rswitch_recorder_rejected",
+            "Records refused alone because they cannot be stored (the rest of their batch kept)",
+            rec.get("rejected_records", 0),
+        )
+        yield CounterMetricFamily(
+            "rswitch_recorder_lost",
+            "Records not written because their store was failing",
+            rec.get("records_lost", 0),
+        )
+        failing = GaugeMetricFamily(
+            "rswitch_store_failing", "1 while a store's (or dataset's) latest write failed", labels=["store"]
+        )
+        for store in rec.get("failing") or {}:
+            failing.add_metric([store], 1.0)
+        yield failing
 
 
 def render(core: Core) -> bytes:

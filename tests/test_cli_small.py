@@ -127,13 +127,15 @@ def test_dataset_import_names_every_bad_line_and_imports_nothing(cfg_file, tmp_p
                 json.dumps({"input": "ok", "expected": "b"}),
                 json.dumps({"input": "x", "score": 7}),
                 json.dumps({"messages": []}),
+                json.dumps({"input": "y", "expected": "c", "output": {"not": "text"}}),
             ]
         )
         + "\n"
     )
     r = runner.invoke(app, ["dataset", "import", "classify", str(src), "-c", str(cfg_file)])
     assert r.exit_code != 0
-    assert "3 bad lines; nothing imported" in r.output
+    assert "4 bad lines; nothing imported" in r.output
+    assert ":6: 'output' must be a string" in r.output
     assert ":2: not valid JSON" in r.output
     assert ":4: 'score' must be a number from 0 to 1" in r.output
     assert ":5: 'messages' must be a non-empty array" in r.output

@@ -140,5 +140,7 @@ async def test_metrics_endpoint_counts_requests_and_attempts_apart(make_gateway)
 
     assert attempt("a", "broken", "error") == 3 and attempt("a", "broken", "ok") == 0
     assert attempt("b", "mock", "ok") == 3
+    assert samples[("rswitch_recorder_rejected_total", ())] == 0
+    assert samples[("rswitch_recorder_lost_total", ())] == 0
     weights = {k[1]: v for k, v in samples.items() if k[0] == "rswitch_effective_weight"}
     assert sum(weights.values()) == 6.0 and len(weights) == 2

@@ -112,8 +112,9 @@ def imported_row(row: Any) -> dict[str, Any]:
         raise ValueError("give 'messages' or a non-empty 'input' string")
     if "variables" in row and not isinstance(row["variables"], dict):
         raise ValueError("'variables' must be an object")
-    if row.get("expected") is not None and not isinstance(row["expected"], str):
-        raise ValueError("'expected' must be a string")
+    for key in ("expected", "output", "system_prompt", "comment"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise ValueError(f"'{key}' must be a string")
     score = row.get("score")
     if score is not None and (
         isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1
