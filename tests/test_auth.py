@@ -231,6 +231,10 @@ async def test_cors_is_off_by_default_and_follows_the_allow_list(make_gateway):
     off = await make_gateway()
     r = await off.client.options("/v1/chat/completions", headers=preflight)
     assert "access-control-allow-origin" not in r.headers
+    evil = await off.client.post(
+        "/v1/optimizer/runs", json={"template_id": "support"}, headers={"origin": "https://evil.example"}
+    )
+    assert evil.status_code == 403 and evil.json()["error"]["code"] == "origin_not_allowed"
     r = await off.client.post("/v1/chat/completions", json=support(), headers={"origin": preflight["origin"]})
     assert "access-control-allow-origin" not in r.headers  # the page cannot read the answer
 
