@@ -330,6 +330,12 @@ async def test_dataset_with_bad_json_or_wrong_row_count_is_refused(world):
     refused(target, pkg, False, r"dataset\.sqlite holds 6 row\(s\); package\.yaml says 99", tmp)
 
 
+async def test_dataset_with_values_of_the_wrong_type_is_refused(world):
+    pkg, target, tmp = world
+    _replace_dataset(pkg, lambda c: c.execute("UPDATE examples SET success = 'yes' WHERE id = 3"))
+    refused(target, pkg, False, r"dataset\.sqlite: row id 3 has a text in 'success'; expected integer", tmp)
+
+
 async def test_dataset_that_is_corrupt_is_refused(world):
     pkg, target, tmp = world
     raw = bytearray((pkg / "dataset.sqlite").read_bytes())

@@ -404,7 +404,8 @@ def _copy_dataset(src: Path, dst: Path) -> None:
     conn = sqlite3.connect(read_only_uri(src), uri=True)
     try:
         columns = [r[1] for r in conn.execute("PRAGMA table_info(examples)")]
-        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'examples'").fetchone()
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'examples'").fetchone()
+        seq = row[0] if row is not None and isinstance(row[0], int) and row[0] > 0 else None
     except sqlite3.OperationalError:  # no sqlite_sequence: nothing was ever inserted
         seq = None
     finally:
@@ -418,8 +419,11 @@ def _copy_dataset(src: Path, dst: Path) -> None:
         if "labelled" not in columns:  # a dataset from before the flag, as open_dataset upgrades one
             conn.execute(f"UPDATE main.examples SET labelled = 1 WHERE {HAS_LABEL}")
         if seq is not None:  # ids of rows retention removed are not given out again
+            conn.execute("DELETE FROM main.sqlite_sequence WHERE name = 'examples' AND seq < ?", (seq,))
             conn.execute(
-                "UPDATE main.sqlite_sequence SET seq = max(seq, ?) WHERE name = 'examples'", (int(seq[0]),)
+                "INSERT INTO main.sqlite_sequence (name, seq) SELECT 'examples', ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM main.sqlite_sequence WHERE name = 'examples')",
+                (seq,),
             )
         conn.execute("COMMIT")
         conn.execute("DETACH DATABASE pkg")

@@ -230,6 +230,10 @@ def dataset_columns() -> dict[str, tuple[str, int, int]]:
         conn.close()
 
 
+# SQLite's typeof() of the values each declared type of the `examples` table may hold.
+_TYPEOF = {"INTEGER": ("integer",), "TEXT": ("text",), "REAL": ("real", "integer")}
+
+
 def read_only_uri(path: Path) -> str:
     """A URI that opens a package's SQLite file without writing, locking or a -wal beside it."""
     return f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1"
@@ -287,6 +291,19 @@ def check_dataset(path: Path, rows: int | None) -> list[str]:
         count = conn.execute("SELECT count(*) FROM examples").fetchone()[0]
         if rows is not None and count != rows:
             raise PackageError(f"dataset.sqlite holds {count} row(s); {PACKAGE_FILE} says {rows}")
+        for name in have:  # every value of the type rswitch writes there, NULL only where allowed
+            kind, notnull, _pk = expected[name]
+            allowed = list(_TYPEOF[kind]) + ([] if notnull else ["null"])
+            bad = conn.execute(
+                f"SELECT id, typeof({name}) FROM examples WHERE typeof({name}) NOT IN "
+                f"({', '.join('?' * len(allowed))}) ORDER BY id LIMIT 1",
+                allowed,
+            ).fetchone()
+            if bad is not None:
+                raise PackageError(
+                    f"dataset.sqlite: row id {bad[0]} has a {bad[1]} in '{name}'; expected {kind.lower()}"
+                    f"{'' if notnull else ' or null'}"
+                )
         for column in ("messages", "variables"):
             bad = conn.execute(
                 f"SELECT id FROM examples WHERE {column} IS NULL OR NOT json_valid({column}) ORDER BY id LIMIT 1"
