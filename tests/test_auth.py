@@ -97,7 +97,9 @@ async def test_admin_key_is_needed_for_mutations_and_the_operator_views(make_gat
         assert client.json()["error"]["code"] == "admin_only"
         admin = await gw.client.request(method, path, json=body, headers=bearer(ADMIN_KEY))
         # the optimizer is off in this config: the admin gets past the key check to its 409
-        assert admin.status_code == {"/v1/feedback": 202, "/v1/optimizer/runs": 409}.get(path, 200), admin.text
+        assert admin.status_code == {"/v1/feedback": 202, "/v1/optimizer/runs": 409}.get(path, 200), (
+            admin.text
+        )
     assert [r["label_source"] for r in gw.dataset_rows("support")] == ["feedback"]
     assert (await gw.client.get("/health")).status_code == 200  # liveness stays open
 
