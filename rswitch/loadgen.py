@@ -20,6 +20,14 @@ class LoadError(ValueError):
     """Load cannot run: no examples, an unreachable gateway, nothing it serves."""
 
 
+def key_headers() -> dict[str, str]:
+    """A gateway with client keys (gateway.auth.keys) gets $RSWITCH_API_KEY as a bearer key."""
+    import os
+
+    key = os.environ.get("RSWITCH_API_KEY")
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def _unreachable(url: str, exc: Exception) -> LoadError:
     return LoadError(
         f"cannot reach the gateway at {url} ({type(exc).__name__}); start it with `rswitch serve`"
@@ -31,7 +39,9 @@ async def served_templates(url: str, timeout: float = 10.0) -> set[str]:
     a request for any other template could only fail with `no_combination`."""
     endpoint = url.rstrip("/") + "/v1/models"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout), headers=key_headers()
+        ) as session:
             async with session.get(endpoint) as resp:
                 data = await resp.read()
                 status = resp.status
@@ -161,7 +171,9 @@ async def run_load(
 
     limit = max(concurrency or 1, 1) if rate is None else 1024
     conn = aiohttp.TCPConnector(limit=limit)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=timeout), headers=key_headers()
+    ) as session:
         try:
             async with session.get(
                 url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=10)

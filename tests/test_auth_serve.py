@@ -3,6 +3,7 @@ listen beyond loopback without keys, as an operator would meet them."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -210,3 +211,33 @@ def test_optimize_watch_sends_the_admin_key_from_the_environment(tmp_path):
         assert "the run of 'support' failed:" in admin.stderr
         for out in (without, wrong, admin):
             assert ADMIN_KEY not in out.stdout + out.stderr and APP_KEY not in out.stdout + out.stderr
+
+
+def test_rswitch_load_sends_the_client_key_from_the_environment(tmp_path):
+    bodies = tmp_path / "bodies.jsonl"
+    body = {"model": "support", "messages": [{"role": "user", "content": "hi"}], "variables": SUPPORT}
+    bodies.write_text(json.dumps(body) + "\n")
+
+    def load(env: dict[str, str]) -> dict[str, Any]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "rswitch",
+            "load",
+            "--url",
+            url,
+            "--file",
+            str(bodies),
+            "-n",
+            "3",
+            "--json",
+        ]
+        base = {k: v for k, v in os.environ.items() if k != "RSWITCH_API_KEY"}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**base, **env})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    with rswitch_serve(KEYED, tmp_path) as (url, _):
+        assert load({})["errors"] == {"HTTP 401 missing_api_key": 3}
+        summary = load({"RSWITCH_API_KEY": APP_KEY})
+        assert summary["succeeded"] == 3 and summary["errors"] == {}
