@@ -325,3 +325,29 @@ async def test_an_upstream_saying_the_model_does_not_embed_is_a_400(make_gateway
         assert err["code"] == "embeddings_not_supported" and err["message"].startswith("'chat' cannot embed:")
         assert message in err["message"]
         assert [b.get("input") for b in fake.recorder.requests] == ["x"]  # its embeddings endpoint, once
+
+
+@pytest.mark.parametrize(
+    ("embedding", "fmt"), [(["a", "b"], "base64"), ("not base64!", "float"), ([[1.0]], "base64")]
+)
+async def test_an_upstream_answering_a_vector_that_is_not_numbers_is_502(make_gateway, embedding, fmt):
+    from aiohttp import web
+
+    from tests.fakes.server import serve_app
+
+    async def answer(request: web.Request) -> web.Response:
+        data = [{"object": "embedding", "index": 0, "embedding": embedding}]
+        return web.json_response({"object": "list", "data": data, "model": "emb", "usage": {}})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/embeddings", answer)
+    with serve_app(upstream) as root:
+        gw = await make_gateway(
+            {"model_providers": {"odd": {"type": "openai", "base_url": root + "/v1", "models": ["emb"]}}}
+        )
+        r = await embeddings(gw, model="emb", input="x", encoding_format=fmt)
+    assert r.status_code == 502, r.text
+    assert (
+        r.json()["error"]["message"] == "provider 'odd' answered an embedding that is not a vector of numbers"
+    )
+    assert [x["success"] for x in gw.analytics_rows()] == [False]

@@ -284,21 +284,24 @@ def embed_client_error(e: UpstreamError, route_id: str, provider: Provider) -> G
     return to_client_error(e)
 
 
-def encode_embeddings(resp: dict[str, Any], fmt: str) -> None:
+def encode_embeddings(resp: dict[str, Any], fmt: str, provider: str) -> None:
     """Each `data[].embedding` in the format the client asked for. base64 is what OpenAI serves:
     the vector as little-endian float32, base64-encoded. Upstreams are asked for floats, but
     one that answers base64 anyway is decoded or passed on as it fits."""
     for item in resp.get("data") or ():
         vec = item.get("embedding") if isinstance(item, dict) else None
-        if fmt == "base64" and isinstance(vec, list):
-            item["embedding"] = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
-        elif fmt == "float" and isinstance(vec, str):
-            try:
+        try:
+            if fmt == "base64" and isinstance(vec, list):
+                floats = np.asarray(vec, dtype="<f4")
+                if floats.ndim != 1:
+                    raise ValueError("not a vector")
+                item["embedding"] = base64.b64encode(floats.tobytes()).decode("ascii")
+            elif fmt == "float" and isinstance(vec, str):
                 item["embedding"] = np.frombuffer(base64.b64decode(vec, validate=True), dtype="<f4").tolist()
-            except (binascii.Error, ValueError):
-                raise UpstreamError(
-                    502, "an embedding came back as a string that is not base64 float32"
-                ) from None
+        except (binascii.Error, ValueError, TypeError):
+            raise UpstreamError(
+                502, f"provider '{provider}' answered an embedding that is not a vector of numbers"
+            ) from None
 
 
 async def embed(g: Gateway, body: Any) -> Completed:
@@ -347,7 +350,7 @@ async def embed(g: Gateway, body: Any) -> Completed:
     request_id = uuid.uuid4().hex
     try:
         resp = await provider.embed(call)
-        encode_embeddings(resp, fmt)
+        encode_embeddings(resp, fmt, provider_name)
         error = None
     except UpstreamError as e:
         resp, error = None, e
