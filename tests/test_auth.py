@@ -363,3 +363,26 @@ def test_analytics_from_before_keys_gain_the_client_column(tmp_path):
 )
 def test_what_counts_as_loopback(host, loopback):
     assert is_loopback(host) is loopback
+
+
+async def test_every_route_but_health_needs_a_key_once_keys_are_configured(make_gateway):
+    """A new route is guarded too: every POST but the app's two needs the admin key, every GET
+    but /health a key (so a route added without `mutation`/`operator`/`reader` fails here)."""
+    from starlette.routing import Route
+
+    gw = await make_gateway(auth_config())
+    app_posts = {"/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings"}
+    app = gw.client._transport.app  # type: ignore[attr-defined]
+    checked = 0
+    for route in app.routes:
+        if not isinstance(route, Route) or route.path == "/health":
+            continue
+        path = route.path.replace("{prompt_id}", "support")
+        for method in route.methods - {"HEAD"}:
+            r = await gw.client.request(method, path, json={} if method == "POST" else None)
+            assert r.status_code == 401, (method, path)
+            if method == "POST" and path not in app_posts:
+                r = await gw.client.request(method, path, json={}, headers=bearer(APP_KEY))
+                assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only", (method, path)
+            checked += 1
+    assert checked >= 14
