@@ -162,6 +162,13 @@ async def test_input_elements_of_the_wrong_type_are_400_naming_the_element(make_
     assert gw.analytics_rows() == []
 
 
+@pytest.mark.parametrize("metadata", [[], "", 0, ["combination_id"]])
+async def test_metadata_must_be_an_object(make_gateway, metadata):
+    gw = await make_gateway(MOCK)
+    r = await embeddings(gw, model="mock-embed", input="x", metadata=metadata)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"
+
+
 @pytest.mark.parametrize("user", [5, {"id": "u"}, ["u"], True])
 async def test_user_must_be_a_string(make_gateway, user):
     gw = await make_gateway(MOCK)

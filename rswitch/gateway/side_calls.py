@@ -311,9 +311,9 @@ async def embed(g: Gateway, body: Any) -> Completed:
         raise bad_request("the request body must be a JSON object", code="invalid_body")
     inputs = body.get("input")
     texts = check_embed_input(inputs)
-    metadata = body.get("metadata") or {}
+    metadata = {} if body.get("metadata") is None else body["metadata"]
     if not isinstance(metadata, dict):
-        raise bad_request("'metadata' must be an object", param="metadata")
+        raise bad_request(f"'metadata' must be an object; got {_json_kind(metadata)}", param="metadata")
     dims, fmt = check_embed_options(body)
     # any other field goes to the upstream as it came (as OpenAI's SDK sends extra_body)
     params = {k: v for k, v in body.items() if k not in EMBED_KEYS}
