@@ -175,7 +175,8 @@ def check_manifest(data: Any, prefix: str = "") -> Template:
     known = [k for k in Template.__dataclass_fields__ if k != "source"]
     for key in data:
         if key not in known:
-            raise TemplateError(f"unknown field {prefix}{key} (known: {', '.join(known)})")
+            where = f" in {prefix.rstrip('.')}" if prefix else ""
+            raise TemplateError(f"unknown field {key!r}{where} (known: {', '.join(known)})")
     try:
         check_id(data.get("id") if isinstance(data.get("id"), str) else "")
     except TemplateError as exc:

@@ -305,7 +305,7 @@ def verify(folder: Path) -> dict[str, Any]:
     for p in folder.rglob("*"):
         rel = p.relative_to(folder).as_posix()
         if p.is_file() and rel != PACKAGE_FILE and rel not in listed:
-            raise PackageError(f"unlisted file in package: {rel}")
+            raise PackageError(f"unlisted file in package: {rel!r}")
     return meta
 
 

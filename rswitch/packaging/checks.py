@@ -120,20 +120,20 @@ def check_archive_members(members: Iterable[tarfile.TarInfo], archive: Path) -> 
     for m in members:
         path = PurePosixPath(m.name)
         if m.name.startswith("/") or path.is_absolute():
-            raise PackageError(f"refusing {archive}: entry '{m.name}' has an absolute path")
+            raise PackageError(f"refusing {archive}: entry {m.name!r} has an absolute path")
         if ".." in path.parts:
-            raise PackageError(f"refusing {archive}: entry '{m.name}' escapes the package folder ('..')")
+            raise PackageError(f"refusing {archive}: entry {m.name!r} escapes the package folder ('..')")
         if "\\" in m.name:
-            raise PackageError(f"refusing {archive}: entry '{m.name}' has a '\\' in its name")
+            raise PackageError(f"refusing {archive}: entry {m.name!r} has a '\\' in its name")
         if m.issym() or m.islnk():
-            raise PackageError(f"refusing {archive}: entry '{m.name}' is a link")
+            raise PackageError(f"refusing {archive}: entry {m.name!r} is a link")
         if not (m.isfile() or m.isdir()):
-            raise PackageError(f"refusing {archive}: entry '{m.name}' is not a regular file or folder")
+            raise PackageError(f"refusing {archive}: entry {m.name!r} is not a regular file or folder")
         if not path.parts:
-            raise PackageError(f"refusing {archive}: entry '{m.name}' has no name")
+            raise PackageError(f"refusing {archive}: entry {m.name!r} has no name")
         key = path.as_posix()
         if key in seen:
-            raise PackageError(f"refusing {archive}: entry '{m.name}' appears twice")
+            raise PackageError(f"refusing {archive}: entry {m.name!r} appears twice")
         seen.add(key)
         if root is None:
             root = path.parts[0]
@@ -143,7 +143,7 @@ def check_archive_members(members: Iterable[tarfile.TarInfo], archive: Path) -> 
             )
         if "/".join(path.parts[1:]) not in ARCHIVE_NAMES:
             raise PackageError(
-                f"refusing {archive}: entry '{m.name}' is not a file a package holds "
+                f"refusing {archive}: entry {m.name!r} is not a file a package holds "
                 f"({', '.join([PACKAGE_FILE, *KNOWN_FILES])})"
             )
     if root is None:
@@ -156,10 +156,10 @@ def check_folder(folder: Path) -> None:
     for p in folder.rglob("*"):
         mode = p.lstat().st_mode
         if stat.S_ISLNK(mode):
-            raise PackageError(f"refusing {folder}: '{p.relative_to(folder)}' is a link")
+            raise PackageError(f"refusing {folder}: {p.relative_to(folder).as_posix()!r} is a link")
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise PackageError(
-                f"refusing {folder}: '{p.relative_to(folder)}' is not a regular file or folder"
+                f"refusing {folder}: {p.relative_to(folder).as_posix()!r} is not a regular file or folder"
             )
 
 
