@@ -473,3 +473,13 @@ async def test_dataset_from_before_labels_imports_with_its_rows_and_ids(world):
     finally:
         conn.close()
     assert target.registry.get("support") is not None
+
+
+async def test_refusal_never_prints_a_name_from_the_package_raw(world):
+    """A member name with a terminal escape is quoted in the message, so it cannot clear or
+    recolour the operator's terminal."""
+    pkg, target, tmp = world
+    evil = _tar_with(pkg, [_member(f"{pkg.name}/\x1b[2Jgone", data=b"x")])
+    with pytest.raises(PackageError, match="is not a file a package holds") as exc:
+        target.import_package(evil)
+    assert "\x1b" not in str(exc.value) and "\\x1b[2Jgone" in str(exc.value)
