@@ -86,9 +86,15 @@ def refused(target, pkg: Path, archive: bool, match: str, tmp_path: Path) -> Pac
 
 
 @pytest.mark.parametrize("archive", [False, True])
-async def test_history_version_that_is_a_path_is_refused_and_writes_nothing(world, archive):
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "/../../../victim/manifest",  # as reported: lands in the data dir, as another template
+        "/../../../../../victim/manifest",  # out of the data dir, onto tmp/victim/manifest.yaml
+    ],
+)
+async def test_history_version_that_is_a_path_is_refused_and_writes_nothing(world, archive, escape):
     pkg, target, tmp = world
-    escape = "/../../../victim/manifest"
     edit_yaml(pkg / "manifest.yaml", lambda m: m["history"][0].__setitem__("version", escape))
     reseal(pkg)
     err = refused(target, pkg, archive, r"manifest\.yaml: history\[0\]\.version .*must be an integer", tmp)
