@@ -39,6 +39,14 @@ def error_response(err: GatewayError) -> JSON:
     return JSON(err.body(), status_code=err.status, headers=headers)
 
 
+def internal_error(request: Request, exc: BaseException) -> JSON:
+    """A bug of rswitch's: logged with its traceback, answered as a 500 without its details."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        GatewayError(500, f"internal error: {type(exc).__name__}", error_type="server_error")
+    )
+
+
 async def read_body(request: Request, limit: int) -> Any:
     return (await read_json(request, limit))[0]
 
@@ -143,6 +151,10 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
+        except Exception as exc:
+            if ticket is not None:
+                ticket.settle(0)
+            return internal_error(request, exc)
 
     async def embeddings(request: Request) -> Response:
         ticket: Ticket | None = None
@@ -162,6 +174,10 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
+        except Exception as exc:
+            if ticket is not None:
+                ticket.settle(0)
+            return internal_error(request, exc)
         headers = {
             "x-rswitch-combination": done.combination.id,
             "x-rswitch-provider": done.combination.provider,
@@ -251,10 +267,21 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         )
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(
-            GatewayError(500, f"internal error: {type(exc).__name__}", error_type="server_error")
-        )
+        return internal_error(request, exc)
+
+    def answered(handler: Any) -> Any:
+        """An error of rswitch's own becomes a 500 answer here, not an exception for the server:
+        raised, it would make uvicorn close the client's keep-alive connection."""
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ClientDisconnect:
+                return Response(status_code=499)
+            except Exception as exc:
+                return internal_error(request, exc)
+
+        return guarded
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -311,17 +338,17 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/feedback", mutation(feedback), methods=["POST"]),
-        Route("/v1/optimizer/runs", reader(optimizer_runs), methods=["GET"]),
-        Route("/v1/optimizer/runs", mutation(optimizer_request), methods=["POST"]),
-        Route("/v1/optimizer/trials", reader(optimizer_trials), methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/health/storage", operator(health_storage), methods=["GET"]),
-        Route("/status", operator(status), methods=["GET"]),
-        Route("/v1/prompts/{prompt_id}/stats", reader(prompt_stats), methods=["GET"]),
-        Route("/v1/system/analytics", reader(system_analytics), methods=["GET"]),
-        Route("/v1/models", reader(models), methods=["GET"]),
-        Route("/metrics", operator(metrics), methods=["GET"]),
+        Route("/v1/feedback", answered(mutation(feedback)), methods=["POST"]),
+        Route("/v1/optimizer/runs", answered(reader(optimizer_runs)), methods=["GET"]),
+        Route("/v1/optimizer/runs", answered(mutation(optimizer_request)), methods=["POST"]),
+        Route("/v1/optimizer/trials", answered(reader(optimizer_trials)), methods=["GET"]),
+        Route("/health", answered(health), methods=["GET"]),
+        Route("/health/storage", answered(operator(health_storage)), methods=["GET"]),
+        Route("/status", answered(operator(status)), methods=["GET"]),
+        Route("/v1/prompts/{prompt_id}/stats", answered(reader(prompt_stats)), methods=["GET"]),
+        Route("/v1/system/analytics", answered(reader(system_analytics)), methods=["GET"]),
+        Route("/v1/models", answered(reader(models)), methods=["GET"]),
+        Route("/metrics", answered(operator(metrics)), methods=["GET"]),
     ]
     middleware = []
     if origins:  # off by default: no browser page of another origin may read answers
