@@ -118,7 +118,7 @@ async def test_package_contents_and_inspect(gateway, tmp_path):
     info = inspect_package(pkg)
     assert info["checksums_ok"] and info["versions"] == [1, 2, 3] and info["time_range"]["first"]
     r = runner.invoke(app, ["package", "inspect", str(pkg)])
-    assert r.exit_code == 0 and "checksums   OK" in r.output and "dataset.sqlite" in r.output
+    assert r.exit_code == 0 and "checks      OK" in r.output and "dataset.sqlite" in r.output
 
 
 async def test_export_while_recording_is_a_consistent_snapshot(gateway, tmp_path):

@@ -489,3 +489,13 @@ async def test_refusal_never_prints_a_name_from_the_package_raw(world):
     with pytest.raises(PackageError, match="is not a file a package holds") as exc:
         target.import_package(evil)
     assert "\x1b" not in str(exc.value) and "\\x1b[2Jgone" in str(exc.value)
+
+
+async def test_inspect_never_lets_a_packages_text_drive_the_terminal(world):
+    pkg, _target, _tmp = world
+    edit_yaml(pkg / "manifest.yaml", lambda m: m.__setitem__("name", "Support\x1b[2J\x1b]0;owned\x07"))
+    reseal(pkg)
+    r = runner.invoke(app, ["package", "inspect", str(pkg)])
+    assert "\x1b" not in r.output and "\x07" not in r.output
+    assert "Support\\x1b[2J" in r.output
+    assert "checks      " in r.output  # a content check, not only the checksums, decided

@@ -119,3 +119,12 @@ def read_jsonl(path: Path, check: Callable[[Any], Any] | None = None) -> list[tu
     if not rows:
         raise JsonlError(path, [f"{path} holds no examples"])
     return rows
+
+
+def printable(value: object) -> str:
+    """Text from outside (a package, a file) made safe for a terminal: control characters and
+    escape sequences are shown escaped, never interpreted."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

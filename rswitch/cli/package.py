@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rswitch.cli.common import ConfigOpt, fail, load, registry
+from rswitch.cli.common import ConfigOpt, fail, load, printable, registry
 from rswitch.config import Config
 
 app = typer.Typer(help="Export, import and inspect portable prompt packages.", no_args_is_help=True)
@@ -105,23 +105,29 @@ def package_inspect(path: Path) -> None:
     except PackageError as exc:
         raise fail(str(exc)) from None
     tpl = info["template"] or {}
-    typer.echo(f"package     {info['path']}")
+    say = printable  # everything below comes from the package: no terminal escapes get through
+    typer.echo(f"package     {say(info['path'])}")
     typer.echo(
-        f"template    {info['template_id']}  ({tpl.get('name')}), version {tpl.get('version')}; versions {info['versions']}"
+        f"template    {say(info['template_id'])}  ({say(tpl.get('name'))}), version {say(tpl.get('version'))}; "
+        f"versions {say(info['versions'])}"
     )
-    typer.echo(f"variables   {', '.join(tpl.get('variables') or []) or '(none)'}")
+    typer.echo(f"variables   {say(', '.join(map(str, tpl.get('variables') or [])) or '(none)')}")
     typer.echo(
-        f"created     {info['created_at']} by rswitch {info['rswitch_version']} (format {info['format_version']})"
+        f"created     {say(info['created_at'])} by rswitch {say(info['rswitch_version'])} "
+        f"(format {say(info['format_version'])})"
     )
     if info.get("time_range"):
-        typer.echo(f"records     {info['time_range']['first']} … {info['time_range']['last']}")
+        typer.echo(f"records     {say(info['time_range']['first'])} … {say(info['time_range']['last'])}")
     for f in info["files"]:
-        rows = f" {f['rows']} rows" if "rows" in f else ""
+        if not isinstance(f, dict):
+            continue
+        rows = f" {say(f['rows'])} rows" if "rows" in f else ""
         typer.echo(
-            f"  {f.get('path', '?'):<22} {f.get('size', 0):>10} bytes{rows}  sha256 {str(f.get('sha256', ''))[:12]}…"
+            f"  {say(f.get('path', '?')):<22} {say(f.get('size', 0)):>10} bytes{rows}  "
+            f"sha256 {say(f.get('sha256', ''))[:12]}…"
         )
     if info["checksums_ok"]:
-        typer.echo("checksums   OK")
+        typer.echo("checks      OK (checksums and contents)")
     else:
-        typer.secho(f"checksums   FAILED: {info['problem']}", fg=typer.colors.RED)
+        typer.secho(f"checks      FAILED: {say(info['problem'])}", fg=typer.colors.RED)
         raise typer.Exit(1)
