@@ -237,3 +237,19 @@ def test_status_shows_what_the_recorder_refused_and_lost(tmp_path: Path) -> None
     rec.close()
     assert stats["rejected_records"] == 1 and stats["failing"] == {} and stats["records_lost"] == 0
     assert json.dumps(stats)  # plain JSON for /status
+
+
+def test_storage_health_counts_a_dataset_being_created_as_empty_not_broken(tmp_path):
+    """The writer creates the file, then its table: a health check in between must not fail."""
+    import pytest
+
+    sql = sqlite3
+    store = DatasetStore(tmp_path / "prompts", 100)
+    (tmp_path / "prompts" / "fresh").mkdir(parents=True)
+    sql.connect(tmp_path / "prompts" / "fresh" / "dataset.sqlite").close()  # created, no schema yet
+    assert store.ping()["datasets"] == 1 and store.ping()["records"] == 0
+    other = sql.connect(tmp_path / "prompts" / "fresh" / "dataset.sqlite")
+    other.execute("CREATE TABLE unrelated (x)")
+    other.close()
+    with pytest.raises(sql.OperationalError, match="dataset 'fresh' cannot be read"):
+        store.ping()  # a schema without examples is broken, and says so

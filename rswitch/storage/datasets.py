@@ -209,6 +209,16 @@ def open_dataset(path: Path, reference: frozenset[str] = frozenset()) -> sqlite3
 TRIM = "DELETE FROM examples WHERE id IN (SELECT id FROM examples WHERE labelled = ? ORDER BY id LIMIT ?)"
 
 
+def _count_examples(conn: sqlite3.Connection) -> int:
+    """Rows of a dataset; a file with no schema yet is one being created right now: 0 rows."""
+    try:
+        return conn.execute("SELECT count(*) FROM examples").fetchone()[0]
+    except sqlite3.OperationalError:
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+            return 0
+        raise
+
+
 class DatasetStore:
     """Writes go through one connection per prompt, owned by the writer thread; readers open their own.
 
@@ -509,7 +519,7 @@ class DatasetStore:
                 try:
                     conn = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
                     try:
-                        counts[f.parent.name] = conn.execute("SELECT count(*) FROM examples").fetchone()[0]
+                        counts[f.parent.name] = _count_examples(conn)
                     finally:
                         conn.close()
                 except sqlite3.Error as exc:
