@@ -17,6 +17,7 @@ from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.pipeline import Gateway
 from rswitch.gateway.ratelimit import ProviderLimiter
+from rswitch.gateway.resolver import PASSTHROUGH
 from rswitch.packaging import Stores, export_package, import_package
 from rswitch.providers import ChatCall, EmbedCall, Provider, build_provider
 from rswitch.providers.pricing import PriceTable
@@ -445,20 +446,34 @@ class Core:
 
     def status(self) -> dict[str, Any]:
         """Live view; DuckDB analytics are merged in by the caller (they are I/O)."""
-        windows = {cid: self.metrics.window_stats(cid, fresh=True) for cid in self.gateway.combinations}
+        configured = self.gateway.combinations
+        # pass-through pools and templates' default models, once they have served something
+        attempted = set(self.metrics.combination_ids())
+        implicit = [c for cid, c in self.gateway.resolver.implicit.items() if cid in attempted]
+        listed = [*configured.values(), *implicit]
+        windows = {c.id: self.metrics.window_stats(c.id, fresh=True) for c in listed}
         eff = self.gateway.effective_weights(fresh=True)  # as of now, not as of the last balanced request
         combos = []
-        for c in self.gateway.combinations.values():
+        for c in listed:
             w = windows[c.id]
+            kind = (
+                "configured"
+                if c.id in configured
+                else "passthrough"
+                if c.template_id == PASSTHROUGH
+                else "default"
+            )
             combos.append(
                 {
                     "id": c.id,
                     "name": c.name,
+                    "kind": kind,
+                    "implicit": kind != "configured",
                     "template_id": c.template_id,
                     "model": c.model,
                     "provider": c.provider,
                     "weight": c.weight,
-                    "effective_weight": round(eff.get(c.id, 0.0), 4),
+                    "effective_weight": round(eff.get(c.id, c.weight if c.implicit else 0.0), 4),
                     "enabled": c.enabled,
                     "is_primary": c.is_primary,
                     "fallbacks": c.fallbacks,
@@ -503,8 +518,8 @@ class Core:
         return out
 
     def prompt_stats(self, prompt_id: str) -> dict[str, Any]:
-        is_template = self.registry.get(prompt_id) is not None
-        combo = self.gateway.combinations.get(prompt_id)
+        is_template = self.registry.get(prompt_id) is not None or prompt_id == PASSTHROUGH
+        combo = self.gateway.combinations.get(prompt_id) or self.gateway.resolver.implicit.get(prompt_id)
         if not is_template and combo is None:
             raise KeyError(f"unknown template or combination id '{prompt_id}'")
         stats = self.analytics.prompt_stats(prompt_id, is_template)

@@ -53,14 +53,11 @@ class CoreCollector:
             "rswitch_demoted", "1 when the combination is below gateway.fallback_threshold", labels=labels
         )
         eff = core.gateway.effective_weights(fresh=True)
-        known = {c.id: c for c in core.gateway.combinations.values()}
-        for pool in core.gateway.resolver.passthrough.values():
-            for c in pool:
-                known.setdefault(c.id, c)
+        known = {**core.gateway.resolver.implicit, **core.gateway.combinations}
         for cid in core.metrics.combination_ids():
             c = known.get(cid)
             if c is None:
-                continue  # a default-model combination or one since removed: counted in requests
+                continue  # one since removed: still counted in requests
             values = [cid, c.template_id, c.provider, c.model]
             totals = core.metrics.totals(cid)
             attempts.add_metric([*values, "ok"], totals["requests"] - totals["errors"])

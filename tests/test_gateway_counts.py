@@ -106,7 +106,7 @@ async def test_rate_limit_wait_is_bounded_then_429_with_retry_after(make_gateway
     )
     statuses = [r.status_code for r in replies]
     ok, limited = statuses.count(200), statuses.count(429)
-    assert ok + limited == 150
+    assert ok + limited == 150 and limited > 0  # unbounded waits would have served all 150, after minutes
     # the bucket's 60, plus what refills (1/s) while the test itself runs
     assert 60 <= ok <= 60 + int(time.monotonic() - started) + 1
     for r in replies:
@@ -144,3 +144,35 @@ async def test_metrics_endpoint_counts_requests_and_attempts_apart(make_gateway)
     assert samples[("rswitch_recorder_lost_total", ())] == 0
     weights = {k[1]: v for k, v in samples.items() if k[0] == "rswitch_effective_weight"}
     assert sum(weights.values()) == 6.0 and len(weights) == 2
+
+
+async def test_an_attempt_is_timed_and_stamped_from_its_own_start(make_gateway):
+    """A fallback's latency is its own, not the failed attempt's before it (nor any waits)."""
+    gw = await make_gateway(
+        {
+            "model_providers": {
+                "slow-broken": {"type": "mock", "mock": {"latency_ms": 200, "failure_rate": 1.0}},
+                "fast": {"type": "mock", "mock": {"latency_ms": 0}},
+            },
+            "gateway": {
+                "combinations": [
+                    {
+                        "id": "a",
+                        "template_id": "summarise",
+                        "model": "m",
+                        "provider": "slow-broken",
+                        "fallbacks": ["b"],
+                    },
+                    {"id": "b", "template_id": "summarise", "model": "m", "provider": "fast", "weight": 0},
+                ]
+            },
+        }
+    )
+    for stream in (False, True):
+        r = await gw.post(chat("x", model="a", variables={"words": 3}, stream=stream))
+        assert r.status_code == 200
+    rows = gw.dataset_rows("summarise")
+    for failed, served in (rows[0:2], rows[2:4]):
+        assert failed["combination_id"] == "a" and served["combination_id"] == "b"
+        assert served["latency_ms"] < failed["latency_ms"]
+        assert served["created_at"] > failed["created_at"]

@@ -72,3 +72,46 @@ async def test_an_upstreams_retry_after_of_years_blocks_for_a_minute_at_most(mak
         second = await gw.post(chat("hi", model="o", variables={"words": 3}))
         assert second.status_code == 429
         assert int(second.headers["retry-after"]) <= 60
+
+
+async def test_an_overloaded_upstreams_retry_after_is_honoured_not_hammered(make_gateway):
+    """503 with Retry-After (an overloaded upstream, or the local model's full queue) is waited
+    for like a 429's, within gateway.max_rate_wait_seconds."""
+    with openai_fake.running() as fake:
+        gw = await make_gateway(
+            {
+                "model_providers": {"up": {"type": "openai", "base_url": fake.base_url, "api_key": "sk-x"}},
+                "gateway": {
+                    "max_attempts": 2,
+                    "max_rate_wait_seconds": 0.2,
+                    "combinations": [
+                        {"id": "o", "template_id": "summarise", "model": "gpt-4o", "provider": "up"}
+                    ],
+                },
+            }
+        )
+        fake.faults.push(Fault("status", status=503, retry_after=30))
+        r = await gw.post(chat("hi", model="o", variables={"words": 3}))
+        assert len(fake.recorder.requests) == 1  # not asked again while it said to wait
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 29
+
+
+async def test_an_upstream_refusing_rswitchs_key_is_a_502_not_the_clients_401(make_gateway):
+    """A 401 would tell the app its own key is wrong; it is rswitch's upstream key that is."""
+    with openai_fake.running(require_key="sk-right") as fake:
+        gw = await make_gateway(
+            {
+                "model_providers": {
+                    "up": {"type": "openai", "base_url": fake.base_url, "api_key": "sk-wrong"}
+                },
+                "gateway": {
+                    "combinations": [
+                        {"id": "o", "template_id": "summarise", "model": "gpt-4o", "provider": "up"}
+                    ]
+                },
+            }
+        )
+        r = await gw.post(chat("hi", model="o", variables={"words": 3}))
+        assert r.status_code == 502
+        err = r.json()["error"]
+        assert err["code"] == "upstream_auth_failed" and "sk-wrong" not in r.text

@@ -104,3 +104,59 @@ async def test_a_template_named_in_model_still_renders_its_prompt(gateway):
     assert r.status_code == 200
     [row] = [x for x in gateway.dataset_rows("support")]
     assert row["system_prompt"] == "You support Acme. Be kind."
+
+
+async def test_pass_through_traffic_shows_in_status_stats_and_its_dataset(make_gateway, tmp_path):
+    with openai_fake.running() as fake:
+        gw = await make_gateway(seeds_config(fake.base_url))
+        for _ in range(3):
+            assert (await gw.post(chat("hello", model="gpt-4o-mini"))).status_code == 200
+        rows = {c["id"]: c for c in (await gw.client.get("/status")).json()["combinations"]}
+        row = rows["openai/gpt-4o-mini"]
+        assert row["kind"] == "passthrough" and row["implicit"] is True
+        assert row["template_id"] == "_passthrough" and row["performance"]["requests"] == 3
+        assert row["performance"]["cost"] > 0
+        assert "backup/gpt-4" not in rows  # listed once it has served something
+        assert rows["default"]["kind"] == "configured" and rows["default"]["implicit"] is False
+        gw.flush()
+        stats = (await gw.client.get("/v1/prompts/_passthrough/stats")).json()
+        assert stats["total_requests"] == 3 and stats["success_rate"] == 1.0
+        per_model = (await gw.client.get("/v1/prompts/openai/gpt-4o-mini/stats")).json()
+        assert per_model["combination_id"] == "openai/gpt-4o-mini" and per_model["total_attempts"] == 3
+
+
+def test_dataset_show_reads_the_pass_through_dataset(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from rswitch.cli import app
+    from rswitch.storage.datasets import DatasetStore
+    from rswitch.storage.record import CallRecord
+
+    store = DatasetStore(tmp_path / "prompts", 100)
+    store.write(
+        [
+            CallRecord(
+                request_id="r1", created_at=1.0, template_id="_passthrough", combination_id="p/m", provider="p",
+                model="m", system_prompt="", messages=[{"role": "user", "content": "hi"}], variables={},
+                output="hello", success=True,
+            )
+        ]
+    )  # fmt: skip
+    store.close()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": {"base_path": str(tmp_path / "prompts")}}))
+    r = CliRunner().invoke(app, ["dataset", "show", "_passthrough", "-c", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert "hello" in r.output
+
+
+async def test_a_disabled_combination_named_in_model_says_so_and_its_model_still_passes_through(make_gateway):
+    with openai_fake.running() as fake:
+        cfg = seeds_config(fake.base_url)
+        cfg["gateway"]["combinations"][1]["enabled"] = False  # 'fallback', on gpt-3.5-turbo
+        gw = await make_gateway(cfg)
+        r = await gw.post(chat("x", model="fallback"))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "combination_disabled"
+        r = await gw.post(chat("x", model="gpt-3.5-turbo"))
+        assert r.status_code == 200 and r.headers["x-rswitch-combination"] == "openai/gpt-3.5-turbo"

@@ -169,3 +169,23 @@ async def test_a_bug_in_rswitchs_stream_code_is_a_logged_500_not_the_upstreams_f
     assert gateway.core.status()["traffic"]["failed"] == 1
     [row] = gateway.dataset_rows("support")
     assert row["success"] == 0 and row["error_type"] == "server_error" and row["status"] == 500
+
+
+async def test_a_bug_after_the_last_chunk_is_an_error_event_not_a_client_that_left(gateway, monkeypatch):
+    from rswitch.gateway.pipeline import Gateway
+
+    record = Gateway.record
+
+    def buggy(self, p, combo, system, **kw):
+        if kw.get("ok") and kw.get("stream"):
+            raise TypeError("a bug of ours while recording")
+        return record(self, p, combo, system, **kw)
+
+    monkeypatch.setattr(Gateway, "record", buggy)
+    r = await gateway.post(chat("tell me", model="support-a", variables=SUPPORT_VARS, stream=True))
+    evts = events(r.text)
+    assert evts[-1] != "[DONE]" and evts[-1]["error"]["type"] == "server_error"
+    traffic = gateway.core.status()["traffic"]
+    assert traffic["failed"] == 1 and traffic["cancelled"] == 0 and traffic["succeeded"] == 0
+    [row] = gateway.dataset_rows("support")
+    assert row["error_type"] == "server_error" and row["status"] == 500

@@ -34,8 +34,11 @@ EXPORTED = (
 def _dataset(config: str | None, template_id: str) -> Any:
     from rswitch.storage.datasets import DatasetStore
 
+    from rswitch.gateway.resolver import PASSTHROUGH
+
     cfg = load(config)
-    get_template(registry(config), template_id)  # unknown ids are an error that lists the known ones
+    if template_id != PASSTHROUGH:  # the pass-through calls' dataset has no template
+        get_template(registry(config), template_id)  # unknown ids are an error that lists the known ones
     return DatasetStore(cfg.dataset_dir, cfg.dataset.max_records)
 
 

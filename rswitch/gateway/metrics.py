@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLES_PER_COMBINATION = 4096
-REQUESTS_KEPT = 100_000  # client requests kept for the window's request rate and success
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +77,9 @@ class LiveMetrics:
         # client requests, apart from the upstream attempts made for them (a retried or failed-over
         # request is one request and several attempts)
         self.requests = {"requests": 0, "succeeded": 0, "failed": 0, "rejected": 0, "cancelled": 0}
-        self._requests: deque[tuple[float, bool]] = deque(maxlen=REQUESTS_KEPT)
+        # per second of the window: [second, succeeded, answered], so reading it costs at most
+        # one entry per second of the window, however busy it was
+        self._requests: deque[list[int]] = deque()
 
     def observe_request(self, status: int) -> None:
         """One client request answered with `status`: 200 succeeded; 499 cancelled (the client
@@ -95,7 +96,13 @@ class LiveMetrics:
             outcome = "failed"
         counts[outcome] += 1
         if outcome in ("succeeded", "failed"):
-            self._requests.append((time.monotonic(), outcome == "succeeded"))
+            second = int(time.monotonic())
+            recent = self._requests
+            if not recent or recent[-1][0] != second:
+                recent.append([second, 0, 0])
+            bucket = recent[-1]
+            bucket[1] += outcome == "succeeded"
+            bucket[2] += 1
 
     def traffic(self) -> dict[str, Any]:
         """Client requests and upstream attempts since start, and the gateway's own success over
@@ -105,7 +112,8 @@ class LiveMetrics:
         recent = self._requests
         while recent and recent[0][0] < cutoff:
             recent.popleft()
-        ok = sum(1 for _, good in recent if good)
+        ok = sum(b[1] for b in recent)
+        answered = sum(b[2] for b in recent)
         span = max(1.0, min(self.window, now - recent[0][0])) if recent else 1.0
         attempts = sum(s.total_requests for s in self._series.values())
         attempt_errors = sum(s.total_errors for s in self._series.values())
@@ -115,9 +123,9 @@ class LiveMetrics:
             "attempt_errors": attempt_errors,
             "window": {
                 "seconds": self.window,
-                "requests": len(recent),
-                "success_rate": ok / len(recent) if recent else None,
-                "requests_per_s": len(recent) / span,
+                "requests": answered,
+                "success_rate": ok / answered if answered else None,
+                "requests_per_s": answered / span,
             },
         }
 

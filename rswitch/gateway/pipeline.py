@@ -63,6 +63,13 @@ def to_client_error(e: UpstreamError) -> GatewayError:
             if e.status in (503, 529)
             else 502
         )
+    elif e.status in (401, 403):  # rswitch's credentials were refused, not the client's
+        return GatewayError(
+            502,
+            f"the upstream refused rswitch's credentials: {e.message}",
+            error_type="upstream_auth_error",
+            code="upstream_auth_failed",
+        )
     else:
         status = e.status if 400 <= e.status < 500 else 502
     return GatewayError(status, e.message, error_type=e.error_type, code=e.code, retry_after=e.retry_after)
@@ -284,7 +291,8 @@ class Gateway:
         """Record one attempt: live metrics (when `observe`), the learner, the console's
         recent calls and events, and the recorder. Returns (prompt, completion tokens,
         whether they are estimated, cost)."""
-        duration_ms = (time.perf_counter() - (started or p.started)) * 1000
+        started = started or p.started  # this attempt's start: its latency and time stamp count from here
+        duration_ms = (time.perf_counter() - started) * 1000
         estimated = False
         if usage and isinstance(usage.get("prompt_tokens"), int):
             pt, ct = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0) or 0
@@ -310,7 +318,7 @@ class Gateway:
             self.event("fallback", f"{combo.id} served on attempt {attempt} (request {p.request_id[:8]})")
         record = CallRecord(
             request_id=p.request_id,
-            created_at=p.created,
+            created_at=p.created + (started - p.started),
             template_id=combo.template_id,
             combination_id=combo.id,
             provider=combo.provider,
@@ -362,7 +370,7 @@ class Gateway:
         limiter = self.limiters.get(combo.provider)
         if limiter is not None:
             limiter.settle(est, used)
-            if e.status == 429 and e.retry_after:
+            if e.retryable and e.retry_after:  # 429, or 503 overloaded (a full local queue): wait
                 limiter.block_for(e.retry_after)
         # only upstream trouble counts against a combination's health, not a client's bad request
         self.record(
@@ -463,7 +471,7 @@ class Gateway:
                     ok=True,
                     usage=resp.get("usage"),
                     attempt=n,
-                    started=p.started,
+                    started=started,  # the attempt's own latency, not the request's waits before it
                 )
                 self.settle(combo, est, pt, ct)
                 if estimated or not resp.get("usage"):
@@ -507,7 +515,7 @@ class Gateway:
                         raise to_client_error(e) from None
                     last = e
                     continue
-                return StreamSession(self, p, combo, system, agen, held, est, n)
+                return StreamSession(self, p, combo, system, agen, held, est, n, started)
         finally:
             await attempts.aclose()
         raise self._exhausted(p, last)

@@ -50,6 +50,8 @@ class Resolver:
         self.default_chain, self.template_chains = chains
         self.routing_enabled = self.default_chain is not None or bool(self.template_chains)
         self.combinations: dict[str, Combination] = {}
+        # combinations rswitch made itself: pass-through pools and templates' default models
+        self.implicit: dict[str, Combination] = {}
         self.version = 0
         self.set_combinations(combinations)
 
@@ -67,6 +69,7 @@ class Resolver:
         served: dict[str, list[str]] = {}  # model -> providers that serve it, in config order
         for c in enabled:
             self.by_template.setdefault(c.template_id, []).append(c)
+        for c in self.combinations.values():  # a disabled combination's model is still served
             if c.provider not in served.setdefault(c.model, []):
                 served[c.model].append(c.provider)
         for name, provider in self.providers.items():
@@ -89,6 +92,9 @@ class Resolver:
             ]
             for model, providers in served.items()
         }
+        for pool in self.passthrough.values():
+            for c in pool:
+                self.implicit[c.id] = c
         self.version += 1
 
     def effective_weights(self, fresh: bool = False) -> dict[str, float]:
@@ -113,15 +119,18 @@ class Resolver:
             )
         if tpl.default_model and tpl.default_provider in self.providers:
             # a registered template with a default model and provider is servable on its own
-            return [
-                Combination(
-                    id=f"{template_id}@default",
+            cid = f"{template_id}@default"
+            combo = self.implicit.get(cid)
+            if combo is None or (combo.model, combo.provider) != (tpl.default_model, tpl.default_provider):
+                combo = self.implicit[cid] = Combination(
+                    id=cid,
+                    name=f"{template_id} (default model)",
                     template_id=template_id,
                     model=tpl.default_model,
                     provider=tpl.default_provider,
                     implicit=True,
                 )
-            ]
+            return [combo]
         raise GatewayError(
             400,
             f"template '{template_id}' has no enabled combination (add one under gateway.combinations, "
@@ -175,6 +184,10 @@ class Resolver:
             pool, key, routable = self.template_pool(model), f"t:{model}", True
         elif model and model in self.passthrough:
             pool, key = self.passthrough[model], f"m:{model}"
+        elif model and model in self.combinations:
+            raise GatewayError(
+                400, f"combination '{model}' is disabled", code="combination_disabled", param="model"
+            )
         elif model:
             raise self._unknown_model(model)
         else:

@@ -49,6 +49,7 @@ class StreamSession:
         held: list[dict[str, Any]],
         est: int,
         attempt: int,
+        started: float,
     ) -> None:
         self.gateway = gateway
         self.p = p
@@ -58,6 +59,7 @@ class StreamSession:
         self._held = held
         self._est = est
         self._attempt = attempt
+        self.started = started  # when this attempt began: its latency and time to first token count from here
         self._ttft: float | None = None
         self._parts: list[str] = []
 
@@ -72,7 +74,7 @@ class StreamSession:
             delta = choice.get("delta") or {}
             text = delta.get("content")
             if (text or delta.get("tool_calls")) and self._ttft is None:
-                self._ttft = (time.perf_counter() - self.p.started) * 1000
+                self._ttft = (time.perf_counter() - self.started) * 1000
             if text:
                 self._parts.append(text)
 
@@ -88,7 +90,9 @@ class StreamSession:
         g, p = self.gateway, self.p
         if isinstance(exc, UpstreamError):
             used = estimate_tokens("".join(self._parts))
-            g.failed(p, self.combination, self.system, exc, self._attempt, p.started, True, self._est, used)
+            g.failed(
+                p, self.combination, self.system, exc, self._attempt, self.started, True, self._est, used
+            )
             err = g.to_client_error(exc)
         else:  # rswitch's own bug: logged, answered as ours, not held against the upstream
             log.error(
@@ -100,7 +104,10 @@ class StreamSession:
             err = GatewayError(
                 500, f"internal error while streaming: {type(exc).__name__}", error_type="server_error"
             )
-            self._record_unfinished(err)
+            try:
+                self._record_unfinished(err)
+            except Exception:  # the recording itself is what broke: the client still gets its event
+                log.exception("could not record request %s", p.request_id)
         g.finish(p, err.status)
         return sse(err.body())
 
@@ -118,21 +125,54 @@ class StreamSession:
             ttft_ms=self._ttft,
             stream=True,
             attempt=self._attempt,
+            started=self.started,
             observe=False,
         )
+
+    def _ending(
+        self, usage: dict[str, Any] | None, finish: dict[str, Any] | None, last: dict[str, Any]
+    ) -> list[bytes]:
+        """Record the complete answer, then the events that end it: the held-back finish chunk
+        carrying the usage (or OpenAI's usage-only chunk), and [DONE]."""
+        g, p = self.gateway, self.p
+        pt, ct, estimated, _ = g.record(
+            p,
+            self.combination,
+            self.system,
+            output="".join(self._parts),
+            ok=True,
+            usage=usage,
+            ttft_ms=self._ttft,
+            stream=True,
+            attempt=self._attempt,
+            started=self.started,
+        )
+        g.settle(self.combination, self._est, pt, ct)
+        final_usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+        if usage:
+            final_usage = {**usage, **final_usage}
+        if estimated:
+            final_usage["estimated"] = True
+        out = []
+        if finish is not None:
+            out.append(sse({**finish, "usage": final_usage}))
+        if p.client_usage or finish is None:
+            out.append(sse({**last, "object": "chat.completion.chunk", "choices": [], "usage": final_usage}))
+        out.append(DONE)
+        return out
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         usage: dict[str, Any] | None = None
         finish: dict[str, Any] | None = None  # held back so usage can ride on it
-        last_id, last_model, created = None, self.combination.model, int(self.p.created)
+        last = {"id": None, "model": self.combination.model, "created": int(self.p.created)}
         g, p = self.gateway, self.p
         outcome: str = "client_closed"
         try:
             try:
                 async for chunk in self._chunks():
-                    last_id = chunk.get("id", last_id)
-                    last_model = chunk.get("model", last_model)
-                    created = chunk.get("created", created)
+                    last["id"] = chunk.get("id", last["id"])
+                    last["model"] = chunk.get("model", last["model"])
+                    last["created"] = chunk.get("created", last["created"])
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     self._observe(chunk)
@@ -146,45 +186,15 @@ class StreamSession:
                         finish = chunk
                         continue
                     yield sse(chunk)
-            except Exception as exc:
+                ending = self._ending(usage, finish, last)
+            except Exception as exc:  # upstream trouble, or a bug of ours up to the last event
                 outcome = "error"
                 yield self._broken(exc)
                 return
-            pt, ct, estimated, _ = g.record(
-                p,
-                self.combination,
-                self.system,
-                output="".join(self._parts),
-                ok=True,
-                usage=usage,
-                ttft_ms=self._ttft,
-                stream=True,
-                attempt=self._attempt,
-            )
             outcome = "ok"
             g.finish(p, 200)
-            g.settle(self.combination, self._est, pt, ct)
-            final_usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
-            if usage:
-                final_usage = {**usage, **final_usage}
-            if estimated:
-                final_usage["estimated"] = True
-            if finish is not None:
-                finish = dict(finish)
-                finish["usage"] = final_usage
-                yield sse(finish)
-            if p.client_usage or finish is None:
-                yield sse(
-                    {
-                        "id": last_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": last_model,
-                        "choices": [],
-                        "usage": final_usage,
-                    }
-                )
-            yield DONE
+            for event in ending:
+                yield event
         finally:
             if outcome == "client_closed":
                 # the client went away mid-stream: close the upstream and record what happened
