@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 STRATEGIES = ("round_robin", "weighted_round_robin", "performance_based")
 PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock", "local", "encoder")
+# the types whose provider serves /v1/embeddings (Anthropic has no embeddings API)
+EMBEDDING_PROVIDER_TYPES = ("openai", "ollama", "mock", "local", "encoder")
 # A provider type's standard key, and the only host it goes to on its own: a provider whose
 # base_url is anywhere else (a local vLLM, a third-party endpoint) gets a key only by naming it
 # in api_key_env, so the operator's OpenAI or Anthropic key never leaks to another server.
@@ -405,6 +407,15 @@ class Config(BaseModel):
         return self.resolve_path(self.analytics.path)
 
 
+SHOWN_VALUE_CHARS = 80  # a bad value is quoted up to this long: a whole section is not one line
+
+
+def abridged(value: Any, limit: int = SHOWN_VALUE_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters with "…" when it is longer."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class ConfigProblem:
     def __init__(self, path: str, message: str, value: Any = None, has_value: bool = False) -> None:
         self.path = path
@@ -413,7 +424,7 @@ class ConfigProblem:
         self.has_value = has_value
 
     def __str__(self) -> str:
-        got = f" (got {self.value!r})" if self.has_value else ""
+        got = f" (got {abridged(self.value)})" if self.has_value else ""
         return f"{self.path or '<root>'}: {self.message}{got}"
 
 
@@ -500,13 +511,27 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
             )
     problems.extend(_routing_problems(cfg, known))
     emb = cfg.gateway.embeddings
-    if emb is not None and emb.provider not in cfg.model_providers:
-        allowed = ", ".join(sorted(cfg.model_providers)) or "none are defined under model_providers"
-        problems.append(
-            ConfigProblem(
-                "gateway.embeddings.provider", f"unknown provider; allowed: {allowed}", emb.provider, True
+    if emb is not None:
+        embedders = sorted(n for n, p in cfg.model_providers.items() if p.type in EMBEDDING_PROVIDER_TYPES)
+        types = ", ".join(EMBEDDING_PROVIDER_TYPES)
+        allowed = ", ".join(embedders) or f"none yet (add a provider of type {types})"
+        if emb.provider not in cfg.model_providers:
+            problems.append(
+                ConfigProblem(
+                    "gateway.embeddings.provider", f"unknown provider; allowed: {allowed}", emb.provider, True
+                )
             )
-        )
+        elif cfg.model_providers[emb.provider].type not in EMBEDDING_PROVIDER_TYPES:
+            kind = cfg.model_providers[emb.provider].type
+            problems.append(
+                ConfigProblem(
+                    "gateway.embeddings.provider",
+                    f"provider '{emb.provider}' is of type {kind}, which serves no embeddings; "
+                    f"allowed: {allowed}",
+                    emb.provider,
+                    True,
+                )
+            )
     for name, p in cfg.model_providers.items():
         if p.api_key_env is not None and not p.api_key_env.strip():
             problems.append(
@@ -645,10 +670,12 @@ def parse_config(data: Any, source: str | None = None) -> Config:
         problems = []
         for err in exc.errors():
             msg = err["msg"]
+            show = "input" in err and err["type"] != "missing"
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
                 if len(err["loc"]) == 1:
                     msg = _unknown_section(str(err["loc"][0]))
+                    show = False  # a misspelt section's value is the whole section: the name says enough
             if err["type"] == "union_tag_invalid":
                 problems.append(
                     ConfigProblem(
@@ -659,11 +686,7 @@ def parse_config(data: Any, source: str | None = None) -> Config:
                     )
                 )
                 continue
-            problems.append(
-                ConfigProblem(
-                    _loc(err["loc"]), msg, err.get("input"), "input" in err and err["type"] != "missing"
-                )
-            )
+            problems.append(ConfigProblem(_loc(err["loc"]), msg, err.get("input"), show))
         raise ConfigError(problems, source) from None
     cfg.source = source
     _default_judge(cfg)
@@ -728,6 +751,25 @@ def resolve_api_key(name: str, p: ProviderConfig) -> tuple[str | None, str]:
     if std:
         return os.environ.get(std), f"${std}"
     return None, "none needed"
+
+
+def secrets_to_withhold(cfg: Config) -> list[str]:
+    """Every key value this config could use, to keep out of packages: each provider's key (its
+    api_key_env or api_key), the standard $OPENAI_API_KEY / $ANTHROPIC_API_KEY when set — also
+    where resolve_api_key withholds them from a provider's host —, and the client and admin keys
+    named under gateway.auth (variables like $RSWITCH_ADMIN_KEY that no name pattern catches)."""
+    names = list(STANDARD_KEY_ENV.values())
+    values: list[str | None] = []
+    for p in cfg.model_providers.values():
+        if p.api_key_env:
+            names.append(p.api_key_env)
+        values.append(p.api_key)
+    auth = cfg.gateway.auth
+    names += [k.key_env for k in auth.keys if k.key_env]
+    if auth.admin_key_env:
+        names.append(auth.admin_key_env)
+    values += [os.environ.get(n) for n in names]
+    return list(dict.fromkeys(v for v in values if v))
 
 
 def config_warnings(cfg: Config) -> list[str]:

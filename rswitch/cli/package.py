@@ -35,12 +35,12 @@ def package_export(
     """Export a template, its dataset, recent logs and analytics as a package."""
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from rswitch.config import resolve_api_key
+    from rswitch.config import secrets_to_withhold
     from rswitch.packaging import PackageError, export_package
 
     cfg = load(config)
     reg = registry(config)
-    secrets = [k for name, pc in cfg.model_providers.items() if (k := resolve_api_key(name, pc)[0])]
+    secrets = secrets_to_withhold(cfg)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
