@@ -88,7 +88,7 @@ def known_secrets(extra: list[str] | None = None) -> dict[str, str]:
     }
     for value in extra or []:
         if value and len(value) >= MIN_SECRET_LEN:
-            found.setdefault(value, "a key in the config file")
+            found.setdefault(value, "a key the config uses")
     return found
 
 
