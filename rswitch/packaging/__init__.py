@@ -38,6 +38,7 @@ from rswitch import __version__
 from rswitch.packaging.checks import (
     ANALYTICS_KEY,
     FORMAT_VERSION,
+    MAX_UNPACKED_BYTES,
     PACKAGE_FILE,
     PackageError,
     check_archive_members,
@@ -47,6 +48,7 @@ from rswitch.packaging.checks import (
     listed_rows,
     load_yaml,
     read_only_uri,
+    too_big,
     version_file,
 )
 from rswitch.storage.datasets import HAS_LABEL, open_dataset
@@ -262,8 +264,10 @@ def export_package(
 # -- reading and verifying ------------------------------------------------------------------------
 
 
-def _safe_extract(archive: Path, dest: Path) -> Path:
-    """Extract an archive of one package folder, refusing anything that could escape it."""
+def _safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+    """Extract an archive of one package folder, refusing anything that could escape it or
+    unpack to more than `max_bytes` (or than the disk has free): checked from the headers
+    before anything is written, and counted again as each entry is extracted."""
     try:
         tar = tarfile.open(archive, "r:*")
     except tarfile.ReadError as exc:
@@ -272,11 +276,27 @@ def _safe_extract(archive: Path, dest: Path) -> Path:
         ) from None
     with tar:
         try:
-            root = check_archive_members(tar, archive)  # reads the members one by one
+            root = check_archive_members(tar, archive, max_bytes)  # reads the members one by one
         except (tarfile.ReadError, EOFError, OSError) as exc:
             raise PackageError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        needed = sum(m.size for m in tar.getmembers() if m.isfile())
+        free = shutil.disk_usage(dest).free
+        if needed > free:
+            raise PackageError(
+                f"refusing {archive}: it unpacks to {needed} bytes and {dest} has {free} bytes free; "
+                f"nothing was extracted"
+            )
+        written = 0
+
+        def counted(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+            nonlocal written
+            written += member.size if member.isfile() else 0
+            if written > max_bytes:
+                raise too_big(archive, written, max_bytes)
+            return tarfile.data_filter(member, path)
+
         try:
-            tar.extractall(dest, filter="data")
+            tar.extractall(dest, filter=counted)
         except (tarfile.ReadError, EOFError, OSError, tarfile.FilterError) as exc:
             raise PackageError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     return dest / root
@@ -312,7 +332,9 @@ def verify(folder: Path) -> dict[str, Any]:
 class _Opened:
     """A package folder ready to read: the folder itself, or an archive extracted to a temp dir."""
 
-    def __init__(self, path: Path, scratch_parent: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, scratch_parent: Path | None = None, max_bytes: int = MAX_UNPACKED_BYTES
+    ) -> None:
         self.path = Path(path)
         self._tmp: Path | None = None
         if not self.path.exists():
@@ -322,7 +344,7 @@ class _Opened:
         else:
             self._tmp = Path(tempfile.mkdtemp(prefix=".rswitch-pkg-", dir=scratch_parent))
             try:
-                self.folder = _safe_extract(self.path, self._tmp)
+                self.folder = _safe_extract(self.path, self._tmp, max_bytes)
             except BaseException:
                 self.close()
                 raise
@@ -348,9 +370,9 @@ def _read_loosely(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def inspect_package(path: Path) -> dict[str, Any]:
+def inspect_package(path: Path, *, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> dict[str, Any]:
     """What a package holds, whether it passes every check an import makes, without importing it."""
-    with _Opened(path) as opened:
+    with _Opened(path, max_bytes=max_unpacked_bytes) as opened:
         folder = opened.folder
         try:
             meta = verify(folder)
@@ -440,11 +462,13 @@ def import_package(
     *,
     overwrite: bool = False,
     restore_analytics: bool = True,
+    max_unpacked_bytes: int = MAX_UNPACKED_BYTES,
 ) -> dict[str, Any]:
-    """Verify, stage and move a package into place; merge its analytics rows without duplicates."""
+    """Verify, stage and move a package into place; merge its analytics rows without duplicates.
+    An archive that would unpack to more than `max_unpacked_bytes` is refused unopened."""
     base = stores.base_dir
     base.mkdir(parents=True, exist_ok=True)
-    with _Opened(path, scratch_parent=base) as opened:
+    with _Opened(path, scratch_parent=base, max_bytes=max_unpacked_bytes) as opened:
         folder = opened.folder
         meta = verify(folder)
         tid = meta["template_id"]

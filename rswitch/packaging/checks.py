@@ -111,12 +111,36 @@ def listed_rows(meta: dict[str, Any], rel: str) -> int | None:
 ARCHIVE_NAMES = frozenset({"", "logs", PACKAGE_FILE, *KNOWN_FILES})
 
 
-def check_archive_members(members: Iterable[tarfile.TarInfo], archive: Path) -> str:
+# What an archive may unpack to, in all: far beyond any real package (a dataset is trimmed to
+# dataset.max_records rows), far below what a decompression bomb would fill a disk with.
+MAX_UNPACKED_BYTES = 4 * 1024**3
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def too_big(archive: Path, total: int, limit: int) -> PackageError:
+    return PackageError(
+        f"refusing {archive}: it unpacks to more than {_size(limit)} ({_size(total)} so far), more than "
+        f"a package may hold; nothing was extracted"
+    )
+
+
+def check_archive_members(
+    members: Iterable[tarfile.TarInfo], archive: Path, max_bytes: int = MAX_UNPACKED_BYTES
+) -> str:
     """Refuse, member by member (an archive of a million entries stops at the first odd one),
-    anything that could land outside the package folder, is not a plain file or folder, or is
-    not a file a package holds; return the folder's name."""
+    anything that could land outside the package folder, is not a plain file or folder, is
+    not a file a package holds, or would take the unpacked total past `max_bytes` (read from
+    the headers, so a decompression bomb is refused before a byte of it is written); return
+    the folder's name. The names allowed, each once, also bound the number of entries."""
     root: str | None = None
     seen: set[str] = set()
+    total = 0
     for m in members:
         path = PurePosixPath(m.name)
         if m.name.startswith("/") or path.is_absolute():
@@ -127,8 +151,11 @@ def check_archive_members(members: Iterable[tarfile.TarInfo], archive: Path) -> 
             raise PackageError(f"refusing {archive}: entry {m.name!r} has a '\\' in its name")
         if m.issym() or m.islnk():
             raise PackageError(f"refusing {archive}: entry {m.name!r} is a link")
-        if not (m.isfile() or m.isdir()):
+        if not (m.isfile() or m.isdir()) or m.issparse():
             raise PackageError(f"refusing {archive}: entry {m.name!r} is not a regular file or folder")
+        total += max(m.size, 0) if m.isfile() else 0
+        if total > max_bytes:
+            raise too_big(archive, total, max_bytes)
         if not path.parts:
             raise PackageError(f"refusing {archive}: entry {m.name!r} has no name")
         key = path.as_posix()
