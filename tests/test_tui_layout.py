@@ -1,14 +1,17 @@
 """The console at 80 to 160 columns, over the snapshot tests' fixed data: the combinations table
-shows the columns that fit (never cut off, success and p50 always), and events wrap."""
+shows the columns that fit (never cut off, success and p50 always), and so does the recent
+attempts pane (status, ms and combination always); the summary breaks between whole items;
+events wrap."""
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 
 import pytest
 from textual.geometry import Region
 
-from tests.test_tui_snapshots import make_app, ready
+from tests.test_tui_snapshots import SNAPSHOT, make_app, ready
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +23,118 @@ def shown(app) -> list[str]:
 def fits(table) -> bool:
     """Nothing is cut off: the table is no wider than the room it has (no horizontal scrolling)."""
     return table.virtual_size.width <= table.scrollable_content_region.width
+
+
+def on_screen(widget) -> list[str]:
+    """The widget's lines as the operator sees them."""
+    width, height = widget.size
+    return ["".join(s.text for s in strip) for strip in widget.render_lines(Region(0, 0, width, height))]
+
+
+async def settle(pilot, predicate) -> None:
+    for _ in range(200):
+        await pilot.pause(0.02)
+        if predicate():
+            return
+    raise AssertionError("the screen never showed the expected state")
+
+
+def quiet_snapshot() -> dict:
+    """The fixed data as it is before traffic: every cell at its narrowest."""
+    snap = copy.deepcopy(SNAPSHOT)
+    for c in snap["combinations"]:
+        c["demoted"] = False
+        p = c["performance"]
+        p.update(requests=0, success_rate=None, p50_latency_ms=None, p95_latency_ms=None, cost=0.0)
+    return snap
+
+
+def busy_snapshot() -> dict:
+    """The same combinations a moment later: a state that grew to 'degraded', success rates from
+    '-' to '100%', costs from '-' to '0.000010'."""
+    snap = copy.deepcopy(SNAPSHOT)
+    for c in snap["combinations"]:
+        c["demoted"] = True
+        p = c["performance"]
+        p.update(requests=3, success_rate=1.0, p50_latency_ms=12345, p95_latency_ms=23456, cost=0.00003)
+    return snap
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 40)], ids=["80x24", "160x40"])
+async def test_cells_that_grow_after_the_first_draw_are_shown_whole(size):
+    app = make_app(quiet_snapshot())
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, lambda: bool(app.status))
+        await pilot.pause()
+        table = app.query_one("#combinations")
+        assert table.get_cell("support-local", "success") == "-"
+        app.gateway.data = busy_snapshot()
+        app.fetch()
+        await settle(pilot, lambda: table.get_cell("support-local", "success") == "100%")
+        await pilot.pause()
+        assert {"state", "success", "p50 ms"} <= set(shown(app)) and fits(table)
+        lines = on_screen(table)
+        for cid in ("support-openai", "support-local", "summarise-local"):
+            [line] = [line for line in lines if line.lstrip().startswith(cid)]
+            for col in shown(app):
+                assert f" {table.get_cell(cid, col)} " in line, f"{col} of {cid} cut off in {line!r}"
+        assert "degraded" in "".join(lines) and "12345" in "".join(lines)
+        if "$/req" in shown(app):
+            assert "0.000010" in "".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("size", "columns"),
+    [
+        ((80, 24), ["status", "ms", "combination"]),
+        ((100, 30), ["status", "ms", "combination"]),
+        ((160, 40), ["time", "status", "ms", "try", "combination"]),
+    ],
+    ids=["80x24", "100x30", "160x40"],
+)
+async def test_the_recent_attempts_pane_shows_what_fits_and_never_hides_status_ms_or_combination(
+    size, columns
+):
+    app = make_app()
+    async with app.run_test(size=size) as pilot:
+        await ready(pilot)
+        await pilot.pause()
+        recent = app.query_one("#recent")
+        assert [c.key.value for c in recent.ordered_columns] == columns
+        assert fits(recent), f"{recent.virtual_size.width} columns in {recent.scrollable_content_region}"
+        top, header, *rows = [line.strip("│") for line in on_screen(recent)]
+        assert "(i: inspect)" in top  # the title too, whole
+        for c in recent.ordered_columns:  # each header whole (it was cut to 't')
+            assert f" {c.label.plain} " in f"{header} ", header
+        assert header.split()[-1] in ("combination", "combo")
+        newest = rows[0]
+        assert "200" in newest and "985" in newest
+        combination = newest.split()[-1]  # an id that does not fit is abridged, never lost
+        assert "support-openai".startswith(combination.rstrip("…")) and len(combination) >= 6
+        if size[0] >= 160:
+            assert combination == "support-openai" and "14:13:15.000" in newest
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 40)], ids=["80x24", "160x40"])
+async def test_the_summary_breaks_between_whole_items(size):
+    snap = copy.deepcopy(SNAPSHOT)  # a gateway that has been up a while
+    snap["traffic"] = {"requests": 152800, "failed": 31, "attempts": 160000, "attempt_errors": 7200}
+    snap["recorder"] = {"written": 160000, "dropped": 12, "queue_depth": 3}
+    app = make_app(snap)
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot, lambda: bool(app.status))
+        await pilot.pause()
+        lines = [line.strip() for line in on_screen(app.query_one("#summary"))]
+        lines = [line for line in lines if line]
+        assert len(lines) <= 2, lines
+        for item in ("requests 152800 (failed 31)", "attempts 160000 (errors 7200)", "cost $0.050",
+                     "dropped 12", "queue 3", "gateway http://127.0.0.1:8080"):  # fmt: skip
+            assert any(item in line for line in lines), f"{item!r} is not whole on one line: {lines}"
+        if size[0] >= 160:
+            assert any("strategy weighted_round_robin" in line for line in lines)
+        # every line starts with an item, never with the tail of one
+        assert all(line.split()[0] in ("gateway", "strategy", "-", "requests", "attempts", "cost", "recorded",
+                                       "dropped", "queue") for line in lines), lines  # fmt: skip
 
 
 @pytest.mark.parametrize(

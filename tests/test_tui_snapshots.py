@@ -194,12 +194,15 @@ class FakeCore:
 
 
 class FakeGateway:
-    """What the app needs of GatewayThread, answering with the fixed data above."""
+    """What the app needs of GatewayThread, answering with the fixed data above (or `data`)."""
 
     core = FakeCore()
 
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        self.data = data or SNAPSHOT  # a test may swap in the next snapshot
+
     def snapshot(self, events_after: int = 0) -> dict[str, Any]:
-        return copy.deepcopy(SNAPSHOT)
+        return copy.deepcopy(self.data)
 
     def call(self, fn: Any, *args: Any) -> Any:
         return fn(*args)
@@ -218,9 +221,9 @@ def utc():
     time.tzset()
 
 
-def make_app() -> RSwitchApp:
+def make_app(data: dict[str, Any] | None = None) -> RSwitchApp:
     return RSwitchApp(
-        FakeGateway(),
+        FakeGateway(data),
         url="http://127.0.0.1:8080",
         refresh=3600,  # only the first refresh happens during a test
         export_dir=Path("/srv/rswitch/packages"),

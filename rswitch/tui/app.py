@@ -215,9 +215,14 @@ class RSwitchApp(App[None]):
         super()._handle_exception(error)
 
     def render_summary(self) -> None:
-        self.query_one("#summary", Static).update(
-            model.summary_text(self.url, self.status, self.history, self.filter_text)
-        )
+        summary = self.query_one("#summary", Static)
+        width = summary.size.width or self.size.width - 2  # before the first layout: the screen less padding
+        lines = model.summary_lines(self.url, self.status, self.history, max(width, 20), self.filter_text)
+        summary.update("\n".join(lines))
+
+    def on_resize(self) -> None:
+        if self.status:
+            self.call_after_refresh(self.guarded, "the summary", self.render_summary)
 
     def render_table(self) -> None:
         combos = self.status.get("combinations", [])
@@ -367,6 +372,7 @@ class RSwitchApp(App[None]):
         if self.status:  # rebuilt in the gateway's order, so clearing the filter restores it
             self.query_one(CombinationsTable).clear()
             self.guarded("the combinations table", self.render_table)
+            self.guarded("the summary", self.render_summary)  # it says the table is filtered
 
     @on(Input.Submitted, "#filter")
     def filter_done(self) -> None:

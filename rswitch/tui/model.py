@@ -46,6 +46,8 @@ COLUMNS = (
 )
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
 CELL_PADDING = 1  # Textual's DataTable pads each cell by one column on either side
+PASSTHROUGH = "_passthrough"  # the template id of pass-through rows (rswitch.gateway.resolver.PASSTHROUGH)
+NONE = "—"  # a cell that does not apply to the row (a pass-through row has no template)
 
 
 def fmt(value: Any, spec: str = "", none: str = "-") -> str:
@@ -64,26 +66,58 @@ def fmt_cost(value: float | None, digits: int = 2) -> str:
     return f"{value:.{decimals}f}"
 
 
+KIND_LABEL = {"passthrough": "pass-through", "default": "default model"}
+
+
+def implicit_kind(c: dict[str, Any]) -> str | None:
+    """'passthrough' or 'default' for a row the gateway made itself (a model named without a
+    template, or a template's default model), None for a configured combination."""
+    if not c.get("implicit"):
+        return None
+    return c.get("kind") or ("passthrough" if c.get("template_id") == PASSTHROUGH else "default")
+
+
 def combination_row(c: dict[str, Any], optimized: str = "-") -> dict[str, str]:
-    """One combination's cells by column key. Its numbers are per upstream attempt."""
+    """One combination's cells by column key. Its numbers are per upstream attempt. A row the
+    gateway made itself says so in its model cell, and shows no weight (none can be set)."""
     perf = c["performance"]
-    state = "disabled" if not c["enabled"] else ("degraded" if c.get("demoted") else "enabled")
-    n = perf["requests"] or 0
+    enabled = c.get("enabled", True)
+    state = "disabled" if not enabled else ("degraded" if c.get("demoted") else "enabled")
+    n = perf.get("requests") or 0
+    kind = implicit_kind(c)
+    model_cell = c["model"] + (f" ({KIND_LABEL[kind]})" if kind in KIND_LABEL else "")
     return {
-        "template": c["template_id"],
-        "model": c["model"],
+        "template": NONE if kind == "passthrough" else c["template_id"],
+        "model": model_cell,
         "provider": c["provider"],
-        "weight": f"{c['weight']:g}",
-        "effective": f"{c['effective_weight']:g}",
+        "weight": NONE if kind else f"{c['weight']:g}",
+        "effective": fmt(c.get("effective_weight"), "g"),
         "state": state,
-        "req/s": fmt(perf["requests_per_s"], ".1f"),
-        "success": fmt(perf["success_rate"], ".0%"),
-        "p50 ms": fmt(perf["p50_latency_ms"], ".0f"),
-        "p95 ms": fmt(perf["p95_latency_ms"], ".0f"),
-        "$/req": fmt_cost(perf["cost"] / n if n else None),
+        "req/s": fmt(perf.get("requests_per_s"), ".1f"),
+        "success": fmt(perf.get("success_rate"), ".0%"),
+        "p50 ms": fmt(perf.get("p50_latency_ms"), ".0f"),
+        "p95 ms": fmt(perf.get("p95_latency_ms"), ".0f"),
+        "$/req": fmt_cost(perf.get("cost", 0.0) / n if n else None),
         "quality": fmt(perf.get("quality"), ".2f"),  # mean feedback score in the window
-        "optimized": optimized,
+        "optimized": NONE if kind == "passthrough" else optimized,
     }
+
+
+def column_widths(rows: Any, columns: Any) -> dict[str, int]:
+    """Each column's content width: its widest cell or its header. `rows` are cells by column key."""
+    rows = list(rows)
+    return {key: max([cell_len(key)] + [cell_len(r[key]) for r in rows]) for key in columns}
+
+
+def fitting(columns: tuple[Column, ...], need: dict[str, int], budget: int) -> list[str]:
+    """The keys of `columns` whose widths (`need`, padding included) fit in `budget`, hiding
+    those with a `drop` rank in that order (1 first); the others are always kept."""
+    shown = [c.key for c in columns]
+    for col in sorted((c for c in columns if c.drop is not None), key=lambda c: c.drop or 0):
+        if sum(need[k] for k in shown) <= budget:
+            break
+        shown.remove(col.key)
+    return shown
 
 
 def visible_columns(rows: dict[str, dict[str, str]], width: int, reserve: int = 2) -> list[str]:
@@ -92,22 +126,15 @@ def visible_columns(rows: dict[str, dict[str, str]], width: int, reserve: int = 
     label to its cells; `reserve` leaves room for a vertical scrollbar."""
     pad = 2 * CELL_PADDING
     label = max((cell_len(k) for k in rows), default=0) + pad
-    need = {
-        c.key: max([cell_len(c.key)] + [cell_len(r[c.key]) for r in rows.values()]) + pad for c in COLUMNS
-    }
-    shown = list(COLUMN_KEYS)
-    budget = width - label - reserve
-    for col in sorted((c for c in COLUMNS if c.drop is not None), key=lambda c: c.drop or 0):
-        if sum(need[k] for k in shown) <= budget:
-            break
-        shown.remove(col.key)
-    return shown
+    need = {k: w + pad for k, w in column_widths(rows.values(), COLUMN_KEYS).items()}
+    return fitting(COLUMNS, need, width - label - reserve)
 
 
 def matches(c: dict[str, Any], needle: str) -> bool:
     if not needle:
         return True
     hay = " ".join(str(c.get(k, "")) for k in ("id", "template_id", "model", "provider")).lower()
+    hay += " " + KIND_LABEL.get(implicit_kind(c) or "", "")
     return all(part in hay for part in needle.lower().split())
 
 
@@ -208,17 +235,63 @@ class History:
         ]
 
 
-def summary_text(url: str, status: dict[str, Any], history: History, filter_text: str = "") -> str:
+SUMMARY_GAP = "   "  # between two items of the summary line
+SUMMARY_LINES = 2  # the most lines the summary takes; past that the least important items go
+
+
+def summary_items(
+    url: str, status: dict[str, Any], history: History, filter_text: str = ""
+) -> list[tuple[int, str]]:
+    """The summary's items in display order, each with its rank (1 = most important, kept longest)."""
     t = Traffic.of(status)
     rate = history.request_rate()
     cost = sum(c["performance"]["since_start"]["cost"] for c in status.get("combinations", []))
-    rec = status["recorder"]
-    return (
-        f"gateway {url}   strategy {status['strategy']}   {fmt(rate, '.1f')} req/s   "
-        f"requests {t.requests} (failed {t.failed})   attempts {t.attempts} (errors {t.attempt_errors})   "
-        f"cost ${fmt_cost(cost)}   recorded {rec['written']}  dropped {rec['dropped']}  "
-        f"queue {rec['queue_depth']}" + (f"   filter: {filter_text}" if filter_text else "")
-    )
+    rec = status.get("recorder") or {}
+    items = [
+        (7, f"gateway {url}"),
+        (10, f"strategy {status.get('strategy', '-')}"),
+        (3, f"{fmt(rate, '.1f')} req/s"),
+        (1, f"requests {t.requests} (failed {t.failed})"),
+        (2, f"attempts {t.attempts} (errors {t.attempt_errors})"),
+        (4, f"cost ${fmt_cost(cost)}"),
+        (9, f"recorded {rec.get('written', 0)}"),
+        (5, f"dropped {rec.get('dropped', 0)}"),
+        (8, f"queue {rec.get('queue_depth', 0)}"),
+    ]
+    if filter_text:
+        items.append((6, f"filter: {filter_text}"))
+    return items
+
+
+def pack(items: list[str], width: int) -> list[str]:
+    """Items on lines of at most `width` cells, broken only between items (an item wider than
+    `width` has a line of its own)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and cell_len(lines[-1]) + len(SUMMARY_GAP) + cell_len(item) <= width:
+            lines[-1] += SUMMARY_GAP + item
+        else:
+            lines.append(item)
+    return lines
+
+
+def summary_lines(
+    url: str, status: dict[str, Any], history: History, width: int, filter_text: str = ""
+) -> list[str]:
+    """The summary for a `width`-cell line: whole items per line, never a phrase cut in two, on
+    at most SUMMARY_LINES lines — when they do not fit, the least important items are left out."""
+    items = summary_items(url, status, history, filter_text)
+    while True:
+        lines = pack([text for _, text in items], width)
+        if len(lines) <= SUMMARY_LINES or len(items) == 1:
+            return lines
+        least = max(rank for rank, _ in items)
+        items = [(rank, text) for rank, text in items if rank != least]
+
+
+def summary_text(url: str, status: dict[str, Any], history: History, filter_text: str = "") -> str:
+    """The whole summary on one line."""
+    return SUMMARY_GAP.join(text for _, text in summary_items(url, status, history, filter_text))
 
 
 # -- charts ------------------------------------------------------------------------------------
@@ -310,7 +383,46 @@ class RecentRow:
     cells: tuple[str, ...]
 
 
-RECENT_COLUMNS = ("time", "status", "ms", "try", "combination")
+# left to right; narrow panes hide `try`, then `time`; status, ms and combination always show
+RECENT = (
+    Column("time", 2),
+    Column("status", None),
+    Column("ms", None),
+    Column("try", 1),
+    Column("combination", None),
+)
+RECENT_COLUMNS = tuple(c.key for c in RECENT)
+RECENT_SHORT_HEADER = {"combination": "combo"}  # the header when the column is narrower than its name
+MIN_COMBINATION = 6  # an id abridged to fit is still this wide ("supp…")
+
+
+@dataclass(frozen=True)
+class RecentLayout:
+    """The recent pane's columns: (key, header, content width) each, left to right. A cell wider
+    than its column (only ever a combination id) is abridged with '…'."""
+
+    columns: tuple[tuple[str, str, int], ...]
+
+    def cells(self, row: RecentRow) -> tuple[str, ...]:
+        by_key = dict(zip(RECENT_COLUMNS, row.cells, strict=True))
+        return tuple(abridge(by_key[key], width) for key, _, width in self.columns)
+
+
+def recent_layout(rows: list[RecentRow], width: int, reserve: int = 2) -> RecentLayout:
+    """The columns that fit in `width` cells (`reserve` is room for a vertical scrollbar): the
+    least important hidden first, then the combination ids abridged to the room left."""
+    pad = 2 * CELL_PADDING
+    content = column_widths((dict(zip(RECENT_COLUMNS, r.cells, strict=True)) for r in rows), RECENT_COLUMNS)
+    budget = width - reserve
+    shown = fitting(RECENT, {k: w + pad for k, w in content.items()}, budget)
+    room = budget - sum(content[k] + pad for k in shown if k != "combination") - pad
+    combination = max(MIN_COMBINATION, min(content["combination"], room))
+    columns = []
+    for key in shown:
+        w = combination if key == "combination" else content[key]
+        header = key if cell_len(key) <= w else RECENT_SHORT_HEADER.get(key, key)
+        columns.append((key, header, max(w, cell_len(header))))
+    return RecentLayout(tuple(columns))
 
 
 def recent_rows(recent: list[dict[str, Any]], shown: int = RECENT_SHOWN) -> list[RecentRow]:

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from rswitch.tui import model
-from rswitch.tui.model import EVENTS_KEPT, RECENT_COLUMNS, TRIAL_COLUMNS
+from rswitch.tui.model import EVENTS_KEPT, TRIAL_COLUMNS
 
 
 class CombinationsTable(DataTable[str]):
@@ -25,10 +25,11 @@ class CombinationsTable(DataTable[str]):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
         self.rows_shown: dict[str, dict[str, str]] = {}
         self.columns_shown: list[str] = []
+        self.layout_shown: Any = None  # (columns, their content widths, the widest row label)
 
     def show(self, combos: list[dict[str, Any]], optimized: dict[str, str], filter_text: str) -> None:
         self.rows_shown = {
-            c["id"]: model.combination_row(c, optimized.get(c["template_id"], "-"))
+            c["id"]: model.combination_row(c, optimized.get(c.get("template_id", ""), "-"))
             for c in combos
             if model.matches(c, filter_text)
         }
@@ -40,13 +41,21 @@ class CombinationsTable(DataTable[str]):
 
     def redraw(self) -> None:
         columns = self.fitting_columns()
+        layout = (
+            columns,
+            model.column_widths(self.rows_shown.values(), columns),
+            max(map(len, self.rows_shown), default=0),
+        )
         with self.app.batch_update():
-            if columns != self.columns_shown:  # columns come and go with the width: rebuilt in order
+            if layout != self.layout_shown:
+                # columns come and go with the width, and take the width of their widest cell
+                # (a state that grows to "degraded", a cost that grows digits): rebuilt in order,
+                # so a column is never narrower than its text nor wider than it was counted
                 selected = self.selected_id()
                 self.clear(columns=True)
                 for col in columns:
                     self.add_column(col, key=col)
-                self.columns_shown = columns
+                self.columns_shown, self.layout_shown = columns, layout
                 self._fill()
                 if selected in self.rows:
                     self.move_cursor(row=self.get_row_index(selected))
@@ -58,7 +67,7 @@ class CombinationsTable(DataTable[str]):
             if cid in self.rows:  # update in place: cursor and scroll survive
                 for col in self.columns_shown:
                     if self.get_cell(cid, col) != row[col]:
-                        self.update_cell(cid, col, row[col])
+                        self.update_cell(cid, col, row[col], update_width=True)
             else:
                 self.add_row(*(row[col] for col in self.columns_shown), key=cid, label=cid)
         for key in [k for k in self.rows if k.value not in self.rows_shown]:
@@ -75,33 +84,53 @@ class CombinationsTable(DataTable[str]):
 
 
 class RecentTable(DataTable[str]):
-    """The last calls, newest first, one row per upstream attempt (keyed request id + attempt)."""
+    """The last calls, newest first, one row per upstream attempt (keyed request id + attempt).
+    The columns that fit the pane: `try` and `time` hide first, long combination ids are abridged."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(cursor_type="row", **kw)
         self.attempts: dict[str, tuple[str, int]] = {}  # row key -> (request id, attempt)
+        self.recent_rows: list[model.RecentRow] = []
+        self.columns_layout: model.RecentLayout | None = None
 
     def on_mount(self) -> None:
         self.border_title = "recent attempts (i: inspect)"
-        for col in RECENT_COLUMNS:
-            self.add_column(col, key=col)
+
+    def on_resize(self) -> None:
+        wide = self.outer_size.width - 4 >= len("recent attempts (i: inspect)")
+        self.border_title = "recent attempts (i: inspect)" if wide else "attempts (i: inspect)"
+        if self.columns_layout is not None:
+            self.redraw()
 
     def show(self, recent: list[dict[str, Any]]) -> None:
         """Under load every refresh brings a new set: redrawn whole, the cursor kept on its attempt."""
         rows = model.recent_rows(recent)
-        keys = [r.key for r in rows]
-        if keys == [k.value for k in self.rows]:
+        if [r.key for r in rows] == [r.key for r in self.recent_rows] and self.columns_layout is not None:
             return
+        self.recent_rows = rows
+        self.redraw()
+
+    def redraw(self) -> None:
+        rows = self.recent_rows
+        keys = [r.key for r in rows]
+        layout = model.recent_layout(rows, self.size.width or self.app.size.width // 3)
         cursor = self.cursor_row
         selected = self.selected_key()
-        self.clear()
-        self.attempts = {r.key: (r.request_id, r.attempt) for r in rows}
-        for r in rows:
-            self.add_row(*r.cells, key=r.key)
-        if selected in keys:  # the cursor stays on the attempt it was on, wherever it moved
-            self.move_cursor(row=keys.index(selected))
-        elif 0 <= cursor < self.row_count:
-            self.move_cursor(row=cursor)
+        with self.app.batch_update():
+            if layout != self.columns_layout:
+                self.clear(columns=True)
+                for key, header, width in layout.columns:
+                    self.add_column(header, key=key, width=width)
+                self.columns_layout = layout
+            else:
+                self.clear()
+            self.attempts = {r.key: (r.request_id, r.attempt) for r in rows}
+            for r in rows:
+                self.add_row(*layout.cells(r), key=r.key)
+            if selected in keys:  # the cursor stays on the attempt it was on, wherever it moved
+                self.move_cursor(row=keys.index(selected))
+            elif 0 <= cursor < self.row_count:
+                self.move_cursor(row=cursor)
 
     def selected_key(self) -> str | None:
         if not self.rows or not 0 <= self.cursor_row < self.row_count:
