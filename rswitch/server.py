@@ -21,6 +21,7 @@ from rswitch import prometheus
 from rswitch.auth import Auth, Ticket, foreign_origin, json_content_type
 from rswitch.core import Core
 from rswitch.gateway.errors import GatewayError
+from rswitch.gateway.side_calls import embed
 
 log = logging.getLogger("rswitch.server")
 
@@ -163,7 +164,8 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
             body, size = await read_json(request, limit)
             if key is not None:
                 ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
-            done = await gateway.embed(body)
+            # with a key, its name is recorded with the call (Gateway.embed takes no client yet)
+            done = await (gateway.embed(body) if ticket is None else embed(gateway, body, client=ticket))
             if ticket is not None:
                 usage = done.response.get("usage") if isinstance(done.response, dict) else None
                 used = usage.get("total_tokens") if isinstance(usage, dict) else None

@@ -38,7 +38,11 @@ def record_side_call(
     cost: float,
     started: float,
     request_id: str | None = None,
+    client: str | None = None,
 ) -> None:
+    extra: dict[str, Any] = {"kind": kind}
+    if client is not None:  # the name of the API key it was made with (gateway.auth.keys)
+        extra["client"] = client
     g.submit(
         CallRecord(
             request_id=request_id or uuid.uuid4().hex,
@@ -60,7 +64,7 @@ def record_side_call(
             tokens_estimated=estimated,
             cost=cost,
             duration_ms=(time.perf_counter() - started) * 1000,
-            extra={"kind": kind},
+            extra=extra,
         )
     )
 
@@ -304,7 +308,9 @@ def encode_embeddings(resp: dict[str, Any], fmt: str, provider: str) -> None:
             ) from None
 
 
-async def embed(g: Gateway, body: Any) -> Completed:
+async def embed(g: Gateway, body: Any, client: Any = None) -> Completed:
+    """Answer one /v1/embeddings body. `client` is the caller's key (an auth.Ticket, as chat
+    gets it): its name is recorded with the call."""
     from rswitch.gateway.pipeline import Completed
 
     if not isinstance(body, dict):
@@ -373,6 +379,7 @@ async def embed(g: Gateway, body: Any) -> Completed:
         cost,
         started,
         request_id,
+        client=None if client is None else client.name,
     )
     if limiter is not None:
         limiter.settle(est, tokens)
