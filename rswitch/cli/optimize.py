@@ -301,6 +301,41 @@ def _trial_line(t: dict[str, Any]) -> str:
     )
 
 
+# A background run's stages, in the order it goes through them (optimizer/scheduler.py and
+# mipro.py name them); trials come between the first four and the last.
+STAGES = (
+    "loading examples",
+    "bootstrapping demos",
+    "proposing instructions",
+    "scoring the current prompt",
+    "trials",
+    "testing the winner",
+)
+TRIALS_STAGE = STAGES.index("trials")
+
+
+class _StageLine:
+    """Which stage to print after a poll's trials, so the lines read in the order things happened:
+    a stage the run has left (one before the trials, once a trial is shown) is never printed, and
+    a stage after the trials waits until every trial the run reports has been printed."""
+
+    def __init__(self) -> None:
+        self.shown: str | None = None
+
+    def due(self, stage: Any, trials_shown: int, trials_run: int) -> str | None:
+        if not isinstance(stage, str) or stage in (self.shown, "trials"):
+            return None
+        rank = STAGES.index(stage) if stage in STAGES else None
+        if rank is not None:
+            before = STAGES.index(self.shown) if self.shown in STAGES else -1
+            if rank < before or (rank < TRIALS_STAGE and trials_shown):
+                return None  # polled before a later stage or trial that is already on screen
+            if rank > TRIALS_STAGE and trials_shown < trials_run:
+                return None  # some trials are not in analytics yet: they go first
+        self.shown = stage
+        return stage
+
+
 def watch_optimizer(
     url: str, template_id: str, request: bool, poll: float = 0.5, timeout: float | None = None
 ) -> None:
@@ -336,24 +371,25 @@ def watch_optimizer(
         )
     shown: set[tuple[str, int]] = set()
     announced = ""
-    stage = None
+    stages = _StageLine()
     started = time.monotonic()
     try:
         while timeout is None or time.monotonic() - started < timeout:
-            _, status = gw.status(template_id)
+            _, status = gw.status(template_id)  # first: the trials fetched next are at least as new
             mine = [
                 r
                 for r in _new_entries(ended_before, list(status.get("runs") or []))
                 if r.get("template_id") == template_id
             ]
-            if status.get("running") == template_id and status.get("stage") not in (stage, None, "trials"):
-                stage = status["stage"]
-                typer.echo(f"'{template_id}': {stage}…")  # the minutes before trial 0 are not silent
             for t in gw.trials(template_id):
                 if t["run_id"] in old_runs or (t["run_id"], t["trial"]) in shown:
                     continue
                 shown.add((t["run_id"], t["trial"]))
                 typer.echo(_trial_line(t))
+            if status.get("running") == template_id:  # the minutes before trial 0 are not silent
+                stage = stages.due(status.get("stage"), len(shown), len(status.get("trials") or []))
+                if stage:
+                    typer.echo(f"'{template_id}': {stage}…")
             active = status.get("running") == template_id or template_id in (status.get("queued") or [])
             if mine and not active:
                 end = mine[-1]
