@@ -60,8 +60,8 @@ class RSwitchApp(App[None]):
     #side { width: 1fr; min-width: 30; max-width: 64; }
     #events, #recent { height: 1fr; border: round $primary; }
     PlotextPlot { height: 1fr; }
-    #cost-plot { width: 1fr; }
-    #cost-table { width: 1fr; max-width: 60; }
+    #cost-plot { width: 1fr; min-width: 24; }
+    #cost-table { width: auto; max-width: 75%; }
     #optimizer-status { height: auto; max-height: 5; }
     #trials { height: 1fr; }
     #best-curve { width: 30; }
@@ -298,14 +298,32 @@ class RSwitchApp(App[None]):
             )
             return False, None
 
+    def applies(self, c: dict[str, Any] | None, action: str) -> bool:
+        """Whether `action` applies to the selected row; if not (a pass-through route has no
+        weight, no template…), a notice says why and nothing is asked of the core."""
+        if c is None:
+            return False
+        why = model.not_for(c, action)
+        if why:
+            self.notify(why, title="not for this row", severity="warning", timeout=6)
+        return why is None
+
     def action_reweight(self, delta: int) -> None:
         c = self.selected()
-        if c is not None and self.ask("reweight", self.controls.reweight, c["id"], c["weight"] + delta)[0]:
+        if (
+            self.applies(c, "reweight")
+            and c is not None
+            and self.ask("reweight", self.controls.reweight, c["id"], c["weight"] + delta)[0]
+        ):
             self.event(f"reweighted {c['id']}: {c['weight']:g} → {max(0, c['weight'] + delta):g}")
 
     def action_toggle(self) -> None:
         c = self.selected()
-        if c is not None and self.ask("enable/disable", self.controls.toggle, c["id"], not c["enabled"])[0]:
+        if (
+            self.applies(c, "toggle")
+            and c is not None
+            and self.ask("enable/disable", self.controls.toggle, c["id"], not c["enabled"])[0]
+        ):
             self.event(f"{'disabled' if c['enabled'] else 'enabled'} {c['id']}")
 
     def action_reset(self) -> None:
@@ -314,7 +332,7 @@ class RSwitchApp(App[None]):
 
     def action_optimize(self) -> None:
         c = self.selected()
-        if c is None:
+        if not self.applies(c, "optimize") or c is None:
             return
         ok, said = self.ask("start the optimizer", self.controls.optimize, c["template_id"])
         if ok:
@@ -328,7 +346,7 @@ class RSwitchApp(App[None]):
 
     def action_export(self) -> None:
         c = self.selected()
-        if c is None:
+        if not self.applies(c, "export") or c is None:
             return
 
         def export(template_id: str, folder: Path, progress: Any) -> Path:

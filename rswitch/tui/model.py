@@ -67,6 +67,7 @@ def fmt_cost(value: float | None, digits: int = 2) -> str:
 
 
 KIND_LABEL = {"passthrough": "pass-through", "default": "default model"}
+STATE_OF_KIND = {"passthrough": "pass-through", "default": "default"}  # the state of such a row when healthy
 
 
 def implicit_kind(c: dict[str, Any]) -> str | None:
@@ -82,9 +83,11 @@ def combination_row(c: dict[str, Any], optimized: str = "-") -> dict[str, str]:
     gateway made itself says so in its model cell, and shows no weight (none can be set)."""
     perf = c["performance"]
     enabled = c.get("enabled", True)
-    state = "disabled" if not enabled else ("degraded" if c.get("demoted") else "enabled")
-    n = perf.get("requests") or 0
     kind = implicit_kind(c)
+    # the state column is the last to hide, so it is where a row the gateway made says what it is
+    healthy = STATE_OF_KIND.get(kind or "", "enabled")
+    state = "disabled" if not enabled else ("degraded" if c.get("demoted") else healthy)
+    n = perf.get("requests") or 0
     model_cell = c["model"] + (f" ({KIND_LABEL[kind]})" if kind in KIND_LABEL else "")
     return {
         "template": NONE if kind == "passthrough" else c["template_id"],
@@ -118,6 +121,31 @@ def fitting(columns: tuple[Column, ...], need: dict[str, int], budget: int) -> l
             break
         shown.remove(col.key)
     return shown
+
+
+def not_for(c: dict[str, Any], action: str) -> str | None:
+    """Why `action` ('reweight', 'toggle', 'optimize' or 'export') does not apply to a row the
+    gateway made itself, or None when it does. A template's default model can still have its
+    template optimized and exported; a pass-through route has no template at all."""
+    kind = implicit_kind(c)
+    if kind is None:
+        return None
+    if kind == "passthrough":
+        what = f"{c['id']} is a pass-through route (requests that name {c['model']} and no template)"
+        why = {
+            "reweight": "it has no weight to change; the providers of a model share its requests",
+            "toggle": f"it cannot be disabled here; remove {c['model']} from provider "
+            f"{c['provider']}'s models in the config",
+            "optimize": "it has no template to optimize",
+            "export": "it has no template to export",
+        }
+    else:
+        what = f"{c['id']} is template '{c['template_id']}' served by its default model, not a combination"
+        why = {
+            "reweight": "it has no weight to change; add a combination under gateway.combinations to set one",
+            "toggle": "it cannot be disabled here; add a combination under gateway.combinations to steer it",
+        }
+    return f"{what}: {why[action]}" if action in why else None
 
 
 def visible_columns(rows: dict[str, dict[str, str]], width: int, reserve: int = 2) -> list[str]:
@@ -348,7 +376,8 @@ def throughput_series(history: History) -> list[tuple[str, list[tuple[float, Any
 
 
 def cost_rows(status: dict[str, Any], history: History) -> list[tuple[str, str, str, str, str]]:
-    """(by, name, $ total, $/min over the last minute, $/attempt) per combination, then per provider."""
+    """(by, name, $ total, $/min over the last minute, $/attempt) per combination (a pass-through
+    route or a template's default model says so in `by`), then per provider (all of them)."""
     now_t, now_c = history.combo_costs[-1] if history.combo_costs else (0.0, {})
     then_t, then_c = next(((t, c) for t, c in history.combo_costs if now_t - t <= 60), (now_t, now_c))
     span = now_t - then_t
@@ -361,7 +390,9 @@ def cost_rows(status: dict[str, Any], history: History) -> list[tuple[str, str, 
     for c in status.get("combinations", []):
         s = c["performance"]["since_start"]
         pm = per_min(c["id"])
-        rows.append(("combination", c["id"], s["cost"], s["requests"], pm))
+        rows.append(
+            (KIND_LABEL.get(implicit_kind(c) or "", "combination"), c["id"], s["cost"], s["requests"], pm)
+        )
         cost, n, ppm = providers.get(c["provider"], (0.0, 0, None))
         both = None if pm is None and ppm is None else (pm or 0.0) + (ppm or 0.0)
         providers[c["provider"]] = (cost + s["cost"], n + s["requests"], both)
