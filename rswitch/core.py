@@ -11,7 +11,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rswitch.config import Config, ConfigError, ConfigProblem, config_warnings, resolve_api_key
+from rswitch.config import (
+    Config,
+    ConfigError,
+    ConfigProblem,
+    config_warnings,
+    resolve_api_key,
+    secrets_to_withhold,
+)
 from rswitch.gateway.balancer import Balancer, Combination
 from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.metrics import LiveMetrics
@@ -176,11 +183,9 @@ class Core:
         self.combinations = build_combinations(config, self.registry)
         self.key_sources: dict[str, str] = {}
         self.providers: dict[str, Provider] = {}
-        self._secrets: list[str] = []  # keys to keep out of packages
+        self._secrets = secrets_to_withhold(config)  # keys to keep out of packages
         for name, pc in config.model_providers.items():
             key, source = resolve_api_key(name, pc)
-            if key:
-                self._secrets.append(key)
             self.key_sources[name] = source if key or source.startswith("none") else f"{source} (not set)"
             self.providers[name] = build_provider(name, pc, key)
         # every provider gets one: even without rpm/tpm it honours an upstream's Retry-After

@@ -21,7 +21,6 @@ from rswitch import prometheus
 from rswitch.auth import Auth, Ticket, foreign_origin, json_content_type
 from rswitch.core import Core
 from rswitch.gateway.errors import GatewayError
-from rswitch.gateway.side_calls import embed
 
 log = logging.getLogger("rswitch.server")
 
@@ -165,7 +164,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
             if key is not None:
                 ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
             # with a key, its name is recorded with the call (Gateway.embed takes no client yet)
-            done = await (gateway.embed(body) if ticket is None else embed(gateway, body, client=ticket))
+            done = await gateway.embed(body, client=ticket)
             if ticket is not None:
                 usage = done.response.get("usage") if isinstance(done.response, dict) else None
                 used = usage.get("total_tokens") if isinstance(usage, dict) else None

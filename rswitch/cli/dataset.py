@@ -32,9 +32,8 @@ EXPORTED = (
 
 
 def _dataset(config: str | None, template_id: str) -> Any:
-    from rswitch.storage.datasets import DatasetStore
-
     from rswitch.gateway.resolver import PASSTHROUGH
+    from rswitch.storage.datasets import DatasetStore
 
     cfg = load(config)
     if template_id != PASSTHROUGH:  # the pass-through calls' dataset has no template

@@ -522,8 +522,8 @@ class Gateway:
 
     # -- calls that are not chat requests -------------------------------------------------------
 
-    async def embed(self, body: Any) -> Completed:
-        return await side_calls.embed(self, body)
+    async def embed(self, body: Any, client: Any = None) -> Completed:
+        return await side_calls.embed(self, body, client=client)
 
     async def call_direct(
         self,
