@@ -148,3 +148,45 @@ def test_optimizer_pane_shows_the_stage_and_names_every_instruction():
     assert row[1] == "#0 Answer with one word." and row[3:] == ("0.500", "-", "0.400")
     assert model.instruction_label({"instruction": 0}) == "#0 (the current instruction)"
     assert model.optimizer_lines({"enabled": False}) == ["optimizer: off"]
+
+
+def test_the_summary_packs_whole_items_and_drops_the_least_important_first():
+    s = status([], {"requests": 5, "failed": 0, "attempts": 6, "attempt_errors": 1}) | {
+        "recorder": {"written": 6, "dropped": 0, "queue_depth": 0}
+    }
+    items = [text for _, text in model.summary_items("http://127.0.0.1:8080", s, History(), "sum")]
+    wide = model.summary_lines("http://127.0.0.1:8080", s, History(), 400, "sum")
+    assert wide == [model.SUMMARY_GAP.join(items)]
+    for width in (40, 60, 78, 120):
+        lines = model.summary_lines("http://127.0.0.1:8080", s, History(), width, "sum")
+        assert 1 <= len(lines) <= model.SUMMARY_LINES
+        shown = [item for line in lines for item in line.split(model.SUMMARY_GAP)]
+        assert all(item in items for item in shown)  # whole items only
+        assert "requests 5 (failed 0)" in shown and "attempts 6 (errors 1)" in shown
+        assert all(len(line) <= width for line in lines)
+    narrow = model.summary_lines("http://127.0.0.1:8080", s, History(), 40, "sum")
+    assert not any("strategy" in line for line in narrow)  # the first to go
+
+
+def test_keys_that_cannot_apply_to_rows_the_gateway_made_say_why():
+    configured = combo("support-a", perf(1))
+    passthrough = combo("openai/gpt-4", perf(1), model="gpt-4", template="_passthrough") | {
+        "implicit": True,
+        "kind": "passthrough",
+        "provider": "openai",
+    }
+    default = combo("faq@default", perf(1), template="faq") | {"implicit": True, "kind": "default"}
+    for action in ("reweight", "toggle", "optimize", "export"):
+        assert model.not_for(configured, action) is None
+        assert model.not_for(passthrough, action).startswith("openai/gpt-4 is a pass-through route")
+    assert "no weight to change" in model.not_for(default, "reweight")
+    assert model.not_for(default, "toggle") and model.not_for(default, "optimize") is None
+    assert model.not_for(default, "export") is None  # its template is real
+    row = model.combination_row(passthrough)
+    assert (row["model"], row["template"], row["weight"], row["state"]) == (
+        "gpt-4 (pass-through)",
+        "—",
+        "—",
+        "pass-through",
+    )
+    assert model.matches(passthrough, "pass-through") and not model.matches(configured, "pass-through")

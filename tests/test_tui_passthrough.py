@@ -98,7 +98,11 @@ async def test_a_bare_model_name_request_shows_as_a_pass_through_row_with_its_co
     from tests.test_passthrough import seeds_config
 
     with openai_fake.running() as fake:
-        g = start(tmp_path, seeds_config(fake.base_url))
+        config = seeds_config(fake.base_url)
+        config["templates"] = {  # served by its default model: no combination names it
+            "faq": {"template": "Answer FAQs.", "default_model": "gpt-4o-mini", "default_provider": "openai"}
+        }
+        g = start(tmp_path, config)
         try:
             app = RSwitchApp(g, url=g.url, refresh=0.1)
             async with app.run_test(size=(200, 50)) as pilot:
@@ -128,6 +132,12 @@ async def test_a_bare_model_name_request_shows_as_a_pass_through_row_with_its_co
                     if cost.get_row_at(i)[1] == "openai/gpt-4"
                 ]
                 assert shown[2] not in ("0", "-")
+
+                [r] = await post(g.url, "faq")
+                assert r.status_code == 200 and r.headers["x-rswitch-combination"] == "faq@default"
+                await settle(pilot, lambda: "faq@default" in [k.value for k in table.rows])
+                assert table.get_cell("faq@default", "state") == "default"
+                assert table.get_cell("faq@default", "model") == "gpt-4o-mini (default model)"
 
                 weights = {cid: c.weight for cid, c in g.core.gateway.combinations.items()}
                 await select_row(pilot, table, "openai/gpt-4")
