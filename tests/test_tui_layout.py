@@ -115,6 +115,23 @@ async def test_the_recent_attempts_pane_shows_what_fits_and_never_hides_status_m
             assert combination == "support-openai" and "14:13:15.000" in newest
 
 
+def summary_lines(app) -> list[str]:
+    lines = [line.strip() for line in on_screen(app.query_one("#summary"))]
+    return [line for line in lines if line]
+
+
+def whole_items(lines: list[str], wide: bool) -> None:
+    assert len(lines) <= 2, lines
+    for item in ("requests 152800 (failed 31)", "attempts 160000 (errors 7200)", "cost $0.050",
+                 "dropped 12", "queue 3", "gateway http://127.0.0.1:8080"):  # fmt: skip
+        assert any(item in line for line in lines), f"{item!r} is not whole on one line: {lines}"
+    if wide:
+        assert any("strategy weighted_round_robin" in line for line in lines)
+    # every line starts with an item, never with the tail of one
+    assert all(line.split()[0] in ("gateway", "strategy", "-", "requests", "attempts", "cost", "recorded",
+                                   "dropped", "queue") for line in lines), lines  # fmt: skip
+
+
 @pytest.mark.parametrize("size", [(80, 24), (160, 40)], ids=["80x24", "160x40"])
 async def test_the_summary_breaks_between_whole_items(size):
     snap = copy.deepcopy(SNAPSHOT)  # a gateway that has been up a while
@@ -124,17 +141,12 @@ async def test_the_summary_breaks_between_whole_items(size):
     async with app.run_test(size=size) as pilot:
         await settle(pilot, lambda: bool(app.status))
         await pilot.pause()
-        lines = [line.strip() for line in on_screen(app.query_one("#summary"))]
-        lines = [line for line in lines if line]
-        assert len(lines) <= 2, lines
-        for item in ("requests 152800 (failed 31)", "attempts 160000 (errors 7200)", "cost $0.050",
-                     "dropped 12", "queue 3", "gateway http://127.0.0.1:8080"):  # fmt: skip
-            assert any(item in line for line in lines), f"{item!r} is not whole on one line: {lines}"
-        if size[0] >= 160:
-            assert any("strategy weighted_round_robin" in line for line in lines)
-        # every line starts with an item, never with the tail of one
-        assert all(line.split()[0] in ("gateway", "strategy", "-", "requests", "attempts", "cost", "recorded",
-                                       "dropped", "queue") for line in lines), lines  # fmt: skip
+        whole_items(summary_lines(app), wide=size[0] >= 160)
+        other = (160, 40) if size[0] < 160 else (80, 24)  # laid out again on a resize
+        await pilot.resize_terminal(*other)
+        await pilot.pause()
+        await pilot.pause()
+        whole_items(summary_lines(app), wide=other[0] >= 160)
 
 
 @pytest.mark.parametrize(

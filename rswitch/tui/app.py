@@ -25,13 +25,21 @@ from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from rswitch.tui import model
 from rswitch.tui.controls import Controls
 from rswitch.tui.keys import KEYS, key_rows
-from rswitch.tui.panes import Chart, CombinationsTable, CostPane, EventsPane, OptimizerPane, RecentTable
+from rswitch.tui.panes import (
+    Chart,
+    CombinationsTable,
+    CostPane,
+    EventsPane,
+    OptimizerPane,
+    RecentTable,
+    Summary,
+)
 from rswitch.tui.screens import ExportScreen, HelpScreen, InspectorScreen
 from rswitch.tui.themes import BUNDLED, DEFAULT_THEME, load_themes, user_dir
 
@@ -122,7 +130,7 @@ class RSwitchApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(f"gateway {self.url}", id="summary", markup=False)
+        yield Summary(f"gateway {self.url}", id="summary")
         with Horizontal(id="main"):
             with Vertical(id="left"):
                 yield Input(
@@ -215,14 +223,9 @@ class RSwitchApp(App[None]):
         super()._handle_exception(error)
 
     def render_summary(self) -> None:
-        summary = self.query_one("#summary", Static)
-        width = summary.size.width or self.size.width - 2  # before the first layout: the screen less padding
-        lines = model.summary_lines(self.url, self.status, self.history, max(width, 20), self.filter_text)
-        summary.update("\n".join(lines))
-
-    def on_resize(self) -> None:
-        if self.status:
-            self.call_after_refresh(self.guarded, "the summary", self.render_summary)
+        self.query_one(Summary).show(
+            model.summary_items(self.url, self.status, self.history, self.filter_text)
+        )
 
     def render_table(self) -> None:
         combos = self.status.get("combinations", [])

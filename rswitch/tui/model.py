@@ -308,7 +308,11 @@ def summary_lines(
 ) -> list[str]:
     """The summary for a `width`-cell line: whole items per line, never a phrase cut in two, on
     at most SUMMARY_LINES lines — when they do not fit, the least important items are left out."""
-    items = summary_items(url, status, history, filter_text)
+    return fit_summary(summary_items(url, status, history, filter_text), width)
+
+
+def fit_summary(items: list[tuple[int, str]], width: int) -> list[str]:
+    """Ranked summary items on at most SUMMARY_LINES lines of `width` cells (see summary_lines)."""
     while True:
         lines = pack([text for _, text in items], width)
         if len(lines) <= SUMMARY_LINES or len(items) == 1:

@@ -17,6 +17,26 @@ from rswitch.tui import model
 from rswitch.tui.model import EVENTS_KEPT, TRIAL_COLUMNS
 
 
+class Summary(Static):
+    """The summary lines: whole items per line, as many as fit, laid out again on a resize."""
+
+    def __init__(self, text: str, **kw: Any) -> None:
+        super().__init__(text, markup=False, **kw)
+        self.items: list[tuple[int, str]] = []
+
+    def show(self, items: list[tuple[int, str]]) -> None:
+        self.items = items
+        self.redraw()
+
+    def redraw(self) -> None:
+        width = self.size.width or self.app.size.width - 2  # before the first layout: the screen less padding
+        self.update("\n".join(model.fit_summary(self.items, max(width, 20))))
+
+    def on_resize(self) -> None:
+        if self.items:
+            self.redraw()
+
+
 class CombinationsTable(DataTable[str]):
     """One row per combination (keyed by its id); the columns that fit the width, hiding the least
     important first."""
