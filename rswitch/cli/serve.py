@@ -131,6 +131,14 @@ def startup_summary(core: Any, address: str) -> list[str]:
     return lines
 
 
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-no-auth", help="Listen beyond loopback without keys (anyone who reaches it may call)."
+    ),
+]
+
+
 def setup_logging(level: str, **destination: Any) -> None:
     """rswitch's own messages from `level`; libraries' only from WARNING (httpx, under the Ollama
     and Anthropic SDKs, would otherwise log a line per upstream call)."""
@@ -154,12 +162,7 @@ def serve(
         str | None, typer.Option(help="Go-style listen address, e.g. ':8080' (same as --host/--port).")
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level for rswitch's own messages.")] = "info",
-    insecure_no_auth: Annotated[
-        bool,
-        typer.Option(
-            "--insecure-no-auth", help="Listen beyond loopback without keys (anyone who reaches it may call)."
-        ),
-    ] = False,
+    insecure_no_auth: InsecureOpt = False,
 ) -> None:
     """Run the gateway headless."""
     import asyncio
@@ -249,12 +252,7 @@ def tui(
             "--headless", help="Run the app without a terminal (benchmarks); SIGTERM quits.", hidden=True
         ),
     ] = False,
-    insecure_no_auth: Annotated[
-        bool,
-        typer.Option(
-            "--insecure-no-auth", help="Listen beyond loopback without keys (anyone who reaches it may call)."
-        ),
-    ] = False,
+    insecure_no_auth: InsecureOpt = False,
 ) -> None:
     """The operator console: the gateway in-process, with live panes and keys that steer it."""
     from rswitch.core import Core

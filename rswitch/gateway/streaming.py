@@ -115,18 +115,20 @@ class StreamSession:
         """Record the part that was streamed, not held against the upstream's health, and settle
         its token estimate against that part."""
         self.gateway.settle(self.combination, self._est, 0, estimate_tokens("".join(self._parts)))
-        self.gateway.record(
+        self._record(ok=False, error=error, observe=False)
+
+    def _record(self, **outcome: Any) -> tuple[int, int, bool, float]:
+        """Record this attempt with what was streamed so far and how it ended."""
+        return self.gateway.record(
             self.p,
             self.combination,
             self.system,
             output="".join(self._parts),
-            ok=False,
-            error=error,
             ttft_ms=self._ttft,
             stream=True,
             attempt=self._attempt,
             started=self.started,
-            observe=False,
+            **outcome,
         )
 
     def _ending(
@@ -135,18 +137,7 @@ class StreamSession:
         """Record the complete answer, then the events that end it: the held-back finish chunk
         carrying the usage (or OpenAI's usage-only chunk), and [DONE]."""
         g, p = self.gateway, self.p
-        pt, ct, estimated, _ = g.record(
-            p,
-            self.combination,
-            self.system,
-            output="".join(self._parts),
-            ok=True,
-            usage=usage,
-            ttft_ms=self._ttft,
-            stream=True,
-            attempt=self._attempt,
-            started=self.started,
-        )
+        pt, ct, estimated, _ = self._record(ok=True, usage=usage)
         g.settle(self.combination, self._est, pt, ct)
         final_usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
         if usage:
