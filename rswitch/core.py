@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rswitch.admin import views
 from rswitch.config import (
     Config,
     ConfigError,
@@ -24,7 +25,6 @@ from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.pipeline import Gateway
 from rswitch.gateway.ratelimit import ProviderLimiter
-from rswitch.gateway.resolver import PASSTHROUGH
 from rswitch.packaging import Stores, export_package, import_package
 from rswitch.providers import ChatCall, EmbedCall, Provider, build_provider
 from rswitch.providers.pricing import PriceTable
@@ -398,142 +398,38 @@ class Core:
         else:
             loop.call_soon_threadsafe(self.gateway.event, kind, text)
 
+    # The views live in rswitch.admin.views; these delegates keep the dict shapes the console and
+    # tests read. Call them on the gateway's loop, which owns the metrics.
+
     def console_snapshot(self, events_after: int = 0) -> dict[str, Any]:
-        """What the TUI draws a frame from: status, new events, the last calls (all in memory)."""
-        out = self.status()
-        out["events"] = [e for e in self.gateway.events if e[0] > events_after]
-        out["recent"] = [
-            {
-                "request_id": r.request_id,
-                "attempt": r.attempt,  # a retried or failed-over request has one row per attempt
-                "created_at": r.created_at,
-                "combination_id": r.combination_id,
-                "success": r.success,
-                "status": r.status,
-                "duration_ms": r.duration_ms,
-                "cost": r.cost,
-                "tokens": r.prompt_tokens + r.completion_tokens,
-            }
-            for r in list(self.gateway.recent)[-50:]
-        ]
+        """What the in-process console draws a frame from; events as (seq, time, kind, text)."""
+        out = views.dump(views.build_console_snapshot(self, events_after))
+        out["events"] = [(e["seq"], e["at"], e["kind"], e["text"]) for e in out["events"]]
         return out
 
     def recent_call(self, request_id: str, attempt: int | None = None) -> dict[str, Any] | None:
-        """One of the last calls in full, for the request inspector: that attempt of the request,
-        or its newest attempt when `attempt` is None."""
-        for r in reversed(self.gateway.recent):
-            if r.request_id == request_id and (attempt is None or r.attempt == attempt):
-                return {
-                    "request_id": r.request_id,
-                    "created_at": r.created_at,
-                    "template_id": r.template_id,
-                    "combination_id": r.combination_id,
-                    "provider": r.provider,
-                    "model": r.model,
-                    "system_prompt": r.system_prompt,
-                    "messages": r.messages,
-                    "variables": r.variables,
-                    "output": r.output,
-                    "success": r.success,
-                    "error": r.error_message,
-                    "status": r.status,
-                    "prompt_tokens": r.prompt_tokens,
-                    "completion_tokens": r.completion_tokens,
-                    "tokens_estimated": r.tokens_estimated,
-                    "cost": r.cost,
-                    "duration_ms": r.duration_ms,
-                    "ttft_ms": r.ttft_ms,
-                    "stream": r.stream,
-                    "attempt": r.attempt,
-                    "route": r.extra.get("route"),
-                }
-        return None
+        call = views.build_recent_call(self, request_id, attempt)
+        return None if call is None else views.dump(call)
 
     def status(self) -> dict[str, Any]:
         """Live view; DuckDB analytics are merged in by the caller (they are I/O)."""
-        configured = self.gateway.combinations
-        # pass-through pools and templates' default models, once they have served something
-        attempted = set(self.metrics.combination_ids())
-        implicit = [c for cid, c in self.gateway.resolver.implicit.items() if cid in attempted]
-        listed = [*configured.values(), *implicit]
-        windows = {c.id: self.metrics.window_stats(c.id, fresh=True) for c in listed}
-        eff = self.gateway.effective_weights(fresh=True)  # as of now, not as of the last balanced request
-        combos = []
-        for c in listed:
-            w = windows[c.id]
-            kind = (
-                "configured"
-                if c.id in configured
-                else "passthrough"
-                if c.template_id == PASSTHROUGH
-                else "default"
-            )
-            combos.append(
-                {
-                    "id": c.id,
-                    "name": c.name,
-                    "kind": kind,
-                    "implicit": kind != "configured",
-                    "template_id": c.template_id,
-                    "model": c.model,
-                    "provider": c.provider,
-                    "weight": c.weight,
-                    "effective_weight": round(eff.get(c.id, c.weight if c.implicit else 0.0), 4),
-                    "enabled": c.enabled,
-                    "is_primary": c.is_primary,
-                    "fallbacks": c.fallbacks,
-                    "demoted": c.enabled and self.balancer.demoted(c),
-                    "performance": {
-                        **w.as_dict(),
-                        "window_seconds": self.metrics.window,
-                        "since_start": self.metrics.totals(c.id),
-                    },
-                }
-            )
-        return {
-            "status": "ok",
-            "strategy": self.balancer.strategy,
-            "traffic": self.metrics.traffic(),
-            "count": len(combos),
-            "combinations": combos,
-            "providers": [
-                {
-                    **p.describe(),
-                    "api_key": self.key_sources[name],
-                    "rate_limit": self.config.model_providers[name].rate_limit,
-                    "tpm": self.config.model_providers[name].tpm,
-                }
-                for name, p in self.providers.items()
-            ],
-            "recorder": self.recorder.stats(),
-            "optimizer": self.optimizer.status() if self.optimizer is not None else {"enabled": False},
-        }
+        return views.dump(views.build_status(self))
 
-    async def status_with_analytics(self) -> dict[str, Any]:
+    async def status_view(self) -> views.Status:
         """/status: the live view, taken on the gateway's loop (which owns the metrics), with
         the DuckDB history merged in from a worker thread."""
-        out = self.status()
+        status = views.build_status(self)
         try:
             by_combo = await asyncio.to_thread(self.analytics.combination_stats)
         except Exception as exc:
-            out["analytics_error"] = f"{type(exc).__name__}: {exc}"
-            by_combo = {}
-        for c in out["combinations"]:
-            c["analytics"] = by_combo.get(c["id"], {"total_requests": 0})
-        return out
+            return views.with_analytics(status, None, f"{type(exc).__name__}: {exc}")
+        return views.with_analytics(status, by_combo, None)
+
+    async def status_with_analytics(self) -> dict[str, Any]:
+        return views.dump(await self.status_view())
 
     def prompt_stats(self, prompt_id: str) -> dict[str, Any]:
-        is_template = self.registry.get(prompt_id) is not None or prompt_id == PASSTHROUGH
-        combo = self.gateway.combinations.get(prompt_id) or self.gateway.resolver.implicit.get(prompt_id)
-        if not is_template and combo is None:
-            raise KeyError(f"unknown template or combination id '{prompt_id}'")
-        stats = self.analytics.prompt_stats(prompt_id, is_template)
-        return {
-            "prompt_id": prompt_id,
-            "template_id": prompt_id if is_template else combo.template_id,  # type: ignore[union-attr]
-            "combination_id": None if is_template else prompt_id,
-            **stats,
-        }
+        return views.prompt_stats(self, prompt_id)
 
     def system_analytics(self) -> dict[str, Any]:
         return {**self.analytics.system_stats(), "recorder": self.recorder.stats()}
@@ -551,31 +447,7 @@ class Core:
         return {**health, "rejected_records": rec["rejected_records"], "last_rejected": rec["last_rejected"]}
 
     def models(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        seen: set[str] = set()
-
-        def add(mid: str, kind: str, **extra: Any) -> None:
-            if mid not in seen:
-                seen.add(mid)
-                out.append(
-                    {
-                        "id": mid,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "rswitch",
-                        "rswitch_kind": kind,
-                        **extra,
-                    }
-                )
-
-        for c in self.gateway.combinations.values():
-            if c.enabled:
-                add(c.id, "combination", template_id=c.template_id, model=c.model, provider=c.provider)
-        for t in self.registry.list():
-            add(t.id, "template", variables=t.variables)
-        for model, pool in self.gateway.resolver.passthrough.items():
-            add(model, "model", provider=pool[0].provider, providers=[c.provider for c in pool])
-        return out
+        return views.models(self)
 
     def combination_dicts(self) -> list[dict[str, Any]]:
         return [asdict(c) for c in self.gateway.combinations.values()]

@@ -79,14 +79,16 @@ async def test_effective_weight_in_status_follows_demotion_without_another_balan
 
 async def test_status_is_taken_on_the_gateways_loop(gateway, monkeypatch):
     """The live metrics are mutated by the loop; reading them from a worker thread raced it."""
+    from rswitch.admin import views
+
     threads = []
-    status = gateway.core.status
+    build = views.build_status
 
-    def spy():
+    def spy(core):
         threads.append(threading.get_ident())
-        return status()
+        return build(core)
 
-    monkeypatch.setattr(gateway.core, "status", spy)
+    monkeypatch.setattr(views, "build_status", spy)
     assert (await gateway.client.get("/status")).status_code == 200
     assert threads == [threading.get_ident()]
 
