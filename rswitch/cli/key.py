@@ -11,7 +11,7 @@ from rswitch.cli.common import fail
 
 app = typer.Typer(help="API keys for clients and the operator (gateway.auth).", no_args_is_help=True)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")  # as gateway.auth.keys[].name allows
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # as gateway.auth.keys[].name allows (whole name)
 
 
 @app.command("create")
@@ -24,7 +24,7 @@ def key_create(
     """Print a new random key once (rswitch keeps only its hash) and the config lines to add."""
     from rswitch.auth import hash_key, new_key
 
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):  # match() with $ let a trailing newline through
         raise fail(
             f"key name must be letters, digits and _ . @ - (up to 64, starting with a letter or digit); got {name!r}"
         )
