@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
     from rswitch.core import Core
@@ -52,27 +52,77 @@ class CoreCollector:
         demoted = GaugeMetricFamily(
             "rswitch_demoted", "1 when the combination is below gateway.fallback_threshold", labels=labels
         )
+        errors = CounterMetricFamily(
+            "rswitch_attempt_errors",
+            "Failed attempts by combination and error type (every recorded failure: upstream, client, internal)",
+            labels=[*labels, "error_type"],
+        )
+        durations = HistogramMetricFamily(
+            "rswitch_attempt_duration_seconds", "Latency of each observed attempt, since start", labels=labels
+        )
+        ttfts = HistogramMetricFamily(
+            "rswitch_time_to_first_token_seconds", "Time to first token of streamed attempts", labels=labels
+        )
         eff = core.gateway.effective_weights(fresh=True)
         known = {**core.gateway.resolver.implicit, **core.gateway.combinations}
-        for cid in core.metrics.combination_ids():
+        errors_by: dict[str, dict[str, int]] = {}
+        for (cid, error_type), n in core.metrics.attempt_errors.items():
+            errors_by.setdefault(cid, {})[error_type] = n
+        for cid in sorted({*core.metrics.combination_ids(), *errors_by}):
             c = known.get(cid)
             if c is None:
                 continue  # one since removed: still counted in requests
             values = [cid, c.template_id, c.provider, c.model]
             totals = core.metrics.totals(cid)
+            failed = errors_by.get(cid, {})
             attempts.add_metric([*values, "ok"], totals["requests"] - totals["errors"])
-            attempts.add_metric([*values, "error"], totals["errors"])
+            attempts.add_metric([*values, "error"], sum(failed.values()))
+            for error_type, n in sorted(failed.items()):
+                errors.add_metric([*values, error_type], n)
             cost.add_metric(values, totals["cost"])
             tokens.add_metric(values, totals["tokens"])
             w = core.metrics.window_stats(cid)
             for q, v in (("0.5", w.p50_ms), ("0.95", w.p95_ms), ("0.99", w.p99_ms)):
                 if v is not None:
                     latency.add_metric([*values, q], v)
+            for family, (buckets, total_ms) in zip(
+                (durations, ttfts), core.metrics.histograms(cid).values(), strict=True
+            ):
+                family.add_metric(values, _seconds(buckets), total_ms / 1000)
         for cid, c in core.gateway.combinations.items():
             values = [cid, c.template_id, c.provider, c.model]
             weight.add_metric(values, eff.get(cid, 0.0))
             demoted.add_metric(values, 1.0 if c.enabled and core.balancer.demoted(c) else 0.0)
-        yield from (attempts, cost, tokens, latency, weight, demoted)
+        yield from (attempts, errors, cost, tokens, latency, durations, ttfts, weight, demoted)
+
+        counters = core.metrics.counters
+        for name, doc in (
+            ("fallbacks", "Requests answered after a failed attempt (by a fallback or a retry)"),
+            ("retries", "Attempts beyond each request's first"),
+            (
+                "rate_limit_waits",
+                "Requests that waited for a rate limit, backoff or an upstream's Retry-After",
+            ),
+        ):
+            yield CounterMetricFamily(f"rswitch_{name}", doc, counters[name])
+        yield CounterMetricFamily(
+            "rswitch_rate_limit_wait_seconds",
+            "Seconds requests spent waiting",
+            counters["rate_limit_wait_seconds"],
+        )
+        runs = CounterMetricFamily("rswitch_optimizer_runs", "Optimizer runs by outcome", labels=["outcome"])
+        run_counts = (core.optimizer.status().get("run_counts") if core.optimizer is not None else None) or {}
+        for outcome in ("promoted", "kept", "failed"):
+            runs.add_metric([outcome], run_counts.get(outcome, 0))
+        yield runs
+        queue = GaugeMetricFamily(
+            "rswitch_local_queue_depth", "Calls waiting for an embedded local model", labels=["provider"]
+        )
+        for name, provider in core.providers.items():
+            depth = provider.describe().get("queue_depth") if provider.type == "local" else None
+            if depth is not None:
+                queue.add_metric([name], depth)
+        yield queue
 
         rec = core.recorder.stats()
         yield GaugeMetricFamily(
@@ -101,6 +151,10 @@ class CoreCollector:
         for store in rec.get("failing") or {}:
             failing.add_metric([store], 1.0)
         yield failing
+
+
+def _seconds(buckets: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    return [(b if b == "+Inf" else repr(float(b) / 1000), n) for b, n in buckets]
 
 
 def render(core: Core) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from rswitch import prometheus
 from rswitch.auth import Auth, Ticket, foreign_origin, json_content_type
 from rswitch.core import Core
+from rswitch.gateway.access import access
 from rswitch.gateway.errors import GatewayError
 
 log = logging.getLogger("rswitch.server")
@@ -115,11 +117,13 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         ticket: Ticket | None = None
+        started, reached = time.perf_counter(), False
         try:
             key = auth.client(request.headers.get("authorization")) if auth is not None else None
             body, size = await read_json(request, limit)  # (a wrong key is refused before reading it)
             if key is not None:
                 ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
+            reached = True  # from here on the gateway counts and logs the request itself
             if isinstance(body, dict) and body.get("stream") is True:
                 session = await gateway.open_stream(body, client=ticket)
                 headers = {
@@ -148,6 +152,8 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         except GatewayError as err:
             if ticket is not None:
                 ticket.settle(0)  # nothing answered: the key's token estimate is given back
+            if not reached:  # refused before the gateway saw it (key, body): still a client request
+                gateway.refused(request.url.path, err.status, started)
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
@@ -255,6 +261,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         return JSON({"object": "list", "data": core.models()})
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
+        access(request.method, request.url.path, exc.status_code, None)
         if exc.status_code == 405:
             return error_response(
                 GatewayError(
@@ -275,12 +282,17 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         raised, it would make uvicorn close the client's keep-alive connection."""
 
         async def guarded(request: Request) -> Response:
+            started = time.perf_counter()
             try:
-                return await handler(request)
+                response = await handler(request)
             except ClientDisconnect:
-                return Response(status_code=499)
+                response = Response(status_code=499)
             except Exception as exc:
-                return internal_error(request, exc)
+                response = internal_error(request, exc)
+            access(
+                request.method, request.url.path, response.status_code, (time.perf_counter() - started) * 1000
+            )
+            return response
 
         return guarded
 
@@ -337,8 +349,8 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/embeddings", answered(embeddings), methods=["POST"]),
+        Route("/embeddings", answered(embeddings), methods=["POST"]),
         Route("/v1/feedback", answered(mutation(feedback)), methods=["POST"]),
         Route("/v1/optimizer/runs", answered(reader(optimizer_runs)), methods=["GET"]),
         Route("/v1/optimizer/runs", answered(mutation(optimizer_request)), methods=["POST"]),

@@ -8,6 +8,7 @@ import socket
 import sys
 from typing import Annotated, Any
 
+import orjson
 import typer
 
 from rswitch.cli.common import ConfigOpt, fail, load
@@ -139,15 +140,39 @@ InsecureOpt = Annotated[
 ]
 
 
-def setup_logging(level: str, **destination: Any) -> None:
+class JsonLines(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and an access line's fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "access", None) or {})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def setup_logging(level: str, fmt: str = "text", access: bool = True, **destination: Any) -> None:
     """rswitch's own messages from `level`; libraries' only from WARNING (httpx, under the Ollama
-    and Anthropic SDKs, would otherwise log a line per upstream call)."""
+    and Anthropic SDKs, would otherwise log a line per upstream call); one access line per
+    request at INFO unless `access` is off."""
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise fail(f"--log-level must be one of debug, info, warning, error, critical; got {level!r}")
+    if fmt not in ("text", "json"):
+        raise fail(f"--log-format must be text or json; got {fmt!r}")
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", **destination
     )
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise fail(f"--log-level must be one of debug, info, warning, error, critical; got {level!r}")
+    if fmt == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLines())
     logging.getLogger("rswitch").setLevel(level.upper())
+    if not access:
+        logging.getLogger("rswitch.access").setLevel(logging.WARNING)
 
 
 def serve(
@@ -162,6 +187,10 @@ def serve(
         str | None, typer.Option(help="Go-style listen address, e.g. ':8080' (same as --host/--port).")
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level for rswitch's own messages.")] = "info",
+    log_format: Annotated[str, typer.Option(help="text, or json: one JSON object a line.")] = "text",
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="One line per request at INFO.")
+    ] = True,
     insecure_no_auth: InsecureOpt = False,
 ) -> None:
     """Run the gateway headless."""
@@ -172,7 +201,7 @@ def serve(
     from rswitch.core import Core
     from rswitch.server import create_app
 
-    setup_logging(log_level, stream=sys.stderr)
+    setup_logging(log_level, log_format, access_log, stream=sys.stderr)
     cfg = load(config)
     if addr:
         host, port = parse_addr(addr)
@@ -198,7 +227,7 @@ def serve(
 
     server = GatewayServer(
         uvicorn.Config(
-            create_app(core),
+            create_app(core, bind_host=host),
             host=host,
             port=port,
             log_level="warning",
@@ -267,7 +296,7 @@ def tui(
         listen(host, port).close()  # a taken port is one clear line before the console starts
     log_file = cfg.dataset_dir.parent / "rswitch-tui.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    setup_logging("info", filename=log_file)
+    setup_logging("info", access=False, filename=log_file)  # the console shows the requests itself
     try:
         core = Core(cfg)
     except Exception as exc:

@@ -7,11 +7,14 @@ The balancer reads them on every request (through a short-lived cache) and the T
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLES_PER_COMBINATION = 4096
+# upper bounds (ms) of the latency and time-to-first-token histograms /metrics exposes
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,14 @@ class WindowStats:
         }
 
 
+def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
+    out, total = [], 0
+    for bound, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], counts, strict=True):
+        total += n
+        out.append((bound, total))
+    return out
+
+
 def _pct(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -65,6 +76,11 @@ class _Series:
     total_errors: int = 0
     total_cost: float = 0.0
     total_tokens: int = 0
+    # since start: per-bucket counts (the last is +Inf) and sums, for Prometheus histograms
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    latency_sum: float = 0.0
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    ttft_sum: float = 0.0
 
 
 class LiveMetrics:
@@ -80,12 +96,24 @@ class LiveMetrics:
         # per second of the window: [second, succeeded, answered], so reading it costs at most
         # one entry per second of the window, however busy it was
         self._requests: deque[list[int]] = deque()
+        # since start, for /metrics: failed attempts by (combination, error type); requests served
+        # by a fallback or retry; attempts beyond each request's first; waits for rate limits
+        self.attempt_errors: dict[tuple[str, str], int] = {}
+        self.counters = {"fallbacks": 0, "retries": 0, "rate_limit_waits": 0, "rate_limit_wait_seconds": 0.0}
 
-    def observe_request(self, status: int) -> None:
+    def observe_request(self, status: int, attempts: int = 0, waited: float = 0.0) -> None:
         """One client request answered with `status`: 200 succeeded; 499 cancelled (the client
-        went away); another 4xx but 429 rejected (the client's mistake); anything else failed."""
+        went away); another 4xx but 429 rejected (the client's mistake); anything else failed.
+        `attempts` upstream attempts were made for it, and it waited `waited` s for limits."""
         counts = self.requests
         counts["requests"] += 1
+        if attempts > 1:
+            self.counters["retries"] += attempts - 1
+            if status == 200:
+                self.counters["fallbacks"] += 1
+        if waited > 0:
+            self.counters["rate_limit_waits"] += 1
+            self.counters["rate_limit_wait_seconds"] += waited
         if status == 200:
             outcome = "succeeded"
         elif status == 499:
@@ -148,6 +176,24 @@ class LiveMetrics:
         s.total_errors += 0 if ok else 1
         s.total_cost += cost
         s.total_tokens += tokens
+        s.latency_buckets[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+        s.latency_sum += latency_ms
+        if ttft_ms is not None:
+            s.ttft_buckets[bisect_left(LATENCY_BUCKETS_MS, ttft_ms)] += 1
+            s.ttft_sum += ttft_ms
+
+    def observe_error(self, combination_id: str, error_type: str) -> None:
+        """A failed attempt, whatever its kind (a client's bad request too), by error type."""
+        key = (combination_id, error_type)
+        self.attempt_errors[key] = self.attempt_errors.get(key, 0) + 1
+
+    def histograms(self, combination_id: str) -> dict[str, Any]:
+        """Cumulative latency and time-to-first-token histograms since start (Prometheus' shape)."""
+        s = self._series.get(combination_id) or _Series()
+        return {
+            "latency": (_cumulative(s.latency_buckets), s.latency_sum),
+            "ttft": (_cumulative(s.ttft_buckets), s.ttft_sum),
+        }
 
     def observe_quality(self, combination_id: str, score: float) -> None:
         """A feedback score (0..1) for one of the combination's answers."""

@@ -9,6 +9,7 @@ shape in `request`, a committed stream in `streaming`, and calls that are not ch
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -21,6 +22,7 @@ import orjson
 
 from rswitch.gateway import side_calls
 from rswitch.gateway.balancer import Balancer, Combination
+from rswitch.gateway.access import access, access_log
 from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.ratelimit import ProviderLimiter
@@ -311,7 +313,9 @@ class Gateway:
                     learner.observe(
                         combo.id, ok, None, cost, duration_ms, context=context, request_id=p.request_id
                     )
+        p.attempts = max(p.attempts, attempt)
         if not ok and error is not None:
+            self.metrics.observe_error(combo.id, error.error_type)
             kind = "rate_limit" if error.status == 429 else "error"
             self.event(kind, f"{combo.id}: {error.status} {error.error_type}: {error.message[:160]}")
         elif ok and attempt > 1:
@@ -386,8 +390,28 @@ class Gateway:
         )
 
     def finish(self, p: Prepared | None, status: int) -> None:
-        """One client request answered (200) or not: counted apart from its upstream attempts."""
+        """One client request answered (200) or not: counted apart from its upstream attempts,
+        and one access-log line for it."""
+        attempts, waited = (p.attempts, p.waited) if p is not None else (0, 0.0)
+        self.metrics.observe_request(status, attempts, waited)
+        if access_log.isEnabledFor(logging.INFO):
+            served = self.served.get(p.request_id) if p is not None and status == 200 else None
+            ms = (time.perf_counter() - p.started) * 1000 if p is not None else None
+            access(
+                "POST",
+                "/v1/chat/completions",
+                status,
+                ms,
+                request_id=p.request_id if p is not None else None,
+                combination=served,
+                attempts=attempts,
+                route=p.route.explanation if p is not None else None,
+            )
+
+    def refused(self, path: str, status: int, started: float) -> None:
+        """A chat request the server answered before it reached the gateway (key, body)."""
         self.metrics.observe_request(status)
+        access("POST", path, status, (time.perf_counter() - started) * 1000)
 
     to_client_error = staticmethod(to_client_error)
 
@@ -421,12 +445,16 @@ class Gateway:
         if limiter is not None:
             limiter.settle(est, pt + ct)
 
-    async def _counted(self, body: Any, run: Any, client: Any = None) -> Any:
-        """Run a chat request, counting it once as a client request however it ends."""
+    async def _counted(self, body: Any, run: Any, client: Any = None, answered: bool = True) -> Any:
+        """Run a chat request, counting it once as a client request however it ends (a stream,
+        `answered=False`, counts itself when it ends)."""
         p: Prepared | None = None
         try:
             p = await self.prepare(body, client)
-            return await run(p)
+            result = await run(p)
+            if answered:
+                self.finish(p, 200)
+            return result
         except GatewayError as err:  # a routed request's error still says how it was routed
             if p is not None:
                 err.route, err.request_id = p.route.explanation, p.request_id
@@ -443,7 +471,6 @@ class Gateway:
 
     async def complete(self, body: Any, client: Any = None) -> Completed:
         done: Completed = await self._counted(body, self._complete, client)
-        self.finish(None, 200)
         return done
 
     async def _complete(self, p: Prepared) -> Completed:
@@ -491,7 +518,7 @@ class Gateway:
     async def open_stream(self, body: Any, client: Any = None) -> StreamSession:
         """Start a stream: fail over until the first content chunk arrives, then commit to it.
         The session counts the client request when the stream ends."""
-        return await self._counted(body, self._open_stream, client)
+        return await self._counted(body, self._open_stream, client, answered=False)
 
     async def _open_stream(self, p: Prepared) -> StreamSession:
         last: UpstreamError | None = None

@@ -33,6 +33,7 @@ class Prepared:
     demos: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # the template's few-shot turns
     rate_wait: float | None = None  # set when rate limits, not failures, left nothing to try
     waited: float = 0.0  # seconds this request has spent waiting for rate limits and backoff
+    attempts: int = 0  # upstream attempts made so far
     client: Any = None  # the caller's key (rswitch.auth.Ticket: .name, .check(route), .settle(tokens))
 
 

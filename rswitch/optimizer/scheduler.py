@@ -36,6 +36,7 @@ class BackgroundOptimizer:
         self._budget: Budget | None = None  # the running run's, for its calls so far
         self.trials: deque[dict[str, Any]] = deque(maxlen=200)  # the current (or last) run's trials, live
         self.runs: deque[dict[str, Any]] = deque(maxlen=20)  # finished runs, newest last
+        self.run_counts = {"promoted": 0, "kept": 0, "failed": 0}  # since start, for /metrics
         self.queued: list[str] = []
         self._thread = threading.Thread(target=self._run, name="rswitch-optimizer", daemon=True)
 
@@ -80,6 +81,7 @@ class BackgroundOptimizer:
             # list() first: one C call, safe while the optimizer thread appends
             "trials": [dict(t) for t in list(self.trials)],
             "runs": list(self.runs),
+            "run_counts": dict(self.run_counts),
         }
 
     def due(self) -> list[str]:
@@ -170,14 +172,17 @@ class BackgroundOptimizer:
                     "cost": result.cost,
                 }
             )
+            self.run_counts["promoted" if version else "kept"] += 1
             promoted = f"promoted as version {version}" if version else "not promoted"
             self.core.event("optimizer", f"'{template_id}': {result.verdict} ({promoted})")
             log.info("optimizer: %s: %s", template_id, result.verdict)
         except OptimizeError as exc:
+            self.run_counts["failed"] += 1
             self.runs.append({"template_id": template_id, "error": str(exc)})
             self.core.event("optimizer", f"'{template_id}' not optimized: {exc}")
             log.warning("optimizer: %s: %s", template_id, exc)
         except Exception as exc:  # a failed run must not end the worker
+            self.run_counts["failed"] += 1
             self.runs.append({"template_id": template_id, "error": f"{type(exc).__name__}: {exc}"})
             self.core.event("optimizer", f"'{template_id}' optimization failed: {type(exc).__name__}")
             log.exception("optimizer run for %s failed", template_id)
