@@ -19,7 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from rswitch import prometheus
-from rswitch.auth import Auth, Ticket, foreign_origin, json_content_type
+from rswitch.auth import Auth, Ticket, foreign_host, foreign_origin, host_names, json_content_type
 from rswitch.core import Core
 from rswitch.gateway.access import access
 from rswitch.gateway.errors import GatewayError
@@ -100,7 +100,24 @@ async def read_json(request: Request, limit: int) -> tuple[Any, int]:
         raise GatewayError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
+class HostGuard:
+    """Without client keys on loopback: a request addressed to another Host is refused before any
+    route sees it (a web page reaching rswitch through DNS rebinding). One header lookup a request."""
+
+    def __init__(self, app: Any, names: frozenset[str]) -> None:
+        self.app, self.names = app, names
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            refused = foreign_host(host, self.names)
+            if refused is not None:
+                await error_response(refused)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | None = None) -> Starlette:
     """The HTTP face. Who may call what (README, "Security"):
 
     - app endpoints (chat completions, embeddings, models and the other GET /v1/* views): a
@@ -108,7 +125,9 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
     - the operator's endpoints (every mutation, /status, /metrics, /health/storage): the admin
       key; open only when no key at all is configured; /health is always open.
 
-    With no keys configured `auth` is None and no guard is installed: a request pays nothing."""
+    With no keys configured `auth` is None and no key guard is installed. Without client keys, a
+    gateway bound to loopback (`bind_host`; None in-process) answers only requests addressed to a
+    loopback Host (HostGuard); bound beyond it (--insecure-no-auth), anyone may call."""
     cfg = core.config.gateway
     limit = cfg.max_body_bytes
     gateway = core.gateway
@@ -364,6 +383,9 @@ def create_app(core: Core, *, manage_lifecycle: bool = True) -> Starlette:
         Route("/metrics", answered(operator(metrics)), methods=["GET"]),
     ]
     middleware = []
+    names = host_names(bind_host) if auth is None or not auth.keys else None
+    if names is not None:  # first, so nothing (CORS included) answers a rebound name
+        middleware.append(Middleware(HostGuard, names=names))
     if origins:  # off by default: no browser page of another origin may read answers
         middleware.append(
             Middleware(

@@ -115,3 +115,23 @@ async def test_an_upstream_refusing_rswitchs_key_is_a_502_not_the_clients_401(ma
         assert r.status_code == 502
         err = r.json()["error"]
         assert err["code"] == "upstream_auth_failed" and "sk-wrong" not in r.text
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e999, 1e20])
+async def test_an_absurd_upstream_retry_after_is_a_429_with_a_sane_retry_after(make_gateway, value):
+    with openai_fake.running() as fake:
+        gw = await make_gateway(
+            {
+                "model_providers": {"up": {"type": "openai", "base_url": fake.base_url, "api_key": "sk-x"}},
+                "gateway": {
+                    "max_attempts": 1,
+                    "combinations": [
+                        {"id": "o", "template_id": "summarise", "model": "gpt-4o", "provider": "up"}
+                    ],
+                },
+            }
+        )
+        fake.faults.push(Fault("status", status=429, retry_after=value))
+        r = await gw.post(chat("hi", model="o", variables={"words": 3}))
+        assert r.status_code == 429
+        assert 1 <= int(r.headers.get("retry-after", "1")) <= 60

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -38,8 +39,8 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        if self.retry_after is not None:
-            out["retry-after"] = str(max(1, int(-(-self.retry_after // 1))))
+        if self.retry_after is not None and math.isfinite(self.retry_after):
+            out["retry-after"] = str(min(max(1, int(-(-self.retry_after // 1))), 3600))
         if self.route:
             out["x-rswitch-route"] = self.route
         if self.request_id:

@@ -25,7 +25,7 @@ from rswitch.gateway.balancer import Balancer, Combination
 from rswitch.gateway.access import access, access_log
 from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.metrics import LiveMetrics
-from rswitch.gateway.ratelimit import ProviderLimiter
+from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
 from rswitch.gateway.request import ROUTING_METADATA, RSWITCH_KEYS, Prepared, validate
 from rswitch.gateway.resolver import PASSTHROUGH, Resolver, Route
 from rswitch.gateway.streaming import StreamSession, has_content
@@ -74,7 +74,9 @@ def to_client_error(e: UpstreamError) -> GatewayError:
         )
     else:
         status = e.status if 400 <= e.status < 500 else 502
-    return GatewayError(status, e.message, error_type=e.error_type, code=e.code, retry_after=e.retry_after)
+    # the client is told to wait no longer than rswitch itself skips the provider for
+    retry_after = None if e.retry_after is None else min(e.retry_after, MAX_UPSTREAM_BLOCK)
+    return GatewayError(status, e.message, error_type=e.error_type, code=e.code, retry_after=retry_after)
 
 
 def completion_text(resp: dict[str, Any]) -> str:

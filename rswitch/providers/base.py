@@ -9,6 +9,7 @@ provider yields carries `usage` (its `choices` may be empty, as OpenAI's own usa
 from __future__ import annotations
 
 import abc
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -90,13 +91,20 @@ def stream_broken(provider: str, detail: str) -> UpstreamError:
     )
 
 
+MAX_RETRY_AFTER = 3600.0  # an upstream's Retry-After is believed up to an hour
+
+
 def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (seconds; a date or nonsense is ignored), at most an hour."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def new_completion_id() -> str:
