@@ -284,3 +284,42 @@ def foreign_origin(origin: str | None, host: str | None, allowed: frozenset[str]
         error_type="permission_error",
         code="origin_not_allowed",
     )
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "localhost.", "ip6-localhost", "[::1]"})
+
+
+def host_names(bind_host: str | None) -> frozenset[str] | None:
+    """The Host names a key-free gateway answers to: loopback names and the address it was told to
+    bind. None (no check) when it is bound beyond loopback: that takes --insecure-no-auth, the
+    operator's word that anyone who reaches it may call. `bind_host=None` (in-process) is loopback."""
+    if bind_host is not None and not is_loopback(bind_host):
+        return None
+    names = set(LOOPBACK_HOSTS)
+    if bind_host:
+        bound = bind_host.lower().strip("[]")
+        names.add(f"[{bound}]" if ":" in bound else bound)
+    return frozenset(names)
+
+
+def foreign_host(host: str | None, names: frozenset[str]) -> GatewayError | None:
+    """A request addressed to a name that is not this key-free loopback gateway's → 403.
+
+    A web page can point its own name at 127.0.0.1 (DNS rebinding); the browser then sends
+    rswitch the page's requests, and its Origin matches that Host, so only the Host tells. One
+    header and a set or prefix test per request. 127.x.x.x is matched only as digits and dots:
+    a name like '127.evil.example' is the attacker's."""
+    if host:
+        host = host.lower()
+        name = host[: host.find("]") + 1] if host[0] == "[" else host.partition(":")[0]
+        if name in names or (name.startswith("127.") and name.replace(".", "").isdigit()):
+            return None
+    got = f"'{host[:100]}'" if host else "none"
+    return GatewayError(
+        403,
+        f"requests addressed to Host {got} are refused: without client keys (gateway.auth.keys) rswitch answers only "
+        "requests to localhost, 127.0.0.1, [::1] or the address it listens on, so a web page cannot "
+        "reach it through DNS rebinding (configure client keys to serve other names)",
+        error_type="permission_error",
+        code="host_not_allowed",
+    )

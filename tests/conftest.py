@@ -110,7 +110,7 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         await core.start()
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=create_app(core, manage_lifecycle=False)),
-            base_url="http://rswitch",
+            base_url="http://localhost",  # a loopback name: without keys, other Hosts are refused
         )
         gw = Gateway(core, client, tmp_path)
         made.append(gw)

@@ -36,4 +36,128 @@ def test_key_create_names_are_the_names_the_config_takes(tmp_path):
     r = CliRunner().invoke(rswitch_app, ["key", "create", "shop.eu@team-1"])
     assert r.exit_code == 0, r.output
     with pytest.raises(ConfigError):  # so a name refused here is refused by the config too
-        make_config(tmp_path, {"gateway": {"auth": {"keys": [{"name": "shop\n", "hash": hash_key(APP_KEY)}]}}})
+        make_config(
+            tmp_path, {"gateway": {"auth": {"keys": [{"name": "shop\n", "hash": hash_key(APP_KEY)}]}}}
+        )
+
+
+# -- DNS rebinding -----------------------------------------------------------------------------
+
+EVIL = {"host": "evil.example:18082", "origin": "http://evil.example:18082"}
+SUPPORT = {"product": "Acme", "tone": "kind"}
+
+
+def support_chat(**extra):
+    body = {"messages": [{"role": "user", "content": "hi"}], "variables": SUPPORT}
+    return {**body, "metadata": {"template_id": "support"}, **extra}
+
+
+async def test_a_rebound_host_is_refused_without_keys(gateway):
+    """A web page whose name now points at 127.0.0.1 sends Host and Origin of its own: refused
+    everywhere, before any route (and nothing is recorded or labelled)."""
+    served = await gateway.post(support_chat())
+    label = {"request_id": served.headers["x-rswitch-request-id"], "score": 1}
+    answers = [
+        await gateway.client.post("/v1/chat/completions", json=support_chat(), headers=EVIL),
+        await gateway.client.post("/v1/chat/completions", json=support_chat(stream=True), headers=EVIL),
+        await gateway.client.get("/status", headers=EVIL),
+        await gateway.client.post("/v1/feedback", json=label, headers=EVIL),
+        await gateway.client.post("/v1/optimizer/runs", json={"template_id": "support"}, headers=EVIL),
+        await gateway.client.get("/v1/models", headers={"host": "127.evil.example"}),
+        await gateway.client.get("/status", headers={"host": "localhost.evil.example"}),
+    ]
+    for r in answers:
+        assert r.status_code == 403, r.request.url
+        err = r.json()["error"]
+        assert err["code"] == "host_not_allowed" and err["type"] == "permission_error"
+        assert "DNS rebinding" in err["message"]
+    assert "'evil.example:18082'" in answers[0].json()["error"]["message"]
+    assert len(gateway.analytics_rows()) == 1  # only the first, addressed to localhost
+    assert gateway.dataset_rows("support")[0]["label_source"] is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost", "localhost:18082", "LOCALHOST:1", "127.0.0.1:8080", "127.9.8.7", "[::1]:18082", "[::1]"],
+)
+async def test_loopback_hosts_are_answered_without_keys(gateway, host):
+    r = await gateway.client.post("/v1/chat/completions", json=support_chat(), headers={"host": host})
+    assert r.status_code == 200, r.text
+    assert (await gateway.client.get("/status", headers={"host": host})).status_code == 200
+
+
+async def test_a_foreign_origin_with_a_loopback_host_still_may_not_change_anything(gateway):
+    served = await gateway.post(support_chat())
+    label = {"request_id": served.headers["x-rswitch-request-id"], "score": 1}
+    for origin in ("http://evil.example:18082", "http://localhost.evil.example"):
+        r = await gateway.client.post("/v1/feedback", json=label, headers={"origin": origin})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert gateway.dataset_rows("support")[0]["label_source"] is None
+    own = await gateway.client.post("/v1/feedback", json=label, headers={"origin": "http://localhost"})
+    assert own.status_code == 202
+
+
+async def _app_client(tmp_path, override, bind_host):
+    import httpx
+
+    from rswitch.core import Core
+    from rswitch.server import create_app
+
+    core = Core(make_config(tmp_path, override))
+    await core.start()
+    app = create_app(core, manage_lifecycle=False, bind_host=bind_host)
+    return core, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://evil.example")
+
+
+@pytest.mark.parametrize(
+    ("bind_host", "override", "status"),
+    [
+        ("127.0.0.1", {}, 403),  # key-free on loopback: checked
+        ("localhost", {"gateway": {"auth": {"admin_key_hash": hash_key(ADMIN_KEY)}}}, 403),  # chat still open
+        ("0.0.0.0", {}, 200),  # --insecure-no-auth beyond loopback: anyone may call, by choice
+        ("192.0.2.1", {}, 200),
+        ("127.0.0.1", {"gateway": {"auth": {"keys": [{"name": "app", "hash": hash_key(APP_KEY)}]}}}, 200),
+    ],
+    ids=["loopback", "admin-key-only", "insecure-any", "insecure-address", "client-keys"],
+)
+async def test_the_host_check_follows_the_bind_and_the_keys(tmp_path, bind_host, override, status):
+    core, client = await _app_client(tmp_path, override, bind_host)
+    try:
+        r = await client.post("/v1/chat/completions", json=support_chat(), headers=bearer(APP_KEY))
+        assert r.status_code == status, r.text
+    finally:
+        await client.aclose()
+        await core.stop()
+
+
+async def test_the_bound_name_is_answered(tmp_path):
+    core, client = await _app_client(tmp_path, {}, "ip6-localhost")
+    try:
+        r = await client.get("/v1/models", headers={"host": "ip6-localhost:9000"})
+        assert r.status_code == 200
+    finally:
+        await client.aclose()
+        await core.stop()
+
+
+@pytest.mark.slow
+def test_rswitch_serve_refuses_a_rebound_host(tmp_path):
+    import httpx
+
+    from tests.test_real_server import rswitch_serve
+
+    config = {
+        "model_providers": {"mock": {"type": "mock"}},
+        "templates": {"support": {"template": "You support {product}. Be {tone}."}},
+        "gateway": {
+            "combinations": [{"id": "sup", "template_id": "support", "model": "small", "provider": "mock"}]
+        },
+    }
+    with rswitch_serve(config, tmp_path) as (url, _):
+        port = url.rsplit(":", 1)[1]
+        evil = {"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}"}
+        r = httpx.post(url + "/v1/chat/completions", json=support_chat(), headers=evil)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+        assert httpx.get(url + "/status", headers=evil).status_code == 403
+        assert httpx.get(url + "/status").status_code == 200  # http://127.0.0.1:port
+        assert httpx.get(url.replace("127.0.0.1", "localhost") + "/status").status_code == 200

@@ -122,7 +122,7 @@ async def test_openai_sdk_default_base64_decodes_to_the_float_vectors(make_gatew
     through unnoticed, so the wire is checked too."""
     gw = await make_gateway(MOCK)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(gw.core, manage_lifecycle=False)))
-    client = openai.AsyncOpenAI(base_url="http://rswitch/v1", api_key="x", http_client=http, max_retries=0)
+    client = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="x", http_client=http, max_retries=0)
     async with http:
         raw = await client.embeddings.with_raw_response.create(model="mock-embed", input=["one two", "three"])
         wire = raw.http_response.json()["data"]

@@ -36,7 +36,7 @@ class GatewayThread:
         self.core = core
         self.server = uvicorn.Server(
             uvicorn.Config(
-                create_app(core),
+                create_app(core, bind_host=host),
                 host=host,
                 port=port,
                 log_config=None,
