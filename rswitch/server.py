@@ -23,6 +23,7 @@ from rswitch.auth import Auth, Ticket, foreign_host, foreign_origin, host_names,
 from rswitch.core import Core
 from rswitch.gateway.access import access
 from rswitch.gateway.errors import GatewayError
+from rswitch.gateway.streaming import dumps
 
 log = logging.getLogger("rswitch.server")
 
@@ -31,7 +32,7 @@ class JSON(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, default=str)
+        return dumps(content)
 
 
 def error_response(err: GatewayError) -> JSON:

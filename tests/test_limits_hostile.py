@@ -135,3 +135,40 @@ async def test_an_absurd_upstream_retry_after_is_a_429_with_a_sane_retry_after(m
         r = await gw.post(chat("hi", model="o", variables={"words": 3}))
         assert r.status_code == 429
         assert 1 <= int(r.headers.get("retry-after", "1")) <= 60
+
+
+def _claude(url: str) -> dict:
+    return {
+        "model_providers": {"cl": {"type": "anthropic", "base_url": url, "api_key": "sk-x"}},
+        "gateway": {
+            "max_attempts": 1,
+            "combinations": [{"id": "c", "template_id": "summarise", "model": "claude-x", "provider": "cl"}],
+        },
+    }
+
+
+async def test_an_upstream_answer_with_a_lone_surrogate_reaches_the_client_as_valid_json(make_gateway):
+    from tests.fakes import anthropic_fake
+
+    with anthropic_fake.running() as fake:
+        gw = await make_gateway(_claude(fake.base_url))
+        message = (
+            '{"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", '
+            '"content": [{"type": "text", "text": "a\\ud800b"}], "stop_reason": "end_turn", '
+            '"stop_sequence": null, "usage": {"input_tokens": 3, "output_tokens": 2}}'
+        )
+        fake.faults.push(Fault("body", message=message))
+        r = await gw.post(chat("hi", model="c", variables={"words": 3}))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "a\ud800b"
+
+
+async def test_an_answer_that_is_not_the_messages_apis_shape_is_a_502_naming_the_provider(make_gateway):
+    from tests.fakes import anthropic_fake
+
+    with anthropic_fake.running() as fake:
+        gw = await make_gateway(_claude(fake.base_url))
+        fake.faults.push(Fault("body", message='{"content": 5, "usage": "none"}'))
+        r = await gw.post(chat("hi", model="c", variables={"words": 3}))
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "unexpected_answer" and "'cl'" in r.json()["error"]["message"]

@@ -3,6 +3,7 @@ last chunk, `[DONE]` only after a complete answer. It records itself when it end
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,8 +25,17 @@ log = logging.getLogger("rswitch.gateway")
 DONE = b"data: [DONE]\n\n"
 
 
+def dumps(obj: Any) -> bytes:
+    """JSON bytes. orjson refuses text that is not valid UTF-8 (an upstream's lone surrogate,
+    "\\ud800"); the standard library writes such text escaped, which is valid JSON."""
+    try:
+        return orjson.dumps(obj, default=str)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, default=str).encode()
+
+
 def sse(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 def has_content(chunk: dict[str, Any]) -> bool:

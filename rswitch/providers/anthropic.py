@@ -433,7 +433,10 @@ class AnthropicProvider(Provider):
             message = await self.client.messages.create(**request, timeout=timeout)
         except anthropic.AnthropicError as exc:
             raise self._upstream_error(exc, timeout) from None
-        return to_openai_completion(message)
+        try:
+            return to_openai_completion(message)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # not the Messages API's shape
+            raise self._unexpected(exc) from None
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
         request = to_anthropic_request(call)
@@ -447,7 +450,10 @@ class AnthropicProvider(Provider):
         async with events:  # releases the connection even if the consumer stops early
             try:
                 async for event in events:
-                    chunk = translator.translate(event)
+                    try:
+                        chunk = translator.translate(event)
+                    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                        raise self._unexpected(exc) from None
                     if chunk is not None:
                         yield chunk
             except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
@@ -455,6 +461,15 @@ class AnthropicProvider(Provider):
         if not translator.finished:
             raise stream_broken(self.name, "the stream ended before message_stop")
         yield translator.usage_chunk()
+
+    def _unexpected(self, exc: Exception) -> UpstreamError:
+        return UpstreamError(
+            502,
+            f"provider '{self.name}' answered in a shape that is not the Messages API's ({type(exc).__name__})",
+            error_type="upstream_error",
+            code="unexpected_answer",
+            retryable=True,
+        )
 
     def _upstream_error(self, exc: anthropic.AnthropicError, timeout: float) -> UpstreamError:
         # APITimeoutError subclasses APIConnectionError, so it is tested first.

@@ -215,6 +215,8 @@ def create_app(faults: Faults, recorder: Recorder) -> web.Application:
         if fault is not None and fault.kind == "reset":
             await abort(request)
             return web.Response()
+        if fault is not None and fault.kind == "body":  # a 200 with this raw JSON text as the answer
+            return web.Response(text=fault.message, content_type="application/json")
         if fault is not None and fault.kind == "stall":
             await asyncio.sleep(fault.seconds)
 

@@ -21,7 +21,7 @@ class Fault:
     retry_after), "reset" (drop the connection before any byte), "stall" (hold the
     request `seconds` before answering normally), "cut" (stream `after` chunks, then drop
     the connection), "error_event" (stream `after` chunks, then the provider's in-stream
-    error event).
+    error event), "body" (anthropic fake: answer 200 with `message` as the raw JSON body).
     """
 
     kind: str
