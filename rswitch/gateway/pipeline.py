@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 
 from rswitch.gateway import side_calls
-from rswitch.gateway.balancer import Balancer, Combination
 from rswitch.gateway.access import access, access_log
+from rswitch.gateway.balancer import Balancer, Combination
 from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
