@@ -177,6 +177,10 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
+        except asyncio.CancelledError:  # the call was cancelled (its client left): nothing answered
+            if ticket is not None:
+                ticket.settle(0)
+            raise
         except Exception as exc:
             if ticket is not None:
                 ticket.settle(0)
@@ -201,6 +205,10 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
+        except asyncio.CancelledError:  # the call was cancelled (its client left): nothing answered
+            if ticket is not None:
+                ticket.settle(0)
+            raise
         except Exception as exc:
             if ticket is not None:
                 ticket.settle(0)

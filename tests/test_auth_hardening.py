@@ -4,6 +4,8 @@ the stats and optimizer views. Through real requests to the ASGI app."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from typer.testing import CliRunner
 
@@ -161,3 +163,97 @@ def test_rswitch_serve_refuses_a_rebound_host(tmp_path):
         assert httpx.get(url + "/status", headers=evil).status_code == 403
         assert httpx.get(url + "/status").status_code == 200  # http://127.0.0.1:port
         assert httpx.get(url.replace("127.0.0.1", "localhost") + "/status").status_code == 200
+
+
+# -- a key's tpm estimate is given back when nothing (or only part) was answered -----------------
+
+
+def tpm_config(base_url: str) -> dict:
+    return {
+        "model_providers": {"up": {"type": "openai", "base_url": base_url, "api_key": "sk-x"}},
+        "gateway": {
+            "max_attempts": 1,
+            "combinations": [{"id": "o", "template_id": "summarise", "model": "gpt-4o", "provider": "up"}],
+            "auth": {"keys": [{"name": "app", "hash": hash_key(APP_KEY), "tpm": 1000}]},
+        },
+    }
+
+
+def summary(**extra):
+    # 900 asked tokens: an unsettled estimate leaves the key's 1000 tpm too little for the next
+    return {"messages": [{"role": "user", "content": "hi"}], "model": "o", "variables": {"words": 3}, **extra}
+
+
+async def test_a_broken_stream_gives_the_keys_tpm_estimate_back(make_gateway):
+    from tests.fakes import openai_fake
+    from tests.fakes.server import Fault
+
+    with openai_fake.running() as fake:
+        gw = await make_gateway(tpm_config(fake.base_url))
+        for _ in range(3):
+            fake.faults.push(Fault("cut", after=1))
+            broken = await gw.post(summary(stream=True, max_tokens=900), headers=bearer(APP_KEY))
+            assert broken.status_code == 200 and '"error"' in broken.text and "[DONE]" not in broken.text
+            after = await gw.post(summary(max_tokens=900), headers=bearer(APP_KEY))
+            assert after.status_code == 200, after.text  # was 429: the broken stream kept 900 tokens
+
+
+async def test_a_cancelled_call_gives_the_keys_tpm_estimate_back(make_gateway):
+    import asyncio
+
+    from tests.fakes import openai_fake
+    from tests.fakes.server import Fault
+
+    with openai_fake.running() as fake:
+        gw = await make_gateway(tpm_config(fake.base_url))
+        for n in range(1, 4):
+            fake.faults.push(Fault("stall", seconds=60))
+            call = asyncio.create_task(gw.post(summary(max_tokens=900), headers=bearer(APP_KEY)))
+            for _ in range(500):  # until the upstream holds the call
+                if len(fake.recorder.requests) == 2 * n - 1:
+                    break
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            after = await gw.post(summary(max_tokens=900), headers=bearer(APP_KEY))
+            assert after.status_code == 200, after.text
+
+
+@pytest.mark.slow
+def test_a_client_leaving_a_stream_gives_the_keys_tpm_estimate_back(tmp_path):
+    """On a real server: the client reads the first piece and hangs up."""
+    import httpx
+
+    from rswitch.core import Core
+    from rswitch.tui.server import GatewayThread
+
+    mock = {"type": "mock", "mock": {"stream_chunks": 20, "chunk_delay_ms": 200, "response": "word " * 40}}
+    cfg = make_config(
+        tmp_path,
+        {
+            "model_providers": {"mock": mock},
+            "gateway": {"auth": {"keys": [{"name": "app", "hash": hash_key(APP_KEY), "tpm": 1000}]}},
+        },
+    )
+    core = Core(cfg)
+    server = GatewayThread(core, "127.0.0.1", 0)
+    url = server.start()
+    try:
+        body = {**support_chat(), "max_tokens": 900}
+        with httpx.Client(base_url=url, headers=bearer(APP_KEY), timeout=30) as client:
+            for n in range(1, 3):
+                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                    assert r.status_code == 200
+                    assert "content" in next(r.iter_text())  # then the client hangs up
+                left = []
+                for _ in range(500):  # until the gateway has recorded the stream its client left
+                    left = server.call(lambda: [c for c in core.gateway.recent if c.status == 499])
+                    if len(left) == n:
+                        break
+                    threading.Event().wait(0.01)
+                assert len(left) == n
+                after = client.post("/v1/chat/completions", json=body)
+                assert after.status_code == 200, after.text
+    finally:
+        server.stop()

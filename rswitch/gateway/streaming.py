@@ -95,9 +95,15 @@ class StreamSession:
         async for chunk in self._agen:
             yield chunk
 
+    def _settle_client(self) -> None:
+        """An unfinished stream gives the caller's key back its tpm estimate less the streamed part."""
+        if self.p.client is not None:
+            self.p.client.settle(estimate_tokens("".join(self._parts)))
+
     def _broken(self, exc: Exception) -> bytes:
         """The error event that ends a broken stream (never a clean close), recorded first."""
         g, p = self.gateway, self.p
+        self._settle_client()
         if isinstance(exc, UpstreamError):
             used = estimate_tokens("".join(self._parts))
             g.failed(
@@ -198,6 +204,7 @@ class StreamSession:
                 yield event
         finally:
             if outcome == "client_closed":
+                self._settle_client()
                 # the client went away mid-stream: close the upstream and record what happened
                 await aclose(self._agen)
                 closed = UpstreamError(
