@@ -37,19 +37,34 @@ class Prepared:
     client: Any = None  # the caller's key (rswitch.auth.Ticket: .name, .check(route), .settle(tokens))
 
 
+_CONTAINERS = frozenset({dict, list})
+
+
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
-    """The path of the first object or array nested deeper than `limit`, or None. Strings and
-    numbers are leaves, so a large body of text costs nothing here."""
-    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    """The path of the first value nested deeper than `limit`, or None. Only objects and arrays
+    are walked, and a path is spelled out only once one is found too deep, so a large body (a
+    long text, an array of a million numbers) costs one type check per element."""
+    stack: list[tuple[Any, int, Any]] = [(value, 0, None)]  # (container, depth, (parent, key))
     while stack:
-        node, path, depth = stack.pop()
-        if depth > limit:
-            return path or "the body"
-        if isinstance(node, dict):
-            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in node.items())
-        elif isinstance(node, list):
-            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+        node, depth, parent = stack.pop()
+        values = node.values() if isinstance(node, dict) else node
+        if depth < limit and not _CONTAINERS.intersection(map(type, values)):
+            continue  # only scalars below: checked at C speed
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in items:
+            if depth >= limit:
+                return _path((node, depth, parent), key)
+            if isinstance(child, dict | list) and child:
+                stack.append((child, depth + 1, ((node, depth, parent), key)))
     return None
+
+
+def _path(entry: tuple[Any, int, Any], key: Any) -> str:
+    keys = [key]
+    while entry[2] is not None:
+        entry, key = entry[2]
+        keys.append(key)
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in reversed(keys)).lstrip(".")
 
 
 def _output_tokens(body: dict[str, Any]) -> None:
