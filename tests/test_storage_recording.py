@@ -253,3 +253,23 @@ def test_storage_health_counts_a_dataset_being_created_as_empty_not_broken(tmp_p
     other.close()
     with pytest.raises(sql.OperationalError, match="dataset 'fresh' cannot be read"):
         store.ping()  # a schema without examples is broken, and says so
+
+
+def test_a_dataset_file_replaced_by_another_process_is_reopened_not_written_into_the_void(tmp_path):
+    """`package import` from the CLI while serve runs swaps the dataset file; the gateway's
+    writer must write on into the new file, not the deleted one it still has open."""
+    import os
+
+    store = DatasetStore(tmp_path / "prompts", 100)
+    store.write([record("before")])
+    other = DatasetStore(tmp_path / "staging", 100)  # the importer builds the new file elsewhere
+    other.write([record("imported")])
+    other.close()
+    os.rename(tmp_path / "prompts" / "support", tmp_path / "prompts" / ".replaced-support")  # as import swaps
+    os.rename(tmp_path / "staging" / "support", tmp_path / "prompts" / "support")
+    store.write([record("after")])
+    store.close()
+    conn = sqlite3.connect(store.path("support"))
+    ids = [r[0] for r in conn.execute("SELECT request_id FROM examples ORDER BY id")]
+    conn.close()
+    assert ids == ["imported", "after"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -219,6 +220,14 @@ def _count_examples(conn: sqlite3.Connection) -> int:
         raise
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class DatasetStore:
     """Writes go through one connection per prompt, owned by the writer thread; readers open their own.
 
@@ -242,6 +251,7 @@ class DatasetStore:
         self._conns: dict[str, sqlite3.Connection] = {}
         self._counts: dict[str, list[int]] = {}  # template id -> [unlabelled rows, labelled rows]
         self._versions: dict[str, int] = {}  # template id -> PRAGMA data_version when counted
+        self._identity: dict[str, tuple[int, int] | None] = {}  # template id -> the open file's (dev, inode)
         self._lock = threading.Lock()
 
     def path(self, template_id: str) -> Path:
@@ -249,8 +259,15 @@ class DatasetStore:
 
     def _conn(self, template_id: str) -> sqlite3.Connection:
         conn = self._conns.get(template_id)
+        if conn is not None and self._identity.get(template_id) != _identity(self.path(template_id)):
+            # the file was replaced (a package imported by another process) or removed: writing on
+            # through the old handle would go to a deleted file, so the new one is opened
+            self._conns.pop(template_id)
+            conn.close()
+            conn = None
         if conn is None:
             conn = self._conns[template_id] = open_dataset(self.path(template_id), self.reference)
+            self._identity[template_id] = _identity(self.path(template_id))
             self._count(template_id, conn)
         return conn
 
