@@ -391,6 +391,10 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
         Route("/v1/models", answered(reader(models)), methods=["GET"]),
         Route("/metrics", answered(operator(metrics)), methods=["GET"]),
     ]
+    from rswitch.admin.api import AdminAPI  # imported here: it builds on this module's helpers
+
+    admin = AdminAPI(core, body_limit=limit)  # /admin/v1/…: the operator's, like /status
+    routes += admin.routes(read=lambda h: answered(operator(h)), write=lambda h: answered(mutation(h)))
     middleware = []
     names = host_names(bind_host) if auth is None or not auth.keys else None
     if names is not None:  # first, so nothing (CORS included) answers a rebound name
@@ -420,4 +424,5 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
         exception_handlers={HTTPException: not_found, Exception: server_error},
     )
     app.state.core = core
+    app.state.admin = admin  # admin.close() ends its event streams
     return app
