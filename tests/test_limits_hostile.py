@@ -172,3 +172,20 @@ async def test_an_answer_that_is_not_the_messages_apis_shape_is_a_502_naming_the
         r = await gw.post(chat("hi", model="c", variables={"words": 3}))
         assert r.status_code == 502
         assert r.json()["error"]["code"] == "unexpected_answer" and "'cl'" in r.json()["error"]["message"]
+
+
+async def test_absurd_upstream_usage_is_clamped_and_still_recorded(make_gateway):
+    from tests.fakes import anthropic_fake
+
+    with anthropic_fake.running() as fake:
+        gw = await make_gateway(_claude(fake.base_url))
+        message = (
+            '{"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", '
+            '"content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn", '
+            '"stop_sequence": null, "usage": {"input_tokens": 1000000000000, "output_tokens": -5}}'
+        )
+        fake.faults.push(Fault("body", message=message))
+        r = await gw.post(chat("hi", model="c", variables={"words": 3}))
+        assert r.status_code == 200
+        [row] = gw.analytics_rows()
+        assert row["prompt_tokens"] == 2**31 - 1 and row["completion_tokens"] == 0

@@ -40,6 +40,7 @@ __all__ = ["Completed", "Gateway", "Prepared", "Route", "validate"]
 EVENTS_KEPT = 500
 RECENT_KEPT = 200  # calls kept in memory for the TUI's request inspector
 SERVED_KEPT = 10_000  # answers whose feedback still reaches the live metrics
+MAX_TOKENS_REPORTED = 2**31 - 1  # an upstream's usage beyond this is not believed (int32 columns)
 
 
 @dataclass(slots=True)
@@ -299,7 +300,10 @@ class Gateway:
         duration_ms = (time.perf_counter() - started) * 1000
         estimated = False
         if usage and isinstance(usage.get("prompt_tokens"), int):
-            pt, ct = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0) or 0
+            ct = usage.get("completion_tokens", 0)
+            # what an upstream reports is believed within what the stores can hold
+            pt = min(max(usage["prompt_tokens"], 0), MAX_TOKENS_REPORTED)
+            ct = min(max(ct, 0), MAX_TOKENS_REPORTED) if isinstance(ct, int) else 0
         elif ok:
             pt = estimate_tokens(system) + estimate_tokens(message_text(p.messages))
             ct, estimated = estimate_tokens(output), True
