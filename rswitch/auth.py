@@ -85,6 +85,25 @@ class ClientKey:
                 )
         return Ticket(self, est)
 
+    def readable(self, template_id: Any, part: str | None = None) -> None:
+        """A view of `template_id` (or of its combination `part`): 403 for a key limited to others."""
+        if self.templates is None or template_id in self.templates:
+            return
+        of = f" ('{part}' is one of its combinations)" if part and part != template_id else ""
+        raise GatewayError(
+            403,
+            f"API key '{self.name}' may read only template(s) {', '.join(sorted(self.templates)) or '(none)'}, "
+            f"not template '{str(template_id)[:100]}'{of}",
+            error_type="permission_error",
+            code="template_not_allowed",
+        )
+
+    def only_own(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows (optimizer runs, trials) of this key's templates: all of them for an unlimited key."""
+        if self.templates is None:
+            return rows
+        return [r for r in rows if r.get("template_id") in self.templates]
+
 
 ADMIN = ClientKey(ADMIN_NAME, None, None)
 
@@ -123,6 +142,26 @@ class Ticket:
                 code="template_not_allowed",
             )
         route.candidates = [c for c in route.candidates if c.template_id in allowed]  # fallbacks too
+
+    def check_embedding(self, route_id: str, template_id: str | None) -> None:
+        """A key limited to templates may embed only through a combination of one of them (a
+        combination id as `model` or metadata.combination_id); any other route is 403."""
+        allowed = self.key.templates
+        if allowed is None or template_id in allowed:
+            return
+        names = ", ".join(sorted(allowed)) or "(none)"
+        why = (
+            f"'{route_id}' is a combination of template '{template_id}'"
+            if template_id is not None
+            else f"'{route_id}' is not a combination of them"
+        )
+        raise GatewayError(
+            403,
+            f"API key '{self.name}' may call only template(s) {names}, so it may embed only through "
+            f"their combinations (name one as model or metadata.combination_id); {why}",
+            error_type="permission_error",
+            code="template_not_allowed",
+        )
 
     def settle(self, used: int) -> None:
         """Correct the key's tpm bucket once, with the tokens really used (0 when nothing answered)."""

@@ -228,15 +228,21 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
 
     async def optimizer_runs(request: Request) -> Response:
         tid = request.query_params.get("template_id")
-        runs = await asyncio.to_thread(core.analytics.runs, tid)
+        key = getattr(request.state, "key", None)  # set by `reader`
+        limited = key is not None and key.templates is not None
+        runs = await asyncio.to_thread(core.analytics.runs, tid, 500 if limited else 20)
         running = core.optimizer.status() if core.optimizer is not None else {"enabled": False}
+        if limited:  # its templates' runs only; the live state (queue, trials, prompts) is the operator's
+            runs, running = key.only_own(runs)[:20], {"enabled": running.get("enabled", False)}
         return JSON({"runs": runs, "optimizer": running})
 
     async def optimizer_trials(request: Request) -> Response:
         run_id, tid = request.query_params.get("run_id"), request.query_params.get("template_id")
         if not run_id and not tid:
             return error_response(GatewayError(400, "give run_id or template_id", code="missing_parameter"))
-        return JSON({"trials": await asyncio.to_thread(core.analytics.trials, run_id, tid)})
+        trials = await asyncio.to_thread(core.analytics.trials, run_id, tid)
+        key = getattr(request.state, "key", None)  # set by `reader`: a limited key sees its templates'
+        return JSON({"trials": trials if key is None else key.only_own(trials)})
 
     async def optimizer_request(request: Request) -> Response:
         try:
@@ -273,11 +279,17 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
     async def prompt_stats(request: Request) -> Response:
         prompt_id = request.path_params["prompt_id"]
         try:
-            return JSON(await asyncio.to_thread(core.prompt_stats, prompt_id))
+            stats = await asyncio.to_thread(core.prompt_stats, prompt_id)
+            key = getattr(request.state, "key", None)  # set by `reader`
+            if key is not None:  # a key limited to templates reads only theirs (403)
+                key.readable(stats["template_id"], prompt_id)
+            return JSON(stats)
         except KeyError:
             return error_response(
                 GatewayError(404, f"unknown template or combination id '{prompt_id}'", code="unknown_prompt")
             )
+        except GatewayError as err:
+            return error_response(err)
 
     async def system_analytics(request: Request) -> Response:
         return JSON(await asyncio.to_thread(core.system_analytics))
@@ -341,9 +353,13 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
 
         async def guarded(request: Request) -> Response:
             try:
-                auth.client(request.headers.get("authorization"))
+                key = auth.client(request.headers.get("authorization"))
+                tid = request.query_params.get("template_id")
+                if key is not None and tid is not None:  # a key limited to templates: theirs only
+                    key.readable(tid)
             except GatewayError as err:
                 return error_response(err)
+            request.state.key = key  # the views filter what they show to the key's templates
             return await handler(request)
 
         return guarded

@@ -257,3 +257,104 @@ def test_a_client_leaving_a_stream_gives_the_keys_tpm_estimate_back(tmp_path):
                 assert after.status_code == 200, after.text
     finally:
         server.stop()
+
+
+# -- template-limited keys: embeddings, stats and optimizer views ------------------------------
+
+
+def limited_config() -> dict:
+    return {
+        "gateway": {
+            "auth": {
+                "keys": [
+                    {"name": "app", "hash": hash_key(APP_KEY)},
+                    {"name": "summariser", "hash": hash_key(SUM_KEY), "templates": ["summarise"]},
+                ],
+                "admin_key_hash": hash_key(ADMIN_KEY),
+            }
+        }
+    }
+
+
+async def test_a_key_limited_to_templates_embeds_only_through_their_combinations(make_gateway):
+    gw = await make_gateway(limited_config())
+
+    async def embed(key: str, **body):
+        return await gw.client.post("/v1/embeddings", json={"input": "hello", **body}, headers=bearer(key))
+
+    assert (await embed(SUM_KEY, model="sum-a")).status_code == 200
+    assert (await embed(SUM_KEY, model="x", metadata={"combination_id": "sum-a"})).status_code == 200
+    other = await embed(SUM_KEY, model="support-a")
+    assert other.status_code == 403
+    err = other.json()["error"]
+    assert err["code"] == "template_not_allowed" and err["type"] == "permission_error"
+    assert "'support-a' is a combination of template 'support'" in err["message"]
+    assert "may call only template(s) summarise" in err["message"]
+    by_model = await embed(SUM_KEY, model="small")  # a model name: not a combination of its templates
+    assert by_model.status_code == 403
+    assert "'mock/small' is not a combination of them" in by_model.json()["error"]["message"]
+    named = await embed(SUM_KEY, model="small", metadata={"combination_id": "support-b"})
+    assert named.status_code == 403
+    assert (await embed(APP_KEY, model="small")).status_code == 200  # an unlimited key embeds anything
+    rows = [r for r in gw.analytics_rows() if r["kind"] == "embedding"]
+    assert [(r["combination_id"], r["client"]) for r in rows] == [
+        ("sum-a", "summariser"),
+        ("sum-a", "summariser"),
+        ("mock/small", "app"),
+    ]
+
+
+async def test_a_key_limited_to_templates_reads_only_their_stats_runs_and_trials(make_gateway):
+    gw = await make_gateway(limited_config())
+    assert (await gw.post(support_chat(), headers=bearer(APP_KEY))).status_code == 200
+    gw.flush()
+    secret = "You are Acme's secret support playbook"  # another tenant's optimized prompt
+    for run_id, tid, instruction in (("rs", "support", secret), ("rm", "summarise", "Summarise tersely")):
+        gw.core.analytics.record_run(
+            {"run_id": run_id, "template_id": tid, "winner_instruction": instruction}
+        )
+        for trial in range(2):
+            row = {
+                "template_id": tid,
+                "trial": trial,
+                "instruction": 0,
+                "demo_set": 0,
+                "minibatch_score": 0.5,
+            }
+            gw.core.analytics.record_trial(run_id, row)
+
+    async def get(key: str, path: str):
+        return await gw.client.get(path, headers=bearer(key))
+
+    answers = []
+    for path in ("/v1/prompts/support/stats", "/v1/prompts/support-a/stats"):
+        r = await get(SUM_KEY, path)
+        answers.append(r)
+        assert r.status_code == 403, path
+        assert r.json()["error"]["code"] == "template_not_allowed"
+        assert "may read only template(s) summarise, not template 'support'" in r.json()["error"]["message"]
+    assert "'support-a' is one of its combinations" in answers[-1].json()["error"]["message"]
+    for path in ("/v1/prompts/summarise/stats", "/v1/prompts/sum-a/stats"):
+        assert (await get(SUM_KEY, path)).status_code == 200, path
+
+    runs = await get(SUM_KEY, "/v1/optimizer/runs")
+    assert [r["run_id"] for r in runs.json()["runs"]] == ["rm"]
+    assert runs.json()["optimizer"] == {"enabled": False}
+    own = await get(SUM_KEY, "/v1/optimizer/runs?template_id=summarise")
+    assert [r["run_id"] for r in own.json()["runs"]] == ["rm"]
+    for path in ("/v1/optimizer/runs?template_id=support", "/v1/optimizer/trials?template_id=support"):
+        r = await get(SUM_KEY, path)
+        answers.append(r)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "template_not_allowed", path
+    other_trials = await get(SUM_KEY, "/v1/optimizer/trials?run_id=rs")
+    assert other_trials.status_code == 200 and other_trials.json()["trials"] == []
+    own_trials = await get(SUM_KEY, "/v1/optimizer/trials?run_id=rm")
+    assert [t["trial"] for t in own_trials.json()["trials"]] == [0, 1]
+    answers += [runs, other_trials]
+    assert not any(secret in r.text for r in answers)
+
+    # an unlimited key and the admin key still read every template
+    for key in (APP_KEY, ADMIN_KEY):
+        assert (await get(key, "/v1/prompts/support/stats")).status_code == 200
+        assert {r["run_id"] for r in (await get(key, "/v1/optimizer/runs")).json()["runs"]} == {"rs", "rm"}
+        assert len((await get(key, "/v1/optimizer/trials?run_id=rs")).json()["trials"]) == 2

@@ -332,6 +332,10 @@ async def embed(g: Gateway, body: Any, client: Any = None) -> Completed:
     if isinstance(body.get("user"), str):
         params["user"] = body["user"]
     route_id, provider_name, model = resolve_embedding(g, body.get("model"), metadata)
+    if client is not None:  # a key limited to templates embeds only through their combinations
+        named = route_id in (metadata.get("combination_id"), body.get("model"))
+        combo = g.combinations.get(route_id) if named else None
+        client.check_embedding(route_id, None if combo is None else combo.template_id)
     provider = g.providers[provider_name]
     check_can_embed(provider, route_id, model, dims)
     started = time.perf_counter()
