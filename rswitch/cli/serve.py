@@ -224,6 +224,7 @@ def serve(
             # before it can report; the lifespan has drained the recorder by then, so exit 0.
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+            self.config.app.state.admin.close()  # admin event streams end now, so their connections close
 
     server = GatewayServer(
         uvicorn.Config(

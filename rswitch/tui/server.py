@@ -80,6 +80,7 @@ class GatewayThread:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful: the lifespan stops the optimizer and drains the recorder."""
+        self.server.config.app.state.admin.close()  # admin event streams end, so their connections close
         self.server.should_exit = True
         self.thread.join(timeout)
         logging.getLogger("rswitch").removeHandler(self.log_handler)
