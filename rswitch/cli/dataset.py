@@ -14,22 +14,6 @@ app = typer.Typer(
     help="Look at, export and bring in the examples a template's traffic produced.", no_args_is_help=True
 )
 
-EXPORTED = (
-    "request_id",
-    "created_at",
-    "combination_id",
-    "model",
-    "variables",
-    "messages",
-    "output",
-    "success",
-    "label_expected",
-    "label_score",
-    "label_comment",
-    "label_source",
-    "origin",
-)
-
 
 def _dataset(config: str | None, template_id: str) -> Any:
     from rswitch.gateway.resolver import PASSTHROUGH
@@ -41,10 +25,6 @@ def _dataset(config: str | None, template_id: str) -> Any:
     return DatasetStore(cfg.dataset_dir, cfg.dataset.max_records)
 
 
-def _is_labelled(r: dict[str, Any]) -> bool:
-    return r.get("label_expected") is not None or r.get("label_score") is not None
-
-
 @app.command("show")
 def dataset_show(
     template_id: str,
@@ -53,11 +33,13 @@ def dataset_show(
     labelled: Annotated[bool, typer.Option("--labelled", help="Only rows with a label.")] = False,
 ) -> None:
     """Print a template's newest examples, as the optimizer will see them."""
+    from rswitch.admin.actions import is_labelled
+
     store = _dataset(config, template_id)
     rows = [
         r
         for r in store.recent(template_id, limit if not labelled else 100_000)
-        if not labelled or _is_labelled(r)
+        if not labelled or is_labelled(r)
     ][:limit]
     if not rows:
         typer.echo(f"no {'labelled ' if labelled else ''}examples for '{template_id}' yet")
@@ -82,15 +64,11 @@ def dataset_export(
     labelled: Annotated[bool, typer.Option("--labelled", help="Only rows with a label.")] = False,
 ) -> None:
     """Write a template's examples as JSONL (oldest first)."""
-    import orjson
+    from rswitch.admin.actions import exported_rows
 
     store = _dataset(config, template_id)
-    rows = [
-        {k: r.get(k) for k in EXPORTED}
-        for r in reversed(store.recent(template_id, 10_000_000))
-        if not labelled or _is_labelled(r)
-    ]
-    data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    data = exported_rows(store.recent(template_id, 10_000_000), labelled)
+    rows = data.splitlines()
     if output is None:
         sys.stdout.write(data.decode())
     else:
@@ -98,41 +76,14 @@ def dataset_export(
         typer.echo(f"wrote {len(rows)} example(s) to {output}", err=True)
 
 
-def imported_row(row: Any) -> dict[str, Any]:
-    """One line of `dataset import`, checked; ValueError says what is wrong with it."""
-    if not isinstance(row, dict):
-        raise ValueError("each line must be a JSON object")
-    if "messages" in row:
-        msgs = row["messages"]
-        if (
-            not isinstance(msgs, list)
-            or not msgs
-            or not all(isinstance(m, dict) and "role" in m for m in msgs)
-        ):
-            raise ValueError("'messages' must be a non-empty array of {role, content}")
-    elif not isinstance(row.get("input"), str) or not row["input"]:
-        raise ValueError("give 'messages' or a non-empty 'input' string")
-    if "variables" in row and not isinstance(row["variables"], dict):
-        raise ValueError("'variables' must be an object")
-    for key in ("expected", "output", "system_prompt", "comment"):
-        if row.get(key) is not None and not isinstance(row[key], str):
-            raise ValueError(f"'{key}' must be a string")
-    score = row.get("score")
-    if score is not None and (
-        isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1
-    ):
-        raise ValueError(f"'score' must be a number from 0 to 1; got {score!r}")
-    if "input" in row and "messages" not in row:
-        row["messages"] = [{"role": "user", "content": row.pop("input")}]
-    return row
-
-
 @app.command("import")
 def dataset_import(template_id: str, file: Path, config: ConfigOpt = None) -> None:
     """Bring in labelled examples: JSONL lines of {"messages" or "input", "variables", "expected", "score", "output"}."""
+    from rswitch.admin.actions import dataset_row  # the same check as the admin API's import
+
     store = _dataset(config, template_id)
     try:
-        rows = [row for _, row in read_jsonl(file, imported_row)]
+        rows = [row for _, row in read_jsonl(file, dataset_row)]
     except JsonlError as exc:
         store.close()
         raise exc.exit("nothing imported") from None
