@@ -378,3 +378,71 @@ async def test_openapi_lists_exactly_the_admin_routes(gateway):
     described = {(p, m.upper()) for p, ops in spec["paths"].items() for m in ops}
     served = {(r.path, m) for r in gateway_routes(gateway) for m in (r.methods or ()) if m != "HEAD"}
     assert described == served
+
+
+async def test_every_json_answer_validates_against_the_model_its_description_names(gateway):
+    """One call of each route (a refusal too), each answer read with the model the OpenAPI
+    description names for it."""
+    from rswitch.admin.api import ErrorBody
+
+    rid = (await gateway.post(SUPPORT)).headers["x-rswitch-request-id"]
+    ndjson = {"content-type": "application/x-ndjson"}
+    calls = {
+        "snapshot": ("GET", "/snapshot", {}),
+        "status": ("GET", "/status", {}),
+        "recent_call": ("GET", f"/calls/{rid}", {}),
+        "optimizer_runs": ("GET", "/optimizer/runs", {}),
+        "optimizer_trials": ("GET", "/optimizer/trials", {"params": {"template_id": "support"}}),
+        "reweight": ("POST", "/combinations/support-b/weight", {"json": {"weight": 2}}),
+        "enable": ("POST", "/combinations/support-b/enable", {}),
+        "disable": ("POST", "/combinations/sum-a/disable", {}),
+        "reset_weights": ("POST", "/combinations/reset", {}),
+        "dataset_import": (
+            "POST",
+            "/datasets/support/import",
+            {"content": b'{"input": "q"}\n', "headers": ndjson},
+        ),
+        "template_register": ("POST", "/templates", {"json": {"template_id": "new", "template": "Hi {x}."}}),
+        "template_history": ("GET", "/templates/new/history", {}),
+        "template_rollback": ("POST", "/templates/support/rollback", {"json": {"version": 1}}),  # refused
+        "optimize": (
+            "POST",
+            "/optimizer/runs",
+            {"json": {"template_id": "support"}},
+        ),  # refused: optimizer off
+        "cancel_optimize": ("POST", "/optimizer/cancel", {}),  # refused: nothing running
+        "import_package": (
+            "POST",
+            "/packages/import",
+            {"content": b"x", "headers": {"content-type": "text/plain"}},
+        ),
+    }
+    checked = set()
+    for e in ENDPOINTS:
+        if e.response is None or e.name not in calls:
+            continue
+        method, path, kw = calls[e.name]
+        r = await gateway.client.request(method, PREFIX + path, **kw)
+        model = e.response if r.status_code == e.status else ErrorBody
+        model.model_validate(r.json())
+        checked.add(e.name)
+    with_models = {e.name for e in ENDPOINTS if e.response is not None}
+    assert checked == with_models
+
+
+async def test_event_stream_heartbeats_delivers_an_action_and_ends_on_close(gateway):
+    admin = gateway.client._transport.app.state.admin
+    admin.heartbeat = 0  # every idle poll says it is alive
+    stream = admin._event_stream(gateway.core.gateway.event_seq)
+    assert (await anext(stream)).startswith(b":")
+    assert await anext(stream) == b": heartbeat\n\n"
+    await gateway.client.post(PREFIX + "/combinations/sum-a/disable")
+    message = await anext(stream)
+    data = orjson.loads(message.split(b"data: ", 1)[1])
+    assert views.Event.model_validate(data).text == "sum-a disabled"
+    assert message.startswith(b"id: %d\nevent: event\n" % data["seq"])
+    assert admin.open_streams == 1
+    admin.close()
+    rest = [chunk async for chunk in stream]
+    assert rest[-1] == b"event: shutdown\ndata: {}\n\n"
+    assert admin.open_streams == 0

@@ -9,7 +9,7 @@ import typer
 import yaml
 
 from rswitch.cli.common import ConfigOpt, fail, get_template, load, registry
-from rswitch.templates import MissingVariables, Template, TemplateError, TemplateRegistry, check_id
+from rswitch.templates import MissingVariables, TemplateError, TemplateRegistry, check_id
 
 app = typer.Typer(help="Register, list, show and render prompt templates.", no_args_is_help=True)
 
@@ -54,19 +54,20 @@ def template_register(
             f"--default-provider {default_provider!r} is not a provider in the config; known: {', '.join(cfg.model_providers) or 'none'}"
         )
     names = [v.strip() for v in variables.split(",") if v.strip()] if variables else []
+    from rswitch.admin.actions import TemplateSpec, new_version  # what the admin API registers with
+
     try:
         check_id(template_id)
         current = registry(config).get(template_id)  # registered, or from the config or a bundle
-        tpl = Template(
-            id=template_id,
+        spec = TemplateSpec(
+            template_id=template_id,
             template=prompt_text or "",
-            # a new version keeps its name and default model unless options give others
-            name=name or (current.name if current is not None else template_id),
+            name=name,
             variables=names,
-            default_model=default_model or (current.default_model if current is not None else None),
-            default_provider=default_provider or (current.default_provider if current is not None else None),
+            default_model=default_model,
+            default_provider=default_provider,
         )
-        tpl = TemplateRegistry(cfg.dataset_dir).register(tpl)
+        tpl = TemplateRegistry(cfg.dataset_dir).register(new_version(current, spec))
     except TemplateError as exc:
         raise fail(str(exc)) from None
     typer.echo(
