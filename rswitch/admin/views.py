@@ -243,12 +243,36 @@ class RecentCall(OpenView):
     route: str | None = None
 
 
+class InFlightCall(OpenView):
+    """A chat request not yet ended, as the gateway's in-flight registry saw it at the snapshot
+    (rswitch.gateway.inflight): its stage code and sentence, and what is known so far."""
+
+    request_id: str
+    started_at: float
+    elapsed_ms: float
+    stage: str  # routing, waiting (for a rate limit), backing off, calling, streaming
+    text: str  # e.g. "calling openai/gpt-4o, attempt 2"
+    template_id: str | None = None
+    combination_id: str | None = None  # once an attempt is made
+    provider: str | None = None
+    model: str | None = None
+    attempt: int  # 0 while routing
+    wait_until: float | None = None  # unix time a wait ends
+    tokens: int | None = None  # content pieces streamed so far (about one token each)
+
+
+class InFlight(View):
+    count: int  # requests in flight now
+    calls: list[InFlightCall]  # the longest running first, at most 50
+
+
 class ConsoleSnapshot(Status):
     """What the console draws a frame from: the status, the events after `events_after`, the
-    last attempts. All in memory: no database is read."""
+    last attempts, the calls in flight. All in memory: no database is read."""
 
     events: list[Event]
     recent: list[RecentAttempt]
+    inflight: InFlight
 
 
 # -- builders (on the gateway's loop) -------------------------------------------------------------
@@ -363,7 +387,10 @@ def recent_attempts(core: Core, limit: int = RECENT_IN_SNAPSHOT) -> list[dict[st
 
 def build_console_snapshot(core: Core, after: int = 0) -> ConsoleSnapshot:
     return ConsoleSnapshot(
-        **_status_fields(core), events=events_after(core, after), recent=recent_attempts(core)
+        **_status_fields(core),
+        events=events_after(core, after),
+        recent=recent_attempts(core),
+        inflight=InFlight(**core.gateway.inflight.view()),
     )
 
 

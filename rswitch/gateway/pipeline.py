@@ -24,6 +24,7 @@ from rswitch.gateway import side_calls
 from rswitch.gateway.access import access, access_log
 from rswitch.gateway.balancer import Balancer, Combination
 from rswitch.gateway.errors import GatewayError
+from rswitch.gateway.inflight import BACKOFF, CALLING, STREAMING, WAITING, InFlight
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
 from rswitch.gateway.request import ROUTING_METADATA, RSWITCH_KEYS, Prepared, validate
@@ -129,6 +130,7 @@ class Gateway:
         self.event_seq = 0
         self.recent: deque[CallRecord] = deque(maxlen=RECENT_KEPT)
         self.served: OrderedDict[str, str] = OrderedDict()  # request id -> combination that answered
+        self.inflight = InFlight()  # chat requests not yet ended, and their stage
 
     def event(self, kind: str, text: str) -> None:
         """Note something an operator should see: kind is fallback, error, rate_limit, optimizer, export …"""
@@ -164,7 +166,7 @@ class Gateway:
 
     # -- preparing and calling --------------------------------------------------------------
 
-    async def prepare(self, body: Any, client: Any = None) -> Prepared:
+    async def prepare(self, body: Any, client: Any = None, request_id: str | None = None) -> Prepared:
         messages, variables, metadata = validate(body)
         params = {k: v for k, v in body.items() if k not in RSWITCH_KEYS}
         query = Query(messages, params, metadata) if self.resolver.routing_enabled else None
@@ -177,7 +179,7 @@ class Gateway:
         stream_options = body.get("stream_options")
         client_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
         prepared = Prepared(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id or uuid.uuid4().hex,
             started=time.perf_counter(),
             created=time.time(),
             messages=messages,
@@ -239,6 +241,7 @@ class Gateway:
         `max_rate_wait` seconds in all; when rate limits alone left nothing to try within that,
         `p.rate_wait` says how long until they would."""
         deadline = p.started + self.request_timeout
+        flight = self.inflight.get(p.request_id)
         attempts = 0
         round_no = 0
         while attempts < self.max_attempts:
@@ -263,6 +266,7 @@ class Gateway:
                         soonest = wait if soonest is None else min(soonest, wait)
                         continue
                 attempts += 1
+                flight.stage, flight.combo, flight.attempt = CALLING, combo, attempts
                 yield combo, system, self._call(p, combo, system, remaining), est
             round_no += 1
             # every candidate was tried or was rate limited: wait for the soonest, if short
@@ -273,6 +277,8 @@ class Gateway:
                 p.rate_wait = soonest
                 return
             p.waited += wait
+            flight.stage = WAITING if soonest is not None else BACKOFF
+            flight.until = time.perf_counter() + wait
             await asyncio.sleep(wait)
 
     # -- recording ----------------------------------------------------------------------------
@@ -455,8 +461,11 @@ class Gateway:
         """Run a chat request, counting it once as a client request however it ends (a stream,
         `answered=False`, counts itself when it ends)."""
         p: Prepared | None = None
+        request_id = uuid.uuid4().hex
+        flight = self.inflight.begin(request_id)  # in the console's in-flight view until it ends
         try:
-            p = await self.prepare(body, client)
+            p = await self.prepare(body, client, request_id)
+            flight.p = p
             result = await run(p)
             if answered:
                 self.finish(p, 200)
@@ -472,6 +481,9 @@ class Gateway:
         except Exception:
             self.finish(p, 500)
             raise
+        finally:
+            if flight.stage != STREAMING:  # a stream's session ends its own flight when it ends
+                self.inflight.end(request_id)
 
     # -- non-streaming ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import orjson
 
 from rswitch.gateway.balancer import Combination
 from rswitch.gateway.errors import GatewayError
+from rswitch.gateway.inflight import STREAMING
 from rswitch.gateway.request import Prepared
 from rswitch.providers.base import UpstreamError
 from rswitch.providers.pricing import estimate_tokens
@@ -72,6 +73,8 @@ class StreamSession:
         self.started = started  # when this attempt began: its latency and time to first token count from here
         self._ttft: float | None = None
         self._parts: list[str] = []
+        flight = gateway.inflight.get(p.request_id)  # the console counts the pieces as they come
+        flight.stage, flight.parts = STREAMING, self._parts
 
     @property
     def provider(self) -> str:
@@ -203,6 +206,7 @@ class StreamSession:
             for event in ending:
                 yield event
         finally:
+            g.inflight.end(p.request_id)
             if outcome == "client_closed":
                 self._settle_client()
                 # the client went away mid-stream: close the upstream and record what happened
@@ -218,6 +222,10 @@ class StreamSession:
 
     async def aclose(self) -> None:
         await aclose(self._agen)
+
+    def __del__(self) -> None:
+        # a stream never iterated (its client left before the response began) ends here
+        self.gateway.inflight.end(self.p.request_id)
 
 
 async def aclose(agen: Any) -> None:
