@@ -126,12 +126,35 @@ class Template:
         return data
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: a few lines of `&a [*b, *b, …]` expand to
+    billions of strings once anything copies them (`Template.manifest` does, under the lock)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases and anchors are not allowed in rswitch files", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # what rswitch writes, it can read back
+        return True
+
+
+def load_yaml_text(text: str) -> Any:
+    """yaml.safe_load without anchors or aliases (a YAMLError names where one is)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def write_yaml(path: Path, data: Any) -> None:
     """Write YAML atomically: a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".yaml")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False, allow_unicode=True)
+        yaml.dump(data, fh, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True)
     os.replace(tmp, path)
 
 
@@ -149,7 +172,7 @@ def _signature(path: Path) -> Signature | None:
 def read_manifest(path: Path) -> Template:
     """One manifest file as a Template; raises (TemplateError, yaml or OS errors) if it is broken."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml_text(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -315,7 +338,7 @@ class TemplateRegistry:
         """Earlier versions' manifests, oldest first (the current one is `get`)."""
         folder = self.base_dir / check_id(template_id) / "versions"
         out = (
-            [yaml.safe_load(f.read_text(encoding="utf-8")) for f in folder.glob("v*.yaml")]
+            [load_yaml_text(f.read_text(encoding="utf-8")) for f in folder.glob("v*.yaml")]
             if folder.is_dir()
             else []
         )

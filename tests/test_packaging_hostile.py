@@ -12,6 +12,7 @@ import os
 import sqlite3
 import tarfile
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -499,3 +500,266 @@ async def test_inspect_never_lets_a_packages_text_drive_the_terminal(world):
     assert "\x1b" not in r.output and "\x07" not in r.output
     assert "Support\\x1b[2J" in r.output
     assert "checks      " in r.output  # a content check, not only the checksums, decided
+
+
+# -- YAML aliases: a few bytes that expand to billions of nodes ---------------------------------------
+
+
+def _alias_bomb(levels: int = 6, width: int = 10) -> str:
+    """The billion laughs, as a `provenance` mapping: `width ** levels` strings once expanded."""
+    lines = ["provenance:", f"  l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def _without(path: Path, key: str) -> str:
+    data = yaml.safe_load(path.read_text())
+    data.pop(key, None)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+@pytest.mark.parametrize("archive", [False, True])
+async def test_manifest_with_a_yaml_alias_bomb_is_refused(world, archive):
+    """Imported, it hung every tool that asked the template for its manifest, and the gateway."""
+    pkg, target, tmp = world
+    (pkg / "manifest.yaml").write_text(_without(pkg / "manifest.yaml", "provenance") + _alias_bomb())
+    reseal(pkg)
+    refused(target, pkg, archive, r"manifest\.yaml is not valid YAML: .*aliases and anchors", tmp)
+
+
+@pytest.mark.parametrize(
+    ("file", "text"),
+    [
+        ("manifest.yaml", "name: &n Support\n"),  # an anchor alone
+        ("manifest.yaml", "provenance: {a: &x [1], b: *x}\n"),
+        ("package.yaml", "extra: &x [1]\nmore: *x\n"),
+    ],
+)
+async def test_any_yaml_alias_or_anchor_in_a_package_is_refused(world, file, text):
+    pkg, target, tmp = world
+    key = yaml.safe_load(text).keys()
+    base = pkg / file
+    data = yaml.safe_load(base.read_text())
+    for k in key:
+        data.pop(k, None)
+    base.write_text(yaml.safe_dump(data, sort_keys=False) + text)
+    if file == "manifest.yaml":
+        reseal(pkg)
+    refused(target, pkg, False, rf"{file.replace('.', '[.]')} is not valid YAML: .*aliases and anchors", tmp)
+
+
+def test_registry_does_not_serve_a_manifest_on_disk_with_an_alias_bomb(tmp_path):
+    """A manifest someone else wrote into the data dir is reported as broken, not served, so the
+    gateway never copies its billion strings."""
+    from rswitch.templates import TemplateRegistry
+
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "manifest.yaml").write_text("id: evil\ntemplate: hi\n" + _alias_bomb(levels=9))
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "manifest.yaml").write_text("id: good\ntemplate: hello\n")
+    registry = TemplateRegistry(tmp_path)
+    assert registry.get("evil") is None
+    assert registry.get("good") is not None
+    assert any("evil" in e and "aliases and anchors" in e for e in registry.load_errors), registry.load_errors
+    (tmp_path / "evil" / "manifest.yaml").write_text("id: evil\ntemplate: hi\nname: &a x\n")
+    changes = TemplateRegistry(tmp_path / "none").scan([tmp_path])
+    assert [p.parent.name for p, *_ in changes.errors] == ["evil"]
+
+
+# -- every manifest field has the type export writes ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m.__setitem__("provenance", {"when": date(2026, 1, 1)}), r"provenance\.when .*date"),
+        (lambda m: m.__setitem__("provenance", {"blob": b"\x00\x01"}), r"provenance\.blob .*bytes"),
+        (lambda m: m.__setitem__("provenance", {"set": {1, 2}}), r"provenance\.set .*set"),
+        (lambda m: m.__setitem__("provenance", {1: "x"}), r"provenance has a key 1 that is not a string"),
+        (lambda m: m.__setitem__("provenance", {"deep": _nested(100)}), r"provenance is nested more than"),
+        (
+            lambda m: m.__setitem__("demos", [{"user": "a", "assistant": "b", "x": "c"}]),
+            r"demos\[0\] has unknown field 'x'",
+        ),
+        (
+            lambda m: m.__setitem__("variables", ["product", "tone", "not a name"]),
+            r"variables\[2\] 'not a name' is not a variable name",
+        ),
+        (lambda m: m.__setitem__("variables", ["product", "tone", "tone"]), r"variables\[2\] 'tone' twice"),
+        (
+            lambda m: m.__setitem__("created_at", "yesterday"),
+            r"created_at 'yesterday' is not a UTC timestamp",
+        ),
+        (
+            lambda m: m["history"][0].__setitem__("provenance", {"blob": b"x"}),
+            r"history\[0\]\.provenance\.blob",
+        ),
+    ],
+)
+async def test_manifest_fields_of_a_type_export_never_writes_are_refused(world, change, match):
+    pkg, target, tmp = world
+    edit_yaml(pkg / "manifest.yaml", change)
+    reseal(pkg)
+    refused(target, pkg, False, rf"manifest\.yaml: .*{match}", tmp)
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# -- ids and the autoincrement sequence ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "match"),
+    [
+        (
+            "UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'examples'",
+            r"sqlite_sequence gives 'examples' the next id after 9223372036854775807",
+        ),
+        (
+            "UPDATE examples SET id = 9223372036854775807 WHERE id = 6",
+            r"row id 9223372036854775807 is beyond",
+        ),
+        ("UPDATE examples SET id = -5 WHERE id = 6", r"row id -5 is not 1 or more"),
+    ],
+)
+async def test_dataset_ids_that_leave_no_room_for_later_rows_are_refused(world, sql, match):
+    """Imported, every later write to the dataset failed with 'database or disk is full'."""
+    pkg, target, tmp = world
+    _replace_dataset(pkg, lambda c: c.execute(sql))
+    refused(target, pkg, False, rf"dataset\.sqlite: {match}", tmp)
+
+
+# -- values that pass json_valid but break the tools --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "match"),
+    [
+        (
+            "UPDATE examples SET output = char(55296) WHERE id = 2",
+            r"row id 2 has text in 'output' that is not",
+        ),
+        (
+            "UPDATE examples SET error = CAST(x'c0ff' AS TEXT) WHERE id = 3",
+            r"row id 3 has text in 'error' that is not valid UTF-8",
+        ),
+        (
+            "UPDATE examples SET messages = json_array(json_object('role', 'user', 'content', char(55296))) "
+            "WHERE id = 2",
+            r"row id 2 has text in 'messages' that is not valid UTF-8",
+        ),
+        (
+            """UPDATE examples SET messages = '[{"role": "user", "content": "\\ud800"}]' WHERE id = 2""",
+            r"row id 2 has a 'messages' that is not JSON",
+        ),
+        ("UPDATE examples SET messages = '5' WHERE id = 2", r"row id 2: 'messages' must be a JSON array"),
+        (
+            """UPDATE examples SET messages = '[{"content": "hi"}]' WHERE id = 2""",
+            r"row id 2: 'messages\[0\]' must be an object with a string 'role'",
+        ),
+        (
+            """UPDATE examples SET messages = '[{"role": 5}]' WHERE id = 4""",
+            r"row id 4: 'messages\[0\]' must be an object with a string 'role'",
+        ),
+        ("UPDATE examples SET variables = '[]' WHERE id = 2", r"row id 2: 'variables' must be a JSON object"),
+        (
+            "UPDATE examples SET variables = '" + '{"a":' * 900 + "1" + "}" * 900 + "' WHERE id = 5",
+            r"row id 5: 'variables' is nested more than 64 levels",
+        ),
+        (
+            """UPDATE examples SET messages = '[{"role": "user", "content": """
+            + "[" * 70
+            + "]" * 70
+            + "}]' WHERE id = 2",
+            r"row id 2: 'messages' is nested more than 64 levels",
+        ),
+        ("UPDATE examples SET cost = 9e999 WHERE id = 3", r"row id 3 has a 'cost' that is not a finite"),
+        (
+            "UPDATE examples SET latency_ms = -9e999 WHERE id = 3",
+            r"row id 3 has a 'latency_ms' that is not a",
+        ),
+    ],
+)
+async def test_dataset_values_the_tools_cannot_read_are_refused(world, sql, match):
+    """Imported, `dataset show`, `dataset export` and `package export` crashed on them."""
+    pkg, target, tmp = world
+    _replace_dataset(pkg, lambda c: c.execute(sql))
+    refused(target, pkg, False, rf"dataset\.sqlite: {match}", tmp)
+
+
+# -- analytics: bounded rows, finite numbers ----------------------------------------------------------
+
+
+def _set_rows(pkg: Path, rel: str, rows: int) -> None:
+    edit_yaml(
+        pkg / "package.yaml",
+        lambda m: [f.__setitem__("rows", rows) for f in m["files"] if f["path"] == rel],
+    )
+
+
+async def test_small_analytics_file_that_repeats_its_rows_is_refused(world):
+    """820 KB of Parquet added 30,000,000 rows: repeated rows compress to nothing."""
+    pkg, target, tmp = world
+    _rewrite_parquet(pkg, "SELECT s.* FROM {src} s, range(2000)")
+    _set_rows(pkg, "analytics.parquet", 12000)
+    reseal(pkg)
+    refused(target, pkg, False, r"analytics\.parquet: 11994 row\(s\) repeat another row's", tmp)
+
+
+async def test_analytics_beyond_the_row_bound_is_refused(world):
+    from rswitch.packaging.checks import MAX_ANALYTICS_ROWS
+
+    pkg, target, tmp = world
+    n = MAX_ANALYTICS_ROWS // 6 + 1
+    _rewrite_parquet(
+        pkg, f"SELECT s.* REPLACE (s.request_id || '-' || r.range AS request_id) FROM {{src}} s, range({n}) r"
+    )
+    _set_rows(pkg, "analytics.parquet", 6 * n)
+    reseal(pkg)
+    refused(target, pkg, False, rf"analytics\.parquet holds {6 * n} row\(s\); a package carries at most", tmp)
+
+
+@pytest.mark.parametrize(
+    ("replace", "match"),
+    [
+        ("'nan'::DOUBLE AS cost", r"'cost' that is not a finite number of 0 or more"),
+        ("'inf'::DOUBLE AS duration_ms", r"'duration_ms' that is not a finite number of 0 or more"),
+        ("-1.0::DOUBLE AS ttft_ms", r"'ttft_ms' that is not a finite number of 0 or more"),
+        ("-5::INTEGER AS prompt_tokens", r"'prompt_tokens' that is not a count"),
+    ],
+)
+async def test_analytics_numbers_that_are_not_finite_are_refused(world, replace, match):
+    """Imported, /status showed total_cost null."""
+    pkg, target, tmp = world
+    _rewrite_parquet(pkg, f"SELECT * REPLACE ({replace}) FROM {{src}}")
+    refused(target, pkg, False, rf"analytics\.parquet: 6 row\(s\) have a {match}", tmp)
+
+
+async def test_export_keeps_the_newest_analytics_rows_within_the_bound_and_they_import(
+    gateway, tmp_path, monkeypatch
+):
+    """A busy template's package carries its newest rows up to the bound, so import takes it."""
+    from rswitch.packaging import checks
+
+    await traffic(gateway)
+    monkeypatch.setattr(checks, "MAX_ANALYTICS_ROWS", 4)
+    pkg = gateway.core.export_package("support", tmp_path / "out")
+    meta = yaml.safe_load((pkg / "package.yaml").read_text())
+    assert [f["rows"] for f in meta["files"] if f["path"] == "analytics.parquet"] == [4]
+    newest = gateway.core.analytics._conn.execute(
+        "SELECT request_id FROM invocations WHERE template_id = 'support' "
+        "ORDER BY created_at DESC, request_id DESC LIMIT 4"
+    ).fetchall()
+    other = fresh_core(tmp_path, "other")
+    try:
+        assert other.import_package(pkg)["analytics_rows_added"] == 4
+        got = other.analytics._conn.execute("SELECT request_id FROM invocations").fetchall()
+        assert sorted(got) == sorted(newest)
+    finally:
+        await other.stop()

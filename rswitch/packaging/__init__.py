@@ -35,6 +35,7 @@ import orjson
 import yaml
 
 from rswitch import __version__
+from rswitch.packaging import checks
 from rswitch.packaging.checks import (
     ANALYTICS_KEY,
     FORMAT_VERSION,
@@ -52,7 +53,7 @@ from rswitch.packaging.checks import (
     version_file,
 )
 from rswitch.storage.datasets import HAS_LABEL, open_dataset
-from rswitch.templates import TemplateRegistry, check_id, write_yaml
+from rswitch.templates import TemplateRegistry, check_id, load_yaml_text, write_yaml
 
 __all__ = ["FORMAT_VERSION", "PackageError", "Stores", "export_package", "import_package", "inspect_package"]
 SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
@@ -218,10 +219,11 @@ def export_package(
                 try:
                     target = staging / "analytics.parquet"
                     quoted = str(target).replace("'", "''")  # the output folder's name may hold a quote
-                    conn.execute(
-                        f"COPY (SELECT * FROM invocations WHERE template_id = ? ORDER BY created_at, request_id) "
+                    conn.execute(  # the newest rows, as many as an import takes
+                        f"COPY (SELECT * FROM (SELECT * FROM invocations WHERE template_id = ? "
+                        f"ORDER BY created_at DESC, request_id DESC LIMIT ?) ORDER BY created_at, request_id) "
                         f"TO '{quoted}' (FORMAT parquet)",
-                        [template_id],
+                        [template_id, checks.MAX_ANALYTICS_ROWS],
                     )
                     n = conn.execute("SELECT count(*) FROM read_parquet(?)", [str(target)]).fetchone()[0]
                     files.append({"path": "analytics.parquet", "rows": n})
@@ -364,7 +366,7 @@ class _Opened:
 def _read_loosely(path: Path) -> dict[str, Any]:
     """A YAML mapping to describe a package that failed its checks; {} when it is not one."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = load_yaml_text(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -428,6 +430,8 @@ def _copy_dataset(src: Path, dst: Path) -> None:
         columns = [r[1] for r in conn.execute("PRAGMA table_info(examples)")]
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'examples'").fetchone()
         seq = row[0] if row is not None and isinstance(row[0], int) and row[0] > 0 else None
+        if seq is not None and seq > checks.MAX_ID:  # checked before; never copy a sequence with no room
+            raise PackageError(f"dataset.sqlite: sqlite_sequence value {seq} is beyond {checks.MAX_ID}")
     except sqlite3.OperationalError:  # no sqlite_sequence: nothing was ever inserted
         seq = None
     finally:

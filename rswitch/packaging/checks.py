@@ -14,6 +14,7 @@ import sqlite3
 import stat
 import tarfile
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,7 +27,7 @@ import yaml
 from rswitch.storage.analytics import SCHEMA as ANALYTICS_SCHEMA
 from rswitch.storage.datasets import LABEL_COLUMNS
 from rswitch.storage.datasets import SCHEMA as DATASET_SCHEMA
-from rswitch.templates import TemplateError, check_id, check_manifest
+from rswitch.templates import TemplateError, check_id, check_manifest, load_yaml_text
 
 
 class PackageError(Exception):
@@ -39,6 +40,21 @@ PACKAGE_FILE = "package.yaml"
 KNOWN_FILES = ("manifest.yaml", "dataset.sqlite", "logs/recent.jsonl", "analytics.parquet")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 ANALYTICS_KEY = ("request_id", "combination_id", "created_at", "success", "kind")
+# Nesting of objects and arrays in a dataset's messages and variables, as the gateway's
+# rswitch.gateway.request.MAX_DEPTH allows in a body: JSON encoders give up past ~250.
+MAX_DEPTH = 64
+# Ids and the autoincrement sequence: SQLite stops at 2^63-1 ("database or disk is full"), and
+# 2^53 is the largest integer every JSON reader keeps exact; a real dataset is nowhere near.
+MAX_ID = 2**53
+# Analytics rows a package carries: export writes a template's newest MAX_ANALYTICS_ROWS and
+# import refuses more. Analytics is the template's whole call history (it is not trimmed to
+# dataset.max_records, and retries add rows), so no multiple of the dataset's rows bounds it;
+# a million rows is weeks of a busy template and some 100 MB in DuckDB. package.yaml's `rows`
+# is the package's own claim, so the count is read from the Parquet file itself.
+MAX_ANALYTICS_ROWS = 1_000_000
+# Provenance is a few fields an optimizer run or a rollback writes; deeper is not rswitch's.
+MAX_PROVENANCE_DEPTH = 8
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _count(value: Any) -> bool:
@@ -47,7 +63,7 @@ def _count(value: Any) -> bool:
 
 def load_yaml(path: Path, name: str) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml_text(path.read_text(encoding="utf-8"))  # anchors and aliases refused
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PackageError(f"{name} is not valid YAML: {exc}") from None
     except RecursionError:
@@ -193,6 +209,69 @@ def check_folder(folder: Path) -> None:
 # -- manifest.yaml ----------------------------------------------------------------------------------
 
 
+def _utc_timestamp(value: str) -> bool:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return parsed.utcoffset() == timedelta(0)
+
+
+def _plain_data(value: Any, where: str) -> None:
+    """JSON-like data only (what export writes): string keys, strings, 64-bit integers, floats,
+    booleans, null, lists and mappings, nested at most MAX_PROVENANCE_DEPTH levels."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_PROVENANCE_DEPTH:
+            raise PackageError(
+                f"manifest.yaml: {where} is nested more than {MAX_PROVENANCE_DEPTH} levels deep"
+            )
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise PackageError(f"manifest.yaml: {path} has a key {k!r} that is not a string")
+                stack.append((v, f"{path}.{k}", depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+        elif isinstance(node, bool) or node is None or isinstance(node, str | float):
+            continue
+        elif isinstance(node, int):
+            if not -(2**63) <= node < 2**63:
+                raise PackageError(f"manifest.yaml: {path} is an integer beyond 64 bits")
+        else:
+            raise PackageError(
+                f"manifest.yaml: {path} is a {type(node).__name__}; expected a string, number, boolean, "
+                f"null, list or mapping"
+            )
+
+
+def check_fields(data: dict[str, Any], prefix: str = "") -> None:
+    """Beyond what `template register` checks: every field holds only what export writes."""
+    seen: set[str] = set()
+    for i, name in enumerate(data.get("variables") or []):
+        if not _VARIABLE.match(name):
+            raise PackageError(
+                f"manifest.yaml: {prefix}variables[{i}] {name!r} is not a variable name "
+                f"(letters, digits and '_', not starting with a digit)"
+            )
+        if name in seen:
+            raise PackageError(f"manifest.yaml: {prefix}variables[{i}] {name!r} twice")
+        seen.add(name)
+    for i, demo in enumerate(data.get("demos") or []):
+        extra = [k for k in demo if k not in ("user", "assistant")]
+        if extra:
+            raise PackageError(
+                f"manifest.yaml: {prefix}demos[{i}] has unknown field {extra[0]!r} (known: user, assistant)"
+            )
+    for key in ("created_at", "updated_at"):
+        if key in data and not _utc_timestamp(data[key]):
+            raise PackageError(
+                f"manifest.yaml: {prefix}{key} {data[key]!r} is not a UTC timestamp (ISO 8601)"
+            )
+    _plain_data(data.get("provenance") or {}, f"{prefix}provenance")
+
+
 def check_manifest_file(path: Path, tid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(the current manifest, its earlier versions), each as `template register` would accept it."""
     data = load_yaml(path, "manifest.yaml")
@@ -207,6 +286,7 @@ def check_manifest_file(path: Path, tid: str) -> tuple[dict[str, Any], list[dict
         current = check_manifest(data)
     except TemplateError as exc:
         raise PackageError(f"manifest.yaml: {exc}") from None
+    check_fields(data)
     if current.id != tid:
         raise PackageError(f"manifest.yaml is for '{current.id}', package.yaml for '{tid}'")
     seen: set[int] = set()
@@ -218,6 +298,7 @@ def check_manifest_file(path: Path, tid: str) -> tuple[dict[str, Any], list[dict
             old = check_manifest(h, prefix=f"{where}.")
         except TemplateError as exc:
             raise PackageError(f"manifest.yaml: {exc}") from None
+        check_fields(h, prefix=f"{where}.")
         if old.id != tid:
             raise PackageError(f"manifest.yaml: {where}.id '{old.id}' is not the package's template '{tid}'")
         if "version" not in h:
@@ -337,11 +418,109 @@ def check_dataset(path: Path, rows: int | None) -> list[str]:
             ).fetchone()
             if bad is not None:
                 raise PackageError(f"dataset.sqlite: row id {bad[0]} has a '{column}' that is not JSON")
+        _check_ids(conn, objects)
+        for name in have:
+            if expected[name][0] == "REAL":  # SQLite keeps inf (9e999); JSON and sums do not
+                bad = conn.execute(
+                    f"SELECT id FROM examples WHERE {name} IN (9e999, -9e999) ORDER BY id LIMIT 1"
+                ).fetchone()
+                if bad is not None:
+                    raise PackageError(
+                        f"dataset.sqlite: row id {bad[0]} has a '{name}' that is not a finite number"
+                    )
+        _check_texts(conn, [c for c in have if expected[c][0] == "TEXT"])
         return list(have)
     except sqlite3.DatabaseError as exc:
         raise PackageError(f"dataset.sqlite is corrupt or not a SQLite database: {exc}") from None
     finally:
         conn.close()
+
+
+def _check_ids(conn: sqlite3.Connection, objects: list[tuple[str, str, str]]) -> None:
+    """Ids from 1 to MAX_ID, and a sequence that leaves room: a row or a sequence at 2^63-1 left
+    every later write failing with 'database or disk is full'."""
+    low, high = conn.execute("SELECT min(id), max(id) FROM examples").fetchone()
+    if low is not None and low < 1:
+        raise PackageError(f"dataset.sqlite: row id {low} is not 1 or more")
+    if high is not None and high > MAX_ID:
+        raise PackageError(
+            f"dataset.sqlite: row id {high} is beyond {MAX_ID} (2^53), the largest id a dataset may hold"
+        )
+    if not any(kind == "table" and name == "sqlite_sequence" for kind, name, _ in objects):
+        return
+    for (seq,) in conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'examples'"):
+        if not isinstance(seq, int) or not 0 <= seq <= MAX_ID:
+            raise PackageError(
+                f"dataset.sqlite: sqlite_sequence gives 'examples' the next id after {seq!r}; it must be an "
+                f"integer from 0 to {MAX_ID} (2^53), or later rows would have no id left"
+            )
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether objects and arrays nest more than `limit` levels, the value itself being level 1
+    (as a field of a request body is in rswitch.gateway.request.too_deep)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return False
+
+
+def _check_texts(conn: sqlite3.Connection, columns: list[str]) -> None:
+    """Every text is UTF-8 (SQLite's char(55296) stores a lone surrogate, which Python cannot
+    read back), `messages` is an array of chat messages, `variables` an object, neither nested
+    more than MAX_DEPTH levels: what the gateway records and the tools can read and write."""
+    conn.text_factory = bytes
+    try:
+        cursor = conn.execute(f"SELECT id, {', '.join(columns)} FROM examples ORDER BY id")
+        for row_id, *values in cursor:
+            for name, raw in zip(columns, values, strict=True):
+                if raw is None:
+                    continue
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise PackageError(
+                        f"dataset.sqlite: row id {row_id} has text in '{name}' that is not valid UTF-8 "
+                        f"(byte {exc.start}: {exc.reason}; a lone surrogate such as char(55296) is one)"
+                    ) from None
+                if name in ("messages", "variables"):
+                    _check_json(row_id, name, raw)
+    finally:
+        conn.text_factory = str
+
+
+def _check_json(row_id: int, name: str, raw: bytes) -> None:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PackageError(
+            f"dataset.sqlite: row id {row_id} has a '{name}' that is not JSON ({exc})"
+        ) from None
+    if name == "variables" and not isinstance(value, dict):
+        raise PackageError(
+            f"dataset.sqlite: row id {row_id}: 'variables' must be a JSON object; got {type(value).__name__}"
+        )
+    if name == "messages":
+        if not isinstance(value, list):
+            raise PackageError(
+                f"dataset.sqlite: row id {row_id}: 'messages' must be a JSON array of messages; "
+                f"got {type(value).__name__}"
+            )
+        for i, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise PackageError(
+                    f"dataset.sqlite: row id {row_id}: 'messages[{i}]' must be an object with a string 'role'"
+                )
+    if too_deep(value):
+        raise PackageError(
+            f"dataset.sqlite: row id {row_id}: '{name}' is nested more than {MAX_DEPTH} levels deep"
+        )
 
 
 # -- analytics.parquet ------------------------------------------------------------------------------
@@ -357,8 +536,10 @@ def analytics_columns() -> dict[str, str]:
         conn.close()
 
 
-def check_analytics(path: Path, tid: str, rows: int | None) -> None:
-    """Only this template's rows, with the analytics store's columns and types."""
+def check_analytics(path: Path, tid: str, rows: int | None, max_rows: int | None = None) -> None:
+    """Only this template's rows, with the analytics store's columns and types, each call once,
+    at most `max_rows` (MAX_ANALYTICS_ROWS) of them, numbers finite and not negative."""
+    max_rows = MAX_ANALYTICS_ROWS if max_rows is None else max_rows
     conn = duckdb.connect()
     try:
         try:
@@ -379,6 +560,15 @@ def check_analytics(path: Path, tid: str, rows: int | None) -> None:
         for name, kind in have.items():
             if kind != expected[name]:
                 raise PackageError(f"analytics.parquet: column '{name}' is {kind}; expected {expected[name]}")
+        try:  # the row count is in the Parquet footer: nothing is read past it
+            count = conn.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchone()[0]
+        except duckdb.Error as exc:
+            raise PackageError(f"analytics.parquet cannot be read: {str(exc).splitlines()[0]}") from None
+        if count > max_rows:
+            raise PackageError(
+                f"analytics.parquet holds {count} row(s); a package carries at most {max_rows} "
+                f"(export writes a template's newest {max_rows})"
+            )
         try:
             count, others, names = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE template_id IS DISTINCT FROM ?), "
@@ -393,8 +583,35 @@ def check_analytics(path: Path, tid: str, rows: int | None) -> None:
             raise PackageError(f"analytics.parquet holds {others} row(s) for other templates ({shown})")
         if rows is not None and count != rows:
             raise PackageError(f"analytics.parquet holds {count} row(s); {PACKAGE_FILE} says {rows}")
+        _check_analytics_values(conn, path, have)
     finally:
         conn.close()
+
+
+def _check_analytics_values(conn: duckdb.DuckDBPyConnection, path: Path, have: dict[str, str]) -> None:
+    """Each call once (a small file of repeated rows added 30,000,000 of them), and numbers that
+    sums and JSON can carry (a NaN cost made /status answer total_cost null)."""
+    key = ", ".join(ANALYTICS_KEY)
+    problems = [f"count(*) - count(DISTINCT ({key}))"]
+    doubles = [c for c in ("duration_ms", "ttft_ms", "cost") if c in have]
+    counts = [c for c in ("prompt_tokens", "completion_tokens") if c in have]
+    problems += [f"count(*) FILTER (WHERE isnan({c}) OR isinf({c}) OR {c} < 0)" for c in doubles]
+    problems += [f"count(*) FILTER (WHERE {c} < 0)" for c in counts]
+    try:
+        found = conn.execute(f"SELECT {', '.join(problems)} FROM read_parquet(?)", [str(path)]).fetchone()
+    except duckdb.Error as exc:
+        raise PackageError(f"analytics.parquet cannot be read: {str(exc).splitlines()[0]}") from None
+    repeated, *bad = found
+    if repeated:
+        raise PackageError(
+            f"analytics.parquet: {repeated} row(s) repeat another row's ({key}); export writes each call once"
+        )
+    for column, n in zip([*doubles, *counts], bad, strict=True):
+        if n:
+            what = (
+                "a finite number of 0 or more" if column in doubles else "a count (an integer of 0 or more)"
+            )
+            raise PackageError(f"analytics.parquet: {n} row(s) have a '{column}' that is not {what}")
 
 
 # -- logs/recent.jsonl ------------------------------------------------------------------------------
@@ -425,5 +642,7 @@ def check_contents(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], 
     if "logs/recent.jsonl" in listed:
         check_logs(folder / "logs" / "recent.jsonl", listed_rows(meta, "logs/recent.jsonl"))
     if "analytics.parquet" in listed:
-        check_analytics(folder / "analytics.parquet", tid, listed_rows(meta, "analytics.parquet"))
+        check_analytics(
+            folder / "analytics.parquet", tid, listed_rows(meta, "analytics.parquet"), MAX_ANALYTICS_ROWS
+        )
     return manifest, history
