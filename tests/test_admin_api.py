@@ -146,6 +146,8 @@ async def test_template_register_is_served_and_rollback_restores(gateway):
     )
     assert r.status_code == 201, r.text
     assert actions.TemplateVersion.model_validate(r.json()).version == 2
+    texts = [e["text"] for e in (await gateway.client.get(PREFIX + "/snapshot")).json()["events"]]
+    assert texts.count("template 'support' version 2 is served now") == 1
     answer = await gateway.post(chat(metadata={"template_id": "support"}, variables={"product": "Acme"}))
     call = (await gateway.client.get(f"{PREFIX}/calls/{answer.headers['x-rswitch-request-id']}")).json()
     assert call["system_prompt"] == "You help with Acme only."

@@ -452,7 +452,7 @@ class LocalOperator:
         except TemplateError as exc:
             raise GatewayError(400, str(exc), code="invalid_template", param="template") from None
         tpl = await asyncio.to_thread(self.core.registry.register, tpl)
-        self.core.event("template", f"template '{tpl.id}' version {tpl.version} registered and served")
+        self.core.event("template", f"template '{tpl.id}' version {tpl.version} is served now")
         return TemplateVersion(**tpl.manifest())
 
     async def template_history(self, template_id: str) -> TemplateHistory:
@@ -481,7 +481,8 @@ class LocalOperator:
         except TemplateError as exc:
             raise GatewayError(400, str(exc), code="invalid_rollback", param="version") from None
         self.core.event(
-            "template", f"template '{template_id}' rolled back: version {tpl.version} = version {version}"
+            "template",
+            f"template '{template_id}' version {tpl.version} (version {version} again) is served now",
         )
         return TemplateVersion(**tpl.manifest())
 
