@@ -627,6 +627,7 @@ def _nested(depth: int) -> list:
         ),
         ("UPDATE examples SET id = -5 WHERE id = 6", r"row id -5 is not 1 or more"),
     ],
+    ids=["sequence-2^63-1", "id-2^63-1", "id-negative"],
 )
 async def test_dataset_ids_that_leave_no_room_for_later_rows_are_refused(world, sql, match):
     """Imported, every later write to the dataset failed with 'database or disk is full'."""
@@ -684,6 +685,20 @@ async def test_dataset_ids_that_leave_no_room_for_later_rows_are_refused(world, 
             "UPDATE examples SET latency_ms = -9e999 WHERE id = 3",
             r"row id 3 has a 'latency_ms' that is not a",
         ),
+    ],
+    ids=[
+        "lone-surrogate",
+        "not-utf8",
+        "surrogate-in-json",
+        "surrogate-escape",
+        "messages-5",
+        "no-role",
+        "role-5",
+        "variables-array",
+        "variables-900-deep",
+        "messages-70-deep",
+        "inf-cost",
+        "inf-latency",
     ],
 )
 async def test_dataset_values_the_tools_cannot_read_are_refused(world, sql, match):
@@ -763,3 +778,19 @@ async def test_export_keeps_the_newest_analytics_rows_within_the_bound_and_they_
         assert sorted(got) == sorted(newest)
     finally:
         await other.stop()
+
+
+def test_a_manifest_rswitch_writes_never_holds_an_alias(tmp_path):
+    """Values shared inside what rswitch writes (the same list twice) are written out twice, so
+    the registry, which refuses aliases, reads back every manifest rswitch wrote."""
+    from rswitch.templates import TemplateRegistry, write_yaml
+
+    shared = [0.5, 0.9]
+    write_yaml(
+        tmp_path / "t" / "manifest.yaml",
+        {"id": "t", "template": "hi", "provenance": {"ci": shared, "again": shared}},
+    )
+    assert "&" not in (tmp_path / "t" / "manifest.yaml").read_text()
+    registry = TemplateRegistry(tmp_path)
+    assert registry.load_errors == []
+    assert registry.get("t").provenance == {"ci": [0.5, 0.9], "again": [0.5, 0.9]}
