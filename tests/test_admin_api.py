@@ -448,3 +448,23 @@ async def test_event_stream_heartbeats_delivers_an_action_and_ends_on_close(gate
     rest = [chunk async for chunk in stream]
     assert rest[-1] == b"event: shutdown\ndata: {}\n\n"
     assert admin.open_streams == 0
+
+
+async def test_uploads_over_the_limit_are_413_whether_declared_or_streamed(gateway):
+    admin = gateway.client._transport.app.state.admin
+    admin.upload_limit = 1000
+    gz = {"content-type": "application/gzip"}
+    declared = await gateway.client.post(PREFIX + "/packages/import", content=b"x" * 1001, headers=gz)
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "body_too_large"
+
+    async def chunks():
+        for _ in range(20):
+            yield b"y" * 100
+
+    streamed = await gateway.client.post(
+        PREFIX + "/datasets/support/import",
+        content=chunks(),
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert streamed.status_code == 413
+    assert gateway.core.datasets.recent("support") == []

@@ -340,6 +340,9 @@ async def upload(
             f"send the body as {' or '.join(accepted)}; got {kind or 'no content type'}",
             code="unsupported_media_type",
         )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # refused before a byte is read
+        raise GatewayError(413, f"the body is {declared} bytes; the limit is {limit}", code="body_too_large")
     size, chunks = 0, []
     fh = into.open("wb") if into is not None else None
     try:
