@@ -26,3 +26,17 @@ async def test_core_status_is_the_typed_view_dumped(gateway):
     gateway.core.event("operator", "a note")
     (event,) = gateway.core.console_snapshot()["events"]
     assert event[0] == 1 and event[2:] == ("operator", "a note")  # the console reads (seq, time, kind, text)
+
+
+def test_the_local_operator_implements_the_whole_interface():
+    """The console and the CLI will hold an `Operator`; in-process it must be the local one."""
+    import inspect
+
+    from rswitch.admin.actions import LocalOperator, Operator
+
+    wanted = {n: f for n, f in vars(Operator).items() if inspect.iscoroutinefunction(f)}
+    assert len(wanted) == 17
+    for name, proto in wanted.items():
+        impl = getattr(LocalOperator, name)
+        assert inspect.iscoroutinefunction(impl), name
+        assert inspect.signature(impl).parameters.keys() == inspect.signature(proto).parameters.keys(), name
