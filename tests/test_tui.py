@@ -379,7 +379,7 @@ async def test_a_pane_that_fails_to_draw_is_reported_and_the_console_keeps_runni
 ):
     from rswitch.tui.panes import RecentTable
 
-    def broken(self, recent):
+    def broken(self, *shown):
         raise RuntimeError("boom in the recent pane")
 
     app = RSwitchApp(gateway, url=gateway.url, refresh=0.1)

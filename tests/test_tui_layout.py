@@ -107,12 +107,18 @@ async def test_the_recent_attempts_pane_shows_what_fits_and_never_hides_status_m
         for c in recent.ordered_columns:  # each header whole (it was cut to 't')
             assert f" {c.label.plain} " in f"{header} ", header
         assert header.split()[-1] in ("combination", "combo")
-        newest = rows[0]
+        # the calls in flight first, their stage (a stream's tokens so far) and time so far whole
+        assert top.lstrip("╭─ ").startswith("3 in flight")
+        streaming, calling, waiting, newest, *_ = rows
+        assert "42 tok" in streaming and "3250" in streaming
+        assert "call…" in calling and "1500" in calling
+        assert "wait…" in waiting and "400" in waiting and "—" in waiting
         assert "200" in newest and "985" in newest
         combination = newest.split()[-1]  # an id that does not fit is abridged, never lost
         assert "support-openai".startswith(combination.rstrip("…")) and len(combination) >= 6
         if size[0] >= 160:
             assert combination == "support-openai" and "14:13:15.000" in newest
+            assert "14:13:18.500" in calling and " 2 " in calling  # when it started, its attempt
 
 
 def summary_lines(app) -> list[str]:

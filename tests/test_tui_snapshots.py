@@ -156,6 +156,63 @@ SNAPSHOT: dict[str, Any] = {
             "tokens": 150,
         }
     ],
+    # calls still in flight (rswitch.gateway.inflight), the longest running first
+    "inflight": {
+        "count": 3,
+        "calls": [
+            {
+                "request_id": "req0009",
+                "started_at": NOW - 3.25,
+                "elapsed_ms": 3250.4,
+                "stage": "streaming",
+                "text": "streaming from openai/gpt-4o-mini, 42 tokens so far",
+                "template_id": "support-reply",
+                "combination_id": "support-openai",
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "attempt": 1,
+                "wait_until": None,
+                "tokens": 42,
+            },
+            {
+                "request_id": "req0010",
+                "started_at": NOW - 1.5,
+                "elapsed_ms": 1500.0,
+                "stage": "calling",
+                "text": "calling local/smollm2-135m-instruct, attempt 2",
+                "template_id": "support-reply",
+                "combination_id": "support-local",
+                "provider": "local",
+                "model": "smollm2-135m-instruct",
+                "attempt": 2,
+                "wait_until": None,
+                "tokens": None,
+            },
+            {
+                "request_id": "req0011",
+                "started_at": NOW - 0.4,
+                "elapsed_ms": 400.0,
+                "stage": "waiting",
+                "text": "waiting for a rate limit, 0.6 s left",
+                "template_id": None,
+                "combination_id": None,
+                "provider": None,
+                "model": None,
+                "attempt": 0,
+                "wait_until": NOW + 0.6,
+                "tokens": None,
+            },
+        ],
+    },
+}
+INFLIGHT_CALL = {  # what the inspector gets for req0009, still streaming
+    **SNAPSHOT["inflight"]["calls"][0],
+    "in_flight": True,
+    "system_prompt": "You support Acme Router. Be kind and brief.",
+    "messages": [{"role": "user", "content": "How do I reset the router to factory settings?"}],
+    "variables": {"product": "Acme Router", "tone": "kind"},
+    "route": None,
+    "output": "Hold the reset button for ten seconds, until the lights",
 }
 CALL = {
     "request_id": "req0005",
@@ -183,8 +240,14 @@ CALL = {
 }
 
 
+class FakeInFlight:
+    def detail(self, request_id: str) -> dict[str, Any] | None:
+        return INFLIGHT_CALL if request_id == INFLIGHT_CALL["request_id"] else None
+
+
 class FakeCore:
     optimizer = None
+    gateway = type("FakeGatewayCore", (), {"inflight": FakeInFlight()})()
 
     def event(self, kind: str, text: str) -> None:
         pass
@@ -289,13 +352,27 @@ def test_panes(snap_compare, key):
 def test_modals(snap_compare, keys):
     async def before(pilot):
         await ready(pilot)
-        if keys == ["i"]:  # the newest request is the one the fake core has in full
+        if keys == ["i"]:  # the newest finished request (below the 3 in flight): the fake core has it in full
             recent = pilot.app.query_one("#recent")
-            assert recent.get_row_at(0)[4] == "support-openai"
+            recent.move_cursor(row=3)
+            assert str(recent.get_row_at(3)[1]) == "200" and recent.get_row_at(3)[4] == "support-openai"
         await pilot.press(*keys)
         await pilot.pause()
         for widget in pilot.app.screen.query("Input"):
             widget.cursor_blink = False
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
+
+
+def test_inspector_on_a_call_in_flight(snap_compare):
+    """The top row is a stream still in flight: the inspector shows its stage and what it has so far."""
+
+    async def before(pilot):
+        await ready(pilot)
+        recent = pilot.app.query_one("#recent")
+        assert str(recent.get_row_at(0)[1]) == "42 tok"
+        await pilot.press("i")
         await pilot.pause()
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)

@@ -188,7 +188,12 @@ class RSwitchApp(App[None]):
         events = self.query_one(EventsPane)
         self.guarded("the events pane", events.show, status.get("events", []))
         self.event_seq = events.last_seq
-        self.guarded("the recent requests pane", self.query_one(RecentTable).show, status.get("recent", []))
+        self.guarded(
+            "the recent requests pane",
+            self.query_one(RecentTable).show,
+            status.get("recent", []),
+            status.get("inflight"),
+        )
         self.guarded("the summary", self.render_summary)
         self.render_active_pane()
 
@@ -370,10 +375,18 @@ class RSwitchApp(App[None]):
         self.open_inspector(event.row_key.value)
 
     def open_inspector(self, key: str | None) -> None:
-        attempt = self.query_one(RecentTable).attempts.get(key or "")
-        ok, call = (
-            self.ask("open the request", self.controls.call_detail, *attempt) if attempt else (True, None)
-        )
+        """The attempt in full; a call in flight: what is known of it so far (or, if it has just
+        ended, its newest attempt)."""
+        recent = self.query_one(RecentTable)
+        attempt = recent.attempts.get(key or "")
+        if attempt and key in recent.in_flight:
+            ok, call = self.ask("open the request", self.controls.inflight_detail, attempt[0])
+            if ok and call is None:
+                ok, call = self.ask("open the request", self.controls.call_detail, attempt[0], None)
+        else:
+            ok, call = (
+                self.ask("open the request", self.controls.call_detail, *attempt) if attempt else (True, None)
+            )
         if not ok:
             return
         if call is None:

@@ -48,3 +48,7 @@ class Controls:
 
     def call_detail(self, request_id: str, attempt: int | None = None) -> dict[str, Any] | None:
         return self.gateway.call(self.gateway.core.recent_call, request_id, attempt)
+
+    def inflight_detail(self, request_id: str) -> dict[str, Any] | None:
+        """What is known so far of a call still in flight; None once it has ended."""
+        return self.gateway.call(self.gateway.core.gateway.inflight.detail, request_id)

@@ -16,6 +16,7 @@ from rich.cells import cell_len
 
 HISTORY = 240  # samples kept for the plots (two minutes at two refreshes a second)
 RECENT_SHOWN = 30  # rows in the recent-requests pane
+INFLIGHT_SHOWN = 20  # of those, at most this many calls still in flight (the rest are finished ones)
 EVENTS_KEPT = 300  # events kept for the events pane
 
 
@@ -412,10 +413,11 @@ def cost_rows(status: dict[str, Any], history: History) -> list[tuple[str, str, 
 
 @dataclass(frozen=True)
 class RecentRow:
-    key: str  # unique per attempt: request id '#' attempt
+    key: str  # unique per attempt: request id '#' attempt; a call in flight: request id '~'
     request_id: str
     attempt: int
     cells: tuple[str, ...]
+    in_flight: bool = False
 
 
 # left to right; narrow panes hide `try`, then `time`; status, ms and combination always show
@@ -460,12 +462,70 @@ def recent_layout(rows: list[RecentRow], width: int, reserve: int = 2) -> Recent
     return RecentLayout(tuple(columns))
 
 
-def recent_rows(recent: list[dict[str, Any]], shown: int = RECENT_SHOWN) -> list[RecentRow]:
-    """Newest first, one row per upstream attempt (a fallback shows the failed try and the one that
-    served). Keys are unique even if a snapshot repeats an attempt."""
+def clock_time(ts: float) -> str:
+    """HH:MM:SS.mmm, local time."""
+    return f"{time.strftime('%H:%M:%S', time.localtime(ts))}.{int(ts * 1000) % 1000:03d}"
+
+
+# an in-flight row's status cell: its stage in at most 6 characters (the header's width), so the
+# columns that show at 80, 100 and 160 columns are the same as for finished calls
+STAGE_CELL = {"routing": "route…", "waiting": "wait…", "backing off": "pause…", "calling": "call…"}
+
+
+def count_cell(n: int) -> str:
+    """A count in at most three characters: 42, 999, 1k … 99k."""
+    return str(n) if n < 1000 else f"{min(n // 1000, 99)}k"
+
+
+def tokens_cell(n: int) -> str:
+    """A stream's tokens so far in at most 6 characters: '42 tok', '512tok', '3k tok'."""
+    count = count_cell(n)
+    return f"{count} tok" if len(count) < 3 else f"{count}tok"
+
+
+def inflight_rows(inflight: dict[str, Any] | None, shown: int = INFLIGHT_SHOWN) -> list[RecentRow]:
+    """The calls still in flight, longest running first: when each started, its stage ('route…',
+    'wait…', 'pause…', 'call…'; a stream: its tokens so far, '42 tok'), the ms it has taken so
+    far, its attempt and the combination it is trying ('—' before the first attempt)."""
     out: list[RecentRow] = []
+    for c in ((inflight or {}).get("calls") or [])[:shown]:
+        stage = c.get("stage") or "?"
+        status = tokens_cell(c.get("tokens") or 0) if stage == "streaming" else STAGE_CELL.get(stage, stage)
+        attempt = int(c.get("attempt") or 0)
+        cells = (
+            clock_time(c["started_at"]),
+            status,
+            f"{c['elapsed_ms']:.0f}",
+            str(attempt) if attempt else "-",
+            c.get("combination_id") or NONE,
+        )
+        out.append(RecentRow(f"{c['request_id']}~", c["request_id"], attempt, cells, in_flight=True))
+    return out
+
+
+def recent_title(width: int, in_flight: int) -> str:
+    """The recent pane's border title for a pane `width` cells wide (its border and a corner
+    take 5): how many calls are in flight when any are, then what the pane lists, as much as fits."""
+    room = width - 5
+    head = f"{in_flight} in flight" if in_flight else ""
+    tails = ("recent attempts (i: inspect)", "attempts (i: inspect)", "(i: inspect)")
+    for title in [f"{head} · {t}" for t in tails] + [f"{head} (i: inspect)"] if head else tails:
+        if cell_len(title) <= room:
+            return title
+    return head or "attempts"
+
+
+def recent_rows(
+    recent: list[dict[str, Any]], shown: int = RECENT_SHOWN, inflight: dict[str, Any] | None = None
+) -> list[RecentRow]:
+    """The calls still in flight first (`inflight_rows`, at most INFLIGHT_SHOWN), then the finished
+    ones newest first, one row per upstream attempt (a fallback shows the failed try and the one
+    that served). Keys are unique even if a snapshot repeats an attempt."""
+    out: list[RecentRow] = inflight_rows(inflight, min(shown, INFLIGHT_SHOWN))
     seen: set[str] = set()
     for r in sorted(recent, key=lambda r: r["created_at"], reverse=True):
+        if len(out) >= shown:
+            break
         attempt = int(r.get("attempt") or 1)
         key = base = f"{r['request_id']}#{attempt}"
         n = 1
@@ -473,14 +533,13 @@ def recent_rows(recent: list[dict[str, Any]], shown: int = RECENT_SHOWN) -> list
             n += 1
             key = f"{base}.{n}"
         seen.add(key)
-        stamp = time.strftime("%H:%M:%S", time.localtime(r["created_at"]))
         out.append(
             RecentRow(
                 key,
                 r["request_id"],
                 attempt,
                 (
-                    f"{stamp}.{int(r['created_at'] * 1000) % 1000:03d}",
+                    clock_time(r["created_at"]),
                     str(r["status"]) if r["success"] else f"{r['status']} ✗",
                     f"{r['duration_ms']:.0f}",
                     str(attempt),
@@ -488,9 +547,29 @@ def recent_rows(recent: list[dict[str, Any]], shown: int = RECENT_SHOWN) -> list
                 ),
             )
         )
-        if len(out) >= shown:
-            break
     return out
+
+
+def inflight_head(c: dict[str, Any]) -> list[str]:
+    """The inspector's head for a call still in flight: what it is doing and what is known so far."""
+    head = [
+        f"request     {c['request_id']}",
+        f"stage       {c.get('text') or c.get('stage')}",
+        f"started     {clock_time(c['started_at'])}, {c['elapsed_ms']:.0f} ms ago (when opened)",
+    ]
+    if c.get("combination_id"):
+        head.append(
+            f"trying      {c['combination_id']}  ({c.get('provider')}/{c.get('model')}, "
+            f"template {c.get('template_id')}), attempt {c.get('attempt')}"
+        )
+    if c.get("wait_until"):
+        head.append(f"waiting     until {clock_time(c['wait_until'])}")
+    if c.get("tokens") is not None:
+        head.append(f"tokens      {c['tokens']} streamed so far (content pieces, about one token each)")
+    head.append(
+        f"route       {c.get('route') or ('not routed yet' if c.get('stage') == 'routing' else 'balancer (no routing chain)')}"
+    )
+    return head
 
 
 def event_lines(events: list[tuple[int, float, str, str]]) -> list[tuple[str, str, str]]:

@@ -104,28 +104,35 @@ class CombinationsTable(DataTable[str]):
 
 
 class RecentTable(DataTable[str]):
-    """The last calls, newest first, one row per upstream attempt (keyed request id + attempt).
+    """The calls still in flight (their stage, the time so far, a stream's tokens so far), then the
+    last finished calls newest first, one row per upstream attempt (keyed request id + attempt).
     The columns that fit the pane: `try` and `time` hide first, long combination ids are abridged."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(cursor_type="row", **kw)
         self.attempts: dict[str, tuple[str, int]] = {}  # row key -> (request id, attempt)
+        self.in_flight: set[str] = set()  # the keys of the rows that are calls still in flight
+        self.in_flight_count = 0  # calls in flight at the gateway (more than the rows, under load)
         self.recent_rows: list[model.RecentRow] = []
         self.columns_layout: model.RecentLayout | None = None
 
     def on_mount(self) -> None:
-        self.border_title = "recent attempts (i: inspect)"
+        self.border_title = model.recent_title(self.outer_size.width or 40, 0)
 
     def on_resize(self) -> None:
-        wide = self.outer_size.width - 4 >= len("recent attempts (i: inspect)")
-        self.border_title = "recent attempts (i: inspect)" if wide else "attempts (i: inspect)"
+        self.border_title = model.recent_title(self.outer_size.width, self.in_flight_count)
         if self.columns_layout is not None:
             self.redraw()
 
-    def show(self, recent: list[dict[str, Any]]) -> None:
-        """Under load every refresh brings a new set: redrawn whole, the cursor kept on its attempt."""
-        rows = model.recent_rows(recent)
-        if [r.key for r in rows] == [r.key for r in self.recent_rows] and self.columns_layout is not None:
+    def show(self, recent: list[dict[str, Any]], inflight: dict[str, Any] | None = None) -> None:
+        """Under load every refresh brings a new set: redrawn whole, the cursor kept on its call
+        (a call that has just finished: on its newest attempt)."""
+        rows = model.recent_rows(recent, inflight=inflight)
+        count = int((inflight or {}).get("count") or 0)
+        if count != self.in_flight_count:
+            self.in_flight_count = count
+            self.border_title = model.recent_title(self.outer_size.width or 40, count)
+        if rows == self.recent_rows and self.columns_layout is not None:
             return
         self.recent_rows = rows
         self.redraw()
@@ -136,6 +143,9 @@ class RecentTable(DataTable[str]):
         layout = model.recent_layout(rows, self.size.width or self.app.size.width // 3)
         cursor = self.cursor_row
         selected = self.selected_key()
+        if selected is not None and selected not in keys and selected in self.attempts:
+            rid = self.attempts[selected][0]  # the call finished (or another attempt began): follow it
+            selected = next((r.key for r in rows if r.request_id == rid), selected)
         with self.app.batch_update():
             if layout != self.columns_layout:
                 self.clear(columns=True)
@@ -145,9 +155,14 @@ class RecentTable(DataTable[str]):
             else:
                 self.clear()
             self.attempts = {r.key: (r.request_id, r.attempt) for r in rows}
+            self.in_flight = {r.key for r in rows if r.in_flight}
             for r in rows:
-                self.add_row(*layout.cells(r), key=r.key)
-            if selected in keys:  # the cursor stays on the attempt it was on, wherever it moved
+                cells = layout.cells(r)
+                if r.in_flight:  # told apart from the finished calls without colour too: the stage words
+                    self.add_row(*(Text(c, style="italic") for c in cells), key=r.key)
+                else:
+                    self.add_row(*cells, key=r.key)
+            if selected in keys:  # the cursor stays on the call it was on, wherever it moved
                 self.move_cursor(row=keys.index(selected))
             elif 0 <= cursor < self.row_count:
                 self.move_cursor(row=cursor)

@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Static
 
-from rswitch.tui.model import fmt_cost
+from rswitch.tui.model import fmt_cost, inflight_head
 
 
 class HelpScreen(ModalScreen[None]):
@@ -37,7 +37,8 @@ class HelpScreen(ModalScreen[None]):
 
 
 class InspectorScreen(ModalScreen[None]):
-    """One recent call in full: prompt, messages, output, tokens, cost, latency, and the route."""
+    """One recent call in full: prompt, messages, output, tokens, cost, latency, and the route.
+    A call still in flight: its stage and what is known so far (as of opening)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,i", "dismiss", "Close")]
 
@@ -46,6 +47,9 @@ class InspectorScreen(ModalScreen[None]):
         self.call = call
 
     def compose(self) -> ComposeResult:
+        if self.call.get("in_flight"):
+            yield from self.compose_in_flight()
+            return
         c = self.call
         tokens = f"{c['prompt_tokens']} in / {c['completion_tokens']} out" + (
             " (estimated)" if c["tokens_estimated"] else ""
@@ -74,6 +78,24 @@ class InspectorScreen(ModalScreen[None]):
                 yield Label("output", classes="section")
                 yield Static(c["output"] or "(empty)", markup=False, id="inspector-output")
             yield Label("escape: close", classes="hint")
+
+    def compose_in_flight(self) -> ComposeResult:
+        c = self.call
+        with Vertical(classes="dialog wide"):
+            yield Label(f"Request {c['request_id'][:12]}, in flight", classes="title")
+            with VerticalScroll():
+                yield Static("\n".join(inflight_head(c)), markup=False, id="inspector-head")
+                yield Label("rendered prompt (system)", classes="section")
+                prompt = c.get("system_prompt") or (
+                    "(none)" if c.get("combination_id") else "(not rendered yet)"
+                )
+                yield Static(prompt, markup=False, id="inspector-prompt")
+                yield Label("messages", classes="section")
+                lines = [f"{m.get('role', '?')}: {m.get('content')}" for m in c.get("messages") or []]
+                yield Static("\n".join(lines) or "(not read yet)", markup=False, id="inspector-messages")
+                yield Label("output so far", classes="section")
+                yield Static(c.get("output") or "(nothing yet)", markup=False, id="inspector-output")
+            yield Label("escape: close (open it again for what has happened since)", classes="hint")
 
 
 class ExportScreen(ModalScreen[Path | None]):
