@@ -393,6 +393,7 @@ async def test_every_json_answer_validates_against_the_model_its_description_nam
         "snapshot": ("GET", "/snapshot", {}),
         "status": ("GET", "/status", {}),
         "recent_call": ("GET", f"/calls/{rid}", {}),
+        "inflight_call": ("GET", f"/inflight/{rid}", {}),  # refused: it has ended
         "optimizer_runs": ("GET", "/optimizer/runs", {}),
         "optimizer_trials": ("GET", "/optimizer/trials", {"params": {"template_id": "support"}}),
         "reweight": ("POST", "/combinations/support-b/weight", {"json": {"weight": 2}}),
@@ -468,3 +469,33 @@ async def test_uploads_over_the_limit_are_413_whether_declared_or_streamed(gatew
     )
     assert streamed.status_code == 413
     assert gateway.core.datasets.recent("support") == []
+
+
+async def test_a_request_in_flight_then_among_the_recent_calls(gateway):
+    from tests.test_optimizer_service import reply
+
+    gate = asyncio.Event()
+
+    async def held(call: Any) -> dict[str, Any]:
+        await gate.wait()
+        return reply("done")
+
+    gateway.core.providers["mock"].complete = held
+    task = asyncio.create_task(gateway.post(SUPPORT))
+
+    async def flying() -> Any:
+        snap = (await gateway.client.get(PREFIX + "/snapshot")).json()
+        return snap["inflight"]["calls"]
+
+    (flight,) = await until(flying)
+    rid = flight["request_id"]
+    detail = views.InFlightDetail.model_validate(
+        (await gateway.client.get(f"{PREFIX}/inflight/{rid}")).json()
+    )
+    assert detail.stage == "calling" and detail.system_prompt == "You support Acme. Be kind."
+    assert (await gateway.client.get(f"{PREFIX}/calls/{rid}")).status_code == 404
+    gate.set()
+    assert (await task).status_code == 200
+    ended = await gateway.client.get(f"{PREFIX}/inflight/{rid}")
+    assert ended.status_code == 404 and ended.json()["error"]["param"] == "request_id"
+    assert (await gateway.client.get(f"{PREFIX}/calls/{rid}")).json()["output"] == "done"

@@ -129,6 +129,7 @@ class Operator(Protocol):
     async def snapshot(self, events_after: int = 0) -> views.ConsoleSnapshot: ...
     async def status(self) -> views.Status: ...
     async def recent_call(self, request_id: str, attempt: int | None = None) -> views.RecentCall: ...
+    async def inflight_call(self, request_id: str) -> views.InFlightDetail: ...
     async def optimizer_runs(self, template_id: str | None = None) -> OptimizerRuns: ...
     async def optimizer_trials(
         self, run_id: str | None = None, template_id: str | None = None
@@ -293,6 +294,17 @@ class LocalOperator:
             raise GatewayError(
                 404,
                 f"no {which} '{request_id}' among the last calls (only the newest are kept in memory)",
+                code="unknown_request",
+                param="request_id",
+            )
+        return call
+
+    async def inflight_call(self, request_id: str) -> views.InFlightDetail:
+        call = views.build_inflight_call(self.core, request_id)
+        if call is None:
+            raise GatewayError(
+                404,
+                f"request '{request_id}' is not in flight (once ended, its attempts are among the last calls)",
                 code="unknown_request",
                 param="request_id",
             )

@@ -135,6 +135,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "GET",
+        "/inflight/{request_id}",
+        "inflight_call",
+        "A request still in flight: its stage and what is known so far (the inspector)",
+        views.InFlightDetail,
+        params=(Param("request_id", "path", STR),),
+    ),
+    Endpoint(
+        "GET",
         "/optimizer/runs",
         "optimizer_runs",
         "Recorded optimizer runs and the optimizer's live state",
@@ -419,6 +427,12 @@ class AdminAPI:
         try:
             attempt = query_int(request, "attempt", None, minimum=1)
             return self.answer(await self.op.recent_call(request.path_params["request_id"], attempt))
+        except GatewayError as err:
+            return error_response(err)
+
+    async def inflight_call(self, request: Request) -> Response:
+        try:
+            return self.answer(await self.op.inflight_call(request.path_params["request_id"]))
         except GatewayError as err:
             return error_response(err)
 

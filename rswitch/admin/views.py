@@ -261,6 +261,18 @@ class InFlightCall(OpenView):
     tokens: int | None = None  # content pieces streamed so far (about one token each)
 
 
+class InFlightDetail(InFlightCall):
+    """One request in flight in full, for the request inspector; once it ends, its attempts
+    are among the recent calls (`RecentCall`)."""
+
+    in_flight: bool = True
+    system_prompt: str = ""
+    messages: list[dict[str, Any]] = []
+    variables: dict[str, Any] = {}
+    route: str | None = None
+    output: str = ""  # streamed so far
+
+
 class InFlight(View):
     count: int  # requests in flight now
     calls: list[InFlightCall]  # the longest running first, at most 50
@@ -423,6 +435,11 @@ def build_recent_call(core: Core, request_id: str, attempt: int | None = None) -
                 route=r.extra.get("route"),
             )
     return None
+
+
+def build_inflight_call(core: Core, request_id: str) -> InFlightDetail | None:
+    detail = core.gateway.inflight.detail(request_id)
+    return None if detail is None else InFlightDetail(**detail)
 
 
 # -- models (GET /v1/models) and prompt stats -----------------------------------------------------
