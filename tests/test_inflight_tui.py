@@ -101,3 +101,23 @@ async def test_a_call_that_ended_before_the_inspector_opened_shows_its_newest_at
         await settle(pilot, lambda: isinstance(app.screen, InspectorScreen))
         head = str(app.screen.query_one("#inspector-head").content)
         assert CALL["request_id"] in head and "ok 200, attempt 1" in head
+
+
+async def test_the_cursor_follows_a_call_from_in_flight_to_finished():
+    from tests.test_tui_snapshots import SNAPSHOT, make_app
+
+    flying = copy.deepcopy(SNAPSHOT)
+    flying["recent"] = [r for r in flying["recent"] if r["request_id"] != "req0003"]
+    flying["inflight"]["calls"].insert(1, dict(flying["inflight"]["calls"][1], request_id="req0003"))
+    app = make_app(flying)
+    async with app.run_test(size=(160, 45)) as pilot:
+        recent = app.query_one("#recent")
+        await settle(pilot, lambda: recent.row_count > 0)
+        recent.move_cursor(row=1)
+        assert recent.selected_key() == "req0003~"
+        # the next snapshot: req0003 has ended (its attempt is now among the finished, lower down)
+        app.gateway.data = copy.deepcopy(SNAPSHOT)
+        app.fetch()
+        await settle(pilot, lambda: "req0003~" not in recent.attempts)
+        assert recent.selected_key() == "req0003#1"
+        assert str(recent.get_row_at(recent.cursor_row)[1]) == "200"
