@@ -248,20 +248,10 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
         try:
             body = await read_body(request, limit)
             tid = body.get("template_id") if isinstance(body, dict) else None
-            if core.optimizer is None:
-                raise GatewayError(
-                    409,
-                    "the background optimizer is off (gateway.optimization.enabled)",
-                    code="optimizer_disabled",
-                )
-            if not isinstance(tid, str) or core.registry.get(tid) is None:
-                raise GatewayError(
-                    400, f"unknown template id {tid!r}", code="unknown_template", param="template_id"
-                )
+            queued = await admin.op.optimize(tid if isinstance(tid, str) else repr(tid))  # as /admin/v1's
         except GatewayError as err:
             return error_response(err)
-        core.optimizer.request(tid)
-        return JSON({"status": "queued", "template_id": tid}, status_code=202)
+        return JSON(queued.model_dump(), status_code=202)
 
     async def health(request: Request) -> Response:
         return JSON({"status": "healthy"})
