@@ -20,15 +20,9 @@ class Controls:
         self.gateway.call(self.gateway.core.set_enabled, cid, enabled)
 
     def reset_weights(self) -> None:
-        def reset() -> None:
-            configured = {c.id: c for c in self.gateway.core.config.gateway.combinations}
-            for cid, cfg in configured.items():
-                combo = self.gateway.core.gateway.combinations.get(cid)
-                if combo is not None:
-                    combo.weight, combo.enabled = cfg.weight, cfg.enabled
-            self.gateway.core.gateway.reindex()
+        from rswitch.admin.actions import reset_weights  # the admin API's reset, the same code
 
-        self.gateway.call(reset)
+        self.gateway.call(reset_weights, self.gateway.core)
 
     def optimize(self, template_id: str) -> str:
         optimizer = self.gateway.core.optimizer
