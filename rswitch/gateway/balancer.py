@@ -141,13 +141,15 @@ class Balancer:
         p50s = [w.p50_ms for c in live if (w := self.metrics.window_stats(c.id)).p50_ms is not None]
         reference = sorted(p50s)[len(p50s) // 2] if p50s else 1.0
         reference = max(reference, 1.0)
-        return max(
-            live,
-            key=lambda c: (
-                self.score(c, reference) * (1.0 if not self.demoted(c) else DEMOTED_SHARE),
-                eff.get(c.id, 0),
-            ),
-        )
+        ranked = [
+            (self.score(c, reference) * (1.0 if not self.demoted(c) else DEMOTED_SHARE), eff.get(c.id, 0), c)
+            for c in live
+        ]
+        best = max(r[:2] for r in ranked)
+        # equals (unmeasured ones, whose stats are cached between refreshes) take turns, so a burst
+        # does not all go to the first of them
+        tied = [c for score, weight, c in ranked if (score, weight) == best]
+        return tied[0] if len(tied) == 1 else self._round_robin(key + "/tied", tied)
 
     def order(
         self,
