@@ -193,7 +193,6 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
             body, size = await read_json(request, limit)
             if key is not None:
                 ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
-            # with a key, its name is recorded with the call (Gateway.embed takes no client yet)
             done = await gateway.embed(body, client=ticket)
             if ticket is not None:
                 usage = done.response.get("usage") if isinstance(done.response, dict) else None
