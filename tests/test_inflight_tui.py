@@ -12,6 +12,7 @@ import pytest
 
 from rswitch.tui import model
 from rswitch.tui.app import RSwitchApp
+from rswitch.tui.operator import InProcessOperator
 from rswitch.tui.screens import InspectorScreen
 from tests.conftest import SUPPORT_VARS, chat
 from tests.test_inflight import held_config, holding, in_thread, running_gateway
@@ -26,7 +27,7 @@ def top_row(recent) -> tuple[str, ...]:
 
 async def test_the_recent_pane_shows_a_call_in_flight_with_its_stage_then_as_finished(tmp_path):
     with holding() as (held, url), running_gateway(tmp_path, held_config(url)) as g:
-        app = RSwitchApp(g, url=g.url, refresh=0.1)
+        app = RSwitchApp(InProcessOperator(g), url=g.url, refresh=0.1)
         async with app.run_test(size=(160, 45)) as pilot:
             recent = app.query_one("#recent")
             await settle(pilot, lambda: bool(app.status))
@@ -116,7 +117,7 @@ async def test_the_cursor_follows_a_call_from_in_flight_to_finished():
         recent.move_cursor(row=1)
         assert recent.selected_key() == "req0003~"
         # the next snapshot: req0003 has ended (its attempt is now among the finished, lower down)
-        app.gateway.data = copy.deepcopy(SNAPSHOT)
+        app.operator.data = copy.deepcopy(SNAPSHOT)
         app.fetch()
         await settle(pilot, lambda: "req0003~" not in recent.attempts)
         assert recent.selected_key() == "req0003#1"

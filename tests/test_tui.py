@@ -16,6 +16,7 @@ from rswitch.packaging import inspect_package
 from rswitch.tui.app import RSwitchApp
 from rswitch.tui.keys import KEY_IDS
 from rswitch.tui.model import event_lines
+from rswitch.tui.operator import InProcessOperator
 from rswitch.tui.screens import ExportScreen, HelpScreen, InspectorScreen
 from rswitch.tui.server import GatewayThread
 from tests.conftest import SUPPORT_VARS, make_config
@@ -78,7 +79,9 @@ def cells(table, column: str) -> list[str]:
 
 
 async def test_table_shows_live_traffic_and_keys_steer_the_core(gateway, tmp_path):
-    app = RSwitchApp(gateway, url=gateway.url, refresh=0.1, export_dir=tmp_path / "packages")
+    app = RSwitchApp(
+        InProcessOperator(gateway), url=gateway.url, refresh=0.1, export_dir=tmp_path / "packages"
+    )
     async with app.run_test(size=(180, 50)) as pilot:
         table = await combinations(app, pilot)
         await settle(pilot, lambda: len(table.rows) == 3)
@@ -123,7 +126,9 @@ async def test_table_shows_live_traffic_and_keys_steer_the_core(gateway, tmp_pat
 
 
 async def test_export_modal_writes_a_package_that_verifies(gateway, tmp_path):
-    app = RSwitchApp(gateway, url=gateway.url, refresh=0.1, export_dir=tmp_path / "default")
+    app = RSwitchApp(
+        InProcessOperator(gateway), url=gateway.url, refresh=0.1, export_dir=tmp_path / "default"
+    )
     async with app.run_test(size=(180, 50)) as pilot:
         table = await combinations(app, pilot)
         await settle(pilot, lambda: len(table.rows) == 3)
@@ -151,7 +156,7 @@ async def test_inspector_shows_a_recent_call_with_its_route(tmp_path):
     }
     g = start(tmp_path, {"routing": routing})
     try:
-        app = RSwitchApp(g, url=g.url, refresh=0.1)
+        app = RSwitchApp(InProcessOperator(g), url=g.url, refresh=0.1)
         async with app.run_test(size=(180, 50)) as pilot:
             async with httpx.AsyncClient(base_url=g.url) as client:
                 r = await client.post(
@@ -205,7 +210,7 @@ async def select_row(pilot, table, row_id: str) -> None:
 async def test_optimize_key_runs_the_optimizer_and_its_trials_appear(tmp_path):
     g = optimizing_gateway(tmp_path)
     try:
-        app = RSwitchApp(g, url=g.url, refresh=0.1)
+        app = RSwitchApp(InProcessOperator(g), url=g.url, refresh=0.1)
         async with app.run_test(size=(180, 50)) as pilot:
             table = await combinations(app, pilot)
             await select_row(pilot, table, "echo-task")
@@ -230,7 +235,7 @@ async def test_optimize_key_runs_the_optimizer_and_its_trials_appear(tmp_path):
 async def test_cancel_key_stops_a_running_optimization(tmp_path):
     g = optimizing_gateway(tmp_path, delay=0.02)
     try:
-        app = RSwitchApp(g, url=g.url, refresh=0.1)
+        app = RSwitchApp(InProcessOperator(g), url=g.url, refresh=0.1)
         async with app.run_test(size=(180, 50)) as pilot:
             table = await combinations(app, pilot)
             await select_row(pilot, table, "echo-task")
@@ -246,7 +251,11 @@ async def test_cancel_key_stops_a_running_optimization(tmp_path):
 
 async def test_filter_help_keymap_theme_and_palette(gateway):
     app = RSwitchApp(
-        gateway, url=gateway.url, refresh=0.1, keys={"reweight_up": "u", "help": "f2"}, theme="paper"
+        InProcessOperator(gateway),
+        url=gateway.url,
+        refresh=0.1,
+        keys={"reweight_up": "u", "help": "f2"},
+        theme="paper",
     )
     async with app.run_test(size=(180, 50)) as pilot:
         assert app.theme == "paper"
@@ -301,7 +310,9 @@ async def test_unknown_theme_and_bad_theme_files_are_reported_once(gateway, tmp_
     from rswitch.tui.themes import BUNDLED
 
     (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
-    app = RSwitchApp(gateway, url=gateway.url, theme="nope", theme_dirs=(BUNDLED, tmp_path))
+    app = RSwitchApp(
+        InProcessOperator(gateway), url=gateway.url, theme="nope", theme_dirs=(BUNDLED, tmp_path)
+    )
     async with app.run_test(size=(180, 50)) as pilot:
         await pilot.pause(0.1)
         assert app.theme == "brutalist"
@@ -344,7 +355,7 @@ async def test_a_fallback_keeps_the_console_running_and_each_attempt_can_be_insp
     and the inspector opens the attempt under the cursor; the summary counts one request."""
     g = start(tmp_path, FALLBACK)
     try:
-        app = RSwitchApp(g, url=g.url, refresh=0.1)
+        app = RSwitchApp(InProcessOperator(g), url=g.url, refresh=0.1)
         async with app.run_test(size=(180, 50)) as pilot:
             await combinations(app, pilot)
             [r] = await post(g.url, "flaky", variables=SUPPORT_VARS)
@@ -382,7 +393,7 @@ async def test_a_pane_that_fails_to_draw_is_reported_and_the_console_keeps_runni
     def broken(self, *shown):
         raise RuntimeError("boom in the recent pane")
 
-    app = RSwitchApp(gateway, url=gateway.url, refresh=0.1)
+    app = RSwitchApp(InProcessOperator(gateway), url=gateway.url, refresh=0.1)
     with caplog.at_level(logging.ERROR, logger="rswitch.tui"):
         async with app.run_test(size=(180, 50)) as pilot:
             table = await combinations(app, pilot)
@@ -417,7 +428,7 @@ async def test_the_optimizer_pane_shows_the_stage_before_the_first_trial(tmp_pat
 
     g.core.providers["task"].complete = held
     try:
-        app = RSwitchApp(g, url=g.url, refresh=0.1)
+        app = RSwitchApp(InProcessOperator(g), url=g.url, refresh=0.1)
         async with app.run_test(size=(180, 50)) as pilot:
             table = await combinations(app, pilot)
             await select_row(pilot, table, "echo-task")
@@ -437,39 +448,39 @@ async def test_the_optimizer_pane_shows_the_stage_before_the_first_trial(tmp_pat
 
 
 async def test_a_key_whose_action_fails_is_reported_and_the_console_keeps_running(gateway, monkeypatch):
-    app = RSwitchApp(gateway, url=gateway.url, refresh=0.1)
+    app = RSwitchApp(InProcessOperator(gateway), url=gateway.url, refresh=0.1)
     async with app.run_test(size=(180, 50)) as pilot:
         table = await combinations(app, pilot)
         await settle(pilot, lambda: len(table.rows) == 3)
 
-        def busy(cid, weight):
+        async def busy(cid, weight):
             raise TimeoutError("the gateway's loop did not answer")
 
-        monkeypatch.setattr(app.controls, "reweight", busy)
+        monkeypatch.setattr(app.operator, "reweight", busy)
         await pilot.press("plus")
         await settle(pilot, lambda: any(n.severity == "error" for n in app._notifications))  # noqa: SLF001
         [notice] = [n for n in app._notifications if n.severity == "error"]  # noqa: SLF001
         assert "could not reweight: TimeoutError" in notice.message
         assert app.is_running and gateway.core.gateway.combinations["support-a"].weight == 3
-        assert not any(t.startswith("reweighted") for _, t in events(app))  # nothing claimed
+        assert not any(t.startswith("weight of") for _, t in events(app))  # nothing claimed
         monkeypatch.undo()
         await pilot.press("plus")
         await settle(pilot, lambda: table.get_cell("support-a", "weight") == "4")
 
 
 async def test_a_snapshot_that_fails_is_reported_once_and_the_console_catches_up(gateway, monkeypatch):
-    app = RSwitchApp(gateway, url=gateway.url, refresh=0.1)
+    app = RSwitchApp(InProcessOperator(gateway), url=gateway.url, refresh=0.1)
     async with app.run_test(size=(180, 50)) as pilot:
         table = await combinations(app, pilot)
         await settle(pilot, lambda: len(table.rows) == 3)
 
         asked = []
 
-        def stuck(events_after=0):
+        async def stuck(events_after=0):
             asked.append(events_after)
             raise TimeoutError("the gateway's loop did not answer in 5 s")
 
-        monkeypatch.setattr(gateway, "snapshot", stuck)
+        monkeypatch.setattr(app.operator, "snapshot", stuck)
         await post(gateway.url, "support-a", 3, variables=SUPPORT_VARS)
         await settle(pilot, lambda: any(n.severity == "error" for n in app._notifications))  # noqa: SLF001
         await settle(pilot, lambda: len(asked) >= 5)  # more failed refreshes: still one notice

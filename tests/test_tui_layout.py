@@ -68,7 +68,7 @@ async def test_cells_that_grow_after_the_first_draw_are_shown_whole(size):
         await pilot.pause()
         table = app.query_one("#combinations")
         assert table.get_cell("support-local", "success") == "-"
-        app.gateway.data = busy_snapshot()
+        app.operator.data = busy_snapshot()
         app.fetch()
         await settle(pilot, lambda: table.get_cell("support-local", "success") == "100%")
         await pilot.pause()

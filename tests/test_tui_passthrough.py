@@ -9,6 +9,7 @@ import copy
 import pytest
 
 from rswitch.tui.app import RSwitchApp
+from rswitch.tui.operator import InProcessOperator
 from rswitch.tui.screens import ExportScreen
 from tests.test_tui import combinations, post, select_row, settle, start
 from tests.test_tui_snapshots import SNAPSHOT, combo, make_app, perf, ready, utc  # noqa: F401 - utc: a fixed time zone
@@ -104,7 +105,7 @@ async def test_a_bare_model_name_request_shows_as_a_pass_through_row_with_its_co
         }
         g = start(tmp_path, config)
         try:
-            app = RSwitchApp(g, url=g.url, refresh=0.1)
+            app = RSwitchApp(InProcessOperator(g), url=g.url, refresh=0.1)
             async with app.run_test(size=(200, 50)) as pilot:
                 table = await combinations(app, pilot)
                 [r] = await post(g.url, "gpt-4")

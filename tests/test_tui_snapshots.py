@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
+from rswitch.admin import views
+from rswitch.gateway.errors import GatewayError
 from rswitch.tui.app import RSwitchApp
 from rswitch.tui.model import History
+from rswitch.tui.screens import InspectorScreen
 
 NOW = 1_790_000_000.0  # a fixed wall clock for the events' and requests' times
 
@@ -240,35 +243,27 @@ CALL = {
 }
 
 
-class FakeInFlight:
-    def detail(self, request_id: str) -> dict[str, Any] | None:
-        return INFLIGHT_CALL if request_id == INFLIGHT_CALL["request_id"] else None
-
-
-class FakeCore:
-    optimizer = None
-    gateway = type("FakeGatewayCore", (), {"inflight": FakeInFlight()})()
-
-    def event(self, kind: str, text: str) -> None:
-        pass
-
-    def recent_call(self, request_id: str, attempt: int | None = None) -> dict[str, Any] | None:
-        return CALL if request_id == CALL["request_id"] and attempt in (None, CALL["attempt"]) else None
-
-
 class FakeGateway:
-    """What the app needs of GatewayThread, answering with the fixed data above (or `data`)."""
-
-    core = FakeCore()
+    """An operator (`rswitch.admin.actions.Operator`) answering with the fixed data above (or
+    `data`). Its views are built without validation: the data is the console's, not a whole view."""
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         self.data = data or SNAPSHOT  # a test may swap in the next snapshot
 
-    def snapshot(self, events_after: int = 0) -> dict[str, Any]:
-        return copy.deepcopy(self.data)
+    async def snapshot(self, events_after: int = 0) -> views.ConsoleSnapshot:
+        data = copy.deepcopy(self.data)
+        data["events"] = [dict(zip(("seq", "at", "kind", "text"), e, strict=True)) for e in data["events"]]
+        return views.ConsoleSnapshot.model_construct(**data)
 
-    def call(self, fn: Any, *args: Any) -> Any:
-        return fn(*args)
+    async def recent_call(self, request_id: str, attempt: int | None = None) -> views.RecentCall:
+        if request_id == CALL["request_id"] and attempt in (None, CALL["attempt"]):
+            return views.RecentCall.model_construct(**copy.deepcopy(CALL))
+        raise GatewayError(404, f"no request '{request_id}' among the last calls")
+
+    async def inflight_call(self, request_id: str) -> views.InFlightDetail:
+        if request_id == INFLIGHT_CALL["request_id"]:
+            return views.InFlightDetail.model_construct(**copy.deepcopy(INFLIGHT_CALL))
+        raise GatewayError(404, f"request '{request_id}' is not in flight")
 
 
 @pytest.fixture(autouse=True)
@@ -322,6 +317,14 @@ async def ready(pilot) -> None:
 SIZE = (160, 45)
 
 
+async def until(pilot, predicate) -> None:
+    for _ in range(200):
+        if predicate():
+            return
+        await pilot.pause(0.02)
+    raise AssertionError("the screen never showed the expected state")
+
+
 def test_main_screen(snap_compare):
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=ready)
 
@@ -357,6 +360,8 @@ def test_modals(snap_compare, keys):
             recent.move_cursor(row=3)
             assert str(recent.get_row_at(3)[1]) == "200" and recent.get_row_at(3)[4] == "support-openai"
         await pilot.press(*keys)
+        if keys == ["i"]:  # the call is fetched in a worker, then the inspector opens
+            await until(pilot, lambda: isinstance(pilot.app.screen, InspectorScreen))
         await pilot.pause()
         for widget in pilot.app.screen.query("Input"):
             widget.cursor_blink = False
@@ -373,6 +378,7 @@ def test_inspector_on_a_call_in_flight(snap_compare):
         recent = pilot.app.query_one("#recent")
         assert str(recent.get_row_at(0)[1]) == "42 tok"
         await pilot.press("i")
+        await until(pilot, lambda: isinstance(pilot.app.screen, InspectorScreen))
         await pilot.pause()
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)

@@ -287,6 +287,7 @@ def tui(
     """The operator console: the gateway in-process, with live panes and keys that steer it."""
     from rswitch.core import Core
     from rswitch.tui.app import RSwitchApp
+    from rswitch.tui.operator import InProcessOperator
     from rswitch.tui.server import GatewayThread
 
     cfg = load(config)
@@ -311,7 +312,7 @@ def tui(
         raise fail(str(exc)) from None
     try:
         app = RSwitchApp(
-            gateway,
+            InProcessOperator(gateway),
             url=url,
             refresh=cfg.tui.refresh_seconds,
             theme=theme or cfg.tui.theme,

@@ -1,7 +1,12 @@
-"""The Textual app: live panes over snapshots of the core, keys that steer it.
+"""The Textual app: live panes over snapshots of the gateway, keys that steer it.
 
-Threads never touch widgets: a worker thread asks the gateway's loop for a snapshot (all
-in memory, no database query), posts it as a message, and the UI thread draws from it.
+The console talks to the gateway only through the operator interface (`rswitch.tui.operator`):
+in-process or attached over HTTP, it awaits the same methods and does not know which it has.
+Every call runs in a worker (never blocking the UI loop): a fetch asks for a snapshot (all in
+memory on the gateway, no database query) and posts it as a message, and the UI thread draws
+from it; a key's action is sent, and what it changed shows on the next snapshot. If the gateway
+cannot be reached, the console says so (a notice and a status line), keeps trying with backoff,
+and refuses actions (nothing is sent) until it is back.
 What each pane shows is computed in `rswitch.tui.model`; the panes are in `panes`, the modal
 screens in `screens`, and every key (id, keys, action, description) in `keys`.
 
@@ -14,23 +19,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from textual import on, work
+from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane
-from textual.worker import Worker, WorkerState
+from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 
+from rswitch.admin.actions import Operator
+from rswitch.gateway.errors import GatewayError
 from rswitch.tui import model
-from rswitch.tui.controls import Controls
 from rswitch.tui.keys import KEYS, key_rows
+from rswitch.tui.operator import frame, plain, unreachable
 from rswitch.tui.panes import (
     Chart,
     CombinationsTable,
@@ -59,6 +65,8 @@ class RSwitchApp(App[None]):
     TITLE = "rswitch"
     CSS = """
     #summary { height: auto; padding: 0 1; }
+    #connection { display: none; height: auto; padding: 0 1; background: $error; color: $text; }
+    #connection.shown { display: block; }
     #main { height: 1fr; }
     #left { width: 2fr; }
     #filter { display: none; height: 3; }
@@ -88,9 +96,11 @@ class RSwitchApp(App[None]):
         Binding(k.keys, k.action, k.title, id=k.id, show=k.footer, tooltip=k.description) for k in KEYS
     ]
 
+    RECONNECT_MAX_SECONDS = 8.0  # the longest wait between two tries to reach a gateway that is gone
+
     def __init__(
         self,
-        gateway: Any,
+        operator: Operator,
         *,
         url: str = "",
         refresh: float = 1.0,
@@ -114,8 +124,7 @@ class RSwitchApp(App[None]):
         self.keys = dict(keys or {})  # binding id -> keys, from tui.keys
         if self.keys:
             self.set_keymap(self.keys)
-        self.gateway = gateway
-        self.controls = Controls(gateway)
+        self.operator = operator
         self.url = url
         self.refresh_seconds = refresh
         self.export_dir = export_dir or Path.cwd() / "packages"
@@ -125,12 +134,18 @@ class RSwitchApp(App[None]):
         self.history = model.History()
         self.event_seq = 0  # the newest event shown; a snapshot brings only newer ones
         self.failing: set[str] = set()  # what failed last time (reported once, until it works again)
+        self.connected = True  # until a fetch says otherwise
+        self.lost_reason = ""
+        self.retry_wait = 0.0  # seconds until the next try while disconnected (doubles, capped)
+        self.retry_at = 0.0  # time.monotonic() of that try
+        self.fetching = False  # one fetch at a time: a slow gateway is never asked twice at once
 
     # -- layout --------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Summary(f"gateway {self.url}", id="summary")
+        yield Static("", id="connection", markup=False)
         with Horizontal(id="main"):
             with Vertical(id="left"):
                 yield Input(
@@ -164,14 +179,74 @@ class RSwitchApp(App[None]):
 
     # -- data: a worker fetches, the UI thread renders ------------------------------------------
 
-    @work(thread=True, exclusive=True, group="fetch", exit_on_error=False)
     def fetch(self) -> None:
-        self.post_message(Snapshot(self.gateway.snapshot(self.event_seq), self.clock()))
+        """Ask for the next snapshot (skipped while one is on its way, or before the next try
+        to reach a gateway that is gone)."""
+        if self.fetching:
+            return
+        if not self.connected:
+            wait = self.retry_at - time.monotonic()
+            if wait > 0:
+                self.show_connection(wait)
+                return
+        self.fetching = True
+        self.run_worker(self._fetch(), group="fetch", exit_on_error=False)
 
-    @on(Worker.StateChanged)
-    def worker_failed(self, event: Worker.StateChanged) -> None:
-        if event.state == WorkerState.ERROR and event.worker.group == "fetch":
-            self.failed("get a snapshot from the gateway", event.worker.error)
+    async def _fetch(self) -> None:
+        try:
+            snapshot = await self.operator.snapshot(self.event_seq)
+        except Exception as exc:
+            if unreachable(exc):
+                self.lost(exc)
+            else:
+                self.failed("get a snapshot from the gateway", exc)
+            return
+        finally:
+            self.fetching = False
+        if not self.connected:
+            self.reconnected()
+        self.post_message(Snapshot(frame(snapshot), self.clock()))
+
+    # -- the connection ----------------------------------------------------------------------------
+
+    def lost(self, exc: BaseException) -> None:
+        """The gateway cannot be reached: say so once, then try again with backoff."""
+        self.lost_reason = str(exc)
+        if self.connected:
+            self.connected = False
+            self.retry_wait = self.refresh_seconds
+            log.warning("lost the gateway at %s: %s", self.url, exc)
+            self.notify(
+                f"{exc}. The console keeps trying; actions are refused until it is back.",
+                title="disconnected",
+                severity="error",
+                timeout=10,
+            )
+        else:
+            self.retry_wait = min(self.retry_wait * 2, self.RECONNECT_MAX_SECONDS)
+        self.retry_at = time.monotonic() + self.retry_wait
+        self.show_connection(self.retry_wait)
+
+    def reconnected(self) -> None:
+        self.connected = True
+        self.failing.discard("get a snapshot from the gateway")
+        log.warning("reconnected to the gateway at %s", self.url)
+        self.notify(f"reconnected to the gateway at {self.url}", title="connected", timeout=5)
+        self.show_connection(None)
+
+    def show_connection(self, retry_in: float | None) -> None:
+        """The status line under the summary: shown only while the gateway cannot be reached."""
+        try:
+            line = self.query_one("#connection", Static)
+        except NoMatches:
+            return
+        if retry_in is None:
+            line.remove_class("shown")
+            return
+        line.update(
+            f"DISCONNECTED from {self.url}: {self.lost_reason} — trying again in {max(retry_in, 0):.0f} s"
+        )
+        line.add_class("shown")
 
     @on(Snapshot)
     def render_snapshot(self, message: Snapshot) -> None:
@@ -285,17 +360,48 @@ class RSwitchApp(App[None]):
         key = self.query_one(CombinationsTable).selected_id()
         return next((c for c in self.status.get("combinations", []) if c["id"] == key), None)
 
-    def event(self, text: str, kind: str = "console") -> None:
-        """An operator action, into the core's events (shown with the rest on the next refresh)."""
-        self.ask("record the event", self.controls.event, kind, text)
-        self.fetch()
+    # -- actions: sent in a worker, refused while disconnected ---------------------------------------
 
-    # -- actions ---------------------------------------------------------------------------------
+    def act(
+        self,
+        what: str,
+        send: Callable[[], Awaitable[Any]],
+        done: Callable[[Any], None] | None = None,
+        refused: Callable[[GatewayError], bool] | None = None,
+        changes: bool = True,
+    ) -> None:
+        """Send an action to the gateway in a worker. While the gateway cannot be reached it is not
+        sent at all; a refusal or a failure is said in a notice; `done` gets the answer; an action
+        that `changes` the gateway is followed by a fetch, so the panes show it at once."""
+        if not self.connected:
+            self.notify(
+                f"could not {what}: the gateway at {self.url} cannot be reached; nothing was sent",
+                title="disconnected",
+                severity="warning",
+                timeout=6,
+            )
+            return
+        self.run_worker(self._act(what, send, done, refused, changes), group="actions", exit_on_error=False)
 
-    def ask(self, what: str, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
-        """Ask the core for something; if that fails (the gateway is busy, gone…), say so and go on."""
+    async def _act(
+        self,
+        what: str,
+        send: Callable[[], Awaitable[Any]],
+        done: Callable[[Any], None] | None,
+        refused: Callable[[GatewayError], bool] | None,
+        changes: bool,
+    ) -> None:
         try:
-            return True, fn(*args)
+            answer = await send()
+        except GatewayError as exc:
+            if unreachable(exc):
+                self.lost(exc)
+                self.notify(f"could not {what}: {exc.message}", title="disconnected", severity="error")
+            elif refused is None or not refused(exc):
+                self.notify(
+                    f"could not {what}: {exc.message}", title="refused", severity="warning", timeout=8
+                )
+            return
         except Exception as exc:
             log.error("the console could not %s", what, exc_info=exc)
             self.notify(
@@ -304,11 +410,15 @@ class RSwitchApp(App[None]):
                 severity="error",
                 timeout=10,
             )
-            return False, None
+            return
+        if done is not None:
+            done(answer)
+        if changes:
+            self.fetch()
 
     def applies(self, c: dict[str, Any] | None, action: str) -> bool:
         """Whether `action` applies to the selected row; if not (a pass-through route has no
-        weight, no template…), a notice says why and nothing is asked of the core."""
+        weight, no template…), a notice says why and nothing is asked of the gateway."""
         if c is None:
             return False
         why = model.not_for(c, action)
@@ -318,47 +428,49 @@ class RSwitchApp(App[None]):
 
     def action_reweight(self, delta: int) -> None:
         c = self.selected()
-        if (
-            self.applies(c, "reweight")
-            and c is not None
-            and self.ask("reweight", self.controls.reweight, c["id"], c["weight"] + delta)[0]
-        ):
-            self.event(f"reweighted {c['id']}: {c['weight']:g} → {max(0, c['weight'] + delta):g}")
+        if self.applies(c, "reweight") and c is not None:
+            cid, weight = c["id"], max(0.0, c["weight"] + delta)
+            self.act("reweight", lambda: self.operator.reweight(cid, weight))
 
     def action_toggle(self) -> None:
         c = self.selected()
-        if (
-            self.applies(c, "toggle")
-            and c is not None
-            and self.ask("enable/disable", self.controls.toggle, c["id"], not c["enabled"])[0]
-        ):
-            self.event(f"{'disabled' if c['enabled'] else 'enabled'} {c['id']}")
+        if self.applies(c, "toggle") and c is not None:
+            cid, enabled = c["id"], not c["enabled"]
+            self.act("enable/disable", lambda: self.operator.set_enabled(cid, enabled))
 
     def action_reset(self) -> None:
-        if self.ask("reset the weights", self.controls.reset_weights)[0]:
-            self.event("weights and states reset to the configured values")
+        self.act("reset the weights", self.operator.reset_weights)
 
     def action_optimize(self) -> None:
         c = self.selected()
         if not self.applies(c, "optimize") or c is None:
             return
-        ok, said = self.ask("start the optimizer", self.controls.optimize, c["template_id"])
-        if ok:
-            self.event(said, "optimizer")
+        template_id = c["template_id"]
+
+        def queued(_: Any) -> None:
+            self.notify(f"optimization of '{template_id}' queued", title="optimizer", timeout=4)
             self.query_one("#panes", TabbedContent).active = "optimizer"
 
+        self.act("start the optimizer", lambda: self.operator.optimize(template_id), queued)
+
     def action_cancel_optimize(self) -> None:
-        ok, said = self.ask("cancel the optimizer", self.controls.cancel_optimize)
-        if ok:
-            self.event(said, "optimizer")
+        def cancelling(answer: Any) -> None:
+            self.notify(
+                f"cancelling the optimization of '{answer.template_id}'", title="optimizer", timeout=4
+            )
+
+        self.act("cancel the optimizer", self.operator.cancel_optimize, cancelling)
 
     def action_export(self) -> None:
         c = self.selected()
         if not self.applies(c, "export") or c is None:
             return
+        if not self.connected:
+            self.act("export", self.operator.status)  # refused, and said so
+            return
 
-        def export(template_id: str, folder: Path, progress: Any) -> Path:
-            return self.gateway.core.export_package(template_id, folder, progress=progress)
+        async def export(template_id: str, folder: Path) -> Path:
+            return await self.operator.export_package(template_id, folder)
 
         self.push_screen(ExportScreen(c["template_id"], self.export_dir, export))
 
@@ -379,20 +491,35 @@ class RSwitchApp(App[None]):
         ended, its newest attempt)."""
         recent = self.query_one(RecentTable)
         attempt = recent.attempts.get(key or "")
-        if attempt and key in recent.in_flight:
-            ok, call = self.ask("open the request", self.controls.inflight_detail, attempt[0])
-            if ok and call is None:
-                ok, call = self.ask("open the request", self.controls.call_detail, attempt[0], None)
-        else:
-            ok, call = (
-                self.ask("open the request", self.controls.call_detail, *attempt) if attempt else (True, None)
-            )
-        if not ok:
-            return
-        if call is None:
+        if not attempt:
             self.notify("that request is no longer in memory", timeout=3)
             return
-        self.push_screen(InspectorScreen(call))
+        request_id, number = attempt[0], attempt[1]
+        in_flight = key in recent.in_flight
+
+        async def fetch_call() -> dict[str, Any]:
+            if in_flight:
+                try:
+                    return plain(await self.operator.inflight_call(request_id))
+                except GatewayError as exc:
+                    if exc.status != 404:
+                        raise
+                return plain(await self.operator.recent_call(request_id, None))  # it has just ended
+            return plain(await self.operator.recent_call(request_id, number))
+
+        def gone(exc: GatewayError) -> bool:
+            if exc.status == 404:
+                self.notify("that request is no longer in memory", timeout=3)
+                return True
+            return False
+
+        self.act(
+            "open the request",
+            fetch_call,
+            lambda call: self.push_screen(InspectorScreen(call)),
+            gone,
+            changes=False,
+        )
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

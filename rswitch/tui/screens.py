@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -107,7 +107,8 @@ class ExportScreen(ModalScreen[Path | None]):
         super().__init__(id="export")
         self.template_id = template_id
         self.folder = folder
-        self.export_fn = export  # (template_id, folder, progress) -> Path, run on a worker thread
+        # async (template_id, folder) -> Path: the gateway builds the package, and it lands in folder
+        self.export_fn = export
         self.result: Path | None = None
         self.busy = False
 
@@ -133,35 +134,28 @@ class ExportScreen(ModalScreen[Path | None]):
             return
         self.busy = True
         self.query_one("#export-go", Button).disabled = True
-        self.run_export(Path(folder).expanduser())
+        self.query_one("#export-progress", ProgressBar).update(total=None)  # working: no stages to count
+        self.query_one("#export-status", Static).update("building the package …")
+        self.run_worker(self.run_export(Path(folder).expanduser()), group="export", exit_on_error=False)
 
-    @work(thread=True, exclusive=True, group="export", exit_on_error=False)
-    def run_export(self, folder: Path) -> None:
-        stages = {"dataset": 1, "logs": 2, "analytics": 3, "checksums": 4}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            step = stages.get(stage, 0) - 1 + (done / total if total else 0)
-            self.app.call_from_thread(self._progress, stage, step)
-
+    async def run_export(self, folder: Path) -> None:
         try:
-            path = self.export_fn(self.template_id, folder, progress)
+            path = await self.export_fn(self.template_id, folder)
         except Exception as exc:
-            self.app.call_from_thread(self._done, None, f"{type(exc).__name__}: {exc}")
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            self._done(None, message)
             return
-        self.app.call_from_thread(self._done, path, None)
-
-    def _progress(self, stage: str, step: float) -> None:
-        self.query_one("#export-progress", ProgressBar).update(progress=step)
-        self.query_one("#export-status", Static).update(f"{stage} …")
+        self._done(path, None)
 
     def _done(self, path: Path | None, error: str | None) -> None:
         self.busy = False
         if path is not None:
             self.result = path
-            self.query_one("#export-progress", ProgressBar).update(progress=4)
+            self.query_one("#export-progress", ProgressBar).update(total=4, progress=4)
             self.query_one("#export-status", Static).update(f"done: {path}")
         else:
             self.query_one("#export-go", Button).disabled = False
+            self.query_one("#export-progress", ProgressBar).update(total=4, progress=0)
             self.query_one("#export-status", Static).update(f"failed: {error}")
 
     @on(Button.Pressed, "#export-close")
