@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rswitch.cli import through
 from rswitch.cli.common import ConfigOpt, JsonlError, get_template, load, read_jsonl, registry
 
 app = typer.Typer(
@@ -66,8 +67,12 @@ def dataset_export(
     """Write a template's examples as JSONL (oldest first)."""
     from rswitch.admin.actions import exported_rows
 
-    store = _dataset(config, template_id)
-    data = exported_rows(store.recent(template_id, 10_000_000), labelled)
+    gateway = through.owner(load(config))
+    if gateway is not None:  # what it has queued is written before it answers
+        data = through.call(gateway, lambda op: op.dataset_export(template_id, labelled=labelled))
+    else:
+        store = _dataset(config, template_id)
+        data = exported_rows(store.recent(template_id, 10_000_000), labelled)
     rows = data.splitlines()
     if output is None:
         sys.stdout.write(data.decode())
@@ -81,13 +86,20 @@ def dataset_import(template_id: str, file: Path, config: ConfigOpt = None) -> No
     """Bring in labelled examples: JSONL lines of {"messages" or "input", "variables", "expected", "score", "output"}."""
     from rswitch.admin.actions import dataset_row  # the same check as the admin API's import
 
-    store = _dataset(config, template_id)
+    gateway = through.owner(load(config))
+    store = _dataset(config, template_id) if gateway is None else None
     try:
         rows = [row for _, row in read_jsonl(file, dataset_row)]
     except JsonlError as exc:
-        store.close()
+        if store is not None:
+            store.close()
         raise exc.exit("nothing imported") from None
-    count = store.import_rows(template_id, rows)
-    store.close()
-    labelled = sum(1 for r in rows if r.get("expected") is not None or r.get("score") is not None)
+    if gateway is not None:  # every line is checked here first, so errors name the file's lines
+        done = through.call(gateway, lambda op: op.dataset_import(template_id, rows))
+        count, labelled = done.imported, done.labelled
+    else:
+        assert store is not None
+        count = store.import_rows(template_id, rows)
+        store.close()
+        labelled = sum(1 for r in rows if r.get("expected") is not None or r.get("score") is not None)
     typer.echo(f"imported {count} example(s) into '{template_id}' ({labelled} labelled)")

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rswitch.cli import through
 from rswitch.cli.common import DEFAULT_URL, ConfigOpt, fail, get_template, load, registry
 
 
@@ -56,23 +57,24 @@ def optimize(
     ] = False,
 ) -> None:
     """Run MIPROv2 on a template's recorded, labelled traffic; promote the winner only if it beats the incumbent on test."""
+    local_only = {
+        "--combination": combination is not None,
+        "--auto": auto != "light",
+        "--trials": trials is not None,
+        "--instructions": instructions is not None,
+        "--demo-sets": demo_sets is not None,
+        "--evaluator": evaluator != "similarity",
+        "--proposer": proposer is not None,
+        "--judge": judge is not None,
+        "--budget-calls": budget_calls != 2000,
+        "--budget-cost": budget_cost != 5.0,
+        "--seed": seed != 0,
+        "--dry-run": dry_run,
+    }
     if watch:
-        local_only = {
-            "--combination": combination is not None,
-            "--auto": auto != "light",
-            "--trials": trials is not None,
-            "--instructions": instructions is not None,
-            "--demo-sets": demo_sets is not None,
-            "--evaluator": evaluator != "similarity",
-            "--proposer": proposer is not None,
-            "--judge": judge is not None,
-            "--budget-calls": budget_calls != 2000,
-            "--budget-cost": budget_cost != 5.0,
-            "--seed": seed != 0,
-            "--dry-run": dry_run,
-            "--config": config is not None,
-        }
         given = [name for name, used in local_only.items() if used]
+        if config is not None:
+            given.append("--config")
         if given:
             raise fail(
                 f"{', '.join(given)}: only for a run here; with --watch the gateway's own "
@@ -82,6 +84,16 @@ def optimize(
         return
     if url is not None or request:
         raise fail("--url and --request go with --watch (following a running gateway's optimizer)")
+    gateway = through.owner(load(config))
+    if gateway is not None:  # it holds the stores: it runs the optimization, and this follows it
+        given = [name for name, used in local_only.items() if used]
+        if given:
+            raise fail(
+                f"{', '.join(given)}: only for a run here; the gateway at {gateway.admin_url} owns this "
+                "data and runs optimizations with its own gateway.optimization settings (stop it to run here)"
+            )
+        watch_optimizer(gateway.admin_url, template_id, request=True, owner=True)
+        return
     run_here(
         template_id,
         config,
@@ -337,16 +349,26 @@ class _StageLine:
 
 
 def watch_optimizer(
-    url: str, template_id: str, request: bool, poll: float = 0.5, timeout: float | None = None
+    url: str,
+    template_id: str,
+    request: bool,
+    poll: float = 0.5,
+    timeout: float | None = None,
+    owner: bool = False,
 ) -> None:
     """Print a template's trials as the gateway's background optimizer records them, until the
-    run ends (with --request: the run it asked for; else the current or next run)."""
+    run ends (with --request: the run it asked for; else the current or next run). `owner`: the
+    gateway owns this command's data, so a run here is not the way out."""
     gw = _Gateway(url)
     finished_before, status = gw.status(template_id)
     if not status.get("enabled"):
+        instead = (
+            "and restart it, or stop it and run `rswitch optimize` here"
+            if owner
+            else f"in its config, or run `rswitch optimize {template_id}` here without --watch"
+        )
         raise fail(
-            f"the gateway at {gw.url} runs no background optimizer: set gateway.optimization.enabled "
-            f"in its config, or run `rswitch optimize {template_id}` here without --watch",
+            f"the gateway at {gw.url} runs no background optimizer: set gateway.optimization.enabled {instead}",
             1,
         )
     if template_id not in gw.templates():

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rswitch.cli import through
 from rswitch.cli.common import ConfigOpt, fail, load, printable, registry
 from rswitch.config import Config
 
@@ -39,6 +40,11 @@ def package_export(
     from rswitch.packaging import PackageError, export_package
 
     cfg = load(config)
+    gateway = through.owner(cfg)
+    if gateway is not None:
+        out = _export_through(gateway, template_id, output_dir, include_analytics, logs_limit, archive)
+        typer.echo(f"exported '{template_id}' → {out}")
+        return
     reg = registry(config)
     secrets = secrets_to_withhold(cfg)
     with Progress(
@@ -69,6 +75,73 @@ def package_export(
     typer.echo(f"exported '{template_id}' → {out}")
 
 
+def _export_through(
+    gateway: Any, template_id: str, output_dir: Path, include_analytics: bool, logs_limit: int, archive: bool
+) -> Path:
+    """The gateway builds the package; it is downloaded under the name it has when made here
+    (a folder unless --archive: the download is unpacked and verified, then moved in place)."""
+    import shutil
+    import tempfile
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from rswitch.packaging import PackageError, _safe_extract, verify
+
+    def download(into: Path) -> Path:
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), transient=True) as bar:
+            bar.add_task("building the package on the gateway and downloading it", total=None)
+            return through.call(
+                gateway,
+                lambda op: op.export_package(
+                    template_id, into, include_analytics=include_analytics, logs_limit=logs_limit
+                ),
+            )
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"cannot create --output-dir {output_dir}: {exc.strerror}") from None
+    if archive:
+        return download(output_dir)
+    scratch = Path(tempfile.mkdtemp(prefix=".rswitch-export-", dir=output_dir))
+    try:
+        folder = _safe_extract(download(scratch), scratch)
+        verify(folder)
+        final = output_dir / folder.name
+        if final.exists():
+            raise fail(f"{final} already exists; nothing written")
+        folder.rename(final)
+    except PackageError as exc:
+        raise fail(f"the package the gateway sent is not usable: {exc}", 1) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
+
+
+def _import_through(gateway: Any, path: Path, overwrite: bool, restore_analytics: bool) -> dict[str, Any]:
+    """Upload a package archive (a package folder is packed first) for the gateway to import."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    if not path.exists():
+        raise fail(f"import refused: {path} does not exist")
+    scratch = Path(tempfile.mkdtemp(prefix="rswitch-import-"))
+    try:
+        upload = path
+        if path.is_dir():
+            upload = scratch / f"{path.name}.tar.gz"
+            with tarfile.open(upload, "w:gz") as tar:
+                tar.add(path, arcname=path.name)
+        result = through.call(
+            gateway,
+            lambda op: op.import_package(upload, overwrite=overwrite, restore_analytics=restore_analytics),
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result.model_dump()
+
+
 @app.command("import")
 def package_import(
     path: Path,
@@ -82,12 +155,16 @@ def package_import(
     from rswitch.packaging import PackageError, import_package
 
     cfg = load(config)
-    try:
-        result = import_package(
-            path, registry(config), _stores(cfg), overwrite=overwrite, restore_analytics=restore_analytics
-        )
-    except PackageError as exc:
-        raise fail(f"import refused: {exc}") from None
+    gateway = through.owner(cfg)
+    if gateway is not None:
+        result = _import_through(gateway, path, overwrite, restore_analytics)
+    else:
+        try:
+            result = import_package(
+                path, registry(config), _stores(cfg), overwrite=overwrite, restore_analytics=restore_analytics
+            )
+        except PackageError as exc:
+            raise fail(f"import refused: {exc}") from None
     verb = "replaced" if result["replaced"] else "imported"
     typer.echo(
         f"{verb} '{result['template_id']}' → {result['path']}: {result['dataset_rows']} dataset row(s), "

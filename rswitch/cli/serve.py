@@ -11,8 +11,21 @@ from typing import Annotated, Any
 import orjson
 import typer
 
+from rswitch.admin import lock
 from rswitch.cli.common import ConfigOpt, fail, load
 from rswitch.config import ConfigError
+
+
+def refuse_if_owned(cfg: Any) -> None:
+    """One gateway per data directory: another live one's lock is a clear refusal (a stale lock
+    is ignored, and replaced once this gateway answers)."""
+    owner = lock.live_owner(cfg.dataset_dir)
+    if owner is not None:
+        raise fail(
+            f"{cfg.dataset_dir} belongs to the gateway at {owner.admin_url} (pid {owner.pid}, "
+            f"since {owner.started_at}); stop it first, or give this one another dataset.base_path",
+            1,
+        )
 
 
 def parse_addr(addr: str) -> tuple[str | None, int]:
@@ -208,6 +221,7 @@ def serve(
     host = host or cfg.gateway.host
     port = cfg.gateway.port if port is None else port
     check_exposure(cfg, host, insecure_no_auth)
+    refuse_if_owned(cfg)
     sock = listen(host, port)
     try:
         core = Core(cfg)
@@ -250,10 +264,14 @@ def serve(
             bound = [s.getsockname() for srv in server.servers for s in srv.sockets]
             at, at_port = (bound[0][0], bound[0][1]) if bound else (host, port)
             where = f"http://[{at}]:{at_port}" if ":" in at else f"http://{at}:{at_port}"  # IPv6 in brackets
+            lock.write(cfg.dataset_dir, lock.admin_url(at, at_port))  # answering now: the CLI may come
             typer.echo("\n".join(startup_summary(core, where)), err=False)
             typer.echo("  press Ctrl+C to stop (queued records are written before exit)")
             sys.stdout.flush()
-        await task
+        try:
+            await task
+        finally:
+            lock.remove(cfg.dataset_dir)
 
     try:
         import uvloop  # uvicorn's loop="uvloop" is skipped when we drive server.serve() ourselves
@@ -294,6 +312,7 @@ def tui(
     host = host or cfg.gateway.host
     port = cfg.gateway.port if port is None else port
     check_exposure(cfg, host, insecure_no_auth)
+    refuse_if_owned(cfg)
     if port:
         listen(host, port).close()  # a taken port is one clear line before the console starts
     log_file = cfg.dataset_dir.parent / "rswitch-tui.log"
@@ -310,6 +329,8 @@ def tui(
         url = gateway.start()
     except RuntimeError as exc:
         raise fail(str(exc)) from None
+    bound = gateway.server.servers[0].sockets[0].getsockname()
+    lock.write(cfg.dataset_dir, lock.admin_url(bound[0], bound[1]))  # the CLI goes through this gateway
     try:
         app = RSwitchApp(
             InProcessOperator(gateway),
@@ -326,6 +347,7 @@ def tui(
         app.run(headless=headless)
     finally:
         gateway.stop()  # drains the recorder and stops the optimizer
+        lock.remove(cfg.dataset_dir)
     typer.echo(
         f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped (log: {log_file})"
     )

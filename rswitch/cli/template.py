@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from rswitch.cli import through
 from rswitch.cli.common import ConfigOpt, fail, get_template, load, registry
 from rswitch.templates import MissingVariables, TemplateError, TemplateRegistry, check_id
 
@@ -56,18 +57,22 @@ def template_register(
     names = [v.strip() for v in variables.split(",") if v.strip()] if variables else []
     from rswitch.admin.actions import TemplateSpec, new_version  # what the admin API registers with
 
+    spec = TemplateSpec(
+        template_id=template_id,
+        template=prompt_text or "",
+        name=name,
+        variables=names,
+        default_model=default_model,
+        default_provider=default_provider,
+    )
+    gateway = through.owner(cfg)
     try:
         check_id(template_id)
-        current = registry(config).get(template_id)  # registered, or from the config or a bundle
-        spec = TemplateSpec(
-            template_id=template_id,
-            template=prompt_text or "",
-            name=name,
-            variables=names,
-            default_model=default_model,
-            default_provider=default_provider,
-        )
-        tpl = TemplateRegistry(cfg.dataset_dir).register(new_version(current, spec))
+        if gateway is not None:  # served from the moment it answers, no reload to wait for
+            tpl: Any = through.call(gateway, lambda op: op.template_register(spec))
+        else:
+            current = registry(config).get(template_id)  # registered, or from the config or a bundle
+            tpl = TemplateRegistry(cfg.dataset_dir).register(new_version(current, spec))
     except TemplateError as exc:
         raise fail(str(exc)) from None
     typer.echo(
@@ -146,6 +151,11 @@ def template_history(template_id: str, config: ConfigOpt = None) -> None:
 @app.command("rollback")
 def template_rollback(template_id: str, version: int, config: ConfigOpt = None) -> None:
     """Make an earlier version current again (recorded as a new version)."""
+    gateway = through.owner(load(config))
+    if gateway is not None:
+        tpl: Any = through.call(gateway, lambda op: op.template_rollback(template_id, version))
+        typer.echo(f"template '{template_id}' is now version {tpl.version}, a copy of version {version}")
+        return
     reg = registry(config)
     get_template(reg, template_id)
     try:
