@@ -105,6 +105,10 @@ def test_the_cli_goes_through_a_running_gateway(tmp_path: Path) -> None:
         assert through in out.stderr and "wrote 30 example(s)" in out.stderr
         assert (tmp_path / "out.jsonl").read_bytes() == served.content
 
+        out = rswitch("dataset", "export", "ghost", "-c", cfg)  # the gateway's refusal, as one line
+        assert out.returncode == 2 and "unknown template id 'ghost' (known: echo)" in out.stderr
+        assert "Traceback" not in out.stderr
+
         out = rswitch("optimize", "echo", "-c", cfg)
         assert out.returncode == 0, out.stdout + out.stderr
         assert through in out.stderr and f"asked {url} to optimize 'echo'" in out.stdout
