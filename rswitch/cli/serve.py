@@ -301,8 +301,21 @@ def tui(
         ),
     ] = False,
     insecure_no_auth: InsecureOpt = False,
+    attach: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="Attach to a running `rswitch serve` at URL instead of starting a gateway "
+            "(admin key from $RSWITCH_ADMIN_KEY, or the OS keyring with the keyring package).",
+        ),
+    ] = None,
 ) -> None:
-    """The operator console: the gateway in-process, with live panes and keys that steer it."""
+    """The operator console: the gateway in-process (or a running one, --attach), with live panes
+    and keys that steer it."""
+    if attach is not None:
+        from rswitch.cli.attach import run
+
+        return run(attach, config, theme, headless)
     from rswitch.core import Core
     from rswitch.tui.app import RSwitchApp
     from rswitch.tui.operator import InProcessOperator

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -193,8 +194,9 @@ class RSwitchApp(App[None]):
         self.run_worker(self._fetch(), group="fetch", exit_on_error=False)
 
     async def _fetch(self) -> None:
+        after = self.event_seq if self.connected else 0  # reached again: all the events it keeps
         try:
-            snapshot = await self.operator.snapshot(self.event_seq)
+            snapshot = await self.operator.snapshot(after)
         except Exception as exc:
             if unreachable(exc):
                 self.lost(exc)
@@ -230,6 +232,9 @@ class RSwitchApp(App[None]):
     def reconnected(self) -> None:
         self.connected = True
         self.failing.discard("get a snapshot from the gateway")
+        self.event_seq = 0
+        with suppress(NoMatches):
+            self.query_one(EventsPane).reset()  # the snapshot in hand brings the events anew
         log.warning("reconnected to the gateway at %s", self.url)
         self.notify(f"reconnected to the gateway at {self.url}", title="connected", timeout=5)
         self.show_connection(None)

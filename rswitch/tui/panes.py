@@ -202,6 +202,12 @@ class EventsPane(VerticalScroll):
             text.append(f"  {what}")
         self.query_one("#events-text", Static).update(text)
 
+    def reset(self) -> None:
+        """Forget what is shown (a gateway reached again may have restarted, its events numbered anew)."""
+        self.events.clear()
+        self.last_seq = 0
+        self.query_one("#events-text", Static).update("")
+
     def texts(self) -> list[str]:
         """The events' texts as shown, newest first."""
         return [what for _, _, what in model.event_lines(list(self.events))]
