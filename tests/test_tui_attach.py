@@ -338,3 +338,20 @@ def test_rswitch_tui_attach_runs_the_console_over_the_admin_api_and_starts_no_ga
         assert f"detached from {url}; the gateway keeps running" in out
         assert "listening on" not in out and not (tmp_path / "prompts").exists()
         assert httpx.get(url + "/health").status_code == 200  # and it does
+
+
+def test_the_admin_key_comes_from_the_environment_else_the_os_keyring(monkeypatch):
+    from rswitch.cli.attach import admin_key
+
+    stored = {("rswitch", "http://gw:8080"): "from-the-keyring"}
+    keyring = type(sys)("keyring")  # the keyring package's API, over a dict instead of the OS store
+    keyring.get_password = lambda service, user: stored.get((service, user))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "keyring", keyring)
+    monkeypatch.delenv("RSWITCH_ADMIN_KEY", raising=False)
+    assert admin_key("http://gw:8080") == "from-the-keyring"
+    assert admin_key("http://other:8080") is None
+    monkeypatch.setenv("RSWITCH_ADMIN_KEY", "from-the-env")
+    assert admin_key("http://gw:8080") == "from-the-env"
+    monkeypatch.delenv("RSWITCH_ADMIN_KEY")
+    monkeypatch.setitem(sys.modules, "keyring", None)  # not installed
+    assert admin_key("http://gw:8080") is None

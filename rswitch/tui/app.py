@@ -378,15 +378,20 @@ class RSwitchApp(App[None]):
         """Send an action to the gateway in a worker. While the gateway cannot be reached it is not
         sent at all; a refusal or a failure is said in a notice; `done` gets the answer; an action
         that `changes` the gateway is followed by a fetch, so the panes show it at once."""
-        if not self.connected:
-            self.notify(
-                f"could not {what}: the gateway at {self.url} cannot be reached; nothing was sent",
-                title="disconnected",
-                severity="warning",
-                timeout=6,
-            )
+        if self.refused_while_disconnected(what):
             return
         self.run_worker(self._act(what, send, done, refused, changes), group="actions", exit_on_error=False)
+
+    def refused_while_disconnected(self, what: str) -> bool:
+        if self.connected:
+            return False
+        self.notify(
+            f"could not {what}: the gateway at {self.url} cannot be reached; nothing was sent",
+            title="disconnected",
+            severity="warning",
+            timeout=6,
+        )
+        return True
 
     async def _act(
         self,
@@ -470,8 +475,7 @@ class RSwitchApp(App[None]):
         c = self.selected()
         if not self.applies(c, "export") or c is None:
             return
-        if not self.connected:
-            self.act("export", self.operator.status)  # refused, and said so
+        if self.refused_while_disconnected("export"):
             return
 
         async def export(template_id: str, folder: Path) -> Path:
