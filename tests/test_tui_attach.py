@@ -28,7 +28,7 @@ from rswitch.config import parse_config
 from rswitch.core import Core
 from rswitch.tui.app import RSwitchApp
 from rswitch.tui.operator import InProcessOperator
-from rswitch.tui.screens import ExportScreen
+from rswitch.tui.screens import ExportScreen, InspectorScreen
 from rswitch.tui.server import GatewayThread
 from tests.test_mipro import rows
 from tests.test_tui import cells, combinations, select_row, settle
@@ -195,6 +195,15 @@ async def test_reweight_disable_and_reset_from_the_keyboard_and_routing_follows(
             )
             served = await ask(url, 10)
             assert served.count("sup-a") == 5 and served.count("sup-b") == 5
+
+            # the newest call, opened from the recent pane: fetched through the same interface
+            summary = app.query_one("#summary")
+            await settle(pilot, lambda: "requests 46 " in str(summary.content))  # the top row is "hi 9"
+            app.query_one("#recent").move_cursor(row=0)
+            await pilot.press("i")
+            await settle(pilot, lambda: isinstance(app.screen, InspectorScreen))
+            assert "hi 9" in str(app.screen.query_one("#inspector-messages").content)
+            assert str(app.screen.query_one("#inspector-prompt").content) == "You support Acme. Be kind."
 
 
 @pytest.mark.parametrize("mode", MODES)
