@@ -38,9 +38,12 @@ class Held:
         self.answer = threading.Event()
         self.ahead = 0
         self.streams: list[threading.Semaphore] = []  # one per request, in arrival order
+        self.arrived = threading.Event()  # a request has reached the upstream
 
     def piece(self, n: int = 1) -> None:
-        """Let the newest request send `n` more content pieces."""
+        """Let the newest request send `n` more content pieces. rswitch shows a call as
+        `calling` before its request has reached the upstream, so this waits for that first."""
+        assert self.arrived.wait(30), "no request reached the upstream"
         self.streams[-1].release(n)
 
     def app(self) -> web.Application:
@@ -48,6 +51,7 @@ class Held:
             body = await request.json()
             pieces = threading.Semaphore(self.ahead)
             self.streams.append(pieces)
+            self.arrived.set()
             await asyncio.to_thread(self.answer.wait, 30)
             model = body["model"]
             if not body.get("stream"):
