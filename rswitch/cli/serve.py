@@ -231,6 +231,9 @@ def serve(
     except Exception as exc:
         sock.close()
         raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+    # `rswitch optimize` from another shell (or the admin API) runs on request, even when no
+    # periodic optimizer is configured; an idle worker costs nothing
+    core.on_demand_optimizer = True
 
     class GatewayServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
