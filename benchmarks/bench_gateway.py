@@ -856,6 +856,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run every level through `rswitch tui --headless` (the console open, panes refreshing)",
     )
+    ap.add_argument(
+        "--tui-attach",
+        action="store_true",
+        help="then run every level again against the same serve with `rswitch tui --attach URL --headless` "
+        "open (the console attached over the admin API, panes refreshing)",
+    )
     ap.add_argument("--_upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_loadgen", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1028,6 +1034,37 @@ def main(argv: list[str] | None = None) -> int:
         hwm_kb = proc_status_kb(rs_proc.pid, "VmHWM")
         rss.stop()
 
+        if args.tui_attach:  # the same serve, now with a console attached over the admin API
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            attach_log = open(tmp / "attach.out", "wb")
+            attached = procs.start(
+                "rswitch tui --attach",
+                [*rs_cmd, "tui", "--attach", f"http://{HOST}:{rs_port}", "--headless"],
+                stdout=attach_log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            time.sleep(2.0)  # let it connect and draw its first frames before measuring
+            if attached.poll() is not None:
+                raise RuntimeError("the attached console exited at start:\n" + tail(tmp / "attach.out"))
+            for c in levels:
+                print(f"run: rs+attach c={c:<3} t={threads_for(c)} {args.duration:g}s ...", flush=True)
+                results.append(
+                    measure(
+                        loader,
+                        f"c={c}",
+                        "rs+attach",
+                        rs_url,
+                        c,
+                        threads_for(c),
+                        args.duration,
+                        rs_proc.pid,
+                        None,
+                        [up_proc.pid, rs_proc.pid, attached.pid, os.getpid()],
+                    )
+                )
+            procs.stop(attached)
+
         if args.tui:  # the same load through the operator console (headless, panes live), serve stopped
             procs.stop(rs_proc)
             tui_tmp = tmp / "tui"
@@ -1093,6 +1130,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"c={c}: with the TUI open {t.rps:.0f} req/s ({100 * ratio:.1f}% of serve), p50 "
                     f"{t.p50_ms:.3f} vs {r.p50_ms:.3f} ms   [goal: within 10% of serve: {'ok' if met else 'MISSED'}]"
+                )
+        for c in levels:
+            r, a = by.get(("rswitch", c)), by.get(("rs+attach", c))
+            if r and a and r.rps:
+                ratio = a.rps / r.rps
+                summary[f"attach_rps_ratio_c{c}"] = ratio
+                met = ratio >= 0.95
+                goals_met &= met
+                print(
+                    f"c={c}: with a console attached {a.rps:.0f} req/s ({100 * ratio:.1f}% of serve alone), p50 "
+                    f"{a.p50_ms:.3f} vs {r.p50_ms:.3f} ms   [goal: within 5% of serve: {'ok' if met else 'MISSED'}]"
                 )
         summary["goals_met"] = goals_met
         print(
