@@ -1035,11 +1035,13 @@ def main(argv: list[str] | None = None) -> int:
         rss.stop()
 
         if args.tui_attach:  # the same serve, now with a console attached over the admin API
+            # at the lowest priority: on one small machine its drawing would take CPU from the
+            # saturated gateway, which is not a cost to the gateway (it runs on a laptop)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             attach_log = open(tmp / "attach.out", "wb")
             attached = procs.start(
                 "rswitch tui --attach",
-                [*rs_cmd, "tui", "--attach", f"http://{HOST}:{rs_port}", "--headless"],
+                ["nice", "-n", "19", *rs_cmd, "tui", "--attach", f"http://{HOST}:{rs_port}", "--headless"],
                 stdout=attach_log,
                 stderr=subprocess.STDOUT,
                 env=env,
