@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rswitch.keymap import KEY_IDS
+
 STRATEGIES = ("round_robin", "weighted_round_robin", "performance_based")
 PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock", "local", "encoder")
 # the types whose provider serves /v1/embeddings (Anthropic has no embeddings API)
@@ -315,25 +317,8 @@ class RoutingConfig(_Strict):
     templates: dict[str, list[StepConfig]] = Field(default_factory=dict)
 
 
-# the operator console's key binding ids (rswitch/tui/app.py), remappable under tui.keys
-TUI_KEY_IDS = (
-    "reweight_up",
-    "reweight_down",
-    "toggle",
-    "reset_weights",
-    "optimize",
-    "cancel_optimize",
-    "export",
-    "inspect",
-    "filter",
-    "theme",
-    "help",
-    "quit",
-    "tab_throughput",
-    "tab_latency",
-    "tab_cost",
-    "tab_optimizer",
-)
+# the operator console's key binding ids, remappable under tui.keys: from the console's one key table
+TUI_KEY_IDS = KEY_IDS
 
 
 class TuiConfig(_Strict):
