@@ -350,17 +350,37 @@ def test_rswitch_tui_attach_runs_the_console_over_the_admin_api_and_starts_no_ga
 
 
 def test_the_admin_key_comes_from_the_environment_else_the_os_keyring(monkeypatch):
+    import keyring
+    from keyring.backend import KeyringBackend
+
     from rswitch.cli.attach import admin_key
 
-    stored = {("rswitch", "http://gw:8080"): "from-the-keyring"}
-    keyring = type(sys)("keyring")  # the keyring package's API, over a dict instead of the OS store
-    keyring.get_password = lambda service, user: stored.get((service, user))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "keyring", keyring)
-    monkeypatch.delenv("RSWITCH_ADMIN_KEY", raising=False)
-    assert admin_key("http://gw:8080") == "from-the-keyring"
-    assert admin_key("http://other:8080") is None
-    monkeypatch.setenv("RSWITCH_ADMIN_KEY", "from-the-env")
-    assert admin_key("http://gw:8080") == "from-the-env"
-    monkeypatch.delenv("RSWITCH_ADMIN_KEY")
-    monkeypatch.setitem(sys.modules, "keyring", None)  # not installed
-    assert admin_key("http://gw:8080") is None
+    class Memory(KeyringBackend):  # the real keyring library, over a dict instead of the OS store
+        priority = 1  # type: ignore[assignment]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stored: dict[tuple[str, str], str] = {}
+
+        def get_password(self, service: str, username: str) -> str | None:
+            return self.stored.get((service, username))
+
+        def set_password(self, service: str, username: str, password: str) -> None:
+            self.stored[(service, username)] = password
+
+        def delete_password(self, service: str, username: str) -> None:
+            self.stored.pop((service, username), None)
+
+    before = keyring.get_keyring()
+    keyring.set_keyring(Memory())
+    try:
+        keyring.set_password("rswitch", "http://gw:8080", "from-the-keyring")  # as `keyring set` does
+        monkeypatch.delenv("RSWITCH_ADMIN_KEY", raising=False)
+        assert admin_key("http://gw:8080") == "from-the-keyring"
+        assert admin_key("http://other:8080") is None
+        monkeypatch.setenv("RSWITCH_ADMIN_KEY", "from-the-env")
+        assert admin_key("http://gw:8080") == "from-the-env"
+        monkeypatch.delenv("RSWITCH_ADMIN_KEY")
+    finally:
+        keyring.set_keyring(before)
+    assert admin_key("http://gw:8080") is None  # no backend on this machine: nothing found, no error
