@@ -300,7 +300,7 @@ def tui(
     headless: Annotated[
         bool,
         typer.Option(
-            "--headless", help="Run the app without a terminal (benchmarks); SIGTERM quits.", hidden=True
+            "--headless", help="Run the console without a terminal (benchmarks, tests); SIGTERM quits."
         ),
     ] = False,
     insecure_no_auth: InsecureOpt = False,
