@@ -139,78 +139,74 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
         ticket: Ticket | None = None
         started, reached = time.perf_counter(), False
         try:
-            key = auth.client(request.headers.get("authorization")) if auth is not None else None
-            body, size = await read_json(request, limit)  # (a wrong key is refused before reading it)
-            if key is not None:
-                ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
-            reached = True  # from here on the gateway counts and logs the request itself
-            if isinstance(body, dict) and body.get("stream") is True:
-                session = await gateway.open_stream(body, client=ticket)
+            try:
+                key = auth.client(request.headers.get("authorization")) if auth is not None else None
+                body, size = await read_json(request, limit)  # (a wrong key is refused before reading it)
+                if key is not None:
+                    ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
+                reached = True  # from here on the gateway counts and logs the request itself
+                if isinstance(body, dict) and body.get("stream") is True:
+                    session = await gateway.open_stream(body, client=ticket)
+                    headers = {
+                        "x-rswitch-combination": session.combination.id,
+                        "x-rswitch-provider": session.provider,
+                        "x-rswitch-request-id": session.p.request_id,
+                        **(
+                            {"x-rswitch-route": session.p.route.explanation}
+                            if session.p.route.explanation
+                            else {}
+                        ),
+                        "cache-control": "no-cache",
+                        "x-accel-buffering": "no",
+                    }
+                    return StreamingResponse(
+                        session.__aiter__(), media_type="text/event-stream", headers=headers
+                    )
+                done = await gateway.complete(body, client=ticket)
                 headers = {
-                    "x-rswitch-combination": session.combination.id,
-                    "x-rswitch-provider": session.provider,
-                    "x-rswitch-request-id": session.p.request_id,
-                    **(
-                        {"x-rswitch-route": session.p.route.explanation}
-                        if session.p.route.explanation
-                        else {}
-                    ),
-                    "cache-control": "no-cache",
-                    "x-accel-buffering": "no",
+                    "x-rswitch-combination": done.combination.id,
+                    "x-rswitch-provider": done.combination.provider,
+                    "x-rswitch-request-id": done.request_id,
+                    "x-rswitch-cost": f"{done.cost:.8f}",
                 }
-                return StreamingResponse(session.__aiter__(), media_type="text/event-stream", headers=headers)
-            done = await gateway.complete(body, client=ticket)
-            headers = {
-                "x-rswitch-combination": done.combination.id,
-                "x-rswitch-provider": done.combination.provider,
-                "x-rswitch-request-id": done.request_id,
-                "x-rswitch-cost": f"{done.cost:.8f}",
-            }
-            if done.route:
-                headers["x-rswitch-route"] = done.route
-            return JSON(done.response, headers=headers)
+                if done.route:
+                    headers["x-rswitch-route"] = done.route
+                return JSON(done.response, headers=headers)
+            except BaseException:  # nothing answered: the key's token estimate is given back
+                if ticket is not None:
+                    ticket.settle(0)
+                raise
         except GatewayError as err:
-            if ticket is not None:
-                ticket.settle(0)  # nothing answered: the key's token estimate is given back
             if not reached:  # refused before the gateway saw it (key, body): still a client request
                 gateway.refused(request.url.path, err.status, started)
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
-        except asyncio.CancelledError:  # the call was cancelled (its client left): nothing answered
-            if ticket is not None:
-                ticket.settle(0)
-            raise
         except Exception as exc:
-            if ticket is not None:
-                ticket.settle(0)
             return internal_error(request, exc)
 
     async def embeddings(request: Request) -> Response:
         ticket: Ticket | None = None
         try:
-            key = auth.client(request.headers.get("authorization")) if auth is not None else None
-            body, size = await read_json(request, limit)
-            if key is not None:
-                ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
-            done = await gateway.embed(body, client=ticket)
-            if ticket is not None:
-                usage = done.response.get("usage") if isinstance(done.response, dict) else None
-                used = usage.get("total_tokens") if isinstance(usage, dict) else None
-                ticket.settle(used if isinstance(used, int) else ticket.est)
+            try:
+                key = auth.client(request.headers.get("authorization")) if auth is not None else None
+                body, size = await read_json(request, limit)
+                if key is not None:
+                    ticket = key.admit(estimate_tokens(body, size) if key.limiter is not None else 0)
+                done = await gateway.embed(body, client=ticket)
+                if ticket is not None:
+                    usage = done.response.get("usage") if isinstance(done.response, dict) else None
+                    used = usage.get("total_tokens") if isinstance(usage, dict) else None
+                    ticket.settle(used if isinstance(used, int) else ticket.est)
+            except BaseException:  # nothing answered: the key's token estimate is given back
+                if ticket is not None:
+                    ticket.settle(0)
+                raise
         except GatewayError as err:
-            if ticket is not None:
-                ticket.settle(0)
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=499)
-        except asyncio.CancelledError:  # the call was cancelled (its client left): nothing answered
-            if ticket is not None:
-                ticket.settle(0)
-            raise
         except Exception as exc:
-            if ticket is not None:
-                ticket.settle(0)
             return internal_error(request, exc)
         headers = {
             "x-rswitch-combination": done.combination.id,
