@@ -95,16 +95,16 @@ MAX_RETRY_AFTER = 3600.0  # an upstream's Retry-After is believed up to an hour
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (seconds; a date or nonsense is ignored), at most an hour."""
+    """Seconds from a Retry-After header (seconds; a date or NaN is ignored), at most an hour."""
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
         return None
-    if not math.isfinite(seconds):
+    if math.isnan(seconds):
         return None
-    return min(max(0.0, seconds), MAX_RETRY_AFTER)
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)  # "inf" (or 1e999) is "not soon": the most believed
 
 
 def new_completion_id() -> str:
