@@ -181,8 +181,12 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
                 gateway.refused(request.url.path, err.status, started)
             return error_response(err)
         except ClientDisconnect:
+            if not reached:
+                gateway.refused(request.url.path, 499, started)
             return Response(status_code=499)
         except Exception as exc:
+            if not reached:
+                gateway.refused(request.url.path, 500, started)
             return internal_error(request, exc)
 
     async def embeddings(request: Request) -> Response:

@@ -152,6 +152,8 @@ async def test_per_key_rpm_limits_that_key_only(make_gateway):
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
     assert "'app'" in limited.json()["error"]["message"]
     assert int(limited.headers["retry-after"]) <= 60
+    traffic = gw.core.status()["traffic"]  # the key's own quota: the client's, not a gateway failure
+    assert (traffic["rejected"], traffic["failed"], traffic["succeeded"]) == (2, 0, 2)
     summary = chat(variables={"words": 5}, metadata={"template_id": "summarise"})
     assert (await gw.post(summary, headers=bearer(SUM_KEY))).status_code == 200
 

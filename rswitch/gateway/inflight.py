@@ -68,9 +68,6 @@ class InFlight:
     def end(self, request_id: str) -> None:
         self.calls.pop(request_id, None)
 
-    def __len__(self) -> int:
-        return len(self.calls)
-
     # -- views (on the loop, when a snapshot is taken) -------------------------------------------
 
     def view(self, shown: int = SHOWN) -> dict[str, Any]:

@@ -50,6 +50,16 @@ class WindowStats:
         }
 
 
+def _outcome(status: int) -> str:
+    if status == 200:
+        return "succeeded"
+    if status == 499:
+        return "cancelled"
+    if 400 <= status < 500 and status != 429:
+        return "rejected"  # the client's mistake; 429 is the gateway's limits
+    return "failed"
+
+
 def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
     out, total = [], 0
     for bound, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], counts, strict=True):
@@ -101,7 +111,9 @@ class LiveMetrics:
         self.attempt_errors: dict[tuple[str, str], int] = {}
         self.counters = {"fallbacks": 0, "retries": 0, "rate_limit_waits": 0, "rate_limit_wait_seconds": 0.0}
 
-    def observe_request(self, status: int, attempts: int = 0, waited: float = 0.0) -> None:
+    def observe_request(
+        self, status: int, attempts: int = 0, waited: float = 0.0, outcome: str | None = None
+    ) -> None:
         """One client request answered with `status`: 200 succeeded; 499 cancelled (the client
         went away); another 4xx but 429 rejected (the client's mistake); anything else failed.
         `attempts` upstream attempts were made for it, and it waited `waited` s for limits."""
@@ -114,14 +126,7 @@ class LiveMetrics:
         if waited > 0:
             self.counters["rate_limit_waits"] += 1
             self.counters["rate_limit_wait_seconds"] += waited
-        if status == 200:
-            outcome = "succeeded"
-        elif status == 499:
-            outcome = "cancelled"
-        elif 400 <= status < 500 and status != 429:
-            outcome = "rejected"
-        else:
-            outcome = "failed"
+        outcome = outcome or _outcome(status)  # a caller may know better (a key's own 429: rejected)
         counts[outcome] += 1
         if outcome in ("succeeded", "failed"):
             second = int(time.monotonic())

@@ -327,9 +327,10 @@ class Gateway:
                     )
         p.attempts = max(p.attempts, attempt)
         if not ok and error is not None:
-            self.metrics.observe_error(combo.id, error.error_type)
-            kind = "rate_limit" if error.status == 429 else "error"
-            self.event(kind, f"{combo.id}: {error.status} {error.error_type}: {error.message[:160]}")
+            self.metrics.observe_error(combo.id, error.error_type)  # client_closed too, by its own label
+            if error.status != 499:  # a client leaving is not something for the operator to act on
+                kind = "rate_limit" if error.status == 429 else "error"
+                self.event(kind, f"{combo.id}: {error.status} {error.error_type}: {error.message[:160]}")
         elif ok and attempt > 1:
             self.event("fallback", f"{combo.id} served on attempt {attempt} (request {p.request_id[:8]})")
         record = CallRecord(
@@ -421,8 +422,9 @@ class Gateway:
             )
 
     def refused(self, path: str, status: int, started: float) -> None:
-        """A chat request the server answered before it reached the gateway (key, body)."""
-        self.metrics.observe_request(status)
+        """A chat request the server answered before it reached the gateway: the client's key,
+        body or own quota (a key's 429 is the client's, not a gateway failure), or a 5xx."""
+        self.metrics.observe_request(status, outcome=None if status >= 500 or status == 499 else "rejected")
         access("POST", path, status, (time.perf_counter() - started) * 1000)
 
     to_client_error = staticmethod(to_client_error)
