@@ -211,3 +211,15 @@ def test_processes_opening_a_new_dataset_at_once_all_succeed(tmp_path):
     for t in threads:
         t.join()
     assert problems == []
+
+
+def test_an_import_past_the_labelled_cap_keeps_the_newest_labels_at_once(tmp_path):
+    store = DatasetStore(tmp_path / "prompts", 100, 5)
+    store.import_rows(
+        "support",
+        [{"messages": [{"role": "user", "content": f"q{i}"}], "expected": f"a{i}"} for i in range(8)],
+    )
+    assert store.counts("support") == {"unlabelled": 0, "labelled": 5}  # no traffic needed to trim
+    kept = [r["label_expected"] for r in store.recent("support", 100)]
+    store.close()
+    assert sorted(kept) == [f"a{i}" for i in range(3, 8)]

@@ -353,7 +353,7 @@ def test_the_admin_key_comes_from_the_environment_else_the_os_keyring(monkeypatc
     import keyring
     from keyring.backend import KeyringBackend
 
-    from rswitch.cli.attach import admin_key
+    from rswitch.cli.common import admin_key
 
     class Memory(KeyringBackend):  # the real keyring library, over a dict instead of the OS store
         priority = 1  # type: ignore[assignment]

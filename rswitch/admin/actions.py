@@ -416,7 +416,7 @@ class LocalOperator:
                 f"import refused: {exc}",
                 code="template_exists" if exists else "bad_package",
             ) from None
-        await self.core.template_watcher.check()  # served now, not on the watcher's next tick
+        # (the import reloads the registry itself: its template is served at once)
         self.core.event("import", f"imported package of '{result['template_id']}'")
         return PackageImported(**{k: result[k] for k in PackageImported.model_fields})
 

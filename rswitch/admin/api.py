@@ -577,7 +577,7 @@ class AdminAPI:
             data = await upload(request, JSONL_TYPES, self.upload_limit)
             assert isinstance(data, bytes)
             try:
-                rows = actions.parse_jsonl(data)
+                rows = await asyncio.to_thread(actions.parse_jsonl, data)  # large uploads: off the loop
             except ValueError as exc:
                 raise GatewayError(
                     400, f"{exc}; nothing imported", code="invalid_examples", param="body"

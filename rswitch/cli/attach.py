@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 import platformdirs
 import typer
 
 from rswitch.admin.client import HttpOperator, Unreachable
+from rswitch.cli.common import ADMIN_KEY_ENV as KEY_ENV
+from rswitch.cli.common import admin_key
 from rswitch.gateway.errors import GatewayError
-
-KEY_ENV = "RSWITCH_ADMIN_KEY"
-KEYRING_SERVICE = "rswitch"
 
 
 class AttachError(Exception):
@@ -32,21 +30,6 @@ def normalized(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise AttachError(f"--attach wants the gateway's URL, like http://127.0.0.1:8080; got {url!r}")
     return url
-
-
-def admin_key(url: str) -> str | None:
-    """The admin key for `url`: the environment variable, else the OS keyring, else None."""
-    key = os.environ.get(KEY_ENV, "").strip()
-    if key:
-        return key
-    try:
-        import keyring  # optional: `pip install keyring` to keep the key in the OS keyring
-    except ImportError:
-        return None
-    try:
-        return keyring.get_password(KEYRING_SERVICE, url) or None
-    except Exception:  # no usable keyring backend here: as if none were stored
-        return None
 
 
 async def check(url: str, key: str | None) -> None:

@@ -3,6 +3,7 @@ reading JSONL files (every bad line named), and printing a list of problems."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -128,3 +129,23 @@ def printable(value: object) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+ADMIN_KEY_ENV = "RSWITCH_ADMIN_KEY"
+KEYRING_SERVICE = "rswitch"
+
+
+def admin_key(url: str) -> str | None:
+    """A running gateway's admin key, for every command that talks to one: the environment
+    variable, else the OS keyring (service `rswitch`, user the gateway's URL), else None."""
+    key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+    if key:
+        return key
+    try:
+        import keyring
+    except ImportError:
+        return None
+    try:
+        return keyring.get_password(KEYRING_SERVICE, url.rstrip("/")) or None
+    except Exception:  # no usable keyring backend here: as if none were stored
+        return None

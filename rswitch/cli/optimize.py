@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from rswitch.cli import through
-from rswitch.cli.common import DEFAULT_URL, ConfigOpt, fail, get_template, load, registry
+from rswitch.cli.common import DEFAULT_URL, ConfigOpt, admin_key, fail, get_template, load, registry
 
 
 def optimize(
@@ -249,13 +249,12 @@ class _Gateway:
     """The few optimizer endpoints of a running gateway, with errors an operator can act on."""
 
     def __init__(self, url: str) -> None:
-        import os
 
         import httpx
 
         self.url = url.rstrip("/")
-        admin_key = os.environ.get("RSWITCH_ADMIN_KEY")  # a gateway with keys asks for its admin key
-        headers = {"authorization": f"Bearer {admin_key}"} if admin_key else None
+        key = admin_key(self.url)  # a gateway with keys asks for its admin key
+        headers = {"authorization": f"Bearer {key}"} if key else None
         self.http = httpx.Client(base_url=self.url, timeout=10, headers=headers)
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:

@@ -9,17 +9,15 @@ turns the gateway's refusals into the command's one-line errors."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import typer
 
 from rswitch.admin import lock
-from rswitch.cli.common import fail
+from rswitch.cli.common import ADMIN_KEY_ENV, admin_key, fail
 
 T = TypeVar("T")
-ADMIN_KEY_ENV = "RSWITCH_ADMIN_KEY"
 
 
 def owner(cfg: Any) -> lock.Owner | None:
@@ -38,7 +36,7 @@ def call(gateway: lock.Owner, fn: Callable[[Any], Awaitable[T]]) -> T:
     from rswitch.gateway.errors import GatewayError
 
     async def main() -> T:
-        async with HttpOperator(gateway.admin_url, os.environ.get(ADMIN_KEY_ENV) or None) as op:
+        async with HttpOperator(gateway.admin_url, admin_key(gateway.admin_url)) as op:
             return await fn(op)
 
     try:

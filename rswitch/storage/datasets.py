@@ -497,7 +497,8 @@ class DatasetStore:
                         "origin = 'import' WHERE id = last_insert_rowid()",
                         label,
                     )
-            self._counts[template_id][1] += len(rows)
+                self._counts[template_id][1] += len(rows)
+                self._trim(template_id, conn)  # the labelled cap holds after an import too
         return len(rows)
 
     def release(self, template_id: str) -> None:
