@@ -213,6 +213,8 @@ async def test_a_cancelled_call_gives_the_keys_tpm_estimate_back(make_gateway):
                 if len(fake.recorder.requests) == 2 * n - 1:
                     break
                 await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the upstream never received the call to cancel")
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call

@@ -126,7 +126,9 @@ def recorded(workdir: Path, request_id: str) -> bool:
     path = workdir / "prompts" / "fuzz" / "dataset.sqlite"
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        return conn.execute("SELECT 1 FROM examples WHERE request_id = ?", [request_id]).fetchone() is not None
+        return (
+            conn.execute("SELECT 1 FROM examples WHERE request_id = ?", [request_id]).fetchone() is not None
+        )
     finally:
         conn.close()
 
@@ -135,13 +137,19 @@ FUZZ = settings(
     max_examples=int(os.environ.get("RSWITCH_FUZZ_EXAMPLES", "250")),
     deadline=None,
     derandomize=bool(os.environ.get("CI")),  # CI: the same examples every run; locally: new ones
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 
 
 @FUZZ
 @given(body=mutated_bodies())
-def test_no_body_gets_a_5xx_and_every_answer_is_recorded(server: dict[str, Any], body: dict[str, Any]) -> None:
+def test_no_body_gets_a_5xx_and_every_answer_is_recorded(
+    server: dict[str, Any], body: dict[str, Any]
+) -> None:
     client: httpx.Client = server["client"]
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code < 500, (body, r.status_code, r.text[:500])
@@ -178,7 +186,23 @@ POST_ENDPOINTS = ["/v1/chat/completions", "/v1/embeddings", "/v1/feedback", "/v1
 @FUZZ
 @given(
     path=st.sampled_from(POST_ENDPOINTS),
-    body=json_values | st.dictionaries(st.sampled_from([*KNOWN_KEYS, "input", "request_id", "score", "expected", "template_id", "dimensions", "encoding_format"]), json_values, max_size=5),  # fmt: skip
+    body=json_values
+    | st.dictionaries(
+        st.sampled_from(
+            [
+                *KNOWN_KEYS,
+                "input",
+                "request_id",
+                "score",
+                "expected",
+                "template_id",
+                "dimensions",
+                "encoding_format",
+            ]
+        ),
+        json_values,
+        max_size=5,
+    ),  # fmt: skip
 )
 def test_no_json_body_on_any_endpoint_gets_a_5xx(server: dict[str, Any], path: str, body: Any) -> None:
     client: httpx.Client = server["client"]

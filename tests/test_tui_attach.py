@@ -250,7 +250,11 @@ async def test_export_downloads_a_package_that_rswitch_package_inspect_accepts(m
         check=False,
     )
     assert inspected.returncode == 0, inspected.stdout + inspected.stderr
-    assert "support" in inspected.stdout
+    lines = inspected.stdout.splitlines()
+    assert any(line.startswith("template    support ") for line in lines), inspected.stdout
+    assert any("dataset.sqlite" in line and " 3 rows" in line for line in lines), (
+        inspected.stdout
+    )  # the 3 calls
 
 
 async def test_the_attached_console_says_the_gateway_is_gone_refuses_actions_and_reconnects(tmp_path):

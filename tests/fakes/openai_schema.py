@@ -59,7 +59,11 @@ def _tool_call(path: str, call: Any) -> Problem | None:
     if not isinstance(call, dict) or not isinstance(call.get("id"), str) or call.get("type") != "function":
         return f"Invalid '{path}': expected an object with 'id' and type 'function'.", path
     fn = call.get("function")
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+    if (
+        not isinstance(fn, dict)
+        or not isinstance(fn.get("name"), str)
+        or not isinstance(fn.get("arguments"), str)
+    ):
         return f"Missing required parameter: '{path}.function.arguments'.", f"{path}.function"
     return None
 
@@ -70,9 +74,21 @@ def _message(i: int, m: Any) -> Problem | None:
         return f"Invalid type for '{path}': expected an object.", path
     role = m.get("role")
     if role not in ROLES:
-        return f"Invalid value: {str(role)[:40]!r}. Supported values are: {', '.join(sorted(ROLES))}.", f"{path}.role"
+        return (
+            f"Invalid value: {str(role)[:40]!r}. Supported values are: {', '.join(sorted(ROLES))}.",
+            f"{path}.role",
+        )
     for key in m:
-        if key not in ("role", "content", "name", "tool_calls", "tool_call_id", "refusal", "function_call", "audio"):
+        if key not in (
+            "role",
+            "content",
+            "name",
+            "tool_calls",
+            "tool_call_id",
+            "refusal",
+            "function_call",
+            "audio",
+        ):
             return f"Unrecognized request argument supplied: {path}.{key}", f"{path}.{key}"
     if "name" in m and not isinstance(m["name"], str):
         return f"Invalid type for '{path}.name': expected a string.", f"{path}.name"
