@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rswitch.keymap import KEY_IDS
+from rswitch.providers.base import AttemptTimeouts
 
 STRATEGIES = ("round_robin", "weighted_round_robin", "performance_based")
 PROVIDER_TYPES = ("openai", "anthropic", "ollama", "mock", "local", "encoder")
@@ -68,7 +69,37 @@ class ProviderConfig(_Strict):
     models: list[str] = Field(default_factory=list)
     rate_limit: float | None = Field(None, gt=0, description="requests per minute")
     tpm: float | None = Field(None, gt=0, description="tokens per minute")
-    timeout_seconds: float = Field(60.0, gt=0)
+    timeout_seconds: float = Field(60.0, gt=0, description="longest one attempt may take in all")
+    connect_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="to open a connection (default: 5s, at most a quarter of the request deadline)",
+    )
+    first_byte_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="to the first token of a stream, or the whole non-streamed answer "
+        "(default: timeout_seconds, at most half the request deadline)",
+    )
+    idle_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="longest silence between stream events (default: 30s, at most half the request deadline)",
+    )
+    retry_same: int = Field(
+        1,
+        ge=0,
+        le=3,
+        description="quick retries of the same combination on a transient 5xx before a fallback",
+    )
+    prefill: bool | None = Field(
+        None,
+        description="continues a trailing assistant message (default: by type; openai-type servers: no)",
+    )
+    prefill_models: dict[str, bool] = Field(default_factory=dict, description="per-model override of prefill")
+    context_windows: dict[str, int] = Field(
+        default_factory=dict, description="model -> context window in tokens, to pick a larger fallback"
+    )
     max_connections: int = Field(256, ge=1)
     mock: MockSettings = Field(default_factory=MockSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
@@ -161,6 +192,31 @@ class CorsConfig(_Strict):
     )
 
 
+class CircuitBreakerConfig(_Strict):
+    enabled: bool = True
+    failures: int = Field(
+        5, ge=1, description="consecutive failed attempts that open a combination's breaker"
+    )
+    cooldown_seconds: float = Field(
+        30.0, gt=0, description="open this long, then one probe request half-opens it"
+    )
+
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_IDLE_TIMEOUT = 30.0
+
+
+def provider_timeouts(p: ProviderConfig, request_timeout: float) -> AttemptTimeouts:
+    """The limits an attempt at provider `p` gets: the configured ones, or defaults that leave
+    a fallback at least half of the request deadline."""
+    half = request_timeout / 2
+    return AttemptTimeouts(
+        connect=p.connect_timeout_seconds or min(DEFAULT_CONNECT_TIMEOUT, request_timeout / 4),
+        first_byte=p.first_byte_timeout_seconds or min(p.timeout_seconds, half),
+        idle=p.idle_timeout_seconds or min(DEFAULT_IDLE_TIMEOUT, p.timeout_seconds, half),
+    )
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -178,6 +234,7 @@ class GatewayConfig(_Strict):
     max_rate_wait_seconds: float = Field(
         5.0, ge=0, description="longest a request waits for rate limits in all before it gets 429"
     )
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     embeddings: EmbeddingsDefault | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -517,7 +574,30 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
                     True,
                 )
             )
+    deadline = cfg.gateway.request_timeout_seconds
     for name, p in cfg.model_providers.items():
+        for key in ("connect_timeout_seconds", "first_byte_timeout_seconds", "idle_timeout_seconds"):
+            value = getattr(p, key)
+            if value is not None and value >= deadline:
+                problems.append(
+                    ConfigProblem(
+                        f"model_providers.{name}.{key}",
+                        f"must be shorter than gateway.request_timeout_seconds ({deadline:g}), "
+                        "or a fallback never gets a turn",
+                        value,
+                        True,
+                    )
+                )
+        for model, size in p.context_windows.items():
+            if not isinstance(size, int) or size < 1:
+                problems.append(
+                    ConfigProblem(
+                        f"model_providers.{name}.context_windows.{model}",
+                        "must be a positive number of tokens",
+                        size,
+                        True,
+                    )
+                )
         if p.api_key_env is not None and not p.api_key_env.strip():
             problems.append(
                 ConfigProblem(

@@ -171,7 +171,9 @@ def routing_providers(config: Config) -> dict[str, Provider]:
     out = {}
     for name in sorted(names):
         pc = config.model_providers[name]
-        out[name] = build_provider(name, pc, resolve_api_key(name, pc)[0])
+        out[name] = build_provider(
+            name, pc, resolve_api_key(name, pc)[0], config.gateway.request_timeout_seconds
+        )
     return out
 
 
@@ -187,7 +189,7 @@ class Core:
         for name, pc in config.model_providers.items():
             key, source = resolve_api_key(name, pc)
             self.key_sources[name] = source if key or source.startswith("none") else f"{source} (not set)"
-            self.providers[name] = build_provider(name, pc, key)
+            self.providers[name] = build_provider(name, pc, key, config.gateway.request_timeout_seconds)
         # every provider gets one: even without rpm/tpm it honours an upstream's Retry-After
         self.limiters = {
             name: ProviderLimiter(pc.rate_limit, pc.tpm) for name, pc in config.model_providers.items()

@@ -17,9 +17,18 @@ _CLASSES = {
 }
 
 
-def build_provider(name: str, settings: Any, api_key: str | None) -> Provider:
+def build_provider(
+    name: str, settings: Any, api_key: str | None, request_timeout: float | None = None
+) -> Provider:
+    """The provider for `settings`; its attempt timeouts leave room for a fallback within
+    `request_timeout` (the gateway's request deadline) when given."""
     module, cls = _CLASSES[settings.type]
-    return getattr(importlib.import_module(module), cls)(name, settings, api_key)
+    provider: Provider = getattr(importlib.import_module(module), cls)(name, settings, api_key)
+    if request_timeout is not None:
+        from rswitch.config import provider_timeouts
+
+        provider.timeouts = provider_timeouts(settings, request_timeout)
+    return provider
 
 
 __all__ = ["ChatCall", "EmbedCall", "Provider", "UpstreamError", "build_provider"]

@@ -9,12 +9,15 @@ provider yields carries `usage` (its `choices` may be empty, as OpenAI's own usa
 from __future__ import annotations
 
 import abc
+import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("rswitch.gateway")
 
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 
@@ -27,6 +30,9 @@ class ChatCall:
     messages: list[dict[str, Any]]
     params: dict[str, Any] = field(default_factory=dict)  # every other OpenAI parameter, untouched
     timeout: float = 60.0
+    # the last message is the assistant's partial answer, to be continued (not answered anew);
+    # only set for a provider whose `accepts_prefill(model)` is true
+    prefill: bool = False
 
 
 @dataclass(slots=True)
@@ -81,6 +87,26 @@ def timeout_error(provider: str, seconds: float) -> UpstreamError:
     )
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+def context_length_error(provider: str, detail: str) -> UpstreamError:
+    """The prompt does not fit this model's context window: no retry of this model helps, but a
+    fallback to another (larger) model may (see `needs_other_model`)."""
+    return UpstreamError(
+        400,
+        f"provider '{provider}': {detail}",
+        error_type="invalid_request_error",
+        code=CONTEXT_LENGTH_EXCEEDED,
+        retryable=False,
+    )
+
+
+def needs_other_model(e: UpstreamError) -> bool:
+    """A client error that another model can fix (its context window was too small)."""
+    return e.code == CONTEXT_LENGTH_EXCEEDED
+
+
 def stream_broken(provider: str, detail: str) -> UpstreamError:
     return UpstreamError(
         502,
@@ -115,15 +141,60 @@ def now() -> int:
     return int(time.time())
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptTimeouts:
+    """How long an attempt at a provider may take to connect, to its first token (a
+    non-streamed answer: to the whole answer), and between stream events."""
+
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 30.0
+
+
 class Provider(abc.ABC):
     """Base class. Subclasses set `type` and implement `complete` and `stream`."""
 
     type: str = ""
+    prefill_default = False  # whether this kind of upstream continues a trailing assistant message
 
     def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
         self.name = name
         self.settings = settings  # rswitch.config.ProviderConfig
         self._api_key = api_key
+        first_byte = getattr(settings, "timeout_seconds", 60.0)
+        self.timeouts = AttemptTimeouts(first_byte=first_byte)  # core sets them from the config
+        self.malformed_events = 0  # stream events skipped because they could not be read
+        self._no_prefill: set[str] = set()  # models that answered 400 to a prefill
+
+    # -- capabilities ---------------------------------------------------------------------------
+
+    def accepts_prefill(self, model: str) -> bool:
+        """Whether `model` here continues a trailing assistant message (config, else the type's
+        default), unless it was learned to refuse one."""
+        if model in self._no_prefill:
+            return False
+        per_model = getattr(self.settings, "prefill_models", None) or {}
+        if model in per_model:
+            return bool(per_model[model])
+        configured = getattr(self.settings, "prefill", None)
+        return self.prefill_default if configured is None else bool(configured)
+
+    def refuse_prefill(self, model: str) -> None:
+        """`model` answered 400 to a prefill: replay the request to it from now on."""
+        self._no_prefill.add(model)
+
+    def context_window(self, model: str) -> int | None:
+        """`model`'s context window in tokens, when the config says."""
+        windows = getattr(self.settings, "context_windows", None) or {}
+        return windows.get(model)
+
+    def skip_malformed(self, detail: str, warned: bool) -> bool:
+        """Count a stream event that could not be read; log it at WARNING once per stream (the
+        caller passes whether this stream already warned). Returns True: now it has."""
+        self.malformed_events += 1
+        if not warned:
+            log.warning("provider '%s' sent a malformed stream event (%s); skipped", self.name, detail)
+        return True
 
     def redact(self, text: str) -> str:
         """Never let the key leave through an upstream's error text."""
