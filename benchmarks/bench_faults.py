@@ -455,8 +455,16 @@ def fmt_table(result: dict[str, Any]) -> str:
                 f"{r['primary_calls']}+{r['fallback_calls']}",
                 f"{r['latency_ms']:.0f}",
                 "-" if r["tokens"] is None else str(r["tokens"]),
-                r["detail"]
-                or ("" if r["outcome"] != "truncated" else f"{r['words']}/{r['expected_words']} words"),
+                "; ".join(
+                    x
+                    for x in (
+                        f"{r['words']}/{r['expected_words']} words"
+                        if r["outcome"] in ("truncated", "wrong")
+                        else "",
+                        r["detail"],
+                    )
+                    if x
+                ),
             )
         )
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
