@@ -20,8 +20,9 @@ One run:
   5. stops every process it started, also on Ctrl+C.
 
 Attempts come from the `x-rswitch-attempts` header when the gateway sends one, else the
-error body's `error.attempts`, else the admin API's record of the request
-(GET /admin/v1/calls/{x-rswitch-request-id}: the newest attempt's number); "?" when none says.
+error body's `error.attempts`, else the `rswitch.attempts` chain on the answer or a stream's
+last chunk, else the admin API's record of the request (GET /admin/v1/calls/{request id}:
+the newest attempt's number); "?" when none says.
 
 Run (about 3 minutes while the gateway waits out silent upstreams, seconds when it does not):
   .venv/bin/python benchmarks/bench_faults.py
@@ -101,6 +102,7 @@ class Row:
     attempts_source: str | None = None  # header, error body, admin record
     primary_calls: int = 0
     fallback_calls: int = 0
+    prefill_calls: int = 0  # calls that continued a partial answer (continue_final_message)
     latency_ms: float = 0.0
     tokens: int | None = None
     status: int | None = None  # the HTTP status the client got
@@ -266,26 +268,43 @@ def error_object(body: Any) -> dict[str, Any]:
     return {}
 
 
+def rswitch_meta(obj: Any) -> dict[str, Any]:
+    """The `rswitch` object the gateway may add to an answer or a stream's last chunk."""
+    meta = (getattr(obj, "model_extra", None) or {}).get("rswitch")
+    return meta if isinstance(meta, dict) else {}
+
+
+def newest_attempt(request_id: str, rs_port: int) -> int | None:
+    """The newest attempt number the admin API's in-memory record of the last calls holds."""
+    try:
+        call = http_json(f"http://{HOST}:{rs_port}/admin/v1/calls/{request_id}", timeout=5)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return call["attempt"] if isinstance(call, dict) and isinstance(call.get("attempt"), int) else None
+
+
 def attempts_of(
-    headers: Any, err: dict[str, Any], request_id: str | None, rs_port: int
+    headers: Any, err: dict[str, Any], meta: dict[str, Any], request_id: str | None, rs_port: int
 ) -> tuple[int | None, str | None]:
     value = headers.get("x-rswitch-attempts") if headers is not None else None
     if value is not None:
         with contextlib.suppress(ValueError):
             return int(value), "header"
-    chain = err.get("attempts")
-    if isinstance(chain, list):
-        return len(chain), "error body"
+    for chain, source in ((err.get("attempts"), "error body"), (meta.get("attempts"), "answer metadata")):
+        if isinstance(chain, list) and chain:
+            return len(chain), source
     if request_id:
-        # the admin API keeps the last calls in memory; a stream's is written as it ends
+        # a stream's last attempt is recorded as it ends, maybe just after the client saw the
+        # end: read until two reads agree
+        last = None
         for _ in range(10):
-            try:
-                call = http_json(f"http://{HOST}:{rs_port}/admin/v1/calls/{request_id}", timeout=5)
-            except (urllib.error.URLError, OSError, ValueError):
-                call = None
-            if isinstance(call, dict) and isinstance(call.get("attempt"), int):
-                return call["attempt"], "admin record"
+            n = newest_attempt(request_id, rs_port)
+            if n is not None and n == last:
+                return n, "admin record"
+            last = n
             time.sleep(0.1)
+        if last is not None:
+            return last, "admin record"
     return None, None
 
 
@@ -320,7 +339,7 @@ def run_row(client: Any, openai: Any, row: Row, rs_port: int, nonce: str) -> See
     expected = fu.expected_answer(user)
     messages = [{"role": "user", "content": user}]
     parts: list[str] = []
-    finishes, failed, headers, err = 0, False, None, {}
+    finishes, failed, headers, err, meta = 0, False, None, {}, {}
     t0 = time.perf_counter()
     try:
         if row.mode == "json":
@@ -331,6 +350,7 @@ def run_row(client: Any, openai: Any, row: Row, rs_port: int, nonce: str) -> See
                 parts.append(choice.message.content or "")
                 finishes += choice.finish_reason is not None
             row.tokens = completion.usage.total_tokens if completion.usage else None
+            meta = rswitch_meta(completion)
         else:
             with client.chat.completions.with_streaming_response.create(
                 model=row.combination,
@@ -347,6 +367,7 @@ def run_row(client: Any, openai: Any, row: Row, rs_port: int, nonce: str) -> See
                             finishes += choice.finish_reason is not None
                         if chunk.usage is not None:
                             row.tokens = chunk.usage.total_tokens
+                        meta = rswitch_meta(chunk) or meta
                 except openai.APIError as exc:  # an error event in the stream
                     failed, err = True, error_object(exc.body)
                     row.detail = f"stream error: {err.get('code') or err.get('type') or exc.message}"[:60]
@@ -365,13 +386,16 @@ def run_row(client: Any, openai: Any, row: Row, rs_port: int, nonce: str) -> See
     if row.mode == "stream" and not failed and finishes != 1:
         row.detail = row.detail or f"{finishes} finish_reason(s)"
     request_id = headers.get("x-rswitch-request-id") if headers is not None else None
-    row.attempts, row.attempts_source = attempts_of(headers, err, request_id, rs_port)
+    row.attempts, row.attempts_source = attempts_of(headers, err, meta, request_id, rs_port)
+    if meta.get("diverged_at") is not None:  # a replayed answer that differed from what was sent
+        row.detail = "; ".join(x for x in (row.detail, f"diverged at {meta['diverged_at']}") if x)
     return Seen(user, expected, text, finishes, failed)
 
 
-def count_calls(port: int, user: str) -> int:
-    calls = http_json(f"http://{HOST}:{port}/_calls")["calls"]
-    return sum(1 for c in calls if c["user"] == user)
+def count_calls(port: int, user: str) -> tuple[int, int]:
+    """The calls an upstream saw for one row, and how many of them continued a prefill."""
+    calls = [c for c in http_json(f"http://{HOST}:{port}/_calls")["calls"] if c["user"] == user]
+    return len(calls), sum(1 for c in calls if c["continued"])
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -405,8 +429,9 @@ def run(scenarios: list[str], rswitch_cmd: list[str], tmp: Path, log: Any = prin
         for i, row in enumerate(rows, 1):
             seen = run_row(client, openai, row, rs_port, nonce)
             # the upstream logs a call as it arrives, before answering: all are in by now
-            row.primary_calls = count_calls(primary_port, seen.user)
-            row.fallback_calls = count_calls(fallback_port, seen.user)
+            row.primary_calls, p_continued = count_calls(primary_port, seen.user)
+            row.fallback_calls, f_continued = count_calls(fallback_port, seen.user)
+            row.prefill_calls = p_continued + f_continued
             row.outcome = classify(row, seen)
             log(
                 f"[{i:2}/{len(rows)}] {row.scenario:<16} {row.mode:<6} {row.outcome:<15} {row.latency_ms:8.0f} ms"
@@ -462,6 +487,7 @@ def fmt_table(result: dict[str, Any]) -> str:
                         if r["outcome"] in ("truncated", "wrong")
                         else "",
                         r["detail"],
+                        f"{r['prefill_calls']} prefill call(s)" if r["prefill_calls"] else "",
                     )
                     if x
                 ),
