@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
+
 try:  # imported as benchmarks.bench_faults (the test) or run as a script from benchmarks/
     from benchmarks import faulty_upstream as fu
 except ImportError:  # pragma: no cover - script mode
@@ -308,6 +310,17 @@ def attempts_of(
     return None, None
 
 
+@dataclass
+class Seen:
+    """What the client got for one row, against what it asked for."""
+
+    user: str  # the row's user message: the key under which the upstreams logged their calls
+    expected: str
+    text: str
+    finishes: int
+    failed: bool
+
+
 def classify(row: Row, seen: Seen) -> str:
     expected, text, finishes, failed = seen.expected, seen.text, seen.finishes, seen.failed
     if row.scenario in MUST_FAIL:
@@ -322,18 +335,7 @@ def classify(row: Row, seen: Seen) -> str:
     return "truncated" if expected.startswith(text) else "wrong"
 
 
-@dataclass
-class Seen:
-    """What the client got for one row, against what it asked for."""
-
-    user: str  # the row's user message: the key under which the upstreams logged their calls
-    expected: str
-    text: str
-    finishes: int
-    failed: bool
-
-
-def run_row(client: Any, openai: Any, row: Row, rs_port: int, nonce: str) -> Seen:
+def run_row(client: openai.OpenAI, row: Row, rs_port: int, nonce: str) -> Seen:
     """Send the row's request through rswitch and fill in what the client saw."""
     user = f"Fault benchmark {nonce}: scenario {row.scenario}, {row.mode}. Tell me a list of words."
     expected = fu.expected_answer(user)
@@ -407,8 +409,6 @@ def plan_rows(scenarios: list[str]) -> list[Row]:
 
 def run(scenarios: list[str], rswitch_cmd: list[str], tmp: Path, log: Any = print) -> dict[str, Any]:
     """Run the rows of `scenarios` through a fresh rswitch; the results as a JSON-able dict."""
-    import openai
-
     procs = Procs()
     rows = plan_rows(scenarios)
     try:
@@ -427,7 +427,7 @@ def run(scenarios: list[str], rswitch_cmd: list[str], tmp: Path, log: Any = prin
         )
         nonce = uuid.uuid4().hex[:8]
         for i, row in enumerate(rows, 1):
-            seen = run_row(client, openai, row, rs_port, nonce)
+            seen = run_row(client, row, rs_port, nonce)
             # the upstream logs a call as it arrives, before answering: all are in by now
             row.primary_calls, p_continued = count_calls(primary_port, seen.user)
             row.fallback_calls, f_continued = count_calls(fallback_port, seen.user)
