@@ -8,8 +8,9 @@ One run:
   2. writes a temporary config: per table row one primary provider + combination on that row's
      faulty model (its own provider, so one row's 429 or breaker cannot touch the next), all
      with ONE fallback combination on the healthy model; short per-attempt limits (connect 1 s,
-     first byte 3 s, idle 2 s, retry_same 1, prefill on, context windows 1024 vs 128000), a
-     30 s request deadline and the circuit breaker on; starts `rswitch serve` on a free port;
+     first byte 3 s, idle 2 s, retry_same 1, prefill on unless --no-prefill, context windows
+     1024 vs 128000), a 30 s request deadline and the circuit breaker on; starts `rswitch
+     serve` on a free port;
   3. sends each row's request through rswitch with the official `openai` SDK (max_retries=0,
      so the SDK hides nothing), non-streaming and streaming, each with its own user message;
   4. prints a table: outcome (full answer: the text equals the expected text exactly, once, in
@@ -19,15 +20,16 @@ One run:
      + fallback), client-visible latency and the tokens billed (the answer's usage total);
   5. stops every process it started, also on Ctrl+C.
 
-Attempts come from the `x-rswitch-attempts` header when the gateway sends one, else the
-error body's `error.attempts`, else the `rswitch.attempts` chain on the answer or a stream's
-last chunk, else the admin API's record of the request (GET /admin/v1/calls/{request id}:
-the newest attempt's number); "?" when none says.
+Attempts come from the error body's `error.attempts` or the `rswitch.attempts` chain on the
+answer or a stream's last chunk, else the `x-rswitch-attempts` header (a stream's is sent
+before it can fail over), else the admin API's record of the request
+(GET /admin/v1/calls/{request id}: the newest attempt's number); "?" when none says.
 
 Run (about 3 minutes while the gateway waits out silent upstreams, seconds when it does not):
   .venv/bin/python benchmarks/bench_faults.py
   .venv/bin/python benchmarks/bench_faults.py --scenarios cut-mid,stall-mid --json faults.json
   .venv/bin/python benchmarks/bench_faults.py --quick          # the few rows the test runs
+  .venv/bin/python benchmarks/bench_faults.py --no-prefill     # continue broken streams by replay
 Other checkout: --rswitch-cmd "/path/.venv/bin/python -m rswitch"  (`serve …` is appended).
 """
 
@@ -187,13 +189,15 @@ def start_upstream(procs: Procs, tmp: Path, name: str) -> int:
     return port
 
 
-def write_config(tmp: Path, rows: list[Row], primary_port: int, fallback_port: int) -> Path:
+def write_config(
+    tmp: Path, rows: list[Row], primary_port: int, fallback_port: int, prefill: bool = True
+) -> Path:
     limits = (
         f"    connect_timeout_seconds: {CONNECT_TIMEOUT:g}\n"
         f"    first_byte_timeout_seconds: {FIRST_BYTE_TIMEOUT:g}\n"
         f"    idle_timeout_seconds: {IDLE_TIMEOUT:g}\n"
         "    retry_same: 1\n"
-        "    prefill: true\n"
+        f"    prefill: {str(prefill).lower()}\n"
     )
     combos, providers = [], []
     for r in rows:
@@ -288,13 +292,14 @@ def newest_attempt(request_id: str, rs_port: int) -> int | None:
 def attempts_of(
     headers: Any, err: dict[str, Any], meta: dict[str, Any], request_id: str | None, rs_port: int
 ) -> tuple[int | None, str | None]:
+    # a stream's headers go out before it can fail over: its end (error or last chunk) knows more
+    for chain, source in ((err.get("attempts"), "error body"), (meta.get("attempts"), "answer metadata")):
+        if isinstance(chain, list) and chain:
+            return len(chain), source
     value = headers.get("x-rswitch-attempts") if headers is not None else None
     if value is not None:
         with contextlib.suppress(ValueError):
             return int(value), "header"
-    for chain, source in ((err.get("attempts"), "error body"), (meta.get("attempts"), "answer metadata")):
-        if isinstance(chain, list) and chain:
-            return len(chain), source
     if request_id:
         # a stream's last attempt is recorded as it ends, maybe just after the client saw the
         # end: read until two reads agree
@@ -407,14 +412,16 @@ def plan_rows(scenarios: list[str]) -> list[Row]:
     return [Row(s, m) for s in scenarios for m in MODES[s]]
 
 
-def run(scenarios: list[str], rswitch_cmd: list[str], tmp: Path, log: Any = print) -> dict[str, Any]:
+def run(
+    scenarios: list[str], rswitch_cmd: list[str], tmp: Path, log: Any = print, prefill: bool = True
+) -> dict[str, Any]:
     """Run the rows of `scenarios` through a fresh rswitch; the results as a JSON-able dict."""
     procs = Procs()
     rows = plan_rows(scenarios)
     try:
         primary_port = start_upstream(procs, tmp, "primary")
         fallback_port = start_upstream(procs, tmp, "fallback")
-        config = write_config(tmp, rows, primary_port, fallback_port)
+        config = write_config(tmp, rows, primary_port, fallback_port, prefill)
         rs_port = start_rswitch(procs, tmp, config, rswitch_cmd)
         log(
             f"upstreams: primary {HOST}:{primary_port}, fallback {HOST}:{fallback_port}; rswitch {HOST}:{rs_port}"
@@ -439,10 +446,10 @@ def run(scenarios: list[str], rswitch_cmd: list[str], tmp: Path, log: Any = prin
         client.close()
     finally:
         procs.stop_all()
-    return report(rows)
+    return report(rows, prefill)
 
 
-def report(rows: list[Row]) -> dict[str, Any]:
+def report(rows: list[Row], prefill: bool = True) -> dict[str, Any]:
     rescuable = [r for r in rows if r.scenario not in CONTROL | MUST_FAIL]
     must_fail = [r for r in rows if r.scenario in MUST_FAIL]
     control = [r for r in rows if r.scenario in CONTROL]
@@ -462,6 +469,7 @@ def report(rows: list[Row]) -> dict[str, Any]:
             "first_byte_timeout_seconds": FIRST_BYTE_TIMEOUT,
             "idle_timeout_seconds": IDLE_TIMEOUT,
             "retry_same": 1,
+            "prefill": prefill,
             "max_attempts": 3,
         },
     }
@@ -520,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rswitch-cmd", help="command that runs the rswitch CLI (default: this Python's `-m rswitch`)"
     )
+    ap.add_argument(
+        "--no-prefill",
+        action="store_true",
+        help="providers say prefill: false, so a broken stream is continued by replaying the request "
+        "(rswitch drops the replayed prefix) instead of continuing a trailing assistant message",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, logs)")
     args = ap.parse_args(argv)
     if args.scenarios:
@@ -537,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rswitch-faults-"))
     cmd = shlex.split(args.rswitch_cmd) if args.rswitch_cmd else [sys.executable, "-m", "rswitch"]
     try:
-        result = run(scenarios, cmd, tmp)
+        result = run(scenarios, cmd, tmp, prefill=not args.no_prefill)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 1
