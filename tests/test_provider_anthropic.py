@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -12,9 +14,9 @@ from aiohttp import web
 
 from rswitch.config import ProviderConfig
 from rswitch.providers.anthropic import AnthropicProvider, to_anthropic_tool_choice, to_openai_completion
-from rswitch.providers.base import ChatCall, UpstreamError
+from rswitch.providers.base import ChatCall, UpstreamError, needs_other_model
 from tests.fakes import anthropic_fake
-from tests.fakes.server import FakeUpstream, Fault, serve_app
+from tests.fakes.server import FakeUpstream, Fault, abort, serve_app
 
 KEY = "sk-ant-test-secret"
 MODEL = "claude-test"
@@ -288,7 +290,7 @@ async def test_error_event_raises_from_the_stream(provider: AnthropicProvider, f
     assert "overloaded_error" in err.message
 
 
-async def test_stream_closed_cleanly_before_message_stop_raises() -> None:
+async def test_stream_closed_cleanly_before_its_stop_reason_raises() -> None:
     # a proxy may end the HTTP body cleanly mid-answer: that is still not a complete answer
     async def truncated(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -309,7 +311,7 @@ async def test_stream_closed_cleanly_before_message_stop_raises() -> None:
         finally:
             await p.close()
     assert streamed_text(chunks) == "echo: "
-    assert err.code == "stream_interrupted" and "message_stop" in err.message
+    assert err.code == "stream_interrupted" and "stop_reason" in err.message
 
 
 async def test_without_a_key_no_credential_is_read_from_the_environment(
@@ -335,6 +337,162 @@ async def test_api_key_never_in_error_messages(
         await collect(provider, chat(user("hi there")))
     assert KEY not in info.value.message and KEY not in str(info.value)
     assert "[redacted]" in info.value.message
+
+
+# --- failover: prefill, context length, damaged streams --------------------------------------
+
+FULL = "echo: one two three four"
+
+
+def prefilled(partial: str) -> ChatCall:
+    call = chat(user("one two three four"), {"role": "assistant", "content": partial})
+    call.prefill = True
+    return call
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("partial", ["echo: one ", "echo: one", "echo: one \n"])
+async def test_prefill_is_continued_with_only_the_new_text(
+    provider: AnthropicProvider, fake: FakeUpstream, streamed: bool, partial: str
+) -> None:
+    assert provider.accepts_prefill(MODEL)
+    if streamed:
+        chunks = await collect(provider, prefilled(partial))
+        text, usage = streamed_text(chunks), chunks[-1]["usage"]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    else:
+        out = await provider.complete(prefilled(partial))
+        text, usage = out["choices"][0]["message"]["content"], out["usage"]
+    # Anthropic refuses trailing whitespace in a prefill: it is not sent, and the caller's text
+    # (which has it) joins the continuation exactly
+    assert fake.recorder.last["messages"][-1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": partial.rstrip()}],
+    }
+    if partial == "echo: one \n":  # the model continues with " two": the caller already has a space
+        assert partial + text == "echo: one \ntwo three four"
+    else:
+        assert partial + text == FULL
+    assert usage["completion_tokens"] == 3  # "two three four": only the continuation is billed
+
+
+async def test_trailing_whitespace_in_a_prefill_is_refused_by_anthropic(
+    provider: AnthropicProvider, fake: FakeUpstream
+) -> None:
+    # why the provider cuts it: sent as is (not as a prefill call), the fake answers as Anthropic does
+    call = prefilled("echo: one ")
+    call.prefill = False
+    with pytest.raises(UpstreamError) as info:
+        await provider.complete(call)
+    err = info.value
+    assert (err.status, err.error_type, err.retryable) == (400, "invalid_request_error", False)
+    assert "trailing whitespace" in err.message
+
+
+async def test_a_model_that_refuses_prefill_answers_a_plain_400() -> None:
+    with anthropic_fake.running(prefill="reject") as fake:
+        settings = ProviderConfig(type="anthropic", base_url=fake.base_url, timeout_seconds=5)
+        p = AnthropicProvider("anthropic", settings, api_key=KEY)
+        await p.start()
+        try:
+            with pytest.raises(UpstreamError) as info:
+                await collect(p, prefilled("echo: one"))
+            ok = await p.complete(chat(user("one two three four")))  # without a prefill all is well
+        finally:
+            await p.close()
+    err = info.value
+    assert (err.status, err.error_type, err.retryable) == (400, "invalid_request_error", False)
+    assert "Prefilling assistant messages is not supported" in err.message
+    assert not needs_other_model(err)  # the gateway learns to replay instead
+    assert ok["choices"][0]["message"]["content"] == FULL
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "prompt is too long: 250000 tokens > 200000 maximum",
+        "input length and `max_tokens` exceed context limit: 199759 + 8192 > 200000, "
+        "decrease input length or `max_tokens` and try again",
+    ],
+)
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_prompt_over_the_context_window_needs_another_model(
+    provider: AnthropicProvider, fake: FakeUpstream, message: str, streamed: bool
+) -> None:
+    fake.faults.push(Fault("status", status=400, message=message))
+    with pytest.raises(UpstreamError) as info:
+        if streamed:
+            await collect(provider, chat(user("a very long prompt")))
+        else:
+            await provider.complete(chat(user("a very long prompt")))
+    err = info.value
+    assert (err.status, err.code, err.retryable) == (400, "context_length_exceeded", False)
+    assert needs_other_model(err) and message.split(":")[0] in err.message
+
+
+async def test_other_bad_requests_are_not_context_errors(
+    provider: AnthropicProvider, fake: FakeUpstream
+) -> None:
+    fake.faults.push(Fault("status", status=400, message="messages: roles must alternate"))
+    with pytest.raises(UpstreamError) as info:
+        await provider.complete(chat(user("hi")))
+    assert info.value.code != "context_length_exceeded" and not needs_other_model(info.value)
+
+
+async def test_unreadable_stream_events_are_skipped_and_warned_once(
+    provider: AnthropicProvider, fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.faults.push(Fault("malformed", after=2))
+    with caplog.at_level(logging.WARNING, logger="rswitch.gateway"):
+        chunks = await collect(provider, chat(user("one two three four")))
+    assert streamed_text(chunks) == FULL
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert provider.malformed_events == 2
+    warnings = [r for r in caplog.records if "malformed stream event" in r.getMessage()]
+    assert len(warnings) == 1
+    # the next stream warns again: once per stream, not once per process
+    fake.faults.push(Fault("malformed", after=0))
+    with caplog.at_level(logging.WARNING, logger="rswitch.gateway"):
+        assert streamed_text(await collect(provider, chat(user("one two three four")))) == FULL
+    assert provider.malformed_events == 4
+    assert len([r for r in caplog.records if "malformed stream event" in r.getMessage()]) == 2
+
+
+async def test_stream_closed_after_its_stop_reason_is_complete(
+    provider: AnthropicProvider, fake: FakeUpstream
+) -> None:
+    # the message_delta carried stop_reason and usage; only message_stop never came
+    fake.faults.push(Fault("no_message_stop"))
+    chunks = await collect(provider, chat(user("one two three four")))
+    assert streamed_text(chunks) == FULL
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]].count("stop") == 1
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+
+
+async def test_stream_cut_after_its_stop_reason_is_complete() -> None:
+    # the connection is reset after the message_delta: the answer was already whole
+    async def reset_at_the_end(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        message = anthropic_fake.message_json(await request.json(), {"type": "text", "text": "echo: hi"})
+        for event, data in anthropic_fake.stream_events(message)[:-1]:
+            await response.write(anthropic_fake.sse(event, data))
+        await response.write(b"event: message_stop\ndata: {")  # half an event, then the reset
+        await asyncio.sleep(0.05)
+        await abort(request)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", reset_at_the_end)
+    with serve_app(app) as base_url:
+        p = AnthropicProvider("anthropic", ProviderConfig(type="anthropic", base_url=base_url), api_key=KEY)
+        await p.start()
+        try:
+            chunks = await collect(p, chat(user("hi")))
+        finally:
+            await p.close()
+    assert streamed_text(chunks) == "echo: hi"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
 
 
 # --- pure translation details ---------------------------------------------------------------

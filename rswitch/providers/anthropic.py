@@ -13,13 +13,22 @@ Notes on the SDK (anthropic 2.x):
 - `messages.create` has no temperature / top_p parameters any more, though the API takes
   them: they are sent through `extra_body` (see to_anthropic_request);
 - with no explicit base_url it reads ANTHROPIC_BASE_URL, so the default is pinned here:
-  the gateway's config, not the environment, decides where keys are sent.
+  the gateway's config, not the environment, decides where keys are sent;
+- its typed event stream ends at the first event it cannot parse, so a stream is read as the
+  raw server-sent events (`AsyncStream.raw_events`, the SDK's own decoder) and each event's
+  JSON is read here: an unreadable event is skipped, not fatal.
+
+A prefill (a trailing assistant message to continue) is native to the Messages API, which
+rejects trailing whitespace in it: that whitespace is cut before sending and cut again from
+the start of the continuation, so the caller's partial answer and the new text join exactly.
 """
 
 from __future__ import annotations
 
 import binascii
+import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +41,7 @@ from rswitch.providers.base import (
     Provider,
     UpstreamError,
     connection_error,
+    context_length_error,
     now,
     parse_retry_after,
     stream_broken,
@@ -104,6 +114,38 @@ def to_anthropic_request(call: ChatCall) -> dict[str, Any]:
     # Dropped, as the Messages API has no such field: seed, response_format, logprobs,
     # stream_options, presence/frequency penalties, ...
     return request
+
+
+def strip_prefill(messages: list[dict[str, Any]]) -> str:
+    """Cut the trailing whitespace off a trailing assistant message (the Messages API answers
+    400 to a prefill that ends with whitespace); return what was cut."""
+    if not messages or messages[-1]["role"] != "assistant":
+        return ""
+    blocks = messages[-1]["content"]
+    if not blocks or blocks[-1].get("type") != "text":
+        return ""
+    text = blocks[-1]["text"]
+    kept = text.rstrip()
+    if kept:
+        blocks[-1]["text"] = kept
+    else:
+        blocks.pop()
+        if not blocks:
+            messages.pop()  # a partial answer of only whitespace: nothing to continue
+    return text[len(kept) :]
+
+
+def drop_cut(text: str, cut: str) -> tuple[str, str]:
+    """`text` without the part of `cut` it starts with (whitespace the caller already has), and
+    what of `cut` is still to be matched by later text ("" once anything else arrived)."""
+    n = 0
+    while n < min(len(text), len(cut)) and text[n] == cut[n]:
+        n += 1
+    rest = cut[n:] if n == len(text) else ""
+    return text[n:], rest
+
+
+CONTEXT_TOO_LONG = re.compile(r"prompt is too long|context (window|limit|length)", re.IGNORECASE)
 
 
 def split_system(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -273,8 +315,10 @@ def prompt_tokens(usage: Any) -> int:
     )
 
 
-def to_openai_completion(message: anthropic.types.Message) -> dict[str, Any]:
+def to_openai_completion(message: anthropic.types.Message, cut: str = "") -> dict[str, Any]:
     text = "".join(b.text for b in message.content if b.type == "text")
+    if cut:
+        text = drop_cut(text, cut)[0]
     tool_calls = [
         {
             "id": b.id,
@@ -304,16 +348,29 @@ def to_openai_completion(message: anthropic.types.Message) -> dict[str, Any]:
     }
 
 
-class ChunkTranslator:
-    """Turns Anthropic stream events into OpenAI chunks; remembers what later chunks need."""
+def usage_prompt_tokens(usage: dict[str, Any]) -> int:
+    """`prompt_tokens` for a stream event's usage object (a dict)."""
+    return (
+        (usage.get("input_tokens") or 0)
+        + (usage.get("cache_creation_input_tokens") or 0)
+        + (usage.get("cache_read_input_tokens") or 0)
+    )
 
-    def __init__(self, model: str) -> None:
+
+class ChunkTranslator:
+    """Turns Anthropic stream events (decoded JSON objects) into OpenAI chunks; remembers what
+    later chunks need. `cut` is whitespace the caller's prefill had and the request did not:
+    it is dropped from the start of the continuation."""
+
+    def __init__(self, model: str, cut: str = "") -> None:
         self.id = ""
         self.model = model
         self.created = now()
         self.input_tokens = 0
         self.output_tokens = 0
-        self.finished = False  # message_stop seen: only then is the answer complete
+        self.finish: str | None = None  # message_delta's stop_reason: the answer is whole
+        self.stopped = False  # message_stop seen
+        self._cut = cut
         self._tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool_calls index
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -335,51 +392,64 @@ class ChunkTranslator:
             "usage": openai_usage(self.input_tokens, self.output_tokens),
         }
 
-    def translate(self, event: Any) -> dict[str, Any] | None:
-        """The chunk for one event, or None when the event carries nothing for OpenAI."""
-        handler = getattr(self, "_on_" + event.type, None)
+    def translate(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk for one event, or None when the event carries nothing for OpenAI. Raises
+        KeyError / TypeError / AttributeError / ValueError for an event of an unexpected shape."""
+        handler = getattr(self, "_on_" + str(event["type"]), None)
         return handler(event) if handler else None
 
-    def _on_message_start(self, event: Any) -> dict[str, Any]:
-        self.id = event.message.id
-        self.model = event.message.model or self.model
-        self.input_tokens = prompt_tokens(event.message.usage)
-        self.output_tokens = event.message.usage.output_tokens or 0
+    def _text(self, text: str) -> dict[str, Any] | None:
+        if self._cut:
+            text, self._cut = drop_cut(text, self._cut)
+        return self.chunk({"content": text}) if text else None
+
+    def _on_message_start(self, event: dict[str, Any]) -> dict[str, Any]:
+        message = event["message"]
+        usage = message.get("usage") or {}
+        self.id = str(message["id"])
+        self.model = message.get("model") or self.model
+        self.input_tokens = usage_prompt_tokens(usage)
+        self.output_tokens = usage.get("output_tokens") or 0
         return self.chunk({"role": "assistant", "content": ""})
 
-    def _on_content_block_start(self, event: Any) -> dict[str, Any] | None:
-        block = event.content_block
-        if block.type == "text":
-            return self.chunk({"content": block.text}) if block.text else None
-        if block.type != "tool_use":
+    def _on_content_block_start(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        block = event["content_block"]
+        if block["type"] == "text":
+            return self._text(block.get("text") or "")
+        if block["type"] != "tool_use":
             return None  # thinking and server-tool blocks have no OpenAI counterpart
-        index = self._tool_index[event.index] = len(self._tool_index)
+        self._cut = ""  # the continuation did not start with the cut whitespace
+        index = self._tool_index[event["index"]] = len(self._tool_index)
         call = {
             "index": index,
-            "id": block.id,
+            "id": block["id"],
             "type": "function",
-            "function": {"name": block.name, "arguments": ""},
+            "function": {"name": block["name"], "arguments": ""},
         }
         return self.chunk({"tool_calls": [call]})
 
-    def _on_content_block_delta(self, event: Any) -> dict[str, Any] | None:
-        delta = event.delta
-        if delta.type == "text_delta":
-            return self.chunk({"content": delta.text})
-        if delta.type == "input_json_delta" and event.index in self._tool_index:
-            call = {"index": self._tool_index[event.index], "function": {"arguments": delta.partial_json}}
+    def _on_content_block_delta(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        delta = event["delta"]
+        if delta["type"] == "text_delta":
+            return self._text(str(delta["text"]))
+        if delta["type"] == "input_json_delta" and event["index"] in self._tool_index:
+            call = {
+                "index": self._tool_index[event["index"]],
+                "function": {"arguments": delta["partial_json"]},
+            }
             return self.chunk({"tool_calls": [call]})
         return None
 
-    def _on_message_delta(self, event: Any) -> dict[str, Any]:
-        usage = event.usage
-        self.output_tokens = usage.output_tokens
-        if usage.input_tokens is not None:  # newer APIs repeat the (cumulative) input count here
-            self.input_tokens = prompt_tokens(usage)
-        return self.chunk({}, finish_reason(event.delta.stop_reason) or "stop")
+    def _on_message_delta(self, event: dict[str, Any]) -> dict[str, Any]:
+        usage = event.get("usage") or {}
+        self.output_tokens = usage.get("output_tokens", self.output_tokens)
+        if usage.get("input_tokens") is not None:  # newer APIs repeat the (cumulative) input count here
+            self.input_tokens = usage_prompt_tokens(usage)
+        self.finish = finish_reason(event["delta"].get("stop_reason")) or "stop"
+        return self.chunk({}, self.finish)
 
-    def _on_message_stop(self, event: Any) -> None:
-        self.finished = True
+    def _on_message_stop(self, event: dict[str, Any]) -> None:
+        self.stopped = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +458,7 @@ class ChunkTranslator:
 
 class AnthropicProvider(Provider):
     type = "anthropic"
+    prefill_default = True  # the Messages API continues a trailing assistant message
 
     def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
         super().__init__(name, settings, api_key)
@@ -422,45 +493,81 @@ class AnthropicProvider(Provider):
             raise RuntimeError(f"provider '{self.name}' used before start()")
         return self._client
 
-    def _timeout(self, call: ChatCall) -> float:
+    def _deadline(self, call: ChatCall) -> float:
         """The call's deadline, never beyond what this provider is configured to wait."""
         return min(call.timeout, self.settings.timeout_seconds)
 
-    async def complete(self, call: ChatCall) -> dict[str, Any]:
+    def _timeout(self, call: ChatCall) -> httpx2.Timeout:
+        """The deadline for every phase, except connecting: a host that does not answer the
+        connection fails fast, so a fallback gets its turn."""
+        deadline = self._deadline(call)
+        return httpx2.Timeout(deadline, connect=min(self.timeouts.connect, deadline))
+
+    def _request(self, call: ChatCall) -> tuple[dict[str, Any], str]:
+        """The `messages.create` arguments, and the whitespace cut off a prefill."""
         request = to_anthropic_request(call)
-        timeout = self._timeout(call)
+        cut = strip_prefill(request["messages"]) if call.prefill else ""
+        return request, cut
+
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        request, cut = self._request(call)
         try:
-            message = await self.client.messages.create(**request, timeout=timeout)
+            message = await self.client.messages.create(**request, timeout=self._timeout(call))
         except anthropic.AnthropicError as exc:
-            raise self._upstream_error(exc, timeout) from None
+            raise self._upstream_error(exc, call) from None
         try:
-            return to_openai_completion(message)
+            return to_openai_completion(message, cut)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # not the Messages API's shape
             raise self._unexpected(exc) from None
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
-        request = to_anthropic_request(call)
-        timeout = self._timeout(call)
-        try:
-            events = await self.client.messages.create(**request, stream=True, timeout=timeout)
-        except anthropic.AnthropicError as exc:
-            raise self._upstream_error(exc, timeout) from None
-
-        translator = ChunkTranslator(call.model)
-        async with events:  # releases the connection even if the consumer stops early
+        request, cut = self._request(call)
+        translator = ChunkTranslator(call.model, cut)
+        warned = False
+        # the exit stack releases the connection even if the consumer stops early
+        async with contextlib.AsyncExitStack() as stack:
             try:
-                async for event in events:
+                response = await stack.enter_async_context(
+                    self.client.messages.with_streaming_response.create(
+                        **request, stream=True, timeout=self._timeout(call)
+                    )
+                )
+            except anthropic.AnthropicError as exc:
+                raise self._upstream_error(exc, call) from None
+            try:
+                async for sse in anthropic.AsyncStream.raw_events(response.http_response):
+                    if sse.event == "ping" or not sse.data:
+                        continue
+                    if sse.event == "error":
+                        raise self._error_event(sse.data)
                     try:
+                        event = json.loads(sse.data)
                         chunk = translator.translate(event)
                     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                        raise self._unexpected(exc) from None
+                        detail = f"{sse.event or 'unnamed'} event, {type(exc).__name__}"
+                        warned = self.skip_malformed(detail, warned)
+                        continue
                     if chunk is not None:
                         yield chunk
-            except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
-                raise self._broken_stream_error(exc) from None
-        if not translator.finished:
-            raise stream_broken(self.name, "the stream ended before message_stop")
+                    if translator.stopped:
+                        break
+            except (httpx2.HTTPError, UnicodeDecodeError) as exc:
+                if translator.finish is None:
+                    raise self._broken_stream_error(exc) from None
+                # the answer was whole (message_delta carried its stop_reason): only the
+                # closing message_stop was lost
+        if translator.finish is None:
+            raise stream_broken(self.name, "the stream ended before the message's stop_reason")
         yield translator.usage_chunk()
+
+    def _error_event(self, data: str) -> UpstreamError:
+        """An in-stream `error` event: the answer is broken."""
+        try:
+            error = json.loads(data).get("error") or {}
+            detail = f"{error.get('type') or 'error'} event: {error.get('message')}"
+        except (AttributeError, ValueError):
+            detail = f"error event: {data[:200]}"
+        return stream_broken(self.name, self.redact(detail))
 
     def _unexpected(self, exc: Exception) -> UpstreamError:
         return UpstreamError(
@@ -471,16 +578,21 @@ class AnthropicProvider(Provider):
             retryable=True,
         )
 
-    def _upstream_error(self, exc: anthropic.AnthropicError, timeout: float) -> UpstreamError:
+    def _upstream_error(self, exc: anthropic.AnthropicError, call: ChatCall) -> UpstreamError:
         # APITimeoutError subclasses APIConnectionError, so it is tested first.
         if isinstance(exc, anthropic.APITimeoutError):
-            return timeout_error(self.name, timeout)
+            if isinstance(exc.__cause__, httpx2.ConnectTimeout):
+                return connection_error(self.name, exc.__cause__)  # never reached: not a slow answer
+            return timeout_error(self.name, self._deadline(call))
         if isinstance(exc, anthropic.APIConnectionError):
             return connection_error(self.name, exc.__cause__ or exc)
         if isinstance(exc, anthropic.APIStatusError):
+            message = exc.api_message or exc.message
+            if exc.status_code == 400 and CONTEXT_TOO_LONG.search(message or ""):
+                return context_length_error(self.name, self.redact(message))
             return UpstreamError(
                 exc.status_code,
-                self.redact(f"provider '{self.name}': {exc.api_message or exc.message}"),
+                self.redact(f"provider '{self.name}': {message}"),
                 error_type=exc.type or "upstream_error",
                 code=exc.error_code,
                 retry_after=parse_retry_after(exc.response.headers.get("retry-after")),
@@ -490,10 +602,10 @@ class AnthropicProvider(Provider):
 
     def _broken_stream_error(self, exc: BaseException) -> UpstreamError:
         """Once chunks may have been sent, any failure is a broken stream, never a clean end."""
-        if isinstance(exc, anthropic.APIStatusError):  # an in-stream `error` event
-            detail = f"{exc.type or 'error'} event: {exc.api_message or exc.message}"
-        elif isinstance(exc, httpx2.TimeoutException | anthropic.APITimeoutError):
+        if isinstance(exc, httpx2.TimeoutException):
             detail = "no data within the timeout"
+        elif isinstance(exc, UnicodeDecodeError):
+            detail = "bytes that are not UTF-8"  # the SSE decoder cannot go past them
         else:
             detail = type(exc).__name__
         return stream_broken(self.name, self.redact(detail))

@@ -3,6 +3,15 @@
 Answers `reply_text(messages)`, plain or as Anthropic's SSE event sequence. When the request
 offers tools and the last user text mentions "weather", it calls the first tool instead, so
 tool translation can be tested. Token counts are words: deterministic, good enough.
+
+A trailing assistant message is a prefill, continued as the Messages API does: the answer is
+the rest of the full answer when the prefill is its start (else the full answer), and only
+that rest is counted as output. A prefill ending in whitespace is answered 400, as Anthropic
+does; `running(prefill="reject")` answers every prefill 400, as models without prefill do.
+
+Fault kinds of this fake besides the shared ones: "malformed" (two unreadable events after
+`after` content deltas, then the rest), "no_message_stop" (the whole answer up to the
+message_delta with its stop_reason, then a clean close without message_stop).
 """
 
 from __future__ import annotations
@@ -41,6 +50,11 @@ ERROR_TYPES = {
 TOOL_INPUT = {"location": "Paris"}  # what the fake "model" asks the weather tool for
 
 Event = tuple[str, dict[str, Any]]
+
+MALFORMED_EVENTS = (  # what a "malformed" fault sends: JSON cut short, then a delta without its delta
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "ind\n\n',
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0}\n\n',
+)
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
@@ -106,8 +120,15 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
+def prefill_text(body: dict[str, Any]) -> str | None:
+    """The partial answer a trailing assistant message holds, or None."""
+    last = body["messages"][-1]
+    return text_parts(last.get("content")) if last.get("role") == "assistant" else None
+
+
 def answer_block(body: dict[str, Any]) -> dict[str, Any]:
-    """The one content block the fake answers with: a tool call or the echoed text."""
+    """The one content block the fake answers with: a tool call or the echoed text (only its
+    continuation, after a prefill)."""
     tools = body.get("tools") or []
     if tools and "weather" in last_user_text(body["messages"]).lower():
         return {
@@ -116,7 +137,23 @@ def answer_block(body: dict[str, Any]) -> dict[str, Any]:
             "name": tools[0]["name"],
             "input": TOOL_INPUT,
         }
-    return {"type": "text", "text": reply_text(body["messages"])}
+    full = reply_text(body["messages"])
+    prefix = prefill_text(body)
+    if prefix and full.startswith(prefix):
+        return {"type": "text", "text": full[len(prefix) :]}
+    return {"type": "text", "text": full}
+
+
+def prefill_problem(body: dict[str, Any], prefill: str) -> web.Response | None:
+    """Anthropic's 400s to a prefill."""
+    prefix = prefill_text(body)
+    if prefix is None:
+        return None
+    if prefill == "reject":
+        return error_response(400, "Prefilling assistant messages is not supported for this model.")
+    if prefix != prefix.rstrip():
+        return error_response(400, "final assistant content cannot end with trailing whitespace")
+    return None
 
 
 def output_tokens(block: dict[str, Any]) -> int:
@@ -172,14 +209,21 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def write_stream(request: web.Request, events: list[Event], fault: Fault | None) -> web.StreamResponse:
-    """Send `events`; a cut or error_event fault strikes after `fault.after` content deltas."""
+    """Send `events`; a cut, error_event or malformed fault strikes after `fault.after` content
+    deltas; no_message_stop leaves out the last event."""
     response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
     await response.prepare(request)
-    breaks = fault is not None and fault.kind in ("cut", "error_event")
+    kind = fault.kind if fault is not None else None
+    if kind == "no_message_stop":
+        events = events[:-1]
     sent = 0
     for event, data in events:
-        if breaks and event == "content_block_delta" and sent == fault.after:
-            return await break_stream(request, response, fault)
+        if fault is not None and event == "content_block_delta" and sent == fault.after:
+            if kind in ("cut", "error_event"):
+                return await break_stream(request, response, fault)
+            if kind == "malformed":
+                for line in MALFORMED_EVENTS:
+                    await response.write(line)
         await response.write(sse(event, data))
         sent += event == "content_block_delta"
     await response.write_eof()
@@ -198,14 +242,14 @@ async def break_stream(
     return response
 
 
-def create_app(faults: Faults, recorder: Recorder) -> web.Application:
+def create_app(faults: Faults, recorder: Recorder, prefill: str = "continue") -> web.Application:
     async def messages(request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:
             return error_response(400, "request body is not valid JSON")
         recorder.add(body, request.headers)
-        problem = request_problem(request, body)
+        problem = request_problem(request, body) or prefill_problem(body, prefill)
         if problem is not None:
             return problem
 
@@ -231,8 +275,9 @@ def create_app(faults: Faults, recorder: Recorder) -> web.Application:
 
 
 @contextmanager
-def running() -> Iterator[FakeUpstream]:
-    """Serve the fake on a free loopback port for the duration of the block."""
+def running(prefill: str = "continue") -> Iterator[FakeUpstream]:
+    """Serve the fake on a free loopback port for the duration of the block; `prefill` is
+    "continue" (Claude models that take a prefill) or "reject"."""
     faults, recorder = Faults(), Recorder()
-    with serve_app(create_app(faults, recorder)) as base_url:
+    with serve_app(create_app(faults, recorder, prefill)) as base_url:
         yield FakeUpstream(base_url=base_url, faults=faults, recorder=recorder)
