@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from rswitch.config import ProviderConfig
-from rswitch.providers.base import ChatCall, UpstreamError
+from rswitch.providers.base import ChatCall, UpstreamError, needs_other_model
 from rswitch.providers.ollama import OllamaProvider
 from tests.fakes.ollama_fake import running
 from tests.fakes.server import FakeUpstream, Fault, serve_app
@@ -305,3 +306,116 @@ async def test_ollama_api_key_from_environment_is_not_sent(fake, monkeypatch):
         await p.complete(chat())
         await p.close()
         assert fake.recorder.headers[-1].get("authorization") == expected
+
+
+# --- failover: prefill, context length, damaged streams --------------------------------------
+
+FULL = "echo: one two three four"
+
+
+def prefilled(partial: str) -> ChatCall:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "one two three four"},
+        {"role": "assistant", "content": partial},
+    ]
+    return ChatCall(model="llama3.2", messages=messages, prefill=True)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_prefill_is_continued_with_only_the_new_text(provider, fake, streamed):
+    assert provider.accepts_prefill("llama3.2")
+    if streamed:
+        chunks = await collect(provider, prefilled("echo: one "))
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        usage = chunks[-1]["usage"]
+    else:
+        out = await provider.complete(prefilled("echo: one "))
+        text, usage = out["choices"][0]["message"]["content"], out["usage"]
+    assert "echo: one " + text == FULL
+    assert usage["completion_tokens"] == 3  # "two three four"
+    assert fake.recorder.last["messages"][-1] == {"role": "assistant", "content": "echo: one "}
+
+
+async def test_a_stream_sends_what_the_library_would_send(provider, fake):
+    png = b"\x89PNG fake bytes"
+    image = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()},
+    }
+    call = ChatCall(
+        model="llama3.2",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "what is this"}, image]},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "and the weather?"},
+        ],
+        params={"tools": [WEATHER_TOOL], "temperature": 0.1, "response_format": {"type": "json_object"}},
+    )
+    await provider.complete(call)
+    whole = fake.recorder.last
+    await collect(provider, call)
+    streamed = fake.recorder.last
+    assert streamed.pop("stream") is True and whole.pop("stream") is False
+    assert streamed == whole
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (400, "the input length exceeds the context length"),
+        (500, "the input length exceeds the context length"),
+        (
+            400,
+            '{"error":{"code":400,"message":"request (8889 tokens) exceeds the available context size '
+            '(4096 tokens), try increasing it","type":"exceed_context_size_error"}}',
+        ),
+        (400, "the prompt is longer than the context length currently available to the model"),
+    ],
+)
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_prompt_over_the_context_needs_another_model(provider, fake, status, message, streamed):
+    fake.faults.push(Fault("status", status=status, message=message))
+    with pytest.raises(UpstreamError) as info:
+        if streamed:
+            await collect(provider, chat("a very long prompt"))
+        else:
+            await provider.complete(chat("a very long prompt"))
+    err = info.value
+    assert (err.status, err.code, err.retryable) == (400, "context_length_exceeded", False)
+    assert needs_other_model(err)
+
+
+async def test_a_context_error_line_in_the_stream_needs_another_model(provider, fake):
+    fake.faults.push(Fault("error_event", after=0, message="the input length exceeds the context length"))
+    with pytest.raises(UpstreamError) as info:
+        await collect(provider, chat("a very long prompt"))
+    assert (info.value.status, info.value.code) == (400, "context_length_exceeded")
+
+
+async def test_other_errors_are_not_context_errors(provider, fake):
+    fake.faults.push(Fault("status", status=500, message="model runner crashed"))
+    with pytest.raises(UpstreamError) as info:
+        await provider.complete(chat())
+    assert info.value.status == 500 and not needs_other_model(info.value)
+
+
+async def test_unreadable_lines_are_skipped_and_warned_once(provider, fake, caplog):
+    fake.faults.push(Fault("malformed", after=2))
+    with caplog.at_level(logging.WARNING, logger="rswitch.gateway"):
+        chunks = await collect(provider, chat("one two three four"))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == FULL
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert provider.malformed_events == 2
+    assert len([r for r in caplog.records if "malformed stream event" in r.getMessage()]) == 1
+
+
+async def test_a_stream_dropped_after_its_done_part_is_complete(provider, fake):
+    fake.faults.push(Fault("reset_after_done"))
+    chunks = await collect(provider, chat("one two three four"))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == FULL
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == 5

@@ -7,7 +7,15 @@ Things about the client this module works around (ollama 0.6.x):
 - `ResponseError` keeps no headers, so an upstream Retry-After cannot be honoured;
 - a string image is read from disk when it names an existing path, so images are handed
   over as bytes, never as strings;
-- it adds `$OLLAMA_API_KEY` as a bearer token on its own; rswitch keeps keys in its config.
+- it adds `$OLLAMA_API_KEY` as a bearer token on its own; rswitch keeps keys in its config;
+- its streamed `chat` ends at the first line it cannot parse, so a stream is read here, line
+  by line, over the client's own connection pool, with the request and each part built and
+  checked by the library's models: an unreadable line is skipped, not fatal.
+
+Ollama continues a trailing assistant message (a prefill) itself and answers only the new
+text. By default it silently truncates a prompt longer than the context; when it does refuse
+one, the error ("the input length exceeds the context length", "request (N tokens) exceeds
+the available context size", ...) becomes `context_length_exceeded`.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -32,6 +41,7 @@ from rswitch.providers.base import (
     Provider,
     UpstreamError,
     connection_error,
+    context_length_error,
     new_completion_id,
     now,
     stream_broken,
@@ -39,6 +49,12 @@ from rswitch.providers.base import (
 )
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
+
+CONTEXT_TOO_LONG = re.compile(
+    r"exceeds? (the )?(available )?context (length|size|window)|longer than the context length"
+    r"|exceed_context_size_error",
+    re.IGNORECASE,
+)
 
 # OpenAI parameters that are Ollama options under the same name
 _SAME_NAME_OPTIONS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
@@ -146,6 +162,27 @@ def to_ollama_format(params: dict[str, Any]) -> str | dict[str, Any] | None:
     return None
 
 
+def _library_message(m: dict[str, Any]) -> dict[str, Any]:
+    """One message as the library's `chat` sends it (empty fields dropped, images base64)."""
+    fields = {k: [ollama.Image(value=i) for i in v] if k == "images" else v for k, v in m.items() if v}
+    return ollama.Message.model_validate(fields).model_dump(exclude_none=True)
+
+
+def to_ollama_chat_body(call: ChatCall, stream: bool) -> dict[str, Any]:
+    """The /api/chat body the library's `chat` would send for `call`."""
+    body = {
+        "model": call.model,
+        "messages": [_library_message(m) for m in to_ollama_messages(call.messages)],
+        "tools": [
+            ollama.Tool.model_validate(t).model_dump(exclude_none=True) for t in _tools(call.params) or []
+        ],
+        "stream": stream,
+        "format": to_ollama_format(call.params),
+        "options": to_ollama_options(call.params) or None,
+    }
+    return {k: v for k, v in body.items() if v is not None}
+
+
 # ---- Ollama response -> OpenAI response ------------------------------------------------
 
 
@@ -243,6 +280,7 @@ class _ChunkMaker:
 
 class OllamaProvider(Provider):
     type = "ollama"
+    prefill_default = True  # /api/chat continues a trailing assistant message
 
     def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
         super().__init__(name, settings, api_key)
@@ -250,9 +288,11 @@ class OllamaProvider(Provider):
 
     async def start(self) -> None:
         headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else None
+        deadline = self.settings.timeout_seconds
         self._ollama = ollama.AsyncClient(
             host=self.settings.base_url or DEFAULT_HOST,
-            timeout=self.settings.timeout_seconds,
+            # a host that does not take the connection fails fast, so a fallback gets its turn
+            timeout=httpx.Timeout(deadline, connect=min(self.timeouts.connect, deadline)),
             headers=headers,
             limits=httpx.Limits(max_connections=self.settings.max_connections),
         )
@@ -285,6 +325,8 @@ class OllamaProvider(Provider):
         )
 
     def _response_error(self, exc: ollama.ResponseError) -> UpstreamError:
+        if CONTEXT_TOO_LONG.search(str(exc.error)):
+            return context_length_error(self.name, self.redact(str(exc.error)))
         if exc.status_code == -1:  # an error line inside a 200 stream
             return stream_broken(self.name, self.redact(str(exc.error)))
         return UpstreamError(exc.status_code, self.redact(f"provider '{self.name}': {exc.error}"))
@@ -293,6 +335,8 @@ class OllamaProvider(Provider):
         """Map what httpx (or the client) raised; `streaming` once parts have arrived."""
         if isinstance(exc, ollama.ResponseError):
             return self._response_error(exc)
+        if isinstance(exc, httpx.ConnectTimeout):
+            return connection_error(self.name, exc)  # never reached: not a slow answer
         if isinstance(exc, httpx.TimeoutException | TimeoutError):
             return timeout_error(self.name, self._deadline(call))
         if streaming:
@@ -339,11 +383,33 @@ class OllamaProvider(Provider):
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
+    async def _parts(self, call: ChatCall) -> AsyncIterator[ollama.ChatResponse]:
+        """The parts of a streamed /api/chat answer; a line that cannot be read as one is
+        counted and skipped. Raises ResponseError for an error status or an error line."""
+        http = self._client()._client  # the library's pooled httpx client: same host, headers, limits
+        warned = False
+        async with http.stream("POST", "/api/chat", json=to_ollama_chat_body(call, stream=True)) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                raise ollama.ResponseError(r.text, r.status_code)
+            async for line in r.aiter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    part = json.loads(line)
+                    if isinstance(part, dict) and part.get("error"):
+                        raise ollama.ResponseError(str(part["error"]))  # status -1: inside the stream
+                    yield ollama.ChatResponse.model_validate(part)
+                except ValueError as exc:  # not JSON, or not a chat part (pydantic's error is one too)
+                    warned = self.skip_malformed(
+                        f"a line that is not a chat part ({type(exc).__name__})", warned
+                    )
+
     async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
         maker = _ChunkMaker(call.model)
         started = False
         try:
-            parts = await self._chat(call, stream=True)
+            parts = self._parts(call)
             async with contextlib.aclosing(parts):
                 while True:
                     # the same per-read deadline the OpenAI provider gives its sockets
@@ -355,12 +421,12 @@ class OllamaProvider(Provider):
                     chunk = maker.part(part)
                     if chunk is not None:
                         yield chunk
-                    if part.done:
+                    if part.done:  # the finish and the usage: the answer is whole, whatever follows
                         yield maker.usage(part)
                         return
         except UpstreamError:
             raise
         except (ollama.ResponseError, httpx.TransportError, ConnectionError, TimeoutError) as exc:
             raise self._transport_error(exc, call, streaming=started) from None
-        except ValueError as exc:
+        except ValueError as exc:  # the request did not fit the library's models
             raise self._invalid(exc, streaming=True) from None

@@ -1,7 +1,13 @@
 """A fake Ollama server speaking /api/chat (JSON and NDJSON streams), /api/tags, /api/version.
 
 Answers are `reply_text(messages)`; a request offering tools whose last user message
-mentions "weather" is answered with a call to the first tool instead.
+mentions "weather" is answered with a call to the first tool instead. A trailing assistant
+message is continued, as Ollama does: the answer is the rest of the full answer when the
+message is its start (else the full answer), and only that rest is counted in eval_count.
+
+Fault kinds of this fake besides the shared ones: "malformed" (two unreadable lines after
+`after` parts, then the rest), "reset_after_done" (the whole answer, done part included,
+then a dropped connection).
 """
 
 from __future__ import annotations
@@ -60,13 +66,26 @@ def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
     return {"function": {"name": name, "arguments": {"city": "Paris"}}}
 
 
+MALFORMED_LINES = (b'{"model": "llama3.2", "message": {"role": "assi\n', b'{"done": "maybe"}\n')
+
+
+def _continuation(messages: list[dict[str, Any]]) -> str:
+    """The answer, or after a trailing assistant message only what follows it."""
+    full = reply_text(messages)
+    last = messages[-1]
+    prefix = str(last.get("content") or "") if last.get("role") == "assistant" else ""
+    return full[len(prefix) :] if prefix and full.startswith(prefix) else full
+
+
 class _Answer:
     """What the fake says to one chat request, in the pieces a stream would carry."""
 
     def __init__(self, body: dict[str, Any]) -> None:
         self.model = body["model"]
         self.call = _tool_call(body)
-        self.pieces = [""] if self.call else split_words(reply_text(body["messages"]))
+        text = _continuation(body["messages"])
+        self.pieces = [""] if self.call else split_words(text)
+        self.eval_count = len(self.pieces) if self.call else len(text.split())
         self.prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
 
     def part(self, content: str, **extra: Any) -> dict[str, Any]:
@@ -91,7 +110,7 @@ class _Answer:
             "load_duration": 1_000_000,
             "prompt_eval_count": self.prompt_tokens,
             "prompt_eval_duration": 1_000_000,
-            "eval_count": len(self.pieces),
+            "eval_count": self.eval_count,
             "eval_duration": 3_000_000,
         }
 
@@ -108,8 +127,16 @@ async def _stream(request: web.Request, answer: _Answer, fault: Fault | None) ->
     broken = fault is not None and fault.kind in ("cut", "error_event")
     if broken:
         parts = parts[: fault.after]
-    for part in parts:
+    for i, part in enumerate(parts):
+        if fault is not None and fault.kind == "malformed" and i == fault.after:
+            for line in MALFORMED_LINES:
+                await resp.write(line)
         await resp.write(json.dumps(part).encode() + b"\n")
+    if fault is not None and fault.kind == "reset_after_done":
+        await resp.write(json.dumps(answer.final()).encode() + b"\n")
+        await asyncio.sleep(0.05)  # let the done part reach the client before the reset
+        await abort(request)
+        return resp
     if broken and fault.kind == "cut":
         await asyncio.sleep(0.05)  # let the sent parts reach the client before the reset
         await abort(request)
