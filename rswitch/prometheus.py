@@ -52,6 +52,11 @@ class CoreCollector:
         demoted = GaugeMetricFamily(
             "rswitch_demoted", "1 when the combination is below gateway.fallback_threshold", labels=labels
         )
+        circuit = GaugeMetricFamily(
+            "rswitch_circuit_open",
+            "1 when the combination's circuit breaker is open or half-open (requests skip it but one probe)",
+            labels=labels,
+        )
         errors = CounterMetricFamily(
             "rswitch_attempt_errors",
             "Failed attempts by combination and error type (every recorded failure: upstream, client, internal)",
@@ -93,7 +98,8 @@ class CoreCollector:
             values = [cid, c.template_id, c.provider, c.model]
             weight.add_metric(values, eff.get(cid, 0.0))
             demoted.add_metric(values, 1.0 if c.enabled and core.balancer.demoted(c) else 0.0)
-        yield from (attempts, errors, cost, tokens, latency, durations, ttfts, weight, demoted)
+            circuit.add_metric(values, 0.0 if core.gateway.breakers.state(cid)["state"] == "closed" else 1.0)
+        yield from (attempts, errors, cost, tokens, latency, durations, ttfts, weight, demoted, circuit)
 
         counters = core.metrics.counters
         for name, doc in (

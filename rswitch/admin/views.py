@@ -89,6 +89,15 @@ class Performance(OpenView):
     since_start: Totals
 
 
+class BreakerView(View):
+    """A combination's circuit breaker (gateway.circuit_breaker): open, requests skip it until
+    `retry_in` seconds pass; half_open, one probe request is out."""
+
+    state: Literal["closed", "open", "half_open"]
+    failures: int  # consecutive failed attempts
+    retry_in: float | None  # seconds until an open one admits a probe
+
+
 class CombinationView(View):
     id: str
     name: str
@@ -103,6 +112,7 @@ class CombinationView(View):
     is_primary: bool
     fallbacks: list[str]
     demoted: bool
+    breaker: BreakerView | None = None  # None from a gateway older than circuit breakers
     performance: Performance
     analytics: dict[str, Any] | None = None  # DuckDB history; /status merges it in, snapshots do not
 
@@ -324,6 +334,7 @@ def _combinations(core: Core) -> list[dict[str, Any]]:
                 "is_primary": c.is_primary,
                 "fallbacks": c.fallbacks,
                 "demoted": c.enabled and core.balancer.demoted(c),
+                "breaker": gateway.breakers.state(c.id),
                 "performance": {
                     **windows[c.id].as_dict(),
                     "window_seconds": metrics.window,

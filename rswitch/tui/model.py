@@ -69,6 +69,7 @@ def fmt_cost(value: float | None, digits: int = 2) -> str:
 
 KIND_LABEL = {"passthrough": "pass-through", "default": "default model"}
 STATE_OF_KIND = {"passthrough": "pass-through", "default": "default"}  # the state of such a row when healthy
+BREAKER_STATE = {"open": "circuit open", "half_open": "probing"}  # the state of a row its breaker holds back
 
 
 def implicit_kind(c: dict[str, Any]) -> str | None:
@@ -87,7 +88,13 @@ def combination_row(c: dict[str, Any], optimized: str = "-") -> dict[str, str]:
     kind = implicit_kind(c)
     # the state column is the last to hide, so it is where a row the gateway made says what it is
     healthy = STATE_OF_KIND.get(kind or "", "enabled")
-    state = "disabled" if not enabled else ("degraded" if c.get("demoted") else healthy)
+    breaker = (c.get("breaker") or {}).get("state")
+    if not enabled:
+        state = "disabled"
+    elif breaker in BREAKER_STATE:  # an open breaker: requests skip it, which outranks a demotion
+        state = BREAKER_STATE[breaker]
+    else:
+        state = "degraded" if c.get("demoted") else healthy
     n = perf.get("requests") or 0
     model_cell = c["model"] + (f" ({KIND_LABEL[kind]})" if kind in KIND_LABEL else "")
     return {
