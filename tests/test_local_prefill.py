@@ -1,0 +1,87 @@
+"""The embedded model (real SmolLM2-135M through llama.cpp) continues a partial answer, and a
+prompt over its context window is an error another model can fix."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from rswitch.config import ProviderConfig
+from rswitch.providers.base import ChatCall, UpstreamError, needs_other_model
+from rswitch.providers.local import LocalProvider
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "Write one sentence about the sea."}]
+GREEDY = {"temperature": 0, "max_tokens": 64}
+
+
+@pytest.fixture
+async def local() -> AsyncIterator[LocalProvider]:
+    p = LocalProvider("local", ProviderConfig(type="local", local={"n_ctx": 512}), api_key=None)
+    await p.start()
+    yield p
+    await p.close()
+
+
+def continuing(partial: str) -> ChatCall:
+    return ChatCall(
+        model="smollm2",
+        messages=[*QUESTION, {"role": "assistant", "content": partial}],
+        params=GREEDY,
+        prefill=True,
+    )
+
+
+def streamed_text(chunks: list[dict[str, Any]]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+async def test_greedy_continuation_of_its_own_answer_is_the_rest_of_that_answer(local: LocalProvider) -> None:
+    assert local.accepts_prefill("smollm2")
+    whole = await local.complete(ChatCall(model="smollm2", messages=QUESTION, params=GREEDY))
+    answer = whole["choices"][0]["message"]["content"]
+    assert whole["choices"][0]["finish_reason"] == "stop", answer  # a whole answer, not cut by max_tokens
+    cut = answer.index(" ", len(answer) // 2)  # at a word: the next token starts with its space
+    partial, rest = answer[:cut], answer[cut:]
+
+    out = await local.complete(continuing(partial))
+    assert out["object"] == "chat.completion" and out["model"] == "smollm2"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": rest}
+    assert out["choices"][0]["finish_reason"] == "stop"
+    # only the new tokens are completion tokens; the partial answer is now part of the prompt
+    u, w = out["usage"], whole["usage"]
+    partial_tokens = u["prompt_tokens"] - w["prompt_tokens"]
+    assert partial_tokens > 0 and u["completion_tokens"] == w["completion_tokens"] - partial_tokens
+
+    chunks = [c async for c in local.stream(continuing(partial))]
+    assert streamed_text(chunks) == rest
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "smollm2" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == u
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_prompt_over_the_context_window_needs_another_model(
+    local: LocalProvider, streamed: bool
+) -> None:
+    call = ChatCall(model="smollm2", messages=[{"role": "user", "content": "sea " * 600}], params=GREEDY)
+    with pytest.raises(UpstreamError) as info:
+        if streamed:
+            async for _ in local.stream(call):
+                pass
+        else:
+            await local.complete(call)
+    err = info.value
+    assert (err.status, err.error_type, err.code, err.retryable) == (
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        False,
+    )
+    assert needs_other_model(err) and "exceed context window of 512" in err.message
+    ok = await local.complete(ChatCall(model="smollm2", messages=QUESTION, params={"max_tokens": 4}))
+    assert ok["choices"][0]["message"]["content"]  # the model is still there for the next call
