@@ -442,7 +442,8 @@ class ChunkTranslator:
 
     def _on_message_delta(self, event: dict[str, Any]) -> dict[str, Any]:
         usage = event.get("usage") or {}
-        self.output_tokens = usage.get("output_tokens", self.output_tokens)
+        if usage.get("output_tokens") is not None:
+            self.output_tokens = usage["output_tokens"]
         if usage.get("input_tokens") is not None:  # newer APIs repeat the (cumulative) input count here
             self.input_tokens = usage_prompt_tokens(usage)
         self.finish = finish_reason(event["delta"].get("stop_reason")) or "stop"
