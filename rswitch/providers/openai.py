@@ -6,6 +6,7 @@ was several times slower under concurrency, and the gateway's overhead is the pr
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,11 +14,13 @@ import aiohttp
 import orjson
 
 from rswitch.providers.base import (
+    CONTEXT_LENGTH_EXCEEDED,
     ChatCall,
     EmbedCall,
     Provider,
     UpstreamError,
     connection_error,
+    context_length_error,
     parse_retry_after,
     stream_broken,
     timeout_error,
@@ -25,6 +28,17 @@ from rswitch.providers.base import (
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 READ_BUFSIZE = 4 * 1024 * 1024
+
+# "the prompt does not fit this model", as OpenAI-compatible servers word it on a 400: vLLM's
+# "This model's maximum context length is N tokens", llama.cpp's "exceeds the available context
+# size", and the generic "context length/window exceeded" of proxies
+CONTEXT_TOO_LONG = re.compile(
+    r"maximum context length|context[ _-]?(?:length|window|size)\b[^.]{0,40}\bexceed"
+    r"|exceed[^.]{0,60}\bcontext[ _-]?(?:length|window|size)\b",
+    re.IGNORECASE,
+)
+# llama.cpp server's error type for a prompt beyond its context (`n_ctx`)
+LLAMA_CPP_CONTEXT_TYPE = "exceed_context_size_error"
 
 
 class OpenAIProvider(Provider):
@@ -65,12 +79,20 @@ class OpenAIProvider(Provider):
         return min(call.timeout, self.settings.timeout_seconds)
 
     def _timeout(self, call: ChatCall | EmbedCall, stream: bool) -> aiohttp.ClientTimeout:
-        key = (self._deadline(call), stream)
+        connect = self.timeouts.connect
+        key = (self._deadline(call), stream, connect)
         timeout = self._timeouts.get(key)
         if timeout is None:
             t = key[0]
-            # a whole answer must arrive in time; a stream only must not go quiet for that long
-            timeout = aiohttp.ClientTimeout(total=None if stream else t, connect=min(t, 10.0), sock_read=t)
+            # a whole answer must arrive in time; a stream only must not go quiet for that long (the
+            # gateway keeps tighter first-byte and idle limits around every attempt); a host that
+            # does not take the connection fails after the connect timeout, so a fallback has time
+            timeout = aiohttp.ClientTimeout(
+                total=None if stream else t,
+                connect=min(t, connect),
+                sock_connect=min(t, connect),
+                sock_read=t,
+            )
             if len(self._timeouts) < 1024:  # deadlines repeat: cache the objects
                 self._timeouts[key] = timeout
         return timeout
@@ -92,6 +114,8 @@ class OpenAIProvider(Provider):
             message = text
         elif raw:
             message = f"{message}: {self.redact(raw.decode('utf-8', 'replace'))[:200]}"
+        if self._context_too_long(resp.status, etype, code, message):
+            return context_length_error(self.name, self.redact(message))
         return UpstreamError(
             resp.status,
             self.redact(f"provider '{self.name}': {message}"),
@@ -100,10 +124,22 @@ class OpenAIProvider(Provider):
             retry_after=parse_retry_after(resp.headers.get("retry-after")),
         )
 
+    @staticmethod
+    def _context_too_long(status: int, etype: Any, code: Any, message: str) -> bool:
+        """Whether an error answer means "the prompt is too long for this model"."""
+        if code == CONTEXT_LENGTH_EXCEEDED or etype == LLAMA_CPP_CONTEXT_TYPE:
+            return True
+        return status == 400 and CONTEXT_TOO_LONG.search(message) is not None
+
     def _body(self, call: ChatCall, stream: bool) -> bytes:
         body = dict(call.params)
         body["model"] = call.model
         body["messages"] = call.messages
+        if call.prefill:
+            # vLLM/SGLang: continue the trailing assistant message, answer only the new text
+            # (llama.cpp's server ignores these keys and continues a trailing assistant message)
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         if stream:
             body["stream"] = True
             opts = dict(body.get("stream_options") or {})
@@ -123,6 +159,8 @@ class OpenAIProvider(Provider):
                 raw = await resp.read()
         except UpstreamError:
             raise
+        except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one
+            raise connection_error(self.name, exc) from None
         except TimeoutError:
             raise timeout_error(self.name, self._deadline(call)) from None
         except aiohttp.ClientError as exc:
@@ -144,6 +182,8 @@ class OpenAIProvider(Provider):
 
     async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
         session = self._session_or_start()
+        started: set[Any] = set()  # choice indexes that streamed something
+        finished: set[Any] = set()  # … and those whose finish_reason came
         try:
             async with session.post(
                 self.url, data=self._body(call, True), timeout=self._timeout(call, True)
@@ -155,29 +195,42 @@ class OpenAIProvider(Provider):
                     raw = await resp.read()
                     text = self.redact(raw.decode("utf-8", "replace"))[:200]
                     raise UpstreamError(502, f"provider '{self.name}' did not stream: {text}", retryable=True)
-                done = False
-                async for line in resp.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    try:
-                        chunk = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        raise stream_broken(self.name, "invalid JSON in an event") from None
-                    if not isinstance(chunk, dict):
-                        raise stream_broken(self.name, "an event that is not a JSON object")
-                    if chunk.get("error"):
-                        err = chunk["error"]
-                        msg = err.get("message") if isinstance(err, dict) else str(err)
-                        raise stream_broken(self.name, self.redact(str(msg)))
-                    yield chunk
-                if not done:
-                    raise stream_broken(self.name, "connection closed before [DONE]")
+                warned = False
+                try:
+                    async for line in resp.content:
+                        if not line.startswith(b"data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            return
+                        try:
+                            chunk = orjson.loads(data)
+                        except orjson.JSONDecodeError:
+                            warned = self.skip_malformed("invalid JSON", warned)
+                            continue
+                        if type(chunk) is not dict:
+                            warned = self.skip_malformed("not a JSON object", warned)
+                            continue
+                        if chunk.get("error"):
+                            err = chunk["error"]
+                            msg = err.get("message") if isinstance(err, dict) else str(err)
+                            raise stream_broken(self.name, self.redact(str(msg)))
+                        problem = chunk_problem(chunk, started, finished)
+                        if problem is not None:
+                            warned = self.skip_malformed(problem, warned)
+                            continue
+                        yield chunk
+                except aiohttp.ClientPayloadError:
+                    if not complete(started, finished):
+                        raise
+                    return  # the connection dropped after the answer's finish: it is whole
+                if not complete(started, finished):
+                    raise stream_broken(self.name, "connection closed before a finish_reason or [DONE]")
+                # closed cleanly after the finish (and the usage, if it came) without [DONE]: whole
         except UpstreamError:
             raise
+        except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one
+            raise connection_error(self.name, exc) from None
         except TimeoutError:
             raise timeout_error(self.name, self._deadline(call)) from None
         except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
@@ -185,3 +238,36 @@ class OpenAIProvider(Provider):
             raise stream_broken(self.name, type(exc).__name__) from None
         except aiohttp.ClientError as exc:
             raise connection_error(self.name, exc) from None
+
+
+def chunk_problem(chunk: dict[str, Any], started: set[Any], finished: set[Any]) -> str | None:
+    """What is wrong with a `chat.completion.chunk`'s shape, or None; notes which choices
+    streamed and which finished (a usage chunk may have no `choices`, or an empty list)."""
+    choices = chunk.get("choices")
+    if choices is None:
+        return None
+    if type(choices) is not list:
+        return "choices is not a list"
+    for choice in choices:
+        if type(choice) is not dict:
+            return "a choice is not an object"
+        if type(choice.get("index", 0)) is not int:
+            return "a choice's index is not an integer"
+        delta = choice.get("delta")
+        if delta is not None:
+            if type(delta) is not dict:
+                return "a delta is not an object"
+            content = delta.get("content")
+            if content is not None and type(content) is not str:
+                return "a delta's content is not a string"
+    for choice in choices:
+        index = choice.get("index", 0)
+        started.add(index)
+        if choice.get("finish_reason"):
+            finished.add(index)
+    return None
+
+
+def complete(started: set[Any], finished: set[Any]) -> bool:
+    """Whether every choice that streamed has had its finish_reason."""
+    return bool(finished) and started <= finished

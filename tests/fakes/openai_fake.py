@@ -6,8 +6,14 @@ user text mentions "weather", it calls the first tool instead. Token counts are 
 deterministic, good enough. `base_url` ends in `/v1`, so it is used exactly like OpenAI's.
 
 Options (per fake): `require_key` (answer 401 unless `Authorization: Bearer <key>`), `models`
-(answer 404 for any other model; default: any model), `delay` (seconds before every answer)
-and `slow_chunks` (seconds between streamed chunks, to prove streaming is real pass-through).
+(answer 404 for any other model; default: any model), `delay` (seconds before every answer),
+`slow_chunks` (seconds between streamed chunks, to prove streaming is real pass-through) and
+`prefill`: with "continue" (the default) a request with `continue_final_message: true` whose
+last message is the assistant's continues it as vLLM/SGLang do: the answer is only the rest of
+the full answer to the messages before it (the full answer when it does not start with the
+partial one), and only the rest counts as completion tokens; with "reject" such a request is a
+400, as a server without the option (OpenAI itself) answers. A trailing assistant message
+without `continue_final_message` is answered anew, like OpenAI.
 
 Every wait the fake does (`delay`, `slow_chunks`, a `stall` fault) ends early when the fake
 shuts down, so a request the client gave up on is never left pending when the loop closes
@@ -28,6 +34,7 @@ from aiohttp import web
 
 from tests.fakes.openai_schema import chat_request_problem
 from tests.fakes.server import (
+    INJECTED,
     FakeUpstream,
     Fault,
     Faults,
@@ -45,7 +52,7 @@ TOOL_ARGUMENTS = {"location": "Paris"}  # what the fake "model" asks the weather
 
 # status -> (error.type, error.code, error.param), as OpenAI answers them
 ERRORS: dict[int, tuple[str, str | None, str | None]] = {
-    400: ("invalid_request_error", "context_length_exceeded", "messages"),
+    400: ("invalid_request_error", None, None),
     401: ("invalid_request_error", "invalid_api_key", None),
     403: ("permission_error", None, None),
     404: ("invalid_request_error", "model_not_found", None),
@@ -56,6 +63,13 @@ ERRORS: dict[int, tuple[str, str | None, str | None]] = {
 }
 
 CLOSING = web.AppKey("closing", asyncio.Event)
+
+# what a "context" fault answers: OpenAI's own words for a prompt over the model's window
+CONTEXT_MESSAGE = (
+    "This model's maximum context length is 128000 tokens. However, your messages resulted in 130000 tokens."
+)
+MALFORMED_DEFAULT = "{not json"  # what a "malformed" fault sends unless its message says otherwise
+PREFILL_KEYS = ("continue_final_message", "add_generation_prompt")  # vLLM/SGLang's chat options
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -115,7 +129,39 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def request_problem(body: Any, models: list[str] | None) -> web.Response | None:
+def context_response() -> web.Response:
+    return error_response(
+        400, CONTEXT_MESSAGE, etype="invalid_request_error", code="context_length_exceeded", param="messages"
+    )
+
+
+def prefill_problem(body: dict[str, Any], prefill: str) -> web.Response | None:
+    """The 400 for vLLM's continuation options used wrongly, or on a server without them."""
+    present = [k for k in PREFILL_KEYS if k in body]
+    if not present:
+        return None
+    if prefill == "reject":
+        return invalid_request(f"{present[0]} is not supported by this server", param=present[0])
+    for key in present:
+        if not isinstance(body[key], bool):
+            return invalid_request(f"Invalid type for '{key}': expected a boolean.", param=key)
+    if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+        return invalid_request(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
+    messages = body.get("messages")
+    if body.get("continue_final_message") and isinstance(messages, list) and messages:
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            return invalid_request(
+                "continue_final_message is set but the final message is not from the assistant.",
+                param="continue_final_message",
+            )
+    return None
+
+
+def request_problem(body: Any, models: list[str] | None, prefill: str = "continue") -> web.Response | None:
     """The 400/404 OpenAI would answer for a malformed request, or None."""
     if not isinstance(body, dict):
         return invalid_request("The request body must be a JSON object.")
@@ -130,7 +176,10 @@ def request_problem(body: Any, models: list[str] | None) -> web.Response | None:
         return invalid_request("[] is too short - 'messages'", "messages", "empty_array")
     if any(not isinstance(m, dict) or "role" not in m for m in messages):
         return invalid_request("Missing required parameter: 'messages[].role'.", "messages")
-    problem = chat_request_problem(body)
+    problem = prefill_problem(body, prefill)
+    if problem is not None:
+        return problem
+    problem = chat_request_problem({k: v for k, v in body.items() if k not in PREFILL_KEYS})
     if problem is not None:
         return invalid_request(problem[0], problem[1])
     n = body.get("n", 1)
@@ -148,16 +197,20 @@ def request_problem(body: Any, models: list[str] | None) -> web.Response | None:
 
 
 class Answer:
-    """What the fake says to one chat request: `n` identical choices, text or one tool call."""
+    """What the fake says to one chat request: `n` identical choices, text or one tool call.
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    `text` replaces the echo as the full answer; `prefill`: the last message is the assistant's
+    partial answer, to be continued (the answer is the rest of the full one)."""
+
+    def __init__(self, body: dict[str, Any], text: str | None = None, prefill: bool = False) -> None:
         self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.model = body["model"]
         self.n = body.get("n", 1)
+        messages = body["messages"][:-1] if prefill else body["messages"]
         tools = body.get("tools") or []
         self.tool: dict[str, Any] | None = None
-        if tools and "weather" in last_user_text(body["messages"]).lower():
+        if tools and "weather" in last_user_text(messages).lower():
             self.tool = {
                 "id": "call_" + uuid.uuid4().hex[:24],
                 "type": "function",
@@ -168,7 +221,11 @@ class Answer:
             }
             self.text = ""
         else:
-            self.text = reply_text(body["messages"])
+            full = reply_text(messages) if text is None else text
+            if prefill:
+                partial = text_of(body["messages"][-1].get("content"))
+                full = full[len(partial) :] if full.startswith(partial) else full
+            self.text = full
         self.finish_reason = "tool_calls" if self.tool else "stop"
         self.prompt_tokens = prompt_tokens(body["messages"])
 
@@ -285,11 +342,25 @@ async def write_stream(
         }
     )
     await response.prepare(request)
-    breaks = fault is not None and fault.kind in ("cut", "error_event")
-    if breaks:
-        content = content[: fault.after]
+    kind = fault.kind if fault is not None else None
+    breaks = kind in ("cut", "error_event")
+    later: list[dict[str, Any]] = []  # content sent after a malformed line or a silence
+    if fault is not None and kind in ("cut", "error_event", "malformed", "stall_mid"):
+        content, later = content[: fault.after], content[fault.after :]
     for i, chunk in enumerate([*opening, *content]):
         if i and await pause(request.app, slow):
+            await abort(request)
+            return response
+        await response.write(sse(chunk))
+    if fault is not None and kind == "malformed":
+        await response.write(
+            f"data: {MALFORMED_DEFAULT if fault.message == INJECTED else fault.message}\n\n".encode()
+        )
+    if fault is not None and kind == "stall_mid" and await pause(request.app, fault.seconds):
+        await abort(request)
+        return response
+    for chunk in later if not breaks else []:
+        if await pause(request.app, slow):
             await abort(request)
             return response
         await response.write(sse(chunk))
@@ -307,7 +378,8 @@ async def write_stream(
             await abort(request)
             return response
         await response.write(sse(chunk))
-    await response.write(sse("[DONE]"))
+    if kind != "no_done":
+        await response.write(sse("[DONE]"))
     await response.write_eof()
     return response
 
@@ -324,8 +396,11 @@ def create_app(
     models: list[str] | None = None,
     delay: float = 0.0,
     slow_chunks: float = 0.0,
+    prefill: str = "continue",
 ) -> web.Application:
     """The fake as an aiohttp app; routes are under `/v1`."""
+    if prefill not in ("continue", "reject"):
+        raise ValueError(f"prefill must be 'continue' or 'reject', not {prefill!r}")
 
     def auth_problem(request: web.Request) -> web.Response | None:
         if require_key is None:
@@ -368,7 +443,7 @@ def create_app(
         if await pause(request.app, delay):
             await abort(request)
             return web.Response()
-        problem = auth_problem(request) or request_problem(body, models)
+        problem = auth_problem(request) or request_problem(body, models, prefill)
         if problem is not None:
             return problem
 
@@ -381,8 +456,15 @@ def create_app(
         if fault is not None and fault.kind == "stall" and await pause(request.app, fault.seconds):
             await abort(request)
             return web.Response()
+        if fault is not None and fault.kind == "context":
+            return context_response()
 
-        answer = Answer(body)
+        continues = (
+            bool(body.get("continue_final_message")) and body["messages"][-1].get("role") == "assistant"
+        )
+        answer = Answer(
+            body, fault.message if fault is not None and fault.kind == "text" else None, continues
+        )
         if body.get("stream"):
             return await write_stream(request, answer, body, fault, slow_chunks)
         if fault is not None and fault.kind == "cut":
@@ -463,11 +545,18 @@ def running(
     models: list[str] | None = None,
     delay: float = 0.0,
     slow_chunks: float = 0.0,
+    prefill: str = "continue",
 ) -> Iterator[FakeUpstream]:
     """Serve the fake on a free loopback port; `base_url` is `http://127.0.0.1:PORT/v1`."""
     faults, recorder = Faults(), Recorder()
     app = create_app(
-        faults, recorder, require_key=require_key, models=models, delay=delay, slow_chunks=slow_chunks
+        faults,
+        recorder,
+        require_key=require_key,
+        models=models,
+        delay=delay,
+        slow_chunks=slow_chunks,
+        prefill=prefill,
     )
     with serve_app(app) as root:
         yield FakeUpstream(base_url=root + "/v1", faults=faults, recorder=recorder)

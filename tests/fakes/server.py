@@ -12,16 +12,30 @@ from typing import Any
 
 from aiohttp import web
 
+INJECTED = "injected failure"  # a Fault's default message
+
 
 @dataclass
 class Fault:
     """What to do to one request instead of (or while) answering it normally.
 
-    kind: "status" (answer `status` with the provider's error body and optional
-    retry_after), "reset" (drop the connection before any byte), "stall" (hold the
-    request `seconds` before answering normally), "cut" (stream `after` chunks, then drop
-    the connection), "error_event" (stream `after` chunks, then the provider's in-stream
-    error event), "body" (anthropic fake: answer 200 with `message` as the raw JSON body).
+    Every fake: "status" (answer `status` with the provider's error body and optional
+    retry_after), "reset" (drop the connection before any byte), "stall" (hold the request
+    `seconds` before answering normally), "cut" (stream `after` content chunks, then drop the
+    connection), "error_event" (stream `after` content chunks, then the provider's in-stream
+    error event), "malformed" (stream `after` content chunks, then unreadable event(s), then
+    the rest of the answer normally).
+
+    OpenAI fake: "malformed" sends one bad `data:` line whose payload is `message` (default
+    "{not json"); "no_done" (the whole stream with its finish and usage, then a clean EOF
+    without `[DONE]`); "stall_mid" (stream `after` content chunks, then go silent `seconds`
+    with the connection open, then the rest); "text" (answer `message` as the whole answer
+    text instead of the echo, streamed or not); "context" (400 context_length_exceeded, as
+    OpenAI words it). On a non-streamed request, "malformed", "no_done" and "stall_mid" are
+    ignored, and "cut"/"error_event" drop the connection / answer 500.
+    Anthropic fake: "body" (answer 200 with `message` as the raw JSON body), "no_message_stop"
+    (the stream without its last event). Ollama fake: "reset_after_done" (the done part, then
+    a reset).
     """
 
     kind: str
@@ -29,7 +43,7 @@ class Fault:
     retry_after: float | None = None
     seconds: float = 0.0
     after: int = 1
-    message: str = "injected failure"
+    message: str = INJECTED
 
 
 @dataclass
