@@ -230,6 +230,7 @@ class Core:
             max_attempts=gw.max_attempts,
             request_timeout=gw.request_timeout_seconds,
             max_rate_wait=gw.max_rate_wait_seconds,
+            breaker=gw.circuit_breaker,
             embedding_default=gw.embeddings,
             chains=build_chains(
                 config.routing,

@@ -129,6 +129,14 @@ class CoreCollector:
             if depth is not None:
                 queue.add_metric([name], depth)
         yield queue
+        malformed = CounterMetricFamily(
+            "rswitch_upstream_malformed_events",
+            "Upstream stream events skipped because they could not be read",
+            labels=["provider"],
+        )
+        for name, provider in core.providers.items():
+            malformed.add_metric([name], provider.malformed_events)
+        yield malformed
 
         rec = core.recorder.stats()
         yield GaugeMetricFamily(

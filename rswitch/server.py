@@ -151,6 +151,9 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
                         "x-rswitch-combination": session.combination.id,
                         "x-rswitch-provider": session.provider,
                         "x-rswitch-request-id": session.p.request_id,
+                        "x-rswitch-attempts": str(
+                            session.attempt.number
+                        ),  # so far: it may continue elsewhere
                         **(
                             {"x-rswitch-route": session.p.route.explanation}
                             if session.p.route.explanation
@@ -168,6 +171,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
                     "x-rswitch-provider": done.combination.provider,
                     "x-rswitch-request-id": done.request_id,
                     "x-rswitch-cost": f"{done.cost:.8f}",
+                    "x-rswitch-attempts": str(done.attempts),
                 }
                 if done.route:
                     headers["x-rswitch-route"] = done.route
@@ -416,6 +420,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
                     "x-rswitch-provider",
                     "x-rswitch-request-id",
                     "x-rswitch-cost",
+                    "x-rswitch-attempts",
                     "x-rswitch-route",
                     "retry-after",
                 ],

@@ -232,7 +232,11 @@ async def test_failed_calls_are_recorded_with_their_error_type(make_gateway):
     gw = await make_gateway(
         {
             "model_providers": {
-                "broken": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 503}}
+                "broken": {
+                    "type": "mock",
+                    "retry_same": 0,
+                    "mock": {"failure_rate": 1.0, "failure_status": 503},
+                }
             },
             "gateway": {
                 "combinations": [

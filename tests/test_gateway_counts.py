@@ -10,7 +10,9 @@ import time
 from tests.conftest import SUPPORT_VARS, chat
 
 BROKEN_FIRST = {
-    "model_providers": {"broken": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 503}}},
+    "model_providers": {
+        "broken": {"type": "mock", "retry_same": 0, "mock": {"failure_rate": 1.0, "failure_status": 503}}
+    },
     "gateway": {
         "min_requests": 3,
         "combinations": [
@@ -52,7 +54,7 @@ async def test_status_counts_client_requests_apart_from_attempts(make_gateway):
 async def test_a_request_nothing_could_serve_counts_as_failed(make_gateway):
     gw = await make_gateway(
         {
-            "model_providers": {"broken": {"type": "mock", "mock": {"failure_rate": 1.0}}},
+            "model_providers": {"broken": {"type": "mock", "retry_same": 0, "mock": {"failure_rate": 1.0}}},
             "gateway": {
                 "max_attempts": 2,
                 "combinations": [{"id": "x", "template_id": "summarise", "model": "m", "provider": "broken"}],
@@ -153,7 +155,11 @@ async def test_an_attempt_is_timed_and_stamped_from_its_own_start(make_gateway):
     gw = await make_gateway(
         {
             "model_providers": {
-                "slow-broken": {"type": "mock", "mock": {"latency_ms": 200, "failure_rate": 1.0}},
+                "slow-broken": {
+                    "type": "mock",
+                    "retry_same": 0,
+                    "mock": {"latency_ms": 200, "failure_rate": 1.0},
+                },
                 "fast": {"type": "mock", "mock": {"latency_ms": 0}},
             },
             "gateway": {

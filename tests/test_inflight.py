@@ -262,7 +262,7 @@ async def test_an_upstream_error_leaves_the_registry_empty(make_gateway):
         assert r.status_code == 502
         assert gw.core.gateway.inflight.view() == {"count": 0, "calls": []}
 
-        fake.faults.push(Fault("cut", after=2))  # a stream broken after its first content
+        fake.faults.push(*[Fault("cut", after=2)] * 3)  # a stream broken, and each continuation too
         r = await gw.post(chat("one two three four", model="held", variables=SUPPORT_VARS, stream=True))
         assert r.status_code == 200 and "stream_interrupted" in r.text
         assert gw.core.gateway.inflight.view() == {"count": 0, "calls": []}
@@ -289,7 +289,7 @@ async def test_a_failed_attempt_backs_off_then_its_retry_shows_as_attempt_2(make
 
 async def test_a_fallback_shows_as_the_next_attempt_on_its_own_provider(make_gateway):
     with openai_fake.running() as fake, holding() as (held, url):
-        config = held_config(fake.base_url)
+        config = held_config(fake.base_url, retry_same=0)
         config["model_providers"]["slow"] = {"type": "openai", "base_url": url, "api_key": "sk-test"}
         config["gateway"]["combinations"][0]["fallbacks"] = ["slow-combo"]
         config["gateway"]["combinations"].append(

@@ -33,7 +33,13 @@ def seeds_config(url: str) -> dict[str, Any]:
             ]
         },
         "model_providers": {
-            "openai": {"type": "openai", "base_url": url, "api_key": "sk-test", "models": ["gpt-4o-mini"]},
+            "openai": {
+                "type": "openai",
+                "base_url": url,
+                "api_key": "sk-test",
+                "models": ["gpt-4o-mini"],
+                "retry_same": 0,
+            },
             "backup": {"type": "openai", "base_url": url, "api_key": "sk-test", "models": ["gpt-4"]},
         },
     }

@@ -155,8 +155,9 @@ async def test_all_candidates_failing_is_a_5xx_after_the_attempt_budget(make_gat
 async def test_unhealthy_combination_loses_weight_to_its_fallback_and_gets_it_back(make_gateway):
     gw = await make_gateway(
         {
-            "model_providers": {"flaky": {"type": "mock"}},
+            "model_providers": {"flaky": {"type": "mock", "retry_same": 0}},
             "gateway": {
+                "circuit_breaker": {"enabled": False},  # slow degradation, not the breaker, is tested here
                 "fallback_threshold": 0.8,
                 "min_requests": 4,
                 "combinations": [

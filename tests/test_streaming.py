@@ -102,9 +102,11 @@ async def test_anthropic_stream_through_gateway_and_failover_before_first_byte(m
         assert joined(events(r.text)) == "mock answer to: again"
 
 
-async def test_stream_cut_after_content_ends_with_error_event_not_done(make_gateway):
+async def test_stream_cut_after_content_with_no_attempt_left_ends_with_error_event_not_done(make_gateway):
     with anthropic_fake.running() as fake:
-        gw = await make_gateway(with_base(ANTHROPIC_COMBOS, "claude", fake.base_url))
+        cfg = with_base(ANTHROPIC_COMBOS, "claude", fake.base_url)
+        cfg["gateway"]["max_attempts"] = 1  # no fallback may continue it
+        gw = await make_gateway(cfg)
         fake.faults.push(Fault("cut", after=2))
         r = await gw.post(chat("one two three four five", model="c", variables=SUPPORT_VARS, stream=True))
         assert r.status_code == 200  # headers were sent with the first content byte
@@ -149,14 +151,14 @@ async def test_a_bug_in_rswitchs_stream_code_is_a_logged_500_not_the_upstreams_f
 ):
     from rswitch.gateway.streaming import StreamSession
 
-    observe = StreamSession._observe
+    shape = StreamSession._shape
 
     def buggy(self, chunk):
-        if self._parts:  # after the first piece of content has gone out
+        if self._sent:  # after the first piece of content has gone out
             raise KeyError("a bug of ours")
-        observe(self, chunk)
+        return shape(self, chunk)
 
-    monkeypatch.setattr(StreamSession, "_observe", buggy)
+    monkeypatch.setattr(StreamSession, "_shape", buggy)
     r = await gateway.post(chat("tell me more", model="support-a", variables=SUPPORT_VARS, stream=True))
     evts = events(r.text)
     assert evts[-1] != "[DONE]"

@@ -334,7 +334,9 @@ def test_tui_key_ids_in_config_match_the_app_and_bad_ids_are_config_errors():
 
 
 FALLBACK = {
-    "model_providers": {"broken": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 503}}},
+    "model_providers": {
+        "broken": {"type": "mock", "retry_same": 0, "mock": {"failure_rate": 1.0, "failure_status": 503}}
+    },
     "gateway": {
         "combinations": [
             {

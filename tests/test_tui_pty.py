@@ -33,7 +33,9 @@ REQUESTS_RE = re.compile(r"requests (\d+)")
 KITTY_KEYS_RE = re.compile(rb"\x1b\[[<>=]\d*u")
 ATTEMPTS_RE = re.compile(r"requests (\d+) \(failed (\d+)\)\s+attempts (\d+) \(errors (\d+)\)")
 # every call to 'flaky' fails upstream and falls back to support-b: one request, two attempts, one id
-FLAKY_PROVIDER = {"broken": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 503}}}
+FLAKY_PROVIDER = {
+    "broken": {"type": "mock", "retry_same": 0, "mock": {"failure_rate": 1.0, "failure_status": 503}}
+}
 FLAKY = {
     "id": "flaky",
     "template_id": "support",

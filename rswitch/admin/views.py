@@ -124,6 +124,7 @@ class ProviderView(OpenView):
     api_key: str  # where the key comes from, never the key
     rate_limit: int | float | None = None
     tpm: int | None = None
+    malformed_events: int = 0  # stream events skipped because they could not be read
 
 
 class RecorderStats(OpenView):

@@ -26,16 +26,18 @@ class GatewayError(Exception):
         self.retry_after = retry_after
         self.route: str | None = None  # the router chain's explanation, once the request was routed
         self.request_id: str | None = None
+        self.attempts: list[dict[str, Any]] | None = None  # every upstream attempt, when any was made
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.error_type,
+            "param": self.param,
+            "code": self.code,
         }
+        if self.attempts:
+            error["attempts"] = self.attempts
+        return {"error": error}
 
     def headers(self) -> dict[str, str]:
         out: dict[str, str] = {}

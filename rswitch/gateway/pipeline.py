@@ -2,46 +2,41 @@
 
 Framework-free: the HTTP server, the CLI and tests all call `Gateway.complete` and
 `Gateway.open_stream` with a parsed JSON body. Resolution lives in `resolver`, the request's
-shape in `request`, a committed stream in `streaming`, and calls that are not chat requests
-(embeddings, the optimizer's) in `side_calls`.
+shape in `request`, which attempt comes next and making it in `attempts`, how attempts and
+requests end in `outcomes`, a committed stream (and its continuation after a break) in
+`streaming`, and calls that are not chat requests (embeddings, the optimizer's) in
+`side_calls`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
 import time
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from rswitch.gateway import side_calls
-from rswitch.gateway.access import access, access_log
+from rswitch.gateway import attempts, side_calls
+from rswitch.gateway.attempts import Attempt, Plan, render_system
 from rswitch.gateway.balancer import Balancer, Combination
+from rswitch.gateway.breaker import Breakers
 from rswitch.gateway.errors import GatewayError
-from rswitch.gateway.inflight import BACKOFF, CALLING, STREAMING, WAITING, InFlight
+from rswitch.gateway.inflight import STREAMING, InFlight
 from rswitch.gateway.metrics import LiveMetrics
+from rswitch.gateway.outcomes import Outcomes
 from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
 from rswitch.gateway.request import ROUTING_METADATA, RSWITCH_KEYS, Prepared, validate
-from rswitch.gateway.resolver import PASSTHROUGH, Resolver, Route
-from rswitch.gateway.streaming import StreamSession, has_content
-from rswitch.providers.base import ChatCall, Provider, UpstreamError
-from rswitch.providers.pricing import PriceTable, estimate_tokens, message_text
+from rswitch.gateway.resolver import Resolver, Route
+from rswitch.gateway.streaming import StreamSession
+from rswitch.providers.base import Provider, UpstreamError, needs_other_model
+from rswitch.providers.pricing import PriceTable
 from rswitch.routing.base import Chain, Query
-from rswitch.storage.record import CallRecord
-from rswitch.templates import MissingVariables, TemplateRegistry
+from rswitch.templates import TemplateRegistry
 
 __all__ = ["Completed", "Gateway", "Prepared", "Route", "validate"]
-
-EVENTS_KEPT = 500
-RECENT_KEPT = 200  # calls kept in memory for the TUI's request inspector
-SERVED_KEPT = 10_000  # answers whose feedback still reaches the live metrics
-MAX_TOKENS_REPORTED = 2**31 - 1  # an upstream's usage beyond this is not believed (int32 columns)
 
 
 @dataclass(slots=True)
@@ -53,6 +48,7 @@ class Completed:
     request_id: str
     cost: float
     route: str | None = None
+    attempts: int = 1
 
 
 def to_client_error(e: UpstreamError) -> GatewayError:
@@ -111,6 +107,7 @@ class Gateway:
         max_rate_wait: float = 5.0,
         embedding_default: Any = None,  # config.EmbeddingsDefault
         chains: tuple[Chain | None, dict[str, Chain]] = (None, {}),
+        breaker: Any = None,  # config.CircuitBreakerConfig; default: 5 failures, 30 s
     ) -> None:
         self.resolver = Resolver(registry, balancer, providers, combinations, chains)
         self.embedding_default = embedding_default
@@ -124,18 +121,43 @@ class Gateway:
         self.max_attempts = max_attempts
         self.request_timeout = request_timeout
         self.max_rate_wait = max_rate_wait  # never hold a client longer than this waiting for limits
-        # for the operator console: what happened (fallbacks, errors, …) and the last calls,
-        # in memory; appended on the loop, read through snapshots
-        self.events: deque[tuple[int, float, str, str]] = deque(maxlen=EVENTS_KEPT)
-        self.event_seq = 0
-        self.recent: deque[CallRecord] = deque(maxlen=RECENT_KEPT)
-        self.served: OrderedDict[str, str] = OrderedDict()  # request id -> combination that answered
+        self.breakers = Breakers(
+            getattr(breaker, "failures", 5),
+            getattr(breaker, "cooldown_seconds", 30.0),
+            enabled=getattr(breaker, "enabled", True),
+            event=lambda kind, text: self.outcomes.event(kind, text),
+        )
+        self.outcomes = Outcomes(
+            metrics=metrics, prices=prices, limiters=limiters, breakers=self.breakers, submit=submit
+        )
+        # what the console and the admin API read: events, the last calls, who answered what
+        self.events = self.outcomes.events
+        self.recent = self.outcomes.recent
+        self.served = self.outcomes.served
         self.inflight = InFlight()  # chat requests not yet ended, and their stage
 
+    @property
+    def event_seq(self) -> int:
+        return self.outcomes.event_seq
+
+    # how attempts and requests end: see outcomes.Outcomes
     def event(self, kind: str, text: str) -> None:
-        """Note something an operator should see: kind is fallback, error, rate_limit, optimizer, export …"""
-        self.event_seq += 1
-        self.events.append((self.event_seq, time.time(), kind, text))
+        self.outcomes.event(kind, text)
+
+    def record(self, *args: Any, **kw: Any) -> tuple[int, int, bool, float]:
+        return self.outcomes.record(*args, **kw)
+
+    def failed(self, *args: Any, **kw: Any) -> tuple[int, int]:
+        return self.outcomes.failed(*args, **kw)
+
+    def settle(self, combo: Combination, est: int, pt: int, ct: int) -> None:
+        self.outcomes.settle(combo, est, pt, ct)
+
+    def finish(self, p: Prepared | None, status: int) -> None:
+        self.outcomes.finish(p, status)
+
+    def refused(self, path: str, status: int, started: float) -> None:
+        self.outcomes.refused(path, status, started)
 
     # -- combinations (the resolver holds them) ------------------------------------------------
 
@@ -164,7 +186,7 @@ class Gateway:
     def template_pool(self, template_id: str) -> list[Combination]:
         return self.resolver.template_pool(template_id)
 
-    # -- preparing and calling --------------------------------------------------------------
+    # -- preparing ------------------------------------------------------------------------------
 
     async def prepare(self, body: Any, client: Any = None, request_id: str | None = None) -> Prepared:
         messages, variables, metadata = validate(body)
@@ -190,247 +212,25 @@ class Gateway:
             client=client,
         )
         # The first candidate's template must render, or the request is the client's mistake.
-        self.system_prompt(prepared, route.candidates[0])
+        render_system(self, prepared, route.candidates[0])
         return prepared
 
     def system_prompt(self, p: Prepared, combo: Combination) -> str:
-        if combo.template_id == PASSTHROUGH:
-            return ""
-        text = p.rendered.get(combo.template_id)
-        if text is None:
-            tpl = self.registry.get(combo.template_id)
-            if tpl is None:
-                raise GatewayError(
-                    500,
-                    f"combination '{combo.id}' names template '{combo.template_id}', which is not registered",
-                    error_type="server_error",
-                )
-            try:
-                text = tpl.render(p.variables)
-            except MissingVariables as exc:
-                raise GatewayError(400, str(exc), code="missing_variables", param="variables") from None
-            p.rendered[combo.template_id] = text
-            p.demos[combo.template_id] = tpl.demo_messages() if tpl.demos else []
-        return text
+        return render_system(self, p, combo)
 
-    def _call(self, p: Prepared, combo: Combination, system: str, remaining: float) -> ChatCall:
-        provider = self.providers[combo.provider]
-        demos = p.demos.get(combo.template_id) or []
-        head = [{"role": "system", "content": system}] if system else []
-        messages = [*head, *demos, *p.messages]
-        return ChatCall(
-            model=combo.model,
-            messages=messages,
-            params=p.params,
-            timeout=min(remaining, provider.settings.timeout_seconds),
-        )
-
-    def _estimate(self, p: Prepared, system: str) -> int:
-        out = p.params.get("max_completion_tokens") or p.params.get("max_tokens") or 0
-        return (
-            estimate_tokens(system)
-            + estimate_tokens(message_text(p.messages))
-            + (out if isinstance(out, int) else 0)
-        )
-
-    async def _attempts(self, p: Prepared) -> AsyncIterator[tuple[Combination, str, ChatCall, int]]:
-        """Yield (combination, system prompt, call, estimated tokens) for each attempt to make,
-        honouring rate limits, the attempt budget, the deadline and backoff between rounds.
-
-        A request waits (for rate limits, an upstream's Retry-After or backoff) at most
-        `max_rate_wait` seconds in all; when rate limits alone left nothing to try within that,
-        `p.rate_wait` says how long until they would."""
-        deadline = p.started + self.request_timeout
-        flight = self.inflight.get(p.request_id)
-        attempts = 0
-        round_no = 0
-        while attempts < self.max_attempts:
-            soonest: float | None = None
-            for i, combo in enumerate(p.route.candidates):
-                if attempts >= self.max_attempts:
-                    return
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    return
-                try:
-                    system = self.system_prompt(p, combo)
-                except GatewayError:
-                    if i == 0 and round_no == 0:
-                        raise
-                    continue  # a fallback whose template needs other variables cannot serve
-                limiter = self.limiters.get(combo.provider)
-                est = self._estimate(p, system) if limiter is not None and limiter.tpm is not None else 0
-                if limiter is not None:
-                    wait = limiter.try_acquire(est)
-                    if wait > 0:
-                        soonest = wait if soonest is None else min(soonest, wait)
-                        continue
-                attempts += 1
-                flight.stage, flight.combo, flight.attempt = CALLING, combo, attempts
-                yield combo, system, self._call(p, combo, system, remaining), est
-            round_no += 1
-            # every candidate was tried or was rate limited: wait for the soonest, if short
-            backoff = min(2.0, 0.1 * (2**round_no)) * (0.5 + random.random())
-            wait = max(backoff, soonest or 0.0)
-            budget = min(self.max_rate_wait - p.waited, deadline - time.perf_counter())
-            if attempts >= self.max_attempts or wait > budget:
-                p.rate_wait = soonest
-                return
-            p.waited += wait
-            flight.stage = WAITING if soonest is not None else BACKOFF
-            flight.until = time.perf_counter() + wait
-            await asyncio.sleep(wait)
-
-    # -- recording ----------------------------------------------------------------------------
-
-    def record(
-        self,
-        p: Prepared,
-        combo: Combination,
-        system: str,
-        *,
-        output: str = "",
-        ok: bool,
-        error: UpstreamError | GatewayError | None = None,
-        usage: dict[str, Any] | None = None,
-        ttft_ms: float | None = None,
-        stream: bool = False,
-        attempt: int = 1,
-        started: float | None = None,
-        observe: bool = True,
-    ) -> tuple[int, int, bool, float]:
-        """Record one attempt: live metrics (when `observe`), the learner, the console's
-        recent calls and events, and the recorder. Returns (prompt, completion tokens,
-        whether they are estimated, cost)."""
-        started = started or p.started  # this attempt's start: its latency and time stamp count from here
-        duration_ms = (time.perf_counter() - started) * 1000
-        estimated = False
-        if usage and isinstance(usage.get("prompt_tokens"), int):
-            ct = usage.get("completion_tokens", 0)
-            # what an upstream reports is believed within what the stores can hold
-            pt = min(max(usage["prompt_tokens"], 0), MAX_TOKENS_REPORTED)
-            ct = min(max(ct, 0), MAX_TOKENS_REPORTED) if isinstance(ct, int) else 0
-        elif ok:
-            pt = estimate_tokens(system) + estimate_tokens(message_text(p.messages))
-            ct, estimated = estimate_tokens(output), True
-        else:
-            pt = ct = 0
-        cost = self.prices.cost(combo.model, pt, ct)
-        if observe:
-            self.metrics.observe(combo.id, ok, duration_ms, ttft_ms, cost, pt + ct)
-            learner = p.route.learner
-            if learner is not None:  # a bandit learns from the calls it routed
-                context = learner.context_for(p.route.query) if learner.policy.contextual else None
-                if context is not None or not learner.policy.contextual:
-                    learner.observe(
-                        combo.id, ok, None, cost, duration_ms, context=context, request_id=p.request_id
-                    )
-        p.attempts = max(p.attempts, attempt)
-        if not ok and error is not None:
-            self.metrics.observe_error(combo.id, error.error_type)  # client_closed too, by its own label
-            if error.status != 499:  # a client leaving is not something for the operator to act on
-                kind = "rate_limit" if error.status == 429 else "error"
-                self.event(kind, f"{combo.id}: {error.status} {error.error_type}: {error.message[:160]}")
-        elif ok and attempt > 1:
-            self.event("fallback", f"{combo.id} served on attempt {attempt} (request {p.request_id[:8]})")
-        record = CallRecord(
-            request_id=p.request_id,
-            created_at=p.created + (started - p.started),
-            template_id=combo.template_id,
-            combination_id=combo.id,
-            provider=combo.provider,
-            model=combo.model,
-            system_prompt=system,
-            messages=p.messages,
-            variables=p.variables,
-            output=output,
-            success=ok,
-            error_type=None if error is None else error.error_type,
-            error_message=None if error is None else error.message,
-            status=200 if error is None else error.status,
-            prompt_tokens=pt,
-            completion_tokens=ct,
-            tokens_estimated=estimated,
-            cost=cost,
-            duration_ms=duration_ms,
-            ttft_ms=ttft_ms,
-            stream=stream,
-            attempt=attempt,
-            extra={"route": p.route.explanation} if p.route.explanation else {},
-        )
-        if p.client is not None:  # the caller's key: its name recorded, its tpm settled once answered
-            record.extra["client"] = p.client.name
-            if ok:
-                p.client.settle(pt + ct)
-        self.recent.append(record)
-        if ok:  # feedback on this answer can then count for the combination that gave it
-            self.served[p.request_id] = combo.id
-            if len(self.served) > SERVED_KEPT:
-                self.served.popitem(last=False)
-        self.submit(record)
-        return pt, ct, estimated, cost
-
-    def failed(
-        self,
-        p: Prepared,
-        combo: Combination,
-        system: str,
-        e: UpstreamError,
-        attempt: int,
-        started: float,
-        stream: bool,
-        est: int = 0,
-        used: int = 0,
-    ) -> None:
-        """Record a failed attempt and settle its token estimate against what it `used` (for a
-        broken stream, what was streamed); an upstream's 429 Retry-After blocks its provider."""
-        limiter = self.limiters.get(combo.provider)
-        if limiter is not None:
-            limiter.settle(est, used)
-            if e.retryable and e.retry_after:  # 429, or 503 overloaded (a full local queue): wait
-                limiter.block_for(e.retry_after)
-        # only upstream trouble counts against a combination's health, not a client's bad request
-        self.record(
-            p,
-            combo,
-            system,
-            ok=False,
-            error=e,
-            attempt=attempt,
-            started=started,
-            stream=stream,
-            observe=e.retryable,
-        )
-
-    def finish(self, p: Prepared | None, status: int) -> None:
-        """One client request answered (200) or not: counted apart from its upstream attempts,
-        and one access-log line for it."""
-        attempts, waited = (p.attempts, p.waited) if p is not None else (0, 0.0)
-        self.metrics.observe_request(status, attempts, waited)
-        if access_log.isEnabledFor(logging.INFO):
-            served = self.served.get(p.request_id) if p is not None and status == 200 else None
-            ms = (time.perf_counter() - p.started) * 1000 if p is not None else None
-            access(
-                "POST",
-                "/v1/chat/completions",
-                status,
-                ms,
-                request_id=p.request_id if p is not None else None,
-                combination=served,
-                attempts=attempts,
-                route=p.route.explanation if p is not None else None,
-            )
-
-    def refused(self, path: str, status: int, started: float) -> None:
-        """A chat request the server answered before it reached the gateway: the client's key,
-        body or own quota (a key's 429 is the client's, not a gateway failure), or a 5xx."""
-        self.metrics.observe_request(status, outcome=None if status >= 500 or status == 499 else "rejected")
-        access("POST", path, status, (time.perf_counter() - started) * 1000)
+    # -- how a request ends ---------------------------------------------------------------------
 
     to_client_error = staticmethod(to_client_error)
 
-    def _exhausted(self, p: Prepared, last: UpstreamError | None) -> GatewayError:
-        rate_wait = p.rate_wait
+    def exhausted(self, p: Prepared, plan: Plan) -> GatewayError:
+        """The error for a request no attempt could serve; it names every attempt made."""
+        err = self._exhausted(p, plan)
+        if p.chain:
+            err.attempts = list(p.chain)
+        return err
+
+    def _exhausted(self, p: Prepared, plan: Plan) -> GatewayError:
+        rate_wait, last = p.rate_wait, plan.last
         if last is not None:
             err = to_client_error(last)
             if err.status == 429 and err.retry_after is None:
@@ -447,17 +247,30 @@ class Gateway:
                 code="rate_limit_exceeded",
                 retry_after=rate_wait,
             )
+        if plan.breaker_wait is not None:
+            names = ", ".join(c.id for c in p.route.candidates)
+            return GatewayError(
+                503,
+                f"every combination that could serve ({names}) has an open circuit breaker "
+                "after repeated failures; retry later",
+                error_type="service_unavailable",
+                code="circuit_open",
+                retry_after=plan.breaker_wait,
+            )
+        if plan.excluded_models:
+            return GatewayError(
+                400,
+                "the prompt does not fit the context window of any model that could serve "
+                f"(tried {', '.join(sorted(plan.excluded_models))})",
+                code="context_length_exceeded",
+                param="messages",
+            )
         return GatewayError(
             504,
             "the request deadline passed before any upstream answered",
             error_type="timeout",
             code="deadline_exceeded",
         )
-
-    def settle(self, combo: Combination, est: int, pt: int, ct: int) -> None:
-        limiter = self.limiters.get(combo.provider)
-        if limiter is not None:
-            limiter.settle(est, pt + ct)
 
     async def _counted(self, body: Any, run: Any, client: Any = None, answered: bool = True) -> Any:
         """Run a chat request, counting it once as a client request however it ends (a stream,
@@ -487,6 +300,10 @@ class Gateway:
             if flight.stage != STREAMING:  # a stream's session ends its own flight when it ends
                 self.inflight.end(request_id)
 
+    def _give_up(self, p: Prepared, a: Attempt, e: UpstreamError) -> bool:
+        """Whether `e` ends the request at once: a client error no other model can fix."""
+        return not e.retryable and not needs_other_model(e)
+
     # -- non-streaming ------------------------------------------------------------------------
 
     async def complete(self, body: Any, client: Any = None) -> Completed:
@@ -494,78 +311,105 @@ class Gateway:
         return done
 
     async def _complete(self, p: Prepared) -> Completed:
-        last: UpstreamError | None = None
-        n = 0
-        attempts = self._attempts(p)
-        try:  # closed here, not by the loop's async-generator finalizer (a thread-safe wakeup)
-            async for combo, system, call, est in attempts:
-                n += 1
-                started = time.perf_counter()
-                try:
-                    resp = await self.providers[combo.provider].complete(call)
-                except UpstreamError as e:
-                    self.failed(p, combo, system, e, n, started, False, est)
-                    if not e.retryable:
-                        raise to_client_error(e) from None
-                    last = e
-                    continue
-                output = completion_text(resp)
-                pt, ct, estimated, cost = self.record(
-                    p,
-                    combo,
-                    system,
-                    output=output,
-                    ok=True,
-                    usage=resp.get("usage"),
-                    attempt=n,
-                    started=started,  # the attempt's own latency, not the request's waits before it
-                )
-                self.settle(combo, est, pt, ct)
-                if estimated or not resp.get("usage"):
-                    resp["usage"] = {
-                        "prompt_tokens": pt,
-                        "completion_tokens": ct,
-                        "total_tokens": pt + ct,
-                        "estimated": True,
-                    }
-                return Completed(resp, combo, p.request_id, cost, p.route.explanation)
-        finally:
-            await attempts.aclose()
-        raise self._exhausted(p, last)
+        plan = Plan(self, p)
+        while (a := await plan.next()) is not None:
+            try:
+                resp = await attempts.complete(a, plan)
+            except UpstreamError as e:
+                self.failed(p, a.combo, a.system, e, a.number, a.started, False, a.est)
+                plan.failed(a, e)
+                if self._give_up(p, a, e):
+                    err = to_client_error(e)
+                    err.attempts = list(p.chain)
+                    raise err from None
+                continue
+            except asyncio.CancelledError:
+                self.breakers.release(a.combo.id)
+                raise
+            output = completion_text(resp)
+            pt, ct, estimated, cost = self.record(
+                p,
+                a.combo,
+                a.system,
+                output=output,
+                ok=True,
+                usage=resp.get("usage"),
+                attempt=a.number,
+                started=a.started,  # the attempt's own latency, not the request's waits before it
+                chain=p.chain,
+            )
+            self.settle(a.combo, a.est, pt, ct)
+            if estimated or not resp.get("usage"):
+                resp["usage"] = {
+                    "prompt_tokens": pt,
+                    "completion_tokens": ct,
+                    "total_tokens": pt + ct,
+                    "estimated": True,
+                }
+            return Completed(resp, a.combo, p.request_id, cost, p.route.explanation, a.number)
+        raise self.exhausted(p, plan)
 
     # -- streaming --------------------------------------------------------------------------
 
     async def open_stream(self, body: Any, client: Any = None) -> StreamSession:
-        """Start a stream: fail over until the first content chunk arrives, then commit to it.
-        The session counts the client request when the stream ends."""
+        """Start a stream: fail over until the first content chunk arrives; after that the
+        session continues a broken stream on the next candidate. The session counts the client
+        request when the stream ends."""
         return await self._counted(body, self._open_stream, client, answered=False)
 
     async def _open_stream(self, p: Prepared) -> StreamSession:
-        last: UpstreamError | None = None
-        n = 0
-        attempts = self._attempts(p)
-        try:  # closed here, not by the loop's async-generator finalizer (a thread-safe wakeup)
-            async for combo, system, call, est in attempts:
-                n += 1
-                started = time.perf_counter()
-                agen = self.providers[combo.provider].stream(call)
-                held: list[dict[str, Any]] = []
-                try:
-                    async for chunk in agen:
-                        held.append(chunk)
-                        if has_content(chunk):
-                            break
-                except UpstreamError as e:
-                    await agen.aclose()
-                    self.failed(p, combo, system, e, n, started, True, est)
-                    if not e.retryable:
-                        raise to_client_error(e) from None
-                    last = e
+        plan = Plan(self, p)
+        opened = await self.open_attempt(p, plan)
+        if opened is None:
+            raise self.exhausted(p, plan)
+        return StreamSession(self, p, plan, *opened)
+
+    async def open_attempt(
+        self, p: Prepared, plan: Plan, continuing: str | None = None
+    ) -> tuple[Attempt, AsyncIterator[dict[str, Any]], list[dict[str, Any]]] | None:
+        """The next attempt whose stream reaches its first content, failing over (and, for a
+        continuation, replaying to a model that refuses a prefill); None when none does.
+        A client error no other model can fix is raised."""
+        a = await plan.next(continuing)
+        while a is not None:
+            try:
+                agen, held = await attempts.open_stream(a, plan)
+                return a, agen, held
+            except UpstreamError as e:
+                if a.prefill and e.status == 400 and not needs_other_model(e) and continuing:
+                    # the model cannot continue a partial answer: ask it anew, the client never
+                    # sees the refusal (it is recorded, not held against the combination)
+                    refused = UpstreamError(
+                        400, e.message, error_type="prefill_rejected", code=e.code, retryable=False
+                    )
+                    self.record(
+                        p,
+                        a.combo,
+                        a.system,
+                        ok=False,
+                        error=refused,
+                        attempt=a.number,
+                        started=a.started,
+                        stream=True,
+                        observe=False,
+                    )
+                    self.breakers.release(a.combo.id)
+                    self.settle(a.combo, a.est, 0, 0)
+                    a = plan.replay_instead(a, continuing)
+                    if a is None:
+                        a = await plan.next(continuing)
                     continue
-                return StreamSession(self, p, combo, system, agen, held, est, n, started)
-        finally:
-            await attempts.aclose()
-        raise self._exhausted(p, last)
+                self.failed(p, a.combo, a.system, e, a.number, a.started, True, a.est)
+                plan.failed(a, e)
+                if self._give_up(p, a, e):
+                    err = to_client_error(e)
+                    err.attempts = list(p.chain)
+                    raise err from None
+            except asyncio.CancelledError:
+                self.breakers.release(a.combo.id)
+                raise
+            a = await plan.next(continuing)
+        return None
 
     # -- calls that are not chat requests -------------------------------------------------------
 

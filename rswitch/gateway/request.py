@@ -35,6 +35,7 @@ class Prepared:
     waited: float = 0.0  # seconds this request has spent waiting for rate limits and backoff
     attempts: int = 0  # upstream attempts made so far
     client: Any = None  # the caller's key (rswitch.auth.Ticket: .name, .check(route), .settle(tokens))
+    chain: list[dict[str, Any]] = field(default_factory=list)  # every attempt so far, as errors name them
 
 
 _CONTAINERS = frozenset({dict, list})

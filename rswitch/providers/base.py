@@ -233,4 +233,9 @@ class Provider(abc.ABC):
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "base_url": getattr(self.settings, "base_url", None)}
+        return {
+            "name": self.name,
+            "type": self.type,
+            "base_url": getattr(self.settings, "base_url", None),
+            "malformed_events": self.malformed_events,
+        }

@@ -72,6 +72,8 @@ LABEL_COLUMNS = {
     "origin": "TEXT NOT NULL DEFAULT 'gateway'",  # gateway | import
     # ground truth that retention spares: imported, labelled by feedback, or a reference's answer
     "labelled": "INTEGER NOT NULL DEFAULT 0",
+    # not a label, added later too: the request's attempts (JSON) when more than one was made
+    "attempts": "TEXT",
 }
 HAS_LABEL = (
     "label_source IS NOT NULL OR origin = 'import' OR label_expected IS NOT NULL OR label_score IS NOT NULL"
@@ -81,15 +83,16 @@ COLUMNS = (
     "output, success, error_type, error, status, prompt_tokens, completion_tokens, tokens_estimated, cost, "
     "latency_ms, ttft_ms, stream"
 )
-INSERT = f"INSERT INTO examples ({COLUMNS}, labelled) VALUES ({', '.join('?' * 22)})"
+INSERT = f"INSERT INTO examples ({COLUMNS}, labelled, attempts) VALUES ({', '.join('?' * 23)})"
 
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-NAMES = (*(c.strip() for c in COLUMNS.split(",")), "labelled")
-NULLABLE = frozenset({"error_type", "error", "ttft_ms"})
+NAMES = (*(c.strip() for c in COLUMNS.split(",")), "labelled", "attempts")
+NULLABLE = frozenset({"error_type", "error", "ttft_ms", "attempts"})
+LABELLED = NAMES.index("labelled")  # where a row's flag is
 INT64 = 1 << 63
 # Errors raised while binding a row's own values, before SQLite runs the statement: the row's fault.
 ROW_ERRORS = (ValueError, TypeError, OverflowError)
@@ -139,6 +142,7 @@ def _row(r: CallRecord, labelled: int) -> tuple[Any, ...]:
             r.ttft_ms,
             int(r.stream),
             labelled,
+            orjson.dumps(r.extra["attempts"]).decode() if "attempts" in r.extra else None,
         ),
         NULLABLE,
     )
@@ -349,7 +353,7 @@ class DatasetStore:
                 conn.execute("ROLLBACK TO batch")
                 kept = self._one_by_one(conn, template_id, rows, report, exc)
             counts = self._counts[template_id]
-            marked = sum(row[-1] for row in kept)
+            marked = sum(row[LABELLED] for row in kept)
             counts[0] += len(kept) - marked
             counts[1] += marked
             if trim:
