@@ -46,6 +46,16 @@ def attempt_entry(
     }
 
 
+def reported_tokens(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion tokens) an upstream reported, believed within what the stores hold;
+    None when it reported none."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+        return None
+    ct = usage.get("completion_tokens", 0)
+    pt = min(max(usage["prompt_tokens"], 0), MAX_TOKENS_REPORTED)
+    return pt, min(max(ct, 0), MAX_TOKENS_REPORTED) if isinstance(ct, int) else 0
+
+
 class Outcomes:
     def __init__(
         self,
@@ -78,11 +88,9 @@ class Outcomes:
     ) -> tuple[int, int, bool]:
         """(prompt, completion tokens, estimated) of one attempt: what the upstream reported,
         believed within what the stores hold, else estimated when it answered or streamed a part."""
-        if usage and isinstance(usage.get("prompt_tokens"), int):
-            ct = usage.get("completion_tokens", 0)
-            pt = min(max(usage["prompt_tokens"], 0), MAX_TOKENS_REPORTED)
-            ct = min(max(ct, 0), MAX_TOKENS_REPORTED) if isinstance(ct, int) else 0
-            return pt, ct, bool(usage.get("estimated"))
+        reported = reported_tokens(usage)
+        if reported is not None:
+            return reported[0], reported[1], bool(usage and usage.get("estimated"))
         if ok or output:  # a broken stream consumed what it streamed
             return (
                 estimate_tokens(system) + estimate_tokens(message_text(p.messages)),
@@ -215,17 +223,20 @@ class Outcomes:
             observe=health,
             ttft_ms=ttft_ms,
         )
-        limiter = self.limiters.get(combo.provider)
-        if limiter is not None:
-            limiter.settle(est, pt + ct if output else 0)
-            if e.retryable and e.retry_after:  # 429, or 503 overloaded (a full local queue): wait
-                limiter.block_for(e.retry_after)
+        self.spent(combo.provider, est, pt + ct if output else 0, e)
         return pt, ct
 
     def settle(self, combo: Combination, est: int, pt: int, ct: int) -> None:
-        limiter = self.limiters.get(combo.provider)
+        self.spent(combo.provider, est, pt + ct)
+
+    def spent(self, provider: str, est: int, used: int, error: UpstreamError | None = None) -> None:
+        """Any call to `provider` (chat, embeddings, the optimizer's) settles the tokens it took
+        from the tpm bucket against what it `used`; an upstream's Retry-After blocks the provider."""
+        limiter = self.limiters.get(provider)
         if limiter is not None:
-            limiter.settle(est, pt + ct)
+            limiter.settle(est, used)
+            if error is not None and error.retryable and error.retry_after:  # 429, or 503 overloaded
+                limiter.block_for(error.retry_after)
 
     def finish(self, p: Prepared | None, status: int) -> None:
         """One client request answered (200) or not: counted apart from its upstream attempts,

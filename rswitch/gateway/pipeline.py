@@ -126,6 +126,7 @@ class Gateway:
             getattr(breaker, "cooldown_seconds", 30.0),
             enabled=getattr(breaker, "enabled", True),
             event=lambda kind, text: self.outcomes.event(kind, text),
+            probe_lease=request_timeout,  # a probe without a verdict by its deadline frees the slot
         )
         self.outcomes = Outcomes(
             metrics=metrics, prices=prices, limiters=limiters, breakers=self.breakers, submit=submit

@@ -16,6 +16,7 @@ import orjson
 
 from rswitch.gateway.balancer import Combination
 from rswitch.gateway.errors import GatewayError, bad_request
+from rswitch.gateway.outcomes import reported_tokens
 from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError
 from rswitch.providers.pricing import estimate_tokens, message_text
 from rswitch.storage.record import CallRecord
@@ -96,18 +97,15 @@ async def call_direct(
         resp = await provider.complete(call)
     except UpstreamError as e:
         error = e
-    usage = resp.get("usage") or {}
+    usage = resp.get("usage")
     text = completion_text(resp)
-    pt = (
-        usage.get("prompt_tokens")
-        if isinstance(usage.get("prompt_tokens"), int)
-        else estimate_tokens(message_text(messages))
-    )
-    ct = (
-        usage.get("completion_tokens")
-        if isinstance(usage.get("completion_tokens"), int)
-        else estimate_tokens(text)
-    )
+    reported = reported_tokens(usage)
+    if reported is not None:
+        pt, ct = reported
+    elif error is None:
+        pt, ct = estimate_tokens(message_text(messages)), estimate_tokens(text)
+    else:  # nothing was answered: nothing consumed
+        pt = ct = 0
     cost = g.prices.cost(combo.model, pt, ct) if error is None else 0.0
     record_side_call(
         g,
@@ -119,12 +117,11 @@ async def call_direct(
         error,
         pt,
         ct,
-        not usage,
+        reported is None and error is None,
         cost,
         started,
     )
-    if limiter is not None:
-        limiter.settle(est, pt + ct)
+    g.outcomes.spent(combo.provider, est, pt + ct, error)
     if error is not None:
         raise error
     return text, pt + ct, cost
@@ -365,9 +362,8 @@ async def embed(g: Gateway, body: Any, client: Any = None) -> Completed:
     except UpstreamError as e:
         resp, error = None, e
     usage = (resp or {}).get("usage") or {}
-    tokens = (
-        usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else (est if resp else 0)
-    )
+    reported = reported_tokens(usage)
+    tokens = reported[0] if reported is not None else (est if resp else 0)
     cost = g.prices.cost(model, tokens, 0)
     record_side_call(
         g,
@@ -385,11 +381,8 @@ async def embed(g: Gateway, body: Any, client: Any = None) -> Completed:
         request_id,
         client=None if client is None else client.name,
     )
-    if limiter is not None:
-        limiter.settle(est, tokens)
+    g.outcomes.spent(provider_name, est, tokens, error)
     if error is not None:
-        if error.status == 429 and error.retry_after and limiter is not None:
-            limiter.block_for(error.retry_after)
         raise embed_client_error(error, route_id, provider)
     assert resp is not None
     if not usage:

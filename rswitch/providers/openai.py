@@ -86,10 +86,12 @@ class OpenAIProvider(Provider):
             t = key[0]
             # a whole answer must arrive in time; a stream only must not go quiet for that long (the
             # gateway keeps tighter first-byte and idle limits around every attempt); a host that
-            # does not take the connection fails after the connect timeout, so a fallback has time
+            # does not take the connection fails after the connect timeout, so a fallback has time.
+            # Only the socket's connect: aiohttp's `connect` would also count the wait for a free
+            # pooled connection, and a busy pool is not an unreachable upstream.
             timeout = aiohttp.ClientTimeout(
                 total=None if stream else t,
-                connect=min(t, connect),
+                connect=t,
                 sock_connect=min(t, connect),
                 sock_read=t,
             )
