@@ -326,3 +326,31 @@ async def test_the_final_error_names_every_attempt(sdk, ups):
         ("backup", "p2", 503),
     ]
     assert all(a["error_type"] and a["ms"] >= 0 for a in attempts)
+    # the request's last row has the whole chain too
+    last = gw.dataset_rows("support")[-1]
+    assert [a["status"] for a in json.loads(last["attempts"])] == [a["status"] for a in attempts]
+
+
+# -- continuing on another kind of provider -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "ollama"])
+async def test_a_stream_broken_on_openai_is_continued_by_a_prefill_on_another_provider(sdk, kind):
+    from tests.fakes import anthropic_fake, ollama_fake
+
+    fake = anthropic_fake if kind == "anthropic" else ollama_fake
+    with openai_fake.running() as p1, fake.running() as p2:
+        cfg = config({"p1": p1})
+        cfg["model_providers"]["p2"] = {"type": kind, "base_url": p2.base_url, "api_key": "sk-ant-test"}
+        if kind == "ollama":
+            del cfg["model_providers"]["p2"]["api_key"]
+        gw, client = await sdk(cfg)
+        p1.faults.push(Fault("cut", after=3))
+        text, chunks = await stream_text(client)
+        assert text == ANSWER and finishes(chunks) == ["stop"]
+        [cont] = [r for r in p2.recorder.requests if "messages" in r]
+        last = cont["messages"][-1]  # Anthropic and Ollama continue a trailing assistant message
+        partial = last["content"] if isinstance(last["content"], str) else last["content"][0]["text"]
+        assert last["role"] == "assistant" and ANSWER.startswith(partial.rstrip()) and partial
+    done = gw.dataset_rows("support")[-1]
+    assert done["combination_id"] == "backup" and done["output"] == ANSWER

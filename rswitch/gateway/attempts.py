@@ -318,22 +318,19 @@ async def open_stream(a: Attempt, plan: Plan) -> tuple[AsyncIterator[dict[str, A
     agen = a.provider.stream(a.call)
     held: list[dict[str, Any]] = []
     limit = min(a.provider.timeouts.first_byte, plan.remaining())
-    until = a.started + limit
     try:
-        while True:
-            try:
-                async with asyncio.timeout(max(0.0, until - time.perf_counter())):
-                    chunk = await anext(agen)
-            except StopAsyncIteration:
-                return agen, held
-            except TimeoutError:
-                raise no_answer(a, limit, "sent no token") from None
-            held.append(chunk)
-            if has_content(chunk):
-                return agen, held
+        try:
+            async with asyncio.timeout(max(0.0, a.started + limit - time.perf_counter())):
+                async for chunk in agen:
+                    held.append(chunk)
+                    if has_content(chunk):
+                        break
+        except TimeoutError:
+            raise no_answer(a, limit, "sent no token") from None
     except BaseException:
         await aclose(agen)
         raise
+    return agen, held
 
 
 async def read(a: Attempt, agen: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:

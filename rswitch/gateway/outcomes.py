@@ -115,7 +115,6 @@ class Outcomes:
         started: float | None = None,
         observe: bool = True,
         billed: str | None = None,
-        chain: list[dict[str, Any]] | None = None,
     ) -> tuple[int, int, bool, float]:
         """Record one attempt: live metrics (when `observe`), the learner, the console's
         recent calls and events, and the recorder. `output` is what the row keeps; `billed`
@@ -147,8 +146,8 @@ class Outcomes:
         elif ok and attempt > 1:
             self.event("fallback", f"{combo.id} served on attempt {attempt} (request {p.request_id[:8]})")
         extra: dict[str, Any] = {"route": p.route.explanation} if p.route.explanation else {}
-        if chain is not None and len(chain) > 1:
-            extra["attempts"] = chain
+        if len(p.chain) > 1:  # the attempts so far, this one last: a request's last row has them all
+            extra["attempts"] = list(p.chain)
         record = CallRecord(
             request_id=p.request_id,
             created_at=p.created + (started - p.started),

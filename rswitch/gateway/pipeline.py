@@ -337,7 +337,6 @@ class Gateway:
                 usage=resp.get("usage"),
                 attempt=a.number,
                 started=a.started,  # the attempt's own latency, not the request's waits before it
-                chain=p.chain,
             )
             self.settle(a.combo, a.est, pt, ct)
             if estimated or not resp.get("usage"):

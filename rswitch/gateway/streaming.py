@@ -273,7 +273,6 @@ class StreamSession:
             stream=True,
             attempt=a.number,
             started=a.started,
-            chain=self.p.chain,
             **outcome,
         )
 
