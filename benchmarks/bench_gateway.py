@@ -738,9 +738,7 @@ def summarize_collapsed(path: Path, seconds: float, rate: int, top: int = 20) ->
     ours = [
         (f, c)
         for f, c in incl.items()
-        if ("(rswitch/" in f or "/rswitch/" in f)
-        and "rswitch/__main__" not in f
-        and "rswitch/cli/" not in f
+        if ("(rswitch/" in f or "/rswitch/" in f) and "rswitch/__main__" not in f and "rswitch/cli/" not in f
     ]
     for f, c in sorted(ours, key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {100 * c / total:5.1f}%  {f}")
