@@ -324,8 +324,9 @@ class Gateway:
                     err.attempts = list(p.chain)
                     raise err from None
                 continue
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # the client left: no verdict, nothing used
                 self.breakers.release(a.combo.id)
+                self.settle(a.combo, a.est, 0, 0)
                 raise
             output = completion_text(resp)
             pt, ct, estimated, cost = self.record(
@@ -405,8 +406,9 @@ class Gateway:
                     err = to_client_error(e)
                     err.attempts = list(p.chain)
                     raise err from None
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # the client left: no verdict, nothing used
                 self.breakers.release(a.combo.id)
+                self.settle(a.combo, a.est, 0, 0)
                 raise
             a = await plan.next(continuing)
         return None

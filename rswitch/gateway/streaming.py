@@ -115,6 +115,7 @@ class StreamSession:
         self._diverged: int | None = None
         self._billed = [0, 0]  # prompt, completion tokens of the attempts before this one
         self._continued = False  # another attempt took over after a break
+        self._recorded = False  # this attempt is recorded (it broke; its successor is not open yet)
         self._id: str | None = None
         self._created: int | None = None
         flight = gateway.inflight.get(p.request_id)  # the console counts the pieces as they come
@@ -192,6 +193,7 @@ class StreamSession:
         pt, ct = g.failed(
             p, a.combo, a.system, e, a.number, a.started, True, a.est, "".join(self._own), self._ttft
         )
+        self._recorded = True
         self._billed[0] += pt
         self._billed[1] += ct
         if not self._continuable(e):
@@ -208,7 +210,8 @@ class StreamSession:
         if opened is None:
             raise _Ended(self.plan.last or e)
         self.attempt, self._agen, self._held = opened
-        self._own, self._ttft, self._continued = [], None, True
+        self._own, self._ttft, self._continued, self._recorded = [], None, True, False
+        self.plan.flight.stage = STREAMING
         self._replay = Replay(sent) if self.attempt.replay else None
         g.event(
             "fallback",
@@ -245,7 +248,8 @@ class StreamSession:
                 500, f"internal error while streaming: {type(exc).__name__}", error_type="server_error"
             )
             try:
-                self._record_unfinished(err)
+                if not self._recorded:
+                    self._record_unfinished(err)
             except Exception:  # the recording itself is what broke: the client still gets its event
                 log.exception("could not record request %s", p.request_id)
         err.attempts = list(p.chain) or None
@@ -370,7 +374,8 @@ class StreamSession:
                     error_type="client_closed",
                     retryable=False,
                 )
-                self._record_unfinished(closed)
+                if not self._recorded:  # else it left while the next attempt was being opened
+                    self._record_unfinished(closed)
                 g.finish(p, 499)
 
     async def aclose(self) -> None:
