@@ -10,11 +10,12 @@ import asyncio
 import json
 from typing import Any
 
+import openai
 import pytest
 
 from tests import test_failover
 from tests.fakes.server import Fault
-from tests.test_failover import EXTRA, QUESTION, chat_requests, config
+from tests.test_failover import ANSWER, EXTRA, QUESTION, chat_requests, config, finishes, stream_text
 
 ups, sdk = test_failover.ups, test_failover.sdk  # the same upstreams and SDK client
 
@@ -93,3 +94,149 @@ async def test_the_in_flight_view_shows_the_continuation_streaming(sdk, ups):
     rest = [e async for e in events]
     assert rest[-1] == b"data: [DONE]\n\n"
     assert gateway.inflight.view()["count"] == 0
+
+
+# -- a stream nobody can continue names its own break ------------------------------------------------
+
+
+async def test_a_stream_no_one_can_continue_ends_with_its_own_break_not_an_earlier_error(sdk, ups):
+    cfg = config(ups, providers={"p1": {"retry_same": 0}}, max_attempts=2)
+    gw, client = await sdk(cfg)
+    ups["p1"].faults.push(Fault("status", status=503, message="primary overloaded"))
+    ups["p2"].faults.push(Fault("cut", after=3))
+    got = ""
+    with pytest.raises(openai.APIError) as info:
+        stream = await client.chat.completions.create(
+            model="support", messages=[{"role": "user", "content": QUESTION}], stream=True, extra_body=EXTRA
+        )
+        async for c in stream:
+            got += "".join(ch.delta.content or "" for ch in c.choices)
+    assert got and ANSWER.startswith(got)
+    # the fallback's stream broke mid-answer: that is what ended it, not the primary's 503 before
+    assert "primary overloaded" not in info.value.message
+    attempts = info.value.body["attempts"]
+    assert [(a["combination"], a["status"]) for a in attempts] == [("main", 503), ("backup", 502)]
+
+
+# -- the caller's key is charged what the stream's usage says -----------------------------------------
+
+
+async def test_a_continued_stream_charges_the_callers_key_every_attempts_tokens(sdk, ups):
+    from rswitch.auth import ClientKey
+    from rswitch.gateway.ratelimit import ProviderLimiter
+
+    gw, _ = await sdk(config(ups))
+    key = ClientKey("app", None, ProviderLimiter(None, 100_000))
+    key.limiter.tpm.rate = 0.0  # no refill while the test runs: what is left is what was charged
+    ups["p1"].faults.push(Fault("cut", after=3))
+    session = await gw.core.gateway.open_stream(
+        body(stream_options={"include_usage": True}), client=key.admit(50)
+    )
+    events = [e async for e in session.__aiter__()]
+    assert events[-1] == b"data: [DONE]\n\n"
+    usage = json.loads(events[-2].removeprefix(b"data: "))["usage"]
+    assert usage["total_tokens"] > 0
+    assert key.limiter.tpm.capacity - key.limiter.tpm.tokens == usage["total_tokens"]
+
+
+# -- more ways a continuation goes -------------------------------------------------------------------
+
+
+def third(ups: Any, **gateway: Any) -> dict[str, Any]:
+    """main → backup → third, each on its own upstream."""
+    cfg = config(ups, **gateway)
+    cfg["gateway"]["combinations"][0]["fallbacks"] = ["backup", "third"]
+    cfg["gateway"]["combinations"].append(
+        {"id": "third", "template_id": "support", "model": "gpt-4o", "provider": "p3", "weight": 1}
+    )
+    return cfg
+
+
+async def test_a_continuation_that_breaks_too_is_finished_by_a_third_attempt(sdk, ups):
+    gw, client = await sdk(third(ups))
+    ups["p1"].faults.push(Fault("cut", after=3))
+    ups["p2"].faults.push(Fault("cut", after=6))  # a replay: three words dropped, three new, then cut
+    text, chunks = await stream_text(client)
+    assert text == ANSWER and finishes(chunks) == ["stop"] and len({c.id for c in chunks}) == 1
+    rows = gw.dataset_rows("support")
+    assert [(r["combination_id"], r["success"]) for r in rows] == [("main", 0), ("backup", 0), ("third", 1)]
+    assert chunks[-1].usage.total_tokens == sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    assert [a["combination"] for a in chunks[-1].model_extra["rswitch"]["attempts"]] == [
+        "main",
+        "backup",
+        "third",
+    ]
+
+
+async def test_a_role_chunk_then_silence_fails_over_at_the_first_byte_limit(sdk, ups):
+    gw, client = await sdk(config(ups))
+    ups["p1"].faults.push(Fault("stall_mid", after=0, seconds=30))  # the opening chunk, then nothing
+    text, chunks = await stream_text(client)
+    assert text == ANSWER
+    [failed] = [r for r in gw.dataset_rows("support") if not r["success"]]
+    assert failed["error_type"] == "timeout" and "sent no token within 1s" in failed["error"]
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_a_continued_stream_has_one_usage_and_its_metadata_on_the_last_chunk(sdk, ups, include_usage):
+    gw, client = await sdk(config(ups))
+    ups["p1"].faults.push(Fault("cut", after=3))
+    stream = await client.chat.completions.create(
+        model="support",
+        messages=[{"role": "user", "content": QUESTION}],
+        stream=True,
+        stream_options={"include_usage": include_usage},
+        extra_body=EXTRA,
+    )
+    chunks = [c async for c in stream]
+    assert [i for i, c in enumerate(chunks) if c.usage] == [len(chunks) - 1]
+    assert chunks[-1].model_extra["rswitch"]["continued"] is True
+    assert sum(1 for c in chunks if c.model_extra.get("rswitch")) == 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+
+
+async def test_a_replay_shorter_than_what_was_sent_still_ends_once(sdk, ups):
+    gw, client = await sdk(config(ups))
+    ups["p1"].faults.push(Fault("cut", after=5))
+    ups["p2"].faults.push(Fault("text", message="echo: one"))
+    text, chunks = await stream_text(client)
+    assert ANSWER.startswith(text) and len(text.split()) == 5  # what the primary sent, nothing more
+    assert finishes(chunks) == ["stop"]
+    assert chunks[-1].model_extra["rswitch"]["diverged_at"] == len("echo: one")
+
+
+async def test_a_replay_of_non_ascii_text_drops_exactly_what_was_sent(sdk, ups):
+    gw, client = await sdk(config(ups))
+    question = "ça va très bien, 日本語 のテスト 🎉 naïve café"
+    ups["p1"].faults.push(Fault("cut", after=4))
+    stream = await client.chat.completions.create(
+        model="support", messages=[{"role": "user", "content": question}], stream=True, extra_body=EXTRA
+    )
+    chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == f"echo: {question}"
+    assert "diverged_at" not in chunks[-1].model_extra["rswitch"]
+
+
+async def test_a_tool_call_stream_broken_midway_ends_with_an_error_recorded_once(sdk, ups):
+    gw, client = await sdk(config(ups))
+    ups["p1"].faults.push(Fault("cut", after=1))
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
+    with pytest.raises(openai.APIError) as info:
+        stream = await client.chat.completions.create(
+            model="support",
+            messages=[{"role": "user", "content": "what is the weather in Paris"}],
+            tools=tools,
+            stream=True,
+            extra_body=EXTRA,
+        )
+        _ = [c async for c in stream]
+    assert [a["combination"] for a in info.value.body["attempts"]] == ["main"]
+    assert chat_requests(ups["p2"]) == []  # a half-made tool call is not continued
+    [row] = gw.dataset_rows("support")
+    assert row["success"] == 0 and row["combination_id"] == "main"

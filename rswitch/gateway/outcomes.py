@@ -115,10 +115,12 @@ class Outcomes:
         started: float | None = None,
         observe: bool = True,
         billed: str | None = None,
+        before: int = 0,
     ) -> tuple[int, int, bool, float]:
         """Record one attempt: live metrics (when `observe`), the learner, the console's
         recent calls and events, and the recorder. `output` is what the row keeps; `billed`
-        (default `output`) is this attempt's own text, which its estimated tokens count.
+        (default `output`) is this attempt's own text, which its estimated tokens count;
+        `before`, the tokens of the request's earlier attempts, which the caller's key pays too.
         Returns (prompt, completion tokens, whether they are estimated, cost)."""
         started = started or p.started  # this attempt's start: its latency and time stamp count from here
         duration_ms = (time.perf_counter() - started) * 1000
@@ -176,7 +178,7 @@ class Outcomes:
         if p.client is not None:  # the caller's key: its name recorded, its tpm settled once answered
             record.extra["client"] = p.client.name
             if ok:
-                p.client.settle(pt + ct)
+                p.client.settle(pt + ct + before)
         if ok:
             self.breakers.success(combo.id)
         self.recent.append(record)

@@ -194,6 +194,7 @@ class StreamSession:
             p, a.combo, a.system, e, a.number, a.started, True, a.est, "".join(self._own), self._ttft
         )
         self._recorded = True
+        self.plan.last = e  # what ends the stream if no candidate continues it
         self._billed[0] += pt
         self._billed[1] += ct
         if not self._continuable(e):
@@ -286,7 +287,7 @@ class StreamSession:
         """Record the complete answer, then the events that end it: the held-back finish chunk
         carrying the usage of every attempt (or OpenAI's usage-only chunk), and [DONE]."""
         g, p, a = self.gateway, self.p, self.attempt
-        pt, ct, estimated, _ = self._record(ok=True, usage=usage)
+        pt, ct, estimated, _ = self._record(ok=True, usage=usage, before=sum(self._billed))
         g.settle(a.combo, a.est, pt, ct)
         pt, ct = pt + self._billed[0], ct + self._billed[1]
         final_usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
