@@ -72,6 +72,38 @@ async def test_recent_call_detail_and_unknown_ids(gateway):
     assert (await gateway.client.get(f"{PREFIX}/calls/nope")).status_code == 404
 
 
+async def test_recent_call_detail_names_the_attempts_before_a_fallback(make_gateway):
+    gw = await make_gateway(
+        {
+            "model_providers": {
+                "broken": {
+                    "type": "mock",
+                    "retry_same": 0,
+                    "mock": {"failure_rate": 1.0, "failure_status": 500},
+                }
+            },
+            "gateway": {
+                "combinations": [
+                    {
+                        "id": "support-a",
+                        "template_id": "support",
+                        "model": "small",
+                        "provider": "broken",
+                        "fallbacks": ["support-b"],
+                    },
+                    {"id": "support-b", "template_id": "support", "model": "large", "provider": "mock"},
+                ]
+            },
+        }
+    )
+    r = await gw.post(chat(metadata={"combination_id": "support-a"}, variables=SUPPORT_VARS))
+    assert r.status_code == 200 and r.headers["x-rswitch-combination"] == "support-b", r.text
+    served = (await gw.client.get(f"{PREFIX}/calls/{r.headers['x-rswitch-request-id']}")).json()
+    chain = views.RecentCall.model_validate(served).attempts
+    assert [(a["combination"], a["status"]) for a in chain or []] == [("support-a", 500), ("support-b", 200)]
+    assert chain[0]["error_type"] == "upstream_error" and chain[1]["error_type"] is None
+
+
 async def test_reweight_and_routing_follows(gateway):
     assert await served_by(gateway) == {"support-a", "support-b"}
     r = await gateway.client.post(PREFIX + "/combinations/support-a/weight", json={"weight": 0})

@@ -184,6 +184,43 @@ async def test_inspector_shows_a_recent_call_with_its_route(tmp_path):
         g.stop()
 
 
+async def test_inspector_shows_the_attempts_a_fallback_followed(tmp_path):
+    broken = {"type": "mock", "retry_same": 0, "mock": {"failure_rate": 1.0, "failure_status": 500}}
+    combos = [
+        {"id": "support-a", "template_id": "support", "model": "small", "provider": "broken"},
+        {"id": "support-b", "template_id": "support", "model": "large", "provider": "mock"},
+    ]
+    combos[0]["fallbacks"] = ["support-b"]
+    g = start(tmp_path, {"model_providers": {"broken": broken}, "gateway": {"combinations": combos}})
+    try:
+        app = RSwitchApp(InProcessOperator(g), url=g.url, refresh=0.1)
+        async with app.run_test(size=(180, 50)) as pilot:
+            async with httpx.AsyncClient(base_url=g.url) as client:
+                r = await client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "messages": [{"role": "user", "content": "hello"}],
+                        "metadata": {"combination_id": "support-a"},
+                        "variables": SUPPORT_VARS,
+                    },
+                )
+            assert r.status_code == 200 and r.headers["x-rswitch-combination"] == "support-b"
+            rid = r.headers["x-rswitch-request-id"]
+            recent = app.query_one("#recent")
+            await settle(pilot, lambda: f"{rid}#2" in [k.value for k in recent.rows])
+            await pilot.press("i")
+            await settle(pilot, lambda: isinstance(app.screen, InspectorScreen))
+            head = str(app.screen.query_one("#inspector-head").content).splitlines()
+            chain = [line.removeprefix("attempts").strip() for line in head[-2:]]
+            assert head[-2].startswith("attempts")
+            assert [" ".join(line.split()[:5]) for line in chain] == [
+                "1. support-a (broken/small) 500 upstream_error,",
+                "2. support-b (mock/large) 200 ok,",
+            ]
+    finally:
+        g.stop()
+
+
 def optimizing_gateway(tmp_path, delay: float = 0.0):
     """A gateway whose 'echo' template has 40 labelled rows and a scripted model to optimize with."""
     from tests.test_mipro import rows

@@ -252,6 +252,9 @@ class RecentCall(OpenView):
     stream: bool
     attempt: int
     route: str | None = None
+    # the request's attempts up to this one (combination, provider, model, status, error_type, ms,
+    # tokens), when it made more than one: a fallback's, a retry's or a continued stream's chain
+    attempts: list[dict[str, Any]] | None = None
 
 
 class InFlightCall(OpenView):
@@ -445,6 +448,7 @@ def build_recent_call(core: Core, request_id: str, attempt: int | None = None) -
                 stream=r.stream,
                 attempt=r.attempt,
                 route=r.extra.get("route"),
+                attempts=r.extra.get("attempts"),
             )
     return None
 

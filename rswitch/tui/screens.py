@@ -36,6 +36,18 @@ class HelpScreen(ModalScreen[None]):
             yield Label("ctrl+p: command palette   escape: close", classes="hint")
 
 
+def attempt_lines(chain: list[dict[str, Any]]) -> list[str]:
+    """The request's attempts up to the inspected one, one line each (numbered from 1)."""
+    lines = []
+    for i, a in enumerate(chain, 1):
+        outcome = "ok" if a.get("error_type") is None else a["error_type"]
+        lines.append(
+            f"{'attempts' if i == 1 else '':<12}{i}. {a.get('combination')} ({a.get('provider')}/{a.get('model')})"
+            f"  {a.get('status')} {outcome}, {float(a.get('ms') or 0):.0f} ms, {a.get('tokens')} tokens"
+        )
+    return lines
+
+
 class InspectorScreen(ModalScreen[None]):
     """One recent call in full: prompt, messages, output, tokens, cost, latency, and the route.
     A call still in flight: its stage and what is known so far (as of opening)."""
@@ -66,6 +78,7 @@ class InspectorScreen(ModalScreen[None]):
         ]
         if c.get("error"):
             head.append(f"error       {c['error']}")
+        head.extend(attempt_lines(c.get("attempts") or []))
         with Vertical(classes="dialog wide"):
             yield Label(f"Request {c['request_id'][:12]}, attempt {c['attempt']}", classes="title")
             with VerticalScroll():
