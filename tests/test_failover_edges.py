@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 
 from tests import test_failover
-from tests.fakes.server import Fault
+from tests.fakes.server import Fault, serve_app
 from tests.test_failover import ANSWER, EXTRA, QUESTION, chat_requests, config, finishes, stream_text
 
 ups, sdk = test_failover.ups, test_failover.sdk  # the same upstreams and SDK client
@@ -240,3 +243,62 @@ async def test_a_tool_call_stream_broken_midway_ends_with_an_error_recorded_once
     assert chat_requests(ups["p2"]) == []  # a half-made tool call is not continued
     [row] = gw.dataset_rows("support")
     assert row["success"] == 0 and row["combination_id"] == "main"
+
+
+# -- an upstream that puts usage on its content chunks ----------------------------------------------
+
+
+@contextmanager
+def usage_on_every_chunk() -> Iterator[str]:
+    """An OpenAI-compatible server that reports usage on every chunk, as vLLM does with
+    `continuous_usage_stats` (and Mistral on its finish chunk): the echo, a word per chunk."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        req = await request.json()
+        words = f"echo: {req['messages'][-1]['content']}".split(" ")
+        pieces = [w + " " for w in words[:-1]] + words[-1:]
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(choices: list[dict[str, Any]], done: int) -> None:
+            usage = {"prompt_tokens": 9, "completion_tokens": done, "total_tokens": 9 + done}
+            data = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": req["model"]}
+            await resp.write(
+                b"data: " + json.dumps({**data, "choices": choices, "usage": usage}).encode() + b"\n\n"
+            )
+
+        await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], 0)
+        for i, piece in enumerate(pieces, 1):
+            await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}], i)
+        await send([{"index": 0, "delta": {}, "finish_reason": "stop"}], len(pieces))
+        if (req.get("stream_options") or {}).get("include_usage"):
+            await send([], len(pieces))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    with serve_app(app) as url:
+        yield url + "/v1"
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_usage_on_an_upstreams_content_chunks_reaches_the_client_once_at_the_end(
+    sdk, ups, include_usage
+):
+    with usage_on_every_chunk() as url:
+        gw, client = await sdk(config(ups, providers={"p2": {"base_url": url}}))
+        ups["p1"].faults.push(Fault("cut", after=3))
+        stream = await client.chat.completions.create(
+            model="support",
+            messages=[{"role": "user", "content": QUESTION}],
+            stream=True,
+            stream_options={"include_usage": include_usage},
+            extra_body=EXTRA,
+        )
+        chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert [i for i, c in enumerate(chunks) if c.usage] == [len(chunks) - 1]
+    # the fallback's own count (9 + 9) and the broken attempt's
+    assert chunks[-1].usage.completion_tokens > len(ANSWER.split())

@@ -330,6 +330,8 @@ class StreamSession:
                         async for chunk in self._chunks():
                             if chunk.get("usage"):
                                 usage = chunk["usage"]
+                                if chunk.get("choices"):  # vLLM's running count, Mistral's on its finish:
+                                    chunk["usage"] = None  # only the end carries usage, every attempt's
                             shaped = self._shape(chunk)
                             last["id"] = self._id or last["id"]
                             last["model"] = chunk.get("model", last["model"])
