@@ -302,3 +302,72 @@ async def test_usage_on_an_upstreams_content_chunks_reaches_the_client_once_at_t
     assert [i for i, c in enumerate(chunks) if c.usage] == [len(chunks) - 1]
     # the fallback's own count (9 + 9) and the broken attempt's
     assert chunks[-1].usage.completion_tokens > len(ANSWER.split())
+
+
+# -- a stream's circuit-breaker probe gets its verdict -------------------------------------------------
+
+
+async def test_a_streams_probe_gets_its_verdict_however_the_stream_ends(sdk, ups):
+    cfg = config(
+        ups, providers={"p1": {"retry_same": 0}}, circuit_breaker={"failures": 1, "cooldown_seconds": 30}
+    )
+    gw, client = await sdk(cfg)
+    breakers = gw.core.gateway.breakers
+    now = [0.0]
+    breakers.clock = lambda: now[0]
+    ups["p1"].faults.push(Fault("status", status=500))
+    assert (await stream_text(client))[0] == ANSWER  # served by the fallback; main opens
+    assert breakers.state("main")["state"] == "open"
+
+    now[0] += 31  # a stream probes main and breaks mid-answer: reopened, the fallback finishes it
+    ups["p1"].faults.push(Fault("cut", after=3))
+    assert (await stream_text(client))[0] == ANSWER
+    assert breakers.state("main") == {"state": "open", "failures": 2, "retry_in": 30.0}
+
+    now[0] += 31  # a stream probes main and its client leaves: no verdict, the probe goes back
+    session = await gw.core.gateway.open_stream(body())
+    assert breakers.state("main")["state"] == "half_open"
+    events = session.__aiter__()
+    await anext(events)
+    await events.aclose()
+    assert breakers.state("main")["state"] == "open" and breakers.allow("main")  # the next may probe
+    breakers.release("main")
+
+    text, _ = await stream_text(client)  # a stream probes main and is whole: closed
+    assert text == ANSWER and breakers.state("main") == {"state": "closed", "failures": 0, "retry_in": None}
+    assert [r["combination_id"] for r in gw.dataset_rows("support")][-1] == "main"
+
+
+async def test_a_refused_prefill_costs_nothing_and_the_usage_adds_up_the_rows(sdk):
+    from tests.fakes import openai_fake
+
+    with openai_fake.running() as p1, openai_fake.running(prefill="reject") as p2:
+        gw, client = await sdk(config({"p1": p1, "p2": p2}, providers={"p2": {"prefill": True}}))
+        p1.faults.push(Fault("cut", after=3))
+        text, chunks = await stream_text(client)
+    assert text == ANSWER
+    rows = gw.dataset_rows("support")
+    assert [(r["combination_id"], r["status"]) for r in rows] == [
+        ("main", 502),
+        ("backup", 400),
+        ("backup", 200),
+    ]
+    assert rows[1]["prompt_tokens"] == rows[1]["completion_tokens"] == 0 and rows[1]["cost"] == 0
+    assert chunks[-1].usage.total_tokens == sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+
+
+async def test_a_stream_of_several_choices_broken_midway_ends_with_an_error_recorded_once(sdk, ups):
+    gw, client = await sdk(config(ups))
+    ups["p1"].faults.push(Fault("cut", after=3))
+    with pytest.raises(openai.APIError) as info:
+        stream = await client.chat.completions.create(
+            model="support",
+            messages=[{"role": "user", "content": QUESTION}],
+            stream=True,
+            n=2,
+            extra_body=EXTRA,
+        )
+        _ = [c async for c in stream]
+    assert [a["combination"] for a in info.value.body["attempts"]] == ["main"]
+    assert chat_requests(ups["p2"]) == []
+    assert [r["success"] for r in gw.dataset_rows("support")] == [0]
