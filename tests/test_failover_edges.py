@@ -371,3 +371,23 @@ async def test_a_stream_of_several_choices_broken_midway_ends_with_an_error_reco
     assert [a["combination"] for a in info.value.body["attempts"]] == ["main"]
     assert chat_requests(ups["p2"]) == []
     assert [r["success"] for r in gw.dataset_rows("support")] == [0]
+
+
+async def test_an_empty_replay_ends_the_stream_once_with_what_was_sent(sdk, ups):
+    gw, client = await sdk(config(ups))
+    ups["p1"].faults.push(Fault("cut", after=3))
+    ups["p2"].faults.push(Fault("text", message=""))
+    text, chunks = await stream_text(client)
+    assert text and ANSWER.startswith(text) and finishes(chunks) == ["stop"]
+    # the new answer ended where it began: it differs from what was sent from the first character
+    assert chunks[-1].model_extra["rswitch"]["diverged_at"] == 0
+
+
+async def test_retry_same_never_exceeds_max_attempts(sdk, ups):
+    gw, client = await sdk(config(ups, max_attempts=1))
+    ups["p1"].faults.push(Fault("status", status=500))
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.chat.completions.create(
+            model="support", messages=[{"role": "user", "content": QUESTION}], extra_body=EXTRA
+        )
+    assert len(info.value.body["attempts"]) == 1 and len(chat_requests(ups["p1"])) == 1
