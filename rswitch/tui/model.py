@@ -91,6 +91,8 @@ def combination_row(c: dict[str, Any], optimized: str = "-") -> dict[str, str]:
     breaker = (c.get("breaker") or {}).get("state")
     if not enabled:
         state = "disabled"
+    elif breaker == "open" and (c.get("breaker") or {}).get("retry_in") == 0:
+        state = "probe due"  # its cooldown is over: the next request that may use it probes it
     elif breaker in BREAKER_STATE:  # an open breaker: requests skip it, which outranks a demotion
         state = BREAKER_STATE[breaker]
     else:
