@@ -391,3 +391,22 @@ async def test_retry_same_never_exceeds_max_attempts(sdk, ups):
             model="support", messages=[{"role": "user", "content": QUESTION}], extra_body=EXTRA
         )
     assert len(info.value.body["attempts"]) == 1 and len(chat_requests(ups["p1"])) == 1
+
+
+async def test_a_client_leaving_mid_continuation_is_recorded_once_per_attempt(sdk, ups):
+    cfg = config(ups, providers={"p2": {"tpm": 60_000}}, circuit_breaker={"failures": 1})
+    gw, _ = await sdk(cfg)
+    gateway = gw.core.gateway
+    ups["p1"].faults.push(Fault("cut", after=3))
+    session = await gateway.open_stream(body())
+    events = session.__aiter__()
+    received = ""
+    while len(received.split()) < 5:  # three words from the primary, two from the fallback
+        received += text_of(await anext(events))
+    await events.aclose()  # the client hangs up
+    rows = gw.dataset_rows("support")
+    assert [(r["combination_id"], r["status"]) for r in rows] == [("main", 502), ("backup", 499)]
+    assert rows[1]["error_type"] == "client_closed" and received.startswith(rows[1]["output"])
+    assert [a["combination"] for a in json.loads(rows[1]["attempts"])] == ["main", "backup"]
+    assert gateway.breakers.state("backup")["failures"] == 0  # a client leaving is not the upstream's fault
+    assert gateway.inflight.view()["count"] == 0
