@@ -588,6 +588,16 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
                         True,
                     )
                 )
+            elif value is not None and value > p.timeout_seconds:
+                problems.append(
+                    ConfigProblem(
+                        f"model_providers.{name}.{key}",
+                        f"is longer than timeout_seconds ({p.timeout_seconds:g}), which ends every "
+                        "attempt first; raise timeout_seconds or lower this",
+                        value,
+                        True,
+                    )
+                )
         for model, size in p.context_windows.items():
             if not isinstance(size, int) or size < 1:
                 problems.append(
