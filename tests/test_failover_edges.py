@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from tests import test_failover
-from tests.fakes.server import Fault, serve_app
+from tests.fakes.server import Fault, abort, serve_app
 from tests.test_failover import ANSWER, EXTRA, QUESTION, chat_requests, config, finishes, stream_text
 
 ups, sdk = test_failover.ups, test_failover.sdk  # the same upstreams and SDK client
@@ -410,3 +410,42 @@ async def test_a_client_leaving_mid_continuation_is_recorded_once_per_attempt(sd
     assert [a["combination"] for a in json.loads(rows[1]["attempts"])] == ["main", "backup"]
     assert gateway.breakers.state("backup")["failures"] == 0  # a client leaving is not the upstream's fault
     assert gateway.inflight.view()["count"] == 0
+
+
+# -- Azure's opening chunk ------------------------------------------------------------------------------
+
+
+@contextmanager
+def azure_like(cut_after: int) -> Iterator[str]:
+    """An Azure OpenAI-like stream: its first chunk has no id (`""`), no choices and the prompt's
+    content-filter results; then the echo, a word per chunk, cut after `cut_after` words."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        req = await request.json()
+        words = f"echo: {req['messages'][-1]['content']}".split(" ")
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        filters = {"choices": [], "created": 0, "id": "", "model": "", "object": ""}
+        filters["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": {}}]
+        await resp.write(b"data: " + json.dumps(filters).encode() + b"\n\n")
+        head = {"id": "chatcmpl-az1", "object": "chat.completion.chunk", "created": 7, "model": req["model"]}
+        for word in [""] + [w + " " for w in words[:cut_after]]:
+            delta = {"content": word, **({"role": "assistant"} if not word else {})}
+            choice = {"index": 0, "delta": delta, "finish_reason": None}
+            await resp.write(b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n")
+        await asyncio.sleep(0.05)  # the words reach rswitch before the reset
+        await abort(request)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    with serve_app(app) as url:
+        yield url + "/v1"
+
+
+async def test_a_continued_stream_keeps_the_id_of_an_azure_like_upstream(sdk, ups):
+    with azure_like(cut_after=3) as url:
+        gw, client = await sdk(config(ups, providers={"p1": {"base_url": url}}))
+        text, chunks = await stream_text(client)
+    assert text == ANSWER and finishes(chunks) == ["stop"]
+    assert {c.id for c in chunks} == {"chatcmpl-az1"}  # one stream, named as it began

@@ -146,8 +146,8 @@ class StreamSession:
         """The chunk as the client gets it (None: nothing to send), noting its text. A
         continuation keeps the stream's id and drops its own opening and replayed text."""
         continued = self._continued
-        if self._id is None:
-            self._id, self._created = chunk.get("id"), chunk.get("created")
+        if not self._id:  # Azure's first chunk (the prompt's filter results) has the id ""
+            self._id, self._created = chunk.get("id") or None, chunk.get("created")
         elif continued:
             chunk["id"], chunk["created"] = self._id, self._created
         choices = chunk.get("choices") or []
