@@ -449,3 +449,18 @@ async def test_a_continued_stream_keeps_the_id_of_an_azure_like_upstream(sdk, up
         text, chunks = await stream_text(client)
     assert text == ANSWER and finishes(chunks) == ["stop"]
     assert {c.id for c in chunks} == {"chatcmpl-az1"}  # one stream, named as it began
+
+
+async def test_a_prefill_continuation_that_breaks_is_finished_by_a_replay(sdk, ups):
+    gw, client = await sdk(third(ups, providers={"p2": {"prefill": True}}))
+    ups["p1"].faults.push(Fault("cut", after=3))
+    ups["p2"].faults.push(Fault("cut", after=2))  # two more words after the partial answer, then cut
+    text, chunks = await stream_text(client)
+    assert text == ANSWER and finishes(chunks) == ["stop"]
+    [cont] = chat_requests(ups["p2"])
+    assert cont["continue_final_message"] is True
+    [replay] = chat_requests(ups["p3"])
+    assert replay["messages"][-1]["role"] == "user"
+    assert "diverged_at" not in chunks[-1].model_extra["rswitch"]
+    rows = gw.dataset_rows("support")
+    assert [r["success"] for r in rows] == [0, 0, 1] and rows[-1]["output"] == ANSWER
