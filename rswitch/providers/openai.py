@@ -165,6 +165,10 @@ class OpenAIProvider(Provider):
             raise connection_error(self.name, exc) from None
         except TimeoutError:
             raise timeout_error(self.name, self._deadline(call)) from None
+        except aiohttp.ClientPayloadError as exc:  # it answered, then the body broke off
+            raise UpstreamError(
+                502, f"provider '{self.name}' answer broke off: {type(exc).__name__}", retryable=True
+            ) from None
         except aiohttp.ClientError as exc:
             raise connection_error(self.name, exc) from None
         try:
