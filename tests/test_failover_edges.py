@@ -464,3 +464,18 @@ async def test_a_prefill_continuation_that_breaks_is_finished_by_a_replay(sdk, u
     assert "diverged_at" not in chunks[-1].model_extra["rswitch"]
     rows = gw.dataset_rows("support")
     assert [r["success"] for r in rows] == [0, 0, 1] and rows[-1]["output"] == ANSWER
+
+
+async def test_a_prefill_continuation_asks_only_for_what_is_left_of_max_tokens(sdk, ups):
+    from rswitch.providers.pricing import estimate_tokens
+
+    gw, client = await sdk(config(ups, providers={"p2": {"prefill": True}}))
+    ups["p1"].faults.push(Fault("cut", after=3))
+    text, _ = await stream_text(client, max_tokens=40)
+    assert text == ANSWER
+    [cont] = chat_requests(ups["p2"])
+    partial = cont["messages"][-1]["content"]
+    # the client's 40 bound the whole answer: the part already sent counts against them
+    assert cont["max_tokens"] == 40 - estimate_tokens(partial) < 40
+    [first] = chat_requests(ups["p1"])
+    assert first["max_tokens"] == 40

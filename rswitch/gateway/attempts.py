@@ -270,15 +270,29 @@ def chat_call(
     demos = p.demos.get(combo.template_id) or []
     head = [{"role": "system", "content": system}] if system else []
     messages = [*head, *demos, *p.messages]
+    params = p.params
     if prefill is not None:
         messages.append({"role": "assistant", "content": prefill})
+        params = budget_left(params, estimate_tokens(prefill))
     return ChatCall(
         model=combo.model,
         messages=messages,
-        params=p.params,
+        params=params,
         timeout=min(remaining, provider.settings.timeout_seconds),
         prefill=prefill is not None,
     )
+
+
+def budget_left(params: dict[str, Any], used: int) -> dict[str, Any]:
+    """The params of a call that continues a partial answer of `used` tokens: the client's
+    max_tokens / max_completion_tokens bound the whole answer, and a continuation counts only
+    its own tokens against them."""
+    out = dict(params)
+    for key in ("max_completion_tokens", "max_tokens"):
+        limit = out.get(key)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            out[key] = max(1, limit - used)
+    return out
 
 
 # -- making one attempt ---------------------------------------------------------------------------
