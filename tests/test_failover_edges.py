@@ -479,3 +479,19 @@ async def test_a_prefill_continuation_asks_only_for_what_is_left_of_max_tokens(s
     assert cont["max_tokens"] == 40 - estimate_tokens(partial) < 40
     [first] = chat_requests(ups["p1"])
     assert first["max_tokens"] == 40
+
+
+async def test_a_400_that_is_not_about_the_prefill_is_not_learned_as_a_refusal(sdk, ups):
+    gw, client = await sdk(config(ups, providers={"p2": {"prefill": True}}, max_attempts=2))
+    refusal = Fault("status", status=400, message="Your request was rejected by our safety system")
+    ups["p1"].faults.push(Fault("cut", after=3))
+    ups["p2"].faults.push(refusal, refusal)  # the prefill and the request anew: the same 400
+    with pytest.raises(openai.APIError) as info:
+        await stream_text(client)
+    assert "safety" in info.value.message
+    # the model did not refuse the prefill, the request: the next break is continued by a prefill
+    ups["p1"].faults.push(Fault("cut", after=3))
+    text, _ = await stream_text(client)
+    assert text == ANSWER
+    asked = chat_requests(ups["p2"])
+    assert ["continue_final_message" in r for r in asked] == [True, False, True]

@@ -212,7 +212,9 @@ class Plan:
         await asyncio.sleep(wait)
         return True
 
-    def _attempt(self, combo: Combination, continuing: str | None, count: bool = True) -> Attempt | None:
+    def _attempt(
+        self, combo: Combination, continuing: str | None, count: bool = True, prefill: bool = True
+    ) -> Attempt | None:
         """An attempt at `combo`, once its provider's limits let it go (else None: noted)."""
         g, p = self.g, self.p
         system = render_system(g, p, combo)
@@ -227,7 +229,7 @@ class Plan:
         if count:
             self.made += 1
         self.numbered += 1
-        prefill = bool(continuing) and provider.accepts_prefill(combo.model)
+        prefill = prefill and bool(continuing) and provider.accepts_prefill(combo.model)
         call = chat_call(p, combo, system, provider, self.remaining(), continuing if prefill else None)
         self.flight.stage, self.flight.combo, self.flight.attempt = CALLING, combo, self.numbered
         return Attempt(
@@ -243,10 +245,10 @@ class Plan:
         )
 
     def replay_instead(self, a: Attempt, continuing: str) -> Attempt | None:
-        """`a`'s model refused the prefill (it is remembered): the same combination again,
-        replaying the request, not counted as another attempt."""
-        a.provider.refuse_prefill(a.combo.model)
-        return self._attempt(a.combo, continuing, count=False)
+        """`a`'s model answered 400 to the prefill: the same combination again, replaying the
+        request, not counted as another attempt. The caller learns the refusal once the replay
+        is not refused too (a 400 to both was about the request, not the prefill)."""
+        return self._attempt(a.combo, continuing, count=False, prefill=False)
 
 
 def estimate(p: Prepared, system: str) -> int:

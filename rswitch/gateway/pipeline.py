@@ -372,11 +372,16 @@ class Gateway:
         continuation, replaying to a model that refuses a prefill); None when none does.
         A client error no other model can fix is raised."""
         a = await plan.next(continuing)
+        replay: Attempt | None = None  # the request anew to a model that answered 400 to a prefill
         while a is not None:
             try:
                 agen, held = await attempts.open_stream(a, plan)
+                if a is replay:  # answered anew: it was the prefill it refused, remembered
+                    a.provider.refuse_prefill(a.combo.model)
                 return a, agen, held
             except UpstreamError as e:
+                if a is replay and e.status != 400:
+                    a.provider.refuse_prefill(a.combo.model)
                 if a.prefill and e.status == 400 and not needs_other_model(e) and continuing:
                     # the model cannot continue a partial answer: ask it anew, the client never
                     # sees the refusal (it is recorded, not held against the combination)
@@ -396,7 +401,7 @@ class Gateway:
                     )
                     self.breakers.release(a.combo.id)
                     self.settle(a.combo, a.est, 0, 0)
-                    a = plan.replay_instead(a, continuing)
+                    a = replay = plan.replay_instead(a, continuing)
                     if a is None:
                         a = await plan.next(continuing)
                     continue
