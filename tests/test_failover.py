@@ -185,6 +185,13 @@ async def test_a_replay_that_diverges_is_said_so_in_the_final_chunk(sdk, ups):
         i for i, (a, b) in enumerate(zip(ANSWER, other, strict=False)) if a != b
     )
     assert text == sent + other[len(sent) :]
+    # the row says so too, and the optimizer does not learn from such a stitched answer
+    done = gw.dataset_rows("support")[-1]
+    assert done["success"] == 1 and json.loads(done["attempts"])[-1]["diverged_at"] == meta["diverged_at"]
+    from rswitch.optimizer.data import load_examples
+
+    path = gw.tmp_path / "prompts" / "support" / "dataset.sqlite"
+    assert done["id"] not in {e.id for e in load_examples(path, labelled_only=False)}
 
 
 async def test_when_no_candidate_can_continue_the_stream_ends_with_the_error_event(sdk, ups):
@@ -274,6 +281,23 @@ async def test_context_length_goes_to_a_larger_fallback_not_the_same_model(sdk, 
     assert raw.parse().choices[0].message.content == ANSWER
     assert len(chat_requests(ups["p1"])) == 1  # not retried on the same model
     assert chat_requests(ups["p2"]) == []  # a window no larger is skipped
+
+
+async def test_context_length_with_no_larger_window_left_is_answered_without_waiting(sdk, ups):
+    cfg = config(
+        ups,
+        providers={
+            "p1": {"context_windows": {"gpt-4o-mini": 8000}},
+            "p2": {"context_windows": {"gpt-4o": 4000}},
+        },
+    )
+    gw, client = await sdk(cfg)
+    ups["p1"].faults.push(Fault("context"))
+    with pytest.raises(openai.BadRequestError) as info:
+        await complete(client)
+    assert info.value.code == "context_length_exceeded"
+    assert chat_requests(ups["p2"]) == []  # a smaller window is not tried
+    assert gw.core.metrics.counters["rate_limit_waits"] == 0  # no backoff before saying so
 
 
 async def test_a_content_policy_refusal_is_returned_at_once(sdk, ups):

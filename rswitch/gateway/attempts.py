@@ -198,6 +198,8 @@ class Plan:
         self.soonest = None
         if not self.tried_this_round and soonest is None:
             return False  # nothing could be tried (breakers open, windows too small): no use waiting
+        if not any(self._fits(c) for c in self.order):
+            return False  # no model left with a window the prompt may fit: say so now
         self.tried_this_round = False
         self.index = 0
         backoff = min(2.0, 0.1 * (2**self.round)) * (0.5 + random.random())

@@ -116,11 +116,13 @@ class Outcomes:
         observe: bool = True,
         billed: str | None = None,
         before: int = 0,
+        note: dict[str, Any] | None = None,
     ) -> tuple[int, int, bool, float]:
         """Record one attempt: live metrics (when `observe`), the learner, the console's
         recent calls and events, and the recorder. `output` is what the row keeps; `billed`
         (default `output`) is this attempt's own text, which its estimated tokens count;
-        `before`, the tokens of the request's earlier attempts, which the caller's key pays too.
+        `before`, the tokens of the request's earlier attempts, which the caller's key pays too;
+        `note`, more to say of this attempt in the chain (a replay's `diverged_at`).
         Returns (prompt, completion tokens, whether they are estimated, cost)."""
         started = started or p.started  # this attempt's start: its latency and time stamp count from here
         duration_ms = (time.perf_counter() - started) * 1000
@@ -137,9 +139,12 @@ class Outcomes:
                     )
         p.attempts = max(p.attempts, attempt)
         status = 200 if error is None else error.status
-        p.chain.append(
-            attempt_entry(combo, status, None if error is None else error.error_type, duration_ms, pt + ct)
+        entry = attempt_entry(
+            combo, status, None if error is None else error.error_type, duration_ms, pt + ct
         )
+        if note:
+            entry.update(note)
+        p.chain.append(entry)
         if not ok and error is not None:
             self.metrics.observe_error(combo.id, error.error_type)  # client_closed too, by its own label
             if error.status != 499:  # a client leaving is not something for the operator to act on

@@ -287,7 +287,11 @@ class StreamSession:
         """Record the complete answer, then the events that end it: the held-back finish chunk
         carrying the usage of every attempt (or OpenAI's usage-only chunk), and [DONE]."""
         g, p, a = self.gateway, self.p, self.attempt
-        pt, ct, estimated, _ = self._record(ok=True, usage=usage, before=sum(self._billed))
+        diverged = None  # where a replayed answer stopped matching what was sent
+        if self._replay is not None and (self._replay.diverged_at is not None or self._replay.short):
+            diverged = self._replay.diverged_at if self._replay.diverged_at is not None else self._replay.pos
+        note = None if diverged is None else {"diverged_at": diverged}  # the row says so too
+        pt, ct, estimated, _ = self._record(ok=True, usage=usage, before=sum(self._billed), note=note)
         g.settle(a.combo, a.est, pt, ct)
         pt, ct = pt + self._billed[0], ct + self._billed[1]
         final_usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
@@ -298,9 +302,8 @@ class StreamSession:
         meta = None
         if self._continued:
             meta = {"attempts": list(p.chain), "continued": True}
-            if self._replay is not None and (self._replay.diverged_at is not None or self._replay.short):
-                at = self._replay.diverged_at if self._replay.diverged_at is not None else self._replay.pos
-                meta["diverged_at"] = at  # the replayed answer differs from what was sent from here
+            if diverged is not None:
+                meta["diverged_at"] = diverged  # the replayed answer differs from what was sent from here
         out = []
         if finish is not None:
             end = {**finish, "usage": final_usage}

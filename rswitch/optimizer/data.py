@@ -68,9 +68,13 @@ def load_examples(
         cols = {r[1] for r in conn.execute("PRAGMA table_info(examples)")}
         if "label_expected" not in cols:
             return []
+        # a stream finished by a replay that diverged from what was sent is no example to learn from
+        stitched = (
+            " AND (attempts IS NULL OR attempts NOT LIKE '%\"diverged_at\"%')" if "attempts" in cols else ""
+        )
         rows = conn.execute(
             "SELECT id, created_at, combination_id, messages, variables, output, label_expected, label_score FROM examples "
-            "WHERE success = 1 ORDER BY created_at, id"
+            f"WHERE success = 1{stitched} ORDER BY created_at, id"
         ).fetchall()
     finally:
         conn.close()
