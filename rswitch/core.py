@@ -203,21 +203,7 @@ class Core:
             min_requests=gw.min_requests,
             exploration=gw.exploration,
         )
-        self.datasets = DatasetStore(
-            config.dataset_dir,
-            config.dataset.max_records,
-            config.dataset.max_labelled_records,
-            reference=frozenset(gw.optimization.reference_combinations),
-        )
-        self.analytics = AnalyticsStore(config.analytics_file)
-        rc = config.recorder
-        self.recorder = Recorder(
-            self.datasets,
-            self.analytics,
-            queue_size=rc.queue_size,
-            batch_size=rc.batch_size,
-            flush_interval=rc.flush_interval_ms / 1000,
-        )
+        self.datasets, self.analytics, self.recorder = self.open_stores(config)
         self.gateway = Gateway(
             registry=self.registry,
             combinations=self.combinations,
@@ -247,6 +233,26 @@ class Core:
         self.template_watcher = TemplateWatcher(
             self.registry, [config.resolve_path(d) for d in config.template_dirs], event=self.event
         )
+
+    def open_stores(self, config: Config) -> tuple[Any, Any, Any]:
+        """The datasets, the analytics and the recorder writing both; a worker of `serve --workers N`
+        returns stand-ins that relay to the one process owning the files (rswitch.workers)."""
+        datasets = DatasetStore(
+            config.dataset_dir,
+            config.dataset.max_records,
+            config.dataset.max_labelled_records,
+            reference=frozenset(config.gateway.optimization.reference_combinations),
+        )
+        analytics = AnalyticsStore(config.analytics_file)
+        rc = config.recorder
+        recorder = Recorder(
+            datasets,
+            analytics,
+            queue_size=rc.queue_size,
+            batch_size=rc.batch_size,
+            flush_interval=rc.flush_interval_ms / 1000,
+        )
+        return datasets, analytics, recorder
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import sys
 from typing import Annotated, Any
@@ -205,6 +206,13 @@ def serve(
         bool, typer.Option("--access-log/--no-access-log", help="One line per request at INFO.")
     ] = True,
     insecure_no_auth: InsecureOpt = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Gateway processes on the one port (1: one process). The parent owns the stores; "
+            "rate limits are shared 1/N per worker (README, 'Running several workers')."
+        ),
+    ] = 1,
 ) -> None:
     """Run the gateway headless."""
     import asyncio
@@ -213,7 +221,11 @@ def serve(
 
     from rswitch.core import Core
     from rswitch.server import create_app
+    from rswitch.workers import check_count
 
+    bad_count = check_count(workers)
+    if bad_count is not None:
+        raise fail(bad_count)
     setup_logging(log_level, log_format, access_log, stream=sys.stderr)
     cfg = load(config)
     if addr:
@@ -234,6 +246,8 @@ def serve(
     # `rswitch optimize` from another shell (or the admin API) runs on request, even when no
     # periodic optimizer is configured; an idle worker costs nothing
     core.on_demand_optimizer = True
+    if workers > 1:
+        return serve_workers(core, sock, workers, config, host, log_level, log_format, access_log)
 
     class GatewayServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -287,6 +301,63 @@ def serve(
     if not server.started:
         raise typer.Exit(1)
     typer.echo(f"rswitch stopped; {core.recorder.written} record(s) written, {core.recorder.dropped} dropped")
+
+
+def serve_workers(
+    core: Any,
+    sock: socket.socket,
+    workers: int,
+    config: str | None,
+    host: str,
+    log_level: str,
+    log_format: str,
+    access_log: bool,
+) -> None:
+    """`serve --workers N`: this process owns the stores and supervises N gateway processes."""
+    import asyncio
+
+    import uvloop
+
+    from rswitch.workers import Supervisor
+
+    cfg = core.config
+    supervisor = Supervisor(
+        core,
+        sock,
+        workers,
+        config_arg=config,
+        host=host,
+        log_level=log_level,
+        log_format=log_format,
+        access_log=access_log,
+    )
+    at, at_port = sock.getsockname()[:2]
+    where = f"http://[{at}]:{at_port}" if ":" in at else f"http://{at}:{at_port}"
+
+    def announce() -> None:
+        lock.write(cfg.dataset_dir, lock.admin_url(at, at_port))
+        typer.echo("\n".join(startup_summary(core, where)))
+        pids = ", ".join(str(p.pid) for p in supervisor.procs.values())
+        typer.echo(
+            f"  workers     {workers} processes on this port (pids {pids}); this one (pid {os.getpid()}) "
+            f"owns the stores; rate limits 1/{workers} per worker"
+        )
+        typer.echo("  press Ctrl+C to stop (queued records are written before exit)")
+        sys.stdout.flush()
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            started = runner.run(supervisor.run(announce))
+    finally:
+        lock.remove(cfg.dataset_dir)
+    if not started:
+        raise fail("rswitch could not start its workers (their errors are above)", 1)
+    rec = core.recorder
+    typer.echo(
+        f"rswitch stopped; {rec.written} record(s) written, {rec.dropped} dropped "
+        f"(workers: {supervisor.relay.received if supervisor.relay else 0} relayed, "
+        f"{supervisor.restarts} restart(s))"
+    )
 
 
 def tui(

@@ -1,0 +1,370 @@
+"""Records handed from the workers of `rswitch serve --workers N` to the one process owning the
+embedded stores, over a local Unix socket.
+
+Frames are a 4-byte big-endian length and an orjson body. A worker's `RelayClient` stands where
+the `Recorder` stands in a single process: `submit` puts a record on a bounded queue and never
+blocks (a full queue drops and counts); a sender thread batches the queue (`batch_size` records
+or `flush_interval`) into one frame, and the owner answers each frame once its records are on
+its own Recorder's queue. A record counts as written by the worker only then, so `close`
+returns once the owner holds everything the worker answered: a worker stopped alone loses
+nothing, and a frame is never sent twice on one connection (a frame that may have reached the
+owner on a broken connection is not resent either: it is counted as `records_lost`, not doubled).
+
+The same socket answers small calls (`{"call": "analytics.runs", "args": [...]}`) on their own
+connection: the reads a worker's admin API and /status need from the stores it may not open.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import socketserver
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from rswitch.storage.record import CallRecord, Label
+
+log = logging.getLogger("rswitch.relay")
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 256 * 1024 * 1024
+RECENT_REQUESTS = 100_000
+_STOP = object()
+
+
+class RelayError(RuntimeError):
+    """The owner process could not be reached, or refused a call; the message says which."""
+
+
+def send_frame(sock: socket.socket, body: Any) -> None:
+    data = orjson.dumps(body)
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(sock: socket.socket) -> Any:
+    """The next frame's body, or None when the peer closed the connection between frames."""
+    head = _recv_exact(sock, _HEADER.size)
+    if head is None:
+        return None
+    (size,) = _HEADER.unpack(head)
+    if size > MAX_FRAME:
+        raise RelayError(f"a relay frame of {size} bytes exceeds {MAX_FRAME}")
+    body = _recv_exact(sock, size)
+    if body is None:
+        raise RelayError("the relay connection closed in the middle of a frame")
+    return orjson.loads(body)
+
+
+def encode(record: CallRecord | Label) -> list[Any]:
+    return ["l" if isinstance(record, Label) else "c", record]  # orjson writes dataclasses as objects
+
+
+def decode(item: list[Any]) -> CallRecord | Label:
+    kind, fields = item
+    return Label(**fields) if kind == "l" else CallRecord(**fields)
+
+
+def call(path: str, method: str, *args: Any, timeout: float = 10.0) -> Any:
+    """One call answered by the owner (a read of its stores, the optimizer's status)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            send_frame(sock, {"call": method, "args": list(args)})
+            reply = recv_frame(sock)
+    except (OSError, RelayError) as exc:
+        raise RelayError(f"the process owning the stores did not answer {method}: {exc}") from None
+    if not isinstance(reply, dict) or "error" in (reply or {}):
+        raise RelayError(f"{method} failed in the process owning the stores: {(reply or {}).get('error')}")
+    return reply.get("result")
+
+
+class RelayClient:
+    """A worker's recorder: what `Recorder` offers the core, with the owner doing the writing."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        queue_size: int = 50000,
+        batch_size: int = 500,
+        flush_interval: float = 0.1,
+        give_up_after: float = 10.0,
+    ) -> None:
+        self.path = path
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.give_up_after = give_up_after  # seconds a stopping worker waits for an unreachable owner
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.recent_requests: OrderedDict[str, str] = OrderedDict()
+        self.submitted = 0
+        self.dropped = 0
+        self.written = 0  # taken by the owner
+        self.lost = 0  # sent on a connection that broke before the owner answered
+        self.last_error: str | None = None
+        self._sock: socket.socket | None = None
+        self._closed = False
+        self._stopping = threading.Event()
+        self._flushed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="rswitch-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def announce(self, hello: dict[str, Any]) -> None:
+        """Tell the owner this worker answers now (its supervisor waits for it)."""
+        call(self.path, "hello", hello)
+
+    def submit(self, record: CallRecord | Label) -> bool:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            return False
+        self.submitted += 1
+        if isinstance(record, CallRecord) and record.success and record.template_id:
+            self.recent_requests[record.request_id] = record.template_id
+            if len(self.recent_requests) > RECENT_REQUESTS:
+                self.recent_requests.popitem(last=False)
+        return True
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def stats(self) -> dict[str, Any]:
+        """This worker's side, with the owner's writer counters under `owner` (or why they are missing)."""
+        try:
+            owner = call(self.path, "recorder.stats", timeout=2.0)
+        except RelayError as exc:
+            owner = {"error": str(exc)}
+        return {
+            "queue_depth": self.depth,
+            "queue_capacity": self._queue.maxsize,
+            "dropped": self.dropped,
+            "written": self.written,
+            "write_errors": 1 if self.last_error else 0,
+            "last_error": self.last_error,
+            "records_lost": self.lost,
+            "failing": {},
+            "relayed_to_owner": True,
+            "owner": owner,
+        }
+
+    def check_writes(self, problems: list[str] | None = None) -> None:
+        from rswitch.storage.writer import StorageFailing
+
+        found = list(problems or [])
+        if self.last_error:
+            found.append(f"relay to the owner process failing: {self.last_error}")
+        try:
+            call(self.path, "recorder.check_writes")
+        except RelayError as exc:
+            found.append(str(exc))
+        if found:
+            raise StorageFailing("; ".join(found))
+
+    # -- the sender thread ---------------------------------------------------------------------
+
+    def _take_batch(self) -> tuple[list[Any], bool]:
+        batch: list[Any] = []
+        deadline = time.monotonic() + self.flush_interval
+        while len(batch) < self.batch_size:
+            timeout = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _send(self, batch: list[Any]) -> None:
+        """Hand one batch to the owner; retry connecting until it answers (or, stopping, give up)."""
+        body = orjson.dumps({"records": [encode(r) for r in batch]})
+        frame = _HEADER.pack(len(body)) + body
+        gave_up_at = None
+        while True:
+            if self._sock is None:
+                try:
+                    self._sock = self._connect()
+                except (OSError, RelayError) as exc:
+                    self.last_error = f"cannot reach the owner at {self.path}: {exc}"
+                    if self._stopping.is_set():
+                        gave_up_at = gave_up_at or time.monotonic() + self.give_up_after
+                        if time.monotonic() > gave_up_at:
+                            self.lost += len(batch)
+                            log.error("relay: owner unreachable; %d record(s) not written", len(batch))
+                            return
+                    time.sleep(0.1)
+                    continue
+            try:
+                self._sock.sendall(frame)
+                reply = recv_frame(self._sock)
+                if reply is None:
+                    raise RelayError("the owner closed the connection")
+            except (OSError, RelayError) as exc:
+                # the owner may or may not have taken it: counting it lost beats recording it twice
+                self._sock.close()
+                self._sock = None
+                self.lost += len(batch)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("relay: %d record(s) may not have reached the owner: %s", len(batch), exc)
+                return
+            self.last_error = None
+            return
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._take_batch()
+            if stop:
+                while True:  # what was queued before the marker
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP:
+                        batch.append(item)
+            for i in range(0, len(batch), self.batch_size):
+                part = batch[i : i + self.batch_size]
+                self._send(part)
+                self.written += len(part)
+            with self._flushed:
+                self._flushed.notify_all()
+            if stop:
+                if self._sock is not None:
+                    self._sock.close()
+                return
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the owner holds everything submitted so far (then ask it to write it)."""
+        target = self.submitted
+        deadline = time.monotonic() + timeout
+        with self._flushed:
+            while self.written + self.lost < target and self._thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._flushed.wait(remaining)
+        try:
+            return bool(call(self.path, "recorder.flush", max(deadline - time.monotonic(), 0.1)))
+        except RelayError:
+            return False
+
+    def close(self) -> None:
+        """Hand everything queued to the owner, then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+
+class RelayServer:
+    """The owner's side: takes the workers' frames onto `submit` (the owner's Recorder) and answers
+    calls with `handle(method, args)`."""
+
+    def __init__(
+        self, path: str, submit: Callable[[Any], bool], handle: Callable[[str, list[Any]], Any]
+    ) -> None:
+        self.path = path
+        self._submit = submit
+        self.handle = handle
+        self.received = 0
+        self.dropped = 0  # the owner's recorder queue was full
+        self.workers: dict[int, dict[str, Any]] = {}  # index -> the hello of its latest connection
+        self._lock = threading.Lock()  # Recorder.submit is meant for one thread; handlers are many
+        self._ready = threading.Condition()
+        relay = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                sock: socket.socket = self.request
+                while True:
+                    try:
+                        frame = recv_frame(sock)
+                    except (OSError, RelayError, orjson.JSONDecodeError) as exc:
+                        log.warning("relay: dropped a worker connection: %s", exc)
+                        return
+                    if frame is None:
+                        return
+                    try:
+                        reply = relay._answer(frame)
+                    except Exception as exc:
+                        reply = {"error": f"{type(exc).__name__}: {exc}"}
+                    try:
+                        send_frame(sock, reply)
+                    except OSError:
+                        return
+
+        class Server(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+
+        self._server = Server(path, Handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="rswitch-relay-owner"
+        )
+
+    def _answer(self, frame: dict[str, Any]) -> Any:
+        if "records" in frame:
+            records = [decode(item) for item in frame["records"]]
+            with self._lock:
+                for r in records:
+                    self.received += 1
+                    if not self._submit(r):
+                        self.dropped += 1
+            return {"ok": len(records)}
+        if frame.get("call") == "hello":
+            hello = (frame.get("args") or [{}])[0]
+            with self._ready:
+                self.workers[int(hello.get("index", -1))] = hello
+                self._ready.notify_all()
+            return {"result": True}
+        return {"result": self.handle(str(frame.get("call", "")), list(frame.get("args") or []))}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_hello(self, index: int, pid: int, timeout: float) -> bool:
+        """Whether worker `index` (process `pid`) said hello within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while self.workers.get(index, {}).get("pid") != pid:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._ready.wait(min(remaining, 0.2))
+        return True
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,282 @@
+"""`rswitch serve --workers N` as real processes on loopback, in front of the fake OpenAI upstream,
+with the official `openai` SDK as the app: one port, one owner of the stores, nothing recorded
+twice, nothing answered lost when the gateway or one worker is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import openai
+import pytest
+import yaml
+
+from rswitch.admin.client import HttpOperator
+from tests.fakes import openai_fake
+
+pytestmark = pytest.mark.slow
+
+
+class Serve:
+    def __init__(self, proc: subprocess.Popen[str], url: str, lines: list[str]) -> None:
+        self.proc, self.url, self.lines = proc, url, lines
+        self.changed = threading.Condition()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def worker_pids(self) -> list[int]:
+        m = re.search(r"pids ([\d, ]+)\)", self.output)
+        assert m, self.output
+        return [int(p) for p in m.group(1).split(", ")]
+
+    def wait_for_line(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                m = re.search(pattern, self.output)
+                if m or time.monotonic() > deadline:
+                    assert m, f"no line matching {pattern!r} in:\n{self.output}"
+                    return m
+                self.changed.wait(0.5)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@contextmanager
+def serve(workdir: Path, upstream_url: str, *args: str, rpm: float | None = None) -> Iterator[Serve]:
+    provider: dict[str, Any] = {"type": "openai", "base_url": upstream_url, "timeout_seconds": 5}
+    if rpm:
+        provider["rate_limit"] = rpm
+    config = {
+        "model_providers": {"up": provider},
+        "templates": {"support": {"template": "You support {product}."}},
+        "gateway": {
+            "combinations": [{"id": "oa", "template_id": "support", "model": "gpt-4o", "provider": "up"}]
+        },
+        "dataset": {"base_path": str(workdir / "prompts")},
+        "analytics": {"path": str(workdir / "analytics.duckdb")},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rswitch", "serve", "-c", str(path), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    url = None
+    while url is None:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"listening on (http://\S+)", line)
+        url = m.group(1) if m else None
+    if url is None:
+        proc.kill()
+        raise RuntimeError("rswitch serve did not start:\n" + "".join(lines))
+    s = Serve(proc, url, lines)
+
+    def drain() -> None:
+        for line in proc.stdout:
+            with s.changed:
+                lines.append(line)
+                s.changed.notify_all()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        yield s
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        reader.join(5)
+
+
+def ask(client: openai.OpenAI) -> str:
+    raw = client.chat.completions.with_raw_response.create(
+        model="oa",
+        messages=[{"role": "user", "content": "hello"}],
+        extra_body={"variables": {"product": "Acme"}},
+    )
+    raw.parse()
+    return raw.headers["x-rswitch-request-id"]
+
+
+def recorded(workdir: Path) -> tuple[list[str], list[str]]:
+    """The request ids in the dataset and in DuckDB (read after the gateway has stopped)."""
+    with sqlite3.connect(workdir / "prompts" / "support" / "dataset.sqlite") as db:
+        rows = [r[0] for r in db.execute("SELECT request_id FROM examples")]
+    with duckdb.connect(str(workdir / "analytics.duckdb"), read_only=True) as db:
+        inv = [r[0] for r in db.execute("SELECT request_id FROM invocations").fetchall()]
+    return rows, inv
+
+
+class Traffic:
+    """Threads asking one at a time until told to stop; the ids of the answers they got."""
+
+    def __init__(self, url: str, threads: int = 4) -> None:
+        self.answered: list[str] = []
+        self.failed = 0
+        self.lock = threading.Condition()
+        self.stop = threading.Event()
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                rid = ask(self.client)
+            except (openai.APIConnectionError, openai.APIStatusError):
+                with self.lock:
+                    self.failed += 1
+                continue
+            with self.lock:
+                self.answered.append(rid)
+                self.lock.notify_all()
+
+    def wait_answered(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while len(self.answered) < n:
+                assert time.monotonic() < deadline, f"only {len(self.answered)} answered"
+                self.lock.wait(0.5)
+
+    def finish(self) -> list[str]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+        return list(self.answered)
+
+
+@pytest.fixture
+def upstream() -> Iterator[Any]:
+    with openai_fake.running() as up:
+        yield up
+
+
+def test_two_workers_answer_on_one_port_and_each_call_is_one_row(tmp_path, upstream):
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+        pids = gw.worker_pids()
+        assert len(pids) == 2 and os.getpid() not in pids
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+
+        async def many() -> list[str]:
+            async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0) as ac:
+
+                async def one() -> str:
+                    raw = await ac.chat.completions.with_raw_response.create(
+                        model="oa",
+                        messages=[{"role": "user", "content": "hi"}],
+                        extra_body={"variables": {"product": "A"}},
+                    )
+                    return raw.headers["x-rswitch-request-id"]
+
+                return await asyncio.gather(*(one() for _ in range(60)))
+
+        ids = asyncio.run(many()) + [ask(client) for _ in range(5)]
+        status = httpx.get(gw.url + "/status").json()
+        assert status["worker"]["count"] == 2
+        assert status["worker"]["index"] in (0, 1) and status["worker"]["pid"] in pids
+        assert "1/2" in status["worker"]["rate_limits"]
+        assert gw.stop() == 0
+    rows, inv = recorded(tmp_path)
+    assert sorted(rows) == sorted(ids)
+    assert sorted(inv) == sorted(ids)
+    assert "65 record(s) written, 0 dropped" in gw.output
+    assert not (tmp_path / "prompts" / "rswitch.lock").exists()
+
+
+def test_sigterm_to_the_parent_mid_traffic_loses_nothing_answered(tmp_path, upstream):
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+        traffic = Traffic(gw.url)
+        traffic.wait_answered(40)
+        assert gw.stop() == 0  # while the threads keep asking
+        answered = traffic.finish()
+    rows, inv = recorded(tmp_path)
+    assert len(answered) >= 40
+    assert sorted(rows) == sorted(answered)  # every answer once, and no row without an answer
+    assert sorted(inv) == sorted(answered)
+
+
+def test_sigterm_to_one_worker_loses_nothing_and_it_is_started_again(tmp_path, upstream):
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+        first = gw.worker_pids()[0]
+        traffic = Traffic(gw.url)
+        traffic.wait_answered(30)
+        os.kill(first, signal.SIGTERM)
+        gw.wait_for_line(rf"worker 0 \(pid {first}\) exited with code 0; started again as pid \d+")
+        before = len(traffic.answered)
+        traffic.wait_answered(before + 30)  # the gateway keeps answering on the same port
+        answered = traffic.finish()
+        status = httpx.get(gw.url + "/status").json()
+        assert status["worker"]["count"] == 2
+        assert gw.stop() == 0
+    rows, inv = recorded(tmp_path)
+    assert sorted(rows) == sorted(answered)
+    assert sorted(inv) == sorted(answered)
+    assert "1 restart(s)" in gw.output
+
+
+def test_the_attached_console_reads_a_multi_worker_gateway_and_reweight_is_refused(tmp_path, upstream):
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        ask(client)
+
+        async def console() -> tuple[Any, Any, Any]:
+            async with HttpOperator(gw.url) as op:
+                snapshot = await op.snapshot()
+                runs = await op.optimizer_runs()  # a read of DuckDB, answered by the owner
+                with pytest.raises(Exception) as refused:
+                    await op.reweight("oa", 5)
+                status = await op.status()
+                return snapshot, runs, (refused.value, status)
+
+        snapshot, runs, (refused, status) = asyncio.run(console())
+        assert [c.id for c in snapshot.combinations][:1] == ["oa"]
+        assert runs.runs == []
+        assert getattr(refused, "status", None) == 409
+        assert "would reach only the worker that answered" in str(refused)
+        assert next(c for c in status.combinations if c.id == "oa").weight == 1
+        assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "100000"])
+def test_a_bad_worker_count_is_refused_before_anything_starts(tmp_path, count):
+    out = subprocess.run(
+        [sys.executable, "-m", "rswitch", "serve", "--port", "0", "--workers", count],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "--workers must be from 1 to 64" in out.stderr and f"got {count}" in out.stderr
+    assert list(tmp_path.iterdir()) == []
