@@ -277,6 +277,29 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid`'s children, theirs, and so on (rswitch serve --workers N runs its workers as children)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for kid in kids:
+            out += [kid, *descendants(kid)]
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of a process and of every process under it (the workers of `--workers N`)."""
+    return sum(cpu_seconds(p) for p in [pid, *descendants(pid)])
+
+
 def thread_cpu_seconds(pid: int, tid: int) -> float:
     try:
         with open(f"/proc/{pid}/task/{tid}/stat") as f:
@@ -480,13 +503,16 @@ analytics:
 
 
 def start_rswitch(
-    procs: Procs, tmp: Path, config: Path, cmd: list[str], tui: bool = False
+    procs: Procs, tmp: Path, config: Path, cmd: list[str], tui: bool = False, workers: int = 1
 ) -> tuple[subprocess.Popen[Any], int]:
-    """`rswitch serve`, or with `tui` the operator console running headless (its panes refreshing)."""
+    """`rswitch serve` (with `--workers N` above 1), or with `tui` the operator console running
+    headless (its panes refreshing)."""
     port = free_port()
     log = open(tmp / "rswitch.out", "wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RSWITCH_BENCH_KEY": "bench-not-a-secret"}
     mode = ["tui", "--headless"] if tui else ["serve", "--log-level", "warning"]
+    if workers > 1 and not tui:
+        mode += ["--workers", str(workers)]
     p = procs.start(
         "rswitch",
         [*cmd, *mode, "--config", str(config), "--port", str(port)],
@@ -537,6 +563,8 @@ def wait_recorder_idle(port: int, expected: int, timeout: float = 60.0) -> dict[
     rec: dict[str, Any] = {}
     while time.monotonic() < deadline:
         rec = http_get(f"http://{HOST}:{port}/status", timeout=10).get("recorder", {})
+        if rec.get("relayed_to_owner"):  # --workers N: the owner's recorder writes every worker's records
+            rec = rec.get("owner") or {}
         done = rec.get("written", 0) + rec.get("dropped", 0) >= expected
         if done and rec.get("queue_depth", 0) == 0 and rec.get("written") == last:
             return rec
@@ -662,9 +690,9 @@ def measure(
 
     def snap() -> tuple[float, ...]:
         return (
-            cpu_seconds(target_pid),
+            tree_cpu_seconds(target_pid),
             thread_cpu_seconds(target_pid, target_pid),
-            sum(cpu_seconds(p) for p in watch_pids),
+            sum(tree_cpu_seconds(p) for p in watch_pids),
             children_cpu_seconds(),
             system_busy_seconds(),
             time.monotonic(),
@@ -860,6 +888,13 @@ def main(argv: list[str] | None = None) -> int:
         help="then run every level again against the same serve with `rswitch tui --attach URL --headless` "
         "open (the console attached over the admin API, panes refreshing)",
     )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run `rswitch serve --workers N` (default 1); cpu%% then counts the parent and its workers, "
+        "main%% the parent's main thread, rss the parent",
+    )
     ap.add_argument("--_upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_loadgen", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -904,13 +939,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         config = write_config(tmp, up_port, recorder, args.routing)
         rs_cmd = shlex.split(args.rswitch_cmd) if args.rswitch_cmd else [sys.executable, "-m", "rswitch"]
-        rs_proc, rs_port = start_rswitch(procs, tmp, config, rs_cmd)
+        rs_proc, rs_port = start_rswitch(procs, tmp, config, rs_cmd, workers=args.workers)
         loader = Loader(load_kind, procs, tmp)
         direct_url = f"http://{HOST}:{up_port}/v1/chat/completions"
         rs_url = f"http://{HOST}:{rs_port}/v1/chat/completions"
 
         print(f"upstream : {up_desc} on {HOST}:{up_port} (pid {up_proc.pid})")
-        print(f"rswitch  : pid {rs_proc.pid} on {HOST}:{rs_port}, config {config}")
+        print(
+            f"rswitch  : pid {rs_proc.pid} on {HOST}:{rs_port}, config {config}"
+            + (f", {args.workers} workers (pids {descendants(rs_proc.pid)})" if args.workers > 1 else "")
+        )
         print(f"loadgen  : {loader.describe()}")
         print(f"machine  : {os.cpu_count()} CPUs; {args.duration:g}s per run, warm-up {args.warmup:g}s")
         print(f"temp dir : {tmp}{'' if args.keep else ' (removed at exit; --keep to keep it)'}")
