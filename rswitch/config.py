@@ -401,6 +401,16 @@ class TuiConfig(_Strict):
         return v
 
 
+class StateConfig(_Strict):
+    backend: Literal["local", "redis"] = "local"
+    url: str | None = Field(None, description="redis://host:6379/0 (a password here: prefer url_env)")
+    url_env: str | None = Field(None, description="an environment variable holding the Redis URL")
+    key_prefix: str = Field(
+        "rswitch", min_length=1, description="replicas sharing limits use the same prefix"
+    )
+    timeout_ms: float = Field(250.0, gt=0, description="past this, a request uses local limits (degraded)")
+
+
 class Config(BaseModel):
     # A misspelt section (`gatway:`) would otherwise be silently ignored: unknown top-level keys
     # are errors. `mipro_v2` is Route-Switch's optimizer section, accepted for compatibility.
@@ -408,6 +418,7 @@ class Config(BaseModel):
 
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     model_providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    state: StateConfig = Field(default_factory=StateConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)
@@ -574,6 +585,13 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
                     True,
                 )
             )
+    st = cfg.state
+    if st.backend == "redis" and not (st.url or st.url_env):
+        problems.append(
+            ConfigProblem("state", "backend redis needs url (or url_env naming a variable that holds it)")
+        )
+    if st.url is not None and not st.url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(ConfigProblem("state.url", "must start with redis://, rediss:// or unix://"))
     deadline = cfg.gateway.request_timeout_seconds
     for name, p in cfg.model_providers.items():
         for key in ("connect_timeout_seconds", "first_byte_timeout_seconds", "idle_timeout_seconds"):

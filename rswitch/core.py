@@ -24,11 +24,11 @@ from rswitch.gateway.balancer import Balancer, Combination
 from rswitch.gateway.errors import GatewayError
 from rswitch.gateway.metrics import LiveMetrics
 from rswitch.gateway.pipeline import Gateway
-from rswitch.gateway.ratelimit import ProviderLimiter
 from rswitch.packaging import Stores, export_package, import_package
 from rswitch.providers import ChatCall, EmbedCall, Provider, build_provider
 from rswitch.providers.pricing import PriceTable
 from rswitch.routing.chains import build_chains
+from rswitch.state import build_limiters
 from rswitch.storage.analytics import AnalyticsStore
 from rswitch.storage.datasets import DatasetStore
 from rswitch.storage.record import Label
@@ -191,9 +191,8 @@ class Core:
             self.key_sources[name] = source if key or source.startswith("none") else f"{source} (not set)"
             self.providers[name] = build_provider(name, pc, key, config.gateway.request_timeout_seconds)
         # every provider gets one: even without rpm/tpm it honours an upstream's Retry-After
-        self.limiters = {
-            name: ProviderLimiter(pc.rate_limit, pc.tpm) for name, pc in config.model_providers.items()
-        }
+        # rate limits and upstream blocks: this process's own, or shared on Redis (`state:`)
+        self.shared_state, self.limiters = build_limiters(config)
         gw = config.gateway
         self.metrics = LiveMetrics(gw.window_seconds)
         self.balancer = Balancer(
@@ -261,6 +260,8 @@ class Core:
             return
         self.loop = asyncio.get_running_loop()  # where the providers' clients live
         self.recorder.start()
+        if self.shared_state is not None:
+            await self.shared_state.start()
         for p in self.providers.values():
             await p.start()
         for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:
@@ -283,6 +284,8 @@ class Core:
     async def stop(self) -> None:
         """Stop the optimizer, close upstream clients, then drain the recorder so no answered call is lost."""
         await self.template_watcher.stop()
+        if self.shared_state is not None:
+            await self.shared_state.close()
         for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:
             for step in chain.steps if chain else ():
                 if hasattr(step, "close"):

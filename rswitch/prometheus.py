@@ -129,6 +129,12 @@ class CoreCollector:
             if depth is not None:
                 queue.add_metric([name], depth)
         yield queue
+        state = core.shared_state
+        yield GaugeMetricFamily(
+            "rswitch_state_degraded",
+            "1 while the shared state backend (Redis) is unreachable and limits are per process",
+            1.0 if state is not None and state.degraded else 0.0,
+        )
         malformed = CounterMetricFamily(
             "rswitch_upstream_malformed_events",
             "Upstream stream events skipped because they could not be read",

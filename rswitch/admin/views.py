@@ -187,6 +187,16 @@ class OptimizerStatus(OpenView):
     runs: list[OptimizerRun] = []
 
 
+class StateView(OpenView):
+    """Where live state (rate limits, upstream blocks) is kept, and whether it is reachable."""
+
+    backend: Literal["local", "redis"] = "local"
+    status: Literal["ok", "degraded"] = "ok"  # degraded: Redis is away, each process limits alone
+    degraded_since: float | None = None
+    last_error: str | None = None
+    outages: int = 0
+
+
 class Status(View):
     """`GET /status` and `GET /admin/v1/status`: the gateway as of now."""
 
@@ -198,6 +208,7 @@ class Status(View):
     providers: list[ProviderView]
     recorder: RecorderStats
     optimizer: OptimizerStatus
+    state: StateView = StateView()
     analytics_error: str | None = None  # set when the DuckDB history could not be read
 
 
@@ -368,6 +379,7 @@ def _status_fields(core: Core) -> dict[str, Any]:
         ],
         "recorder": core.recorder.stats(),
         "optimizer": optimizer_status(core),
+        "state": core.shared_state.describe() if core.shared_state is not None else {"backend": "local"},
     }
 
 

@@ -158,7 +158,7 @@ class Plan:
                 if backoff < self.remaining() and g.breakers.allow(combo.id):
                     self.flight.stage, self.flight.until = BACKOFF, time.perf_counter() + backoff
                     await asyncio.sleep(backoff)
-                    a = self._attempt(combo, continuing)
+                    a = await self._attempt(combo, continuing)
                     if a is not None:
                         return a
                     g.breakers.release(combo.id)  # a probe it was given goes back
@@ -181,7 +181,7 @@ class Plan:
                             wait if self.breaker_wait is None else min(self.breaker_wait, wait)
                         )
                     continue
-                a = self._attempt(combo, continuing)
+                a = await self._attempt(combo, continuing)
                 if a is not None:
                     self.tried_this_round = True
                     return a
@@ -214,7 +214,7 @@ class Plan:
         await asyncio.sleep(wait)
         return True
 
-    def _attempt(
+    async def _attempt(
         self, combo: Combination, continuing: str | None, count: bool = True, prefill: bool = True
     ) -> Attempt | None:
         """An attempt at `combo`, once its provider's limits let it go (else None: noted)."""
@@ -224,7 +224,7 @@ class Plan:
         limiter = g.limiters.get(combo.provider)
         est = estimate(p, system) if limiter is not None and limiter.tpm is not None else 0
         if limiter is not None:
-            wait = limiter.try_acquire(est)
+            wait = await limiter.acquire(est)  # one round trip when the limits are shared
             if wait > 0:
                 self.soonest = wait if self.soonest is None else min(self.soonest, wait)
                 return None
@@ -246,11 +246,11 @@ class Plan:
             replay=bool(continuing) and not prefill,
         )
 
-    def replay_instead(self, a: Attempt, continuing: str) -> Attempt | None:
+    async def replay_instead(self, a: Attempt, continuing: str) -> Attempt | None:
         """`a`'s model answered 400 to the prefill: the same combination again, replaying the
         request, not counted as another attempt. The caller learns the refusal once the replay
         is not refused too (a 400 to both was about the request, not the prefill)."""
-        return self._attempt(a.combo, continuing, count=False, prefill=False)
+        return await self._attempt(a.combo, continuing, count=False, prefill=False)
 
 
 def estimate(p: Prepared, system: str) -> int:

