@@ -423,6 +423,18 @@ class Core:
         call = views.build_recent_call(self, request_id, attempt)
         return None if call is None else views.dump(call)
 
+    def may_lead(self, role: str) -> bool:
+        """From a worker thread: whether this process should do `role`'s once-for-all work
+        (always, alone; with shared state, while it holds the role's lock in Redis)."""
+        if self.shared_state is None or self.loop is None:
+            return True
+        future = asyncio.run_coroutine_threadsafe(self.shared_state.lead(role), self.loop)
+        try:
+            return bool(future.result(5.0))
+        except Exception:
+            future.cancel()
+            return False
+
     def status(self) -> dict[str, Any]:
         """Live view; DuckDB analytics are merged in by the caller (they are I/O)."""
         return views.dump(views.build_status(self))

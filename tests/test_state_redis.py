@@ -229,3 +229,42 @@ def test_redis_backend_needs_a_url(tmp_path):
     with pytest.raises(ConfigError) as info:
         parse_config({"state": {"backend": "redis", "url": "http://nope"}})
     assert "redis://" in str(info.value)
+
+
+async def test_exactly_one_replica_leads_the_optimizer_and_another_takes_over(redis_server, replicas):
+    with upstream() as up:
+        cfg = replica_config(Path("."), redis_server.url, up.base_url)
+        a, b = [await replicas(cfg, f"r{i}") for i in range(2)]
+        sa, sb = a.core.shared_state, b.core.shared_state
+        # what the optimizer's thread asks before a periodic run
+        first = await asyncio.to_thread(a.core.may_lead, "optimizer")
+        second = await asyncio.to_thread(b.core.may_lead, "optimizer")
+        assert (first, second) == (True, False)
+        assert (await a.get("/status")).json()["state"]["leading"] == ["optimizer"]
+        assert (await b.get("/status")).json()["state"]["leading"] == []
+        assert await sa.lead("optimizer") and not await sb.lead("optimizer")  # it stays with a
+        await sa.close()  # a stops: it lets go at once
+        assert await sb.lead("optimizer")
+
+
+async def test_nobody_leads_while_redis_is_away(redis_server, replicas):
+    with upstream() as up:
+        client = await replicas(replica_config(Path("."), redis_server.url, up.base_url), "r0")
+        redis_server.stop()
+        assert await asyncio.to_thread(client.core.may_lead, "optimizer") is False
+
+
+async def test_only_the_leader_looks_for_periodic_optimizer_work(redis_server, replicas):
+    with upstream() as up:
+        cfg = replica_config(Path("."), redis_server.url, up.base_url)
+        cfg["gateway"]["optimization"] = {"enabled": True, "interval_seconds": 0.02}
+        a, b = [await replicas(cfg, f"r{i}") for i in range(2)]
+        looked = {"a": 0, "b": 0}
+        for name, client in (("a", a), ("b", b)):
+            client.core.optimizer.due = lambda name=name: looked.__setitem__(name, looked[name] + 1) or []
+        for _ in range(500):  # both schedulers wake every 20 ms
+            if sum(looked.values()) >= 5:
+                break
+            await asyncio.sleep(0.01)
+        assert sum(looked.values()) >= 5
+        assert 0 in looked.values()  # one replica never looked: it does not lead

@@ -195,6 +195,7 @@ class StateView(OpenView):
     degraded_since: float | None = None
     last_error: str | None = None
     outages: int = 0
+    leading: list[str] = []  # roles this replica holds: "optimizer" runs the periodic optimizer
 
 
 class Status(View):

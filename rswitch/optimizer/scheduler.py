@@ -104,6 +104,8 @@ class BackgroundOptimizer:
                 return
             if not wanted and not self.periodic:
                 continue
+            if not wanted and not self.core.may_lead("optimizer"):
+                continue  # another replica runs the periodic optimizer
             if wanted in self.queued:
                 self.queued.remove(wanted)
             try:

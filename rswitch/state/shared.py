@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
@@ -68,6 +69,25 @@ return 1
 """
 
 
+# KEYS[1]: the role's lock; ARGV: this replica's id, milliseconds to hold it. 1 when it is ours.
+LEAD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1]: the role's lock; ARGV[1]: this replica's id. Let go only of a lock that is ours.
+RESIGN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+LEAD_TTL_MS = 10_000  # a leader that stops renewing (killed, cut off) is replaced after this
+
+
 class SharedState:
     """The Redis connection every shared limiter uses, and whether it is answering."""
 
@@ -87,6 +107,8 @@ class SharedState:
         # takes made while one pipeline is out go in the next: one round trip carries them all
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._sending = False
+        self.me = uuid.uuid4().hex  # this replica, as leader locks name it
+        self.leading: set[str] = set()  # roles this replica holds (renewed every second)
 
     async def start(self) -> None:
         import redis.asyncio as aioredis
@@ -96,6 +118,8 @@ class SharedState:
         )
         self._take = self.client.register_script(TAKE)
         self._block = self.client.register_script(BLOCK)
+        self._lead = self.client.register_script(LEAD)
+        self._resign = self.client.register_script(RESIGN)
         try:
             async with asyncio.timeout(2.0):
                 await self.client.ping()
@@ -103,7 +127,19 @@ class SharedState:
             self.down(exc)
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
+    async def lead(self, role: str) -> bool:
+        """Whether this replica holds `role` (taking it when free). While Redis is away nobody
+        leads: work that must run once is better skipped than run by every replica."""
+        held = await self.call(self._lead, [f"{self.prefix}:leader:{role}"], [self.me, LEAD_TTL_MS])
+        if held == 1:
+            self.leading.add(role)
+            return True
+        self.leading.discard(role)
+        return False
+
     async def close(self) -> None:
+        for role in list(self.leading):  # the next replica need not wait out the lock
+            await self.call(self._resign, [f"{self.prefix}:leader:{role}"], [self.me])
         if self._watch is not None:
             self._watch.cancel()
             try:
@@ -208,6 +244,8 @@ class SharedState:
                 self.up()
             for limiter in self.limiters:
                 await limiter.flush()
+            for role in list(self.leading):
+                await self.lead(role)  # renew
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -216,6 +254,7 @@ class SharedState:
             "degraded_since": self.degraded_since,
             "last_error": self.last_error,
             "outages": self.outages,
+            "leading": sorted(self.leading),
         }
 
 
