@@ -224,6 +224,8 @@ class Core:
                 caller_factory(self.providers),
             ),
         )
+        if self.shared_state is not None:  # an opening on one replica is skipped by all
+            self.shared_state.attach_breakers(self.gateway.breakers)
         self._started = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.optimizer: Any = None  # BackgroundOptimizer when gateway.optimization.enabled

@@ -268,3 +268,41 @@ async def test_only_the_leader_looks_for_periodic_optimizer_work(redis_server, r
             await asyncio.sleep(0.01)
         assert sum(looked.values()) >= 5
         assert 0 in looked.values()  # one replica never looked: it does not lead
+
+
+async def test_a_breaker_opened_on_one_replica_is_skipped_by_the_others_and_closes_with_it(
+    redis_server, replicas
+):
+    with upstream() as bad, upstream() as good:
+        cfg = replica_config(Path("."), redis_server.url, bad.base_url, retry_same=0)
+        cfg["model_providers"]["spare"] = {"type": "openai", "base_url": good.base_url, "api_key": "sk-test"}
+        cfg["gateway"]["circuit_breaker"] = {"failures": 2, "cooldown_seconds": 30}
+        cfg["gateway"]["combinations"][0]["fallbacks"] = ["s"]
+        cfg["gateway"]["combinations"].append(
+            {"id": "s", "template_id": "support", "model": "gpt-4o", "provider": "spare", "weight": 0}
+        )
+        a, b = [await replicas(cfg, f"r{i}") for i in range(2)]
+        bad.faults.always = Fault("status", status=500)
+        for i in range(2):  # two failures on replica a open its breaker for r
+            r = await a.post("/v1/chat/completions", json=chat(f"a{i}", model="r", variables=SUPPORT_VARS))
+            assert r.headers["x-rswitch-combination"] == "s"
+        assert a.core.gateway.breakers.state("r")["state"] == "open"
+        for _ in range(300):  # b applies the others' openings each second
+            if b.core.gateway.breakers.state("r")["state"] == "open":
+                break
+            await asyncio.sleep(0.01)
+        calls = upstream_calls(bad)
+        r = await b.post("/v1/chat/completions", json=chat("b", model="r", variables=SUPPORT_VARS))
+        assert r.headers["x-rswitch-combination"] == "s" and upstream_calls(bad) == calls  # skipped on b too
+        assert any("opened on another replica" in t for _, _, k, t in b.core.gateway.events if k == "breaker")
+
+        # the probe on a (its cooldown moved to now) answers: closed on a, then on b
+        bad.faults.clear()
+        a.core.gateway.breakers.clock = lambda: time.monotonic() + 60
+        r = await a.post("/v1/chat/completions", json=chat("probe", model="r", variables=SUPPORT_VARS))
+        assert r.headers["x-rswitch-combination"] == "r"
+        for _ in range(300):
+            if b.core.gateway.breakers.state("r")["state"] == "closed":
+                break
+            await asyncio.sleep(0.01)
+        assert b.core.gateway.breakers.state("r")["state"] == "closed"

@@ -26,9 +26,10 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 class _Entry:
-    __slots__ = ("failures", "opened_at", "probe_since")
+    __slots__ = ("failures", "opened_at", "probe_since", "remote")
 
     def __init__(self) -> None:
+        self.remote = False  # opened because another replica's breaker opened (shared state)
         self.failures = 0  # consecutive failed attempts
         self.opened_at: float | None = None  # clock() when it last opened; None while closed
         self.probe_since: float | None = None  # clock() when the probe went out; None if none is out
@@ -58,10 +59,42 @@ class Breakers:
         self._event = event
         self.clock = clock
         self._entries: dict[str, _Entry] = {}  # only combinations with a failure since their last success
+        # told of every opening and closing (shared state publishes them to the other replicas)
+        self.on_change: Callable[[str, bool, float], None] | None = None
 
     def _say(self, combo_id: str, text: str) -> None:
         if self._event is not None:
             self._event("breaker", f"{combo_id}: {text}")
+
+    def _changed(self, combo_id: str, opened: bool) -> None:
+        if self.on_change is not None:
+            self.on_change(combo_id, opened, self.cooldown)
+
+    # -- from other replicas (shared state) -------------------------------------------------
+
+    def opened_elsewhere(self, combo_id: str, remaining: float) -> None:
+        """Another replica's breaker for this combination opened: skip it here too until its
+        cooldown is over (then this replica may probe it as well)."""
+        if not self.enabled:
+            return
+        e = self._entries.get(combo_id)
+        if e is not None and e.opened_at is not None:
+            return  # already open here
+        if e is None:
+            e = self._entries[combo_id] = _Entry()
+        e.remote = True
+        e.opened_at = self.clock() - max(0.0, self.cooldown - remaining)
+        self._say(combo_id, f"opened on another replica; cooling down {remaining:.0f}s")
+
+    def closed_elsewhere(self, combo_id: str) -> None:
+        """The replica that opened it saw it answer again: close it here if it was opened for that."""
+        e = self._entries.get(combo_id)
+        if e is not None and e.remote and e.probe_since is None:
+            del self._entries[combo_id]
+            self._say(combo_id, "closed on another replica")
+
+    def remote_ids(self) -> list[str]:
+        return [cid for cid, e in self._entries.items() if e.remote]
 
     # -- on the attempt path -------------------------------------------------------------------
 
@@ -96,6 +129,7 @@ class Breakers:
             self._say(combo_id, "closed after a successful probe")
         else:  # a call let through before it opened answered after all
             self._say(combo_id, "closed after a successful call")
+        self._changed(combo_id, False)
 
     def failure(self, combo_id: str) -> None:
         """An attempt failed for upstream reasons: one more consecutive failure. The `failures`th
@@ -107,14 +141,16 @@ class Breakers:
             e = self._entries[combo_id] = _Entry()
         e.failures += 1
         if e.probe_since is not None:
-            e.opened_at, e.probe_since = self.clock(), None
+            e.opened_at, e.probe_since, e.remote = self.clock(), None, False
             self._say(combo_id, f"reopened: probe failed; cooling down {self.cooldown:g}s")
+            self._changed(combo_id, True)
         elif e.opened_at is None and e.failures >= self.failures:
             e.opened_at = self.clock()
             self._say(
                 combo_id,
                 f"opened after {e.failures} consecutive failures; cooling down {self.cooldown:g}s",
             )
+            self._changed(combo_id, True)
         # already open (a call let through before it opened failed too): counted, cooldown unchanged
 
     def release(self, combo_id: str) -> None:

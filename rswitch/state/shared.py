@@ -107,6 +107,7 @@ class SharedState:
         # takes made while one pipeline is out go in the next: one round trip carries them all
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._sending = False
+        self.breakers: Any = None  # the gateway's circuit breakers, when shared (attach_breakers)
         self.me = uuid.uuid4().hex  # this replica, as leader locks name it
         self.leading: set[str] = set()  # roles this replica holds (renewed every second)
 
@@ -126,6 +127,53 @@ class SharedState:
         except Exception as exc:  # start anyway, on local state, and keep trying
             self.down(exc)
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    # -- circuit breakers: openings and closings published, the others' applied each second --
+
+    def attach_breakers(self, breakers: Any) -> None:
+        self.breakers = breakers
+        breakers.on_change = self._breaker_changed
+
+    def _breaker_changed(self, combo_id: str, opened: bool, cooldown: float) -> None:
+        if self.degraded or self.client is None:
+            return
+        key = f"{self.prefix}:breakers"
+        if opened:
+            command = self.client.hset(key, combo_id, repr(time.time() + cooldown))
+        else:
+            command = self.client.hdel(key, combo_id)
+        asyncio.get_running_loop().create_task(self._quietly(command))
+
+    async def _quietly(self, command: Any) -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                await command
+        except Exception as exc:
+            self.down(exc)
+
+    async def _sync_breakers(self) -> None:
+        if self.breakers is None:
+            return
+        key = f"{self.prefix}:breakers"
+        try:
+            async with asyncio.timeout(1.0):
+                opened = await self.client.hgetall(key)
+        except Exception as exc:
+            self.down(exc)
+            return
+        now, open_now, stale = time.time(), set(), []
+        for raw_id, raw_until in opened.items():
+            combo_id, until = raw_id.decode(), float(raw_until)
+            if until > now:
+                open_now.add(combo_id)
+                self.breakers.opened_elsewhere(combo_id, until - now)
+            elif until < now - 60:
+                stale.append(raw_id)
+        for combo_id in self.breakers.remote_ids():
+            if combo_id not in open_now:
+                self.breakers.closed_elsewhere(combo_id)
+        if stale:
+            await self._quietly(self.client.hdel(key, *stale))
 
     async def lead(self, role: str) -> bool:
         """Whether this replica holds `role` (taking it when free). While Redis is away nobody
@@ -244,6 +292,7 @@ class SharedState:
                 self.up()
             for limiter in self.limiters:
                 await limiter.flush()
+            await self._sync_breakers()
             for role in list(self.leading):
                 await self.lead(role)  # renew
 
