@@ -280,3 +280,20 @@ def test_a_bad_worker_count_is_refused_before_anything_starts(tmp_path, count):
     assert out.returncode == 2
     assert "--workers must be from 1 to 64" in out.stderr and f"got {count}" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_feedback_storage_health_and_metrics_answer_from_any_worker(tmp_path, upstream):
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        ids = [ask(client) for _ in range(4)]
+        for rid in ids:  # on fresh connections: whichever worker takes it, the label finds its row
+            r = httpx.post(gw.url + "/v1/feedback", json={"request_id": rid, "score": 0.5})
+            assert r.status_code == 202, r.text
+        health = httpx.get(gw.url + "/health/storage")
+        assert health.status_code == 200 and health.json()["status"] == "healthy"
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert "rswitch_recorder_written" in metrics
+        assert gw.stop() == 0
+    with sqlite3.connect(tmp_path / "prompts" / "support" / "dataset.sqlite") as db:
+        scores = dict(db.execute("SELECT request_id, label_score FROM examples").fetchall())
+    assert scores == {rid: 0.5 for rid in ids}

@@ -160,10 +160,12 @@ class RelayClient:
             "queue_capacity": self._queue.maxsize,
             "dropped": self.dropped,
             "written": self.written,
-            "write_errors": 1 if self.last_error else 0,
-            "last_error": self.last_error,
-            "records_lost": self.lost,
-            "failing": {},
+            "write_errors": (1 if self.last_error else 0) + int(owner.get("write_errors") or 0),
+            "last_error": self.last_error or owner.get("last_error") or owner.get("error"),
+            "rejected_records": int(owner.get("rejected_records") or 0),
+            "last_rejected": owner.get("last_rejected"),
+            "records_lost": self.lost + int(owner.get("records_lost") or 0),
+            "failing": owner.get("failing") or {},
             "relayed_to_owner": True,
             "owner": owner,
         }
@@ -304,6 +306,7 @@ class RelayServer:
         self.workers: dict[int, dict[str, Any]] = {}  # index -> the hello of its latest connection
         self._lock = threading.Lock()  # Recorder.submit is meant for one thread; handlers are many
         self._ready = threading.Condition()
+        self._arrived = threading.Condition()  # notified after each frame of records
         relay = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -342,6 +345,8 @@ class RelayServer:
                     self.received += 1
                     if not self._submit(r):
                         self.dropped += 1
+            with self._arrived:
+                self._arrived.notify_all()
             return {"ok": len(records)}
         if frame.get("call") == "hello":
             hello = (frame.get("args") or [{}])[0]
@@ -353,6 +358,11 @@ class RelayServer:
 
     def start(self) -> None:
         self._thread.start()
+
+    def wait_records(self, timeout: float) -> None:
+        """Return when the next frame of records has been taken, or after `timeout` seconds."""
+        with self._arrived:
+            self._arrived.wait(max(timeout, 0.0))
 
     def wait_hello(self, index: int, pid: int, timeout: float) -> bool:
         """Whether worker `index` (process `pid`) said hello within `timeout` seconds."""
