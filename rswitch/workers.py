@@ -186,6 +186,25 @@ class WorkerCore(Core):
         )
 
 
+class WorkerHeader:
+    """Every answer says which worker gave it: `x-rswitch-worker: <index>/<count>`."""
+
+    def __init__(self, app: Any, index: int, count: int) -> None:
+        self.app = app
+        self.header = (b"x-rswitch-worker", f"{index}/{count}".encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), self.header]
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
 def _die_with_parent() -> None:
     """A worker whose parent is killed (SIGKILL) stops too, instead of serving on unrecorded."""
     try:
@@ -214,11 +233,12 @@ def worker_main() -> None:
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # drained in the lifespan: exit 0, not re-raise
-            self.config.app.state.admin.close()
+            app.state.admin.close()
 
+    app = create_app(core, bind_host=spec["host"])
     server = WorkerServer(
         uvicorn.Config(
-            create_app(core, bind_host=spec["host"]),
+            WorkerHeader(app, index, count),
             log_level="warning",
             access_log=False,
             lifespan="on",

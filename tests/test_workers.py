@@ -68,7 +68,8 @@ def serve(workdir: Path, upstream_url: str, *args: str, rpm: float | None = None
         "model_providers": {"up": provider},
         "templates": {"support": {"template": "You support {product}."}},
         "gateway": {
-            "combinations": [{"id": "oa", "template_id": "support", "model": "gpt-4o", "provider": "up"}]
+            "combinations": [{"id": "oa", "template_id": "support", "model": "gpt-4o", "provider": "up"}],
+            "max_rate_wait_seconds": 0,  # over the limit: 429 at once
         },
         "dataset": {"base_path": str(workdir / "prompts")},
         "analytics": {"path": str(workdir / "analytics.duckdb")},
@@ -297,3 +298,31 @@ def test_feedback_storage_health_and_metrics_answer_from_any_worker(tmp_path, up
     with sqlite3.connect(tmp_path / "prompts" / "support" / "dataset.sqlite") as db:
         scores = dict(db.execute("SELECT request_id, label_score FROM examples").fetchall())
     assert scores == {rid: 0.5 for rid in ids}
+
+
+def test_each_worker_keeps_its_share_of_a_rate_limit_so_the_limit_holds_overall(tmp_path, upstream):
+    with serve(tmp_path, upstream.base_url, "--workers", "2", rpm=20) as gw:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+                body = {
+                    "model": "oa",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "variables": {"product": "A"},
+                }
+                return await asyncio.gather(
+                    *(http.post("/v1/chat/completions", json=body) for _ in range(50))
+                )
+
+        answers = asyncio.run(burst())
+        status = httpx.get(gw.url + "/status").json()
+        assert gw.stop() == 0
+    by_worker: dict[str, int] = {}
+    for r in answers:
+        assert r.status_code in (200, 429), r.text
+        if r.status_code == 200:
+            by_worker[r.headers["x-rswitch-worker"]] = by_worker.get(r.headers["x-rswitch-worker"], 0) + 1
+    assert set(by_worker) <= {"0/2", "1/2"}
+    assert all(n <= 10 + 1 for n in by_worker.values()), by_worker  # 20 rpm / 2 workers (+1 refill)
+    assert len(upstream.recorder.requests) == sum(by_worker.values()) <= 20 + 1
+    assert "1/2" in status["worker"]["rate_limits"]
