@@ -15,6 +15,7 @@ import pytest
 from rswitch.config import parse_config
 from rswitch.core import Core
 from rswitch.server import create_app
+from tests.servers import postgres_dsn, redis_url  # noqa: F401  (real servers, for the tests that ask)
 
 BASE_CONFIG: dict[str, Any] = {
     "gateway": {
