@@ -355,6 +355,7 @@ class Supervisor:
             env=env,
             pass_fds=(self.sock.fileno(),),
             stdin=subprocess.DEVNULL,
+            process_group=0,  # Ctrl+C reaches the parent only, which stops the workers in order
         )
         self.procs[index], self.started_at[index] = proc, time.monotonic()
         return proc

@@ -326,3 +326,23 @@ def test_each_worker_keeps_its_share_of_a_rate_limit_so_the_limit_holds_overall(
     assert all(n <= 10 + 1 for n in by_worker.values()), by_worker  # 20 rpm / 2 workers (+1 refill)
     assert len(upstream.recorder.requests) == sum(by_worker.values()) <= 20 + 1
     assert "1/2" in status["worker"]["rate_limits"]
+
+
+def test_rswitch_tui_attach_runs_against_a_multi_worker_gateway(tmp_path, upstream):
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+        tui = subprocess.Popen(
+            [sys.executable, "-m", "rswitch", "tui", "--attach", gw.url, "--headless"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=os.environ | {"HOME": str(tmp_path / "home")},
+            cwd=tmp_path,
+        )
+        try:
+            gw.wait_for_line(r"(?s)(/admin/v1/snapshot.*){3}")  # the console refreshing, over any worker
+        finally:
+            tui.send_signal(signal.SIGTERM)
+            out, _ = tui.communicate(timeout=60)
+        assert tui.returncode == 0, out
+        assert f"detached from {gw.url}; the gateway keeps running" in out
+        assert httpx.get(gw.url + "/status").json()["worker"]["count"] == 2
