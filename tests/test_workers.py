@@ -246,7 +246,9 @@ def test_sigterm_to_one_worker_loses_nothing_and_it_is_started_again(tmp_path, u
     assert "1 restart(s)" in gw.output
 
 
-def test_the_attached_console_reads_a_multi_worker_gateway_and_reweight_is_refused(tmp_path, upstream):
+def test_the_console_reads_a_multi_worker_gateway_optimizes_through_the_owner_and_reweight_is_refused(
+    tmp_path, upstream
+):
     with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
         ask(client)
@@ -258,6 +260,14 @@ def test_the_attached_console_reads_a_multi_worker_gateway_and_reweight_is_refus
                 with pytest.raises(Exception) as refused:
                     await op.reweight("oa", 5)
                 status = await op.status()
+                queued = await op.optimize("support")  # run by the owner, which holds the datasets
+                assert queued.status == "queued"
+                deadline = time.monotonic() + 60
+                while (await op.status()).optimizer.last is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                last = (await op.status()).optimizer.last
+                assert last is not None and last.template_id == "support"
+                assert "need at least 6 distinct labelled inputs" in (last.error or "")  # it read the dataset
                 return snapshot, runs, (refused.value, status)
 
         snapshot, runs, (refused, status) = asyncio.run(console())
