@@ -356,3 +356,15 @@ def test_rswitch_tui_attach_runs_against_a_multi_worker_gateway(tmp_path, upstre
         assert tui.returncode == 0, out
         assert f"detached from {gw.url}; the gateway keeps running" in out
         assert httpx.get(gw.url + "/status").json()["worker"]["count"] == 2
+
+
+def test_a_workers_relay_never_blocks_a_request_a_full_queue_drops_and_counts(tmp_path):
+    from rswitch.storage.record import Label
+    from rswitch.storage.relay import RelayClient
+
+    client = RelayClient(str(tmp_path / "nobody.sock"), queue_size=2)  # no owner, not started
+    labels = [Label("support", f"r{i}", 0.0, score=1.0) for i in range(3)]
+    assert [client.submit(x) for x in labels] == [True, True, False]
+    stats = client.stats()
+    assert (stats["dropped"], stats["queue_depth"], stats["queue_capacity"]) == (1, 2, 2)
+    assert "did not answer recorder.stats" in stats["owner"]["error"]
