@@ -411,6 +411,14 @@ class StateConfig(_Strict):
     timeout_ms: float = Field(250.0, gt=0, description="past this, a request uses local limits (degraded)")
 
 
+class StorageConfig(_Strict):
+    backend: Literal["embedded", "postgres"] = Field(
+        "embedded", description="embedded: SQLite datasets + DuckDB analytics files; postgres: one database"
+    )
+    dsn: str | None = Field(None, description="postgresql://user@host:5432/db (password: prefer dsn_env)")
+    dsn_env: str | None = Field(None, description="an environment variable holding the Postgres DSN")
+
+
 class Config(BaseModel):
     # A misspelt section (`gatway:`) would otherwise be silently ignored: unknown top-level keys
     # are errors. `mipro_v2` is Route-Switch's optimizer section, accepted for compatibility.
@@ -419,6 +427,7 @@ class Config(BaseModel):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     model_providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     state: StateConfig = Field(default_factory=StateConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)
@@ -592,6 +601,13 @@ def _semantic_problems(cfg: Config) -> list[ConfigProblem]:
         )
     if st.url is not None and not st.url.startswith(("redis://", "rediss://", "unix://")):
         problems.append(ConfigProblem("state.url", "must start with redis://, rediss:// or unix://"))
+    sc = cfg.storage  # the DSN may hold a password: never quoted back
+    if sc.backend == "postgres" and not (sc.dsn or sc.dsn_env):
+        problems.append(
+            ConfigProblem("storage", "backend postgres needs dsn (or dsn_env naming a variable holding it)")
+        )
+    if sc.dsn is not None and not sc.dsn.startswith(("postgresql://", "postgres://")):
+        problems.append(ConfigProblem("storage.dsn", "must start with postgresql:// or postgres://"))
     deadline = cfg.gateway.request_timeout_seconds
     for name, p in cfg.model_providers.items():
         for key in ("connect_timeout_seconds", "first_byte_timeout_seconds", "idle_timeout_seconds"):
@@ -880,6 +896,11 @@ def config_warnings(cfg: Config) -> list[str]:
                 f"https://{STANDARD_KEY_HOST[p.type]}); set api_key_env to the variable holding this "
                 f"server's key (api_key_env: {std} to send that one), or api_key_env: null if it needs none"
             )
+    if cfg.storage.dsn and ":" in cfg.storage.dsn.partition("://")[2].partition("/")[0].rpartition("@")[0]:
+        out.append(
+            "storage.dsn: a password is written in the config file; "
+            "move the DSN to an environment variable and set dsn_env instead"
+        )
     if cfg.mipro_v2:
         out.append(
             "mipro_v2: Route-Switch's optimizer section is accepted but not used; "

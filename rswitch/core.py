@@ -238,13 +238,18 @@ class Core:
     def open_stores(self, config: Config) -> tuple[Any, Any, Any]:
         """The datasets, the analytics and the recorder writing both; a worker of `serve --workers N`
         returns stand-ins that relay to the one process owning the files (rswitch.workers)."""
-        datasets = DatasetStore(
-            config.dataset_dir,
-            config.dataset.max_records,
-            config.dataset.max_labelled_records,
-            reference=frozenset(config.gateway.optimization.reference_combinations),
-        )
-        analytics = AnalyticsStore(config.analytics_file)
+        if config.storage.backend == "postgres":  # one database for every replica (rswitch.storage.postgres)
+            from rswitch.storage.postgres import open_postgres
+
+            datasets, analytics = open_postgres(config)
+        else:
+            datasets = DatasetStore(
+                config.dataset_dir,
+                config.dataset.max_records,
+                config.dataset.max_labelled_records,
+                reference=frozenset(config.gateway.optimization.reference_combinations),
+            )
+            analytics = AnalyticsStore(config.analytics_file)
         rc = config.recorder
         recorder = Recorder(
             datasets,
@@ -378,6 +383,10 @@ class Core:
     # -- packages ----------------------------------------------------------------------------
 
     def _stores(self) -> Stores:
+        if self.config.storage.backend == "postgres":
+            from rswitch.packaging import PackageError
+
+            raise PackageError("packages do not export from or import into Postgres storage yet")
         return Stores(
             self.config.dataset_dir, self.config.analytics_file, self.analytics._conn, self.datasets.release
         )

