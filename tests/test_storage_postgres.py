@@ -17,8 +17,10 @@ import asyncpg
 import pytest
 import redis
 
+from rswitch.admin.api import PREFIX
 from rswitch.config import ConfigError, config_warnings, parse_config
 from rswitch.core import Core
+from rswitch.packaging import PackageError
 from rswitch.storage.postgres import PostgresDatabase, StorageUnavailable
 from tests.conftest import SUPPORT_VARS, chat, make_config
 from tests.servers import free_port
@@ -262,6 +264,41 @@ async def test_a_row_postgres_cannot_hold_is_refused_alone(pg, make_gateway):
     status = (await gw.client.get("/health/storage")).json()
     assert status["rejected_records"] == 1
     assert "NUL" in status["last_rejected"] and "system_prompt" in status["last_rejected"]
+
+
+async def test_packages_and_the_optimizer_say_they_do_not_use_postgres_yet(pg, make_gateway, tmp_path):
+    gw = await make_gateway(on_postgres(pg))
+    await answered(gw, 1)
+    with pytest.raises(PackageError, match="packages do not export from or import into Postgres storage yet"):
+        gw.core.export_package("support", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    r = await gw.client.post(PREFIX + "/packages/export", json={"template_id": "support"})
+    assert r.status_code == 400, r.text  # refused, never a package without its dataset
+    assert "packages do not export from or import into Postgres storage yet" in r.text
+    cfg = make_config(tmp_path, on_postgres(pg, gateway={"optimization": {"enabled": True}}))
+    assert any("the optimizer does not read examples from Postgres yet" in w for w in config_warnings(cfg))
+
+
+async def test_writes_recover_after_postgres_drops_the_connections(pg, make_gateway):
+    gw = await make_gateway(on_postgres(pg))
+    before = await answered(gw, 2, prefix="before")
+    gw.flush()
+    # what a Postgres restart or a failover does to the pool's open connections
+    await query(
+        pg,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+        "AND datname = current_database()",
+    )
+    after = []
+    for i in range(3):  # the first batch may land on a dropped connection and be lost; the next ones go in
+        after += await answered(gw, 1, prefix=f"after{i}-")
+        gw.flush()
+    rows = {r["request_id"] for r in await query(pg, "SELECT request_id FROM examples")}
+    missing = set(before + after) - rows
+    assert missing <= {after[0]}  # at most the batch that met a dropped connection
+    assert (gw.core.recorder.stats()["records_lost"] > 0) == bool(missing)  # and that one is counted
+    health = await gw.client.get("/health/storage")
+    assert health.status_code == 200, health.text  # the latest writes succeeded: not failing any more
 
 
 def test_the_redis_fixture_is_a_real_server(redis_url: str):
