@@ -24,6 +24,7 @@ from rswitch.packaging import PackageError
 from rswitch.storage.postgres import PostgresDatabase, StorageUnavailable
 from tests.conftest import SUPPORT_VARS, chat, make_config
 from tests.servers import free_port
+from tests.test_auth_serve import BASE, start
 
 pytestmark = pytest.mark.slow
 
@@ -207,6 +208,22 @@ def test_a_bad_dsn_is_a_clear_startup_error_without_the_password(tmp_path: Path,
         Core(cfg)
     assert 'database "missing" does not exist' in str(missing.value)
     assert "hunter2" not in str(missing.value)
+
+
+def test_serve_with_an_unreachable_postgres_stops_at_start_in_one_line(tmp_path: Path):
+    closed = free_port()
+    config = {**BASE, "storage": {"backend": "postgres", "dsn_env": "RSWITCH_TEST_PG_DSN"}}
+    dsn = f"postgresql://rswitch:hunter2-secret@127.0.0.1:{closed}/records"
+    proc = start("serve", config, tmp_path, env={"RSWITCH_TEST_PG_DSN": dsn})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert (
+        f"rswitch could not start: StorageUnavailable: storage: cannot use Postgres at 127.0.0.1:{closed}/records"
+        in (lines[0])
+    )
+    assert "hunter2" not in out + err and "listening on" not in out
 
 
 def test_storage_config_mistakes_are_named_without_quoting_the_dsn(tmp_path: Path, monkeypatch):
