@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 import redis
 
@@ -281,6 +282,33 @@ async def test_a_row_postgres_cannot_hold_is_refused_alone(pg, make_gateway):
     status = (await gw.client.get("/health/storage")).json()
     assert status["rejected_records"] == 1
     assert "NUL" in status["last_rejected"] and "system_prompt" in status["last_rejected"]
+
+
+async def test_dataset_import_and_export_through_the_gateway_use_postgres(pg, make_gateway):
+    gw = await make_gateway(on_postgres(pg))
+    lines = [
+        {"input": "where is my order", "expected": "Let me check.", "variables": SUPPORT_VARS},
+        {"messages": [{"role": "user", "content": "refund?"}], "score": 0.5},
+    ]
+    r = await gw.client.post(
+        PREFIX + "/datasets/support/import",
+        content=b"".join(orjson.dumps(x) + b"\n" for x in lines),
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert r.status_code == 200 and r.json()["imported"] == 2, r.text
+    await answered(gw, 1)  # an unlabelled one from traffic
+    out = await gw.client.get(PREFIX + "/datasets/support/export", params={"labelled": "true"})
+    got = [orjson.loads(line) for line in out.content.splitlines()]
+    assert [g["messages"][-1]["content"] for g in got] == ["where is my order", "refund?"]
+    assert [g["label_expected"] for g in got] == ["Let me check.", None] and got[1]["label_score"] == 0.5
+    everything = await gw.client.get(PREFIX + "/datasets/support/export")
+    assert len(everything.content.splitlines()) == 3
+    rows = await query(pg, "SELECT origin, labelled, label_source FROM examples ORDER BY id")
+    assert [(r["origin"], r["labelled"], r["label_source"]) for r in rows] == [
+        ("import", True, "import"),
+        ("import", True, "import"),
+        ("gateway", False, None),
+    ]
 
 
 async def test_packages_and_the_optimizer_say_they_do_not_use_postgres_yet(pg, make_gateway, tmp_path):
