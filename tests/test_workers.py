@@ -368,3 +368,28 @@ def test_a_workers_relay_never_blocks_a_request_a_full_queue_drops_and_counts(tm
     stats = client.stats()
     assert (stats["dropped"], stats["queue_depth"], stats["queue_capacity"]) == (1, 2, 2)
     assert "did not answer recorder.stats" in stats["owner"]["error"]
+
+
+def test_a_relay_hands_each_record_over_once_and_counts_what_an_absent_owner_never_took(tmp_path):
+    from rswitch.storage.record import Label
+    from rswitch.storage.relay import RelayClient, RelayServer
+
+    labels = [Label("support", f"r{i}", 0.0, score=1.0) for i in range(5)]
+    taken: list[Any] = []
+    owner = RelayServer(str(tmp_path / "owner.sock"), lambda r: taken.append(r) or True, lambda m, a: None)
+    owner.start()
+    try:
+        client = RelayClient(owner.path, batch_size=2)
+        client.start()
+        assert all(client.submit(x) for x in labels)
+        client.close()  # returns once the owner holds all of them
+    finally:
+        owner.close()
+    assert taken == labels and (client.written, client.lost, owner.received) == (5, 0, 5)
+
+    orphan = RelayClient(str(tmp_path / "gone.sock"), give_up_after=0.3)
+    orphan.start()
+    assert all(orphan.submit(x) for x in labels[:3])
+    orphan.close()
+    assert (orphan.written, orphan.lost) == (0, 3)
+    assert orphan.stats()["records_lost"] == 3

@@ -208,8 +208,9 @@ class RelayClient:
             raise
         return sock
 
-    def _send(self, batch: list[Any]) -> None:
-        """Hand one batch to the owner; retry connecting until it answers (or, stopping, give up)."""
+    def _send(self, batch: list[Any]) -> bool:
+        """Hand one batch to the owner; retry connecting until it answers (or, stopping, give up).
+        True when the owner took it; otherwise it is counted in `lost`."""
         body = orjson.dumps({"records": [encode(r) for r in batch]})
         frame = _HEADER.pack(len(body)) + body
         gave_up_at = None
@@ -224,7 +225,7 @@ class RelayClient:
                         if time.monotonic() > gave_up_at:
                             self.lost += len(batch)
                             log.error("relay: owner unreachable; %d record(s) not written", len(batch))
-                            return
+                            return False
                     time.sleep(0.1)
                     continue
             try:
@@ -239,9 +240,9 @@ class RelayClient:
                 self.lost += len(batch)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("relay: %d record(s) may not have reached the owner: %s", len(batch), exc)
-                return
+                return False
             self.last_error = None
-            return
+            return True
 
     def _run(self) -> None:
         while True:
@@ -256,8 +257,8 @@ class RelayClient:
                         batch.append(item)
             for i in range(0, len(batch), self.batch_size):
                 part = batch[i : i + self.batch_size]
-                self._send(part)
-                self.written += len(part)
+                if self._send(part):
+                    self.written += len(part)
             with self._flushed:
                 self._flushed.notify_all()
             if stop:
