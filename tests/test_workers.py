@@ -138,6 +138,16 @@ def recorded(workdir: Path) -> tuple[list[str], list[str]]:
     return rows, inv
 
 
+def open_files(pid: int) -> list[str]:
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            pass
+    return out
+
+
 class Traffic:
     """Threads asking one at a time until told to stop; the ids of the answers they got."""
 
@@ -203,6 +213,9 @@ def test_two_workers_answer_on_one_port_and_each_call_is_one_row(tmp_path, upstr
                 return await asyncio.gather(*(one() for _ in range(60)))
 
         ids = asyncio.run(many()) + [ask(client) for _ in range(5)]
+        assert any(f.endswith("analytics.duckdb") for f in open_files(gw.proc.pid))  # the owner
+        for pid in pids:  # the workers never open the stores
+            assert not [f for f in open_files(pid) if f.endswith((".duckdb", ".sqlite", "-wal"))]
         status = httpx.get(gw.url + "/status").json()
         assert status["worker"]["count"] == 2
         assert status["worker"]["index"] in (0, 1) and status["worker"]["pid"] in pids
