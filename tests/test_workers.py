@@ -213,6 +213,15 @@ def test_two_workers_answer_on_one_port_and_each_call_is_one_row(tmp_path, upstr
                 return await asyncio.gather(*(one() for _ in range(60)))
 
         ids = asyncio.run(many()) + [ask(client) for _ in range(5)]
+        for _ in range(3):  # streamed: recorded when the stream ends, relayed like the rest
+            raw = client.chat.completions.with_raw_response.create(
+                model="oa",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                extra_body={"variables": {"product": "A"}},
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices) == "echo: hi"
+            ids.append(raw.headers["x-rswitch-request-id"])
         assert any(f.endswith("analytics.duckdb") for f in open_files(gw.proc.pid))  # the owner
         for pid in pids:  # the workers never open the stores
             assert not [f for f in open_files(pid) if f.endswith((".duckdb", ".sqlite", "-wal"))]
@@ -224,7 +233,7 @@ def test_two_workers_answer_on_one_port_and_each_call_is_one_row(tmp_path, upstr
     rows, inv = recorded(tmp_path)
     assert sorted(rows) == sorted(ids)
     assert sorted(inv) == sorted(ids)
-    assert "65 record(s) written, 0 dropped" in gw.output
+    assert "68 record(s) written, 0 dropped" in gw.output
     assert not (tmp_path / "prompts" / "rswitch.lock").exists()
 
 
