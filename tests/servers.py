@@ -14,6 +14,7 @@ the binaries in a temp dir that user can reach.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import pwd
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +51,38 @@ def _wait_port(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: flo
             time.sleep(0.02)
     proc.kill()
     raise TimeoutError(f"server did not listen on {port} within {timeout:g} s:\n{_tail(log)}")
+
+
+def _wait_postgres(proc: subprocess.Popen[bytes], dsn: str, log: Path, timeout: float = 30.0) -> None:
+    """Until Postgres accepts a session (asyncpg, on a loop of its own: the test's may be running)."""
+    import asyncpg
+
+    async def probe() -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn = await asyncpg.connect(dsn, timeout=5)
+            except (asyncpg.CannotConnectNowError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+            else:
+                await conn.close()
+                return
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(probe())
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failed:
+        raise RuntimeError(f"postgres does not accept sessions: {failed[0]!r}\n{_tail(log)}")
 
 
 def _tail(log: Path) -> str:
@@ -154,8 +188,12 @@ def postgres_dsn() -> Iterator[str]:
                 **as_user,
             )
         try:
-            _wait_port(proc, port, log)  # postgres listens once recovery is over
-            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            _wait_port(proc, port, log)
+            _wait_postgres(
+                proc, dsn, log
+            )  # it listens before it accepts: "the database system is starting up"
+            yield dsn
         finally:
             proc.send_signal(signal.SIGINT)  # fast shutdown (SIGTERM waits for the clients to leave)
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,8 @@ from rswitch.admin.api import PREFIX
 from rswitch.config import ConfigError, config_warnings, parse_config
 from rswitch.core import Core
 from rswitch.packaging import PackageError
-from rswitch.storage.postgres import PostgresDatabase, StorageUnavailable
+from rswitch.storage.postgres import PostgresDatabase, PostgresDatasetStore, StorageUnavailable
+from rswitch.storage.record import CallRecord, Label
 from tests.conftest import SUPPORT_VARS, chat, make_config
 from tests.servers import free_port
 from tests.test_auth_serve import BASE, start
@@ -356,3 +358,41 @@ def test_the_redis_fixture_is_a_real_server(redis_url: str):
         client.delete(key)
     finally:
         client.close()
+
+
+def test_replicas_writing_one_template_at_once_lose_nothing_and_keep_its_cap(pg):
+    """Three replicas' batches (rows, labels, trims of the same template) interleave: no batch fails
+    on a lock conflict, and the template keeps exactly its cap."""
+    from tests.test_storage_recording import record
+
+    dbs = [PostgresDatabase(pg) for _ in range(3)]
+    stores = [PostgresDatasetStore(db, 40, 10) for db in dbs]
+    failures: list[Any] = []
+    barrier = threading.Barrier(3)
+
+    def replica(store: PostgresDatasetStore, name: str) -> None:
+        barrier.wait()
+        previous: list[CallRecord] = []
+        for i in range(40):
+            batch: list[Any] = [record(f"{name}-{i}-{j}") for j in range(10)]
+            batch += [Label("support", r.request_id, time.time(), score=1.0) for r in previous[:3]]
+            try:
+                report = store.write(batch)
+            except Exception as exc:  # what the recorder would count as a lost batch
+                failures.append(exc)
+                continue
+            failures.extend(report.failed.items())
+            failures.extend(report.refused)
+            previous = batch[:10]
+
+    threads = [threading.Thread(target=replica, args=(s, n)) for s, n in zip(stores, "abc", strict=True)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert failures == []
+        assert stores[0].counts("support") == {"unlabelled": 40, "labelled": 10}
+    finally:
+        for db in dbs:
+            db.close()

@@ -144,6 +144,7 @@ TRIM = (
     "DELETE FROM examples WHERE id IN (SELECT id FROM examples WHERE template_id = $1 AND labelled = $2 "
     "ORDER BY id DESC OFFSET $3)"
 )
+TEMPLATE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('rswitch dataset ' || $1, 0))"
 LABEL = (
     "UPDATE examples SET labelled = true, label_expected = coalesce($3, label_expected), "
     "label_score = coalesce($4, label_score), label_comment = coalesce($5, label_comment), "
@@ -415,9 +416,14 @@ class PostgresDatasetStore:
         labels: list[tuple[Label, tuple[Any, ...]]],
         report: WriteReport,
     ) -> None:
+        templates = sorted({r.template_id for r, _ in rows} | {lb.template_id for lb, _ in labels})
         async with self.db.pool.acquire() as conn, conn.transaction():
             if rows:
                 await self._copy(conn, rows, report)
+            # Labels and retention of a template, one replica at a time until commit: taken in one
+            # order they cannot deadlock, and a trim counts the rows other replicas committed.
+            for template_id in templates:
+                await conn.execute(TEMPLATE_LOCK, template_id)
             for label, params in labels:  # after the rows: a label may arrive in the batch of its row
                 try:
                     async with conn.transaction():
@@ -428,9 +434,7 @@ class PostgresDatasetStore:
                     report.refused.append(
                         Refused(f"dataset '{label.template_id}'", label.request_id, reason(exc))
                     )
-            for template_id in sorted(
-                {r.template_id for r, _ in rows} | {lb.template_id for lb, _ in labels}
-            ):
+            for template_id in templates:
                 await self._trim(conn, template_id)
 
     async def _copy(
@@ -516,6 +520,7 @@ class PostgresDatasetStore:
         async def go() -> None:
             async with self.db.pool.acquire() as conn, conn.transaction():
                 await conn.copy_records_to_table("examples", records=prepared, columns=columns)
+                await conn.execute(TEMPLATE_LOCK, template_id)
                 await self._trim(conn, template_id)  # the labelled cap holds after an import too
 
         with self._lock:
