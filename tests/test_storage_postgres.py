@@ -100,6 +100,24 @@ async def test_gateway_on_postgres_records_every_answered_call_exactly_once(pg, 
     assert health.json()["datasets"]["records"] == 45
 
 
+async def test_two_replicas_answering_at_once_record_each_call_once(pg, make_gateway):
+    a = await make_gateway(on_postgres(pg, dataset={"max_records": 1000}))
+    b = await make_gateway(on_postgres(pg, dataset={"max_records": 1000}))
+    answers = await asyncio.gather(
+        *(answered(gw, 25, prefix=f"{n}-{i}-") for i in range(4) for n, gw in (("a", a), ("b", b)))
+    )
+    a.flush()
+    b.flush()
+    ids = [rid for batch in answers for rid in batch]
+    assert len(set(ids)) == 200
+    examples = await query(pg, "SELECT request_id FROM examples")
+    calls = await query(pg, "SELECT request_id FROM invocations")
+    assert sorted(r["request_id"] for r in examples) == sorted(ids)
+    assert sorted(r["request_id"] for r in calls) == sorted(ids)
+    stats = (await b.client.get("/v1/prompts/support/stats")).json()
+    assert stats["total_requests"] == 200  # each replica reads what both recorded
+
+
 async def test_feedback_labels_land_in_postgres_even_from_another_replica(pg, make_gateway):
     a = await make_gateway(on_postgres(pg))
     b = await make_gateway(on_postgres(pg))  # a second replica on the same database
