@@ -268,20 +268,10 @@ def worker_main() -> None:
 # -- the parent: owner of the stores, supervisor of the workers -------------------------------------
 
 
-def find_request(core: Core, server: relay.RelayServer, request_id: str) -> str | None:
-    """The template of an answered request, for feedback that reached another worker than the answer:
-    that worker's relay hands its records over within its flush interval, so a miss waits for the
-    frames arriving until then (each one is looked at) before it is a miss."""
-    deadline = time.monotonic() + 2 * core.config.recorder.flush_interval_ms / 1000 + 0.5
-    while True:
-        found = core.recorder.recent_requests.get(request_id)
-        if found is None:
-            core.recorder.flush()
-            found = core.datasets.find_request(request_id)
-        remaining = deadline - time.monotonic()
-        if found is not None or remaining <= 0:
-            return found
-        server.wait_records(remaining)
+def caught_up(core: Core, server: relay.RelayServer) -> None:
+    """Everything the workers answered before now is on the owner's recorder and written."""
+    server.caught_up(2 * core.config.recorder.flush_interval_ms / 1000 + 2.0)
+    core.recorder.flush()
 
 
 def owner_handler(core: Core, server_box: list[Any]) -> Any:
@@ -290,8 +280,8 @@ def owner_handler(core: Core, server_box: list[Any]) -> Any:
     def handle(method: str, args: list[Any]) -> Any:
         part, _, name = method.partition(".")
         if part in ("datasets", "analytics") and name and not name.startswith("_") and name != "close":
-            if name == "find_request":
-                return find_request(core, server_box[0], *args)
+            if name in ("find_request", "recent"):  # feedback's lookup, a dataset export
+                caught_up(core, server_box[0])
             return getattr(core.datasets if part == "datasets" else core.analytics, name)(*args)
         if method == "recorder.stats":
             srv = server_box[0]
@@ -300,7 +290,8 @@ def owner_handler(core: Core, server_box: list[Any]) -> Any:
             core.recorder.check_writes()
             return True
         if method == "recorder.flush":
-            return core.recorder.flush(*args)
+            caught_up(core, server_box[0])
+            return True
         if method.startswith("optimizer."):
             opt = core.optimizer
             if method == "optimizer.status":

@@ -40,8 +40,7 @@ class Serve:
         return "".join(self.lines)
 
     def worker_pids(self) -> list[int]:
-        m = re.search(r"pids ([\d, ]+)\)", self.output)
-        assert m, self.output
+        m = self.wait_for_line(r"pids ([\d, ]+)\)")  # the start-up summary's last lines
         return [int(p) for p in m.group(1).split(", ")]
 
     def wait_for_line(self, pattern: str, timeout: float = 60) -> re.Match[str]:
@@ -282,6 +281,8 @@ def test_the_console_reads_a_multi_worker_gateway_optimizes_through_the_owner_an
                 with pytest.raises(Exception) as refused:
                     await op.reweight("oa", 5)
                 status = await op.status()
+                exported = await op.dataset_export("support")  # rows read by the owner
+                assert len(exported.splitlines()) == 1 and b"echo: hello" in exported
                 queued = await op.optimize("support")  # run by the owner, which holds the datasets
                 assert queued.status == "queued"
                 deadline = time.monotonic() + 60

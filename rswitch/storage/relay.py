@@ -185,19 +185,33 @@ class RelayClient:
 
     # -- the sender thread ---------------------------------------------------------------------
 
-    def _take_batch(self) -> tuple[list[Any], bool]:
+    def _take_batch(self) -> tuple[list[Any], bool, float | None]:
+        """Up to `batch_size` records within `flush_interval`; the stop marker seen; and, when the
+        queue was emptied, a wall-clock time before which everything submitted is in this batch or
+        an earlier one (None when the batch filled up first)."""
         batch: list[Any] = []
         deadline = time.monotonic() + self.flush_interval
         while len(batch) < self.batch_size:
             timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
             try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 break
             if item is _STOP:
-                return batch, True
+                return batch, True, None
             batch.append(item)
-        return batch, False
+        covers = time.time()  # what was queued before now is taken by the loop below
+        while len(batch) < self.batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False, covers
+            if item is _STOP:
+                return batch, True, None
+            batch.append(item)
+        return batch, False, None
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -208,10 +222,11 @@ class RelayClient:
             raise
         return sock
 
-    def _send(self, batch: list[Any]) -> bool:
-        """Hand one batch to the owner; retry connecting until it answers (or, stopping, give up).
-        True when the owner took it; otherwise it is counted in `lost`."""
-        body = orjson.dumps({"records": [encode(r) for r in batch]})
+    def _send(self, batch: list[Any], covers: float | None = None) -> bool:
+        """Hand one batch to the owner (an empty one tells it how far this worker is handed over);
+        retry connecting until it answers (or, stopping, give up). True when the owner took it;
+        otherwise it is counted in `lost`."""
+        body = orjson.dumps({"records": [encode(r) for r in batch], "covers": covers})
         frame = _HEADER.pack(len(body)) + body
         gave_up_at = None
         while True:
@@ -246,7 +261,7 @@ class RelayClient:
 
     def _run(self) -> None:
         while True:
-            batch, stop = self._take_batch()
+            batch, stop, covers = self._take_batch()
             if stop:
                 while True:  # what was queued before the marker
                     try:
@@ -255,9 +270,12 @@ class RelayClient:
                         break
                     if item is not _STOP:
                         batch.append(item)
+            if not batch and not stop:
+                self._send([], covers)  # a heartbeat: the owner's `caught_up` waits for these
             for i in range(0, len(batch), self.batch_size):
                 part = batch[i : i + self.batch_size]
-                if self._send(part):
+                last = i + self.batch_size >= len(batch)
+                if self._send(part, covers if last else None):
                     self.written += len(part)
             with self._flushed:
                 self._flushed.notify_all()
@@ -308,11 +326,20 @@ class RelayServer:
         self._lock = threading.Lock()  # Recorder.submit is meant for one thread; handlers are many
         self._ready = threading.Condition()
         self._arrived = threading.Condition()  # notified after each frame of records
+        self._covered: dict[int, float] = {}  # relay connection -> its latest frame's `covers`
         relay = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 sock: socket.socket = self.request
+                try:
+                    self.serve(sock)
+                finally:
+                    with relay._arrived:  # a worker gone is not waited for
+                        relay._covered.pop(id(self), None)
+                        relay._arrived.notify_all()
+
+            def serve(self, sock: socket.socket) -> None:
                 while True:
                     try:
                         frame = recv_frame(sock)
@@ -322,7 +349,7 @@ class RelayServer:
                     if frame is None:
                         return
                     try:
-                        reply = relay._answer(frame)
+                        reply = relay._answer(frame, id(self))
                     except Exception as exc:
                         reply = {"error": f"{type(exc).__name__}: {exc}"}
                     try:
@@ -338,7 +365,7 @@ class RelayServer:
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="rswitch-relay-owner"
         )
 
-    def _answer(self, frame: dict[str, Any]) -> Any:
+    def _answer(self, frame: dict[str, Any], conn: int) -> Any:
         if "records" in frame:
             records = [decode(item) for item in frame["records"]]
             with self._lock:
@@ -347,6 +374,10 @@ class RelayServer:
                     if not self._submit(r):
                         self.dropped += 1
             with self._arrived:
+                if frame.get("covers") is not None:
+                    self._covered[conn] = float(frame["covers"])
+                else:
+                    self._covered.setdefault(conn, 0.0)
                 self._arrived.notify_all()
             return {"ok": len(records)}
         if frame.get("call") == "hello":
@@ -360,10 +391,19 @@ class RelayServer:
     def start(self) -> None:
         self._thread.start()
 
-    def wait_records(self, timeout: float) -> None:
-        """Return when the next frame of records has been taken, or after `timeout` seconds."""
+    def caught_up(self, timeout: float) -> bool:
+        """Wait until every connected worker has handed over what it had submitted before this
+        call (each sends a frame at least every flush interval, saying up to when it is complete);
+        False after `timeout` seconds."""
+        since = time.time()
+        deadline = time.monotonic() + timeout
         with self._arrived:
-            self._arrived.wait(max(timeout, 0.0))
+            while any(t < since for t in self._covered.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._arrived.wait(remaining)
+        return True
 
     def wait_hello(self, index: int, pid: int, timeout: float) -> bool:
         """Whether worker `index` (process `pid`) said hello within `timeout` seconds."""
