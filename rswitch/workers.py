@@ -279,7 +279,12 @@ def owner_handler(core: Core, server_box: list[Any]) -> Any:
 
     def handle(method: str, args: list[Any]) -> Any:
         part, _, name = method.partition(".")
-        if part in ("datasets", "analytics") and name and not name.startswith("_") and name != "close":
+        if (
+            part in ("datasets", "analytics")
+            and name
+            and not name.startswith("_")
+            and name not in ("close", "write")
+        ):
             if name in ("find_request", "recent"):  # feedback's lookup, a dataset export
                 caught_up(core, server_box[0])
             return getattr(core.datasets if part == "datasets" else core.analytics, name)(*args)
