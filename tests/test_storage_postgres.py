@@ -378,6 +378,33 @@ def test_the_redis_fixture_is_a_real_server(redis_url: str):
         client.close()
 
 
+async def test_while_postgres_refuses_connections_calls_are_answered_and_storage_health_says_so(
+    pg, postgres_dsn, make_gateway
+):
+    gw = await make_gateway(on_postgres(pg))
+    await answered(gw, 1, prefix="before")
+    gw.flush()
+    name = pg.rsplit("/", 1)[1]
+    await query(postgres_dsn, f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+    await query(
+        postgres_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+    )
+    try:
+        during = await answered(gw, 2, prefix="during")  # the request path never waits on Postgres
+        gw.flush()
+        health = await gw.client.get("/health/storage")
+        assert health.status_code == 503, health.text
+        assert "not currently accepting connections" in health.text
+        assert gw.core.recorder.stats()["records_lost"] >= 2
+    finally:
+        await query(postgres_dsn, f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    after = await answered(gw, 1, prefix="after")
+    gw.flush()
+    assert (await gw.client.get("/health/storage")).status_code == 200  # its writes succeed again
+    rows = {r["request_id"] for r in await query(pg, "SELECT request_id FROM examples")}
+    assert after[0] in rows and not set(during) & rows  # lost while it was away, not buffered
+
+
 def test_replicas_writing_one_template_at_once_lose_nothing_and_keep_its_cap(pg):
     """Three replicas' batches (rows, labels, trims of the same template) interleave: no batch fails
     on a lock conflict, and the template keeps exactly its cap."""
