@@ -23,6 +23,8 @@ from rswitch.admin.api import PREFIX
 from rswitch.config import ConfigError, config_warnings, parse_config
 from rswitch.core import Core
 from rswitch.packaging import PackageError
+from rswitch.storage.analytics import AnalyticsStore
+from rswitch.storage.datasets import open_dataset
 from rswitch.storage.postgres import PostgresDatabase, PostgresDatasetStore, StorageUnavailable
 from rswitch.storage.record import CallRecord, Label
 from tests.conftest import SUPPORT_VARS, chat, make_config
@@ -403,6 +405,27 @@ async def test_while_postgres_refuses_connections_calls_are_answered_and_storage
     assert (await gw.client.get("/health/storage")).status_code == 200  # its writes succeed again
     rows = {r["request_id"] for r in await query(pg, "SELECT request_id FROM examples")}
     assert after[0] in rows and not set(during) & rows  # lost while it was away, not buffered
+
+
+async def test_examples_has_the_sqlite_datasets_columns_and_invocations_the_duckdb_ones(pg, tmp_path):
+    db = PostgresDatabase(pg)
+    db.close()
+    columns = await query(
+        pg, "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'"
+    )
+    in_pg = {
+        t: {c["column_name"] for c in columns if c["table_name"] == t} for t in ("examples", "invocations")
+    }
+    sqlite = open_dataset(tmp_path / "d" / "dataset.sqlite")
+    try:
+        assert in_pg["examples"] == {row[1] for row in sqlite.execute("PRAGMA table_info(examples)")}
+    finally:
+        sqlite.close()
+    duck = AnalyticsStore(tmp_path / "a.duckdb")
+    try:
+        assert in_pg["invocations"] == {d[0] for d in duck._conn.execute("DESCRIBE invocations").fetchall()}
+    finally:
+        duck.close()
 
 
 def test_replicas_writing_one_template_at_once_lose_nothing_and_keep_its_cap(pg):
