@@ -68,8 +68,11 @@ def check_count(n: int) -> str | None:
 
 
 def share_limits(config: Config, n: int) -> None:
-    """Give this worker 1/n of every per-minute limit, so n workers keep the limit overall."""
-    for pc in config.model_providers.values():
+    """Give this worker 1/n of every per-minute limit, so n workers keep the limit overall.
+    With state on Redis the providers' limits are one bucket there already: only the client
+    keys' limits, which stay per process, are shared out."""
+    providers = () if config.state.backend == "redis" else config.model_providers.values()
+    for pc in providers:
         if pc.rate_limit:
             pc.rate_limit = pc.rate_limit / n
         if pc.tpm:
@@ -151,7 +154,12 @@ class WorkerCore(Core):
             "index": self.worker_index,
             "count": self.worker_count,
             "pid": os.getpid(),
-            "rate_limits": f"each worker keeps 1/{self.worker_count} of every rate_limit, tpm, rpm",
+            "rate_limits": (
+                f"providers' rate_limit and tpm shared on Redis; each worker keeps 1/{self.worker_count} "
+                "of every client key's rpm and tpm"
+                if self.shared_state is not None
+                else f"each worker keeps 1/{self.worker_count} of every rate_limit, tpm, rpm"
+            ),
             "metrics": "per worker (/metrics counts the calls this worker answered)",
         }
 

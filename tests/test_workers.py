@@ -59,7 +59,13 @@ class Serve:
 
 
 @contextmanager
-def serve(workdir: Path, upstream_url: str, *args: str, rpm: float | None = None) -> Iterator[Serve]:
+def serve(
+    workdir: Path,
+    upstream_url: str,
+    *args: str,
+    rpm: float | None = None,
+    state: dict[str, Any] | None = None,
+) -> Iterator[Serve]:
     provider: dict[str, Any] = {"type": "openai", "base_url": upstream_url, "timeout_seconds": 5}
     if rpm:
         provider["rate_limit"] = rpm
@@ -73,6 +79,8 @@ def serve(workdir: Path, upstream_url: str, *args: str, rpm: float | None = None
         "dataset": {"base_path": str(workdir / "prompts")},
         "analytics": {"path": str(workdir / "analytics.duckdb")},
     }
+    if state:
+        config["state"] = state
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
@@ -359,6 +367,31 @@ def test_each_worker_keeps_its_share_of_a_rate_limit_so_the_limit_holds_overall(
     assert all(n <= 10 + 1 for n in by_worker.values()), by_worker  # 20 rpm / 2 workers (+1 refill)
     assert len(upstream.recorder.requests) == sum(by_worker.values()) <= 20 + 1
     assert "1/2" in status["worker"]["rate_limits"]
+
+
+def test_with_state_on_redis_the_workers_share_one_rate_limit_not_halves(tmp_path, upstream, redis_url):
+    state = {"backend": "redis", "url": redis_url, "key_prefix": f"w{os.getpid()}-{tmp_path.name}"}
+    with serve(tmp_path, upstream.base_url, "--workers", "2", rpm=20, state=state) as gw:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+                body = {
+                    "model": "oa",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "variables": {"product": "A"},
+                }
+                return await asyncio.gather(
+                    *(http.post("/v1/chat/completions", json=body) for _ in range(50))
+                )
+
+        answers = asyncio.run(burst())
+        status = httpx.get(gw.url + "/status").json()
+        assert gw.stop() == 0
+    answered = sum(r.status_code == 200 for r in answers)
+    assert {r.status_code for r in answers} <= {200, 429}
+    # one bucket of 20 in Redis for both workers (+1 for a refill during the burst), not 2 x 10
+    assert 20 <= answered <= 21 and len(upstream.recorder.requests) == answered
+    assert "shared on Redis" in status["worker"]["rate_limits"] and status["state"]["status"] == "ok"
 
 
 def test_rswitch_tui_attach_runs_against_a_multi_worker_gateway(tmp_path, upstream):
