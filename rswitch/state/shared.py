@@ -265,6 +265,13 @@ class SharedState:
         (restarted) gets them loaded once and the batch again."""
         from redis.exceptions import NoScriptError
 
+        if len(batch) == 1:  # alone: no pipeline to build
+            keys, args, _future = batch[0]
+            try:
+                return [await self.client.evalsha(self._take.sha, len(keys), *keys, *args)]
+            except NoScriptError:
+                await self.client.script_load(TAKE)
+                return [await self.client.evalsha(self._take.sha, len(keys), *keys, *args)]
         for _ in range(2):
             async with self.client.pipeline(transaction=False) as pipe:
                 for keys, args, _future in batch:
