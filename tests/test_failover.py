@@ -281,6 +281,12 @@ async def test_context_length_goes_to_a_larger_fallback_not_the_same_model(sdk, 
     assert raw.parse().choices[0].message.content == ANSWER
     assert len(chat_requests(ups["p1"])) == 1  # not retried on the same model
     assert chat_requests(ups["p2"]) == []  # a window no larger is skipped
+    # streaming: the same
+    ups["p1"].faults.push(Fault("context"))
+    text, chunks = await stream_text(client)
+    assert text == ANSWER and finishes(chunks) == ["stop"]
+    assert len(chat_requests(ups["p1"])) == 2 and chat_requests(ups["p2"]) == []
+    assert len(chat_requests(ups["p3"])) == 2
 
 
 async def test_context_length_with_no_larger_window_left_is_answered_without_waiting(sdk, ups):
@@ -325,6 +331,14 @@ async def test_a_one_off_500_is_retried_on_the_primary(sdk, ups):
     ups["p1"].faults.push(Fault("status", status=500), Fault("status", status=500))
     raw = await complete(client)
     assert raw.headers["x-rswitch-combination"] == "backup"
+    # streaming: a one-off 500 before the first byte is retried on the primary too
+    ups["p1"].faults.push(Fault("status", status=500))
+    before = len(chat_requests(ups["p2"]))
+    text, chunks = await stream_text(client)
+    assert text == ANSWER and len(chat_requests(ups["p2"])) == before
+    rows = gw.dataset_rows("support")
+    assert rows[-1]["combination_id"] == "main" and rows[-1]["success"] == 1
+    assert [r["status"] for r in rows[-2:]] == [500, 200]
 
 
 async def test_retry_same_zero_goes_straight_to_the_fallback(sdk, ups):
