@@ -306,3 +306,43 @@ async def test_a_breaker_opened_on_one_replica_is_skipped_by_the_others_and_clos
                 break
             await asyncio.sleep(0.01)
         assert b.core.gateway.breakers.state("r")["state"] == "closed"
+
+
+async def test_a_stationary_bandit_learns_from_every_replicas_traffic(redis_server, replicas):
+    cfg = {
+        "state": {"backend": "redis", "url": redis_server.url},
+        "model_providers": {"mock": {"type": "mock", "mock": {"latency_ms": 0}}},
+        "gateway": {
+            "combinations": [
+                {"id": "a", "template_id": "support", "model": "m1", "provider": "mock"},
+                {"id": "b", "template_id": "support", "model": "m2", "provider": "mock"},
+            ]
+        },
+        "routing": {
+            "default": [
+                {"type": "bandit", "name": "learner", "arms": ["a", "b"], "policy": "ucb1", "drift": "none"}
+            ]
+        },
+    }
+    one, two = [await replicas(cfg, f"r{i}") for i in range(2)]
+    for i in range(6):  # traffic on replica one only
+        r = await one.post("/v1/chat/completions", json=chat(f"q{i}", variables=SUPPORT_VARS))
+        assert r.status_code == 200
+    learner = two.core.gateway.default_chain.steps[0]
+    assert (await two.get("/status")).json()["state"]["shared_bandits"] == ["learner"]
+    for _ in range(400):  # each replica syncs every second
+        if sum(s.n for s in learner.policy.stats.values()) >= 6:
+            break
+        await asyncio.sleep(0.01)
+    pulls = {arm: s.n for arm, s in learner.policy.stats.items()}
+    mine = {arm: s.n for arm, s in one.core.gateway.default_chain.steps[0].policy.stats.items()}
+    assert sum(pulls.values()) == 6 and pulls == mine  # replica two saw what replica one learned
+    # and what two learns adds to it, not replaces it
+    r = await two.post("/v1/chat/completions", json=chat("from two", variables=SUPPORT_VARS))
+    assert r.status_code == 200
+    first = one.core.gateway.default_chain.steps[0]
+    for _ in range(400):
+        if sum(s.n for s in first.policy.stats.values()) >= 7:
+            break
+        await asyncio.sleep(0.01)
+    assert sum(s.n for s in first.policy.stats.values()) == 7

@@ -196,6 +196,7 @@ class StateView(OpenView):
     last_error: str | None = None
     outages: int = 0
     leading: list[str] = []  # roles this replica holds: "optimizer" runs the periodic optimizer
+    shared_bandits: list[str] = []  # bandit steps whose statistics are summed across replicas
 
 
 class Status(View):

@@ -108,6 +108,7 @@ class SharedState:
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._sending = False
         self.breakers: Any = None  # the gateway's circuit breakers, when shared (attach_breakers)
+        self.bandits: list[BanditSync] = []  # bandit steps whose statistics are summed here
         self.me = uuid.uuid4().hex  # this replica, as leader locks name it
         self.leading: set[str] = set()  # roles this replica holds (renewed every second)
 
@@ -129,6 +130,16 @@ class SharedState:
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
     # -- circuit breakers: openings and closings published, the others' applied each second --
+
+    def attach_bandit(self, step: Any) -> bool:
+        """Sum this bandit step's statistics across replicas, if they add up (a stationary
+        policy); False for those that stay per replica."""
+        from rswitch.routing.bandit import Policy
+
+        if not isinstance(getattr(step, "policy", None), Policy):
+            return False
+        self.bandits.append(BanditSync(step, self))
+        return True
 
     def attach_breakers(self, breakers: Any) -> None:
         self.breakers = breakers
@@ -300,6 +311,13 @@ class SharedState:
             for limiter in self.limiters:
                 await limiter.flush()
             await self._sync_breakers()
+            for bandit in self.bandits:
+                try:
+                    async with asyncio.timeout(1.0):
+                        await bandit.sync(self.client)
+                except Exception as exc:
+                    self.down(exc)
+                    break
             for role in list(self.leading):
                 await self.lead(role)  # renew
 
@@ -311,6 +329,7 @@ class SharedState:
             "last_error": self.last_error,
             "outages": self.outages,
             "leading": sorted(self.leading),
+            "shared_bandits": [b.step.name for b in self.bandits],
         }
 
 
@@ -357,3 +376,43 @@ class SharedLimiter(ProviderLimiter):
             sent = self.pending
             if await self.state.take(self.keys, [*self._caps, 0, sent, "0"]) is not None:
                 self.pending -= sent
+
+
+class BanditSync:
+    """A stationary bandit step's arm statistics (pulls, total reward) summed over replicas:
+    each second a replica adds what it learned since the last sync to Redis and takes the sums
+    back, so every replica chooses from what all of them saw. Drift-tracking policies (a
+    sliding window, discounting) and LinUCB stay per replica: their statistics do not add up."""
+
+    def __init__(self, step: Any, state: SharedState) -> None:
+        self.step = step
+        self.key = f"{state.prefix}:bandit:{step.name}"
+        self.base: dict[str, tuple[float, float]] = {}  # each arm's sums as of the last sync
+
+    async def sync(self, client: Any) -> None:
+        from rswitch.routing.bandit import ArmStats
+
+        stats = self.step.policy.stats
+        sent = {arm: (s.n, s.total) for arm, s in stats.items()}
+        async with client.pipeline(transaction=False) as pipe:
+            for arm, (n, total) in sent.items():
+                base_n, base_total = self.base.get(arm, (0.0, 0.0))
+                if n != base_n or total != base_total:
+                    pipe.hincrbyfloat(self.key, f"{arm}:n", n - base_n)
+                    pipe.hincrbyfloat(self.key, f"{arm}:t", total - base_total)
+            pipe.hgetall(self.key)
+            replies = await pipe.execute()
+        sums: dict[str, list[float]] = {}
+        for field, value in replies[-1].items():
+            arm, _, part = field.decode().rpartition(":")
+            sums.setdefault(arm, [0.0, 0.0])[0 if part == "n" else 1] = float(value)
+        for arm, (n, total) in sums.items():
+            if arm not in self.step.arms:
+                continue
+            now = stats.get(arm)
+            at_send = sent.get(arm, (0.0, 0.0))
+            # what this replica learned while the sums were on their way stays on top of them
+            extra_n = (now.n if now else 0.0) - at_send[0]
+            extra_total = (now.total if now else 0.0) - at_send[1]
+            stats[arm] = ArmStats(n + extra_n, min(max(total + extra_total, 0.0), n + extra_n))
+            self.base[arm] = (n, total)
