@@ -301,9 +301,20 @@ class Gateway:
             if flight.stage != STREAMING:  # a stream's session ends its own flight when it ends
                 self.inflight.end(request_id)
 
-    def _give_up(self, p: Prepared, a: Attempt, e: UpstreamError) -> bool:
-        """Whether `e` ends the request at once: a client error no other model can fix."""
-        return not e.retryable and not needs_other_model(e)
+    def _attempt_failed(self, p: Prepared, plan: Plan, a: Attempt, e: UpstreamError, stream: bool) -> None:
+        """Record a failed attempt and tell the plan; a client error no other model can fix
+        ends the request at once (raised, naming every attempt)."""
+        self.failed(p, a.combo, a.system, e, a.number, a.started, stream, a.est)
+        plan.failed(a, e)
+        if not e.retryable and not needs_other_model(e):
+            err = to_client_error(e)
+            err.attempts = list(p.chain)
+            raise err from None
+
+    def _abandoned(self, a: Attempt) -> None:
+        """The client left during `a`: no verdict for its breaker, nothing used of its estimate."""
+        self.breakers.release(a.combo.id)
+        self.settle(a.combo, a.est, 0, 0)
 
     # -- non-streaming ------------------------------------------------------------------------
 
@@ -317,16 +328,10 @@ class Gateway:
             try:
                 resp = await attempts.complete(a, plan)
             except UpstreamError as e:
-                self.failed(p, a.combo, a.system, e, a.number, a.started, False, a.est)
-                plan.failed(a, e)
-                if self._give_up(p, a, e):
-                    err = to_client_error(e)
-                    err.attempts = list(p.chain)
-                    raise err from None
+                self._attempt_failed(p, plan, a, e, stream=False)
                 continue
-            except asyncio.CancelledError:  # the client left: no verdict, nothing used
-                self.breakers.release(a.combo.id)
-                self.settle(a.combo, a.est, 0, 0)
+            except asyncio.CancelledError:
+                self._abandoned(a)
                 raise
             output = completion_text(resp)
             pt, ct, estimated, cost = self.record(
@@ -399,21 +404,14 @@ class Gateway:
                         stream=True,
                         observe=False,
                     )
-                    self.breakers.release(a.combo.id)
-                    self.settle(a.combo, a.est, 0, 0)
+                    self._abandoned(a)  # not held against it, nothing used
                     a = replay = await plan.replay_instead(a, continuing)
                     if a is None:
                         a = await plan.next(continuing)
                     continue
-                self.failed(p, a.combo, a.system, e, a.number, a.started, True, a.est)
-                plan.failed(a, e)
-                if self._give_up(p, a, e):
-                    err = to_client_error(e)
-                    err.attempts = list(p.chain)
-                    raise err from None
-            except asyncio.CancelledError:  # the client left: no verdict, nothing used
-                self.breakers.release(a.combo.id)
-                self.settle(a.combo, a.est, 0, 0)
+                self._attempt_failed(p, plan, a, e, stream=True)
+            except asyncio.CancelledError:
+                self._abandoned(a)
                 raise
             a = await plan.next(continuing)
         return None

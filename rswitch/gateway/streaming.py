@@ -47,9 +47,6 @@ def sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
 
-has_content = attempts.has_content
-
-
 class Replay:
     """Drops, from a replayed answer, the text the client already has; notes where the new
     answer stops agreeing with it."""
@@ -75,9 +72,12 @@ class Replay:
         return rest
 
     @property
-    def short(self) -> bool:
-        """The replayed answer ended before it reached what was already sent."""
-        return self.pos < len(self.sent)
+    def diverged(self) -> int | None:
+        """Where the replayed answer stopped matching what was sent: the first differing
+        character, or where it ended short of it; None when it matched all of it."""
+        if self.diverged_at is not None:
+            return self.diverged_at
+        return self.pos if self.pos < len(self.sent) else None
 
 
 class _Ended(Exception):
@@ -112,7 +112,6 @@ class StreamSession:
         self._own: list[str] = []  # the text this attempt produced (a replay: from its start)
         self._tools = False  # tool-call deltas went out: such a stream is not continued
         self._replay: Replay | None = None
-        self._diverged: int | None = None
         self._billed = [0, 0]  # prompt, completion tokens of the attempts before this one
         self._continued = False  # another attempt took over after a break
         self._recorded = False  # this attempt is recorded (it broke; its successor is not open yet)
@@ -230,14 +229,8 @@ class StreamSession:
         """The error event that ends a broken stream (never a clean close), recorded first."""
         g, p = self.gateway, self.p
         self._settle_client()
-        if isinstance(exc, _Ended):
+        if isinstance(exc, _Ended):  # every upstream break goes through _go_on, which recorded it
             err = g.to_client_error(exc.error)
-        elif isinstance(exc, UpstreamError):  # broke where it could not be continued
-            a = self.attempt
-            g.failed(
-                p, a.combo, a.system, exc, a.number, a.started, True, a.est, "".join(self._own), self._ttft
-            )
-            err = g.to_client_error(exc)
         else:  # rswitch's own bug: logged, answered as ours, not held against the upstream
             log.error(
                 "internal error while streaming request %s from %s",
@@ -287,9 +280,7 @@ class StreamSession:
         """Record the complete answer, then the events that end it: the held-back finish chunk
         carrying the usage of every attempt (or OpenAI's usage-only chunk), and [DONE]."""
         g, p, a = self.gateway, self.p, self.attempt
-        diverged = None  # where a replayed answer stopped matching what was sent
-        if self._replay is not None and (self._replay.diverged_at is not None or self._replay.short):
-            diverged = self._replay.diverged_at if self._replay.diverged_at is not None else self._replay.pos
+        diverged = None if self._replay is None else self._replay.diverged
         note = None if diverged is None else {"diverged_at": diverged}  # the row says so too
         pt, ct, estimated, _ = self._record(ok=True, usage=usage, before=sum(self._billed), note=note)
         g.settle(a.combo, a.est, pt, ct)
@@ -390,6 +381,3 @@ class StreamSession:
     def __del__(self) -> None:
         # a stream never iterated (its client left before the response began) ends here
         self.gateway.inflight.end(self.p.request_id)
-
-
-aclose = attempts.aclose
