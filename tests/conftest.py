@@ -128,6 +128,30 @@ async def gateway(make_gateway: Callable[..., Any]) -> Gateway:
     return await make_gateway()
 
 
+@pytest.fixture
+async def sdk(make_gateway: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
+    """`await sdk(config)`: (an in-process gateway, the official `openai` SDK's async client on it)."""
+    import openai
+
+    clients: list[Any] = []
+
+    async def make(cfg: dict[str, Any]) -> tuple[Gateway, Any]:
+        gw = await make_gateway(cfg)
+        http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(gw.core, manage_lifecycle=False)),
+            base_url="http://localhost",
+        )
+        client = openai.AsyncOpenAI(
+            base_url="http://localhost/v1", api_key="unused", http_client=http, max_retries=0
+        )
+        clients.append(client)
+        return gw, client
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
 def read_duckdb(path: Path) -> list[tuple[Any, ...]]:
     conn = duckdb.connect(str(path), read_only=True)
     try:

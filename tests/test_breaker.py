@@ -5,16 +5,14 @@ closes or reopens it. Unit tests with a hand-driven clock, then through the gate
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from rswitch.gateway.breaker import Breakers
-from rswitch.server import create_app
 from rswitch.tui.model import combination_row
 from tests.conftest import SUPPORT_VARS
 from tests.fakes import openai_fake
@@ -219,27 +217,6 @@ def config(ups: dict[str, FakeUpstream], fallback: bool = True) -> dict[str, Any
             "circuit_breaker": {"failures": 2, "cooldown_seconds": 30},
         },
     }
-
-
-@pytest.fixture
-async def sdk(make_gateway) -> AsyncIterator[Any]:
-    clients: list[openai.AsyncOpenAI] = []
-
-    async def make(cfg: dict[str, Any]) -> tuple[Any, openai.AsyncOpenAI]:
-        gw = await make_gateway(cfg)
-        http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(gw.core, manage_lifecycle=False)),
-            base_url="http://localhost",
-        )
-        client = openai.AsyncOpenAI(
-            base_url="http://localhost/v1", api_key="unused", http_client=http, max_retries=0
-        )
-        clients.append(client)
-        return gw, client
-
-    yield make
-    for c in clients:
-        await c.close()
 
 
 async def ask(client: openai.AsyncOpenAI, stream: bool = False) -> tuple[str, str]:

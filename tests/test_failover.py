@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from rswitch.server import create_app
 from tests.conftest import SUPPORT_VARS
 from tests.fakes import openai_fake
 from tests.fakes.server import FakeUpstream, Fault
@@ -57,27 +55,6 @@ def config(ups: dict[str, FakeUpstream], providers: Any = None, **gateway: Any) 
             **gateway,
         },
     }
-
-
-@pytest.fixture
-async def sdk(make_gateway) -> AsyncIterator[Any]:
-    clients: list[Any] = []
-
-    async def make(cfg: dict[str, Any]) -> tuple[Any, openai.AsyncOpenAI]:
-        gw = await make_gateway(cfg)
-        http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(gw.core, manage_lifecycle=False)),
-            base_url="http://localhost",
-        )
-        client = openai.AsyncOpenAI(
-            base_url="http://localhost/v1", api_key="unused", http_client=http, max_retries=0
-        )
-        clients.append(client)
-        return gw, client
-
-    yield make
-    for c in clients:
-        await c.close()
 
 
 EXTRA = {"variables": SUPPORT_VARS, "metadata": {"combination_id": "main"}}

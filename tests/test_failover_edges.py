@@ -20,7 +20,7 @@ from tests import test_failover
 from tests.fakes.server import Fault, abort, serve_app
 from tests.test_failover import ANSWER, EXTRA, QUESTION, chat_requests, config, finishes, stream_text
 
-ups, sdk = test_failover.ups, test_failover.sdk  # the same upstreams and SDK client
+ups = test_failover.ups  # the same upstreams (the SDK client: conftest's sdk)
 
 
 def body(**extra: Any) -> dict[str, Any]:
