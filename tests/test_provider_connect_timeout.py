@@ -1,5 +1,6 @@
 """A host that never takes the connection fails an attempt after the provider's connect timeout,
-not after its whole deadline, so a fallback still gets its turn (Anthropic and Ollama)."""
+not after its whole deadline, so a fallback still gets its turn (OpenAI-compatible, Anthropic
+and Ollama)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rswitch.config import ProviderConfig
 from rswitch.providers.anthropic import AnthropicProvider
 from rswitch.providers.base import AttemptTimeouts, ChatCall, Provider, UpstreamError
 from rswitch.providers.ollama import OllamaProvider
+from rswitch.providers.openai import OpenAIProvider
 
 DEADLINE = 30.0  # what a read may take; the connection must fail long before
 CONNECT = 0.2
@@ -50,14 +52,26 @@ async def attempt(p: Provider, streamed: bool) -> UpstreamError:
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-@pytest.mark.parametrize("kind", ["anthropic", "ollama"])
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
 async def test_connect_timeout_fails_the_attempt_as_unreachable(
     unanswered_url: str, kind: str, streamed: bool
 ) -> None:
     settings = ProviderConfig(type=kind, base_url=unanswered_url, timeout_seconds=DEADLINE)
-    cls = AnthropicProvider if kind == "anthropic" else OllamaProvider
+    cls = {"openai": OpenAIProvider, "anthropic": AnthropicProvider, "ollama": OllamaProvider}[kind]
     p = cls(kind, settings, "sk-test")
     p.timeouts = AttemptTimeouts(connect=CONNECT, first_byte=DEADLINE, idle=DEADLINE)
     err = await attempt(p, streamed)
     assert (err.status, err.code, err.retryable) == (502, "upstream_unreachable", True)
-    assert "ConnectTimeout" in err.message
+    assert "ConnectTimeout" in err.message or "ConnectionTimeout" in err.message
+
+
+async def test_openai_connect_limit_is_the_sockets_not_the_wait_for_a_pooled_connection() -> None:
+    """aiohttp's `connect` also counts waiting for a free pooled connection: a busy pool is not
+    an unreachable upstream, so only the socket's connect gets the short limit."""
+    settings = ProviderConfig(type="openai", base_url="http://127.0.0.1:9/v1", timeout_seconds=DEADLINE)
+    p = OpenAIProvider("openai", settings, None)
+    p.timeouts = AttemptTimeouts(connect=CONNECT, first_byte=DEADLINE, idle=DEADLINE)
+    call = ChatCall(model="m", messages=[{"role": "user", "content": "hi"}], timeout=DEADLINE)
+    for streamed in (False, True):
+        limit = p._timeout(call, streamed)
+        assert (limit.connect, limit.sock_connect, limit.sock_read) == (DEADLINE, CONNECT, DEADLINE)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -14,10 +13,12 @@ import pytest
 from aiohttp import web
 
 from rswitch.config import ProviderConfig
-from rswitch.providers.base import AttemptTimeouts, ChatCall, UpstreamError, needs_other_model
+from rswitch.providers.base import ChatCall, UpstreamError, needs_other_model
 from rswitch.providers.openai import OpenAIProvider
 from tests.fakes import openai_fake
 from tests.fakes.server import FakeUpstream, Fault, serve_app
+from tests.test_provider_openai import collect, stream_until_error, user
+from tests.test_provider_openai import streamed_text as text_of
 
 MODEL = "gpt-4o-mini"
 QUESTION = "one two three four five six"
@@ -50,32 +51,8 @@ def chat(*messages: dict[str, Any], prefill: bool = False, **params: Any) -> Cha
     )
 
 
-def user(text: str) -> dict[str, Any]:
-    return {"role": "user", "content": text}
-
-
 def assistant(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": text}
-
-
-async def collect(p: OpenAIProvider, call: ChatCall) -> list[dict[str, Any]]:
-    return [chunk async for chunk in p.stream(call)]
-
-
-async def stream_until_error(p: OpenAIProvider, call: ChatCall) -> tuple[list[dict[str, Any]], UpstreamError]:
-    chunks: list[dict[str, Any]] = []
-    with pytest.raises(UpstreamError) as info:
-        async for chunk in p.stream(call):
-            chunks.append(chunk)
-    return chunks, info.value
-
-
-def text_of(chunks: list[dict[str, Any]], index: int = 0) -> str:
-    return "".join(
-        c["choices"][0]["delta"].get("content") or ""
-        for c in chunks
-        if c["choices"] and c["choices"][0]["index"] == index
-    )
 
 
 def finishes(chunks: list[dict[str, Any]]) -> list[str]:
@@ -373,44 +350,3 @@ async def test_other_errors_are_not_context_errors(status: int, message: str) ->
 
     err = await with_handler(refuse, run)
     assert err.status == status and not needs_other_model(err) and message in err.message
-
-
-# --- the connect timeout ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def unanswered_url() -> Iterator[str]:
-    """A loopback port whose accept queue is full: a new connection is never completed."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    filler = socket.create_connection(("127.0.0.1", port))  # takes the queue's only place
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        filler.close()
-        server.close()
-
-
-@pytest.mark.parametrize("streamed", [False, True])
-async def test_a_host_that_never_takes_the_connection_fails_after_the_connect_timeout(
-    unanswered_url: str, streamed: bool
-) -> None:
-    deadline = 30.0
-    p = make_provider(unanswered_url, timeout_seconds=deadline)
-    p.timeouts = AttemptTimeouts(connect=0.2, first_byte=deadline, idle=deadline)
-    call = ChatCall(model=MODEL, messages=[user("hi")], timeout=deadline)
-    limit = p._timeout(call, streamed)
-    # the socket's connect only: waiting for a free pooled connection is not an unreachable host
-    assert (limit.connect, limit.sock_connect, limit.sock_read) == (deadline, 0.2, deadline)
-    await p.start()
-    try:
-        with pytest.raises(UpstreamError) as info:
-            async with asyncio.timeout(deadline / 3):  # far less than the deadline, far more than 0.2s
-                await (collect(p, call) if streamed else p.complete(call))
-    finally:
-        await p.close()
-    err = info.value
-    assert (err.status, err.code, err.retryable) == (502, "upstream_unreachable", True)
-    assert "ConnectionTimeout" in err.message
