@@ -222,10 +222,8 @@ def _die_with_parent() -> None:
 
 
 def worker_main() -> None:
-    import uvicorn
-
     from rswitch.cli.common import load
-    from rswitch.cli.serve import setup_logging
+    from rswitch.cli.serve import gateway_server, setup_logging
     from rswitch.server import create_app
 
     spec = orjson.loads(os.environ[ENV])
@@ -237,24 +235,8 @@ def worker_main() -> None:
     core = WorkerCore(cfg, spec["relay"], index, count)
     sock = socket.socket(fileno=spec["fd"])
 
-    class WorkerServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()  # drained in the lifespan: exit 0, not re-raise
-            app.state.admin.close()
-
     app = create_app(core, bind_host=spec["host"])
-    server = WorkerServer(
-        uvicorn.Config(
-            WorkerHeader(app, index, count),
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            loop="uvloop",
-            http="httptools",
-            timeout_graceful_shutdown=10,
-        )
-    )
+    server = gateway_server(WorkerHeader(app, index, count), admin=app.state.admin)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))

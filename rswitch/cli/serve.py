@@ -189,6 +189,35 @@ def setup_logging(level: str, fmt: str = "text", access: bool = True, **destinat
         logging.getLogger("rswitch.access").setLevel(logging.WARNING)
 
 
+def gateway_server(app: Any, **config: Any) -> Any:
+    """The uvicorn server `serve` and each of its workers run `app` (a create_app, or one
+    wrapping it: `admin` is then the create_app's) on."""
+    import uvicorn
+
+    admin = config.pop("admin", None) or app.state.admin
+
+    class GatewayServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn re-raises a caught SIGTERM/SIGINT after shutdown, which kills the process
+            # before it can report; the lifespan has drained the recorder by then, so exit 0.
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+            admin.close()  # admin event streams end now, so their connections close
+
+    return GatewayServer(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=10,
+            **config,
+        )
+    )
+
+
 def serve(
     config: ConfigOpt = None,
     host: Annotated[
@@ -216,8 +245,6 @@ def serve(
 ) -> None:
     """Run the gateway headless."""
     import asyncio
-
-    import uvicorn
 
     from rswitch.core import Core
     from rswitch.server import create_app
@@ -249,27 +276,7 @@ def serve(
     if workers > 1:
         return serve_workers(core, sock, workers, config, host, log_level, log_format, access_log)
 
-    class GatewayServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            # uvicorn re-raises a caught SIGTERM/SIGINT after shutdown, which kills the process
-            # before it can report; the lifespan has drained the recorder by then, so exit 0.
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
-            self.config.app.state.admin.close()  # admin event streams end now, so their connections close
-
-    server = GatewayServer(
-        uvicorn.Config(
-            create_app(core, bind_host=host),
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            loop="uvloop",
-            http="httptools",
-            timeout_graceful_shutdown=10,
-        )
-    )
+    server = gateway_server(create_app(core, bind_host=host), host=host, port=port)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))

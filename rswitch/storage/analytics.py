@@ -127,6 +127,22 @@ def _row(r: CallRecord) -> tuple[Any, ...]:
     )
 
 
+def trial_values(run_id: str, t: dict[str, Any]) -> list[Any]:
+    """An optimizer trial's columns, in optimizer_trials' order (up to its created_at)."""
+    return [
+        run_id,
+        t.get("template_id"),
+        t["trial"],
+        t["instruction"],
+        t["demo_set"],
+        t["minibatch_score"],
+        t.get("full_score"),
+        t.get("best_score"),
+        t.get("calls"),
+        t.get("cost"),
+    ]
+
+
 class AnalyticsStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -228,18 +244,7 @@ class AnalyticsStore:
     def record_trial(self, run_id: str, t: dict[str, Any]) -> None:
         self._cursor().execute(
             "INSERT INTO optimizer_trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [
-                run_id,
-                t.get("template_id"),
-                t["trial"],
-                t["instruction"],
-                t["demo_set"],
-                t["minibatch_score"],
-                t.get("full_score"),
-                t.get("best_score"),
-                t.get("calls"),
-                t.get("cost"),
-            ],
+            trial_values(run_id, t),
         )
 
     def record_run(self, row: dict[str, Any]) -> None:

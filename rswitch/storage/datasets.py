@@ -232,6 +232,23 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def imported(template_id: str, r: dict[str, Any], created_at: float) -> CallRecord:
+    """The example an imported row (`import_rows`) stands for, before its label."""
+    return CallRecord(
+        request_id=f"import-{uuid.uuid4().hex}",
+        created_at=created_at,
+        template_id=template_id,
+        combination_id="",
+        provider="",
+        model="",
+        system_prompt=r.get("system_prompt", ""),
+        messages=r["messages"],
+        variables=r.get("variables") or {},
+        output=r.get("output") or "",
+        success=True,
+    )
+
+
 class DatasetStore:
     """Writes go through one connection per prompt, owned by the writer thread; readers open their own.
 
@@ -478,19 +495,7 @@ class DatasetStore:
         now = datetime.now(UTC).timestamp()
         prepared = []  # serialised before the transaction starts
         for i, r in enumerate(rows):
-            rec = CallRecord(
-                request_id=f"import-{uuid.uuid4().hex}",
-                created_at=now + i * 1e-6,
-                template_id=template_id,
-                combination_id="",
-                provider="",
-                model="",
-                system_prompt=r.get("system_prompt", ""),
-                messages=r["messages"],
-                variables=r.get("variables") or {},
-                output=r.get("output") or "",
-                success=True,
-            )
+            rec = imported(template_id, r, now + i * 1e-6)
             prepared.append((_row(rec, 1), (r.get("expected"), r.get("score"), iso(now))))
         with self._lock:
             with self._transaction(template_id) as conn:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import uuid
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from rswitch.storage import analytics as duck
-from rswitch.storage.datasets import NAMES, NULLABLE, checked, iso
+from rswitch.storage.datasets import NAMES, NULLABLE, checked, imported, iso
 from rswitch.storage.record import CallRecord, Label, Refused, WriteReport, reason
 
 log = logging.getLogger("rswitch.postgres")
@@ -498,19 +497,7 @@ class PostgresDatasetStore:
         now = datetime.now(UTC).timestamp()
         prepared = []
         for i, r in enumerate(rows):
-            rec = CallRecord(
-                request_id=f"import-{uuid.uuid4().hex}",
-                created_at=now + i * 1e-6,
-                template_id=template_id,
-                combination_id="",
-                provider="",
-                model="",
-                system_prompt=r.get("system_prompt", ""),
-                messages=r["messages"],
-                variables=r.get("variables") or {},
-                output=r.get("output") or "",
-                success=True,
-            )
+            rec = imported(template_id, r, now + i * 1e-6)
             row = _example_row(rec, True)
             expected, score = r.get("expected"), r.get("score")
             _no_nul(("expected",), (expected,))
@@ -642,16 +629,7 @@ class PostgresAnalyticsStore:
     def record_trial(self, run_id: str, t: dict[str, Any]) -> None:
         self.db.execute(
             "INSERT INTO optimizer_trials VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())",
-            run_id,
-            t.get("template_id"),
-            t["trial"],
-            t["instruction"],
-            t["demo_set"],
-            t["minibatch_score"],
-            t.get("full_score"),
-            t.get("best_score"),
-            t.get("calls"),
-            t.get("cost"),
+            *duck.trial_values(run_id, t),
         )
 
     def record_run(self, row: dict[str, Any]) -> None:

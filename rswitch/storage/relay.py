@@ -30,11 +30,11 @@ from typing import Any
 import orjson
 
 from rswitch.storage.record import CallRecord, Label
+from rswitch.storage.writer import Queued, StorageFailing
 
 log = logging.getLogger("rswitch.relay")
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
-RECENT_REQUESTS = 100_000
 _STOP = object()
 
 
@@ -96,7 +96,7 @@ def call(path: str, method: str, *args: Any, timeout: float = 10.0) -> Any:
     return reply.get("result")
 
 
-class RelayClient:
+class RelayClient(Queued):
     """A worker's recorder: what `Recorder` offers the core, with the owner doing the writing."""
 
     def __init__(
@@ -125,29 +125,9 @@ class RelayClient:
         self._flushed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="rswitch-relay", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
     def announce(self, hello: dict[str, Any]) -> None:
         """Tell the owner this worker answers now (its supervisor waits for it)."""
         call(self.path, "hello", hello)
-
-    def submit(self, record: CallRecord | Label) -> bool:
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-            return False
-        self.submitted += 1
-        if isinstance(record, CallRecord) and record.success and record.template_id:
-            self.recent_requests[record.request_id] = record.template_id
-            if len(self.recent_requests) > RECENT_REQUESTS:
-                self.recent_requests.popitem(last=False)
-        return True
-
-    @property
-    def depth(self) -> int:
-        return self._queue.qsize()
 
     def stats(self) -> dict[str, Any]:
         """This worker's side, with the owner's writer counters under `owner` (or why they are missing)."""
@@ -171,8 +151,6 @@ class RelayClient:
         }
 
     def check_writes(self, problems: list[str] | None = None) -> None:
-        from rswitch.storage.writer import StorageFailing
-
         found = list(problems or [])
         if self.last_error:
             found.append(f"relay to the owner process failing: {self.last_error}")

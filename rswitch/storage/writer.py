@@ -30,7 +30,38 @@ class StorageFailing(RuntimeError):
     """The latest writes to a store or dataset failed; the message names each and its error."""
 
 
-class Recorder:
+class Queued:
+    """What the request path calls on a recorder (this process's, or a worker's relay to the
+    owner): `submit` never blocks; a full queue drops and counts."""
+
+    _queue: queue.Queue[Any]
+    _thread: threading.Thread
+    recent_requests: OrderedDict[str, str]
+    submitted: int
+    dropped: int
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, record: CallRecord | Label) -> bool:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            return False
+        self.submitted += 1
+        if isinstance(record, CallRecord) and record.success and record.template_id:
+            self.recent_requests[record.request_id] = record.template_id
+            if len(self.recent_requests) > RECENT_REQUESTS:
+                self.recent_requests.popitem(last=False)
+        return True
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+
+class Recorder(Queued):
     def __init__(
         self,
         datasets: DatasetStore,
@@ -59,26 +90,6 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="rswitch-recorder", daemon=True)
         self._closed = False
         self._flushed = threading.Condition()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, record: CallRecord | Label) -> bool:
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-            return False
-        self.submitted += 1
-        if isinstance(record, CallRecord) and record.success and record.template_id:
-            self.recent_requests[record.request_id] = record.template_id
-            if len(self.recent_requests) > RECENT_REQUESTS:
-                self.recent_requests.popitem(last=False)
-        return True
-
-    @property
-    def depth(self) -> int:
-        return self._queue.qsize()
 
     def stats(self) -> dict[str, Any]:
         return {
