@@ -409,7 +409,27 @@ def test_a_workers_relay_never_blocks_a_request_a_full_queue_drops_and_counts(tm
     assert [client.submit(x) for x in labels] == [True, True, False]
     stats = client.stats()
     assert (stats["dropped"], stats["queue_depth"], stats["queue_capacity"]) == (1, 2, 2)
-    assert "did not answer recorder.stats" in stats["owner"]["error"]
+    assert stats["owner"] == {"error": "not announced yet"}  # and its stats never waited on one
+
+
+def test_a_workers_status_reads_the_owners_counters_as_last_polled_never_asking_per_request(
+    tmp_path, monkeypatch
+):
+    from rswitch.storage import relay
+
+    asked: list[str] = []
+    real_call = relay.call
+
+    def counted(path: str, method: str, *args, **kw):
+        asked.append(method)
+        return real_call(path, method, *args, **kw)
+
+    monkeypatch.setattr(relay, "call", counted)
+    polled = relay.Polled(str(tmp_path / "nobody.sock"), "recorder.stats", every=60)
+    assert "did not answer recorder.stats" in polled.get()["error"]  # asked once, at start-up
+    for _ in range(100):  # what /status and /metrics do per request
+        polled.get()
+    assert asked == ["recorder.stats"]  # the owner is never asked on a request's behalf
 
 
 def test_a_relay_hands_each_record_over_once_and_counts_what_an_absent_owner_never_took(tmp_path):

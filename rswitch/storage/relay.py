@@ -81,6 +81,30 @@ def decode(item: list[Any]) -> CallRecord | Label:
     return Label(**fields) if kind == "l" else CallRecord(**fields)
 
 
+class Polled:
+    """The owner's answer to `method`, asked every `every` seconds on a daemon thread; `get()`
+    returns the latest at once, so a worker's event loop never waits on the owner for it."""
+
+    def __init__(self, path: str, method: str, every: float = 0.5) -> None:
+        self.path, self.method, self.every = path, method, every
+        self.value: dict[str, Any] = self._ask()
+        threading.Thread(target=self._run, name=f"rswitch-poll-{method}", daemon=True).start()
+
+    def _ask(self) -> dict[str, Any]:
+        try:
+            return call(self.path, self.method, timeout=2.0)
+        except RelayError as exc:
+            return {"error": str(exc)}
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.every)
+            self.value = self._ask()
+
+    def get(self) -> dict[str, Any]:
+        return self.value
+
+
 def call(path: str, method: str, *args: Any, timeout: float = 10.0) -> Any:
     """One call answered by the owner (a read of its stores, the optimizer's status)."""
     try:
@@ -124,17 +148,19 @@ class RelayClient(Queued):
         self._stopping = threading.Event()
         self._flushed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="rswitch-relay", daemon=True)
+        self._owner_stats: Polled | None = None
 
     def announce(self, hello: dict[str, Any]) -> None:
-        """Tell the owner this worker answers now (its supervisor waits for it)."""
+        """Tell the owner this worker answers now (its supervisor waits for it), and start
+        polling its writer's counters."""
         call(self.path, "hello", hello)
+        if self._owner_stats is None:
+            self._owner_stats = Polled(self.path, "recorder.stats")
 
     def stats(self) -> dict[str, Any]:
-        """This worker's side, with the owner's writer counters under `owner` (or why they are missing)."""
-        try:
-            owner = call(self.path, "recorder.stats", timeout=2.0)
-        except RelayError as exc:
-            owner = {"error": str(exc)}
+        """This worker's side, with the owner's writer counters under `owner` (or why they are
+        missing), as last polled: /status and /metrics never wait on the owner."""
+        owner = self._owner_stats.get() if self._owner_stats is not None else {"error": "not announced yet"}
         return {
             "queue_depth": self.depth,
             "queue_capacity": self._queue.maxsize,
