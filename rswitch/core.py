@@ -226,9 +226,10 @@ class Core:
         )
         if self.shared_state is not None:  # an opening on one replica is skipped by all
             self.shared_state.attach_breakers(self.gateway.breakers)
+            self.shared_state.attach_balancer(self.balancer)  # demotions on every replica's window
             for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:
                 for step in chain.steps if chain else ():
-                    self.shared_state.attach_bandit(step)  # a stationary bandit learns from all
+                    self.shared_state.attach_bandit(step)  # every bandit learns from all
         self._started = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.optimizer: Any = None  # BackgroundOptimizer when gateway.optimization.enabled

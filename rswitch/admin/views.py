@@ -196,6 +196,7 @@ class StateView(OpenView):
     last_error: str | None = None
     outages: int = 0
     leading: list[str] = []  # roles this replica holds: "optimizer" runs the periodic optimizer
+    shared: list[str] = []  # what is shared on Redis: rate_limits, circuit_breakers, demotions, bandits…
     shared_bandits: list[str] = []  # bandit steps whose statistics are summed across replicas
 
 

@@ -8,7 +8,8 @@
 
 Effective weights fold in `fallback_threshold`: a combination whose windowed success rate
 is below it (after `min_requests`) keeps a tenth of its weight and hands the rest to its
-fallbacks; it gets it back as soon as the window shows it healthy again.
+fallbacks; it gets it back as soon as the window shows it healthy again. With state on Redis
+the window is every replica's: the others' counts (`share`, each second) add to this one's.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Balancer:
         self._eff: dict[str, float] = {}
         self._eff_at = -1.0
         self._eff_version = -1
+        # the other replicas' window (attempts, successes) per combination, when state is shared
+        self.elsewhere: dict[str, tuple[int, int]] = {}
 
     # -- health and effective weights -------------------------------------------------------
 
@@ -67,7 +70,18 @@ class Balancer:
         if self.fallback_threshold <= 0:
             return False
         w = self.metrics.window_stats(combo.id)
-        return w.requests >= self.min_requests and (w.success_rate or 0.0) < self.fallback_threshold
+        requests, successes = w.requests, w.successes
+        more = self.elsewhere.get(combo.id)
+        if more is not None:
+            requests, successes = requests + more[0], successes + more[1]
+        rate = successes / requests if requests else 0.0
+        return requests >= self.min_requests and rate < self.fallback_threshold
+
+    def share(self, elsewhere: dict[str, tuple[int, int]]) -> None:
+        """The other replicas' windows as of now ({} while they cannot be read): demotions are
+        decided on the sum, and effective weights are recomputed on the next request."""
+        self.elsewhere = elsewhere
+        self._eff_at = -1.0
 
     def effective_weights(
         self, combos: dict[str, Combination], version: int = 0, fresh: bool = False

@@ -252,12 +252,14 @@ class SlidingWindow:
         self.window = window
         self.name = f"{policy.name}/window={window}"
         self.pulls: deque[tuple[str, float]] = deque(maxlen=window)
+        self.updates = 0  # pulls seen here: which of the window's pulls a replica has not shared yet
 
     def select(self, arms: list[str], rng: random.Random) -> str:
         return self.policy.select(arms, rng)
 
     def update(self, arm: str, reward: float) -> None:
         self.pulls.append((arm, reward))
+        self.updates += 1
         self._recount()
 
     def revise(self, arm: str, old: float, new: float, age: int) -> None:
@@ -304,6 +306,7 @@ class Discounted:
         self.policy = policy
         self.gamma = gamma
         self.name = f"{policy.name}/discount={gamma}"
+        self.updates = 0  # pulls seen here: how far a replica's sums decayed since it last shared them
 
     def select(self, arms: list[str], rng: random.Random) -> str:
         return self.policy.select(arms, rng)
@@ -313,6 +316,7 @@ class Discounted:
             s.n *= self.gamma
             s.total *= self.gamma
         self.policy.update(arm, reward)
+        self.updates += 1
 
     def revise(self, arm: str, old: float, new: float, age: int) -> None:
         self.policy.revise(arm, old, new, age, weight=self.gamma**age)  # it has decayed since

@@ -1,4 +1,5 @@
-"""Rate limits and upstream blocks shared across replicas through Redis.
+"""Rate limits and upstream blocks shared across replicas through Redis (and, each second, the
+circuit breakers, demotions and bandit statistics: see `learning`).
 
 One atomic Lua script per request takes from a provider's rpm and tpm buckets (refilled on
 Redis's clock, so replicas with skewed clocks agree), applies the token corrections earlier
@@ -20,6 +21,7 @@ import uuid
 from typing import Any
 
 from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
+from rswitch.state.learning import HealthSync, syncer_for
 
 log = logging.getLogger("rswitch.state")
 
@@ -108,7 +110,8 @@ class SharedState:
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._sending = False
         self.breakers: Any = None  # the gateway's circuit breakers, when shared (attach_breakers)
-        self.bandits: list[BanditSync] = []  # bandit steps whose statistics are summed here
+        self.bandits: list[Any] = []  # bandit steps' syncers (rswitch.state.learning)
+        self.health: HealthSync | None = None  # demotions, decided on every replica's window
         self.me = uuid.uuid4().hex  # this replica, as leader locks name it
         self.leading: set[str] = set()  # roles this replica holds (renewed every second)
 
@@ -132,14 +135,17 @@ class SharedState:
     # -- circuit breakers: openings and closings published, the others' applied each second --
 
     def attach_bandit(self, step: Any) -> bool:
-        """Sum this bandit step's statistics across replicas, if they add up (a stationary
-        policy); False for those that stay per replica."""
-        from rswitch.routing.bandit import Policy
-
-        if not isinstance(getattr(step, "policy", None), Policy):
+        """Share this bandit step's statistics across replicas (every policy, see `learning`);
+        False for a step that is not a bandit."""
+        syncer = syncer_for(step, self.prefix)
+        if syncer is None:
             return False
-        self.bandits.append(BanditSync(step, self))
+        self.bandits.append(syncer)
         return True
+
+    def attach_balancer(self, balancer: Any) -> None:
+        """Decide demotions on the sum of every replica's window."""
+        self.health = HealthSync(balancer, self.prefix, self.me)
 
     def attach_breakers(self, breakers: Any) -> None:
         self.breakers = breakers
@@ -199,6 +205,8 @@ class SharedState:
     async def close(self) -> None:
         for role in list(self.leading):  # the next replica need not wait out the lock
             await self.call(self._resign, [f"{self.prefix}:leader:{role}"], [self.me])
+        if self.health is not None and not self.degraded:  # its window stops counting now
+            await self._quietly(self.client.hdel(self.health.key, self.me))
         if self._watch is not None:
             self._watch.cancel()
             try:
@@ -210,12 +218,14 @@ class SharedState:
 
     def down(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+        if self.health is not None:
+            self.health.lost()
         if not self.degraded:
             self.degraded = True
             self.degraded_since = time.time()
             self.outages += 1
             log.warning(
-                "shared state: Redis is not answering (%s); rate limits are this process's own until it does",
+                "shared state: Redis is not answering (%s); limits, demotions and bandits are this process's own until it does",
                 self.last_error,
             )
 
@@ -223,7 +233,7 @@ class SharedState:
         if self.degraded:
             self.degraded = False
             self.degraded_since = None
-            log.warning("shared state: Redis answers again; rate limits are shared again")
+            log.warning("shared state: Redis answers again; limits, demotions and bandits are shared again")
 
     async def call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run a script within the timeout; None (and degraded) when Redis does not answer."""
@@ -311,15 +321,27 @@ class SharedState:
             for limiter in self.limiters:
                 await limiter.flush()
             await self._sync_breakers()
-            for bandit in self.bandits:
-                try:
-                    async with asyncio.timeout(1.0):
-                        await bandit.sync(self.client)
-                except Exception as exc:
-                    self.down(exc)
-                    break
+            await self.sync_learning()
             for role in list(self.leading):
                 await self.lead(role)  # renew
+
+    async def sync_learning(self) -> None:
+        """Demotions and bandit statistics: one pipelined round trip for all of them."""
+        syncers = [*([self.health] if self.health is not None else []), *self.bandits]
+        if not syncers or self.degraded:
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    counts = [syncer.queue(pipe) for syncer in syncers]
+                    replies = await pipe.execute()
+        except Exception as exc:
+            self.down(exc)
+            return
+        at = 0
+        for syncer, n in zip(syncers, counts, strict=True):
+            syncer.apply(replies[at : at + n])
+            at += n
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -329,6 +351,14 @@ class SharedState:
             "last_error": self.last_error,
             "outages": self.outages,
             "leading": sorted(self.leading),
+            "shared": [
+                "rate_limits",
+                "upstream_blocks",
+                "circuit_breakers",
+                *(["demotions"] if self.health is not None else []),
+                *(["bandits"] if self.bandits else []),
+                "leader",
+            ],
             "shared_bandits": [b.step.name for b in self.bandits],
         }
 
@@ -376,43 +406,3 @@ class SharedLimiter(ProviderLimiter):
             sent = self.pending
             if await self.state.take(self.keys, [*self._caps, 0, sent, "0"]) is not None:
                 self.pending -= sent
-
-
-class BanditSync:
-    """A stationary bandit step's arm statistics (pulls, total reward) summed over replicas:
-    each second a replica adds what it learned since the last sync to Redis and takes the sums
-    back, so every replica chooses from what all of them saw. Drift-tracking policies (a
-    sliding window, discounting) and LinUCB stay per replica: their statistics do not add up."""
-
-    def __init__(self, step: Any, state: SharedState) -> None:
-        self.step = step
-        self.key = f"{state.prefix}:bandit:{step.name}"
-        self.base: dict[str, tuple[float, float]] = {}  # each arm's sums as of the last sync
-
-    async def sync(self, client: Any) -> None:
-        from rswitch.routing.bandit import ArmStats
-
-        stats = self.step.policy.stats
-        sent = {arm: (s.n, s.total) for arm, s in stats.items()}
-        async with client.pipeline(transaction=False) as pipe:
-            for arm, (n, total) in sent.items():
-                base_n, base_total = self.base.get(arm, (0.0, 0.0))
-                if n != base_n or total != base_total:
-                    pipe.hincrbyfloat(self.key, f"{arm}:n", n - base_n)
-                    pipe.hincrbyfloat(self.key, f"{arm}:t", total - base_total)
-            pipe.hgetall(self.key)
-            replies = await pipe.execute()
-        sums: dict[str, list[float]] = {}
-        for field, value in replies[-1].items():
-            arm, _, part = field.decode().rpartition(":")
-            sums.setdefault(arm, [0.0, 0.0])[0 if part == "n" else 1] = float(value)
-        for arm, (n, total) in sums.items():
-            if arm not in self.step.arms:
-                continue
-            now = stats.get(arm)
-            at_send = sent.get(arm, (0.0, 0.0))
-            # what this replica learned while the sums were on their way stays on top of them
-            extra_n = (now.n if now else 0.0) - at_send[0]
-            extra_total = (now.total if now else 0.0) - at_send[1]
-            stats[arm] = ArmStats(n + extra_n, min(max(total + extra_total, 0.0), n + extra_n))
-            self.base[arm] = (n, total)
