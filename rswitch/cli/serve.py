@@ -19,7 +19,10 @@ from rswitch.config import ConfigError
 
 def refuse_if_owned(cfg: Any) -> None:
     """One gateway per data directory: another live one's lock is a clear refusal (a stale lock
-    is ignored, and replaced once this gateway answers)."""
+    is ignored, and replaced once this gateway answers). Replicas recording on Postgres share the
+    directory (only template manifests live there): they never refuse each other."""
+    if cfg.storage.backend == "postgres":
+        return
     owner = lock.live_owner(cfg.dataset_dir)
     if owner is not None:
         raise fail(
