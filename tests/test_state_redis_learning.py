@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from rswitch.core import Core
 from rswitch.routing.bandit import UCB1, Discounted, query_features
 from rswitch.routing.base import Query
 from tests import test_state_redis
-from tests.conftest import SUPPORT_VARS, chat
+from tests.conftest import SUPPORT_VARS, chat, make_config
 
 redis_server = test_state_redis.redis_server  # a real redis-server per test, which a test may stop
 replicas = test_state_redis.replicas  # in-process gateways on it
@@ -223,3 +224,28 @@ async def test_learning_goes_on_locally_while_redis_is_away_and_is_shared_when_i
     assert (await one.get("/status")).json()["state"]["status"] == "ok"
     for arm in "ab":
         assert second.policy.policy.get(arm).n == pytest.approx(first.policy.policy.get(arm).n)
+
+
+async def test_a_replica_restarted_with_its_saved_state_does_not_count_it_again(
+    redis_server, replicas, tmp_path
+):
+    cfg = bandit_config(redis_server.url, policy="ucb1", drift="none")
+    one, two = [await replicas(cfg, f"r{i}") for i in range(2)]
+    for _ in range(6):
+        learner(one).observe("a", True)
+    await until(lambda: learner(two).policy.get("a").n == 6, "two saw one's six pulls")
+    learner(one).save()  # what stopping writes: the sums as one last had them
+
+    again = Core(make_config(tmp_path / "r0", cfg))  # one, restarted on its directory
+    await again.start()
+    try:
+        assert learner_of(again).policy.get("a").n == 6  # loaded from its saved state
+        learner_of(again).observe("b", True)
+        await until(lambda: learner(two).policy.get("b").n == 1, "two saw the restarted replica's pull")
+        assert learner(two).policy.get("a").n == 6  # not 12
+    finally:
+        await again.stop()
+
+
+def learner_of(core: Core) -> Any:
+    return core.gateway.default_chain.steps[0]
