@@ -45,8 +45,10 @@ def inline_template_id(prompt: str) -> str:
 
 
 def open_registry(config: Config) -> TemplateRegistry:
-    """The templates registered on disk plus those defined in the config's `templates:`."""
-    registry = TemplateRegistry(config.dataset_dir)
+    """The templates registered on disk (or in Postgres) plus those defined in the config's `templates:`."""
+    from rswitch.storage.pg_templates import open_template_versions  # None unless storage is postgres
+
+    registry = TemplateRegistry(config.dataset_dir, versions=open_template_versions(config))
     problems: list[ConfigProblem] = []
     for tid, tc in config.templates.items():
         try:
@@ -312,6 +314,7 @@ class Core:
         await asyncio.to_thread(self.recorder.close)
         self.datasets.close()
         self.analytics.close()
+        self.registry.close()
         self._started = False
 
     # -- operator actions ---------------------------------------------------------------------

@@ -1,22 +1,28 @@
 """Prompt templates: `{var}` rendering and a registry of YAML manifests on disk.
 
-A template lives at `<dataset.base_path>/<id>/manifest.yaml`, next to its dataset.
+A template lives at `<dataset.base_path>/<id>/manifest.yaml`, next to its dataset; with
+`storage: {backend: postgres}` its versions live in the database instead (a VersionStore,
+rswitch.storage.pg_templates), so that every replica registers into and serves from one place.
 Rendering is one pass: `{name}` is replaced by the variable's value, `{{` and `}}` are
 literal braces, and a value that itself contains `{x}` is never expanded again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
+
+log = logging.getLogger("rswitch.templates")
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -177,6 +183,11 @@ def read_manifest(path: Path) -> Template:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise TemplateError(f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    return template_from(data)
+
+
+def template_from(data: Any) -> Template:
+    """A manifest's fields (as written by `Template.manifest`) as a Template; TemplateError if broken."""
     if not isinstance(data, dict):
         raise TemplateError("a manifest must be a mapping of template fields")
     for key in ("id", "template"):
@@ -237,26 +248,73 @@ class ManifestChanges:
     parsed: list[tuple[Path, Signature, str, Template]] = field(default_factory=list)  # path, sig, source
     errors: list[tuple[Path, Signature, str]] = field(default_factory=list)  # a broken manifest and why
     removed: list[Path] = field(default_factory=list)
+    # with a VersionStore: the versions other processes registered there, newer than the served ones
+    stored: list[Template] = field(default_factory=list)
+    stored_errors: list[tuple[str, int, str]] = field(default_factory=list)  # id, version, why not served
+    store_error: str | None = None  # the store did not answer: why
+
+
+Stored = tuple[str, int, Any]  # template_id, version, its manifest as stored
+
+
+class VersionStore(Protocol):
+    """Where a registry keeps its templates' versions instead of manifest files (Postgres:
+    rswitch.storage.pg_templates). Manifests in, manifests out; the highest version is current."""
+
+    where: str  # for messages: "Postgres at host:port/db"
+
+    def heads(self) -> dict[str, int]: ...
+    def read(self, wanted: dict[str, int]) -> list[Stored]: ...
+    def current(self) -> list[Stored]: ...
+    def versions(self, template_id: str) -> list[tuple[int, Any]]: ...
+    def append(
+        self, template_id: str, make: Callable[[int | None, Any], list[dict[str, Any]]]
+    ) -> list[dict[str, Any]]: ...
+    def import_once(self, template_id: str, manifests: list[dict[str, Any]]) -> bool: ...
+    def close(self) -> None: ...
+
+
+def _stored_template(template_id: str, version: int, manifest: Any) -> Template:
+    tpl = template_from(manifest)
+    if tpl.id != template_id:
+        raise TemplateError(f"the manifest stored under '{template_id}' has id '{tpl.id}'")
+    tpl.version = version  # the store's key is the truth
+    return tpl
 
 
 class TemplateRegistry:
-    """Templates registered on disk plus inline ones from the config. Thread-safe.
+    """Templates registered on disk (or in a VersionStore) plus inline ones from the config.
+    Thread-safe.
 
     A running gateway picks up manifests that other processes write (`rswitch template
-    register`, `template rollback`) through `scan` (stat calls, and parsing only what changed)
-    and `apply` (a swap under the lock); see rswitch.templates_watch."""
+    register`, `template rollback`) through `scan` (stat calls, and parsing only what changed;
+    with a store, one query for each template's highest version) and `apply` (a swap under the
+    lock); see rswitch.templates_watch."""
 
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(self, base_dir: Path, versions: VersionStore | None = None) -> None:
         self.base_dir = Path(base_dir)
+        self.versions = versions
         self._lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self._templates: dict[str, Template] = {}
         self._seen: dict[Path, Signature] = {}  # manifests as last scanned
+        self._imported: dict[Path, Signature] = {}  # with a store: the disk's manifests as last imported
+        self._refused: dict[str, int] = {}  # with a store: an unservable version, reported once
         self.load_errors: list[str] = []
         self.reload()
 
     def manifest_path(self, template_id: str) -> Path:
         return self.base_dir / check_id(template_id) / "manifest.yaml"
+
+    def location(self, template_id: str | None = None) -> str:
+        """Where registered templates (or this one) are kept, for messages."""
+        if self.versions is not None:
+            return self.versions.where
+        return str(self.base_dir if template_id is None else self.manifest_path(template_id))
+
+    def close(self) -> None:
+        if self.versions is not None:
+            self.versions.close()
 
     @staticmethod
     def read_dir(directory: Path) -> tuple[list[Template], list[str]]:
@@ -278,7 +336,8 @@ class TemplateRegistry:
         changes = ManifestChanges()
         with self._scan_lock:
             present: set[Path] = set()
-            for directory, source in [(self.base_dir, "registry"), *((Path(d), "bundled") for d in bundled)]:
+            registered = [(self.base_dir, "registry")] if self.versions is None else []
+            for directory, source in [*registered, *((Path(d), "bundled") for d in bundled)]:
                 if not directory.is_dir():
                     continue
                 for manifest in sorted(directory.glob("*/manifest.yaml")):
@@ -291,7 +350,29 @@ class TemplateRegistry:
                     except Exception as exc:
                         changes.errors.append((manifest, sig, f"{type(exc).__name__}: {exc}"))
             changes.removed = [p for p in list(self._seen) if p not in present]
+            if self.versions is not None:
+                self._poll(changes)
         return changes
+
+    def _poll(self, changes: ManifestChanges) -> None:
+        """The versions registered in the store since this registry last served one."""
+        assert self.versions is not None
+        try:
+            heads = self.versions.heads()
+            with self._lock:
+                served = {t.id: t.version for t in self._templates.values() if t.source == "registry"}
+            wanted = {
+                tid: v for tid, v in heads.items() if v > served.get(tid, 0) and self._refused.get(tid) != v
+            }
+            stored = self.versions.read(wanted)
+        except Exception as exc:
+            changes.store_error = f"{type(exc).__name__}: {exc}"
+            return
+        for tid, version, manifest in stored:
+            try:
+                changes.stored.append(_stored_template(tid, version, manifest))
+            except Exception as exc:
+                changes.stored_errors.append((tid, version, f"{type(exc).__name__}: {exc}"))
 
     def apply(self, changes: ManifestChanges) -> ManifestChanges:
         """Serve what `scan` parsed; returns what took effect: the templates served anew, the
@@ -321,14 +402,101 @@ class TemplateRegistry:
             for path in changes.removed:
                 if self._seen.pop(path, None) is not None:
                     done.removed.append(path)
+            for tpl in changes.stored:  # a newer version than the one served: another process wrote it
+                current = self._templates.get(tpl.id)
+                if current is not None and current.source == "registry" and current.version >= tpl.version:
+                    continue
+                tpl.source = "registry"
+                self._templates[tpl.id] = tpl
+                done.stored.append(tpl)
+            for tid, version, problem in changes.stored_errors:
+                if self._refused.get(tid) != version:
+                    self._refused[tid] = version
+                    done.stored_errors.append((tid, version, problem))
+            done.store_error = changes.store_error
         return done
 
     def reload(self) -> None:
+        if self.versions is not None:
+            self._reload_stored()
+            return
         found, errors = self.read_dir(self.base_dir)
         with self._lock:
             inline = {k: v for k, v in self._templates.items() if v.source != "registry"}
             self._templates = {**inline, **{t.id: t for t in found}}  # a registered manifest wins
             self.load_errors = errors
+
+    def _reload_stored(self) -> None:
+        assert self.versions is not None
+        errors = self._import_disk()
+        loaded: list[Template] = []
+        for tid, version, manifest in self.versions.current():
+            try:
+                loaded.append(_stored_template(tid, version, manifest))
+            except Exception as exc:
+                errors.append(f"{self.versions.where}: template '{tid}' version {version}: {exc}")
+        for tpl in loaded:
+            tpl.source = "registry"
+        with self._lock:
+            inline = {k: v for k, v in self._templates.items() if v.source != "registry"}
+            self._templates = {**inline, **{t.id: t for t in loaded}}  # a registered version wins
+            self.load_errors = errors
+
+    def _import_disk(self) -> list[str]:
+        """Manifests on this machine's disk, from before its templates moved to the store: a template
+        the store has no version of is imported with its earlier versions, once (whichever replica
+        comes first). A manifest written again since this registry imported it (a package import
+        replacing the template) becomes a new version. Returns the broken manifests' messages."""
+        assert self.versions is not None
+        errors: list[str] = []
+        if not self.base_dir.is_dir():
+            return errors
+        for path in sorted(self.base_dir.glob("*/manifest.yaml")):
+            sig = _signature(path)
+            if sig is None or self._imported.get(path) == sig:
+                continue
+            try:
+                tpl = read_manifest(path)
+            except Exception as exc:
+                errors.append(f"{path}: {exc}")
+                continue
+            looked = path in self._imported
+            self._imported[path] = sig
+            versions = self._disk_versions(path, tpl)
+            if self.versions.import_once(tpl.id, versions):
+                log.info(
+                    "template '%s': imported %d version(s) from %s into %s; its versions live there from now on",
+                    tpl.id,
+                    len(versions),
+                    path,
+                    self.versions.where,
+                )
+            elif looked:
+                tpl = self.register(tpl)
+                log.info(
+                    "template '%s': %s was replaced; registered as version %d", tpl.id, path, tpl.version
+                )
+            else:
+                log.debug(
+                    "template '%s' is in %s already; %s is not imported", tpl.id, self.versions.where, path
+                )
+        return errors
+
+    @staticmethod
+    def _disk_versions(path: Path, tpl: Template) -> list[dict[str, Any]]:
+        """A manifest's earlier versions (`versions/v<N>.yaml`) and itself, oldest first."""
+        by_version: dict[int, dict[str, Any]] = {}
+        folder = path.parent / "versions"
+        for f in sorted(folder.glob("v*.yaml")) if folder.is_dir() else ():
+            try:
+                old = template_from(load_yaml_text(f.read_text(encoding="utf-8")))
+            except Exception as exc:
+                log.warning("template '%s': %s is not imported: %s", tpl.id, f, exc)
+                continue
+            if old.id == tpl.id and old.version < tpl.version:
+                by_version[old.version] = old.manifest()
+        by_version[tpl.version] = tpl.manifest()
+        return [by_version[v] for v in sorted(by_version)]
 
     def get(self, template_id: str) -> Template | None:
         with self._lock:
@@ -336,6 +504,15 @@ class TemplateRegistry:
 
     def history(self, template_id: str) -> list[dict[str, Any]]:
         """Earlier versions' manifests, oldest first (the current one is `get`)."""
+        if self.versions is not None:
+            check_id(template_id)
+            current = self.get(template_id)
+            below = current.version if current is not None and current.source == "registry" else None
+            return [
+                {**m, "version": v}
+                for v, m in self.versions.versions(template_id)
+                if isinstance(m, dict) and (below is None or v < below)
+            ]
         folder = self.base_dir / check_id(template_id) / "versions"
         out = (
             [load_yaml_text(f.read_text(encoding="utf-8")) for f in folder.glob("v*.yaml")]
@@ -376,6 +553,8 @@ class TemplateRegistry:
 
     def register(self, tpl: Template) -> Template:
         """Write (or replace, bumping the version) a template's manifest atomically."""
+        if self.versions is not None:
+            return self._register_stored(tpl)
         path = self.manifest_path(tpl.id)
         with self._lock:
             old = self._templates.get(tpl.id)
@@ -389,4 +568,36 @@ class TemplateRegistry:
             write_yaml(path, tpl.manifest())
             tpl.source = "registry"
             self._templates[tpl.id] = tpl
+        return tpl
+
+    def _register_stored(self, tpl: Template) -> Template:
+        """The next version in the store: numbered there, under its lock, so that two processes
+        registering at once get n+1 and n+2. A template served from the config or a bundle that the
+        store has never seen goes in first as the version before."""
+        assert self.versions is not None
+        check_id(tpl.id)
+        with self._lock:
+            local = self._templates.get(tpl.id)
+        base = local.manifest() if local is not None and local.source != "registry" else None
+        fields = tpl.manifest()
+
+        def make(version: int | None, latest: Any) -> list[dict[str, Any]]:
+            previous = latest if isinstance(latest, dict) and version is not None else base
+            before = version if version is not None else (base["version"] if base is not None else 0)
+            new = {
+                **fields,
+                "version": before + 1,
+                "created_at": (previous or fields).get("created_at", fields["created_at"]),
+                "updated_at": _now(),
+            }
+            return [base, new] if version is None and base is not None else [new]
+
+        stored = self.versions.append(tpl.id, make)[-1]
+        tpl.version, tpl.created_at = stored["version"], stored["created_at"]
+        tpl.updated_at = stored["updated_at"]
+        tpl.source = "registry"
+        with self._lock:
+            current = self._templates.get(tpl.id)
+            if current is None or current.source != "registry" or current.version < tpl.version:
+                self._templates[tpl.id] = tpl
         return tpl

@@ -8,6 +8,13 @@ swaps the parsed templates in on the loop, between requests. A broken manifest i
 (log warning and a console event) and the version already served keeps serving. Polling, not
 inotify: the same folders hold the datasets SQLite writes to all the time, and stat calls work
 on every filesystem.
+
+With `storage: {backend: postgres}` the registered templates live in the database
+(rswitch.storage.pg_templates): the same check asks it, in the worker thread, for each template's
+highest version (one small query) and reads only the versions newer than those served, so a
+version registered on any replica is served by every replica within about a second. When the
+database does not answer, the versions served keep serving; the log says so once, and again
+when it answers.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class TemplateWatcher:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None  # created on the loop that checks
+        self._store_error: str | None = None  # the version store's last failure, until it answers
 
     async def check(self) -> list[Template]:
         """Pick up changed manifests now; returns the templates that are served anew.
@@ -48,9 +56,36 @@ class TemplateWatcher:
             changes = await asyncio.to_thread(self.registry.scan, self.bundled)
             done = self.registry.apply(changes)
             self._report(done)
-            return [tpl for _, _, _, tpl in done.parsed]
+            return [tpl for _, _, _, tpl in done.parsed] + done.stored
 
     def _report(self, done: ManifestChanges) -> None:
+        where = self.registry.location()
+        for tpl in done.stored:
+            log.info("template '%s' version %d is served now (registered in %s)", tpl.id, tpl.version, where)
+            self.event("template", f"template '{tpl.id}' version {tpl.version} is served now")
+        for tid, version, problem in done.stored_errors:
+            current = self.registry.get(tid)
+            keeps = (
+                f"version {current.version} keeps serving"
+                if current is not None
+                else "the template is not served"
+            )
+            log.warning(
+                "template '%s' version %d in %s cannot be served: %s; %s", tid, version, where, problem, keeps
+            )
+            self.event("error", f"template '{tid}' version {version} cannot be served: {problem}; {keeps}")
+        if done.store_error is not None and self._store_error is None:
+            log.warning(
+                "templates: %s does not answer (%s); the versions served keep serving, asking again every %g s",
+                where,
+                done.store_error,
+                self.interval,
+            )
+            self.event("error", f"templates: {where} does not answer; the versions served keep serving")
+        elif done.store_error is None and self._store_error is not None:
+            log.info("templates: %s answers again", where)
+            self.event("template", f"templates: {where} answers again")
+        self._store_error = done.store_error
         for _, _, _, tpl in done.parsed:
             log.info("template '%s' version %d is served now (%s)", tpl.id, tpl.version, tpl.source)
             self.event("template", f"template '{tpl.id}' version {tpl.version} is served now")

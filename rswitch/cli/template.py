@@ -1,7 +1,12 @@
-"""`rswitch template …`: register, list, show, render, history, rollback."""
+"""`rswitch template …`: register, list, show, render, history, rollback.
+
+With `storage: {backend: postgres}` the registered templates and their versions are in the
+database (rswitch.storage.pg_templates), so these commands read and write there."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,9 +15,25 @@ import yaml
 
 from rswitch.cli import through
 from rswitch.cli.common import ConfigOpt, fail, get_template, load, registry
+from rswitch.storage.pg_templates import location, open_template_versions
+from rswitch.storage.postgres import StorageUnavailable
 from rswitch.templates import MissingVariables, TemplateError, TemplateRegistry, check_id
 
 app = typer.Typer(help="Register, list, show and render prompt templates.", no_args_is_help=True)
+
+
+@contextmanager
+def opened(config: str | None) -> Iterator[TemplateRegistry]:
+    """The config's registry (its database connections closed afterwards); a clear error when
+    its Postgres cannot be reached."""
+    try:
+        reg = registry(config)
+    except StorageUnavailable as exc:
+        raise fail(str(exc)) from None
+    try:
+        yield reg
+    finally:
+        reg.close()
 
 
 @app.command("register")
@@ -71,23 +92,34 @@ def template_register(
         if gateway is not None:  # served from the moment it answers, no reload to wait for
             tpl: Any = through.call(gateway, lambda op: op.template_register(spec))
         else:
-            current = registry(config).get(template_id)  # registered, or from the config or a bundle
-            tpl = TemplateRegistry(cfg.dataset_dir).register(new_version(current, spec))
+            with opened(config) as full:
+                current = full.get(template_id)  # registered, or from the config or a bundle
+            try:
+                registered = TemplateRegistry(cfg.dataset_dir, versions=open_template_versions(cfg))
+            except StorageUnavailable as exc:
+                raise fail(str(exc)) from None
+            try:
+                tpl = registered.register(new_version(current, spec))
+            finally:
+                registered.close()
     except TemplateError as exc:
         raise fail(str(exc)) from None
-    typer.echo(
-        f"registered template '{tpl.id}' version {tpl.version} → {cfg.dataset_dir / tpl.id / 'manifest.yaml'}"
-    )
+    where = location(cfg) or cfg.dataset_dir / tpl.id / "manifest.yaml"
+    typer.echo(f"registered template '{tpl.id}' version {tpl.version} → {where}")
     typer.echo(f"  variables: {', '.join(tpl.variables) or '(none)'}")
 
 
 @app.command("list")
 def template_list(config: ConfigOpt = None) -> None:
     """List registered templates (and those defined in the config)."""
-    reg = registry(config)
-    items = reg.list()
+    with opened(config) as reg:
+        items = reg.list()
     if not items:
-        typer.echo(f"no templates under {reg.base_dir}")
+        typer.echo(
+            f"no templates under {reg.location()}"
+            if reg.versions is None
+            else f"no templates in {reg.location()}"
+        )
         return
     typer.echo(f"{'ID':<24} {'VER':>3}  {'SOURCE':<8} {'VARIABLES':<28} NAME")
     for t in items:
@@ -99,7 +131,8 @@ def template_list(config: ConfigOpt = None) -> None:
 @app.command("show")
 def template_show(template_id: str, config: ConfigOpt = None) -> None:
     """Print a template's manifest."""
-    tpl = get_template(registry(config), template_id)
+    with opened(config) as reg:
+        tpl = get_template(reg, template_id)
     typer.echo(
         yaml.safe_dump({**tpl.manifest(), "source": tpl.source}, sort_keys=False, allow_unicode=True).rstrip()
     )
@@ -120,7 +153,8 @@ def template_render(
         if not sep or not k:
             raise fail(f"--var must be name=value; got {item!r}")
         values[k] = v
-    tpl = get_template(registry(config), template_id)
+    with opened(config) as reg:
+        tpl = get_template(reg, template_id)
     try:
         typer.echo(tpl.render(values))
     except MissingVariables as exc:
@@ -130,11 +164,11 @@ def template_render(
 @app.command("history")
 def template_history(template_id: str, config: ConfigOpt = None) -> None:
     """List a template's versions with their score and provenance."""
-    reg = registry(config)
-    tpl = get_template(reg, template_id)
-    versions = (
-        [*reg.history(template_id), {**tpl.manifest()}] if tpl.source == "registry" else [tpl.manifest()]
-    )
+    with opened(config) as reg:
+        tpl = get_template(reg, template_id)
+        versions = (
+            [*reg.history(template_id), {**tpl.manifest()}] if tpl.source == "registry" else [tpl.manifest()]
+        )
     for v in versions:
         prov = v.get("provenance") or {}
         why = ""
@@ -156,10 +190,10 @@ def template_rollback(template_id: str, version: int, config: ConfigOpt = None) 
         tpl: Any = through.call(gateway, lambda op: op.template_rollback(template_id, version))
         typer.echo(f"template '{template_id}' is now version {tpl.version}, a copy of version {version}")
         return
-    reg = registry(config)
-    get_template(reg, template_id)
-    try:
-        tpl = reg.rollback(template_id, version)
-    except TemplateError as exc:
-        raise fail(str(exc)) from None
+    with opened(config) as reg:
+        get_template(reg, template_id)
+        try:
+            tpl = reg.rollback(template_id, version)
+        except TemplateError as exc:
+            raise fail(str(exc)) from None
     typer.echo(f"template '{template_id}' is now version {tpl.version}, a copy of version {version}")

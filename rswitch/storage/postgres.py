@@ -124,6 +124,19 @@ CREATE TABLE optimizer_trials (
 CREATE INDEX optimizer_trials_run ON optimizer_trials (run_id);
 """,
     ),
+    (
+        2,
+        "template versions (rswitch.storage.pg_templates)",
+        """
+CREATE TABLE template_versions (
+    template_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    manifest JSON NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (template_id, version)
+);
+""",
+    ),
 ]
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
