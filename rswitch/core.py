@@ -363,6 +363,12 @@ class Core:
         template_id = self.recorder.recent_requests.get(request_id)
         if template_id is None:
             template_id = await asyncio.to_thread(self.datasets.find_request, request_id)
+        # on Postgres another replica may have answered it a moment ago: its row lands within its
+        # writer's next batch, so a label sent at once through a load balancer is not a 404
+        deadline = time.monotonic() + (2.0 if self.config.storage.backend == "postgres" else 0.0)
+        while template_id is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            template_id = await asyncio.to_thread(self.datasets.find_request, request_id)
         if template_id is None:
             raise GatewayError(
                 404, f"unknown request id '{request_id}' (no recorded answer has it)", code="unknown_request"

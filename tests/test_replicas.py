@@ -366,3 +366,77 @@ def test_every_answered_call_is_one_row_in_postgres_and_a_replica_stopped_mid_ru
     asked = {r.request_id: r.text for r in replies if r.status == 200}
     for row in rows:  # and each row holds the request it answered
         assert asked[row["request_id"]] in row["messages"]
+
+
+# -- 3. Redis stopped mid-run: each replica on its own limits, shared again once it is back ---------
+
+
+def answered_per_replica(replies: list[Reply]) -> list[int]:
+    return [sum(1 for r in replies if r.replica == k and r.status == 200) for k in range(3)]
+
+
+def test_with_redis_stopped_every_replica_answers_on_its_own_limits_says_degraded_and_shares_again(cluster):
+    up, urls = cluster.upstreams["paced"], cluster.urls
+    until("all three ok", lambda: all(status(u)["state"]["status"] == "ok" for u in urls))
+    before = burst(urls, "paced", 24, "before")
+    assert {r.status for r in before} == {200, 429}
+    assert PACED_RPM <= sum(answered_per_replica(before)) <= PACED_RPM + 1  # one limit for the three
+
+    cluster.redis.stop()
+    try:
+        until(
+            "every replica says degraded",
+            lambda: all(status(u)["state"]["status"] == "degraded" for u in urls),
+        )
+        assert [metric(u, "rswitch_state_degraded") for u in urls] == [1, 1, 1]
+        during = burst(urls, "paced", 24, "during")
+        assert {r.status for r in during} <= {200, 429}  # answered (or refused), never an error
+        # each replica's own bucket, full since it never took from it while Redis answered
+        assert all(PACED_RPM <= n <= PACED_RPM + 1 for n in answered_per_replica(during)), during
+        for replica in cluster.replicas:
+            replica.wait_for_line(r"Redis is not answering", timeout=5)
+    finally:
+        cluster.redis.start()  # the same port
+
+    until("every replica says ok again", lambda: all(status(u)["state"]["status"] == "ok" for u in urls))
+    assert [metric(u, "rswitch_state_degraded") for u in urls] == [0, 0, 0]
+    for replica in cluster.replicas:
+        replica.wait_for_line(r"Redis answers again", timeout=5)
+    after = burst(urls, "paced", 24, "after")
+    assert PACED_RPM <= sum(answered_per_replica(after)) <= PACED_RPM + 1  # one limit again (a new Redis: full)
+    reached = sum(1 for body in up.recorder.requests if "messages" in body)
+    assert reached == sum(sum(answered_per_replica(x)) for x in (before, during, after))
+
+
+# -- 4. the periodic optimizer runs once across the replicas (the leader lock) ---------------------
+
+
+def test_the_periodic_optimizer_runs_once_across_the_replicas_on_what_they_recorded(cluster):
+    urls = cluster.urls
+    labelled = OPTIMIZE_AFTER + 4
+    replies = burst(urls, "support", labelled, "support")
+    assert [r.status for r in replies] == [200] * labelled
+    with httpx.Client(timeout=30) as http:
+        for r in replies:  # at once, each through another replica than the one that answered it
+            label = {"request_id": r.request_id, "expected": f"echo: {r.text}"}
+            sent = http.post(urls[(r.replica + 1) % 3] + "/v1/feedback", json=label)
+            assert sent.status_code == 202, sent.text
+
+    def runs() -> list[dict[str, Any]]:
+        return pg(cluster.dsn, "SELECT run_id, template_id, verdict FROM optimizer_runs")
+
+    until("an optimizer run recorded in Postgres", lambda: bool(runs()), timeout=180)
+    statuses = [status(u) for u in urls]
+    leaders = [k for k, s in enumerate(statuses) if "optimizer" in s["state"]["leading"]]
+    assert len(leaders) == 1, [s["state"]["leading"] for s in statuses]
+    until(
+        "the leader's run finished",
+        lambda: status(urls[leaders[0]])["optimizer"]["running"] is None,
+        timeout=60,
+    )
+    time.sleep(3)  # three more ticks of every replica's scheduler: a second run would start in them
+    recorded = runs()
+    assert len(recorded) == 1 and recorded[0]["template_id"] == "support", recorded
+    for k, u in enumerate(urls):  # by the leader, from the labels in Postgres (a run needs six or more)
+        mine = status(u)["optimizer"]["runs"]
+        assert [r.get("run_id") for r in mine] == ([recorded[0]["run_id"]] if k == leaders[0] else []), mine
