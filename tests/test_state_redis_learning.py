@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rswitch.core import Core
-from rswitch.routing.bandit import UCB1, Discounted, query_features
+from rswitch.routing.bandit import UCB1, Discounted, query_features, reward
 from rswitch.routing.base import Query
 from tests import test_state_redis
 from tests.conftest import SUPPORT_VARS, chat, make_config
@@ -249,3 +249,19 @@ async def test_a_replica_restarted_with_its_saved_state_does_not_count_it_again(
 
 def learner_of(core: Core) -> Any:
     return core.gateway.default_chain.steps[0]
+
+
+async def test_feedback_on_one_replica_revises_a_shared_window_everywhere(redis_server, replicas):
+    cfg = bandit_config(redis_server.url, policy="epsilon_greedy", epsilon=0, drift="window", window=10)
+    one, two = [await replicas(cfg, f"r{i}") for i in range(2)]
+    first, second = learner(one), learner(two)
+    first.observe("a", True, request_id="early")  # pushed before its feedback comes
+    await until(lambda: second.policy.policy.get("a").total == 1.0, "two saw one's pull")
+    first.observe("a", True, request_id="late")  # its feedback may come before it is pushed
+    assert first.revise("early", 0.0) is not None and first.revise("late", 0.5) is not None
+    expected = reward(True, 0.0, 0.0, 0.0) + reward(True, 0.5, 0.0, 0.0)  # 0.6 + 0.8
+    await until(lambda: second.policy.policy.get("a").n == 2, "two saw one's second pull")
+    await until(
+        lambda: second.policy.policy.get("a").total == pytest.approx(expected), "two saw both revisions"
+    )
+    await until(lambda: first.policy.policy.get("a").total == pytest.approx(expected), "one holds them too")

@@ -253,6 +253,9 @@ class SlidingWindow:
         self.name = f"{policy.name}/window={window}"
         self.pulls: deque[tuple[str, float]] = deque(maxlen=window)
         self.updates = 0  # pulls seen here: which of the window's pulls a replica has not shared yet
+        # set when the window is shared: takes a revision of pull number `updates - age` that has
+        # left this replica (True), which then is made where the window is kept
+        self.revise_shared: Callable[[str, float, float, int], bool] | None = None
 
     def select(self, arms: list[str], rng: random.Random) -> str:
         return self.policy.select(arms, rng)
@@ -263,6 +266,8 @@ class SlidingWindow:
         self._recount()
 
     def revise(self, arm: str, old: float, new: float, age: int) -> None:
+        if self.revise_shared is not None and self.revise_shared(arm, old, new, self.updates - age):
+            return
         if age < len(self.pulls) and self.pulls[-1 - age] == (arm, old):  # still in the window
             self.pulls[-1 - age] = (arm, new)
             self._recount()

@@ -85,13 +85,18 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS[1]: the window (list); ARGV: its size W, the number n of new entries, the n new entries,
-# then the whole local window (seeds a missing list). Returns the last W entries.
+# KEYS[1]: the window (list); ARGV: its size W, the number n of new entries, the number m of
+# revisions, the n new entries, m (old entry, new entry) pairs (feedback on a pull already
+# pushed), then the whole local window (seeds a missing list). Returns the last W entries.
 WINDOW = """
-local n = tonumber(ARGV[2])
-local first, last = 3, 2 + n
-if redis.call('EXISTS', KEYS[1]) == 0 then first, last = 3 + n, #ARGV end
+local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
+local first, last = 4, 3 + n
+if redis.call('EXISTS', KEYS[1]) == 0 then first, last = 4 + n + 2 * m, #ARGV end
 for i = first, last do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+for i = 4 + n, 3 + n + 2 * m, 2 do
+  local at = redis.call('LPOS', KEYS[1], ARGV[i])
+  if at then redis.call('LSET', KEYS[1], at, ARGV[i + 1]) end
+end
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
 return redis.call('LRANGE', KEYS[1], 0, -1)
 """
@@ -224,21 +229,43 @@ class CountsSync:
 
 
 class WindowSync:
-    """The last W pulls of all replicas, on a Redis list."""
+    """The last W pulls of all replicas, on a Redis list of "reward|tag|arm" entries; the tag
+    (this replica, the pull's number) lets feedback find a pull it already pushed."""
 
-    def __init__(self, step: Any, prefix: str) -> None:
+    def __init__(self, step: Any, prefix: str, me: str) -> None:
         self.step = step
         self.policy = step.policy
         self.key = f"{prefix}:bandit:{step.name}:window"
+        self.me = me[:12]
         self.pushed = self.policy.updates  # a loaded window is only pushed to seed a missing list
-        self.sent_updates = 0
+        self.sent_updates = self.pushed
+        self.revisions: list[tuple[str, str]] = []  # (old entry, new entry) to make in Redis
+        self.policy.revise_shared = self.revise
+
+    def revise(self, arm: str, old: float, new: float, number: int) -> bool:
+        """Feedback on pull `number`: one still here is revised by the window itself (False);
+        one already sent is revised in Redis with the next sync (True)."""
+        if number > self.sent_updates:
+            return False
+        self.revisions.append((self._entry(arm, old, number), self._entry(arm, new, number)))
+        del self.revisions[: -self.policy.window]  # (Redis away) older ones are out of the window
+        return True
+
+    def _entry(self, arm: str, reward: float, number: int | None) -> str:
+        return f"{reward!r}|{'' if number is None else f'{self.me}.{number}'}|{arm}"
 
     def queue(self, pipe: Any) -> int:
         pulls = list(self.policy.pulls)
         self.sent_updates = self.policy.updates
         fresh = min(self.sent_updates - self.pushed, len(pulls))
-        new = [_entry(p) for p in pulls[len(pulls) - fresh :]]
-        pipe.eval(WINDOW, 1, self.key, self.policy.window, len(new), *new, *map(_entry, pulls))
+        first = self.sent_updates - fresh + 1  # the number of the first new pull
+        new = [self._entry(a, r, first + i) for i, (a, r) in enumerate(pulls[len(pulls) - fresh :])]
+        revisions = [entry for pair in self.revisions for entry in pair]
+        self.revisions = []
+        whole = [self._entry(a, r, None) for a, r in pulls[: len(pulls) - fresh]] + new
+        pipe.eval(
+            WINDOW, 1, self.key, self.policy.window, len(new), len(revisions) // 2, *new, *revisions, *whole
+        )
         return 1
 
     def apply(self, replies: list[Any]) -> None:
@@ -253,12 +280,8 @@ class WindowSync:
         pass
 
 
-def _entry(pull: tuple[str, float]) -> str:
-    return f"{pull[1]!r}|{pull[0]}"
-
-
 def _pull(raw: bytes) -> tuple[str, float]:
-    reward, _, arm = raw.decode().partition("|")
+    reward, _tag, arm = raw.decode().split("|", 2)
     return arm, float(reward)
 
 
@@ -317,7 +340,7 @@ class LinucbSync:
         pass
 
 
-def syncer_for(step: Any, prefix: str) -> Any:
+def syncer_for(step: Any, prefix: str, me: str) -> Any:
     """The syncer for a bandit step's policy, or None for a step that does not learn."""
     from rswitch.routing.bandit import Discounted, LinUCB, Policy, SlidingWindow
 
@@ -325,7 +348,7 @@ def syncer_for(step: Any, prefix: str) -> Any:
     if isinstance(policy, (Policy, Discounted)):
         return CountsSync(step, prefix)
     if isinstance(policy, SlidingWindow):
-        return WindowSync(step, prefix)
+        return WindowSync(step, prefix, me)
     if isinstance(policy, LinUCB):
         return LinucbSync(step, prefix)
     return None

@@ -137,7 +137,7 @@ class SharedState:
     def attach_bandit(self, step: Any) -> bool:
         """Share this bandit step's statistics across replicas (every policy, see `learning`);
         False for a step that is not a bandit."""
-        syncer = syncer_for(step, self.prefix)
+        syncer = syncer_for(step, self.prefix, self.me)
         if syncer is None:
             return False
         self.bandits.append(syncer)
