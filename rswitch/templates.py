@@ -299,6 +299,7 @@ class TemplateRegistry:
         self._templates: dict[str, Template] = {}
         self._seen: dict[Path, Signature] = {}  # manifests as last scanned
         self._imported: dict[Path, Signature] = {}  # with a store: the disk's manifests as last imported
+        self._disk_looked = False  # with a store: the disk was looked at once (at start)
         self._refused: dict[str, int] = {}  # with a store: an unservable version, reported once
         self.load_errors: list[str] = []
         self.reload()
@@ -445,10 +446,12 @@ class TemplateRegistry:
     def _import_disk(self) -> list[str]:
         """Manifests on this machine's disk, from before its templates moved to the store: a template
         the store has no version of is imported with its earlier versions, once (whichever replica
-        comes first). A manifest written again since this registry imported it (a package import
-        replacing the template) becomes a new version. Returns the broken manifests' messages."""
+        comes first). A manifest written after this registry first looked (a package import, new or
+        replacing a template) is imported, or becomes the next version if it differs from the current
+        one. Returns the broken manifests' messages."""
         assert self.versions is not None
         errors: list[str] = []
+        started, self._disk_looked = self._disk_looked, True
         if not self.base_dir.is_dir():
             return errors
         for path in sorted(self.base_dir.glob("*/manifest.yaml")):
@@ -460,7 +463,6 @@ class TemplateRegistry:
             except Exception as exc:
                 errors.append(f"{path}: {exc}")
                 continue
-            looked = path in self._imported
             self._imported[path] = sig
             versions = self._disk_versions(path, tpl)
             if self.versions.import_once(tpl.id, versions):
@@ -471,16 +473,23 @@ class TemplateRegistry:
                     path,
                     self.versions.where,
                 )
-            elif looked:
+            elif started and not self._same_as_current(tpl):
                 tpl = self.register(tpl)
-                log.info(
-                    "template '%s': %s was replaced; registered as version %d", tpl.id, path, tpl.version
-                )
+                log.info("template '%s': %s was written; registered as version %d", tpl.id, path, tpl.version)
             else:
                 log.debug(
                     "template '%s' is in %s already; %s is not imported", tpl.id, self.versions.where, path
                 )
         return errors
+
+    def _same_as_current(self, tpl: Template) -> bool:
+        current = self.get(tpl.id)
+        if current is None or current.source != "registry":
+            return False
+        stamps = ("version", "created_at", "updated_at")
+        return {k: v for k, v in current.manifest().items() if k not in stamps} == {
+            k: v for k, v in tpl.manifest().items() if k not in stamps
+        }
 
     @staticmethod
     def _disk_versions(path: Path, tpl: Template) -> list[dict[str, Any]]:

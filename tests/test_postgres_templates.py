@@ -20,7 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from rswitch.cli import app
-from rswitch.core import open_registry
+from rswitch.core import Core, open_registry
 from rswitch.storage.pg_templates import PostgresTemplateVersions
 from rswitch.storage.postgres import PostgresDatabase
 from rswitch.templates import Template, TemplateError, TemplateRegistry
@@ -265,3 +265,32 @@ def test_the_cli_names_an_unreachable_postgres_without_its_password(tmp_path):
         out = cli(path, *args, ok=False)
         assert "cannot use Postgres at 127.0.0.1:" in out and "/db" in out
         assert "s3cr3t-pw" not in out
+
+
+async def test_a_package_imported_into_postgres_brings_its_versions_and_replaces_with_a_new_one(
+    gateway, registries, tmp_path, pg
+):
+    src = gateway.core.registry  # manifest files, as a single box keeps them
+    src.register(Template(id="support", template="You sell {product}. Be {tone}."))
+    src.register(Template(id="support", template="You repair {product}. Be {tone}."))
+    pkg = gateway.core.export_package("support", tmp_path / "out")
+
+    cfg = make_config(tmp_path / "pg-side", on_postgres(pg))
+    other = Core(cfg)
+    try:
+        other.import_package(pkg)
+        elsewhere = registries(tmp_path / "another-machine")  # a replica that never saw the package
+        assert text_of(elsewhere, "support") == (3, "You repair {product}. Be {tone}.")
+        assert [v["template"] for v in elsewhere.history("support")] == [
+            "You support {product}. Be {tone}.",
+            "You sell {product}. Be {tone}.",
+        ]
+
+        src.register(Template(id="support", template="You cherish {product}. Be {tone}."))
+        pkg = gateway.core.export_package("support", tmp_path / "out2")
+        other.import_package(pkg, overwrite=True)  # replacing it: the package's text is the next version
+        assert text_of(other.registry, "support") == (4, "You cherish {product}. Be {tone}.")
+        [served] = await TemplateWatcher(elsewhere).check()
+        assert (served.version, served.template) == (4, "You cherish {product}. Be {tone}.")
+    finally:
+        await other.stop()
