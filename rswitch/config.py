@@ -901,11 +901,6 @@ def config_warnings(cfg: Config) -> list[str]:
             "storage.dsn: a password is written in the config file; "
             "move the DSN to an environment variable and set dsn_env instead"
         )
-    if cfg.storage.backend == "postgres" and cfg.gateway.optimization.enabled:
-        out.append(
-            "gateway.optimization: the optimizer does not read examples from Postgres yet (it reads the "
-            "SQLite datasets under dataset.base_path), so with storage.backend postgres it finds none"
-        )
     if cfg.mipro_v2:
         out.append(
             "mipro_v2: Route-Switch's optimizer section is accepted but not used; "

@@ -396,10 +396,8 @@ class Core:
     # -- packages ----------------------------------------------------------------------------
 
     def _stores(self) -> Stores:
-        if self.config.storage.backend == "postgres":
-            from rswitch.packaging import PackageError
-
-            raise PackageError("packages do not export from or import into Postgres storage yet")
+        if self.config.storage.backend == "postgres":  # rows and calls in the database, manifests on disk
+            return Stores(self.config.dataset_dir, postgres=self.datasets)
         return Stores(
             self.config.dataset_dir, self.config.analytics_file, self.analytics._conn, self.datasets.release
         )

@@ -22,7 +22,6 @@ import redis
 from rswitch.admin.api import PREFIX
 from rswitch.config import ConfigError, config_warnings, parse_config
 from rswitch.core import Core
-from rswitch.packaging import PackageError
 from rswitch.storage.analytics import AnalyticsStore
 from rswitch.storage.datasets import open_dataset
 from rswitch.storage.postgres import PostgresDatabase, PostgresDatasetStore, StorageUnavailable
@@ -331,19 +330,6 @@ async def test_dataset_import_and_export_through_the_gateway_use_postgres(pg, ma
         ("import", True, "import"),
         ("gateway", False, None),
     ]
-
-
-async def test_packages_and_the_optimizer_say_they_do_not_use_postgres_yet(pg, make_gateway, tmp_path):
-    gw = await make_gateway(on_postgres(pg))
-    await answered(gw, 1)
-    with pytest.raises(PackageError, match="packages do not export from or import into Postgres storage yet"):
-        gw.core.export_package("support", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    r = await gw.client.post(PREFIX + "/packages/export", json={"template_id": "support"})
-    assert r.status_code == 400, r.text  # refused, never a package without its dataset
-    assert "packages do not export from or import into Postgres storage yet" in r.text
-    cfg = make_config(tmp_path, on_postgres(pg, gateway={"optimization": {"enabled": True}}))
-    assert any("the optimizer does not read examples from Postgres yet" in w for w in config_warnings(cfg))
 
 
 async def test_writes_recover_after_postgres_drops_the_connections(pg, make_gateway):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sqlite3
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -55,42 +53,25 @@ class Example:
 
 
 def load_examples(
-    dataset: Path, labelled_only: bool = True, reference: frozenset[str] = frozenset()
+    datasets: Any, template_id: str, labelled_only: bool = True, reference: frozenset[str] = frozenset()
 ) -> list[Example]:
-    """Successful rows (oldest first); with `labelled_only`, only those with a usable target.
+    """A template's successful rows (oldest first) from the datasets store, embedded or Postgres;
+    with `labelled_only`, only those with a usable target.
 
     Answers of a `reference` combination (a strong model) count as labels for the others."""
-    if not dataset.exists():
-        return []
-    conn = sqlite3.connect(f"file:{dataset}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        cols = {r[1] for r in conn.execute("PRAGMA table_info(examples)")}
-        if "label_expected" not in cols:
-            return []
-        # a stream finished by a replay that diverged from what was sent is no example to learn from
-        stitched = (
-            " AND (attempts IS NULL OR attempts NOT LIKE '%\"diverged_at\"%')" if "attempts" in cols else ""
-        )
-        rows = conn.execute(
-            "SELECT id, created_at, combination_id, messages, variables, output, label_expected, label_score FROM examples "
-            f"WHERE success = 1{stitched} ORDER BY created_at, id"
-        ).fetchall()
-    finally:
-        conn.close()
     out = [
         Example(
             r["id"],
             r["created_at"],
-            orjson.loads(r["messages"]),
-            orjson.loads(r["variables"]),
+            r["messages"],
+            r["variables"],
             r["output"],
             r["label_expected"]
             if r["label_expected"] is not None or r["combination_id"] not in reference
             else r["output"],
             r["label_score"],
         )
-        for r in rows
+        for r in datasets.examples(template_id)
     ]
     return [e for e in out if e.target is not None] if labelled_only else out
 

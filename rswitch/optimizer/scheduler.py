@@ -89,7 +89,7 @@ class BackgroundOptimizer:
         out = []
         served = {c.template_id for c in self.core.gateway.combinations.values() if c.enabled}
         for tid in sorted(served):
-            n = len(load_examples(self.core.datasets.path(tid)))
+            n = len(load_examples(self.core.datasets, tid))
             if n - self._labels_at_last_run.get(tid, 0) >= self.cfg.min_new_labels:
                 out.append(tid)
         return out
@@ -147,7 +147,7 @@ class BackgroundOptimizer:
         self._cancel.clear()
         self.core.event("optimizer", f"optimizing '{template_id}'")
         settings = Settings.auto(self.cfg.auto)
-        labels = len(load_examples(self.core.datasets.path(template_id)))
+        labels = len(load_examples(self.core.datasets, template_id))
         # counted as tried even if it fails, so a failing template waits for new labels, not the next tick
         self._labels_at_last_run[template_id] = labels
         try:

@@ -107,7 +107,7 @@ async def optimize(
     core.recorder.flush()
     # a reference combination's answers label the rows of the others (never its own optimization)
     reference = frozenset(core.config.gateway.optimization.reference_combinations) - {combo.id}
-    examples = load_examples(core.datasets.path(template_id), reference=reference)
+    examples = load_examples(core.datasets, template_id, reference=reference)
     try:
         splits = split(examples, seed=settings.seed)
     except ValueError as exc:

@@ -35,7 +35,7 @@ import orjson
 import yaml
 
 from rswitch import __version__
-from rswitch.packaging import checks
+from rswitch.packaging import checks, pg
 from rswitch.packaging.checks import (
     ANALYTICS_KEY,
     FORMAT_VERSION,
@@ -66,12 +66,15 @@ class Stores:
     """Where a template's data lives: the dataset folder and the analytics database.
 
     `analytics` is an open DuckDB connection (a running core's, so no second process has to
-    open the file) or None to open `analytics_path` for this one call."""
+    open the file) or None to open `analytics_path` for this one call. With `postgres` (a
+    PostgresDatasetStore) the dataset and analytics are that database's (see `pg`); the
+    manifests stay under `base_dir`."""
 
     base_dir: Path
     analytics_path: Path | None = None
     analytics: duckdb.DuckDBPyConnection | None = None
     release: Callable[[str], None] | None = None  # close a writer's dataset connection before a swap
+    postgres: Any = None
 
 
 def sha256(path: Path) -> str:
@@ -134,6 +137,35 @@ def _snapshot_dataset(src: Path, dst: Path, progress: Progress | None) -> int:
     finally:
         target.close()
         source.close()
+
+
+def _take_dataset(stores: Stores, template_id: str, dst: Path, progress: Progress | None) -> int | None:
+    """Snapshot the template's dataset into `dst`; its row count, or None when it has none."""
+    if stores.postgres is not None:
+        if not pg.has_dataset(stores.postgres, template_id):
+            return None
+        return pg.snapshot_dataset(stores.postgres, template_id, dst, progress)
+    src = stores.base_dir / template_id / "dataset.sqlite"
+    return _snapshot_dataset(src, dst, progress) if src.exists() else None
+
+
+def _export_analytics(stores: Stores, template_id: str, target: Path, files: list[dict[str, Any]]) -> None:
+    """The template's newest rows of the DuckDB analytics store, as Parquet (nothing without one)."""
+    conn, _ = _open_analytics(stores, read_only=True)
+    if conn is None:
+        return
+    try:
+        quoted = str(target).replace("'", "''")  # the output folder's name may hold a quote
+        conn.execute(  # the newest rows, as many as an import takes
+            f"COPY (SELECT * FROM (SELECT * FROM invocations WHERE template_id = ? "
+            f"ORDER BY created_at DESC, request_id DESC LIMIT ?) ORDER BY created_at, request_id) "
+            f"TO '{quoted}' (FORMAT parquet)",
+            [template_id, checks.MAX_ANALYTICS_ROWS],
+        )
+        n = conn.execute("SELECT count(*) FROM read_parquet(?)", [str(target)]).fetchone()[0]
+        files.append({"path": "analytics.parquet", "rows": n})
+    finally:
+        conn.close()  # our own connection, or our cursor on the core's
 
 
 def _write_logs(dataset: Path, dst: Path, limit: int) -> int:
@@ -202,9 +234,8 @@ def export_package(
         write_yaml(staging / "manifest.yaml", manifest)
         files.append({"path": "manifest.yaml"})
 
-        dataset = stores.base_dir / template_id / "dataset.sqlite"
-        if dataset.exists():
-            rows = _snapshot_dataset(dataset, staging / "dataset.sqlite", progress)
+        rows = _take_dataset(stores, template_id, staging / "dataset.sqlite", progress)
+        if rows is not None:
             files.append({"path": "dataset.sqlite", "rows": rows})
             if progress:
                 progress("logs", 0, 1)
@@ -214,21 +245,11 @@ def export_package(
         if include_analytics:
             if progress:
                 progress("analytics", 0, 1)
-            conn, _ = _open_analytics(stores, read_only=True)
-            if conn is not None:
-                try:
-                    target = staging / "analytics.parquet"
-                    quoted = str(target).replace("'", "''")  # the output folder's name may hold a quote
-                    conn.execute(  # the newest rows, as many as an import takes
-                        f"COPY (SELECT * FROM (SELECT * FROM invocations WHERE template_id = ? "
-                        f"ORDER BY created_at DESC, request_id DESC LIMIT ?) ORDER BY created_at, request_id) "
-                        f"TO '{quoted}' (FORMAT parquet)",
-                        [template_id, checks.MAX_ANALYTICS_ROWS],
-                    )
-                    n = conn.execute("SELECT count(*) FROM read_parquet(?)", [str(target)]).fetchone()[0]
-                    files.append({"path": "analytics.parquet", "rows": n})
-                finally:
-                    conn.close()  # our own connection, or our cursor on the core's
+            if stores.postgres is not None:
+                n = pg.write_analytics(stores.postgres, template_id, staging / "analytics.parquet")
+                files.append({"path": "analytics.parquet", "rows": n})
+            else:
+                _export_analytics(stores, template_id, staging / "analytics.parquet", files)
 
         if progress:
             progress("checksums", 0, 1)
@@ -480,44 +501,23 @@ def import_package(
         exists = (target / "manifest.yaml").exists() or (target / "dataset.sqlite").exists()
         if exists and not overwrite:
             raise PackageError(f"template '{tid}' already exists in {base}; use --overwrite to replace it")
+        if stores.postgres is not None and not exists:
+            exists = bool(pg.has_dataset(stores.postgres, tid))
+            if exists and not overwrite:
+                raise PackageError(
+                    f"template '{tid}' already exists in Postgres at {stores.postgres.db.where} "
+                    "(it has rows there); use --overwrite to replace it"
+                )
         manifest, history = check_contents(folder, meta)  # before anything is written
 
         staged = Path(tempfile.mkdtemp(prefix=f".import-{tid}-", dir=base))
         conn = None
         old: Path | None = None
-        try:
-            write_yaml(staged / "manifest.yaml", manifest)
-            for h in history:
-                write_yaml(staged / "versions" / version_file(h), h)
-            if (folder / "dataset.sqlite").is_file():
-                _copy_dataset(folder / "dataset.sqlite", staged / "dataset.sqlite")
-            merged = 0
-            parquet = folder / "analytics.parquet"
-            if restore_analytics and parquet.is_file():
-                conn, _ = _open_analytics(stores, read_only=False)
-                if conn is None:
-                    if stores.analytics_path is None:
-                        raise PackageError("no analytics store to restore into")
-                    stores.analytics_path.parent.mkdir(parents=True, exist_ok=True)
-                    conn = duckdb.connect(str(stores.analytics_path))
-                    from rswitch.storage.analytics import SCHEMA
 
-                    conn.execute(SCHEMA)
-                conn.execute("BEGIN TRANSACTION")
-                keys = " AND ".join(f"i.{k} IS NOT DISTINCT FROM p.{k}" for k in ANALYTICS_KEY)
-                before = conn.execute("SELECT count(*) FROM invocations").fetchone()[0]
-                try:
-                    conn.execute(
-                        f"INSERT INTO invocations BY NAME SELECT p.* FROM read_parquet(?) p "
-                        f"WHERE NOT EXISTS (SELECT 1 FROM invocations i WHERE {keys})",
-                        [str(parquet)],
-                    )
-                except duckdb.Error as exc:
-                    raise PackageError(
-                        f"could not merge analytics.parquet into {stores.analytics_path}: {exc}"
-                    ) from None
-                merged = conn.execute("SELECT count(*) FROM invocations").fetchone()[0] - before
-            # swap the staged folder into place, keeping the old one until that worked
+        def swap() -> Callable[[], None]:
+            """Move the staged folder into place, keeping the old one until that worked; return
+            how to put the old one back."""
+            nonlocal old
             if stores.release is not None:
                 stores.release(tid)
             if target.exists():
@@ -530,8 +530,62 @@ def import_package(
                     os.replace(old, target)
                     old = None
                 raise
-            if conn is not None:
-                conn.execute("COMMIT")
+
+            def undo() -> None:
+                nonlocal old
+                os.replace(target, staged)
+                if old is not None:
+                    os.replace(old, target)
+                    old = None
+
+            return undo
+
+        try:
+            write_yaml(staged / "manifest.yaml", manifest)
+            for h in history:
+                write_yaml(staged / "versions" / version_file(h), h)
+            parquet = folder / "analytics.parquet"
+            if stores.postgres is not None:  # rows and calls in one transaction, committed after the swap
+                dataset = folder / "dataset.sqlite"
+                merged = pg.import_into(
+                    stores.postgres,
+                    tid,
+                    dataset if dataset.is_file() else None,
+                    parquet if restore_analytics and parquet.is_file() else None,
+                    overwrite=overwrite,
+                    swap=swap,
+                )
+            else:
+                if (folder / "dataset.sqlite").is_file():
+                    _copy_dataset(folder / "dataset.sqlite", staged / "dataset.sqlite")
+                merged = 0
+                if restore_analytics and parquet.is_file():
+                    conn, _ = _open_analytics(stores, read_only=False)
+                    if conn is None:
+                        if stores.analytics_path is None:
+                            raise PackageError("no analytics store to restore into")
+                        stores.analytics_path.parent.mkdir(parents=True, exist_ok=True)
+                        conn = duckdb.connect(str(stores.analytics_path))
+                        from rswitch.storage.analytics import SCHEMA
+
+                        conn.execute(SCHEMA)
+                    conn.execute("BEGIN TRANSACTION")
+                    keys = " AND ".join(f"i.{k} IS NOT DISTINCT FROM p.{k}" for k in ANALYTICS_KEY)
+                    before = conn.execute("SELECT count(*) FROM invocations").fetchone()[0]
+                    try:
+                        conn.execute(
+                            f"INSERT INTO invocations BY NAME SELECT p.* FROM read_parquet(?) p "
+                            f"WHERE NOT EXISTS (SELECT 1 FROM invocations i WHERE {keys})",
+                            [str(parquet)],
+                        )
+                    except duckdb.Error as exc:
+                        raise PackageError(
+                            f"could not merge analytics.parquet into {stores.analytics_path}: {exc}"
+                        ) from None
+                    merged = conn.execute("SELECT count(*) FROM invocations").fetchone()[0] - before
+                swap()
+                if conn is not None:
+                    conn.execute("COMMIT")
         except BaseException:
             if conn is not None:
                 try:

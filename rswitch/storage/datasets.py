@@ -159,6 +159,21 @@ def _label_params(label: Label) -> tuple[Any, ...]:
     )
 
 
+# What the optimizer reads of a row (rswitch.optimizer.data.Example), from either store.
+EXAMPLE_COLUMNS = (
+    "id", "created_at", "combination_id", "messages", "variables", "output", "label_expected", "label_score"
+)  # fmt: skip
+# a stream finished by a replay that diverged from what was sent: no example to learn from
+DIVERGED = "attempts LIKE '%\"diverged_at\"%'"
+
+
+def example_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of EXAMPLE_COLUMNS with its JSON parsed (created_at already an ISO string)."""
+    row["messages"] = orjson.loads(row["messages"])
+    row["variables"] = orjson.loads(row["variables"])
+    return row
+
+
 def _use_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
     """Switch a (new) file to WAL. SQLite answers "locked" at once, without waiting, while
     another connection is switching the same file, so wait here (never on the request path)."""
@@ -472,6 +487,26 @@ class DatasetStore:
         finally:
             conn.close()
         return {"unlabelled": counts.get(0, 0), "labelled": counts.get(1, 0)}
+
+    def examples(self, template_id: str) -> list[dict[str, Any]]:
+        """What a learner may use of a prompt's dataset (EXAMPLE_COLUMNS, messages and variables
+        parsed): its successful rows, oldest first, without streams a diverged replay finished."""
+        path = self.path(template_id)
+        if not path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            cols = {r[1] for r in conn.execute("PRAGMA table_info(examples)")}
+            if "label_expected" not in cols:  # a file from before labels: nothing to learn from
+                return []
+            diverged = f" AND (attempts IS NULL OR NOT {DIVERGED})" if "attempts" in cols else ""
+            rows = conn.execute(
+                f"SELECT {', '.join(EXAMPLE_COLUMNS)} FROM examples WHERE success = 1{diverged} ORDER BY created_at, id"
+            ).fetchall()
+        finally:
+            conn.close()
+        return [example_row(dict(r)) for r in rows]
 
     def find_request(self, request_id: str) -> str | None:
         """The template whose dataset holds this request's answer, if any."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +38,17 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from rswitch.storage import analytics as duck
-from rswitch.storage.datasets import NAMES, NULLABLE, checked, imported, iso
+from rswitch.storage.datasets import (
+    DIVERGED,
+    EXAMPLE_COLUMNS,
+    LABEL_COLUMNS,
+    NAMES,
+    NULLABLE,
+    checked,
+    example_row,
+    imported,
+    iso,
+)
 from rswitch.storage.record import CallRecord, Label, Refused, WriteReport, reason
 
 log = logging.getLogger("rswitch.postgres")
@@ -216,6 +226,64 @@ def _no_nul(names: tuple[str, ...] | list[str], values: tuple[Any, ...]) -> tupl
     return values
 
 
+DUMP_TIMEOUT = 600.0  # seconds a package's snapshot of one template may take
+# The columns of `examples` a package's dataset.sqlite carries (all but the id), in insert order
+PACKAGE_COLUMNS = (*NAMES, *(c for c in LABEL_COLUMNS if c not in NAMES))
+_TIMES = ("created_at", "labelled_at")
+
+
+def embedded_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of `examples` as the embedded store holds it: ISO times, 0/1 flags, no id."""
+    row.pop("id", None)
+    for name in _TIMES:
+        row[name] = _iso_ms(row[name])
+    for flag in EXAMPLE_FLAGS:
+        row[flag] = int(row[flag])
+    return row
+
+
+def _timestamp(value: Any, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return _aware(datetime.fromisoformat(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"'{name}' is not an ISO 8601 timestamp: {str(value)[:40]!r}") from None
+
+
+def example_from_embedded(
+    template_id: str, row: dict[str, Any], reference: frozenset[str] = frozenset()
+) -> tuple[Any, ...]:
+    """The values (PACKAGE_COLUMNS) of an embedded dataset's row (sqlite3.Row as dict) for
+    `examples` under `template_id`; a ValueError naming the column if Postgres cannot hold one.
+
+    A row from a dataset older than the `labelled` flag is labelled if it has a label (as
+    open_dataset upgrades such a file); a reference combination's successful answer is too."""
+    values: dict[str, Any] = {c: row.get(c) for c in PACKAGE_COLUMNS}
+    values["template_id"] = template_id
+    values["origin"] = values["origin"] or "gateway"
+    for flag in EXAMPLE_FLAGS - {"labelled"}:
+        values[flag] = bool(values[flag])
+    if "labelled" not in row:
+        values["labelled"] = (
+            values["label_source"] is not None
+            or values["origin"] == "import"
+            or values["label_expected"] is not None
+            or values["label_score"] is not None
+        )
+    values["labelled"] = bool(values["labelled"]) or (
+        values["success"] and values["combination_id"] in reference
+    )
+    for name in ("cost", "latency_ms", "ttft_ms", "label_score"):
+        if values[name] is not None:
+            values[name] = float(values[name])
+    for name in _TIMES:
+        values[name] = _timestamp(values[name], name)
+    if not -INT32 <= values["status"] < INT32:
+        raise ValueError(f"'status' {values['status']} does not fit in 32 bits")
+    return _no_nul(PACKAGE_COLUMNS, tuple(values.values()))
+
+
 def _example_row(r: CallRecord, labelled: bool) -> tuple[Any, ...]:
     values = checked(
         NAMES,
@@ -381,8 +449,8 @@ class PostgresDatasetStore:
             )
 
     def path(self, template_id: str) -> Any:
-        """Where the embedded store would keep this dataset. The optimizer still reads SQLite files:
-        with storage on Postgres it finds no examples there (a later increment)."""
+        """Where the embedded store would keep this dataset (no file is written there: the rows are
+        in `examples`; the optimizer reads them with `examples`, packages with rswitch.packaging)."""
         return self.base_dir / template_id / "dataset.sqlite"
 
     def write(self, records: list[CallRecord | Label]) -> WriteReport:
@@ -483,6 +551,38 @@ class PostgresDatasetStore:
         )
         by = {r["labelled"]: r["n"] for r in rows}
         return {"unlabelled": by.get(False, 0), "labelled": by.get(True, 0)}
+
+    def examples(self, template_id: str) -> list[dict[str, Any]]:
+        """What a learner may use, shaped as the embedded store's (DatasetStore.examples)."""
+        rows = self.db.query(
+            f"SELECT {', '.join(EXAMPLE_COLUMNS)} FROM examples WHERE template_id = $1 AND success "
+            f"AND (attempts IS NULL OR NOT {DIVERGED}) ORDER BY created_at, id",
+            template_id,
+        )
+        for r in rows:
+            r["created_at"] = _iso_ms(r["created_at"])  # as the embedded store writes it
+        return [example_row(r) for r in rows]
+
+    def dump(self, template_id: str, sink: Callable[[list[dict[str, Any]]], None], batch: int = 2000) -> int:
+        """Every row of a template, oldest first, in the embedded store's shapes (`embedded_row`),
+        handed to `sink` a batch at a time (in a worker thread, so the sink may write files) from
+        one snapshot: rows recorded or trimmed meanwhile are not half in. Returns the row count."""
+
+        async def go() -> int:
+            n = 0
+            async with (
+                self.db.pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                cursor = await conn.cursor(
+                    "SELECT * FROM examples WHERE template_id = $1 ORDER BY id", template_id
+                )
+                while rows := await cursor.fetch(batch):
+                    await asyncio.to_thread(sink, [embedded_row(dict(r)) for r in rows])
+                    n += len(rows)
+            return n
+
+        return self.db.run(go(), DUMP_TIMEOUT)
 
     def find_request(self, request_id: str) -> str | None:
         rows = self.db.query(
