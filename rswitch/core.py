@@ -335,6 +335,17 @@ class Core:
         self.combination(combination_id).enabled = enabled
         self.gateway.reindex()
 
+    def reset_weights(self) -> list[str]:
+        """Every configured combination's weight and state back to the config's; the ids reset."""
+        done = []
+        for cfg in self.config.gateway.combinations:
+            combo = self.gateway.combinations.get(cfg.id)
+            if combo is not None:
+                combo.weight, combo.enabled = cfg.weight, cfg.enabled
+                done.append(cfg.id)
+        self.gateway.reindex()
+        return done
+
     # -- ground truth ----------------------------------------------------------------------------
 
     async def feedback(self, body: Any) -> dict[str, Any]:

@@ -3,12 +3,16 @@
 Nothing is counted twice or on the request path: a custom collector reads the same in-memory
 metrics `/status` shows, when scraped (on the gateway's loop, which owns them). Client
 requests and the upstream attempts made for them are separate families.
+
+With `serve --workers N` every process's families travel as plain data (`snapshot`) with the
+worker's half-second poll of the owner, and a worker's `/metrics` is `merge` of its own live
+families and the others' latest: the whole server, whichever worker answers the scrape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -20,8 +24,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class CoreCollector:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, *, own: bool = False) -> None:
         self.core = core
+        self.own = own  # a worker's recorder counts only its side (the owner's counts come once)
 
     def collect(self) -> Iterator[Metric]:
         core = self.core
@@ -144,7 +149,8 @@ class CoreCollector:
             malformed.add_metric([name], provider.malformed_events)
         yield malformed
 
-        rec = core.recorder.stats()
+        own_stats = getattr(core.recorder, "own_stats", None) if self.own else None
+        rec = own_stats() if own_stats is not None else core.recorder.stats()
         yield GaugeMetricFamily(
             "rswitch_recorder_queue_depth", "Records waiting for the writer", rec["queue_depth"]
         )
@@ -177,8 +183,103 @@ def _seconds(buckets: list[tuple[str, int]]) -> list[tuple[str, int]]:
     return [(b if b == "+Inf" else repr(float(b) / 1000), n) for b, n in buckets]
 
 
+# -- serve --workers N: one /metrics for the whole server ------------------------------------------
+
+# one series per worker (label `worker`): a window's quantiles and what each process's balancer and
+# breakers decide do not add up; the owner's are left out (it answers no client)
+PER_WORKER = frozenset(
+    {
+        "rswitch_attempt_latency_ms",
+        "rswitch_effective_weight",
+        "rswitch_demoted",
+        "rswitch_circuit_open",
+        "rswitch_state_degraded",
+    }
+)
+# the highest: every worker reads the owner's optimizer counts; a store failing in any process
+HIGHEST = frozenset({"rswitch_optimizer_runs", "rswitch_store_failing"})
+NOTES = {
+    "per_worker": " (serve --workers N: one series per worker, label worker)",
+    "highest": " (serve --workers N: the highest of the processes)",
+    "sum": " (serve --workers N: summed over the workers and the owner)",
+}
+
+Families = list[list[Any]]  # [[name, help, type, [[sample, labels, value], ...]], ...]
+
+
+def snapshot(core: Core, *, own: bool = True) -> Families:
+    """This process's families as plain data, for another process to merge; call on the loop."""
+    return [
+        [m.name, m.documentation, m.type, [[s.name, s.labels, s.value] for s in m.samples]]
+        for m in CoreCollector(core, own=own).collect()
+    ]
+
+
+def merge(processes: Iterable[tuple[str | None, Families]]) -> Families:
+    """The families of several processes as one: counters, histograms and the queue depths summed,
+    the PER_WORKER gauges one series per worker (processes labelled None, the owner and the
+    retired workers' counters, have none), the HIGHEST the highest. HELP says which."""
+    out: dict[str, list[Any]] = {}
+    samples: dict[str, dict[tuple[Any, ...], list[Any]]] = {}
+    for worker, families in processes:
+        for name, doc, kind, rows in families:
+            per_worker = name in PER_WORKER
+            if per_worker and worker is None:
+                continue
+            if name not in out:
+                how = "per_worker" if per_worker else "highest" if name in HIGHEST else "sum"
+                note = NOTES[how]
+                out[name] = [name, doc if doc.endswith(note) else doc + note, kind, []]
+                samples[name] = {}
+            acc = samples[name]
+            for sample, labels, value in rows:
+                if per_worker:
+                    labels = {**labels, "worker": worker}
+                key = (sample, *sorted(labels.items()))
+                have = acc.get(key)
+                if have is None:
+                    acc[key] = [sample, labels, value]
+                elif name in HIGHEST:
+                    have[2] = max(have[2], value)
+                else:
+                    have[2] += value
+    for name, family in out.items():
+        family[3] = list(samples[name].values())
+    return list(out.values())
+
+
+def counters_only(families: Families) -> Families:
+    """What of a stopped process's families still counts: its counters and histograms."""
+    return [f for f in families if f[2] in ("counter", "histogram")]
+
+
+def requests_by_outcome(families: Families) -> dict[str, float]:
+    """rswitch_requests of (merged) families: outcome -> requests."""
+    for name, _, _, rows in families:
+        if name == "rswitch_requests":
+            return {labels["outcome"]: value for _, labels, value in rows}
+    return {}
+
+
+class _Fixed:
+    def __init__(self, families: Families) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, kind, rows in self.families:
+            metric = Metric(name, doc, kind)
+            for sample, labels, value in rows:
+                metric.add_sample(sample, labels, value)
+            yield metric
+
+
 def render(core: Core) -> bytes:
-    """The exposition text; call on the gateway's loop."""
+    """The exposition text; call on the gateway's loop. A core with `metric_peers` (a worker of
+    `serve --workers N`) adds the other processes' families as last polled."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CoreCollector(core))
+    peers = getattr(core, "metric_peers", None)
+    if peers is None:
+        registry.register(CoreCollector(core))
+    else:
+        registry.register(_Fixed(merge([(getattr(core, "metric_label", None), snapshot(core)), *peers()])))
     return generate_latest(registry)

@@ -13,11 +13,20 @@ process may open; the workers pick its promotions up through the template watche
 relay socket (rswitch.storage.relay). A worker's core records through a RelayClient instead of
 a Recorder and reads the stores through calls to the owner; it never opens the files.
 
-Per worker, until shared state lands: rate-limit buckets (each worker gets 1/N of a provider's
+With `storage: {backend: postgres}` nothing is relayed: every worker records straight into the
+database, as a replica does (one database every process may write; the parent is not a
+bottleneck), and reads it itself. The parent still runs the optimizer and the package work.
+
+Per worker with local state: rate-limit buckets (each worker gets 1/N of a provider's
 `rate_limit` and `tpm` and of a client key's `rpm` and `tpm`, so N workers keep the configured
-limit overall), health and circuit breakers, live metrics and /metrics, bandit statistics.
-Changes to one worker's memory from the admin API (reweight, enable/disable) are refused with
-409: they would reach only the worker that happened to answer.
+limit overall), health and circuit breakers, bandit statistics, the live numbers of /status and
+the console. Shared through the parent: the operator's changes (reweight, enable/disable, reset:
+the answering worker asks the parent, which numbers them in one log, applies them to itself and
+answers the changes the worker has not applied, so it reflects them at once; every other worker
+takes them with its half-second exchange, and a worker started again takes them all before it
+serves), package export/import (done by the parent, answered through the worker), and /metrics
+(each worker sends its families with the same exchange and takes the others': any worker's
+/metrics is the whole server, rswitch.prometheus.merge).
 
 A worker that exits while the parent runs (SIGTERM sent to it alone, a crash) has drained its
 relay first when it could, and is started again under the same index, so the shares stay 1/N.
@@ -37,15 +46,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from rswitch import prometheus
 from rswitch.config import Config
 from rswitch.core import Core
 from rswitch.gateway.errors import GatewayError
+from rswitch.packaging import PackageError
 from rswitch.storage import relay
 
 log = logging.getLogger("rswitch.workers")
@@ -53,10 +65,9 @@ MAX_WORKERS = 64
 ENV = "RSWITCH_WORKER"  # the worker's orders, set by the parent
 START_TIMEOUT = 120.0  # seconds a worker has to answer (a local model may load at start)
 STOP_TIMEOUT = 30.0  # seconds a stopping worker has before it is killed
-NOT_ACROSS_WORKERS = (
-    "this changes one worker's memory and would reach only the worker that answered "
-    "(rswitch serve --workers {n}); set it in the config and restart, or run --workers 1"
-)
+EXCHANGE_EVERY = 0.5  # seconds between a worker's exchanges with the parent (metrics, changes)
+CHANGE_TIMEOUT = 5.0  # seconds an operator's change waits for the parent to number it
+PACKAGE_TIMEOUT = 900.0  # seconds a package export/import through a worker may take in the parent
 
 
 def check_count(n: int) -> str | None:
@@ -129,14 +140,107 @@ class RemoteOptimizer:
         pass  # it runs in the owner
 
 
+def apply_change(core: Core, change: dict[str, Any]) -> None:
+    """One entry of the parent's operator log, applied to this process's combinations."""
+    op = change["op"]
+    if op == "reset":
+        Core.reset_weights(core)
+    elif op in ("weight", "enabled") and change["id"] in core.gateway.combinations:
+        if op == "weight":
+            Core.reweight(core, change["id"], float(change["value"]))
+        else:
+            Core.set_enabled(core, change["id"], bool(change["value"]))
+
+
+class PatientDatasets:
+    """A worker's Postgres datasets. A call another worker answered a moment ago may still be on
+    that worker's recorder queue: a lookup that misses asks again until that recorder has written
+    it (twice its flush interval, and a second), so feedback finds it whichever worker answers."""
+
+    def __init__(self, store: Any, wait: float) -> None:
+        self.store, self.wait = store, wait
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def find_request(self, request_id: str) -> str | None:
+        deadline = time.monotonic() + self.wait
+        while True:
+            found = self.store.find_request(request_id)
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.1)
+
+
+class WorkerLink:
+    """A worker's exchange with the parent every EXCHANGE_EVERY seconds, on a daemon thread: it
+    sends its metric families, and takes the other processes' and the operator's changes it has
+    not applied yet."""
+
+    def __init__(self, core: WorkerCore, *, start: bool = True) -> None:
+        self.core = core
+        self.failing: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rswitch-worker-link", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(EXCHANGE_EVERY):
+            try:
+                self.exchange(self._families())
+            except Exception as exc:
+                if self.failing is None:
+                    log.warning(
+                        "worker %d: exchange with the parent failing: %s", self.core.worker_index, exc
+                    )
+                self.failing = f"{type(exc).__name__}: {exc}"
+            else:
+                self.failing = None
+
+    def _families(self) -> prometheus.Families:
+        core = self.core
+        assert core.loop is not None
+
+        async def on_loop() -> prometheus.Families:  # the loop owns the metrics
+            return prometheus.snapshot(core)
+
+        return asyncio.run_coroutine_threadsafe(on_loop(), core.loop).result(5.0)
+
+    def exchange(self, families: prometheus.Families, replay: bool = False) -> list[dict[str, Any]]:
+        """Send this worker's families; keep the others'; the changes not applied yet are applied
+        on the loop (or, with `replay`, returned for the caller to apply)."""
+        core = self.core
+        msg = {"index": core.worker_index, "pid": os.getpid(), "after": core.change_seq, "metrics": families}
+        reply = relay.call(core.relay_path, "worker.exchange", msg, timeout=5.0)
+        core.peers = [(label, fams) for label, fams in reply["metrics"]]
+        changes: list[dict[str, Any]] = reply["changes"]
+        if changes and not replay and core.loop is not None and not core.loop.is_closed():
+            core.loop.call_soon_threadsafe(core.apply_changes, changes)
+        return changes
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class WorkerCore(Core):
     def __init__(self, config: Config, relay_path: str, index: int, count: int) -> None:
         self.relay_path, self.worker_index, self.worker_count = relay_path, index, count
+        self.metric_label = str(index)  # its series of the per-worker gauges in /metrics
+        self.change_seq = 0  # the parent's operator log is applied up to this entry
+        self.peers: list[tuple[str | None, prometheus.Families]] = []  # the others' metrics, as last polled
+        self.link: WorkerLink | None = None
         config.gateway.optimization.enabled = False  # the owner runs it
         super().__init__(config)
 
     def open_stores(self, config: Config) -> tuple[Any, Any, Any]:
         rc = config.recorder
+        if config.storage.backend == "postgres":  # every process may write it: record straight in
+            datasets, analytics, recorder = super().open_stores(config)
+            return PatientDatasets(datasets, 2 * rc.flush_interval_ms / 1000 + 1.0), analytics, recorder
         client = relay.RelayClient(
             self.relay_path,
             queue_size=rc.queue_size,
@@ -148,8 +252,43 @@ class WorkerCore(Core):
     async def start(self) -> None:
         await super().start()
         self.optimizer = RemoteOptimizer(self.relay_path)
+        # before it serves: a worker started again has the operator's changes made before, and
+        # its /metrics the others' counts
+        link = WorkerLink(self, start=False)
+        try:
+            changes = await asyncio.to_thread(link.exchange, prometheus.snapshot(self), replay=True)
+        except Exception as exc:
+            log.error("worker %d: the operator's earlier changes are not applied: %s", self.worker_index, exc)
+        else:
+            self.apply_changes(changes, replay=True)
+        self.link = link
+        link.start()
+
+    async def stop(self) -> None:
+        link, self.link = self.link, None
+        if link is not None:
+            link.stop()
+        await super().stop()
+        if link is not None:  # its last counts, so the sum over the workers keeps them
+            families = prometheus.snapshot(self)
+            try:
+                await asyncio.to_thread(link.exchange, families, True)
+            except Exception as exc:
+                log.warning("worker %d: last metrics not handed to the parent: %s", self.worker_index, exc)
+
+    def announce(self, hello: dict[str, Any]) -> None:
+        """Tell the parent this worker answers now (it waits for each at start)."""
+        if isinstance(self.recorder, relay.RelayClient):
+            self.recorder.announce(hello)  # (and polls the owner's writer counters from now)
+        else:
+            relay.call(self.relay_path, "hello", hello)
+
+    def metric_peers(self) -> list[tuple[str | None, prometheus.Families]]:
+        """The other processes' metric families as last exchanged (rswitch.prometheus.render)."""
+        return self.peers
 
     def worker_view(self) -> dict[str, Any]:
+        merged = prometheus.merge([(self.metric_label, prometheus.snapshot(self)), *self.peers])
         return {
             "index": self.worker_index,
             "count": self.worker_count,
@@ -160,7 +299,11 @@ class WorkerCore(Core):
                 if self.shared_state is not None
                 else f"each worker keeps 1/{self.worker_count} of every rate_limit, tpm, rpm"
             ),
-            "metrics": "per worker (/metrics counts the calls this worker answered)",
+            "metrics": (
+                "the live numbers of /status and the console are this worker's; /metrics and "
+                "server_requests sum every worker"
+            ),
+            "server_requests": prometheus.requests_by_outcome(merged),
         }
 
     async def status_with_analytics(self) -> dict[str, Any]:
@@ -168,30 +311,83 @@ class WorkerCore(Core):
         out["worker"] = self.worker_view()
         return out
 
-    def _refuse(self) -> GatewayError:
-        return GatewayError(409, NOT_ACROSS_WORKERS.format(n=self.worker_count), code="not_across_workers")
+    # -- the operator's changes: numbered by the parent, applied by every worker ------------------
+
+    def apply_changes(self, changes: list[dict[str, Any]], replay: bool = False) -> None:
+        """On the loop: the parent's log entries after `change_seq`, in order; each made through
+        another worker is an event here too (the answering worker's own was recorded when made)."""
+        fresh = [c for c in changes if c["seq"] > self.change_seq]
+        for change in fresh:
+            apply_change(self, change)
+            self.change_seq = change["seq"]
+            if not replay and change.get("pid") != os.getpid() and change.get("text"):
+                self.event(change["kind"], change["text"])
+        if replay and fresh:
+            self.event("operator", f"{len(fresh)} operator change(s) made before this worker started applied")
+
+    def _change(self, change: dict[str, Any], text: str) -> None:
+        where = f" (through worker {self.worker_index}/{self.worker_count})"
+        entry = {**change, "pid": os.getpid(), "kind": "operator", "text": text + where}
+        try:  # a short call on the loop: the parent numbers it on a thread of its own
+            changes = relay.call(
+                self.relay_path, "operator.change", entry, self.change_seq, timeout=CHANGE_TIMEOUT
+            )
+        except relay.RelayError as exc:
+            raise GatewayError(
+                503,
+                f"{exc}; nothing was changed (rswitch serve --workers {self.worker_count} applies it "
+                "through the parent process)",
+                error_type="service_unavailable",
+                code="owner_unreachable",
+            ) from None
+        self.apply_changes(changes)
 
     def reweight(self, combination_id: str, weight: float) -> None:
-        raise self._refuse()
+        if weight < 0:
+            raise ValueError("weight must be >= 0")
+        self.combination(combination_id)  # unknown: KeyError, as in one process
+        self._change(
+            {"op": "weight", "id": combination_id, "value": float(weight)},
+            f"weight of {combination_id} set to {float(weight):g}",
+        )
 
     def set_enabled(self, combination_id: str, enabled: bool) -> None:
-        raise self._refuse()
+        self.combination(combination_id)
+        self._change(
+            {"op": "enabled", "id": combination_id, "value": bool(enabled)},
+            f"{combination_id} {'enabled' if enabled else 'disabled'}",
+        )
+
+    def reset_weights(self) -> list[str]:
+        self._change({"op": "reset"}, "weights and states reset to the configured values")
+        return [c.id for c in self.config.gateway.combinations if c.id in self.gateway.combinations]
+
+    # -- packages: built and imported by the parent, which owns the stores -----------------------
 
     def export_package(self, template_id: str, output_dir: Path, **options: Any) -> Path:
-        raise GatewayError(
-            409,
-            "packages are exported by the process owning the stores; with rswitch serve --workers "
-            f"{self.worker_count} stop it and run `rswitch package export` (or serve --workers 1)",
-            code="not_across_workers",
+        reply = relay.call(
+            self.relay_path,
+            "package.export",
+            template_id,
+            str(output_dir),
+            options,
+            os.getpid(),
+            timeout=PACKAGE_TIMEOUT,
         )
+        if "refused" in reply:
+            raise PackageError(reply["refused"])
+        path = Path(reply["path"])
+        self.event("export", f"exported '{template_id}' → {path}")
+        return path
 
     def import_package(self, path: Path, **options: Any) -> dict[str, Any]:
-        raise GatewayError(
-            409,
-            "packages are imported by the process owning the stores; with rswitch serve --workers "
-            f"{self.worker_count} stop it and run `rswitch package import` (or serve --workers 1)",
-            code="not_across_workers",
+        reply = relay.call(
+            self.relay_path, "package.import", str(path), options, os.getpid(), timeout=PACKAGE_TIMEOUT
         )
+        if "refused" in reply:
+            raise PackageError(reply["refused"])
+        self.registry.reload()  # the imported template is served at once here too
+        return dict(reply["result"])
 
 
 class WorkerHeader:
@@ -244,7 +440,7 @@ def worker_main() -> None:
             await asyncio.sleep(0.05)
         if server.started:
             hello = {"index": index, "pid": os.getpid()}
-            await asyncio.to_thread(core.recorder.announce, hello)
+            await asyncio.to_thread(core.announce, hello)
         await task
 
     import uvloop
@@ -264,10 +460,90 @@ def caught_up(core: Core, server: relay.RelayServer) -> None:
     core.recorder.flush()
 
 
-def owner_handler(core: Core, server_box: list[Any]) -> Any:
-    """What the owner answers on the relay socket besides records."""
+class Owner:
+    """What the parent answers on the relay socket besides records: reads of its stores and its
+    optimizer, the operator's changes in one numbered log, the processes' metric families, and
+    the package work."""
 
-    def handle(method: str, args: list[Any]) -> Any:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.server: relay.RelayServer | None = None
+        self.changes: list[dict[str, Any]] = []  # entry i has seq i + 1
+        self.metrics: dict[int, tuple[int, prometheus.Families]] = {}  # index -> (pid, families)
+        self.retired: prometheus.Families = []  # the counters of workers since started again
+        self.own: prometheus.Families = []  # this process's (the optimizer's calls, the writer)
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """On the parent's loop (which owns its metrics): its own families, for the workers."""
+        self.own = prometheus.snapshot(self.core)
+
+    def _caught_up(self) -> None:
+        assert self.server is not None
+        caught_up(self.core, self.server)
+
+    def _log(self, entry: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            entry = {**entry, "seq": len(self.changes) + 1}
+            self.changes.append(entry)
+        return entry
+
+    def change(self, entry: dict[str, Any], after: int) -> list[dict[str, Any]]:
+        """Number an operator's change, apply it here too, and answer what `after` lacks."""
+        entry = self._log(entry)
+        log.info("operator: %s", entry["text"])
+        loop = self.core.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(apply_change, self.core, entry)
+        with self._lock:
+            return self.changes[after:]
+
+    def exchange(self, msg: dict[str, Any]) -> dict[str, Any]:
+        index, pid = int(msg["index"]), int(msg["pid"])
+        with self._lock:
+            old = self.metrics.get(index)
+            if old is not None and old[0] != pid:  # started again: what the old one counted stays counted
+                self.retired = prometheus.merge(
+                    [(None, self.retired), (None, prometheus.counters_only(old[1]))]
+                )
+            self.metrics[index] = (pid, msg["metrics"])
+            peers = [(str(i), fams) for i, (_, fams) in sorted(self.metrics.items()) if i != index]
+            changes = self.changes[int(msg["after"]) :]
+        return {"changes": changes, "metrics": [*peers, (None, self.own), (None, self.retired)]}
+
+    def recorded(self) -> tuple[int, int]:
+        """(written, dropped) records over every process, from the workers' last exchanges (each
+        sends one once stopped): with Postgres the workers write, otherwise this process does."""
+        with self._lock:
+            processes = [(str(i), fams) for i, (_, fams) in self.metrics.items()]
+            processes += [(None, self.retired), (None, self.own)]
+        totals = {name: rows for name, _, _, rows in prometheus.merge(processes)}
+        return tuple(  # type: ignore[return-value]
+            int(sum(v for _, _, v in totals.get(name, ())))
+            for name in ("rswitch_recorder_written", "rswitch_recorder_dropped")
+        )
+
+    def export_package(self, template_id: str, output_dir: str, options: dict[str, Any], pid: int) -> Any:
+        self._caught_up()  # what the workers answered before is in the package
+        try:
+            path = self.core.export_package(template_id, Path(output_dir), **options)
+        except PackageError as exc:
+            return {"refused": str(exc)}
+        self._log({"op": "event", "kind": "export", "text": f"exported '{template_id}' → {path}", "pid": pid})
+        return {"path": str(path)}
+
+    def import_package(self, path: str, options: dict[str, Any], pid: int) -> Any:
+        self._caught_up()
+        try:
+            result = self.core.import_package(Path(path), **options)
+        except PackageError as exc:
+            return {"refused": str(exc)}
+        text = f"imported package of '{result['template_id']}'"
+        self._log({"op": "event", "kind": "import", "text": text, "pid": pid})
+        return {"result": result}
+
+    def handle(self, method: str, args: list[Any]) -> Any:
+        core = self.core
         part, _, name = method.partition(".")
         if (
             part in ("datasets", "analytics")
@@ -276,16 +552,25 @@ def owner_handler(core: Core, server_box: list[Any]) -> Any:
             and name not in ("close", "write")
         ):
             if name in ("find_request", "recent"):  # feedback's lookup, a dataset export
-                caught_up(core, server_box[0])
+                self._caught_up()
             return getattr(core.datasets if part == "datasets" else core.analytics, name)(*args)
+        if method == "worker.exchange":
+            return self.exchange(args[0])
+        if method == "operator.change":
+            return self.change(args[0], int(args[1]))
+        if method == "package.export":
+            return self.export_package(*args)
+        if method == "package.import":
+            return self.import_package(*args)
         if method == "recorder.stats":
-            srv = server_box[0]
+            srv = self.server
+            assert srv is not None
             return {**core.recorder.stats(), "relay_received": srv.received, "relay_dropped": srv.dropped}
         if method == "recorder.check_writes":
             core.recorder.check_writes()
             return True
         if method == "recorder.flush":
-            caught_up(core, server_box[0])
+            self._caught_up()
             return True
         if method.startswith("optimizer."):
             opt = core.optimizer
@@ -298,8 +583,6 @@ def owner_handler(core: Core, server_box: list[Any]) -> Any:
             if method == "optimizer.cancel":
                 return opt.cancel()
         raise RuntimeError(f"no such call {method!r}")
-
-    return handle
 
 
 class Supervisor:
@@ -332,6 +615,7 @@ class Supervisor:
         self._dir = Path(tempfile.mkdtemp(prefix="rswitch-relay-"))
         self.relay_path = str(self._dir / "owner.sock")
         self.relay: relay.RelayServer | None = None
+        self.owner = Owner(core)
 
     def spawn(self, index: int) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
@@ -375,6 +659,7 @@ class Supervisor:
                 pass
             if self.stopping.is_set():
                 return
+            self.owner.refresh()
             for i, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None:
@@ -410,11 +695,10 @@ class Supervisor:
         """Serve until SIGTERM/SIGINT; `announce()` once every worker answers. False: no start."""
         loop = asyncio.get_running_loop()
         await self.core.start()  # recorder, optimizer, template watcher
-        box: list[Any] = []
-        self.relay = relay.RelayServer(
-            self.relay_path, self.core.recorder.submit, owner_handler(self.core, box)
+        self.owner.refresh()
+        self.relay = self.owner.server = relay.RelayServer(
+            self.relay_path, self.core.recorder.submit, self.owner.handle
         )
-        box.append(self.relay)
         self.relay.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +66,7 @@ def serve(
     *args: str,
     rpm: float | None = None,
     state: dict[str, Any] | None = None,
+    storage: dict[str, Any] | None = None,
 ) -> Iterator[Serve]:
     provider: dict[str, Any] = {"type": "openai", "base_url": upstream_url, "timeout_seconds": 5}
     if rpm:
@@ -73,7 +75,10 @@ def serve(
         "model_providers": {"up": provider},
         "templates": {"support": {"template": "You support {product}."}},
         "gateway": {
-            "combinations": [{"id": "oa", "template_id": "support", "model": "gpt-4o", "provider": "up"}],
+            "combinations": [
+                {"id": "oa", "template_id": "support", "model": "gpt-4o", "provider": "up"},
+                {"id": "ob", "template_id": "support", "model": "gpt-4o-mini", "provider": "up", "weight": 0},
+            ],
             "max_rate_wait_seconds": 0,  # over the limit: 429 at once
         },
         "dataset": {"base_path": str(workdir / "prompts")},
@@ -81,6 +86,8 @@ def serve(
     }
     if state:
         config["state"] = state
+    if storage:
+        config["storage"] = storage
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
@@ -275,20 +282,15 @@ def test_sigterm_to_one_worker_loses_nothing_and_it_is_started_again(tmp_path, u
     assert "1 restart(s)" in gw.output
 
 
-def test_the_console_reads_a_multi_worker_gateway_optimizes_through_the_owner_and_reweight_is_refused(
-    tmp_path, upstream
-):
+def test_the_console_reads_a_multi_worker_gateway_and_optimizes_through_the_owner(tmp_path, upstream):
     with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
         ask(client)
 
-        async def console() -> tuple[Any, Any, Any]:
+        async def console() -> tuple[Any, Any]:
             async with HttpOperator(gw.url) as op:
                 snapshot = await op.snapshot()
                 runs = await op.optimizer_runs()  # a read of DuckDB, answered by the owner
-                with pytest.raises(Exception) as refused:
-                    await op.reweight("oa", 5)
-                status = await op.status()
                 exported = await op.dataset_export("support")  # rows read by the owner
                 assert len(exported.splitlines()) == 1 and b"echo: hello" in exported
                 queued = await op.optimize("support")  # run by the owner, which holds the datasets
@@ -299,15 +301,217 @@ def test_the_console_reads_a_multi_worker_gateway_optimizes_through_the_owner_an
                 last = (await op.status()).optimizer.last
                 assert last is not None and last.template_id == "support"
                 assert "need at least 6 distinct labelled inputs" in (last.error or "")  # it read the dataset
-                return snapshot, runs, (refused.value, status)
+                return snapshot, runs
 
-        snapshot, runs, (refused, status) = asyncio.run(console())
-        assert [c.id for c in snapshot.combinations][:1] == ["oa"]
+        snapshot, runs = asyncio.run(console())
+        assert [c.id for c in snapshot.combinations][:2] == ["oa", "ob"]
         assert runs.runs == []
-        assert getattr(refused, "status", None) == 409
-        assert "would reach only the worker that answered" in str(refused)
-        assert next(c for c in status.combinations if c.id == "oa").weight == 1
         assert gw.stop() == 0
+
+
+def each_worker(url: str, path: str, want: Any = lambda body: True, count: int = 2) -> dict[str, Any]:
+    """GET `path` on fresh connections (the kernel gives each to a free worker) until every worker
+    has answered a body `want` accepts: {"0/2": body, "1/2": body}."""
+    seen: dict[str, Any] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < count:
+        assert time.monotonic() < deadline, f"only {sorted(seen)} answered as wanted"
+        r = httpx.get(url + path)
+        body = r.json() if path != "/metrics" else r.text
+        if want(body):
+            seen[r.headers["x-rswitch-worker"]] = body
+    return seen
+
+
+def weights(status: dict[str, Any]) -> dict[str, tuple[float, bool]]:
+    return {c["id"]: (c["weight"], c["enabled"]) for c in status["combinations"] if c["kind"] == "configured"}
+
+
+def test_reweight_enable_and_reset_through_any_worker_reach_every_worker_and_a_restarted_one(
+    tmp_path, upstream
+):
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+
+        async def operate() -> list[Any]:
+            async with HttpOperator(gw.url) as op:  # one kept-alive connection: one worker
+                return [await op.reweight("ob", 3), await op.set_enabled("oa", False)]
+
+        reweighted, disabled = asyncio.run(operate())
+        assert (reweighted.weight, disabled.enabled) == (3, False)  # the answering worker, at once
+        changed = {"oa": (1.0, False), "ob": (3.0, True)}
+        statuses = each_worker(gw.url, "/status", lambda s: weights(s) == changed)  # and the other
+        assert {s["worker"]["index"] for s in statuses.values()} == {0, 1}
+        # every answer now comes from ob, whichever worker takes it
+        body = {
+            "model": "support",
+            "messages": [{"role": "user", "content": "hi"}],
+            "variables": {"product": "A"},
+        }
+        for _ in range(6):
+            raw = httpx.post(gw.url + "/v1/chat/completions", json=body)
+            assert raw.status_code == 200 and raw.headers["x-rswitch-combination"] == "ob", raw.text
+
+        # every worker's console shows each change as an event, once, as one process does
+        def shown(snap: dict[str, Any]) -> bool:
+            texts = [e["text"] for e in snap["events"]]
+            return [t.split(" (")[0] for t in texts if t.startswith(("weight of", "oa "))] == [
+                "weight of ob set to 3",
+                "oa disabled",
+            ]
+
+        each_worker(gw.url, "/admin/v1/snapshot", shown)
+
+        first = gw.worker_pids()[0]
+        os.kill(first, signal.SIGTERM)
+        m = gw.wait_for_line(rf"worker 0 \(pid {first}\) exited with code 0; started again as pid (\d+)")
+        new_pid = int(m.group(1))
+        fresh = each_worker(gw.url, "/status", lambda s: s["worker"]["pid"] == new_pid, count=1)
+        assert weights(next(iter(fresh.values()))) == changed  # its very first answer has them
+
+        async def reset() -> None:
+            async with HttpOperator(gw.url) as op:
+                await op.reset_weights()
+
+        asyncio.run(reset())
+        each_worker(gw.url, "/status", lambda s: weights(s) == {"oa": (1.0, True), "ob": (0.0, True)})
+        assert gw.stop() == 0
+    assert "operator: weight of ob set to 3 (through worker" in gw.output  # the parent's log
+
+
+def succeeded(metrics: str) -> float:
+    m = re.search(r'^rswitch_requests_total\{outcome="succeeded"\} (\S+)$', metrics, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def chat_on_fresh_connections(url: str, at_least: int) -> list[httpx.Response]:
+    """Chat requests, each on its own connection, until both workers answered some."""
+    body = {"model": "oa", "messages": [{"role": "user", "content": "hi"}], "variables": {"product": "A"}}
+    answers: list[httpx.Response] = []
+    while len(answers) < at_least or len({r.headers["x-rswitch-worker"] for r in answers}) < 2:
+        assert len(answers) < 200, "one worker answered every request"
+        answers.append(httpx.post(url + "/v1/chat/completions", json=body, timeout=30))
+        assert answers[-1].status_code == 200, answers[-1].text
+    return answers
+
+
+def test_metrics_from_any_worker_count_the_whole_server_and_keep_a_restarted_workers_counts(
+    tmp_path, upstream
+):
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+        n = len(chat_on_fresh_connections(gw.url, 10))
+        scraped = each_worker(gw.url, "/metrics", lambda text: succeeded(text) == n)
+        for text in scraped.values():  # either worker: every call, not its own share
+            count = re.search(
+                r'^rswitch_attempt_duration_seconds_count\{combination="oa".*\} (\S+)$', text, re.M
+            )
+            assert count and float(count.group(1)) == n
+            assert re.search(
+                r'^rswitch_effective_weight\{.*worker="0"\} 1\.0$', text, re.M
+            )  # a gauge per worker
+            assert re.search(r'^rswitch_effective_weight\{.*worker="1"\} 1\.0$', text, re.M)
+            assert "summed over the workers" in text
+        statuses = each_worker(gw.url, "/status", lambda s: s["worker"]["server_requests"]["succeeded"] == n)
+        assert sum(s["traffic"]["succeeded"] for s in statuses.values()) <= n + n  # each its own, said so
+        assert all("this worker's" in s["worker"]["metrics"] for s in statuses.values())
+
+        first = gw.worker_pids()[0]
+        os.kill(first, signal.SIGTERM)
+        m = gw.wait_for_line(rf"worker 0 \(pid {first}\) exited with code 0; started again as pid (\d+)")
+        new_pid = int(m.group(1))
+        each_worker(gw.url, "/status", lambda s: s["worker"]["pid"] == new_pid, count=1)
+        for _ in range(20):  # whichever worker answers, the stopped worker's calls are still counted
+            assert succeeded(httpx.get(gw.url + "/metrics").text) == n
+        assert gw.stop() == 0
+
+
+def test_package_export_and_import_through_a_worker_are_done_by_the_owner(tmp_path, upstream):
+    from rswitch.packaging import inspect_package
+
+    with serve(tmp_path, upstream.base_url, "--workers", "2") as gw:
+        ids = [r.headers["x-rswitch-request-id"] for r in chat_on_fresh_connections(gw.url, 6)]
+
+        async def packages() -> tuple[Path, Any]:
+            async with HttpOperator(gw.url) as op:
+                path = await op.export_package("support", tmp_path / "out")
+                return path, await op.import_package(path, overwrite=True)
+
+        path, imported = asyncio.run(packages())
+        inspected = inspect_package(path)
+        assert inspected["checksums_ok"] and inspected["template_id"] == "support", inspected
+        assert imported.template_id == "support" and imported.replaced
+        assert imported.dataset_rows == len(ids)  # every call either worker answered, written first
+
+        def both(snap: dict[str, Any]) -> bool:
+            texts = [e["text"] for e in snap["events"]]
+            exported = [t for t in texts if t.startswith("exported 'support'")]
+            return len(exported) == 1 and any(t.startswith("imported package of 'support'") for t in texts)
+
+        each_worker(gw.url, "/admin/v1/snapshot", both)  # both consoles show both, once
+        assert gw.stop() == 0
+    rows, inv = recorded(tmp_path)
+    assert sorted(rows) == sorted(ids)
+    assert sorted(set(inv)) == sorted(ids)
+
+
+@pytest.fixture
+def pg(postgres_dsn: str) -> Iterator[str]:
+    """A fresh, empty database on the session's Postgres, dropped afterwards."""
+    import asyncpg
+
+    name = f"w_{uuid.uuid4().hex[:12]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f"CREATE DATABASE {name}"))
+    yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
+    asyncio.run(run(f"DROP DATABASE {name} WITH (FORCE)"))
+
+
+def pg_rows(dsn: str, sql: str) -> list[Any]:
+    import asyncpg
+
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def test_on_postgres_each_worker_records_straight_in_every_answer_once_and_sigterm_loses_nothing(
+    tmp_path, upstream, pg
+):
+    with serve(
+        tmp_path, upstream.base_url, "--workers", "2", storage={"backend": "postgres", "dsn": pg}
+    ) as gw:
+        first = gw.worker_pids()[0]
+        traffic = Traffic(gw.url)
+        traffic.wait_answered(30)
+        os.kill(first, signal.SIGTERM)  # mid-traffic: it writes what it answered, then goes
+        gw.wait_for_line(rf"worker 0 \(pid {first}\) exited with code 0; started again as pid \d+")
+        traffic.wait_answered(len(traffic.answered) + 30)
+        answered = traffic.finish()
+        labelled = answered[-4:]  # just answered, by either worker: feedback finds each on either
+        for rid in labelled:
+            r = httpx.post(gw.url + "/v1/feedback", json={"request_id": rid, "score": 0.25})
+            assert r.status_code == 202, r.text
+        assert gw.stop() == 0
+    rows = pg_rows(pg, "SELECT request_id, label_score FROM examples")
+    invocations = pg_rows(pg, "SELECT request_id FROM invocations")
+    assert sorted(r for r, _ in rows) == sorted(answered)  # every answer once, no row without one
+    assert sorted(r for (r,) in invocations) == sorted(answered)
+    assert {r: s for r, s in rows if s is not None} == dict.fromkeys(labelled, 0.25)
+    assert "each worker records into Postgres" in gw.output
+    assert "workers: 0 relayed, 1 restart(s)" in gw.output  # straight in, not through the parent
+    assert f"{len(answered) + len(labelled)} record(s) written, 0 dropped" in gw.output
+    assert not (tmp_path / "prompts" / "support" / "dataset.sqlite").exists()
 
 
 @pytest.mark.parametrize("count", ["0", "-1", "100000"])

@@ -242,15 +242,9 @@ def new_version(current: Template | None, spec: TemplateSpec) -> Template:
 
 
 def reset_weights(core: Core) -> list[str]:
-    """Every configured combination's weight and state back to the config's; the ids reset."""
-    done = []
-    for cfg in core.config.gateway.combinations:
-        combo = core.gateway.combinations.get(cfg.id)
-        if combo is not None:
-            combo.weight, combo.enabled = cfg.weight, cfg.enabled
-            done.append(cfg.id)
-    core.gateway.reindex()
-    return done
+    """Every configured combination's weight and state back to the config's; the ids reset
+    (with `serve --workers N`, on every worker: WorkerCore.reset_weights)."""
+    return core.reset_weights()
 
 
 def unknown_combination(core: Core, combination_id: str) -> GatewayError:

@@ -348,9 +348,14 @@ def serve_workers(
         lock.write(cfg.dataset_dir, lock.admin_url(at, at_port))
         typer.echo("\n".join(startup_summary(core, where)))
         pids = ", ".join(str(p.pid) for p in supervisor.procs.values())
+        role = (
+            "runs the optimizer; each worker records into Postgres"
+            if cfg.storage.backend == "postgres"
+            else "owns the stores"
+        )
         typer.echo(
             f"  workers     {workers} processes on this port (pids {pids}); this one (pid {os.getpid()}) "
-            f"owns the stores; rate limits 1/{workers} per worker"
+            f"{role}; rate limits 1/{workers} per worker"
         )
         typer.echo("  press Ctrl+C to stop (queued records are written before exit)")
         sys.stdout.flush()
@@ -362,9 +367,10 @@ def serve_workers(
         lock.remove(cfg.dataset_dir)
     if not started:
         raise fail("rswitch could not start its workers (their errors are above)", 1)
-    rec = core.recorder
+    supervisor.owner.refresh()  # its recorder is drained now; the workers' last counts are in
+    written, dropped = supervisor.owner.recorded()
     typer.echo(
-        f"rswitch stopped; {rec.written} record(s) written, {rec.dropped} dropped "
+        f"rswitch stopped; {written} record(s) written, {dropped} dropped "
         f"(workers: {supervisor.relay.received if supervisor.relay else 0} relayed, "
         f"{supervisor.restarts} restart(s))"
     )

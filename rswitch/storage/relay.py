@@ -176,6 +176,19 @@ class RelayClient(Queued):
             "owner": owner,
         }
 
+    def own_stats(self) -> dict[str, Any]:
+        """This worker's side alone (the owner's counters are counted once, by the owner): what
+        `serve --workers N` sums over the workers for /metrics."""
+        return {
+            "queue_depth": self.depth,
+            "dropped": self.dropped,
+            "written": 0,  # the owner writes them, and counts them
+            "write_errors": 1 if self.last_error else 0,
+            "rejected_records": 0,
+            "records_lost": self.lost,
+            "failing": {"relay": self.last_error} if self.last_error else {},
+        }
+
     def check_writes(self, problems: list[str] | None = None) -> None:
         found = list(problems or [])
         if self.last_error:
