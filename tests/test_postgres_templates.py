@@ -261,10 +261,13 @@ def test_the_cli_names_an_unreachable_postgres_without_its_password(tmp_path):
     for args in (
         ("template", "list"),
         ("template", "register", "--template-id", "x", "--prompt-text", "Hi."),
+        ("dataset", "show", "x"),
     ):
         out = cli(path, *args, ok=False)
         assert "cannot use Postgres at 127.0.0.1:" in out and "/db" in out
         assert "s3cr3t-pw" not in out
+    r = runner.invoke(app, ["config", "check", str(path)])
+    assert r.exit_code == 1 and "cannot check its templates" in r.output and "s3cr3t-pw" not in r.output
 
 
 async def test_a_package_imported_into_postgres_brings_its_versions_and_replaces_with_a_new_one(

@@ -54,11 +54,14 @@ def load(config: str | None) -> Config:
 
 def registry(config: str | None) -> TemplateRegistry:
     from rswitch.core import open_registry
+    from rswitch.storage.postgres import StorageUnavailable
 
     try:
         return open_registry(load(config))
     except ConfigError as exc:
         raise fail(f"invalid config: {exc}") from None
+    except StorageUnavailable as exc:  # templates registered in Postgres cannot be read
+        raise fail(str(exc)) from None
 
 
 def get_template(reg: TemplateRegistry, template_id: str) -> Template:

@@ -17,12 +17,15 @@ def config_check(path: Path) -> None:
     """Validate a config file and print every problem with its key path."""
     from rswitch.config import config_warnings
     from rswitch.core import build_combinations, open_registry
+    from rswitch.storage.postgres import StorageUnavailable
 
     try:
         cfg = load_config(path)
         build_combinations(cfg, open_registry(cfg))
     except ConfigError as exc:
         raise fail_with(f"{path}: {len(exc.problems)} problem(s)", exc.problems, 1) from None
+    except StorageUnavailable as exc:  # the templates it registered are in Postgres
+        raise fail_with(f"{path}: cannot check its templates", [exc], 1) from None
     for w in config_warnings(cfg):
         typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
     typer.echo(
