@@ -230,7 +230,9 @@ def ask(http: httpx.Client, urls: list[str], i: int, combination: str, text: str
         r = http.post(urls[replica] + "/v1/chat/completions", json=chat_body(combination, text))
     except httpx.TransportError:
         return Reply(replica, text, None)
-    return Reply(replica, text, r.status_code, r.headers.get("x-rswitch-request-id"), r.headers.get("retry-after"))
+    return Reply(
+        replica, text, r.status_code, r.headers.get("x-rswitch-request-id"), r.headers.get("retry-after")
+    )
 
 
 def burst(urls: list[str], combination: str, n: int, tag: str) -> list[Reply]:
@@ -293,7 +295,9 @@ def test_three_replicas_share_one_rate_limit_over_a_full_minute_and_record_each_
     assert sorted(calls_of(cluster.dsn, "metered")) == sorted(answered)
 
     if reached > METERED_RPM + 1:  # the bound: see the docstring
-        pytest.xfail(f"{reached} requests reached the upstream in a full minute at rate_limit 60 (token bucket)")
+        pytest.xfail(
+            f"{reached} requests reached the upstream in a full minute at rate_limit 60 (token bucket)"
+        )
 
 
 # -- 2. every answered call is one row, a replica stopped with SIGTERM mid-run included -------------
@@ -348,7 +352,9 @@ def test_every_answered_call_is_one_row_in_postgres_and_a_replica_stopped_mid_ru
         extra.proc.send_signal(signal.SIGTERM)  # mid-run: the threads keep asking it
         assert extra.proc.wait(60) == 0
         before = sum(traffic.answered_by(k) for k in range(3))
-        traffic.wait("the others go on answering", lambda: sum(traffic.answered_by(k) for k in range(3)) >= before + 40)
+        traffic.wait(
+            "the others go on answering", lambda: sum(traffic.answered_by(k) for k in range(3)) >= before + 40
+        )
         replies = traffic.finish()
     finally:
         stop(extra)
@@ -403,7 +409,8 @@ def test_with_redis_stopped_every_replica_answers_on_its_own_limits_says_degrade
     for replica in cluster.replicas:
         replica.wait_for_line(r"Redis answers again", timeout=5)
     after = burst(urls, "paced", 24, "after")
-    assert PACED_RPM <= sum(answered_per_replica(after)) <= PACED_RPM + 1  # one limit again (a new Redis: full)
+    # one limit again (the restarted Redis has a full bucket)
+    assert PACED_RPM <= sum(answered_per_replica(after)) <= PACED_RPM + 1
     reached = sum(1 for body in up.recorder.requests if "messages" in body)
     assert reached == sum(sum(answered_per_replica(x)) for x in (before, during, after))
 
