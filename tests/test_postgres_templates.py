@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from rswitch.cli import app
+from rswitch.cli.serve import startup_summary
 from rswitch.core import Core, open_registry
 from rswitch.storage.pg_templates import PostgresTemplateVersions
 from rswitch.storage.postgres import PostgresDatabase
@@ -187,6 +188,8 @@ async def test_a_gateway_serves_a_version_registered_elsewhere_within_the_watche
     assert "template 'support' version 1 is served now" in [
         text for _, _, kind, text in gw.core.gateway.events if kind == "template"
     ]
+    [line] = [x for x in startup_summary(gw.core, "127.0.0.1:8080") if x.strip().startswith("templates")]
+    assert "(Postgres at 127.0.0.1:" in line  # the serve banner says where the versions are
 
 
 async def test_the_watcher_says_once_when_postgres_does_not_answer_and_keeps_serving(

@@ -132,7 +132,7 @@ def startup_summary(core: Any, address: str) -> list[str]:
         lines.append(
             f"    {c.id:<22} {c.template_id:<20} {c.provider}/{c.model}  w={c.weight:g} {flags}{fb}".rstrip()
         )
-    lines.append(f"  templates   {len(core.registry.list())} ({cfg.dataset_dir})")
+    lines.append(f"  templates   {len(core.registry.list())} ({core.registry.location()})")  # or Postgres
     labelled = cfg.dataset.max_labelled_records
     lines.append(
         f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite (keep newest {cfg.dataset.max_records} "
