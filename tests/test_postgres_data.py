@@ -6,6 +6,7 @@ SQLite and Postgres, put a package in exactly once, and a refused package change
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,8 +16,10 @@ from typing import Any
 import asyncpg
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from rswitch.admin.api import PREFIX
+from rswitch.cli import app
 from rswitch.config import parse_config
 from rswitch.core import Core
 from rswitch.optimizer.data import load_examples
@@ -24,7 +27,7 @@ from rswitch.optimizer.mipro import Settings
 from rswitch.optimizer.service import optimize
 from rswitch.packaging import PackageError
 from rswitch.storage.datasets import DatasetStore
-from rswitch.storage.postgres import PostgresDatabase, PostgresDatasetStore
+from rswitch.storage.postgres import PostgresDatabase, PostgresDatasetStore, open_postgres
 from rswitch.storage.record import CallRecord, Label
 from tests.conftest import merge
 from tests.test_mipro import MAGIC, rows
@@ -35,6 +38,7 @@ from tests.test_packaging_hostile import _replace_dataset, _rewrite_parquet
 from tests.test_storage_postgres import on_postgres, query
 
 pytestmark = pytest.mark.slow
+runner = CliRunner()
 
 
 @pytest.fixture
@@ -375,3 +379,42 @@ async def test_packages_export_and_import_through_the_admin_api_on_postgres(data
     done = await gw.client.post(PREFIX + "/packages/import?overwrite=true", content=r.content, headers=gz)
     assert done.status_code == 200 and done.json()["dataset_rows"] == 6, done.text
     assert await pg_examples(dsn) == before
+
+
+async def test_rswitch_package_export_and_import_use_postgres_without_a_gateway(databases, tmp_path):
+    source, target = await databases(), await databases()
+
+    def config(name: str, dsn: str, **more: Any) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        data = {
+            "model_providers": {"mock": {"type": "mock"}},
+            "dataset": {"base_path": str(tmp_path / name / "prompts")},
+            "analytics": {"path": str(tmp_path / name / "a.duckdb")},
+            "storage": {"backend": "postgres", "dsn": dsn},
+            **more,
+        }
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    src = config("src", source, templates={"faq": {"template": "Answer briefly."}})
+    datasets, _ = open_postgres(parse_config(yaml.safe_load(src.read_text())))
+    try:
+        datasets.import_rows("faq", labelled(3))
+    finally:
+        datasets.close()
+    out = tmp_path / "out"
+    r = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        ["package", "export", "--template-id", "faq", "--output-dir", str(out), "-c", str(src)],
+    )
+    assert r.exit_code == 0, r.output
+    (pkg,) = out.iterdir()
+    assert len(dataset_rows(pkg / "dataset.sqlite")) == 3
+    r = await asyncio.to_thread(
+        runner.invoke, app, ["package", "import", str(pkg), "-c", str(config("dst", target))]
+    )
+    assert r.exit_code == 0, r.output
+    assert "3 dataset row(s)" in r.output
+    assert await pg_examples(target, "faq") == await pg_examples(source, "faq")
+    assert not (tmp_path / "dst" / "prompts" / "faq" / "dataset.sqlite").exists()  # rows in Postgres, no file

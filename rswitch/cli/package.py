@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,10 +16,25 @@ from rswitch.config import Config
 app = typer.Typer(help="Export, import and inspect portable prompt packages.", no_args_is_help=True)
 
 
-def _stores(cfg: Config) -> Any:
+@contextmanager
+def _stores(cfg: Config) -> Iterator[Any]:
+    """Where packages come from and go: the files, or with `storage: {backend: postgres}` the
+    database (opened for this one command)."""
     from rswitch.packaging import Stores
 
-    return Stores(cfg.dataset_dir, cfg.analytics_file)
+    if cfg.storage.backend != "postgres":
+        yield Stores(cfg.dataset_dir, cfg.analytics_file)
+        return
+    from rswitch.storage.postgres import StorageUnavailable, open_postgres
+
+    try:
+        datasets, _ = open_postgres(cfg)
+    except StorageUnavailable as exc:
+        raise fail(str(exc)) from None
+    try:
+        yield Stores(cfg.dataset_dir, postgres=datasets)
+    finally:
+        datasets.close()
 
 
 @app.command("export")
@@ -59,17 +76,18 @@ def package_export(
             bar.update(task, description=f"{stage} snapshot", completed=done, total=total)
 
         try:
-            out = export_package(
-                reg,
-                _stores(cfg),
-                template_id,
-                output_dir,
-                include_analytics=include_analytics,
-                logs_limit=logs_limit,
-                archive=archive,
-                secrets=secrets,
-                progress=progress,
-            )
+            with _stores(cfg) as stores:
+                out = export_package(
+                    reg,
+                    stores,
+                    template_id,
+                    output_dir,
+                    include_analytics=include_analytics,
+                    logs_limit=logs_limit,
+                    archive=archive,
+                    secrets=secrets,
+                    progress=progress,
+                )
         except PackageError as exc:
             raise fail(str(exc)) from None
     typer.echo(f"exported '{template_id}' → {out}")
@@ -160,9 +178,10 @@ def package_import(
         result = _import_through(gateway, path, overwrite, restore_analytics)
     else:
         try:
-            result = import_package(
-                path, registry(config), _stores(cfg), overwrite=overwrite, restore_analytics=restore_analytics
-            )
+            with _stores(cfg) as stores:
+                result = import_package(
+                    path, registry(config), stores, overwrite=overwrite, restore_analytics=restore_analytics
+                )
         except PackageError as exc:
             raise fail(f"import refused: {exc}") from None
     verb = "replaced" if result["replaced"] else "imported"
