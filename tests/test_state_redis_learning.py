@@ -265,3 +265,31 @@ async def test_feedback_on_one_replica_revises_a_shared_window_everywhere(redis_
         lambda: second.policy.policy.get("a").total == pytest.approx(expected), "two saw both revisions"
     )
     await until(lambda: first.policy.policy.get("a").total == pytest.approx(expected), "one holds them too")
+
+
+async def test_odd_data_under_a_bandits_key_leaves_that_step_local_and_the_rest_shared(
+    redis_server, replicas, caplog
+):
+    cfg = bandit_config(redis_server.url, policy="epsilon_greedy", drift="window", window=10)
+    one = await replicas(cfg, "r0")
+    state = one.core.shared_state
+    await state.client.rpush("rswitch:bandit:learner:window", "not an entry")
+    await routed_to(one)  # a call: its combination's window counts are published each second
+
+    async def published_at() -> float:
+        raw = await state.client.hget("rswitch:health", state.me)
+        return float(raw.split(b" ")[0]) if raw else 0.0
+
+    await until(published_at, "one published its window")
+    first = await published_at()
+    await until(lambda: _later(published_at, first), "one still publishes each second")
+    assert [r.message for r in caplog.records].count(
+        "shared state: could not share rswitch:bandit:learner:window: ValueError: not enough values to unpack "
+        "(expected 3, got 1)"
+    ) == 1
+    assert (await one.get("/status")).json()["state"]["status"] == "ok"
+    assert learner(one).policy.updates == 1  # it goes on learning locally
+
+
+async def _later(read: Any, than: float) -> bool:
+    return await read() > than

@@ -112,6 +112,7 @@ class SharedState:
         self.breakers: Any = None  # the gateway's circuit breakers, when shared (attach_breakers)
         self.bandits: list[Any] = []  # bandit steps' syncers (rswitch.state.learning)
         self.health: HealthSync | None = None  # demotions, decided on every replica's window
+        self._failed_syncs: list[Any] = []  # syncers whose failure was logged
         self.me = uuid.uuid4().hex  # this replica, as leader locks name it
         self.leading: set[str] = set()  # roles this replica holds (renewed every second)
 
@@ -333,15 +334,28 @@ class SharedState:
         try:
             async with asyncio.timeout(1.0):
                 async with self.client.pipeline(transaction=False) as pipe:
-                    counts = [syncer.queue(pipe) for syncer in syncers]
+                    queued = []
+                    for syncer in syncers:  # each adds its command last: one that fails adds none
+                        try:
+                            queued.append((syncer, syncer.queue(pipe)))
+                        except Exception as exc:
+                            self._sync_failed(syncer, exc)
                     replies = await pipe.execute()
         except Exception as exc:
             self.down(exc)
             return
         at = 0
-        for syncer, n in zip(syncers, counts, strict=True):
-            syncer.apply(replies[at : at + n])
+        for syncer, n in queued:
+            try:
+                syncer.apply(replies[at : at + n])
+            except Exception as exc:  # odd data in Redis: this step stays local, the watcher goes on
+                self._sync_failed(syncer, exc)
             at += n
+
+    def _sync_failed(self, syncer: Any, exc: Exception) -> None:
+        if syncer not in self._failed_syncs:  # once, not every second
+            self._failed_syncs.append(syncer)
+            log.warning("shared state: could not share %s: %s: %s", syncer.key, type(exc).__name__, exc)
 
     def describe(self) -> dict[str, Any]:
         return {
