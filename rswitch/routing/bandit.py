@@ -17,7 +17,8 @@ arm left alone loses its statistics, so it is probed again later.
 LinUCB is contextual: a linear reward model per arm over a feature vector of the query, so
 different queries can go to different arms.
 
-The statistics are saved as JSON, so what was learned survives restarts.
+The statistics are saved as JSON, so what was learned survives restarts. With state on Redis,
+replicas add up what each learned (rswitch.state.learning).
 """
 
 from __future__ import annotations
