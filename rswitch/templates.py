@@ -274,6 +274,11 @@ class VersionStore(Protocol):
     def close(self) -> None: ...
 
 
+def _unstamped(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's fields without what each registration sets anew."""
+    return {k: v for k, v in manifest.items() if k not in ("version", "created_at", "updated_at")}
+
+
 def _stored_template(template_id: str, version: int, manifest: Any) -> Template:
     tpl = template_from(manifest)
     if tpl.id != template_id:
@@ -473,23 +478,20 @@ class TemplateRegistry:
                     path,
                     self.versions.where,
                 )
-            elif started and not self._same_as_current(tpl):
-                tpl = self.register(tpl)
-                log.info("template '%s': %s was written; registered as version %d", tpl.id, path, tpl.version)
+            elif started:  # unless another process (a worker of the same box) registered it first
+                registered = self._register_stored(tpl, unless_current=True)
+                if registered is not None:
+                    log.info(
+                        "template '%s': %s was written; registered as version %d",
+                        tpl.id,
+                        path,
+                        registered.version,
+                    )
             else:
                 log.debug(
                     "template '%s' is in %s already; %s is not imported", tpl.id, self.versions.where, path
                 )
         return errors
-
-    def _same_as_current(self, tpl: Template) -> bool:
-        current = self.get(tpl.id)
-        if current is None or current.source != "registry":
-            return False
-        stamps = ("version", "created_at", "updated_at")
-        return {k: v for k, v in current.manifest().items() if k not in stamps} == {
-            k: v for k, v in tpl.manifest().items() if k not in stamps
-        }
 
     @staticmethod
     def _disk_versions(path: Path, tpl: Template) -> list[dict[str, Any]]:
@@ -563,7 +565,9 @@ class TemplateRegistry:
     def register(self, tpl: Template) -> Template:
         """Write (or replace, bumping the version) a template's manifest atomically."""
         if self.versions is not None:
-            return self._register_stored(tpl)
+            registered = self._register_stored(tpl)
+            assert registered is not None
+            return registered
         path = self.manifest_path(tpl.id)
         with self._lock:
             old = self._templates.get(tpl.id)
@@ -579,10 +583,11 @@ class TemplateRegistry:
             self._templates[tpl.id] = tpl
         return tpl
 
-    def _register_stored(self, tpl: Template) -> Template:
+    def _register_stored(self, tpl: Template, unless_current: bool = False) -> Template | None:
         """The next version in the store: numbered there, under its lock, so that two processes
         registering at once get n+1 and n+2. A template served from the config or a bundle that the
-        store has never seen goes in first as the version before."""
+        store has never seen goes in first as the version before. `unless_current`: None, and
+        nothing written, when the current version holds the same fields already."""
         assert self.versions is not None
         check_id(tpl.id)
         with self._lock:
@@ -591,6 +596,8 @@ class TemplateRegistry:
         fields = tpl.manifest()
 
         def make(version: int | None, latest: Any) -> list[dict[str, Any]]:
+            if unless_current and isinstance(latest, dict) and _unstamped(latest) == _unstamped(fields):
+                return []
             previous = latest if isinstance(latest, dict) and version is not None else base
             before = version if version is not None else (base["version"] if base is not None else 0)
             new = {
@@ -601,7 +608,10 @@ class TemplateRegistry:
             }
             return [base, new] if version is None and base is not None else [new]
 
-        stored = self.versions.append(tpl.id, make)[-1]
+        added = self.versions.append(tpl.id, make)
+        if not added:
+            return None
+        stored = added[-1]
         tpl.version, tpl.created_at = stored["version"], stored["created_at"]
         tpl.updated_at = stored["updated_at"]
         tpl.source = "registry"

@@ -284,6 +284,7 @@ async def test_a_package_imported_into_postgres_brings_its_versions_and_replaces
     cfg = make_config(tmp_path / "pg-side", on_postgres(pg))
     other = Core(cfg)
     try:
+        worker = registries(cfg.dataset_dir)  # another process on the same box, same folder
         other.import_package(pkg)
         elsewhere = registries(tmp_path / "another-machine")  # a replica that never saw the package
         assert text_of(elsewhere, "support") == (3, "You repair {product}. Be {tone}.")
@@ -298,5 +299,8 @@ async def test_a_package_imported_into_postgres_brings_its_versions_and_replaces
         assert text_of(other.registry, "support") == (4, "You cherish {product}. Be {tone}.")
         [served] = await TemplateWatcher(elsewhere).check()
         assert (served.version, served.template) == (4, "You cherish {product}. Be {tone}.")
+        worker.reload()  # as a worker reloads after an import: the same manifest is not a version again
+        assert text_of(worker, "support") == (4, "You cherish {product}. Be {tone}.")
+        assert [v["version"] for v in worker.history("support")] == [1, 2, 3]
     finally:
         await other.stop()
