@@ -193,7 +193,7 @@ async def test_a_discounted_bandit_on_one_replica_is_exactly_the_single_process_
             arm, ok = rng.choice("ab"), rng.random() < 0.5
             shared.observe(arm, ok)
             alone.update(arm, 1.0 if ok else 0.0)  # a success without cost or latency earns 1
-        await one.core.shared_state.sync_learning()  # what the watcher does each second
+        await one.core.shared_state.sync()  # what the watcher does each second
     for arm in "ab":
         assert shared.policy.policy.get(arm).n == pytest.approx(alone.policy.get(arm).n, rel=1e-9)
         assert shared.policy.policy.get(arm).total == pytest.approx(alone.policy.get(arm).total, rel=1e-9)

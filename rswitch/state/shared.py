@@ -110,6 +110,7 @@ class SharedState:
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._sending = False
         self.breakers: Any = None  # the gateway's circuit breakers, when shared (attach_breakers)
+        self.breaker_sync: BreakerSync | None = None
         self.bandits: list[Any] = []  # bandit steps' syncers (rswitch.state.learning)
         self.health: HealthSync | None = None  # demotions, decided on every replica's window
         self._failed_syncs: list[Any] = []  # syncers whose failure was logged
@@ -151,6 +152,7 @@ class SharedState:
     def attach_breakers(self, breakers: Any) -> None:
         self.breakers = breakers
         breakers.on_change = self._breaker_changed
+        self.breaker_sync = BreakerSync(breakers, self)
 
     def _breaker_changed(self, combo_id: str, opened: bool, cooldown: float) -> None:
         if self.degraded or self.client is None:
@@ -168,30 +170,6 @@ class SharedState:
                 await command
         except Exception as exc:
             self.down(exc)
-
-    async def _sync_breakers(self) -> None:
-        if self.breakers is None:
-            return
-        key = f"{self.prefix}:breakers"
-        try:
-            async with asyncio.timeout(1.0):
-                opened = await self.client.hgetall(key)
-        except Exception as exc:
-            self.down(exc)
-            return
-        now, open_now, stale = time.time(), set(), []
-        for raw_id, raw_until in opened.items():
-            combo_id, until = raw_id.decode(), float(raw_until)
-            if until > now:
-                open_now.add(combo_id)
-                self.breakers.opened_elsewhere(combo_id, until - now)
-            elif until < now - 60:
-                stale.append(raw_id)
-        for combo_id in self.breakers.remote_ids():
-            if combo_id not in open_now:
-                self.breakers.closed_elsewhere(combo_id)
-        if stale:
-            await self._quietly(self.client.hdel(key, *stale))
 
     async def lead(self, role: str) -> bool:
         """Whether this replica holds `role` (taking it when free). While Redis is away nobody
@@ -321,14 +299,17 @@ class SharedState:
                 self.up()
             for limiter in self.limiters:
                 await limiter.flush()
-            await self._sync_breakers()
-            await self.sync_learning()
+            await self.sync()
             for role in list(self.leading):
                 await self.lead(role)  # renew
 
-    async def sync_learning(self) -> None:
-        """Demotions and bandit statistics: one pipelined round trip for all of them."""
-        syncers = [*([self.health] if self.health is not None else []), *self.bandits]
+    async def sync(self) -> None:
+        """Breaker openings, demotions and bandit statistics: one pipelined round trip for all."""
+        syncers = [
+            *([self.breaker_sync] if self.breaker_sync is not None else []),
+            *([self.health] if self.health is not None else []),
+            *self.bandits,
+        ]
         if not syncers or self.degraded:
             return
         try:
@@ -380,6 +361,36 @@ class SharedState:
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+class BreakerSync:
+    """The other replicas' circuit-breaker openings, read each second with the rest of the
+    watcher's pipeline (a replica writes its own openings and closings as they happen)."""
+
+    def __init__(self, breakers: Any, state: SharedState) -> None:
+        self.breakers = breakers
+        self.state = state
+        self.key = f"{state.prefix}:breakers"
+
+    def queue(self, pipe: Any) -> int:
+        pipe.hgetall(self.key)
+        return 1
+
+    def apply(self, replies: list[Any]) -> None:
+        now, open_now, stale = time.time(), set(), []
+        for raw_id, raw_until in replies[0].items():
+            combo_id, until = raw_id.decode(), float(raw_until)
+            if until > now:
+                open_now.add(combo_id)
+                self.breakers.opened_elsewhere(combo_id, until - now)
+            elif until < now - 60:
+                stale.append(raw_id)
+        for combo_id in self.breakers.remote_ids():
+            if combo_id not in open_now:
+                self.breakers.closed_elsewhere(combo_id)
+        if stale:
+            command = self.state.client.hdel(self.key, *stale)
+            asyncio.get_running_loop().create_task(self.state._quietly(command))
 
 
 class SharedLimiter(ProviderLimiter):
