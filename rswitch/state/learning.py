@@ -18,7 +18,8 @@ was learned meanwhile.
   single-process policy; with several, a pull's weight is gamma to the number of pulls the
   whole fleet made since (pulls within one second of two replicas count in sync order).
 - `drift: window`: the last W pulls of all replicas, a Redis list each sync appends this
-  replica's new (arm, reward) pairs to and trims to W; the window is read back whole.
+  replica's new (arm, reward) pairs to and trims to W; the window is read back whole. Feedback
+  on a pull already pushed is made in the list (each entry names its replica and pull number).
 - LinUCB: per arm the sums of x xT, r x and the pull count (A = I + sum x xT), added like the
   stationary sums; A^-1 is recomputed (one inversion per arm) when they changed.
 
