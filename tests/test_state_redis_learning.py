@@ -138,6 +138,21 @@ async def test_the_failures_of_a_replica_that_stopped_or_died_stop_counting(redi
     await until(lambda: _not(demoted(b)), "r restored on replica b once c's numbers went stale", tries=1000)
 
 
+async def test_while_redis_is_away_each_replica_demotes_on_its_own_window(redis_server, replicas):
+    a, b = [await replicas(demotion_config(redis_server.url), f"r{i}") for i in range(2)]
+    for i in range(10):
+        await a.post("/v1/chat/completions", json=chat(f"q{i}", model="r", variables=SUPPORT_VARS))
+    await until(lambda: demoted(b), "r demoted on replica b by a's failures")
+
+    redis_server.stop()
+    await until(lambda: b.core.shared_state.degraded, "b notices Redis is away")
+    assert not await demoted(b) and await demoted(a)  # b saw no failure itself; a did
+    assert (await b.get("/status")).json()["state"]["status"] == "degraded"
+
+    redis_server.start()  # empty: a publishes its window again
+    await until(lambda: demoted(b), "r demoted on replica b again once Redis answers")
+
+
 # -- drift-tracking bandits and LinUCB ----------------------------------------------------------
 
 
