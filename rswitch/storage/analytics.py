@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from rswitch.storage.record import CallRecord, Refused, WriteReport, reason
 
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS optimizer_trials (
     best_score DOUBLE, calls INTEGER, cost DOUBLE, recorded_at TIMESTAMP
 );
 """
-N_COLS = 20
+_NAMES = tuple(line.split()[0] for line in SCHEMA.split("(", 1)[1].rsplit(")", 1)[0].strip().split(",\n"))
+N_COLS = len(_NAMES)
 # Errors about a row's own values (a count too big for its column, a string DuckDB cannot encode)
 ROW_ERRORS = (duckdb.DataError, duckdb.InvalidInputException, ValueError, TypeError, OverflowError)
 _INSERT = "INSERT INTO invocations SELECT " + ", ".join(f"unnest(${i + 1})" for i in range(N_COLS))
@@ -102,16 +104,18 @@ def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
-def _row(r: CallRecord) -> tuple[Any, ...]:
+def _fields(r: CallRecord) -> tuple[Any, ...]:
+    """A record's invocations columns, created_at still in unix seconds."""
+    extra = r.extra
     return (
         r.request_id,
-        datetime.fromtimestamp(r.created_at, UTC).replace(tzinfo=None),
+        r.created_at,
         r.template_id,
         r.template_id,
         r.combination_id,
         r.provider,
         r.model,
-        r.extra.get("kind", "chat"),
+        extra.get("kind", "chat"),
         r.duration_ms,
         r.ttft_ms,
         r.success,
@@ -122,9 +126,81 @@ def _row(r: CallRecord) -> tuple[Any, ...]:
         r.completion_tokens,
         r.tokens_estimated,
         r.stream,
-        r.extra.get("route"),
-        r.extra.get("client"),  # the name of the API key it was made with (gateway.auth.keys)
+        extra.get("route"),
+        extra.get("client"),  # the name of the API key it was made with (gateway.auth.keys)
     )
+
+
+def _row(r: CallRecord) -> tuple[Any, ...]:
+    row = _fields(r)
+    return (row[0], datetime.fromtimestamp(row[1], UTC).replace(tzinfo=None), *row[2:])
+
+
+_NONE = type(None)
+_TEXT = frozenset({str, _NONE})
+_REAL = frozenset({float, int})
+# Each column of a batch as one typed array when its values are all of these Python types, in
+# invocations' order; None: an object array (text, or a nullable number)
+_ARRAYS: tuple[tuple[frozenset[type], Any], ...] = (
+    (_TEXT, None),  # request_id
+    (_REAL, "created_at"),
+    *((_TEXT, None),) * 6,  # prompt_id, template_id, combination_id, provider, model, kind
+    (_REAL, np.float64),  # duration_ms
+    (frozenset({float, _NONE}), None),  # ttft_ms
+    (frozenset({bool}), np.bool_),  # success
+    (frozenset({int}), np.int64),  # status
+    (_TEXT, None),  # error_type
+    (_REAL, np.float64),  # cost
+    (frozenset({int}), np.int64),  # prompt_tokens
+    (frozenset({int}), np.int64),  # completion_tokens
+    (frozenset({bool}), np.bool_),  # tokens_estimated
+    (frozenset({bool}), np.bool_),  # stream
+    (_TEXT, None),  # route
+    (_TEXT, None),  # client
+)
+# created_at's range as a datetime holds it (years 1 to 9999), in unix seconds
+_SECONDS = (-62135596800.0, 253402300800.0)
+_INSERT_ARRAYS = (
+    f"INSERT INTO invocations ({', '.join(_NAMES)}) SELECT {', '.join(_NAMES)} FROM rswitch_invocations_batch"
+)
+
+
+def _arrays(records: list[CallRecord]) -> dict[str, np.ndarray] | None:
+    """The batch as one typed array per column, which DuckDB reads at C speed (~half the CPU per
+    record of unnesting lists of Python values); None when a value is not plainly of its column's
+    type, a number is NaN or a time out of range (the batch then goes the list way, which stores
+    those as before and refuses the records at fault alone)."""
+    try:
+        columns = list(zip(*map(_fields, records), strict=True))
+    except Exception:
+        return None
+    arrays: dict[str, np.ndarray] = {}
+    for name, values, (types, dtype) in zip(_NAMES, columns, _ARRAYS, strict=True):
+        if not types.issuperset(map(type, values)):
+            return None
+        if dtype is None:
+            array = np.array(values, dtype=object)
+        else:
+            try:
+                array = np.array(values, dtype=np.float64 if dtype == "created_at" else dtype)
+            except (OverflowError, ValueError):
+                return None
+            if array.dtype == np.float64 and np.isnan(array).any():  # DuckDB would read NaN as NULL
+                return None
+            if dtype == "created_at":
+                if not (_SECONDS[0] <= array.min() and array.max() < _SECONDS[1]):
+                    return None
+                array = _timestamps(array)
+        arrays[name] = array
+    return arrays
+
+
+def _timestamps(seconds: np.ndarray) -> np.ndarray:
+    """Unix seconds as datetime64[us], rounded to the microsecond exactly as
+    datetime.fromtimestamp rounds them (the fraction's microseconds, half to even)."""
+    fraction, whole = np.modf(seconds)
+    micros = whole.astype(np.int64) * 1_000_000 + np.rint(fraction * 1e6).astype(np.int64)
+    return micros.astype("datetime64[us]")
 
 
 def trial_values(run_id: str, t: dict[str, Any]) -> list[Any]:
@@ -167,6 +243,12 @@ class AnalyticsStore:
 
         Raises if the store fails the whole batch (nothing could be written)."""
         report = WriteReport()
+        if not records:
+            return report
+        arrays = _arrays(records)
+        if arrays is not None and self._insert_arrays(arrays):
+            report.ok.add("")
+            return report
         rows: list[tuple[CallRecord, tuple[Any, ...]]] = []
         for r in records:
             try:
@@ -182,6 +264,15 @@ class AnalyticsStore:
             self._one_by_one(cur, rows, report, exc)
         report.ok.add("")
         return report
+
+    def _insert_arrays(self, rswitch_invocations_batch: dict[str, np.ndarray]) -> bool:
+        """Insert a batch's columns (the INSERT reads the argument by its name: a DuckDB
+        replacement scan); False if it failed, and then nothing went in (one statement)."""
+        try:
+            self._cursor().execute(_INSERT_ARRAYS)
+        except Exception:  # the list way finds the row(s) at fault, or says what the store's trouble is
+            return False
+        return True
 
     def _one_by_one(
         self,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
 import sqlite3
 import threading
@@ -86,8 +87,27 @@ COLUMNS = (
 INSERT = f"INSERT INTO examples ({COLUMNS}, labelled, attempts) VALUES ({', '.join('?' * 23)})"
 
 
-def iso(ts: float) -> str:
+def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")  # the latest whole second written, as text
+
+
+def iso(ts: float) -> str:
+    """`ts` (unix seconds) as 2026-01-31T12:00:00.123Z, exactly as datetime formats it; a batch's
+    records share their second, so only the milliseconds are formatted for most of them."""
+    global _last_second
+    if type(ts) is not float or not 0.0 <= ts < 253402300799.0:  # NaN, an int, years past 9999
+        return _iso(ts)
+    fraction, whole = math.modf(ts)
+    # datetime.fromtimestamp's rounding: the fraction's microseconds, half to even, may carry
+    second, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1e6), 1_000_000)
+    cached = _last_second
+    if cached[0] != second:
+        text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")[:19]
+        cached = _last_second = (second, text)
+    return f"{cached[1]}.{micros // 1000:03d}Z"
 
 
 NAMES = (*(c.strip() for c in COLUMNS.split(",")), "labelled", "attempts")
@@ -115,36 +135,64 @@ def checked(names: tuple[str, ...], values: tuple[Any, ...], nullable: frozenset
     return values
 
 
+_N = type(None)
+# The types, column by column, of the rows a gateway's calls make (answered or failed, a first
+# token timed or not, one attempt or several): SQLite can store such a row once its integers fit
+# in 64 bits and its floats are not NaN, which `_plain` checks without a loop in Python.
+_PLAIN_SHAPES = frozenset(
+    (*(str,) * 10, int, error_type, error, *(int,) * 4, float, float, ttft, int, int, attempts)
+    for error_type in (str, _N)
+    for error in (str, _N)
+    for ttft in (float, _N)
+    for attempts in (str, _N)
+)
+_INTS = operator.itemgetter(*(i for i, name in enumerate(NAMES) if name in {
+    "success", "status", "prompt_tokens", "completion_tokens", "tokens_estimated", "stream", "labelled"
+}))  # fmt: skip
+_FLOATS = operator.itemgetter(NAMES.index("cost"), NAMES.index("latency_ms"), NAMES.index("ttft_ms"))
+
+
+def _plain(values: tuple[Any, ...]) -> bool:
+    """Whether `checked` would pass this row (False: ask it, it says why not)."""
+    if tuple(map(type, values)) not in _PLAIN_SHAPES:
+        return False
+    ints = _INTS(values)
+    cost, latency, ttft = _FLOATS(values)
+    # x != x only for NaN
+    return -INT64 <= min(ints) and max(ints) < INT64 and cost == cost and latency == latency and ttft == ttft
+
+
 def _row(r: CallRecord, labelled: int) -> tuple[Any, ...]:
     """The row for a record, serialised and checked: raises (and nothing is written) if it cannot be."""
-    return checked(
-        NAMES,
-        (
-            r.request_id,
-            iso(r.created_at),
-            r.template_id,
-            r.combination_id,
-            r.provider,
-            r.model,
-            r.system_prompt,
-            orjson.dumps(r.messages).decode(),
-            orjson.dumps(r.variables, default=str).decode(),
-            r.output,
-            int(r.success),
-            r.error_type,
-            r.error_message,
-            r.status,
-            r.prompt_tokens,
-            r.completion_tokens,
-            int(r.tokens_estimated),
-            r.cost,
-            r.duration_ms,
-            r.ttft_ms,
-            int(r.stream),
-            labelled,
-            orjson.dumps(r.extra["attempts"]).decode() if "attempts" in r.extra else None,
-        ),
-        NULLABLE,
+    row = _values(r, labelled)
+    return row if _plain(row) else checked(NAMES, row, NULLABLE)
+
+
+def _values(r: CallRecord, labelled: int) -> tuple[Any, ...]:
+    return (
+        r.request_id,
+        iso(r.created_at),
+        r.template_id,
+        r.combination_id,
+        r.provider,
+        r.model,
+        r.system_prompt,
+        orjson.dumps(r.messages).decode(),
+        orjson.dumps(r.variables, default=str).decode(),
+        r.output,
+        int(r.success),
+        r.error_type,
+        r.error_message,
+        r.status,
+        r.prompt_tokens,
+        r.completion_tokens,
+        int(r.tokens_estimated),
+        r.cost,
+        r.duration_ms,
+        r.ttft_ms,
+        int(r.stream),
+        labelled,
+        orjson.dumps(r.extra["attempts"]).decode() if "attempts" in r.extra else None,
     )
 
 

@@ -16,7 +16,9 @@ connection: the reads a worker's admin API and /status need from the stores it m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import queue
 import socket
 import socketserver
@@ -72,13 +74,21 @@ def recv_frame(sock: socket.socket) -> Any:
     return orjson.loads(body)
 
 
+# A record travels as its fields' values in declaration order (both ends run the same code): half
+# the bytes of an object with its keys, and a third of the CPU to write and read back.
+_CALL_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(CallRecord)))
+_LABEL_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(Label)))
+
+
 def encode(record: CallRecord | Label) -> list[Any]:
-    return ["l" if isinstance(record, Label) else "c", record]  # orjson writes dataclasses as objects
+    if isinstance(record, Label):
+        return ["l", _LABEL_FIELDS(record)]
+    return ["c", _CALL_FIELDS(record)]
 
 
 def decode(item: list[Any]) -> CallRecord | Label:
-    kind, fields = item
-    return Label(**fields) if kind == "l" else CallRecord(**fields)
+    kind, values = item
+    return Label(*values) if kind == "l" else CallRecord(*values)
 
 
 class Polled:
