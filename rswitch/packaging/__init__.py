@@ -11,7 +11,8 @@
 Import verifies everything before it touches anything (see `checks`: every name that comes
 from a package is validated before it becomes a path, every file must be what export writes),
 stages next to the data, and moves into place; a failed import leaves the data directory as it
-was.
+was. With storage on Postgres the same format is written from and read into the database
+(`pg`): only the manifests are files.
 """
 
 from __future__ import annotations

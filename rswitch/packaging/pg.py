@@ -23,6 +23,7 @@ from rswitch.packaging.checks import ANALYTICS_KEY, MAX_ANALYTICS_ROWS, PackageE
 from rswitch.storage import analytics as duck
 from rswitch.storage.datasets import open_dataset
 from rswitch.storage.postgres import (
+    DUMP_TIMEOUT,
     INVOCATION_COLUMNS,
     PACKAGE_COLUMNS,
     TEMPLATE_LOCK,
@@ -45,7 +46,7 @@ _MERGE = (
 
 
 def has_dataset(store: PostgresDatasetStore, template_id: str) -> int:
-    """How many rows the template has in `examples`."""
+    """How many rows the template has in `examples` (0: no dataset to export, none to replace)."""
     return sum(store.counts(template_id).values())
 
 
@@ -86,7 +87,7 @@ def write_analytics(store: PostgresDatasetStore, template_id: str, target: Path)
             template_id,
             MAX_ANALYTICS_ROWS,
         ),
-        None,
+        DUMP_TIMEOUT,
     )
     at = INVOCATION_COLUMNS.index("created_at")
     columns: list[list[Any]] = [[] for _ in INVOCATION_COLUMNS]
