@@ -215,10 +215,14 @@ def snapshot(core: Core, *, own: bool = True) -> Families:
     ]
 
 
+MERGED = "*"  # the label of families merged already: their per-worker series are kept as they are
+
+
 def merge(processes: Iterable[tuple[str | None, Families]]) -> Families:
     """The families of several processes as one: counters, histograms and the queue depths summed,
     the PER_WORKER gauges one series per worker (processes labelled None, the owner and the
-    retired workers' counters, have none), the HIGHEST the highest. HELP says which."""
+    retired workers' counters, have none; those labelled MERGED carry theirs), the HIGHEST the
+    highest. HELP says which."""
     out: dict[str, list[Any]] = {}
     samples: dict[str, dict[tuple[Any, ...], list[Any]]] = {}
     for worker, families in processes:
@@ -226,6 +230,7 @@ def merge(processes: Iterable[tuple[str | None, Families]]) -> Families:
             per_worker = name in PER_WORKER
             if per_worker and worker is None:
                 continue
+            label = per_worker and worker != MERGED
             if name not in out:
                 how = "per_worker" if per_worker else "highest" if name in HIGHEST else "sum"
                 note = NOTES[how]
@@ -233,7 +238,7 @@ def merge(processes: Iterable[tuple[str | None, Families]]) -> Families:
                 samples[name] = {}
             acc = samples[name]
             for sample, labels, value in rows:
-                if per_worker:
+                if label:
                     labels = {**labels, "worker": worker}
                 key = (sample, *sorted(labels.items()))
                 have = acc.get(key)

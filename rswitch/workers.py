@@ -216,7 +216,7 @@ class WorkerLink:
         core = self.core
         msg = {"index": core.worker_index, "pid": os.getpid(), "after": core.change_seq, "metrics": families}
         reply = relay.call(core.relay_path, "worker.exchange", msg, timeout=5.0)
-        core.peers = [(label, fams) for label, fams in reply["metrics"]]
+        core.peers = [(prometheus.MERGED, reply["metrics"])]
         changes: list[dict[str, Any]] = reply["changes"]
         if changes and not replay and core.loop is not None and not core.loop.is_closed():
             core.loop.call_soon_threadsafe(core.apply_changes, changes)
@@ -509,7 +509,9 @@ class Owner:
             self.metrics[index] = (pid, msg["metrics"])
             peers = [(str(i), fams) for i, (_, fams) in sorted(self.metrics.items()) if i != index]
             changes = self.changes[int(msg["after"]) :]
-        return {"changes": changes, "metrics": [*peers, (None, self.own), (None, self.retired)]}
+        # one merged list, not one per process: what a worker adds its own live families to
+        others = prometheus.merge([*peers, (None, self.own), (None, self.retired)])
+        return {"changes": changes, "metrics": others}
 
     def recorded(self) -> tuple[int, int]:
         """(written, dropped) records over every process, from the workers' last exchanges (each

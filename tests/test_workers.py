@@ -306,6 +306,16 @@ def test_the_console_reads_a_multi_worker_gateway_and_optimizes_through_the_owne
         snapshot, runs = asyncio.run(console())
         assert [c.id for c in snapshot.combinations][:2] == ["oa", "ob"]
         assert runs.runs == []
+
+        def failed_runs(text: str) -> float:
+            m = re.search(r'^rswitch_optimizer_runs_total\{outcome="failed"\} (\S+)$', text, re.M)
+            return float(m.group(1)) if m else 0.0
+
+        scraped = each_worker(gw.url, "/metrics", lambda text: failed_runs(text) > 0)
+        assert [failed_runs(t) for t in scraped.values()] == [
+            1.0,
+            1.0,
+        ]  # the owner's one run, not one per process
         assert gw.stop() == 0
 
 
@@ -536,7 +546,7 @@ def test_feedback_storage_health_and_metrics_answer_from_any_worker(tmp_path, up
             r = httpx.post(gw.url + "/v1/feedback", json={"request_id": rid, "score": 0.5})
             assert r.status_code == 202, r.text
         health = httpx.get(gw.url + "/health/storage")
-        assert health.status_code == 200 and health.json()["status"] == "healthy"
+        assert health.status_code == 200 and health.json()["status"] == "healthy", health.text
         metrics = httpx.get(gw.url + "/metrics").text
         assert "rswitch_recorder_written" in metrics
         assert gw.stop() == 0
