@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -307,6 +308,8 @@ class TemplateRegistry:
         self._disk_looked = False  # with a store: the disk was looked at once (at start)
         self._refused: dict[str, int] = {}  # with a store: an unservable version, reported once
         self.load_errors: list[str] = []
+        if versions is not None:  # a registry a command drops without closing closes its store then
+            weakref.finalize(self, versions.close)
         self.reload()
 
     def manifest_path(self, template_id: str) -> Path:

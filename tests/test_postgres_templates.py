@@ -304,3 +304,14 @@ async def test_a_package_imported_into_postgres_brings_its_versions_and_replaces
         assert [v["version"] for v in worker.history("support")] == [1, 2, 3]
     finally:
         await other.stop()
+
+
+async def test_a_registry_a_command_drops_without_closing_leaves_no_connection_open(pg, tmp_path):
+    others = "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    reg = open_registry(make_config(tmp_path, on_postgres(pg)))  # as `rswitch dataset show` opens one
+    assert (await query(pg, others))[0]["n"] >= 1
+    del reg
+    deadline = time.monotonic() + WAIT
+    while (await query(pg, others))[0]["n"] > 0:  # a backend leaves a moment after its client
+        assert time.monotonic() < deadline, "the dropped registry's connections stayed open"
+        await asyncio.sleep(0.05)

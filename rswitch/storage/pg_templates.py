@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +121,9 @@ class PostgresTemplateVersions:
         return self.db.run(go(), self.db.timeout + 5)
 
     def close(self) -> None:
+        if threading.current_thread() is self.db._thread:  # dropped on the pool's own loop: not from there
+            threading.Thread(target=self.db.close, name="rswitch-postgres-close", daemon=True).start()
+            return
         self.db.close()
 
 
