@@ -19,7 +19,6 @@ open no store.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Callable
@@ -28,8 +27,6 @@ from typing import Any
 import orjson
 
 from rswitch.storage.postgres import PostgresDatabase, StorageUnavailable, where
-
-log = logging.getLogger("rswitch.postgres")
 
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('rswitch template ' || $1, 0))"
 INSERT = "INSERT INTO template_versions (template_id, version, manifest) VALUES ($1, $2, $3)"
