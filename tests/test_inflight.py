@@ -217,8 +217,9 @@ def test_a_stream_shows_calling_then_streaming_with_a_growing_token_count_then_l
 def test_waiting_for_a_providers_rate_limit_shows_until_when(tmp_path):
     with holding() as (held, url), running_gateway(tmp_path, held_config(url, rate_limit=20)) as g:
         held.answer.set()  # the upstream answers at once; the wait is rswitch's own
-        # the provider's 20 requests for this minute are spent (as by a burst): the next waits ~3 s
-        g.call(lambda: g.core.gateway.limiters["up"].rpm.take(20))
+        # the provider's 20 requests for this minute were spent 57 s ago: the next waits ~3 s
+        spent = time.monotonic() - 57
+        g.call(lambda: g.core.gateway.limiters["up"].rpm.taken.extend([spent] * 20))
         before = time.time()
         t, box = in_thread(
             lambda: httpx.post(
@@ -229,7 +230,7 @@ def test_waiting_for_a_providers_rate_limit_shows_until_when(tmp_path):
         )
         waiting = poll(g, only_call("waiting"), "the call waiting for the rate limit")
         assert waiting["text"].startswith("waiting for a rate limit, ")
-        assert before < waiting["wait_until"] <= time.time() + 3.5  # one request comes back every 3 s
+        assert before < waiting["wait_until"] <= time.time() + 3.5  # when the first of the 20 is a minute old
         assert waiting["attempt"] == 0 and waiting["combination_id"] is None  # nothing tried yet
         t.join(30)
         assert box["result"].status_code == 200

@@ -1,13 +1,20 @@
-"""Per-provider rate limits (requests/minute and tokens/minute) as token buckets.
+"""Per-provider rate limits: requests/minute as a sliding window, tokens/minute as a token bucket.
+
+Requests are counted over the last minute, so a full minute of traffic gets the limit and no
+more; a token bucket of the same size would let about twice through (the whole limit at once,
+then its refill). Tokens stay a bucket: a call's estimate is settled against the real usage
+afterwards, which a bucket takes in stride.
 
 Hand-written rather than `limits`: the hot path needs a non-blocking "take or tell me how
-long to wait" on a bucket shared by every combination that calls a provider, and a way to
-settle a token estimate against the real usage afterwards; both are a few lines here.
+long to wait" shared by every combination that calls a provider, and a way to settle a token
+estimate against the real usage afterwards; both are a few lines here.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 
 MAX_UPSTREAM_BLOCK = 60.0  # seconds a provider is skipped for an upstream's Retry-After, at most
 
@@ -46,11 +53,36 @@ class TokenBucket:
         self.tokens = min(self.capacity, self.tokens + max(amount, 0.0))
 
 
+class SlidingWindow:
+    """At most `per_minute` requests in any minute: when they were taken, oldest first.
+
+    A limit below one a minute, or with a fraction, keeps its rate over a longer window: 0.5
+    is one request in any two minutes, 90.5 is 90 in any 59.7 seconds."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.capacity = max(1, math.floor(per_minute))
+        self.window = 60.0 * self.capacity / per_minute  # seconds
+        self.taken: deque[float] = deque()
+
+    def wait_for(self, amount: float = 1) -> float:
+        """Seconds until one more could be taken (0 when it can be taken now)."""
+        now = time.monotonic()
+        taken, since = self.taken, now - self.window
+        while taken and taken[0] <= since:
+            taken.popleft()
+        if len(taken) < self.capacity:
+            return 0.0
+        return taken[len(taken) - self.capacity] - since  # until the one that must leave is a window old
+
+    def take(self, amount: float = 1) -> None:
+        self.taken.append(time.monotonic())
+
+
 class ProviderLimiter:
     """The rpm and tpm buckets of one provider. Single event loop, so no lock is needed."""
 
     def __init__(self, rpm: float | None, tpm: float | None) -> None:
-        self.rpm = TokenBucket(rpm) if rpm else None
+        self.rpm = SlidingWindow(rpm) if rpm else None
         self.tpm = TokenBucket(tpm) if tpm else None
         self.upstream_blocked_until = 0.0  # set from an upstream's Retry-After
 

@@ -1,7 +1,7 @@
 """Rate limits and upstream blocks shared across replicas through Redis (and, each second, the
 circuit breakers, demotions and bandit statistics: see `learning`).
 
-One atomic Lua script per request takes from a provider's rpm and tpm buckets (refilled on
+One atomic Lua script per request takes from a provider's rpm window and tpm bucket (on
 Redis's clock, so replicas with skewed clocks agree), applies the token corrections earlier
 calls left pending (settling an estimate against real usage costs no round trip of its own),
 and honours a provider's Retry-After block set by any replica. The limit is one limit, not one
@@ -25,9 +25,10 @@ from rswitch.state.learning import HealthSync, syncer_for
 
 log = logging.getLogger("rswitch.state")
 
-# KEYS[1]: the provider's buckets (hash), KEYS[2]: its upstream block (a key with a TTL)
-# ARGV: rpm capacity, tpm capacity (0: none), tokens to take, pending tpm correction
-#       (> 0 used beyond the estimate, < 0 given back), take (1) or only correct (0)
+# KEYS[1]: the provider's tpm bucket (hash), KEYS[2]: its upstream block (a key with a TTL),
+# KEYS[3]: when its requests of the last window were taken (a list, newest first)
+# ARGV: rpm capacity (0: none), tpm capacity (0: none), tokens to take, pending tpm correction
+#       (> 0 used beyond the estimate, < 0 given back), take (1) or only correct (0), rpm window (s)
 TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -35,30 +36,41 @@ local rpm_cap = tonumber(ARGV[1])
 local tpm_cap = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local delta = tonumber(ARGV[4])
-local h = redis.call('HMGET', KEYS[1], 'r', 't', 'at')
-local at = tonumber(h[3]) or now
-local r = tonumber(h[1]) or rpm_cap
-local tk = tonumber(h[2]) or tpm_cap
-local since = math.max(0, now - at)
-if rpm_cap > 0 then r = math.min(rpm_cap, r + since * rpm_cap / 60) end
+local h = redis.call('HMGET', KEYS[1], 't', 'at')
+local at = tonumber(h[2]) or now
+local tk = tonumber(h[1]) or tpm_cap
 if tpm_cap > 0 then
-  tk = math.min(tpm_cap, tk + since * tpm_cap / 60)
+  tk = math.min(tpm_cap, tk + math.max(0, now - at) * tpm_cap / 60)
   if delta > 0 then tk = math.max(0, tk - delta) elseif delta < 0 then tk = math.min(tpm_cap, tk - delta) end
 end
 local wait = 0
 if ARGV[5] == '1' then
   local blocked = redis.call('PTTL', KEYS[2])
   if blocked > 0 then wait = blocked / 1000 end
-  if rpm_cap > 0 and r < 1 then wait = math.max(wait, (1 - r) * 60 / rpm_cap) end
+  local window = tonumber(ARGV[6])
+  if rpm_cap > 0 then
+    local oldest = redis.call('LINDEX', KEYS[3], -1)
+    while oldest and tonumber(oldest) <= now - window do
+      redis.call('RPOP', KEYS[3])
+      oldest = redis.call('LINDEX', KEYS[3], -1)
+    end
+    if redis.call('LLEN', KEYS[3]) >= rpm_cap then
+      local leaving = tonumber(redis.call('LINDEX', KEYS[3], rpm_cap - 1))
+      wait = math.max(wait, leaving + window - now)
+    end
+  end
   local amount = math.min(want, tpm_cap)
   if tpm_cap > 0 and tk < amount then wait = math.max(wait, (amount - tk) * 60 / tpm_cap) end
   if wait <= 0 then
     wait = 0
-    if rpm_cap > 0 then r = r - 1 end
+    if rpm_cap > 0 then
+      redis.call('LPUSH', KEYS[3], tostring(now))
+      redis.call('EXPIRE', KEYS[3], math.ceil(window) + 1)
+    end
     if tpm_cap > 0 then tk = tk - amount end
   end
 end
-redis.call('HSET', KEYS[1], 'r', tostring(r), 't', tostring(tk), 'at', tostring(now))
+redis.call('HSET', KEYS[1], 't', tostring(tk), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], 3600)
 return tostring(wait)
 """
@@ -400,13 +412,15 @@ class SharedLimiter(ProviderLimiter):
         super().__init__(rpm, tpm)
         self.state = state
         self.keys = [f"{state.prefix}:limits:{provider}", f"{state.prefix}:blocked:{provider}"]
-        self._caps = [float(rpm or 0), float(tpm or 0)]
+        self.keys.append(f"{state.prefix}:window:{provider}")
+        self._caps = [self.rpm.capacity if self.rpm else 0, float(tpm or 0)]
+        self._window = self.rpm.window if self.rpm else 60.0
         self.pending = 0.0  # tpm corrections not yet sent: they ride on the next take
         state.limiters.append(self)
 
     async def acquire(self, tokens: int) -> float:
         sent = self.pending
-        wait = await self.state.take(self.keys, [*self._caps, max(tokens, 0), sent, "1"])
+        wait = await self.state.take(self.keys, [*self._caps, max(tokens, 0), sent, "1", self._window])
         if wait is None:
             return self.try_acquire(tokens)  # local buckets meanwhile
         self.pending -= sent  # corrections made while it was out go with the next one
@@ -423,11 +437,11 @@ class SharedLimiter(ProviderLimiter):
         seconds = min(max(seconds, 0.0), MAX_UPSTREAM_BLOCK)
         if seconds > 0 and not self.state.degraded:
             ms = int(seconds * 1000)
-            asyncio.get_running_loop().create_task(self.state.call(self.state._block, self.keys[1:], [ms]))
+            asyncio.get_running_loop().create_task(self.state.call(self.state._block, self.keys[1:2], [ms]))
 
     async def flush(self) -> None:
         """Send pending corrections of an idle provider (a busy one sends them with its takes)."""
         if self.pending and self.tpm is not None and not self.state.degraded:
             sent = self.pending
-            if await self.state.take(self.keys, [*self._caps, 0, sent, "0"]) is not None:
+            if await self.state.take(self.keys, [*self._caps, 0, sent, "0", self._window]) is not None:
                 self.pending -= sent
