@@ -101,7 +101,11 @@ async def test_the_background_optimizer_runs_on_postgres_rows(databases, make_ga
     run = await wait_for_run(gw.core, "echo")
     assert run["promoted"] and run["new_version"] == 2
     assert MAGIC in gw.core.registry.get("echo").template
-    status = (await gw.client.get("/status")).json()["optimizer"]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (status := (await gw.client.get("/status")).json()["optimizer"])["last"] is None:
+        assert loop.time() < deadline, "the run was recorded but /status never showed it"
+        await asyncio.sleep(0.05)  # the scheduler notes the run just after recording it
     assert status["last"]["run_id"] == run["run_id"] and status["run_counts"]["promoted"] == 1
     assert [r["run_id"] for r in await query(dsn, "SELECT run_id FROM optimizer_runs")] == [run["run_id"]]
 

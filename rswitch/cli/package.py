@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,7 +76,7 @@ def package_export(
             bar.update(task, description=f"{stage} snapshot", completed=done, total=total)
 
         try:
-            with _stores(cfg) as stores:
+            with _stores(cfg) as stores, closing(reg):
                 out = export_package(
                     reg,
                     stores,
@@ -178,9 +178,9 @@ def package_import(
         result = _import_through(gateway, path, overwrite, restore_analytics)
     else:
         try:
-            with _stores(cfg) as stores:
+            with _stores(cfg) as stores, closing(registry(config)) as reg:
                 result = import_package(
-                    path, registry(config), stores, overwrite=overwrite, restore_analytics=restore_analytics
+                    path, reg, stores, overwrite=overwrite, restore_analytics=restore_analytics
                 )
         except PackageError as exc:
             raise fail(f"import refused: {exc}") from None
