@@ -208,9 +208,9 @@ def _label_params(label: Label) -> tuple[Any, ...]:
 
 
 # What the optimizer reads of a row (rswitch.optimizer.data.Example), from either store.
-EXAMPLE_COLUMNS = (
-    "id", "created_at", "combination_id", "messages", "variables", "output", "label_expected", "label_score"
-)  # fmt: skip
+EXAMPLE_COLUMNS = tuple(
+    "id, created_at, combination_id, messages, variables, output, label_expected, label_score".split(", ")
+)
 # a stream finished by a replay that diverged from what was sent: no example to learn from
 DIVERGED = "attempts LIKE '%\"diverged_at\"%'"
 
