@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from rswitch.storage import relay
 from rswitch.storage.analytics import AnalyticsStore, _arrays
 from rswitch.storage.datasets import DatasetStore, iso
 from rswitch.storage.record import CallRecord, Label
+from rswitch.storage.relay import RelayClient, RelayServer
+from rswitch.storage.writer import Recorder
 
 
 def call(i: int, **fields: Any) -> CallRecord:
@@ -122,3 +128,37 @@ def test_a_relayed_record_arrives_with_every_field_it_was_sent_with():
     back = [relay.decode(item) for item in orjson.loads(frame)["records"]]
     assert back == records
     assert [type(r) for r in back] == [CallRecord, CallRecord, Label, Label]
+
+
+def wakeups(thread: threading.Thread) -> int:
+    """How many times the thread went to sleep and was woken again (Linux counts them)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts wake-ups in /proc")
+def test_the_writer_and_a_workers_relay_wake_once_a_batch_not_once_a_record(tmp_path):
+    # each wake-up costs the request path's thread the GIL: records arriving one by one, as
+    # requests end, must not wake the thread behind the queue for each (it was woken 300 times)
+    owner = RelayServer(str(tmp_path / "owner.sock"), lambda r: True, lambda m, a: None)
+    owner.start()
+    stores = DatasetStore(tmp_path, 1000), AnalyticsStore(tmp_path / "a.duckdb")
+    recorder = Recorder(*stores, batch_size=1000, flush_interval=3600)  # the stop, not the clock, ends it
+    relayed = RelayClient(owner.path, batch_size=1000, flush_interval=3600)
+    try:
+        for queued in (recorder, relayed):
+            queued.start()
+            before = wakeups(queued._thread)
+            for i in range(200):
+                assert queued.submit(call(i))
+                time.sleep(0.001)  # requests end one by one
+            assert wakeups(queued._thread) - before < 20, type(queued).__name__
+            queued.close()  # hands everything over
+        assert (
+            stores[1].count() == 200 and len(stores[0].recent("support", 1000)) == 199
+        )  # call(8): an embedding
+        assert owner.received == relayed.written == 200
+    finally:
+        recorder.close()
+        relayed.close()
+        owner.close()

@@ -142,6 +142,7 @@ class RelayClient(Queued):
         flush_interval: float = 0.1,
         give_up_after: float = 10.0,
     ) -> None:
+        super().__init__()
         self.path = path
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -217,18 +218,7 @@ class RelayClient(Queued):
         queue was emptied, a wall-clock time before which everything submitted is in this batch or
         an earlier one (None when the batch filled up first)."""
         batch: list[Any] = []
-        deadline = time.monotonic() + self.flush_interval
-        while len(batch) < self.batch_size:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, True, None
-            batch.append(item)
+        self._wait_for_batch(time.monotonic() + self.flush_interval)  # woken once a batch, not a record
         covers = time.time()  # what was queued before now is taken by the loop below
         while len(batch) < self.batch_size:
             try:
@@ -333,7 +323,7 @@ class RelayClient(Queued):
         self._closed = True
         self._stopping.set()
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            self._queue_stop(_STOP)
             self._thread.join()
 
 

@@ -32,13 +32,23 @@ class StorageFailing(RuntimeError):
 
 class Queued:
     """What the request path calls on a recorder (this process's, or a worker's relay to the
-    owner): `submit` never blocks; a full queue drops and counts."""
+    owner): `submit` never blocks; a full queue drops and counts.
+
+    The thread behind the queue wakes once a batch, not once a record: it sleeps until
+    `batch_size` records are queued, the flush interval is over or the stop marker is queued.
+    (Waiting on the queue itself would wake it at every record, and each wake-up costs the
+    request path's thread the GIL and a context switch or two.)"""
 
     _queue: queue.Queue[Any]
     _thread: threading.Thread
     recent_requests: OrderedDict[str, str]
     submitted: int
     dropped: int
+    batch_size: int
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()  # a batch is queued, or the stop marker
+        self._stop_queued = False
 
     def start(self) -> None:
         self._thread.start()
@@ -50,6 +60,8 @@ class Queued:
             self.dropped += 1
             return False
         self.submitted += 1
+        if len(self._queue.queue) >= self._batch_ready and not self._wake.is_set():
+            self._wake.set()
         if isinstance(record, CallRecord) and record.success and record.template_id:
             self.recent_requests[record.request_id] = record.template_id
             if len(self.recent_requests) > RECENT_REQUESTS:
@@ -59,6 +71,26 @@ class Queued:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def _batch_ready(self) -> int:
+        """Records queued that make a batch (all the queue holds, if it holds fewer)."""
+        return min(self.batch_size, self._queue.maxsize or self.batch_size)
+
+    def _wait_for_batch(self, deadline: float) -> None:
+        """Sleep until a batch is queued, the stop marker is, or `deadline` (time.monotonic)."""
+        while len(self._queue.queue) < self._batch_ready and not self._stop_queued:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(remaining)
+            self._wake.clear()
+
+    def _queue_stop(self, marker: object) -> None:
+        """Queue the thread's stop marker behind the records (blocking: it must get in) and wake it."""
+        self._queue.put(marker)
+        self._stop_queued = True
+        self._wake.set()
 
 
 class Recorder(Queued):
@@ -71,6 +103,7 @@ class Recorder(Queued):
         batch_size: int = 500,
         flush_interval: float = 0.1,
     ) -> None:
+        super().__init__()
         self.datasets = datasets
         self.analytics = analytics
         self.batch_size = batch_size
@@ -123,20 +156,19 @@ class Recorder(Queued):
             raise StorageFailing("; ".join(found))
 
     def _take_batch(self) -> tuple[list[CallRecord], bool]:
+        """Up to `batch_size` records, once that many are queued or the flush interval is over;
+        and whether the stop marker came."""
         batch: list[CallRecord] = []
-        stop = False
-        deadline = time.monotonic() + self.flush_interval
+        self._wait_for_batch(time.monotonic() + self.flush_interval)
         while len(batch) < self.batch_size:
-            timeout = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
-                stop = True
-                break
+                return batch, True
             batch.append(item)
-        return batch, stop
+        return batch, False
 
     def _write(self, batch: list[Any]) -> None:
         calls = [r for r in batch if isinstance(r, CallRecord)]
@@ -227,5 +259,5 @@ class Recorder(Queued):
             return
         self._closed = True
         if self._thread.is_alive():
-            self._queue.put(_STOP)  # blocking put: the marker must get in behind the records
+            self._queue_stop(_STOP)
             self._thread.join()
