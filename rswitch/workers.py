@@ -68,6 +68,7 @@ STOP_TIMEOUT = 30.0  # seconds a stopping worker has before it is killed
 EXCHANGE_EVERY = 0.5  # seconds between a worker's exchanges with the parent (metrics, changes)
 CHANGE_TIMEOUT = 5.0  # seconds an operator's change waits for the parent to number it
 PACKAGE_TIMEOUT = 900.0  # seconds a package export/import through a worker may take in the parent
+FLUSH_TIMEOUT = 10.0  # seconds the parent waits for the workers to write what they hold (Postgres)
 
 
 def check_count(n: int) -> str | None:
@@ -152,13 +153,14 @@ def apply_change(core: Core, change: dict[str, Any]) -> None:
             Core.set_enabled(core, change["id"], bool(change["value"]))
 
 
-class PatientDatasets:
+class WorkerDatasets:
     """A worker's Postgres datasets. A call another worker answered a moment ago may still be on
     that worker's recorder queue: a lookup that misses asks again until that recorder has written
-    it (twice its flush interval, and a second), so feedback finds it whichever worker answers."""
+    it (twice its flush interval, and a second), so feedback finds it whichever worker answers;
+    a dataset export first has every worker write what it holds (the parent asks them)."""
 
-    def __init__(self, store: Any, wait: float) -> None:
-        self.store, self.wait = store, wait
+    def __init__(self, store: Any, wait: float, relay_path: str) -> None:
+        self.store, self.wait, self.relay_path = store, wait, relay_path
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -170,6 +172,10 @@ class PatientDatasets:
             if found is not None or time.monotonic() >= deadline:
                 return found
             time.sleep(0.1)
+
+    def recent(self, template_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        relay.call(self.relay_path, "workers.flush", timeout=FLUSH_TIMEOUT + 5)
+        return self.store.recent(template_id, limit)
 
 
 class WorkerLink:
@@ -210,14 +216,31 @@ class WorkerLink:
 
         return asyncio.run_coroutine_threadsafe(on_loop(), core.loop).result(5.0)
 
-    def exchange(self, families: prometheus.Families, replay: bool = False) -> list[dict[str, Any]]:
+    def exchange(
+        self, families: prometheus.Families, replay: bool = False, final: bool = False
+    ) -> list[dict[str, Any]]:
         """Send this worker's families; keep the others'; the changes not applied yet are applied
-        on the loop (or, with `replay`, returned for the caller to apply)."""
+        on the loop (or, with `replay`, returned for the caller to apply). A flush the parent asks
+        for (before a package or dataset export, with Postgres) is done here, and said at once."""
         core = self.core
-        msg = {"index": core.worker_index, "pid": os.getpid(), "after": core.change_seq, "metrics": families}
+        msg = {
+            "index": core.worker_index,
+            "pid": os.getpid(),
+            "after": core.change_seq,
+            "flushed": core.flushed_seq,
+            "final": final,  # stopped, everything written: not to be waited for
+            "metrics": families,
+        }
         reply = relay.call(core.relay_path, "worker.exchange", msg, timeout=5.0)
         core.peers = [(prometheus.MERGED, reply["metrics"])]
         changes: list[dict[str, Any]] = reply["changes"]
+        flushes = [c["seq"] for c in changes if c["op"] == "flush" and c["seq"] > core.flushed_seq]
+        if flushes and not replay:
+            core.recorder.flush(FLUSH_TIMEOUT)
+            core.flushed_seq = max(flushes)
+            self.exchange(families)  # the parent is waiting for it
+        elif flushes:  # starting: nothing is queued yet
+            core.flushed_seq = max(flushes)
         if changes and not replay and core.loop is not None and not core.loop.is_closed():
             core.loop.call_soon_threadsafe(core.apply_changes, changes)
         return changes
@@ -231,6 +254,7 @@ class WorkerCore(Core):
         self.relay_path, self.worker_index, self.worker_count = relay_path, index, count
         self.metric_label = str(index)  # its series of the per-worker gauges in /metrics
         self.change_seq = 0  # the parent's operator log is applied up to this entry
+        self.flushed_seq = 0  # and its flushes (with Postgres) done up to this one
         self.peers: list[tuple[str | None, prometheus.Families]] = []  # the others' metrics, as last polled
         self.link: WorkerLink | None = None
         config.gateway.optimization.enabled = False  # the owner runs it
@@ -240,7 +264,8 @@ class WorkerCore(Core):
         rc = config.recorder
         if config.storage.backend == "postgres":  # every process may write it: record straight in
             datasets, analytics, recorder = super().open_stores(config)
-            return PatientDatasets(datasets, 2 * rc.flush_interval_ms / 1000 + 1.0), analytics, recorder
+            wait = 2 * rc.flush_interval_ms / 1000 + 1.0
+            return WorkerDatasets(datasets, wait, self.relay_path), analytics, recorder
         client = relay.RelayClient(
             self.relay_path,
             queue_size=rc.queue_size,
@@ -272,7 +297,7 @@ class WorkerCore(Core):
         if link is not None:  # its last counts, so the sum over the workers keeps them
             families = prometheus.snapshot(self)
             try:
-                await asyncio.to_thread(link.exchange, families, True)
+                await asyncio.to_thread(link.exchange, families, True, True)
             except Exception as exc:
                 log.warning("worker %d: last metrics not handed to the parent: %s", self.worker_index, exc)
 
@@ -472,15 +497,38 @@ class Owner:
         self.metrics: dict[int, tuple[int, prometheus.Families]] = {}  # index -> (pid, families)
         self.retired: prometheus.Families = []  # the counters of workers since started again
         self.own: prometheus.Families = []  # this process's (the optimizer's calls, the writer)
+        self.flushed: dict[int, int] = {}  # index -> the last flush it did (its latest exchange)
+        self.stopped: set[int] = set()  # workers whose latest exchange was their last
         self._lock = threading.Lock()
+        self._exchanged = threading.Condition(self._lock)
 
     def refresh(self) -> None:
         """On the parent's loop (which owns its metrics): its own families, for the workers."""
         self.own = prometheus.snapshot(self.core)
 
     def _caught_up(self) -> None:
+        """What the workers answered before now is written: relayed to this process's recorder
+        and written, or, with Postgres, written by each worker's own recorder."""
         assert self.server is not None
         caught_up(self.core, self.server)
+        if self.core.config.storage.backend == "postgres":
+            self.flush_workers()
+
+    def flush_workers(self, timeout: float = FLUSH_TIMEOUT + 2 * EXCHANGE_EVERY + 1) -> bool:
+        """Have every running worker write what its recorder holds (with its next exchange); False
+        when one has not said so in `timeout` seconds (it is stuck, or died without a last word)."""
+        seq = self._log({"op": "flush"})["seq"]
+        deadline = time.monotonic() + timeout
+        with self._exchanged:
+            while True:
+                late = [i for i in self.metrics if i not in self.stopped and self.flushed.get(i, 0) < seq]
+                if not late:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("worker(s) %s did not write what they hold in %gs", late, timeout)
+                    return False
+                self._exchanged.wait(remaining)
 
     def _log(self, entry: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
@@ -507,6 +555,12 @@ class Owner:
                     [(None, self.retired), (None, prometheus.counters_only(old[1]))]
                 )
             self.metrics[index] = (pid, msg["metrics"])
+            self.flushed[index] = int(msg.get("flushed") or 0)
+            if msg.get("final"):
+                self.stopped.add(index)
+            else:
+                self.stopped.discard(index)
+            self._exchanged.notify_all()
             peers = [(str(i), fams) for i, (_, fams) in sorted(self.metrics.items()) if i != index]
             changes = self.changes[int(msg["after"]) :]
         # one merged list, not one per process: what a worker adds its own live families to
@@ -560,6 +614,8 @@ class Owner:
             return self.exchange(args[0])
         if method == "operator.change":
             return self.change(args[0], int(args[1]))
+        if method == "workers.flush":
+            return self.flush_workers()
         if method == "package.export":
             return self.export_package(*args)
         if method == "package.import":

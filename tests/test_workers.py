@@ -22,6 +22,7 @@ from typing import Any
 import duckdb
 import httpx
 import openai
+import orjson
 import pytest
 import yaml
 
@@ -67,6 +68,7 @@ def serve(
     rpm: float | None = None,
     state: dict[str, Any] | None = None,
     storage: dict[str, Any] | None = None,
+    recorder: dict[str, Any] | None = None,
 ) -> Iterator[Serve]:
     provider: dict[str, Any] = {"type": "openai", "base_url": upstream_url, "timeout_seconds": 5}
     if rpm:
@@ -88,6 +90,8 @@ def serve(
         config["state"] = state
     if storage:
         config["storage"] = storage
+    if recorder:
+        config["recorder"] = recorder
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
@@ -498,9 +502,8 @@ def pg_rows(dsn: str, sql: str) -> list[Any]:
 def test_on_postgres_each_worker_records_straight_in_every_answer_once_and_sigterm_loses_nothing(
     tmp_path, upstream, pg
 ):
-    with serve(
-        tmp_path, upstream.base_url, "--workers", "2", storage={"backend": "postgres", "dsn": pg}
-    ) as gw:
+    storage = {"backend": "postgres", "dsn": pg}
+    with serve(tmp_path, upstream.base_url, "--workers", "2", storage=storage) as gw:
         first = gw.worker_pids()[0]
         traffic = Traffic(gw.url)
         traffic.wait_answered(30)
@@ -522,6 +525,41 @@ def test_on_postgres_each_worker_records_straight_in_every_answer_once_and_sigte
     assert "workers: 0 relayed, 1 restart(s)" in gw.output  # straight in, not through the parent
     assert f"{len(answered) + len(labelled)} record(s) written, 0 dropped" in gw.output
     assert not (tmp_path / "prompts" / "support" / "dataset.sqlite").exists()
+
+
+def pinned_clients(url: str) -> dict[str, httpx.Client]:
+    """One kept-alive connection to each worker: {"0/2": client, "1/2": client}."""
+    pinned: dict[str, httpx.Client] = {}
+    for _ in range(100):
+        client = httpx.Client(base_url=url, limits=httpx.Limits(max_connections=1), timeout=60)
+        worker = client.get("/health").headers["x-rswitch-worker"]
+        if worker in pinned:
+            client.close()
+        else:
+            pinned[worker] = client
+        if len(pinned) == 2:
+            return pinned
+    raise AssertionError("fresh connections all went to one worker")
+
+
+def test_on_postgres_an_export_through_one_worker_has_what_another_worker_still_holds(tmp_path, upstream, pg):
+    storage = {"backend": "postgres", "dsn": pg}
+    recorder = {"flush_interval_ms": 5000}  # a worker holds its records up to 5 s
+    with serve(tmp_path, upstream.base_url, "--workers", "2", storage=storage, recorder=recorder) as gw:
+        clients = pinned_clients(gw.url)
+        body = {"model": "oa", "messages": [{"role": "user", "content": "hi"}], "variables": {"product": "A"}}
+        ids = [
+            clients["0/2"].post("/v1/chat/completions", json=body).headers["x-rswitch-request-id"]
+            for _ in range(5)
+        ]
+        exported = clients["1/2"].get("/admin/v1/datasets/support/export")  # the other worker
+        assert exported.status_code == 200, exported.text
+        assert sorted(orjson.loads(line)["request_id"] for line in exported.content.splitlines()) == sorted(
+            ids
+        )
+        for client in clients.values():
+            client.close()
+        assert gw.stop() == 0
 
 
 @pytest.mark.parametrize("count", ["0", "-1", "100000"])
