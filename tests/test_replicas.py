@@ -408,19 +408,29 @@ def test_with_redis_stopped_every_replica_answers_on_its_own_limits_says_degrade
 # -- 4. the periodic optimizer runs once across the replicas (the leader lock) ---------------------
 
 
+def optimizer_runs(dsn: str, template_id: str) -> list[dict[str, Any]]:
+    return pg(dsn, "SELECT run_id, template_id FROM optimizer_runs WHERE template_id = $1", template_id)
+
+
+def label_all(urls: list[str], replies: list[Reply]) -> None:
+    """Label each answer with what it should be, at once, through another replica than the one
+    that answered it."""
+    with httpx.Client(timeout=30) as http:
+        for r in replies:
+            label = {"request_id": r.request_id, "expected": f"echo: {r.text}"}
+            sent = http.post(urls[(r.replica + 1) % len(urls)] + "/v1/feedback", json=label)
+            assert sent.status_code == 202, sent.text
+
+
 def test_the_periodic_optimizer_runs_once_across_the_replicas_on_what_they_recorded(cluster):
     urls = cluster.urls
     labelled = OPTIMIZE_AFTER + 4
     replies = burst(urls, "support", labelled, "support")
     assert [r.status for r in replies] == [200] * labelled
-    with httpx.Client(timeout=30) as http:
-        for r in replies:  # at once, each through another replica than the one that answered it
-            label = {"request_id": r.request_id, "expected": f"echo: {r.text}"}
-            sent = http.post(urls[(r.replica + 1) % 3] + "/v1/feedback", json=label)
-            assert sent.status_code == 202, sent.text
+    label_all(urls, replies)
 
     def runs() -> list[dict[str, Any]]:
-        return pg(cluster.dsn, "SELECT run_id, template_id, verdict FROM optimizer_runs")
+        return optimizer_runs(cluster.dsn, "support")
 
     until("an optimizer run recorded in Postgres", lambda: bool(runs()), timeout=180)
     statuses = [status(u) for u in urls]
@@ -437,3 +447,31 @@ def test_the_periodic_optimizer_runs_once_across_the_replicas_on_what_they_recor
     for k, u in enumerate(urls):  # by the leader, from the labels in Postgres (a run needs six or more)
         mine = status(u)["optimizer"]["runs"]
         assert [r.get("run_id") for r in mine] == ([recorded[0]["run_id"]] if k == leaders[0] else []), mine
+
+
+def test_a_new_leader_does_not_optimize_again_what_the_last_one_did(cluster, tmp_path):
+    config = yaml.safe_load(cluster.config.read_text())  # two more replicas with a leader lock of their own
+    config["state"]["key_prefix"] += "-faq"
+    config["templates"] = {"faq": {"template": "You answer questions."}}
+    config["gateway"]["combinations"] = [
+        {"id": "faq", "template_id": "faq", "model": "gpt-4o", "provider": "free"}
+    ]
+    path = tmp_path / "faq.yaml"
+    path.write_text(yaml.safe_dump(config))
+    pair = [launch(path), launch(path)]
+    try:
+        urls = [r.url for r in pair]
+        replies = burst(urls, "faq", OPTIMIZE_AFTER + 4, "faq")
+        assert [r.status for r in replies] == [200] * len(replies)
+        label_all(urls, replies)
+        until("an optimizer run recorded", lambda: bool(optimizer_runs(cluster.dsn, "faq")), timeout=180)
+        leader = next(k for k, u in enumerate(urls) if "optimizer" in status(u)["state"]["leading"])
+        other = urls[1 - leader]
+        stop(pair[leader])  # a clean stop lets go of the lock: the other takes it at its next tick
+        until("the other replica leads", lambda: "optimizer" in status(other)["state"]["leading"])
+        time.sleep(3)  # three ticks of its scheduler: a second run would start in them
+        until("no run going on", lambda: status(other)["optimizer"]["running"] is None, timeout=120)
+        assert len(optimizer_runs(cluster.dsn, "faq")) == 1  # no new labels: nothing to run again
+    finally:
+        for replica in pair:
+            stop(replica)

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 from collections import deque
+from datetime import UTC, datetime
 from typing import Any
 
 from rswitch.optimizer.data import load_examples
@@ -20,6 +21,12 @@ from rswitch.optimizer.mipro import Budget, Settings
 from rswitch.optimizer.service import OptimizeError, optimize
 
 log = logging.getLogger("rswitch.optimizer")
+
+
+def _utc(text: str) -> datetime:
+    """A stored time (ISO 8601, with or without a zone: naive ones are UTC) to the second."""
+    at = datetime.fromisoformat(text)
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).replace(microsecond=0)
 
 
 class BackgroundOptimizer:
@@ -89,10 +96,26 @@ class BackgroundOptimizer:
         out = []
         served = {c.template_id for c in self.core.gateway.combinations.values() if c.enabled}
         for tid in sorted(served):
-            n = len(load_examples(self.core.datasets, tid))
-            if n - self._labels_at_last_run.get(tid, 0) >= self.cfg.min_new_labels:
+            examples = load_examples(self.core.datasets, tid)
+            if tid not in self._labels_at_last_run:
+                self._labels_at_last_run[tid] = self._labels_at_recorded_run(tid, examples)
+            if len(examples) - self._labels_at_last_run[tid] >= self.cfg.min_new_labels:
                 out.append(tid)
         return out
+
+    def _labels_at_recorded_run(self, template_id: str, examples: list[Any]) -> int:
+        """The labelled rows the template's last recorded run could see (those created before it
+        started), so that a restart, or a new leader among replicas, does not run it again on the
+        same labels: the runs are in the shared store, this scheduler's counts only in memory."""
+        try:
+            last = self.core.analytics.runs(template_id, 1)
+        except Exception:
+            log.exception("optimizer could not read the last run of %s", template_id)
+            return 0
+        if not last or not last[0].get("started_at"):
+            return 0
+        started = _utc(str(last[0]["started_at"]))
+        return sum(1 for e in examples if _utc(e.created_at) <= started)
 
     def _run(self) -> None:
         while not self._stop.is_set():
