@@ -630,6 +630,7 @@ def test_with_state_on_redis_the_workers_share_one_rate_limit_not_halves(tmp_pat
     assert len({r.headers["x-rswitch-worker"] for r in answered}) == 1
     assert 20 <= len(answered) <= 21 and len(upstream.recorder.requests) == len(answered)
     assert "shared on Redis" in status["worker"]["rate_limits"] and status["state"]["status"] == "ok"
+    assert "providers' rate limits shared on Redis, client keys' 1/2 per worker" in gw.output
 
 
 def test_rswitch_tui_attach_runs_against_a_multi_worker_gateway(tmp_path, upstream):

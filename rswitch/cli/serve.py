@@ -353,9 +353,14 @@ def serve_workers(
             if cfg.storage.backend == "postgres"
             else "owns the stores"
         )
+        limits = (
+            f"providers' rate limits shared on Redis, client keys' 1/{workers} per worker"
+            if cfg.state.backend == "redis"
+            else f"rate limits 1/{workers} per worker"
+        )
         typer.echo(
             f"  workers     {workers} processes on this port (pids {pids}); this one (pid {os.getpid()}) "
-            f"{role}; rate limits 1/{workers} per worker"
+            f"{role}; {limits}"
         )
         typer.echo("  press Ctrl+C to stop (queued records are written before exit)")
         sys.stdout.flush()
