@@ -110,7 +110,11 @@ class HostGuard:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            host = None
+            for k, v in scope["headers"]:  # a loop, not a generator: this runs for every request
+                if k == b"host":
+                    host = v.decode("latin-1")
+                    break
             refused = foreign_host(host, self.names)
             if refused is not None:
                 await error_response(refused)(scope, receive, send)
