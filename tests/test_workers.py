@@ -708,3 +708,22 @@ def test_a_relay_hands_each_record_over_once_and_counts_what_an_absent_owner_nev
     orphan.close()
     assert (orphan.written, orphan.lost) == (0, 3)
     assert orphan.stats()["records_lost"] == 3
+
+
+def test_a_change_the_parent_cannot_number_is_refused_and_changes_nothing(tmp_path):
+    from rswitch.admin.actions import LocalOperator
+    from rswitch.gateway.errors import GatewayError
+    from rswitch.workers import WorkerCore
+    from tests.conftest import make_config
+
+    core = WorkerCore(make_config(tmp_path), str(tmp_path / "no-parent.sock"), 0, 2)  # its parent is gone
+    op = LocalOperator(core)
+    for change in (op.reweight("support-a", 9), op.set_enabled("support-a", False), op.reset_weights()):
+        with pytest.raises(GatewayError) as refused:
+            asyncio.run(change)
+        assert refused.value.status == 503 and refused.value.code == "owner_unreachable"
+        assert "nothing was changed" in refused.value.message
+    combo = core.gateway.combinations["support-a"]
+    assert (combo.weight, combo.enabled) == (3, True)
+    assert core.change_seq == 0
+    core.recorder.close()
