@@ -167,8 +167,8 @@ async def test_a_replay_that_diverges_is_said_so_in_the_final_chunk(sdk, ups):
     assert done["success"] == 1 and json.loads(done["attempts"])[-1]["diverged_at"] == meta["diverged_at"]
     from rswitch.optimizer.data import load_examples
 
-    path = gw.tmp_path / "prompts" / "support" / "dataset.sqlite"
-    assert done["id"] not in {e.id for e in load_examples(path, labelled_only=False)}
+    learned = load_examples(gw.core.datasets, "support", labelled_only=False)
+    assert done["id"] not in {e.row_id for e in learned}
 
 
 async def test_when_no_candidate_can_continue_the_stream_ends_with_the_error_event(sdk, ups):
