@@ -1,6 +1,8 @@
 """`rswitch serve --workers N` as real processes on loopback, in front of the fake OpenAI upstream,
 with the official `openai` SDK as the app: one port, one owner of the stores, nothing recorded
-twice, nothing answered lost when the gateway or one worker is stopped."""
+twice, nothing answered lost when the gateway or one worker is stopped; the operator's changes,
+package work and /metrics are the whole server's whichever worker answers; on Postgres each
+worker records straight in."""
 
 from __future__ import annotations
 
