@@ -573,11 +573,8 @@ class Owner:
         with self._lock:
             processes = [(str(i), fams) for i, (_, fams) in self.metrics.items()]
             processes += [(None, self.retired), (None, self.own)]
-        totals = {name: rows for name, _, _, rows in prometheus.merge(processes)}
-        return tuple(  # type: ignore[return-value]
-            int(sum(v for _, _, v in totals.get(name, ())))
-            for name in ("rswitch_recorder_written", "rswitch_recorder_dropped")
-        )
+        totals = {name: int(sum(v for _, _, v in rows)) for name, _, _, rows in prometheus.merge(processes)}
+        return totals.get("rswitch_recorder_written", 0), totals.get("rswitch_recorder_dropped", 0)
 
     def export_package(self, template_id: str, output_dir: str, options: dict[str, Any], pid: int) -> Any:
         self._caught_up()  # what the workers answered before is in the package
