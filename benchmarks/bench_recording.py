@@ -10,6 +10,8 @@ not wall clock, so other work on the machine does not change the numbers much:
 - `stores`: DatasetStore.write + AnalyticsStore.write on batches of `--batch` records, as the
   recorder's writer thread calls them (real SQLite and DuckDB files in a temp dir);
 - `recorder`: the same through a Recorder (submit each record, then flush): queue + thread too;
+- `paced`: the same with the records submitted one at a time, 0.2 ms apart, as requests end
+  (a fifth of `--records`, scaled): what the writer thread costs by waking, not only by writing;
 - `encode`: a worker's relay turning a batch into a frame (what RelayClient._send does);
 - `decode`: the owner turning a frame back into records (what RelayServer does);
 - `relay`: a RelayClient handing the records to a RelayServer over a real Unix socket (both
@@ -139,6 +141,36 @@ def run_recorder(records: list[CallRecord], size: int, root: Path) -> float:
         analytics.close()
 
 
+def run_paced(records: list[CallRecord], size: int, root: Path, gap: float = 0.0002) -> float:
+    """The recorder fed one record at a time, `gap` seconds apart, as requests end: what the
+    writer thread costs by waking (not only by writing). The CPU of the pacing loop alone is
+    taken off."""
+
+    def pace() -> float:
+        return cpu(lambda: [time.sleep(gap) for _ in records])
+
+    datasets = DatasetStore(root / "data", max_records=10_000_000)
+    analytics = AnalyticsStore(root / "analytics.duckdb")
+    datasets.write(records[:1])
+    analytics.write(records[:1])
+    rec = Recorder(datasets, analytics, batch_size=size, queue_size=len(records) + 1)
+    rec.start()
+
+    def go() -> None:
+        for r in records:
+            time.sleep(gap)
+            rec.submit(r)
+        assert rec.flush(600), "the recorder did not drain"
+
+    try:
+        alone = min(pace() for _ in range(2))
+        return cpu(go) - alone
+    finally:
+        rec.close()
+        datasets.close()
+        analytics.close()
+
+
 def frames(records: list[CallRecord], size: int) -> list[bytes]:
     return [
         orjson.dumps({"records": [relay.encode(r) for r in b], "covers": None})
@@ -194,7 +226,7 @@ def main() -> None:
     ap.add_argument(
         "--batch", type=int, default=500, help="records per write / frame (the recorder's batch_size)"
     )
-    ap.add_argument("--only", default="stores,recorder,encode,decode,relay")
+    ap.add_argument("--only", default="stores,recorder,paced,encode,decode,relay")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     wanted = args.only.split(",")
@@ -213,11 +245,13 @@ def main() -> None:
                     t = run_encode(records, args.batch)
                 elif name == "decode":
                     t = run_decode(records, args.batch)
+                elif name == "paced":
+                    t = run_paced(records[: args.records // 5], args.batch, root) * 5
                 elif name == "relay":
                     t = run_relay(records, args.batch, root)
                 else:
                     raise SystemExit(
-                        f"unknown part {name!r}; choose from stores,recorder,encode,decode,relay"
+                        f"unknown part {name!r}; choose from stores,recorder,paced,encode,decode,relay"
                     )
             best[name] = min(best.get(name, float("inf")), t * scale)
     frame = frames(make_records(args.batch), args.batch)[0]
