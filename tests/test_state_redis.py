@@ -106,7 +106,9 @@ def upstream() -> Iterator[Any]:
 
 def replica_config(tmp: Path, url: str, up_url: str, **provider: Any) -> dict[str, Any]:
     return {
-        "state": {"backend": "redis", "url": url},
+        # 2 s before a take goes local: three replicas on one loop, 150 requests at once, on two busy
+        # cores can keep a take waiting past the default 250 ms, and the limit became per replica
+        "state": {"backend": "redis", "url": url, "timeout_ms": 2000},
         "model_providers": {"up": {"type": "openai", "base_url": up_url, "api_key": "sk-test", **provider}},
         "gateway": {
             "max_rate_wait_seconds": 0,  # a request finding the limit spent is answered 429 at once
