@@ -466,6 +466,9 @@ def worker_main() -> None:
         if server.started:
             hello = {"index": index, "pid": os.getpid()}
             await asyncio.to_thread(core.announce, hello)
+            from rswitch.gc_tuning import settle
+
+            settle()  # start-up's objects out of every later collection (rswitch/gc_tuning.py)
         await task
 
     import uvloop
@@ -762,6 +765,9 @@ class Supervisor:
             problem = await self.start_workers()
             if problem is None:
                 announce()
+                from rswitch.gc_tuning import settle
+
+                settle()  # start-up's objects out of every later collection (rswitch/gc_tuning.py)
                 await self.watch()
             else:
                 log.error("%s", problem)

@@ -295,6 +295,9 @@ def serve(
             typer.echo("\n".join(startup_summary(core, where)), err=False)
             typer.echo("  press Ctrl+C to stop (queued records are written before exit)")
             sys.stdout.flush()
+            from rswitch.gc_tuning import settle
+
+            settle()  # start-up's objects out of every later collection (rswitch/gc_tuning.py)
         try:
             await task
         finally:
