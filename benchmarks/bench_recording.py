@@ -22,7 +22,8 @@ the benchmark's template, a short user message, its variables, a short answer wi
 caller's key name, and one in ten a fallback with its attempts chain.
 
 Usage: python benchmarks/bench_recording.py [--records 10000] [--rounds 5] [--batch 500] [--json F]
-Each figure is the minimum over the rounds, in CPU milliseconds per 10,000 records.
+Each figure is the minimum over the rounds, in CPU milliseconds per 10,000 records. The garbage
+collector is settled first, as `rswitch serve` settles it once started (`--no-settle-gc`: not).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson  # noqa: E402
 
+from rswitch.gc_tuning import settle  # noqa: E402
 from rswitch.storage import relay  # noqa: E402
 from rswitch.storage.analytics import AnalyticsStore  # noqa: E402
 from rswitch.storage.datasets import DatasetStore  # noqa: E402
@@ -228,7 +230,14 @@ def main() -> None:
     )
     ap.add_argument("--only", default="stores,recorder,paced,encode,decode,relay")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--no-settle-gc",
+        action="store_true",
+        help="leave the garbage collector as Python sets it (serve settles it once started)",
+    )
     args = ap.parse_args()
+    if not args.no_settle_gc:
+        settle()
     wanted = args.only.split(",")
     scale = 10_000 / args.records * 1000  # CPU ms per 10k records
     best: dict[str, float] = {}
