@@ -122,6 +122,30 @@ class HostGuard:
         await self.app(scope, receive, send)
 
 
+class ChatPath:
+    """POST /v1/chat/completions (and /chat/completions) straight to its handler, inside the
+    middleware before it (HostGuard, CORS): the hot path skips Starlette's router and exception
+    layers, ~4 µs of CPU a request, which it has no use for (the handler answers every error
+    itself). Everything else goes through the app as before."""
+
+    PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+
+    def __init__(self, app: Any, handler: Any) -> None:
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] in self.PATHS
+            and not scope.get("root_path")
+        ):
+            response = await self.handler(Request(scope, receive, send))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | None = None) -> Starlette:
     """The HTTP face. Who may call what (README, "Security"):
 
@@ -431,6 +455,7 @@ def create_app(core: Core, *, manage_lifecycle: bool = True, bind_host: str | No
                 max_age=600,
             )
         )
+    middleware.append(Middleware(ChatPath, handler=chat_completions))  # innermost: after the guards
     app = Starlette(
         routes=routes,
         middleware=middleware,
