@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +290,35 @@ async def test_rows_already_in_postgres_refuse_an_import_without_overwrite(datab
         assert await pg_examples(dsn) == before and await pg_calls(dsn) == []
         assert not (tmp_path / "target" / "prompts" / "support").exists()
     finally:
+        await target.stop()
+
+
+async def test_a_template_another_replica_registered_refuses_an_import_without_overwrite(
+    databases, make_gateway, tmp_path
+):
+    dsn = await databases()
+    gw = await make_gateway()  # on files
+    await traffic(gw)
+    pkg = gw.core.export_package("support", tmp_path / "out")
+    elsewhere = target_core(tmp_path, "elsewhere", dsn)  # another replica, with its own disk
+    target = target_core(tmp_path, "target", dsn)
+    try:
+        tpl = gw.core.registry.get("support")
+        assert tpl is not None
+        elsewhere.registry.register(replace(tpl, template="Registered elsewhere: {product}, {tone}."))
+        versions = target.registry.versions.versions("support")
+        with pytest.raises(
+            PackageError,
+            match=r"'support' already exists in Postgres at 127\.0\.0\.1:\d+/t_\w+ \(registered there, version \d+\)",
+        ):
+            target.import_package(pkg)
+        assert await pg_examples(dsn) == [] and await pg_calls(dsn) == []
+        assert target.registry.versions.versions("support") == versions  # the refusal wrote no version
+        assert not (tmp_path / "target" / "prompts" / "support").exists()
+        result = target.import_package(pkg, overwrite=True)  # asked for: it becomes the next version
+        assert result["replaced"] is True
+    finally:
+        await elsewhere.stop()
         await target.stop()
 
 

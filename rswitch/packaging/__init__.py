@@ -503,11 +503,15 @@ def import_package(
         if exists and not overwrite:
             raise PackageError(f"template '{tid}' already exists in {base}; use --overwrite to replace it")
         if stores.postgres is not None and not exists:
-            exists = bool(pg.has_dataset(stores.postgres, tid))
+            # another replica may have recorded the template, or registered it, without this disk knowing
+            versions = registry.versions.versions(tid) if registry.versions is not None else []
+            has_rows = bool(pg.has_dataset(stores.postgres, tid))
+            exists = has_rows or bool(versions)
             if exists and not overwrite:
+                what = "it has rows there" if has_rows else f"registered there, version {versions[-1][0]}"
                 raise PackageError(
                     f"template '{tid}' already exists in Postgres at {stores.postgres.db.where} "
-                    "(it has rows there); use --overwrite to replace it"
+                    f"({what}); use --overwrite to replace it"
                 )
         manifest, history = check_contents(folder, meta)  # before anything is written
 
