@@ -10,11 +10,9 @@ fourth, and the one that stops Redis starts it again on the same port before it 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,7 +29,7 @@ import yaml
 from tests.fakes import openai_fake
 from tests.fakes.server import FakeUpstream
 from tests.test_state_redis import RedisServer
-from tests.test_workers import Serve
+from tests.test_workers import Serve, launch
 
 pytestmark = pytest.mark.slow
 
@@ -65,41 +63,6 @@ def pg(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
     if "error" in box:
         raise box["error"]
     return box["rows"]
-
-
-def launch(config: Path) -> Serve:
-    """`rswitch serve -c config --port 0` as a process; returns once it listens."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rswitch", "serve", "-c", str(config), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: list[str] = []
-    url = None
-    while url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on (http://\S+)", line)
-        url = m.group(1) if m else None
-    if url is None:
-        proc.kill()
-        raise RuntimeError("rswitch serve did not start:\n" + "".join(lines))
-    replica = Serve(proc, url, lines)
-
-    def drain() -> None:
-        for line in proc.stdout:
-            with replica.changed:
-                lines.append(line)
-                replica.changed.notify_all()
-
-    threading.Thread(target=drain, daemon=True).start()
-    return replica
 
 
 def stop(replica: Serve) -> None:

@@ -261,16 +261,19 @@ async def test_takes_authenticate_and_use_the_urls_database(tmp_path, replicas):
         server.stop()
 
 
-async def test_a_redis_that_lost_its_scripts_gets_them_again(redis_server, replicas):
+@pytest.mark.parametrize("own_connection", [True, False], ids=["own-connection", "redis-py-pipeline"])
+async def test_a_redis_that_lost_its_scripts_gets_them_again(redis_server, replicas, own_connection):
     with upstream() as up:
-        client = await replicas(
-            replica_config(Path("."), redis_server.url, up.base_url, rate_limit=600), "r0"
-        )
+        client = await replicas(replica_config(Path("."), redis_server.url, up.base_url, rate_limit=3), "r0")
+        state = client.core.shared_state
+        if not own_connection:  # as without hiredis, or on TLS
+            state._channel = None
         assert await ask(client, "first") == 200
-        await client.core.shared_state.client.script_flush()
-        assert await ask(client, "second") == 200
+        await state.client.script_flush()
+        codes = await asyncio.gather(*(ask(client, f"q{i}") for i in range(4)))  # one batch of takes
+        assert sorted(codes) == [200, 200, 429, 429]  # the window of 3 held across the reload
         assert (await client.get("/status")).json()["state"]["outages"] == 0
-        assert await client.core.shared_state.client.llen("rswitch:window:up") == 2
+        assert await state.client.llen("rswitch:window:up") == 3
 
 
 def test_redis_backend_needs_a_url(tmp_path):

@@ -38,6 +38,7 @@ class Serve:
     def __init__(self, proc: subprocess.Popen[str], url: str, lines: list[str]) -> None:
         self.proc, self.url, self.lines = proc, url, lines
         self.changed = threading.Condition()
+        self.reader: threading.Thread | None = None  # reads its output (launch)
 
     @property
     def output(self) -> str:
@@ -96,6 +97,23 @@ def serve(
         config["recorder"] = recorder
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
+    s = launch(path, *args)
+    try:
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGTERM)
+            try:
+                s.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+        if s.reader is not None:
+            s.reader.join(5)
+
+
+def launch(path: Path, *args: str) -> Serve:
+    """`rswitch serve -c path --port 0 [args]` as a process; returns once it listens, its output
+    read by a thread (`Serve.wait_for_line`)."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
@@ -125,18 +143,9 @@ def serve(
                 lines.append(line)
                 s.changed.notify_all()
 
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        yield s
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        reader.join(5)
+    s.reader = threading.Thread(target=drain, daemon=True)
+    s.reader.start()
+    return s
 
 
 def ask(client: openai.OpenAI) -> str:

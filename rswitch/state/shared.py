@@ -283,34 +283,34 @@ class SharedState:
             self._sending = False
 
     async def _run_batch(self, batch: list[tuple[list[str], list[Any], Any]]) -> list[Any]:
-        """EVALSHA each take in one pipeline (one round trip); a Redis that lost its scripts
-        (restarted) gets them loaded once and the batch again."""
+        """Run each take of the batch in one round trip: on the takes' own connection, else in a
+        pipeline (or alone). A Redis that lost its scripts (restarted) gets them loaded once and the
+        batch again."""
         from redis.exceptions import NoScriptError
 
-        if self._channel is not None:
-            packed = [self._channel.pack(keys, args) for keys, args, _future in batch]
-            for _ in range(2):
-                results = await self._channel.run(packed)
-                if not any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in results):
-                    for r in results:
-                        if isinstance(r, Exception):
-                            raise r
-                    return results
-                await self.client.script_load(TAKE)
-            raise RuntimeError("Redis did not keep the rate-limit script")
-        if len(batch) == 1:  # alone: no pipeline to build
-            keys, args, _future = batch[0]
-            try:
-                return [await self.client.evalsha(self._take.sha, len(keys), *keys, *args)]
-            except NoScriptError:
-                await self.client.script_load(TAKE)
-                return [await self.client.evalsha(self._take.sha, len(keys), *keys, *args)]
-        for _ in range(2):
+        async def send() -> list[Any]:
+            if self._channel is not None:
+                return await self._channel.run(packed)
+            if len(batch) == 1:  # alone: no pipeline to build
+                keys, args, _future = batch[0]
+                try:
+                    return [await self.client.evalsha(self._take.sha, len(keys), *keys, *args)]
+                except NoScriptError as exc:
+                    return [exc]
             async with self.client.pipeline(transaction=False) as pipe:
                 for keys, args, _future in batch:
                     pipe.evalsha(self._take.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, NoScriptError) for r in results):
+                return await pipe.execute(raise_on_error=False)
+
+        def lost(r: Any) -> bool:  # redis-py's error, or hiredis's reply as Redis worded it
+            return isinstance(r, NoScriptError) or (
+                isinstance(r, Exception) and str(r).startswith("NOSCRIPT")
+            )
+
+        packed = [self._channel.pack(keys, args) for keys, args, _f in batch] if self._channel else []
+        for _ in range(2):
+            results = await send()
+            if not any(lost(r) for r in results):
                 for r in results:
                     if isinstance(r, Exception):
                         raise r
