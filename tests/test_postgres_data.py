@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -452,3 +453,36 @@ async def test_rswitch_package_export_and_import_use_postgres_without_a_gateway(
     assert "3 dataset row(s)" in r.output
     assert await pg_examples(target, "faq") == await pg_examples(source, "faq")
     assert not (tmp_path / "dst" / "prompts" / "faq" / "dataset.sqlite").exists()  # rows in Postgres, no file
+
+
+async def test_rswitch_dataset_import_show_and_export_use_postgres_without_a_gateway(databases, tmp_path):
+    dsn = await databases()
+    path = tmp_path / "pg.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model_providers": {"mock": {"type": "mock"}},
+                "templates": {"faq": {"template": "Answer briefly."}},
+                "dataset": {"base_path": str(tmp_path / "prompts")},
+                "analytics": {"path": str(tmp_path / "a.duckdb")},
+                "storage": {"backend": "postgres", "dsn": dsn},
+            }
+        )
+    )
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"input": "Where is my parcel?", "expected": "On its way."}\n{"input": "Refund?"}\n')
+
+    def cli(*args: str) -> Any:
+        return runner.invoke(app, [*args, "-c", str(path)])
+
+    r = await asyncio.to_thread(cli, "dataset", "import", "faq", str(lines))
+    assert r.exit_code == 0, r.output
+    assert "imported 2 example(s) into 'faq' (1 labelled)" in r.output
+    assert len(await pg_examples(dsn, "faq")) == 2  # in Postgres, where every replica reads
+    assert not (tmp_path / "prompts" / "faq" / "dataset.sqlite").exists()
+    r = await asyncio.to_thread(cli, "dataset", "show", "faq", "--labelled")
+    assert r.exit_code == 0 and "Where is my parcel?" in r.output and "Refund?" not in r.output, r.output
+    r = await asyncio.to_thread(cli, "dataset", "export", "faq")
+    assert r.exit_code == 0, r.output
+    exported = [orjson.loads(line) for line in r.stdout.splitlines()]
+    assert [row["label_expected"] for row in exported] == ["On its way.", None]  # oldest first

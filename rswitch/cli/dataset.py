@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from rswitch.cli import through
-from rswitch.cli.common import ConfigOpt, JsonlError, get_template, load, read_jsonl, registry
+from rswitch.cli.common import ConfigOpt, JsonlError, fail, get_template, load, read_jsonl, registry
 
 app = typer.Typer(
     help="Look at, export and bring in the examples a template's traffic produced.", no_args_is_help=True
@@ -17,12 +17,21 @@ app = typer.Typer(
 
 
 def _dataset(config: str | None, template_id: str) -> Any:
+    """The template's dataset store: the SQLite files, or with `storage: {backend: postgres}` the
+    database every replica records into (opened for this one command; close it)."""
     from rswitch.gateway.resolver import PASSTHROUGH
     from rswitch.storage.datasets import DatasetStore
 
     cfg = load(config)
     if template_id != PASSTHROUGH:  # the pass-through calls' dataset has no template
         get_template(registry(config), template_id)  # unknown ids are an error that lists the known ones
+    if cfg.storage.backend == "postgres":
+        from rswitch.storage.postgres import StorageUnavailable, open_postgres
+
+        try:
+            return open_postgres(cfg)[0]
+        except StorageUnavailable as exc:
+            raise fail(str(exc)) from None
     return DatasetStore(cfg.dataset_dir, cfg.dataset.max_records)
 
 
@@ -37,11 +46,14 @@ def dataset_show(
     from rswitch.admin.actions import is_labelled
 
     store = _dataset(config, template_id)
-    rows = [
-        r
-        for r in store.recent(template_id, limit if not labelled else 100_000)
-        if not labelled or is_labelled(r)
-    ][:limit]
+    try:
+        rows = [
+            r
+            for r in store.recent(template_id, limit if not labelled else 100_000)
+            if not labelled or is_labelled(r)
+        ][:limit]
+    finally:
+        store.close()
     if not rows:
         typer.echo(f"no {'labelled ' if labelled else ''}examples for '{template_id}' yet")
         return
@@ -72,7 +84,10 @@ def dataset_export(
         data = through.call(gateway, lambda op: op.dataset_export(template_id, labelled=labelled))
     else:
         store = _dataset(config, template_id)
-        data = exported_rows(store.recent(template_id, 10_000_000), labelled)
+        try:
+            data = exported_rows(store.recent(template_id, 10_000_000), labelled)
+        finally:
+            store.close()
     rows = data.splitlines()
     if output is None:
         sys.stdout.write(data.decode())
