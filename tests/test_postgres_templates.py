@@ -188,8 +188,15 @@ async def test_a_gateway_serves_a_version_registered_elsewhere_within_the_watche
     assert "template 'support' version 1 is served now" in [
         text for _, _, kind, text in gw.core.gateway.events if kind == "template"
     ]
-    [line] = [x for x in startup_summary(gw.core, "127.0.0.1:8080") if x.strip().startswith("templates")]
-    assert "(Postgres at 127.0.0.1:" in line  # the serve banner says where the versions are
+    banner = {
+        x.split()[0]: x
+        for x in startup_summary(gw.core, "127.0.0.1:8080")
+        if x.startswith("  ") and x.split()
+    }
+    assert "(Postgres at 127.0.0.1:" in banner["templates"]  # the serve banner says where the versions are
+    assert "Postgres at 127.0.0.1:" in banner["datasets"] and "table examples" in banner["datasets"]
+    assert "Postgres at 127.0.0.1:" in banner["analytics"] and ".duckdb" not in banner["analytics"]
+    assert "dataset.sqlite" not in "\n".join(banner.values())
 
 
 async def test_the_watcher_says_once_when_postgres_does_not_answer_and_keeps_serving(

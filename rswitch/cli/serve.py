@@ -134,11 +134,14 @@ def startup_summary(core: Any, address: str) -> list[str]:
         )
     lines.append(f"  templates   {len(core.registry.list())} ({core.registry.location()})")  # or Postgres
     labelled = cfg.dataset.max_labelled_records
-    lines.append(
-        f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite (keep newest {cfg.dataset.max_records} "
-        f"unlabelled, {'all' if labelled is None else f'up to {labelled}'} labelled)"
-    )
-    lines.append(f"  analytics   {cfg.analytics_file}")
+    keep = f"keep newest {cfg.dataset.max_records} unlabelled, {'all' if labelled is None else f'up to {labelled}'} labelled"
+    pg = getattr(getattr(core.datasets, "db", None), "where", None)  # host:port/db, never the password
+    if cfg.storage.backend == "postgres" and pg:
+        lines.append(f"  datasets    Postgres at {pg}, table examples ({keep})")
+        lines.append(f"  analytics   Postgres at {pg}, tables invocations, optimizer_runs, optimizer_trials")
+    else:
+        lines.append(f"  datasets    {cfg.dataset_dir}/<template>/dataset.sqlite ({keep})")
+        lines.append(f"  analytics   {cfg.analytics_file}")
     lines.append(auth_summary(cfg))
     for n in cfg.notes:
         lines.append(f"  default     {n}")
