@@ -164,11 +164,11 @@ def _plain(values: tuple[Any, ...]) -> bool:
 
 def _row(r: CallRecord, labelled: int) -> tuple[Any, ...]:
     """The row for a record, serialised and checked: raises (and nothing is written) if it cannot be."""
-    row = _values(r, labelled)
+    row = row_values(r, labelled)
     return row if _plain(row) else checked(NAMES, row, NULLABLE)
 
 
-def _values(r: CallRecord, labelled: int) -> tuple[Any, ...]:
+def row_values(r: CallRecord, labelled: int) -> tuple[Any, ...]:
     return (
         r.request_id,
         iso(r.created_at),

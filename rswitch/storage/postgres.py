@@ -48,6 +48,7 @@ from rswitch.storage.datasets import (
     example_row,
     imported,
     iso,
+    row_values,
 )
 from rswitch.storage.record import CallRecord, Label, Refused, WriteReport, reason
 
@@ -284,39 +285,21 @@ def example_from_embedded(
     return _no_nul(PACKAGE_COLUMNS, tuple(values.values()))
 
 
+_AS_BOOL = tuple(NAMES.index(n) for n in ("success", "tokens_estimated", "stream", "labelled"))
+_AS_FLOAT = tuple(NAMES.index(n) for n in ("cost", "latency_ms", "ttft_ms"))
+
+
 def _example_row(r: CallRecord, labelled: bool) -> tuple[Any, ...]:
-    values = checked(
-        NAMES,
-        (
-            r.request_id,
-            iso(r.created_at),  # checked as the embedded store's string, stored as a timestamp below
-            r.template_id,
-            r.combination_id,
-            r.provider,
-            r.model,
-            r.system_prompt,
-            orjson.dumps(r.messages).decode(),
-            orjson.dumps(r.variables, default=str).decode(),
-            r.output,
-            bool(r.success),
-            r.error_type,
-            r.error_message,
-            r.status,
-            r.prompt_tokens,
-            r.completion_tokens,
-            bool(r.tokens_estimated),
-            float(r.cost),
-            float(r.duration_ms),
-            None if r.ttft_ms is None else float(r.ttft_ms),
-            bool(r.stream),
-            labelled,
-            orjson.dumps(r.extra["attempts"]).decode() if "attempts" in r.extra else None,
-        ),
-        NULLABLE,
-    )
+    """The embedded store's row for a record (created_at checked as its string, stored as a
+    timestamp), with Postgres' booleans and floats."""
+    values = list(checked(NAMES, row_values(r, int(labelled)), NULLABLE))
+    for i in _AS_BOOL:
+        values[i] = bool(values[i])
+    for i in _AS_FLOAT:
+        values[i] = None if values[i] is None else float(values[i])
     if not -INT32 <= r.status < INT32:
         raise ValueError(f"status {r.status} does not fit in 32 bits")
-    values = _no_nul(NAMES, values)
+    values = list(_no_nul(NAMES, tuple(values)))
     return (values[0], datetime.fromtimestamp(r.created_at, UTC), *values[2:])
 
 
