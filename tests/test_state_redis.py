@@ -158,11 +158,13 @@ async def test_three_replicas_keep_one_rpm_limit(redis_server, replicas):
                 for i in range(150)
             )
         )
-        elapsed = time.monotonic() - started
+        assert time.monotonic() - started < 60  # the whole burst inside one window
         codes = [r.status_code for r in statuses]
-        # one bucket of 60 for all three, plus what refilled (1/s) while the burst ran
-        assert 60 <= upstream_calls(up) <= 60 + int(elapsed) + 1
-        assert codes.count(200) == upstream_calls(up) and set(codes) == {200, 429}
+        # one window of 60 for all three: nothing comes back within the minute (a bucket refilling
+        # 1/s, or a replica gone local, would let more through)
+        assert upstream_calls(up) == 60
+        assert codes.count(200) == 60 and set(codes) == {200, 429}
+        assert [(await c.get("/status")).json()["state"]["status"] for c in clients] == ["ok"] * 3
 
 
 async def test_local_state_would_let_each_replica_spend_the_whole_limit(redis_server, replicas):

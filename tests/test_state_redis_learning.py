@@ -98,7 +98,8 @@ async def test_a_combination_is_demoted_on_every_replica_by_their_failures_toget
     # 6 failures on a, 4 on b: neither alone has min_requests (10), both together are all failures
     await ask(a, 6)
     await ask(b, 4)
-    assert b.core.metrics.window_counts("r") == (4, 0)
+    w = b.core.metrics.window_stats("r", fresh=True)
+    assert (w.requests, w.successes) == (4, 0)
     await until(lambda: demoted(a), "r demoted on replica a")
     await until(lambda: demoted(b), "r demoted on replica b")
     assert 'rswitch_demoted{combination="r"' in (metrics := (await b.get("/metrics")).text)

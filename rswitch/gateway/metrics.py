@@ -218,16 +218,6 @@ class LiveMetrics:
         self._cache[combination_id] = (now, stats)
         return stats
 
-    def window_counts(self, combination_id: str) -> tuple[int, int]:
-        """(attempts, successes) in the window, without the percentiles: what replicas share."""
-        s = self._series.get(combination_id)
-        if s is None:
-            return 0, 0
-        cutoff = time.monotonic() - self.window
-        while s.samples and s.samples[0][0] < cutoff:
-            s.samples.popleft()
-        return len(s.samples), sum(1 for x in s.samples if x[1])
-
     def _compute(self, combination_id: str, now: float) -> WindowStats:
         s = self._series.get(combination_id)
         if s is None:

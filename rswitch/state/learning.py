@@ -138,7 +138,8 @@ class HealthSync:
         metrics = self.balancer.metrics
         mine = {}
         for cid in metrics.combination_ids():
-            requests, successes = metrics.window_counts(cid)
+            w = metrics.window_stats(cid, fresh=True)
+            requests, successes = w.requests, w.successes
             if requests:
                 mine[cid] = [requests, successes]
         pipe.eval(HEALTH, 1, self.key, self.me, orjson.dumps(mine) if mine else "", self.ttl)
@@ -155,9 +156,6 @@ class HealthSync:
 
     def lost(self) -> None:
         self.balancer.share({})  # Redis is away: each replica demotes on its own window
-
-    def leave(self, pipe: Any) -> None:
-        pipe.hdel(self.key, self.me)
 
 
 def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:
@@ -225,9 +223,6 @@ class CountsSync:
         self.base = {arm: (float(v[0]), float(v[1])) for arm, v in sums.items()}
         self.base_updates = self.sent_updates
 
-    def lost(self) -> None:
-        pass
-
 
 class WindowSync:
     """The last W pulls of all replicas, on a Redis list of "reward|tag|arm" entries; the tag
@@ -276,9 +271,6 @@ class WindowSync:
         self.policy.pulls = deque(window + tail, maxlen=self.policy.window)
         self.policy._recount()
         self.pushed = self.sent_updates
-
-    def lost(self) -> None:
-        pass
 
 
 def _pull(raw: bytes) -> tuple[str, float]:
@@ -336,9 +328,6 @@ class LinucbSync:
             base[arm] = total.copy()
         # an arm this replica knows but the sums lack (Redis lost it) is sent whole next time
         self.base = base
-
-    def lost(self) -> None:
-        pass
 
 
 def syncer_for(step: Any, prefix: str, me: str) -> Any:

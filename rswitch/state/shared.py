@@ -119,6 +119,7 @@ class SharedState:
         self._channel: TakeChannel | None = None  # the takes' own connection (None: the pipeline)
         self._block: Any = None
         self._watch: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # background sends: the loop keeps only weak references
         self.limiters: list[SharedLimiter] = []
         # takes made while one pipeline is out go in the next: one round trip carries them all
         self._queued: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
@@ -178,7 +179,14 @@ class SharedState:
             command = self.client.hset(key, combo_id, repr(time.time() + cooldown))
         else:
             command = self.client.hdel(key, combo_id)
-        asyncio.get_running_loop().create_task(self._quietly(command))
+        self.spawn(self._quietly(command))
+
+    def spawn(self, coro: Any) -> None:
+        """Run `coro` in the background, held until it ends (a task nobody holds may be collected
+        mid-run, and the takes waiting on `_send` with it)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _quietly(self, command: Any) -> None:
         try:
@@ -255,7 +263,7 @@ class SharedState:
         self._queued.append((keys, args, future))
         if not self._sending:
             self._sending = True
-            asyncio.get_running_loop().create_task(self._send())
+            self.spawn(self._send())
         try:
             return await future
         except Exception as exc:
@@ -418,7 +426,7 @@ class BreakerSync:
                 self.breakers.closed_elsewhere(combo_id)
         if stale:
             command = self.state.client.hdel(self.key, *stale)
-            asyncio.get_running_loop().create_task(self.state._quietly(command))
+            self.state.spawn(self.state._quietly(command))
 
 
 class SharedLimiter(ProviderLimiter):
@@ -453,7 +461,7 @@ class SharedLimiter(ProviderLimiter):
         seconds = min(max(seconds, 0.0), MAX_UPSTREAM_BLOCK)
         if seconds > 0 and not self.state.degraded:
             ms = int(seconds * 1000)
-            asyncio.get_running_loop().create_task(self.state.call(self.state._block, self.keys[1:2], [ms]))
+            self.state.spawn(self.state.call(self.state._block, self.keys[1:2], [ms]))
 
     async def flush(self) -> None:
         """Send pending corrections of an idle provider (a busy one sends them with its takes)."""
