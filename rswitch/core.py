@@ -374,11 +374,12 @@ class Core:
         template_id = self.recorder.recent_requests.get(request_id)
         if template_id is None:
             template_id = await asyncio.to_thread(self.datasets.find_request, request_id)
-        # on Postgres another replica may have answered it a moment ago: its row lands within its
-        # writer's next batch, so a label sent at once through a load balancer is not a 404
-        deadline = time.monotonic() + (2.0 if self.config.storage.backend == "postgres" else 0.0)
+        # on Postgres another replica (or worker) may have answered it a moment ago: its row lands
+        # within that writer's next batch, so a label sent at once through a load balancer is no 404
+        wait = 2 * self.config.recorder.flush_interval_ms / 1000 + 1.0
+        deadline = time.monotonic() + (wait if self.config.storage.backend == "postgres" else 0.0)
         while template_id is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
             template_id = await asyncio.to_thread(self.datasets.find_request, request_id)
         if template_id is None:
             raise GatewayError(

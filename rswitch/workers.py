@@ -154,24 +154,15 @@ def apply_change(core: Core, change: dict[str, Any]) -> None:
 
 
 class WorkerDatasets:
-    """A worker's Postgres datasets. A call another worker answered a moment ago may still be on
-    that worker's recorder queue: a lookup that misses asks again until that recorder has written
-    it (twice its flush interval, and a second), so feedback finds it whichever worker answers;
-    a dataset export first has every worker write what it holds (the parent asks them)."""
+    """A worker's Postgres datasets: a dataset export first has every worker write what it holds
+    (the parent asks them). Feedback for a call another worker still holds waits as a replica's
+    does (Core.feedback)."""
 
-    def __init__(self, store: Any, wait: float, relay_path: str) -> None:
-        self.store, self.wait, self.relay_path = store, wait, relay_path
+    def __init__(self, store: Any, relay_path: str) -> None:
+        self.store, self.relay_path = store, relay_path
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
-
-    def find_request(self, request_id: str) -> str | None:
-        deadline = time.monotonic() + self.wait
-        while True:
-            found = self.store.find_request(request_id)
-            if found is not None or time.monotonic() >= deadline:
-                return found
-            time.sleep(0.1)
 
     def recent(self, template_id: str, limit: int = 100) -> list[dict[str, Any]]:
         relay.call(self.relay_path, "workers.flush", timeout=FLUSH_TIMEOUT + 5)
@@ -264,8 +255,7 @@ class WorkerCore(Core):
         rc = config.recorder
         if config.storage.backend == "postgres":  # every process may write it: record straight in
             datasets, analytics, recorder = super().open_stores(config)
-            wait = 2 * rc.flush_interval_ms / 1000 + 1.0
-            return WorkerDatasets(datasets, wait, self.relay_path), analytics, recorder
+            return WorkerDatasets(datasets, self.relay_path), analytics, recorder
         client = relay.RelayClient(
             self.relay_path,
             queue_size=rc.queue_size,
