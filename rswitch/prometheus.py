@@ -207,11 +207,11 @@ NOTES = {
 Families = list[list[Any]]  # [[name, help, type, [[sample, labels, value], ...]], ...]
 
 
-def snapshot(core: Core, *, own: bool = True) -> Families:
+def snapshot(core: Core) -> Families:
     """This process's families as plain data, for another process to merge; call on the loop."""
     return [
         [m.name, m.documentation, m.type, [[s.name, s.labels, s.value] for s in m.samples]]
-        for m in CoreCollector(core, own=own).collect()
+        for m in CoreCollector(core, own=True).collect()
     ]
 
 

@@ -229,7 +229,7 @@ class Outcomes:
             observe=health,
             ttft_ms=ttft_ms,
         )
-        self.spent(combo.provider, est, pt + ct if output else 0, e)
+        self.spent(combo.provider, est, pt + ct, e)  # a failure without usage counted none
         return pt, ct
 
     def settle(self, combo: Combination, est: int, pt: int, ct: int) -> None:

@@ -238,9 +238,6 @@ class Gateway:
         render_system(self, prepared, route.candidates[0])
         return prepared
 
-    def system_prompt(self, p: Prepared, combo: Combination) -> str:
-        return render_system(self, p, combo)
-
     # -- how a request ends ---------------------------------------------------------------------
 
     to_client_error = staticmethod(to_client_error)

@@ -51,8 +51,8 @@ CREATE TABLE IF NOT EXISTS optimizer_trials (
     best_score DOUBLE, calls INTEGER, cost DOUBLE, recorded_at TIMESTAMP
 );
 """
-_NAMES = tuple(line.split()[0] for line in SCHEMA.split("(", 1)[1].rsplit(")", 1)[0].strip().split(",\n"))
-N_COLS = len(_NAMES)
+NAMES = tuple(line.split()[0] for line in SCHEMA.split("(", 1)[1].rsplit(")", 1)[0].strip().split(",\n"))
+N_COLS = len(NAMES)
 # Errors about a row's own values (a count too big for its column, a string DuckDB cannot encode)
 ROW_ERRORS = (duckdb.DataError, duckdb.InvalidInputException, ValueError, TypeError, OverflowError)
 _INSERT = "INSERT INTO invocations SELECT " + ", ".join(f"unnest(${i + 1})" for i in range(N_COLS))
@@ -161,7 +161,7 @@ _ARRAYS: tuple[tuple[frozenset[type], Any], ...] = (
 # created_at's range as a datetime holds it (years 1 to 9999), in unix seconds
 _SECONDS = (-62135596800.0, 253402300800.0)
 _INSERT_ARRAYS = (
-    f"INSERT INTO invocations ({', '.join(_NAMES)}) SELECT {', '.join(_NAMES)} FROM rswitch_invocations_batch"
+    f"INSERT INTO invocations ({', '.join(NAMES)}) SELECT {', '.join(NAMES)} FROM rswitch_invocations_batch"
 )
 
 
@@ -175,7 +175,7 @@ def _arrays(records: list[CallRecord]) -> dict[str, np.ndarray] | None:
     except Exception:
         return None
     arrays: dict[str, np.ndarray] = {}
-    for name, values, (types, dtype) in zip(_NAMES, columns, _ARRAYS, strict=True):
+    for name, values, (types, dtype) in zip(NAMES, columns, _ARRAYS, strict=True):
         if not types.issuperset(map(type, values)):
             return None
         if dtype is None:

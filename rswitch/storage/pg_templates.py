@@ -58,11 +58,14 @@ class PostgresTemplateVersions:
         if not wanted:
             return []
         ids = sorted(wanted)
-        rows = self.db.query(
-            "SELECT t.template_id, t.version, t.manifest FROM template_versions t "
-            "JOIN unnest($1::text[], $2::int[]) AS w(id, v) ON t.template_id = w.id AND t.version = w.v",
-            ids,
-            [wanted[i] for i in ids],
+        rows = self.db.run(  # as patient as `heads`: the watcher holds its lock meanwhile
+            self.db.fetch(
+                "SELECT t.template_id, t.version, t.manifest FROM template_versions t "
+                "JOIN unnest($1::text[], $2::int[]) AS w(id, v) ON t.template_id = w.id AND t.version = w.v",
+                ids,
+                [wanted[i] for i in ids],
+            ),
+            POLL_TIMEOUT,
         )
         return [(r["template_id"], r["version"], orjson.loads(r["manifest"])) for r in rows]
 

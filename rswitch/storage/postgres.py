@@ -157,10 +157,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )
 """
 
-INVOCATION_COLUMNS = (
-    "request_id, created_at, prompt_id, template_id, combination_id, provider, model, kind, duration_ms, ttft_ms, "
-    "success, status, error_type, cost, prompt_tokens, completion_tokens, tokens_estimated, stream, route, client"
-).split(", ")
+INVOCATION_COLUMNS = list(duck.NAMES)  # the same columns as DuckDB's invocations
 EXAMPLE_FLAGS = frozenset({"success", "tokens_estimated", "stream", "labelled"})
 # the oldest rows of one kind past a cap, for one template (through examples_retention)
 TRIM = (
