@@ -243,13 +243,7 @@ class Gateway:
     to_client_error = staticmethod(to_client_error)
 
     def exhausted(self, p: Prepared, plan: Plan) -> GatewayError:
-        """The error for a request no attempt could serve; it names every attempt made."""
-        err = self._exhausted(p, plan)
-        if p.chain:
-            err.attempts = list(p.chain)
-        return err
-
-    def _exhausted(self, p: Prepared, plan: Plan) -> GatewayError:
+        """The error for a request no attempt could serve (`_counted` names every attempt made)."""
         rate_wait, last = p.rate_wait, plan.last
         if last is not None:
             err = to_client_error(last)
@@ -308,6 +302,8 @@ class Gateway:
         except GatewayError as err:  # a routed request's error still says how it was routed
             if p is not None:
                 err.route, err.request_id = p.route.explanation, p.request_id
+                if p.chain:  # and names every attempt made
+                    err.attempts = list(p.chain)
             self.finish(p, err.status)
             raise
         except asyncio.CancelledError:
@@ -326,9 +322,7 @@ class Gateway:
         self.failed(p, a.combo, a.system, e, a.number, a.started, stream, a.est)
         plan.failed(a, e)
         if not e.retryable and not needs_other_model(e):
-            err = to_client_error(e)
-            err.attempts = list(p.chain)
-            raise err from None
+            raise to_client_error(e) from None
 
     def _abandoned(self, a: Attempt) -> None:
         """The client left during `a`: no verdict for its breaker, nothing used of its estimate."""
