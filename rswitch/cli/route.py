@@ -151,13 +151,7 @@ def route_fit(
     ] = None,
 ) -> None:
     """Calibrate a semantic step's thresholds on labelled examples; report accuracy and OOS recall."""
-    import asyncio
-
-    import numpy as np
-
-    from rswitch.routing.chains import target_resolver
-    from rswitch.routing.fit import OBJECTIVES, OUT_OF_SCOPE, evaluate, fit
-    from rswitch.routing.semantic import SemanticStep
+    from rswitch.routing.fit import OBJECTIVES
 
     if objective not in OBJECTIVES:
         raise fail(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
@@ -166,6 +160,30 @@ def route_fit(
         raise fail(f"no routing chain for template '{template}' (routing.templates has none)")
     steps_cfg = cfg.routing.templates[template] if template else cfg.routing.default
     where = f"routing.templates.{template}" if template else "routing.default"
+    _fit_semantic(cfg, config, template, where, steps_cfg, step_name, examples, objective, per_route, output)
+
+
+def _fit_semantic(
+    cfg: Config,
+    config: Path | None,
+    template: str | None,
+    where: str,
+    steps_cfg: list[Any],
+    step_name: str | None,
+    examples: Path,
+    objective: str,
+    per_route: bool,
+    output: Path | None,
+) -> None:
+    """`route fit` on a semantic step: thresholds fitted on the examples."""
+    import asyncio
+
+    import numpy as np
+
+    from rswitch.routing.chains import target_resolver
+    from rswitch.routing.fit import OUT_OF_SCOPE, evaluate, fit
+    from rswitch.routing.semantic import SemanticStep
+
     semantic = [(i, s) for i, s in enumerate(steps_cfg) if s.type == "semantic"]
     if step_name is not None:
         semantic = [(i, s) for i, s in semantic if s.name == step_name]
