@@ -409,6 +409,13 @@ class StateConfig(_Strict):
         "rswitch", min_length=1, description="replicas sharing limits use the same prefix"
     )
     timeout_ms: float = Field(250.0, gt=0, description="past this, a request uses local limits (degraded)")
+    reserve_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="a busy replica takes several requests' slots at once, to spend within this many ms, "
+        "while the limit is far from binding (0: every request asks Redis)",
+    )
 
 
 class StorageConfig(_Strict):

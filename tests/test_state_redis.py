@@ -235,9 +235,9 @@ async def ask(client: httpx.AsyncClient, text: str) -> int:
 
 async def test_a_take_connection_redis_dropped_is_opened_again_without_an_outage(redis_server, replicas):
     with upstream() as up:
-        client = await replicas(
-            replica_config(Path("."), redis_server.url, up.base_url, rate_limit=600), "r0"
-        )
+        cfg = replica_config(Path("."), redis_server.url, up.base_url, rate_limit=600)
+        cfg["state"]["reserve_ms"] = 0  # every request its own take: the window counts exactly them
+        client = await replicas(cfg, "r0")
         state = client.core.shared_state
         assert await ask(client, "first") == 200
         host, port = state._channel._writer.get_extra_info("sockname")[:2]

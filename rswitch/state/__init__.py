@@ -24,4 +24,7 @@ def build_limiters(config: Any) -> tuple[Any, dict[str, ProviderLimiter]]:
 
     url = st.url or os.environ.get(st.url_env or "", "")
     state = SharedState(url, prefix=st.key_prefix, timeout_ms=st.timeout_ms)
-    return state, {name: SharedLimiter(name, pc.rate_limit, pc.tpm, state) for name, pc in providers.items()}
+    return state, {
+        name: SharedLimiter(name, pc.rate_limit, pc.tpm, state, lease=st.reserve_ms / 1000)
+        for name, pc in providers.items()
+    }

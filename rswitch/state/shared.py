@@ -29,7 +29,15 @@ log = logging.getLogger("rswitch.state")
 # KEYS[1]: the provider's tpm bucket (hash), KEYS[2]: its upstream block (a key with a TTL),
 # KEYS[3]: when its requests of the last window were taken (a list, newest first)
 # ARGV: rpm capacity (0: none), tpm capacity (0: none), tokens to take, pending tpm correction
-#       (> 0 used beyond the estimate, < 0 given back), take (1) or only correct (0), rpm window (s)
+#       (> 0 used beyond the estimate, < 0 given back), take (1) or only correct (0), rpm window (s),
+#       requests wanted (> 1: a reserve), the reserve's lifetime (s), then pairs of (count, stamp):
+#       slots of expired reserves given back
+# Returns {wait (s, as text), requests granted, their stamp (as text)}.
+#
+# A reserve is taken only while the limit is far from binding: at most 1/64 of what is left, so
+# near the limit every request takes its own slot. Its slots are stamped at the end of its
+# lifetime, not now: a slot spent late still counts for a full window after it was spent, so a
+# reserve can make the limit stricter for a moment, never looser.
 TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -37,6 +45,9 @@ local rpm_cap = tonumber(ARGV[1])
 local tpm_cap = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local delta = tonumber(ARGV[4])
+for i = 9, #ARGV - 1, 2 do
+  redis.call('LREM', KEYS[3], tonumber(ARGV[i]), ARGV[i + 1])
+end
 local h = redis.call('HMGET', KEYS[1], 't', 'at')
 local at = tonumber(h[2]) or now
 local tk = tonumber(h[1]) or tpm_cap
@@ -45,17 +56,21 @@ if tpm_cap > 0 then
   if delta > 0 then tk = math.max(0, tk - delta) elseif delta < 0 then tk = math.min(tpm_cap, tk - delta) end
 end
 local wait = 0
+local granted = 0
+local stamp = now
 if ARGV[5] == '1' then
   local blocked = redis.call('PTTL', KEYS[2])
   if blocked > 0 then wait = blocked / 1000 end
   local window = tonumber(ARGV[6])
+  local used = 0
   if rpm_cap > 0 then
     local oldest = redis.call('LINDEX', KEYS[3], -1)
     while oldest and tonumber(oldest) <= now - window do
       redis.call('RPOP', KEYS[3])
       oldest = redis.call('LINDEX', KEYS[3], -1)
     end
-    if redis.call('LLEN', KEYS[3]) >= rpm_cap then
+    used = redis.call('LLEN', KEYS[3])
+    if used >= rpm_cap then
       local leaving = tonumber(redis.call('LINDEX', KEYS[3], rpm_cap - 1))
       wait = math.max(wait, leaving + window - now)
     end
@@ -64,16 +79,26 @@ if ARGV[5] == '1' then
   if tpm_cap > 0 and tk < amount then wait = math.max(wait, (amount - tk) * 60 / tpm_cap) end
   if wait <= 0 then
     wait = 0
-    if rpm_cap > 0 then
-      redis.call('LPUSH', KEYS[3], tostring(now))
-      redis.call('EXPIRE', KEYS[3], math.ceil(window) + 1)
+    granted = 1
+    local n = tonumber(ARGV[7])
+    if n > 1 then
+      granted = n
+      if rpm_cap > 0 then granted = math.min(granted, math.floor((rpm_cap - used) / 64)) end
+      if tpm_cap > 0 and amount > 0 then granted = math.min(granted, math.floor(tk / amount / 64)) end
+      if granted > 1 then stamp = now + tonumber(ARGV[8]) else granted = 1 end
     end
-    if tpm_cap > 0 then tk = tk - amount end
+    if rpm_cap > 0 then
+      local slots = {}
+      for i = 1, granted do slots[i] = tostring(stamp) end
+      redis.call('LPUSH', KEYS[3], unpack(slots))
+      redis.call('EXPIRE', KEYS[3], math.ceil(window + stamp - now) + 1)
+    end
+    if tpm_cap > 0 then tk = tk - amount * granted end
   end
 end
 redis.call('HSET', KEYS[1], 't', tostring(tk), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], 3600)
-return tostring(wait)
+return {tostring(wait), granted, tostring(stamp)}
 """
 
 # KEYS[1]: the provider's block; ARGV[1]: milliseconds. Never shortens a longer block.
@@ -429,10 +454,21 @@ class BreakerSync:
             self.state.spawn(self.state._quietly(command))
 
 
-class SharedLimiter(ProviderLimiter):
-    """A provider's limits kept in Redis; its own buckets serve while Redis is away."""
+RESERVE_MAX = 256  # requests one reserve may hold
 
-    def __init__(self, provider: str, rpm: float | None, tpm: float | None, state: SharedState) -> None:
+
+class SharedLimiter(ProviderLimiter):
+    """A provider's limits kept in Redis; its own buckets serve while Redis is away.
+
+    While a limit is far from binding, a busy replica takes a small *reserve* in one round trip
+    (several requests' slots and their tokens, spent within `lease` seconds) instead of asking
+    for each request: the reserve doubles while it runs out early and shrinks to what was used
+    when it lapses; what it did not spend goes back with the next take. Near the limit every
+    request asks for itself (see TAKE)."""
+
+    def __init__(
+        self, provider: str, rpm: float | None, tpm: float | None, state: SharedState, *, lease: float = 0.0
+    ) -> None:
         super().__init__(rpm, tpm)
         self.state = state
         self.keys = [f"{state.prefix}:limits:{provider}", f"{state.prefix}:blocked:{provider}"]
@@ -440,15 +476,88 @@ class SharedLimiter(ProviderLimiter):
         self._caps = [self.rpm.capacity if self.rpm else 0, float(tpm or 0)]
         self._window = self.rpm.window if self.rpm else 60.0
         self.pending = 0.0  # tpm corrections not yet sent: they ride on the next take
+        self.lease = lease  # a reserve's lifetime, seconds (0: every request asks Redis)
+        self._slots = 0  # the reserve: requests this replica may still send without asking
+        self._tokens = 0.0  # and their tokens
+        self._until = 0.0  # when the reserve lapses (monotonic)
+        self._stamp = ""  # how Redis stamped its slots
+        self._granted = 0
+        self._want = 1  # requests the next reserve asks for
+        self._renewing: asyncio.Future[None] | None = None
+        self._asked = -1.0  # when a request last asked Redis (monotonic)
+        self._reserving = False  # whether the last renewal got a reserve
+        self._back: list[Any] = []  # (count, stamp) pairs of lapsed reserves' unspent slots
         state.limiters.append(self)
 
+    def _spend(self, tokens: int) -> bool:
+        """Take one request from the reserve, if it still holds one with enough tokens."""
+        now = time.monotonic()
+        if now >= self._until or self._tokens < tokens or now < self.upstream_blocked_until:
+            return False
+        self._slots -= 1
+        self._tokens -= tokens
+        return True
+
+    def _retire(self) -> None:
+        """End the reserve: its unspent slots and tokens go back with the next take, and the
+        next reserve is sized on how fast this one went."""
+        if not self._granted:
+            return
+        if self._slots:
+            self._back.extend((self._slots, self._stamp))
+            self.pending -= self._tokens  # a negative correction gives tokens back
+            self._want = max(1, self._granted - self._slots)
+        elif time.monotonic() < self._until:  # spent before it lapsed: ask for more
+            self._want = min(RESERVE_MAX, 2 * self._granted)
+        self._slots, self._tokens, self._granted = 0, 0.0, 0
+
     async def acquire(self, tokens: int) -> float:
-        sent = self.pending
-        wait = await self.state.take(self.keys, [*self._caps, max(tokens, 0), sent, "1", self._window])
-        if wait is None:
+        tokens = max(tokens, 0)
+        if self._slots and self._spend(tokens):
+            return 0.0
+        if not self.lease or self.state.degraded:
+            return await self._take(tokens, 1)
+        while self._renewing is not None:  # one reserve at a time: wait for it
+            await self._renewing
+            if self._slots and self._spend(tokens):
+                return 0.0
+            if not self._reserving:  # it got no reserve (the limit is near): ask alone
+                return await self._take(tokens, 1)
+            # spent already by the others who waited: the next one asks for a bigger reserve
+        now, asked = time.monotonic(), self._asked
+        self._asked = now
+        if now - asked >= self.lease and not self._granted:  # not busy: no reserve to waste
+            return await self._take(tokens, 1)
+        self._renewing = renewing = asyncio.get_running_loop().create_future()
+        try:
+            self._retire()
+            return await self._take(tokens, max(self._want, 2))
+        finally:
+            self._renewing = None
+            renewing.set_result(None)
+
+    async def _take(self, tokens: int, wanted: int) -> float:
+        sent, back = self.pending, self._back
+        self._back = []
+        started = time.monotonic()
+        reply = await self.state.take(
+            self.keys, [*self._caps, tokens, sent, "1", self._window, wanted, self.lease, *back]
+        )
+        if reply is None:
+            self._back[:0] = back  # Redis may still hold them: given back once it answers
             return self.try_acquire(tokens)  # local buckets meanwhile
         self.pending -= sent  # corrections made while it was out go with the next one
-        return float(wait)
+        wait, granted = float(reply[0]), int(reply[1])
+        if wanted > 1:
+            self._reserving = granted > 1
+        if wait > 0 or granted < 2:
+            return wait
+        self._slots, self._granted = granted - 1, granted
+        self._tokens = min(tokens, self._caps[1]) * (granted - 1)
+        self._until = started + self.lease  # before Redis stamped them: spent in time
+        stamp = reply[2]
+        self._stamp = stamp.decode() if isinstance(stamp, bytes) else str(stamp)
+        return 0.0
 
     def settle(self, estimated: int, actual: int) -> None:
         super().settle(estimated, actual)  # the local buckets stay close, for an outage
@@ -464,8 +573,16 @@ class SharedLimiter(ProviderLimiter):
             self.state.spawn(self.state.call(self.state._block, self.keys[1:2], [ms]))
 
     async def flush(self) -> None:
-        """Send pending corrections of an idle provider (a busy one sends them with its takes)."""
-        if self.pending and self.tpm is not None and not self.state.degraded:
-            sent = self.pending
-            if await self.state.take(self.keys, [*self._caps, 0, sent, "0", self._window]) is not None:
-                self.pending -= sent
+        """Send pending corrections, and what a lapsed reserve did not spend, of an idle provider
+        (a busy one sends them with its takes)."""
+        if self._granted and self._renewing is None and time.monotonic() >= self._until:
+            self._retire()
+        if self.state.degraded or not (self._back or (self.pending and self.tpm is not None)):
+            return
+        sent, back = self.pending, self._back
+        self._back = []
+        args = [*self._caps, 0, sent, "0", self._window, 1, self.lease, *back]
+        if await self.state.take(self.keys, args) is None:
+            self._back[:0] = back
+        else:
+            self.pending -= sent

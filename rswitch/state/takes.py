@@ -64,12 +64,10 @@ class TakeChannel:
         fixed = (*keys, *args[: self.n_fixed])
         head = self._heads.get(fixed)
         if head is None:
-            n = 3 + len(keys) + len(args)
-            head = b"*%d\r\n" % n + b"".join(
-                bulk(p) for p in (b"EVALSHA", self.sha, arg(len(keys)), *(arg(x) for x in fixed))
-            )
+            head = b"".join(bulk(p) for p in (b"EVALSHA", self.sha, arg(len(keys)), *(arg(x) for x in fixed)))
             self._heads[fixed] = head
-        return head + b"".join(bulk(arg(x)) for x in args[self.n_fixed :])
+        n = 3 + len(keys) + len(args)  # the rest may vary in length (a take's given-back slots)
+        return b"*%d\r\n%s%s" % (n, head, b"".join(bulk(arg(x)) for x in args[self.n_fixed :]))
 
     async def _connect(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port)

@@ -1,0 +1,88 @@
+"""A busy replica's reserve on a real Redis: several requests' slots taken in one round trip
+while the limit is far from binding, never more than the limit, and what it did not spend
+given back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from tests import test_state_redis
+from tests.conftest import SUPPORT_VARS, chat
+
+redis_server = test_state_redis.redis_server  # a real redis-server per test
+replicas = test_state_redis.replicas  # in-process gateways on it
+
+
+def config(url: str, up_url: str, rpm: int, reserve_ms: float) -> dict[str, Any]:
+    cfg = test_state_redis.replica_config(Path("."), url, up_url, rate_limit=rpm)
+    cfg["state"]["reserve_ms"] = reserve_ms
+    return cfg
+
+
+async def burst(clients: list[Any], n: int) -> list[int]:
+    replies = await asyncio.gather(
+        *(
+            clients[i % len(clients)].post(
+                "/v1/chat/completions", json=chat(f"q{i}", model="r", variables=SUPPORT_VARS)
+            )
+            for i in range(n)
+        )
+    )
+    return [r.status_code for r in replies]
+
+
+async def evalsha_calls(client: Any) -> int:
+    stats = await client.core.shared_state.client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def window_settles_at(client: Any, expected: int) -> int:
+    """The shared window's count once lapsed reserves have been given back (the watcher gives
+    them back within a second of lapsing); what it was if it never got there in 10 s."""
+    redis = client.core.shared_state.client
+    deadline = time.monotonic() + 10
+    while (count := await redis.llen("rswitch:window:up")) != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return count
+
+
+async def test_a_busy_replica_takes_many_requests_in_one_round_trip_and_gives_back_the_rest(
+    redis_server, replicas
+):
+    with test_state_redis.upstream() as up:
+        client = await replicas(config(redis_server.url, up.base_url, 100_000, 1000), "r0")
+        before = await evalsha_calls(client)
+        codes = await burst([client], 300)
+        assert codes == [200] * 300
+        assert test_state_redis.upstream_calls(up) == 300
+        # one take per request would be 300 scripts; reserves that double need a few dozen
+        assert await evalsha_calls(client) - before < 300 / 4
+        assert await window_settles_at(client, 300) == 300  # every answer counted once, no more
+
+
+async def test_with_reserves_the_limit_still_holds_across_replicas(redis_server, replicas):
+    with test_state_redis.upstream() as up:
+        cfg = config(redis_server.url, up.base_url, 400, 1000)
+        a, b = [await replicas(cfg, f"r{i}") for i in range(2)]
+        codes = await burst([a, b], 700)
+        calls = test_state_redis.upstream_calls(up)
+        assert calls <= 400  # a reserve is part of the one limit, never on top of it
+        assert codes.count(200) == calls and set(codes) == {200, 429}
+        # a slot one replica held unspent while the other was refused is the only loss
+        assert calls >= 400 - 2 * 6
+        assert await window_settles_at(a, calls) == calls
+
+
+async def test_near_the_limit_nothing_is_held_back_from_the_other_replicas(redis_server, replicas):
+    with test_state_redis.upstream() as up:
+        cfg = config(redis_server.url, up.base_url, 100, 1000)
+        a, b = [await replicas(cfg, f"r{i}") for i in range(2)]
+        assert await burst([a], 60) == [200] * 60
+        # under 128 free slots of 100 a minute: every request took only its own slot, so the
+        # other replica gets the whole rest at once, not what a reserve left of it
+        codes = await burst([b], 50)
+        assert codes.count(200) == 40 and codes.count(429) == 10
+        assert test_state_redis.upstream_calls(up) == 100
