@@ -52,6 +52,17 @@ def load(config: str | None) -> Config:
         raise fail(f"invalid config: {exc}") from None
 
 
+def postgres_datasets(cfg: Config) -> Any:
+    """The Postgres dataset store `storage: {backend: postgres}` names, opened for one command
+    (close it); an unreachable server or unset DSN is a clear error, without the password."""
+    from rswitch.storage.postgres import StorageUnavailable, open_postgres
+
+    try:
+        return open_postgres(cfg)[0]
+    except StorageUnavailable as exc:
+        raise fail(str(exc)) from None
+
+
 def registry(config: str | None) -> TemplateRegistry:
     from rswitch.core import open_registry
     from rswitch.storage.postgres import StorageUnavailable

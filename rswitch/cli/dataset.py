@@ -9,7 +9,15 @@ from typing import Annotated, Any
 import typer
 
 from rswitch.cli import through
-from rswitch.cli.common import ConfigOpt, JsonlError, fail, get_template, load, read_jsonl, registry
+from rswitch.cli.common import (
+    ConfigOpt,
+    JsonlError,
+    get_template,
+    load,
+    postgres_datasets,
+    read_jsonl,
+    registry,
+)
 
 app = typer.Typer(
     help="Look at, export and bring in the examples a template's traffic produced.", no_args_is_help=True
@@ -26,12 +34,7 @@ def _dataset(config: str | None, template_id: str) -> Any:
     if template_id != PASSTHROUGH:  # the pass-through calls' dataset has no template
         get_template(registry(config), template_id)  # unknown ids are an error that lists the known ones
     if cfg.storage.backend == "postgres":
-        from rswitch.storage.postgres import StorageUnavailable, open_postgres
-
-        try:
-            return open_postgres(cfg)[0]
-        except StorageUnavailable as exc:
-            raise fail(str(exc)) from None
+        return postgres_datasets(cfg)
     return DatasetStore(cfg.dataset_dir, cfg.dataset.max_records)
 
 

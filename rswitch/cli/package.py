@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from rswitch.cli import through
-from rswitch.cli.common import ConfigOpt, fail, load, printable, registry
+from rswitch.cli.common import ConfigOpt, fail, load, postgres_datasets, printable, registry
 from rswitch.config import Config
 
 app = typer.Typer(help="Export, import and inspect portable prompt packages.", no_args_is_help=True)
@@ -25,12 +25,7 @@ def _stores(cfg: Config) -> Iterator[Any]:
     if cfg.storage.backend != "postgres":
         yield Stores(cfg.dataset_dir, cfg.analytics_file)
         return
-    from rswitch.storage.postgres import StorageUnavailable, open_postgres
-
-    try:
-        datasets, _ = open_postgres(cfg)
-    except StorageUnavailable as exc:
-        raise fail(str(exc)) from None
+    datasets = postgres_datasets(cfg)
     try:
         yield Stores(cfg.dataset_dir, postgres=datasets)
     finally:

@@ -19,14 +19,13 @@ open no store.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from rswitch.storage.postgres import PostgresDatabase, StorageUnavailable, where
+from rswitch.storage.postgres import PostgresDatabase, StorageUnavailable, dsn_of, where
 
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('rswitch template ' || $1, 0))"
 INSERT = "INSERT INTO template_versions (template_id, version, manifest) VALUES ($1, $2, $3)"
@@ -130,23 +129,9 @@ class PostgresTemplateVersions:
 def open_template_versions(config: Any) -> PostgresTemplateVersions | None:
     """Template versions in Postgres when `storage.backend` is postgres, else None (manifest files).
     StorageUnavailable (naming host:port/db, never the password) when it cannot be reached."""
-    import importlib.util
-
     if config.storage.backend != "postgres":
         return None
-    if importlib.util.find_spec("asyncpg") is None:
-        raise StorageUnavailable("storage.backend: postgres needs asyncpg: pip install 'rswitch[replicas]'")
-    return PostgresTemplateVersions(PostgresDatabase(_dsn(config), max_size=2))
-
-
-def _dsn(config: Any) -> str:
-    sc = config.storage
-    dsn = sc.dsn or os.environ.get(sc.dsn_env or "", "")
-    if not dsn:
-        raise StorageUnavailable(
-            f"storage.dsn_env: ${sc.dsn_env} is not set (it should hold the Postgres DSN)"
-        )
-    return dsn
+    return PostgresTemplateVersions(PostgresDatabase(dsn_of(config), max_size=2))
 
 
 def location(config: Any) -> str | None:
@@ -155,6 +140,6 @@ def location(config: Any) -> str | None:
     if config.storage.backend != "postgres":
         return None
     try:
-        return f"Postgres at {where(_dsn(config))}"
+        return f"Postgres at {where(dsn_of(config))}"
     except StorageUnavailable:
         return "Postgres"

@@ -764,9 +764,9 @@ class PostgresAnalyticsStore:
         self.db.close()
 
 
-def open_postgres(config: Any) -> tuple[PostgresDatasetStore, PostgresAnalyticsStore]:
-    """Both stores on one database, migrated; StorageUnavailable (naming host:port/db, never the
-    password) when it cannot be reached or set up."""
+def dsn_of(config: Any) -> str:
+    """The DSN `config.storage` names (from the environment with `dsn_env`); StorageUnavailable
+    when asyncpg is missing or the variable is unset."""
     import importlib.util
     import os
 
@@ -778,7 +778,13 @@ def open_postgres(config: Any) -> tuple[PostgresDatasetStore, PostgresAnalyticsS
         raise StorageUnavailable(
             f"storage.dsn_env: ${sc.dsn_env} is not set (it should hold the Postgres DSN)"
         )
-    db = PostgresDatabase(dsn)
+    return dsn
+
+
+def open_postgres(config: Any) -> tuple[PostgresDatasetStore, PostgresAnalyticsStore]:
+    """Both stores on one database, migrated; StorageUnavailable (naming host:port/db, never the
+    password) when it cannot be reached or set up."""
+    db = PostgresDatabase(dsn_of(config))
     datasets = PostgresDatasetStore(
         db,
         config.dataset.max_records,
