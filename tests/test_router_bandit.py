@@ -189,7 +189,7 @@ async def test_contextual_step_routes_by_query_features():
     assert (await step.decide(code)).target == "combination:coder"
     decision = await step.decide(prose)
     assert decision.target == "combination:chat"
-    assert re.fullmatch(r"linucb pick chat \(estimate 0\.\d\d, n=\d+\)", decision.reason)
+    assert re.fullmatch(r"linucb pick chat \(estimate 0\.\d\d, n=\d+\); then coder", decision.reason)
     with pytest.raises(ValueError, match="context"):
         step.observe("chat", True)
 
@@ -200,20 +200,21 @@ async def test_contextual_step_routes_by_query_features():
 async def test_decide_returns_an_explained_decision():
     step = BanditStep("learned", ["a", "b"], ThompsonSampling(), rng=random.Random(0))
     assert await step.decide(query()) == Decision(
-        "learned", "combination:a", ("a",), "thompson pick a (untried)"
+        "learned", "combination:a", ("a", "b"), "thompson pick a (untried); then b"
     )
     step.observe("a", True, 0.9)
-    assert (await step.decide(query())).reason == "thompson pick b (untried)"
+    assert (await step.decide(query())).reason == "thompson pick b (untried); then a"
     step.observe("b", False)
     for _ in range(20):
         step.observe("a", True, 0.8)
     decision = await step.decide(query())
-    assert decision.target == "combination:a" and decision.combinations == ("a",)
+    # the other arms follow the pick, best estimate first: the gateway's order when it fails
+    assert decision.target == "combination:a" and decision.combinations == ("a", "b")
     # rewards with default weights: quality .9 -> .96, quality .8 -> .92
-    assert decision.reason == "thompson pick a (mean 0.92, n=21)"
+    assert decision.reason == "thompson pick a (mean 0.92, n=21); then b"
     # in a chain it always decides, with its reason in the explanation
     outcome = await Chain([step]).route(query())
-    assert outcome.trace == ["learned: thompson pick a (mean 0.92, n=21) -> combination:a"]
+    assert outcome.trace == ["learned: thompson pick a (mean 0.92, n=21); then b -> combination:a"]
     # a call to a combination outside the arms (a fallback, say) teaches nothing
     assert step.observe("elsewhere", True) is None
 
@@ -309,7 +310,7 @@ async def test_a_changed_arm_set_keeps_the_known_arms(tmp_path: Path):
     new = BanditStep("b", ["b", "c", "d"], ThompsonSampling(), state_path=path, rng=random.Random(0))
     assert set(new.policy.stats) == {"b", "c"}  # "a" is gone, "d" starts fresh
     assert new.policy.describe("b") == "mean 0.50, n=2"
-    assert (await new.decide(query())).reason == "thompson pick d (untried)"
+    assert (await new.decide(query())).reason == "thompson pick d (untried); then c, b"  # c served better
 
 
 # -- wired into the gateway ------------------------------------------------------------------------

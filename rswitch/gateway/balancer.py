@@ -189,3 +189,29 @@ class Balancer:
             )
             out.extend(rest)
         return out
+
+    def order_ranked(
+        self,
+        ranked: list[Combination],
+        pool: list[Combination],
+        combos: dict[str, Combination],
+        eff: dict[str, float],
+    ) -> list[Combination]:
+        """The candidates for a routing step's ranking (a bandit's arms, best first): the
+        ranked combinations in that order, then each one's fallbacks in the same order, then
+        the other combinations of the pool that serve the first one's template (best effective
+        weight first). The ranking comes first because the step learned how those serve."""
+        out = list(ranked)
+        seen = {c.id for c in out}
+        for c in ranked:
+            for fid in c.fallbacks:
+                f = combos.get(fid)
+                if f is not None and f.enabled and fid not in seen:
+                    out.append(f)
+                    seen.add(fid)
+        rest = sorted(
+            (c for c in pool if c.id not in seen and c.template_id == ranked[0].template_id),
+            key=lambda c: -eff.get(c.id, 0.0),
+        )
+        out.extend(rest)
+        return out

@@ -213,6 +213,10 @@ class Resolver:
                         self.combinations[c] for c in outcome.decision.combinations if c in self.combinations
                     ]
                     chosen = [c for c in chosen if c.enabled]
+                    if chosen and outcome.decision.ranked:  # tried in the step's order, then the rest
+                        eff = self.effective_weights()
+                        candidates = self.balancer.order_ranked(chosen, pool, self.combinations, eff)
+                        return Route(candidates, key, explanation, learner, query)
                     if chosen:  # the balancer and fallbacks still apply inside the chosen set
                         pool, key = chosen, f"{key}|{outcome.decision.target}"
         eff = self.effective_weights()

@@ -118,6 +118,7 @@ class BanditPolicy(Protocol):
     def update(self, arm: str, reward: float) -> None: ...
     def revise(self, arm: str, old: float, new: float, age: int) -> None: ...
     def describe(self, arm: str) -> str: ...
+    def estimate(self, arm: str) -> float | None: ...
     def state(self) -> dict[str, Any]: ...
     def load(self, data: dict[str, Any], arms: Collection[str] | None = None) -> None: ...
 
@@ -160,6 +161,11 @@ class Policy:
     def describe(self, arm: str) -> str:
         s = self.get(arm)
         return f"mean {s.mean:.2f}, n={_count(s.n)}" if s.n > 0 else "untried"
+
+    def estimate(self, arm: str) -> float | None:
+        """The arm's mean reward so far (None untried): how the arms after the pick are ranked."""
+        s = self.get(arm)
+        return s.mean if s.n > 0 else None
 
     def state(self) -> dict[str, Any]:
         return {"kind": "counts", "arms": {a: {"n": s.n, "total": s.total} for a, s in self.stats.items()}}
@@ -285,6 +291,9 @@ class SlidingWindow:
     def describe(self, arm: str) -> str:
         return self.policy.describe(arm)
 
+    def estimate(self, arm: str) -> float | None:
+        return self.policy.estimate(arm)
+
     def state(self) -> dict[str, Any]:
         return {"kind": "sliding-window", "pulls": [[a, r] for a, r in self.pulls]}
 
@@ -329,6 +338,9 @@ class Discounted:
 
     def describe(self, arm: str) -> str:
         return self.policy.describe(arm)
+
+    def estimate(self, arm: str) -> float | None:
+        return self.policy.estimate(arm)
 
     def state(self) -> dict[str, Any]:
         return {"kind": "discounted", "inner": self.policy.state()}
@@ -403,6 +415,12 @@ class LinUCB:
         if arm in self.b:
             self.b[arm] = self.b[arm] + (new - old) * self._vector(context)
 
+    def estimate(self, arm: str, context: Any) -> float | None:
+        """The predicted reward of `arm` at this context, without the exploration bonus."""
+        if self.n.get(arm, 0) == 0:
+            return None
+        return self._estimate(arm, self._vector(context))[0]
+
     def describe(self, arm: str, context: Any) -> str:
         if self.n.get(arm, 0) == 0:
             return "untried"
@@ -457,7 +475,8 @@ def query_features(query: Query) -> np.ndarray:
 
 
 class BanditStep:
-    """Always decides: one arm, chosen by the policy. `observe()` feeds back each routed call's
+    """Always decides: one arm, chosen by the policy, with the other arms ranked behind it (by
+    estimated reward) for the gateway to try when it fails. `observe()` feeds back each routed call's
     outcome; the statistics are saved to `state_path` every `save_every` updates and on close()."""
 
     def __init__(
@@ -550,10 +569,23 @@ class BanditStep:
                 log.warning("bandit step %s passes: %s: %s", self.name, type(exc).__name__, exc)
                 return f"no context: {type(exc).__name__}"
             why = self.policy.describe(arm, context)
+            ranked = self.rank(arm, lambda a: self.policy.estimate(a, context))
         else:
             arm = self.policy.select(self.arms, self.rng)
             why = self.policy.describe(arm)
-        return Decision(self.name, f"combination:{arm}", (arm,), f"{self.policy.name} pick {arm} ({why})")
+            ranked = self.rank(arm, self.policy.estimate)
+        then = f"; then {', '.join(ranked[1:])}" if len(ranked) > 1 else ""
+        return Decision(
+            self.name, f"combination:{arm}", ranked, f"{self.policy.name} pick {arm} ({why}){then}"
+        )
+
+    def rank(self, pick: str, estimate: Callable[[str], float | None]) -> tuple[str, ...]:
+        """The pick first, then the other arms by their estimated reward, best first (untried
+        ones last, in config order): the order the gateway tries them in when one fails."""
+        rest = [a for a in self.arms if a != pick]
+        values = {a: estimate(a) for a in rest}
+        rest.sort(key=lambda a: (values[a] is None, -(values[a] or 0.0)))
+        return (pick, *rest)
 
     def observe(
         self,

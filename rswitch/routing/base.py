@@ -80,7 +80,11 @@ class Query:
 
 @dataclass(frozen=True)
 class Decision:
-    """Where a step sends the query: a combination or a tier, and why."""
+    """Where a step sends the query: a combination or a tier, and why.
+
+    A tier's combinations are a set the balancer picks from. A combination target that names
+    more than one combination (a bandit's arms, best first) is a ranking: the gateway tries
+    them in that order, then each one's fallbacks, then the rest of the pool."""
 
     step: str
     target: str  # "combination:ID" or "tier:NAME"
@@ -88,6 +92,10 @@ class Decision:
     reason: str
     score: float | None = None
     threshold: float | None = None
+
+    @property
+    def ranked(self) -> bool:
+        return len(self.combinations) > 1 and self.target.startswith("combination:")
 
 
 class Step(Protocol):
