@@ -363,8 +363,8 @@ class SharedState:
                     self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                     continue
                 self.up()
-            for limiter in self.limiters:
-                await limiter.flush()
+            # every idle provider's corrections and given-back slots: takes, so one round trip
+            await asyncio.gather(*(limiter.flush() for limiter in self.limiters))
             await self.sync()
             for role in list(self.leading):
                 await self.lead(role)  # renew
