@@ -3,8 +3,10 @@
 - round_robin: each in turn.
 - weighted_round_robin: nginx's smooth weighted round-robin — deterministic, and over any
   run of sum(weights) picks it splits exactly by weight without bunching.
-- performance_based: scores success rate, latency and feedback quality over the live window; a share of
-  traffic (`exploration`) still goes round the others so a recovered one earns its way back.
+- performance_based: scores each combination by the reward a bandit step would expect of its
+  next call (`routing.bandit.reward` over the live window: success rate and feedback quality
+  first, latency and cost as bounded tie-breakers); a share of traffic (`exploration`) still
+  goes round the others so a recovered one earns its way back.
 
 Effective weights fold in `fallback_threshold`: a combination whose windowed success rate
 is below it (after `min_requests`) keeps a tenth of its weight and hands the rest to its
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rswitch.gateway.metrics import LiveMetrics
+from rswitch.routing.bandit import BanditWeights, reward
 
 DEMOTED_SHARE = 0.1
 
@@ -49,8 +52,10 @@ class Balancer:
         min_requests: int = 10,
         exploration: float = 0.1,
         seed: int | None = None,
+        weights: BanditWeights = BanditWeights(),
     ) -> None:
         self.strategy = strategy
+        self.weights = weights  # what performance_based counts, as the bandit step's reward does
         self.metrics = metrics
         self.fallback_threshold = fallback_threshold
         self.min_requests = min_requests
@@ -137,26 +142,28 @@ class Balancer:
         current[best.id] -= total
         return best
 
-    def score(self, combo: Combination, reference_ms: float) -> float:
-        """Success rate (Laplace-smoothed) times a latency factor relative to the pool, times
-        the answers' quality from feedback (smoothed towards 1: no feedback changes nothing)."""
+    def score(self, combo: Combination) -> float:
+        """The expected reward of the combination's next call, in [0, 1]: the success rate
+        (Laplace-smoothed) times the bandit step's reward of a successful call with the
+        window's feedback quality (smoothed towards 1: no feedback changes nothing), mean cost
+        and mean latency. With the default weights success and quality carry 0.8 of it and
+        latency and cost at most 0.1 each, measured against fixed scales (10 s, 1 cent), so a
+        slower arm loses a few hundredths, never half its score, and better answers win."""
         w = self.metrics.window_stats(combo.id)
         if w.requests == 0:
             return 1.0  # unknown: optimistic, so it gets measured
         success = (w.successes + 1) / (w.requests + 2)
-        latency = w.p50_ms if w.p50_ms is not None else reference_ms
         quality = ((w.quality or 0.0) * w.quality_n + 1) / (w.quality_n + 1)
-        return success * (reference_ms / (reference_ms + latency)) * 2 * quality
+        # the reward is linear in latency and cost below their caps: at the means it is the mean reward
+        latency = w.mean_ms if w.mean_ms is not None else 0.0
+        return success * reward(True, quality, w.cost / w.requests, latency, self.weights)
 
     def _performance(self, key: str, pool: list[Combination], eff: dict[str, float]) -> Combination:
         live = [c for c in pool if eff.get(c.id, c.weight) > 0] or pool
         if self._rng.random() < self.exploration:
             return self._round_robin(key + "/explore", live)
-        p50s = [w.p50_ms for c in live if (w := self.metrics.window_stats(c.id)).p50_ms is not None]
-        reference = sorted(p50s)[len(p50s) // 2] if p50s else 1.0
-        reference = max(reference, 1.0)
         ranked = [
-            (self.score(c, reference) * (1.0 if not self.demoted(c) else DEMOTED_SHARE), eff.get(c.id, 0), c)
+            (self.score(c) * (1.0 if not self.demoted(c) else DEMOTED_SHARE), eff.get(c.id, 0), c)
             for c in live
         ]
         best = max(r[:2] for r in ranked)
