@@ -138,8 +138,16 @@ def route_fit(
         str | None, typer.Option("--step", help="The semantic step to fit (default: the chain's first).")
     ] = None,
     objective: Annotated[
-        str, typer.Option(help="balanced (mean of in-scope accuracy and OOS recall) or accuracy.")
+        str,
+        typer.Option(
+            help="balanced (mean of in-scope accuracy and OOS recall) or accuracy; "
+            "a judge step: balanced (mean of hard and easy recall), accuracy, or share (with --share)."
+        ),
     ] = "balanced",
+    share: Annotated[
+        float | None,
+        typer.Option(help="A judge step with --objective share: the share of prompts to send to hard."),
+    ] = None,
     per_route: Annotated[
         bool, typer.Option("--per-route", help="A threshold per route (needs several examples per route).")
     ] = False,
@@ -150,16 +158,28 @@ def route_fit(
         ),
     ] = None,
 ) -> None:
-    """Calibrate a semantic step's thresholds on labelled examples; report accuracy and OOS recall."""
+    """Calibrate a semantic step's thresholds on labelled examples; report accuracy and OOS recall.
+    With --step naming a judge step: set the judge's threshold and report its AUROC."""
     from rswitch.routing.fit import OBJECTIVES
 
-    if objective not in OBJECTIVES:
-        raise fail(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     cfg = load(config)
     if template is not None and template not in cfg.routing.templates:
         raise fail(f"no routing chain for template '{template}' (routing.templates has none)")
     steps_cfg = cfg.routing.templates[template] if template else cfg.routing.default
     where = f"routing.templates.{template}" if template else "routing.default"
+    judge = [i for i, s in enumerate(steps_cfg) if s.type == "judge" and s.name == step_name]
+    if judge:
+        from rswitch.cli.route_judge import fit_judge_step
+        from rswitch.routing.chains import target_resolver
+
+        rows = _read_route_examples(examples, target_resolver(cfg.routing.tiers))
+        runtime = _RoutingRuntime(cfg)
+        fit_judge_step(config, runtime, template, where, judge[0], rows, objective, share, output)
+        return
+    if objective not in OBJECTIVES:
+        raise fail(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    if share is not None:
+        raise fail("--share is for a judge step (name it with --step)")
     _fit_semantic(cfg, config, template, where, steps_cfg, step_name, examples, objective, per_route, output)
 
 

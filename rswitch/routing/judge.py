@@ -72,14 +72,16 @@ class JudgeStep:
     def _key(self, text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()
 
-    async def score(self, text: str) -> float | None:
+    async def score(self, text: str, timeout: float | None = None) -> float | None:
+        """The judge's expected score for `text` (cached), or None without score tokens;
+        raises on a failed or slow call (`timeout`, default the step's)."""
         key = self._key(text)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         messages = [{"role": "system", "content": self.rubric}, {"role": "user", "content": text[:4000]}]
         params = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
-        async with asyncio.timeout(self.timeout):
+        async with asyncio.timeout(self.timeout if timeout is None else timeout):
             resp = await self.call(messages, params)
         value = expected_score(resp)
         if value is not None:
