@@ -18,7 +18,8 @@ Policies, all driven offline through the gateway's real code, one request at a t
 - round_robin, weighted (3:1:1:1 towards the initially best arm), performance_based: the real
   `Balancer` over a `LiveMetrics` on a simulated clock (`--rps` requests per second), so its
   time window covers window_seconds * rps requests. It sees what the gateway records:
-  success and latency.
+  success, latency and cost, and (unless --no-quality-signal) each answer's feedback score,
+  as POST /v1/feedback hands it to the live metrics.
 - {epsilon_greedy, ucb1, thompson} x {none, window, discounted}: the real BanditStep built by
   `build_bandit` from a BanditStepConfig with the gateway's defaults; picks with its policy and
   learns through `BanditStep.observe` (success, quality, cost, latency).
