@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ import numpy as np
 from rswitch.providers.base import ChatCall, EmbedCall, Provider, UpstreamError
 from rswitch.providers.pricing import estimate_tokens
 
-INLINE_CHARS = 2048  # a static encoder embeds this much on the event loop; more goes to a thread
+# A static encoder embeds this much on the event loop (a batch of a few dozen prompts: tens of
+# microseconds); more goes to a worker thread, whose hop costs more than short texts do.
+INLINE_CHARS = 2048
 
 
 class EncoderError(RuntimeError):
@@ -39,6 +42,7 @@ class StaticEncoder:
     def __init__(self, dim: int = 256) -> None:
         try:
             import wordllama
+            from tokenizers import Tokenizer
             from wordllama import WordLlama
         except ImportError as exc:  # pragma: no cover - a core dependency
             raise EncoderError("the static encoder needs the 'wordllama' package") from exc
@@ -50,9 +54,30 @@ class StaticEncoder:
         except FileNotFoundError as exc:
             raise EncoderError(f"WordLlama files missing from {pkg}: {exc}") from exc
         self.dim = dim
+        # WordLlama.embed pads every batch and tokenizes with encode_batch, which hands a batch to
+        # the tokenizers thread pool and releases the GIL: on a busy event loop that costs more
+        # than the work. Each text is tokenized on its own here (microseconds, the GIL held), and
+        # the token vectors of the whole batch pooled in one gather: the same vectors, cheaper.
+        self._tokenizer = Tokenizer.from_str(self._model.tokenizer.to_str())
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self._table = np.ascontiguousarray(self._model.embedding, dtype=np.float32)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self._model.embed(texts, norm=True), dtype=np.float32)
+        """Unit vectors, one row per text: WordLlama's mean of token vectors, L2-normalised
+        (a text without tokens gets a zero row)."""
+        encode, vocab = self._tokenizer.encode, len(self._table)
+        ids = [encode(t, add_special_tokens=False).ids for t in texts]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        nonempty = lengths > 0
+        if nonempty.any():
+            flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+            np.minimum(flat, vocab - 1, out=flat)
+            starts = np.cumsum(lengths) - lengths
+            out[nonempty] = np.add.reduceat(self._table[flat], starts[nonempty], axis=0)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
 
 
 class OnnxEncoder:
@@ -115,6 +140,7 @@ class EncoderProvider(Provider):
         self._encoder: StaticEncoder | OnnxEncoder | None = None
         self._broken: EncoderError | None = None
         self._load_lock = threading.Lock()
+        self.inline_chars = INLINE_CHARS
 
     @property
     def encoder(self) -> StaticEncoder | OnnxEncoder:
@@ -151,7 +177,7 @@ class EncoderProvider(Provider):
             if self._broken is not None:
                 raise self._broken
             enc = self.encoder
-            if isinstance(enc, StaticEncoder) and sum(len(t) for t in texts) <= INLINE_CHARS:
+            if isinstance(enc, StaticEncoder) and sum(len(t) for t in texts) <= self.inline_chars:
                 return enc.encode(texts)
             return await asyncio.to_thread(enc.encode, texts)
         except EncoderError as exc:

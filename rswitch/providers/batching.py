@@ -1,0 +1,125 @@
+"""Micro-batching: the calls made in one event-loop turn share one call of a batch function.
+
+Routing steps embed one prompt per request. Under concurrency many requests reach their step in
+the same turn of the loop; embedding them together costs one tokenizer pass, one gather and one
+normalisation instead of one each. The first caller starts a batch and yields one loop turn;
+callers until then join it (up to `max_items`; a full batch takes nobody else), then the first
+caller runs the batch function and hands each the others their rows. So a lone caller waits one
+loop turn, never a timer, and needs no task or future of its own. (It lives beside the providers, below
+routing, so that an encoder provider batches its own calls for every user of it.)
+
+Each caller gets its own rows, in its order. An error of the batch function reaches every caller
+of that batch, and only of that batch. A caller that stops waiting (a timeout, a cancelled
+request) leaves the others waiting on the same batch undisturbed: a joiner's items are left out
+if the batch was not sent yet; when the first caller goes, a task runs the batch for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+BatchFunction = Callable[[list[T]], "Sequence[R] | Awaitable[Sequence[R]]"]
+Waiter = tuple[Sequence[Any], "asyncio.Future[Any] | None"]  # a caller's items; None: the first caller
+
+
+class MicroBatcher(Generic[T, R]):
+    """`await batcher.submit(items)` -> the batch function's results for those items, in order.
+
+    `run(items)` gets the items of every caller of a batch, concatenated, and returns one result
+    per item (a list, or an array whose rows are the results). It may be a plain function or an
+    async one.
+    """
+
+    def __init__(self, run: BatchFunction[T, R], max_items: int = 64) -> None:
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        self.run = run
+        self.max_items = max_items
+        self._open: list[Waiter] | None = None  # the batch callers may still join
+        self._open_items = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # batches taken over from a gone first caller
+
+    async def submit(self, items: Sequence[T]) -> Sequence[R]:
+        if not items:
+            return []
+        batch = self._open
+        if batch is not None and self._open_items + len(items) <= self.max_items:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            batch.append((items, fut))
+            self._open_items += len(items)
+            if self._open_items >= self.max_items:
+                self._open = None  # full: the next caller starts another
+            return await fut
+        batch = self._open = [(items, None)]
+        self._open_items = len(items)
+        try:
+            await asyncio.sleep(0)  # one loop turn: the callers of this turn join
+        except asyncio.CancelledError:
+            self._hand_over(batch)
+            raise
+        finally:
+            if self._open is batch:
+                self._open = None
+        waiting = [w for w in batch[1:] if w[1] is not None and not w[1].done()]
+        flat = list(items) + [x for its, _ in waiting for x in its]
+        try:
+            out = self.run(flat)
+            result = await out if inspect.isawaitable(out) else out
+            _check(result, len(flat))
+        except asyncio.CancelledError:
+            self._hand_over(waiting)  # the first caller gave up mid-batch: the rest get it run again
+            raise
+        except Exception as exc:
+            _fail(waiting, exc)
+            raise
+        _deliver(waiting, result, len(items))
+        return result[: len(items)]
+
+    def _hand_over(self, batch: list[Waiter]) -> None:
+        if self._open is batch:
+            self._open = None
+        rest = [w for w in batch if w[1] is not None and not w[1].done()]
+        if rest:
+            task = asyncio.ensure_future(self._run_for(rest))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_for(self, waiting: list[Waiter]) -> None:
+        flat = [x for its, _ in waiting for x in its]
+        try:
+            out = self.run(flat)
+            result = await out if inspect.isawaitable(out) else out
+            _check(result, len(flat))
+        except asyncio.CancelledError:
+            for _, fut in waiting:
+                if fut is not None:
+                    fut.cancel()
+            raise
+        except Exception as exc:
+            _fail(waiting, exc)
+            return
+        _deliver(waiting, result, 0)
+
+
+def _check(result: Any, expected: int) -> None:
+    if len(result) != expected:
+        raise RuntimeError(f"batch function returned {len(result)} results for {expected} items")
+
+
+def _deliver(waiting: list[Waiter], result: Any, start: int) -> None:
+    for items, fut in waiting:
+        end = start + len(items)
+        if fut is not None and not fut.done():
+            fut.set_result(result[start:end])
+        start = end
+
+
+def _fail(waiting: list[Waiter], exc: BaseException) -> None:
+    for _, fut in waiting:
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
