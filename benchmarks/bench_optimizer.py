@@ -112,7 +112,7 @@ async def accuracy(core: Any, cand: Candidate, rows: list[Any]) -> tuple[float, 
     combo = core.gateway.combinations[COMBINATION]
     strict = contains = 0
     for row in rows:
-        text, _, _ = await core.gateway.call_direct(combo, cand.messages(row), TASK_PARAMS, kind="benchmark")
+        text, *_ = await core.gateway.call_direct(combo, cand.messages(row), TASK_PARAMS, kind="benchmark")
         got, want = label_of(text), row.expected.lower()
         strict += got == want
         contains += re.search(rf"\b{re.escape(want)}\b", got) is not None

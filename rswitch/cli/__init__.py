@@ -11,6 +11,7 @@ import typer
 
 from rswitch import __version__
 from rswitch.cli import config, dataset, key, package, route, template
+from rswitch.cli.compare import compare
 from rswitch.cli.load import load_traffic
 from rswitch.cli.optimize import optimize, watch_optimizer
 from rswitch.cli.serve import parse_addr, serve, startup_summary, tui
@@ -42,6 +43,7 @@ app.command()(serve)
 app.command()(tui)
 app.add_typer(template.app, name="template")
 app.command()(optimize)
+app.command()(compare)
 app.command("load")(load_traffic)
 app.add_typer(route.app, name="route")
 app.add_typer(dataset.app, name="dataset")

@@ -440,5 +440,5 @@ class Gateway:
         messages: list[dict[str, Any]],
         params: dict[str, Any],
         kind: str = "optimizer",
-    ) -> tuple[str, int, float]:
+    ) -> side_calls.SideCall:
         return await side_calls.call_direct(self, combo, messages, params, kind)

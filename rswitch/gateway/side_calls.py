@@ -9,7 +9,7 @@ import base64
 import binascii
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -23,6 +23,13 @@ from rswitch.storage.record import CallRecord
 
 if TYPE_CHECKING:
     from rswitch.gateway.pipeline import Completed, Gateway
+
+
+class SideCall(NamedTuple):
+    text: str
+    tokens: int
+    cost: float
+    ms: float  # the upstream call's own time, rate-limit waits not counted
 
 
 def record_side_call(
@@ -76,10 +83,10 @@ async def call_direct(
     messages: list[dict[str, Any]],
     params: dict[str, Any],
     kind: str = "optimizer",
-) -> tuple[str, int, float]:
+) -> SideCall:
     """One call to a combination's model, outside the request path: it shares the provider's
     rate limits (waiting for them, as background work can) and is recorded in analytics as
-    `kind`, so it never counts as production traffic. Returns (text, tokens, cost)."""
+    `kind`, so it never counts as production traffic."""
     from rswitch.gateway.pipeline import completion_text
 
     provider = g.providers[combo.provider]
@@ -124,7 +131,7 @@ async def call_direct(
     g.outcomes.spent(combo.provider, est, pt + ct, error)
     if error is not None:
         raise error
-    return text, pt + ct, cost
+    return SideCall(text, pt + ct, cost, (time.perf_counter() - started) * 1000)
 
 
 def resolve_embedding(g: Gateway, model: Any, metadata: dict[str, Any]) -> tuple[str, str, str]:

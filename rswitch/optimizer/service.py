@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from rswitch.gateway.balancer import Combination
 from rswitch.optimizer.data import load_examples, split
 from rswitch.optimizer.evaluators import build_evaluator
 from rswitch.optimizer.mipro import Budget, CallResult, MIPROv2, RunResult, Settings
 from rswitch.templates import Template
+
+T = TypeVar("T")
 
 
 class OptimizeError(ValueError):
@@ -44,18 +46,19 @@ def pick_combination(core: Any, template_id: str, combination_id: str | None) ->
         ) from None
 
 
-def _caller(core: Any, combo: Combination, kind: str) -> Callable[..., Any]:
-    """Model calls run on the gateway's loop (its providers' clients live there), wherever the
-    optimizer itself runs: in the background thread only the waiting happens on its own loop."""
+async def on_gateway_loop(core: Any, coro: Coroutine[Any, Any, T]) -> T:
+    """Await `coro` on the gateway's loop (its providers' clients live there), wherever the
+    caller runs: from a background thread only the waiting happens on the caller's loop."""
+    home = getattr(core, "loop", None)
+    if home is not None and home is not asyncio.get_running_loop():
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
+    return await coro
 
+
+def _caller(core: Any, combo: Combination, kind: str) -> Callable[..., Any]:
     async def call(messages: list[dict[str, Any]], params: dict[str, Any]) -> CallResult:
-        coro = core.gateway.call_direct(combo, messages, params, kind=kind)
-        home = getattr(core, "loop", None)
-        if home is not None and home is not asyncio.get_running_loop():
-            text, tokens, cost = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
-        else:
-            text, tokens, cost = await coro
-        return CallResult(text, cost, tokens)
+        done = await on_gateway_loop(core, core.gateway.call_direct(combo, messages, params, kind=kind))
+        return CallResult(done.text, done.cost, done.tokens)
 
     return call
 

@@ -51,6 +51,36 @@ CREATE TABLE IF NOT EXISTS optimizer_trials (
     best_score DOUBLE, calls INTEGER, cost DOUBLE, recorded_at TIMESTAMP
 );
 """
+# `rswitch compare` runs (rswitch.optimizer.compare): one row each, its candidates as JSON
+COMPARE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS compare_runs (
+    run_id VARCHAR PRIMARY KEY, template_id VARCHAR, template_version INTEGER, started_at TIMESTAMP,
+    seconds DOUBLE, split VARCHAR, evaluator VARCHAR, rows INTEGER, calls INTEGER, cost DOUBLE,
+    stopped VARCHAR, recommended VARCHAR, reason VARCHAR, applied VARCHAR, candidates VARCHAR
+);
+"""
+COMPARE_COLUMNS = (
+    "run_id template_id template_version started_at seconds split evaluator rows calls cost "
+    "stopped recommended reason applied candidates"
+).split()
+
+
+def compare_values(row: dict[str, Any]) -> list[Any]:
+    """A compare run's row in COMPARE_COLUMNS order, its candidates as JSON text."""
+    import orjson
+
+    values = dict(row, candidates=orjson.dumps(row.get("candidates") or []).decode())
+    return [values.get(c) for c in COMPARE_COLUMNS]
+
+
+def compare_view(row: dict[str, Any]) -> dict[str, Any]:
+    import orjson
+
+    out = {k: _iso(v) for k, v in row.items()}
+    out["candidates"] = orjson.loads(out["candidates"]) if out.get("candidates") else []
+    return out
+
+
 NAMES = tuple(line.split()[0] for line in SCHEMA.split("(", 1)[1].rsplit(")", 1)[0].strip().split(",\n"))
 N_COLS = len(NAMES)
 # Errors about a row's own values (a count too big for its column, a string DuckDB cannot encode)
@@ -230,6 +260,7 @@ class AnalyticsStore:
         )  # files from before routing
         self._conn.execute("ALTER TABLE invocations ADD COLUMN IF NOT EXISTS client VARCHAR")  # before keys
         self._conn.execute(OPTIMIZER_SCHEMA)
+        self._conn.execute(COMPARE_SCHEMA)
         self._local = threading.local()
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
@@ -368,6 +399,22 @@ class AnalyticsStore:
         res = cur.execute("SELECT * FROM optimizer_trials WHERE run_id = ? ORDER BY trial", [run_id])
         cols = [d[0] for d in res.description]
         return [{c: _iso(v) for c, v in zip(cols, r, strict=True)} for r in res.fetchall()]
+
+    def record_compare(self, row: dict[str, Any]) -> None:
+        self._cursor().execute(
+            f"INSERT OR REPLACE INTO compare_runs ({', '.join(COMPARE_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(COMPARE_COLUMNS))})",
+            compare_values(row),
+        )
+
+    def compare_runs(self, template_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        cur = self._cursor()
+        where, params = ("WHERE template_id = ?", [template_id]) if template_id else ("", [])
+        res = cur.execute(
+            f"SELECT * FROM compare_runs {where} ORDER BY started_at DESC LIMIT {int(limit)}", params
+        )
+        cols = [d[0] for d in res.description]
+        return [compare_view(dict(zip(cols, r, strict=True))) for r in res.fetchall()]
 
     def count(self) -> int:
         return self._cursor().execute("SELECT count(*) FROM invocations").fetchone()[0]

@@ -148,6 +148,18 @@ CREATE TABLE template_versions (
 );
 """,
     ),
+    (
+        3,
+        "compare runs (rswitch.optimizer.compare)",
+        """
+CREATE TABLE compare_runs (
+    run_id TEXT PRIMARY KEY, template_id TEXT, template_version INTEGER, started_at TIMESTAMPTZ,
+    seconds DOUBLE PRECISION, split TEXT, evaluator TEXT, rows INTEGER, calls INTEGER,
+    cost DOUBLE PRECISION, stopped TEXT, recommended TEXT, reason TEXT, applied TEXT, candidates TEXT
+);
+CREATE INDEX compare_runs_template ON compare_runs (template_id, started_at);
+""",
+    ),
 ]
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -753,6 +765,23 @@ class PostgresAnalyticsStore:
             run_id = found[0]["run_id"]
         rows = self.db.query("SELECT * FROM optimizer_trials WHERE run_id = $1 ORDER BY trial", run_id)
         return [{k: _iso(v) for k, v in r.items()} for r in rows]
+
+    def record_compare(self, row: dict[str, Any]) -> None:
+        cols = duck.COMPARE_COLUMNS
+        values = [_aware(v) if isinstance(v, datetime) else v for v in duck.compare_values(row)]
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != "run_id")
+        self.db.execute(
+            f"INSERT INTO compare_runs ({', '.join(cols)}) VALUES "
+            f"({', '.join(f'${i + 1}' for i in range(len(cols)))}) ON CONFLICT (run_id) DO UPDATE SET {updates}",
+            *values,
+        )
+
+    def compare_runs(self, template_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        where_, args = ("WHERE template_id = $1", [template_id]) if template_id else ("", [])
+        rows = self.db.query(
+            f"SELECT * FROM compare_runs {where_} ORDER BY started_at DESC LIMIT {int(limit)}", *args
+        )
+        return [duck.compare_view(dict(r)) for r in rows]
 
     def count(self) -> int:
         return self.db.query("SELECT count(*) AS n FROM invocations")[0]["n"]
