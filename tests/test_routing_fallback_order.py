@@ -115,3 +115,21 @@ def _query(text: str) -> Any:
     from rswitch.routing.base import Query
 
     return Query([{"role": "user", "content": text}])
+
+
+async def test_a_stream_falls_over_to_the_next_ranked_arm(make_gateway, tmp_path, ups):
+    seed_state(tmp_path, {"a": 0.5, "b": 0.9, "c": 0.95})
+    ups["p3"].faults.always = Fault("status", status=503, retry_after=1)  # c overloaded: straight on
+    gw = await make_gateway(config(ups))
+    async with gw.client.stream(
+        "POST", "/v1/chat/completions", json={**body("stream it"), "stream": True}
+    ) as r:
+        lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200
+    assert r.headers["x-rswitch-combination"] == "b" and r.headers["x-rswitch-attempts"] == "2"
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == (
+        "echo: stream it"
+    )
+    assert ups["p1"].recorder.requests == [] and ups["p4"].recorder.requests == []
