@@ -361,8 +361,40 @@ class BanditStepConfig(_Strict):
     seed: int | None = None
 
 
+class LearnedRefitConfig(_Strict):
+    every_labels: int = Field(
+        50, ge=0, description="refit in the background after this many new labelled rows (0: only on demand)"
+    )
+    check_seconds: float = Field(60.0, gt=0, description="how often the gateway counts the labelled rows")
+
+
+class LearnedStepConfig(_Strict):
+    """A quality router learned from the template's labelled rows (rswitch/routing/learned.py)."""
+
+    type: Literal["learned"]
+    name: str = "learned"
+    arms: list[str] = Field(min_length=1, description="combination ids or 'tier:NAME', cheapest first")
+    encoder: EncoderConfig
+    template: str | None = Field(
+        None, min_length=1, description="whose recorded rows it learns from (default: the chain's template)"
+    )
+    strong_share: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="the share of traffic allowed past the cheapest arm (RouteLLM's threshold)",
+    )
+    min_labels: int = Field(
+        50, ge=4, description="labelled rows needed before it routes (it passes until then)"
+    )
+    neighbours: int = Field(3, ge=0, le=20, description="nearest labelled prompts named in x-rswitch-route")
+    timeout_seconds: float = Field(2.0, gt=0, description="the encoder's deadline")
+    refit: LearnedRefitConfig = Field(default_factory=LearnedRefitConfig)
+
+
 StepConfig = Annotated[
-    RulesStepConfig | SemanticStepConfig | JudgeStepConfig | BanditStepConfig, Field(discriminator="type")
+    RulesStepConfig | SemanticStepConfig | JudgeStepConfig | BanditStepConfig | LearnedStepConfig,
+    Field(discriminator="type"),
 ]
 
 
@@ -511,6 +543,7 @@ STEP_TAGS = (
     "semantic",
     "judge",
     "bandit",
+    "learned",
 )  # a tagged union's tag shows up in pydantic's error paths
 
 
@@ -672,6 +705,37 @@ def _bad_target(route: str, tiers: dict[str, list[str]], combination_ids: set[st
     return None
 
 
+def _learned_problems(
+    cfg: Config, path: str, step: LearnedStepConfig, combination_ids: set[str], gateway_wide: bool
+) -> list[ConfigProblem]:
+    tiers = cfg.routing.tiers
+    out: list[ConfigProblem] = []
+    if step.encoder.provider not in cfg.model_providers:
+        out.append(ConfigProblem(f"{path}.encoder.provider", "unknown provider", step.encoder.provider, True))
+    if gateway_wide and step.template is None:
+        out.append(
+            ConfigProblem(
+                f"{path}.template",
+                "a gateway-wide learned step needs the template whose rows it learns from",
+                None,
+                True,
+            )
+        )
+    arms: list[str] = []
+    for j, arm in enumerate(step.arms):
+        why = _bad_target(arm, tiers, combination_ids)
+        if why:
+            out.append(ConfigProblem(f"{path}.arms[{j}]", why, arm, True))
+            continue
+        kind, _, name = arm.partition(":") if ":" in arm else ("combination", "", arm)
+        arms.extend(c for c in (tiers[name] if kind == "tier" else [name]) if c not in arms)
+    if not out and len(arms) < 2:
+        out.append(
+            ConfigProblem(f"{path}.arms", "needs at least two combinations (cheapest first)", step.arms, True)
+        )
+    return out
+
+
 def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProblem]:
     import re
 
@@ -724,6 +788,11 @@ def _routing_problems(cfg: Config, combination_ids: set[str]) -> list[ConfigProb
                     why = _bad_target(arm, r.tiers, combination_ids)
                     if why:
                         problems.append(ConfigProblem(f"{path}[{i}].arms[{j}]", why, arm, True))
+                continue
+            if step.type == "learned":
+                problems.extend(
+                    _learned_problems(cfg, f"{path}[{i}]", step, combination_ids, path == "routing.default")
+                )
                 continue
             if step.type == "judge":
                 if step.provider not in cfg.model_providers:

@@ -28,6 +28,7 @@ from rswitch.packaging import Stores, export_package, import_package
 from rswitch.providers import ChatCall, EmbedCall, Provider, build_provider
 from rswitch.providers.pricing import PriceTable
 from rswitch.routing.chains import build_chains
+from rswitch.routing.learned import LearnedRefitter, learned_steps
 from rswitch.state import build_limiters
 from rswitch.storage.analytics import AnalyticsStore
 from rswitch.storage.datasets import DatasetStore
@@ -164,7 +165,7 @@ def routing_providers(config: Config) -> dict[str, Provider]:
     names: set[str] = set()
     for steps in [config.routing.default, *config.routing.templates.values()]:
         for s in steps:
-            if s.type == "semantic":
+            if s.type in ("semantic", "learned"):
                 names.add(s.encoder.provider)
             elif s.type == "judge":
                 names.add(s.provider)
@@ -235,6 +236,8 @@ class Core:
         self._started = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.optimizer: Any = None  # BackgroundOptimizer when gateway.optimization.enabled
+        self.compares: Any = None  # rswitch.optimizer.compare.Jobs, once the admin API starts one
+        self.learned = LearnedRefitter([], self.datasets)  # the learned routing steps, from start()
         self.on_demand_optimizer = False  # the TUI sets it: runs on a keypress, even when not periodic
         # manifests registered or rolled back by the CLI while this runs are served within ~1 s
         self.template_watcher = TemplateWatcher(
@@ -292,11 +295,16 @@ class Core:
             )
             self.optimizer.start()
         self.template_watcher.start()
+        # learned steps read this gateway's recorded rows, and refit as new labels arrive
+        chains = [self.gateway.default_chain, *self.gateway.template_chains.values()]
+        self.learned = LearnedRefitter(learned_steps(chains), self.datasets)
+        self.learned.start()
         self._started = True
 
     async def stop(self) -> None:
         """Stop the optimizer, close upstream clients, then drain the recorder so no answered call is lost."""
         await self.template_watcher.stop()
+        await self.learned.stop()
         if self.shared_state is not None:
             await self.shared_state.close()
         for chain in [self.gateway.default_chain, *self.gateway.template_chains.values()]:

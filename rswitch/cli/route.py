@@ -122,13 +122,14 @@ def _read_route_examples(path: Path, resolve: Any) -> list[tuple[str, str | None
 @app.command("fit")
 def route_fit(
     examples: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--examples",
             "-e",
-            help='JSONL, one {"text": …, "route": …} a line; route null or "oos" = out of scope.',
+            help='JSONL, one {"text": …, "route": …} a line; route null or "oos" = out of scope '
+            "(a learned step fits on the template's recorded rows instead).",
         ),
-    ],
+    ] = None,
     config: ConfigOpt = None,
     template: Annotated[
         str | None,
@@ -167,6 +168,14 @@ def route_fit(
         raise fail(f"no routing chain for template '{template}' (routing.templates has none)")
     steps_cfg = cfg.routing.templates[template] if template else cfg.routing.default
     where = f"routing.templates.{template}" if template else "routing.default"
+    learned = [i for i, s in enumerate(steps_cfg) if s.type == "learned" and s.name == step_name]
+    if learned:
+        from rswitch.cli.route_learned import fit_learned_step
+
+        fit_learned_step(cfg, _RoutingRuntime(cfg), template, where, learned[0], examples)
+        return
+    if examples is None:
+        raise fail("--examples is needed to fit a semantic or judge step")
     judge = [i for i, s in enumerate(steps_cfg) if s.type == "judge" and s.name == step_name]
     if judge:
         from rswitch.cli.route_judge import fit_judge_step

@@ -19,6 +19,7 @@ from rswitch.routing.bandit import (
 )
 from rswitch.routing.base import Chain
 from rswitch.routing.judge import DEFAULT_RUBRIC, Caller, JudgeStep
+from rswitch.routing.learned import LearnedStep, learned_path
 from rswitch.routing.rules import build_rules_step
 from rswitch.routing.semantic import Embedder, SemanticRoute, SemanticStep
 
@@ -87,6 +88,34 @@ def build_bandit(
     )
 
 
+def build_learned(
+    s: Any, resolve: Any, state_dir: Path | None, embedder: EmbedderFactory | None, template: str | None
+) -> LearnedStep:
+    arms: list[str] = []
+    for a in s.arms:  # a tier contributes its combinations, in its order
+        arms.extend(c for c in resolve(a)[1] if c not in arms)
+    if embedder is None:
+        raise ValueError(f"routing step '{s.name}' needs an embedder")
+    tid = s.template or template
+    if tid is None:
+        raise ValueError(f"learned step '{s.name}' needs the template whose rows it learns from")
+    embed, encoder_id = embedder(s.encoder.provider, s.encoder.model)
+    return LearnedStep(
+        s.name,
+        arms,
+        embed,
+        encoder_id,
+        learned_path(state_dir or Path("."), tid, s.name),
+        template=tid,
+        strong_share=s.strong_share,
+        min_labels=s.min_labels,
+        refit_every=s.refit.every_labels,
+        check_seconds=s.refit.check_seconds,
+        neighbours=s.neighbours,
+        timeout=s.timeout_seconds,
+    )
+
+
 def build_chains(
     routing: Any,
     embedder: EmbedderFactory | None = None,
@@ -96,11 +125,13 @@ def build_chains(
     """(the gateway-wide chain, per-template chains) from config.RoutingConfig."""
     resolve = target_resolver(routing.tiers)
 
-    def step(s: Any) -> Any:
+    def step(s: Any, template: str | None = None) -> Any:
         if s.type == "rules":
             return build_rules_step(s.name, s.rules, resolve)
         if s.type == "bandit":
             return build_bandit(s, resolve, cache_dir, embedder)
+        if s.type == "learned":
+            return build_learned(s, resolve, cache_dir, embedder, template)
         if s.type == "judge":
             if caller is None:
                 raise ValueError(f"routing step '{s.name}' needs a model caller")
@@ -131,9 +162,11 @@ def build_chains(
             cache_dir=cache_dir,
         )
 
-    def chain(steps: list[Any]) -> Chain | None:
-        built = [step(s) for s in steps]
+    def chain(steps: list[Any], template: str | None = None) -> Chain | None:
+        built = [step(s, template) for s in steps]
         return Chain(built) if built else None
 
-    per_template = {tid: c for tid, steps in routing.templates.items() if (c := chain(steps)) is not None}
+    per_template = {
+        tid: c for tid, steps in routing.templates.items() if (c := chain(steps, tid)) is not None
+    }
     return chain(routing.default), per_template

@@ -1,0 +1,743 @@
+"""The learned quality router (`type: learned`): from a template's own recorded rows with labels or
+feedback scores, learn per prompt how well each arm (combination) answers, then send each prompt to
+the cheapest arm predicted to be good enough.
+
+Arms are listed cheapest first. For each arm a ridge regression (scikit-learn) predicts the quality
+of its answer to a prompt from the prompt's encoder embedding and, when cross-validation on the
+labelled rows prefers it, hashed character n-grams (TF-IDF weighted). The predicted *gain* of a
+prompt is the best predicted quality among the dearer arms minus the cheapest arm's. One knob,
+`strong_share`, says which share of traffic may leave the cheapest arm (RouteLLM's threshold): the
+gain threshold is that quantile of the gains on the labelled prompts, so `strong_share: 0.3` sends
+the 30% of prompts with the largest predicted gains (as they were distributed in the labelled
+traffic) past the cheapest arm. A prompt above the threshold goes to the cheapest dearer arm whose
+gain clears it. The decision ranks every arm (chosen first, then by predicted quality), so a
+failed call moves down that ranking.
+
+A row's quality: its `label_score` (feedback, 0..1), or, with an `expected` label and no score,
+1 when the answer equals it (whitespace and case aside) and 0 when not. Rows without either teach
+nothing. The fitted model is an .npz file (no pickle) validated on load: arrays, shapes, the arms
+and the encoder must match the step's, or the step passes and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rswitch.routing.base import Decision, Query
+from rswitch.routing.semantic import Embedder
+
+log = logging.getLogger("rswitch.routing")
+
+FORMAT = "rswitch-learned-router/1"
+HASH_FEATURES = 2**18  # buckets for character 2..5-grams (hashed: no vocabulary to store)
+CHAR_NGRAMS = (2, 5)
+WORD_NGRAMS = (1, 2)
+# the feature sets cross-validation chooses from: on RouteLLM's data the embedding won on MT Bench,
+# word n-grams on MMLU and GSM8K (benchmarks/routing/routellm.py)
+FEATURES = ("embedding", "chars", "words", "embedding+chars")
+ALPHAS = (1.0, 10.0, 100.0)
+CV_FOLDS = 4
+
+
+class NotEnoughLabels(ValueError):
+    """Too few labelled rows to fit (the step passes until there are enough)."""
+
+
+class ArtifactError(ValueError):
+    """A fitted-model file that cannot be used: missing, malformed, or fitted for other arms/encoder."""
+
+
+# -- labelled rows ------------------------------------------------------------------------------
+
+
+def quality_of(row: dict[str, Any]) -> float | None:
+    """A recorded row's quality in [0, 1]: its feedback score, else whether it matched `expected`."""
+    score = row.get("label_score")
+    if score is not None:
+        return min(max(float(score), 0.0), 1.0)
+    expected = row.get("label_expected")
+    if expected is not None:
+        said = " ".join(str(row.get("output") or "").split()).lower()
+        return 1.0 if said == " ".join(str(expected).split()).lower() else 0.0
+    return None
+
+
+@dataclass
+class Labelled:
+    """Labelled rows, their prompts de-duplicated: rows -> (text, arm, quality)."""
+
+    texts: list[str]  # distinct prompt texts
+    text_of: np.ndarray  # per row: index into texts
+    arm_of: np.ndarray  # per row: index into the arms
+    quality: np.ndarray  # per row
+    row_ids: np.ndarray  # per row: the dataset row id
+
+    def __len__(self) -> int:
+        return len(self.quality)
+
+    def counts(self, n_arms: int) -> list[int]:
+        return np.bincount(self.arm_of, minlength=n_arms).tolist()
+
+
+def labelled_rows(rows: list[dict[str, Any]], arms: list[str]) -> Labelled:
+    """The rows (datasets.examples) of these arms that carry a quality, with a user prompt."""
+    index: dict[str, int] = {}
+    text_of, arm_of, quality, ids = [], [], [], []
+    where = {a: i for i, a in enumerate(arms)}
+    for r in rows:
+        arm = where.get(r.get("combination_id"))
+        q = quality_of(r) if arm is not None else None
+        if q is None:
+            continue
+        text = Query(r.get("messages") or []).text
+        if not text.strip():
+            continue
+        text_of.append(index.setdefault(text, len(index)))
+        arm_of.append(arm)
+        quality.append(q)
+        ids.append(int(r.get("id") or 0))
+    return Labelled(
+        list(index),
+        np.asarray(text_of, dtype=np.int64),
+        np.asarray(arm_of, dtype=np.int64),
+        np.asarray(quality, dtype=np.float64),
+        np.asarray(ids, dtype=np.int64),
+    )
+
+
+def check_enough(data: Labelled, arms: list[str], min_labels: int) -> None:
+    if len(data) < min_labels:
+        raise NotEnoughLabels(f"{len(data)} labelled rows of its arms, fewer than min_labels {min_labels}")
+    counts = data.counts(len(arms))
+    thin = [f"{a} ({n})" for a, n in zip(arms, counts, strict=True) if n < 2]
+    if thin:
+        raise NotEnoughLabels(f"arms with fewer than 2 labelled rows: {', '.join(thin)}")
+
+
+# -- features -----------------------------------------------------------------------------------
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return m / norms
+
+
+def _hashed_family(feat: str) -> str | None:
+    """The hashed n-gram family of a feature set ("chars" or "words"), if it has one."""
+    return next((p for p in feat.split("+") if p in ("chars", "words")), None)
+
+
+def _hashed_counts(texts: list[str], family: str) -> Any:
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    vec = HashingVectorizer(
+        analyzer="char_wb" if family == "chars" else "word",
+        ngram_range=CHAR_NGRAMS if family == "chars" else WORD_NGRAMS,
+        n_features=HASH_FEATURES,
+        alternate_sign=False,
+        norm=None,
+        lowercase=True,
+    )
+    x = vec.transform(texts).tocsr()
+    x.data = 1.0 + np.log(x.data)  # sublinear term frequency
+    return x
+
+
+def fit_idf(texts: list[str], family: str = "chars") -> np.ndarray:
+    counts = _hashed_counts(texts, family)
+    df = np.bincount(counts.indices, minlength=HASH_FEATURES)
+    return (np.log((1 + len(texts)) / (1 + df)) + 1.0).astype(np.float32)
+
+
+def features(vectors: np.ndarray, texts: list[str], feat: str, idf: np.ndarray | None) -> Any:
+    """The design matrix of a feature set: normalised embeddings, and/or the TF-IDF (weights `idf`)
+    of hashed character or word n-grams, each block of unit length."""
+    family = _hashed_family(feat)
+    dense = _normalise(np.asarray(vectors, dtype=np.float64)) if "embedding" in feat.split("+") else None
+    if family is None:
+        assert dense is not None
+        return dense
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.preprocessing import normalize
+
+    assert idf is not None
+    grams = normalize(_hashed_counts(texts, family).multiply(idf[None, :]).tocsr())
+    return grams if dense is None else hstack([grams, csr_matrix(dense)]).tocsr()
+
+
+def _ridge(x: Any, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    from sklearn.linear_model import Ridge
+
+    if len(y) == 0:
+        return np.zeros(x.shape[1]), 0.0
+    m = Ridge(alpha=alpha).fit(x, y)
+    return np.asarray(m.coef_, dtype=np.float64).ravel(), float(m.intercept_)
+
+
+def gain_of(pred: np.ndarray) -> np.ndarray:
+    """Per prompt: the best dearer arm's predicted quality minus the cheapest arm's."""
+    return pred[:, 1:].max(axis=1) - pred[:, 0]
+
+
+def apgr(scores: np.ndarray, gain: np.ndarray) -> float:
+    """RouteLLM's average performance gap recovered: prompts sent past the cheapest arm in score
+    order, ties averaged, the recovered share of the total gain integrated over c = 0..1."""
+    total = float(gain.sum())
+    n = len(gain)
+    if n == 0 or abs(total) < 1e-12:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    s, d = scores[order], gain[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    curve = np.r_[0.0, np.cumsum(np.repeat(np.add.reduceat(d, starts) / sizes, sizes))] / total
+    grid = np.linspace(0, 1, 101)
+    y = np.interp(grid * n, np.arange(n + 1), curve)
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(grid)) / 2)
+
+
+def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(perm[i::k]) for i in range(k)]
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LearnedModel:
+    arms: list[str]
+    encoder_id: str
+    features: str  # one of FEATURES
+    alpha: float
+    coef: np.ndarray  # (arms, dim)
+    intercept: np.ndarray  # (arms,)
+    idf: np.ndarray | None  # (HASH_FEATURES,) with hashed n-grams
+    gains: np.ndarray  # sorted predicted gains of the labelled prompts: the knob's quantiles
+    vectors: np.ndarray  # (prompts, d) normalised embeddings of the labelled prompts (neighbours)
+    observed: np.ndarray  # (prompts, arms) mean observed quality, NaN where an arm never answered
+    row_ids: np.ndarray  # (prompts,) a dataset row id of each prompt
+    n_labels: int
+    fitted_at: float
+    cv: dict[str, float] = field(default_factory=dict)
+    objective: str = ""
+
+    def predict(self, vectors: np.ndarray, texts: list[str]) -> np.ndarray:
+        x = features(vectors, texts, self.features, self.idf)
+        return np.asarray(x @ self.coef.T) + self.intercept[None, :]
+
+    def threshold(self, strong_share: float) -> float:
+        """The gain a prompt needs to leave the cheapest arm: the (1 - share) quantile of the gains."""
+        if strong_share <= 0:
+            return float("inf")
+        if strong_share >= 1:
+            return float("-inf")
+        return float(np.quantile(self.gains, 1 - strong_share))
+
+    def neighbours(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        q = _normalise(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0]
+        sims = self.vectors @ q
+        k = min(k, len(sims))
+        top = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
+        top = top[np.argsort(-sims[top], kind="stable")]
+        return [(int(i), float(sims[i])) for i in top]
+
+    # -- file -----------------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "arms": self.arms,
+            "encoder": self.encoder_id,
+            "features": self.features,
+            "alpha": self.alpha,
+            "n_labels": self.n_labels,
+            "fitted_at": self.fitted_at,
+            "cv": self.cv,
+            "objective": self.objective,
+        }
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "meta": np.frombuffer(json.dumps(self.meta()).encode(), dtype=np.uint8),
+            "coef": self.coef.astype(np.float32),
+            "intercept": self.intercept.astype(np.float64),
+            "gains": self.gains.astype(np.float64),
+            "vectors": self.vectors.astype(np.float32),
+            "observed": self.observed.astype(np.float64),
+            "row_ids": self.row_ids.astype(np.int64),
+        }
+        if self.idf is not None:
+            arrays["idf"] = self.idf.astype(np.float32)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path, arms: list[str] | None = None, encoder_id: str | None = None) -> LearnedModel:
+        """Read and check a fitted model; ArtifactError names what is wrong."""
+        if not path.is_file():
+            raise ArtifactError(f"no fitted model at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as exc:  # not a zip, truncated, or an object array
+            raise ArtifactError(
+                f"{path} is not a learned-router model ({type(exc).__name__}: {exc})"
+            ) from None
+        try:
+            meta = json.loads(bytes(data["meta"].astype(np.uint8)).decode())
+        except (KeyError, ValueError, UnicodeDecodeError):
+            raise ArtifactError(f"{path}: no readable 'meta' record") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ArtifactError(
+                f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}"
+            )
+        missing = [
+            k for k in ("coef", "intercept", "gains", "vectors", "observed", "row_ids") if k not in data
+        ]
+        if missing:
+            raise ArtifactError(f"{path}: missing arrays {', '.join(missing)}")
+        model_arms = meta.get("arms")
+        if (
+            not isinstance(model_arms, list)
+            or not all(isinstance(a, str) for a in model_arms)
+            or len(model_arms) < 2
+        ):
+            raise ArtifactError(f"{path}: 'arms' must list at least two combination ids")
+        if arms is not None and model_arms != arms:
+            raise ArtifactError(f"{path} was fitted for arms {model_arms}, the step has {arms}: refit it")
+        if encoder_id is not None and meta.get("encoder") != encoder_id:
+            raise ArtifactError(
+                f"{path} was fitted with encoder {meta.get('encoder')!r}, the step uses {encoder_id!r}: refit it"
+            )
+        if meta.get("features") not in FEATURES:
+            raise ArtifactError(f"{path}: unknown features {meta.get('features')!r}")
+        idf = data.get("idf")
+        hashed = _hashed_family(meta["features"]) is not None
+        dense = "embedding" in meta["features"].split("+")
+        if hashed != (idf is not None) or (idf is not None and idf.shape != (HASH_FEATURES,)):
+            raise ArtifactError(f"{path}: the n-gram weights do not match its features")
+        n_arms, vectors = len(model_arms), data["vectors"]
+        dim = vectors.shape[1] if vectors.ndim == 2 else -1
+        want_dim = (dim if dense else 0) + (HASH_FEATURES if hashed else 0)
+        n = vectors.shape[0] if vectors.ndim == 2 else -1
+        shapes = {
+            "coef": (data["coef"].shape, (n_arms, want_dim)),
+            "intercept": (data["intercept"].shape, (n_arms,)),
+            "observed": (data["observed"].shape, (n, n_arms)),
+            "row_ids": (data["row_ids"].shape, (n,)),
+        }
+        bad = [f"{k} {got} (expected {want})" for k, (got, want) in shapes.items() if got != want]
+        if dim <= 0 or n <= 0 or data["gains"].ndim != 1 or len(data["gains"]) == 0 or bad:
+            raise ArtifactError(f"{path}: inconsistent arrays: {'; '.join(bad) or 'empty vectors or gains'}")
+        finite = ("coef", "intercept", "gains", "vectors")
+        if not all(np.isfinite(data[k]).all() for k in finite) or (
+            idf is not None and not np.isfinite(idf).all()
+        ):
+            raise ArtifactError(f"{path}: non-finite numbers in the model")
+        return cls(
+            arms=model_arms,
+            encoder_id=str(meta.get("encoder")),
+            features=meta["features"],
+            alpha=float(meta.get("alpha", 0.0)),
+            coef=data["coef"].astype(np.float64),
+            intercept=data["intercept"].astype(np.float64),
+            idf=idf,
+            gains=np.sort(data["gains"].astype(np.float64)),
+            vectors=vectors.astype(np.float32),
+            observed=data["observed"].astype(np.float64),
+            row_ids=data["row_ids"].astype(np.int64),
+            n_labels=int(meta.get("n_labels", 0)),
+            fitted_at=float(meta.get("fitted_at", 0.0)),
+            cv={str(k): float(v) for k, v in (meta.get("cv") or {}).items()},
+            objective=str(meta.get("objective", "")),
+        )
+
+
+def _fit_arms(
+    x: Any, data: Labelled, rows: np.ndarray, n_arms: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    coef, icpt = [], []
+    for a in range(n_arms):
+        mine = rows[data.arm_of[rows] == a]
+        c, b = _ridge(x[data.text_of[mine]], data.quality[mine], alpha)
+        coef.append(c)
+        icpt.append(b if len(mine) else float(data.quality.mean()))
+    return np.vstack(coef), np.asarray(icpt)
+
+
+def _observed(data: Labelled, n_arms: int) -> np.ndarray:
+    total = np.zeros((len(data.texts), n_arms))
+    count = np.zeros((len(data.texts), n_arms))
+    np.add.at(total, (data.text_of, data.arm_of), data.quality)
+    np.add.at(count, (data.text_of, data.arm_of), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def fit_model(
+    data: Labelled,
+    vectors: np.ndarray,
+    arms: list[str],
+    encoder_id: str,
+    *,
+    candidates: tuple[tuple[str, float], ...] | None = None,
+    seed: int = 0,
+    folds: int = CV_FOLDS,
+) -> LearnedModel:
+    """Choose features and ridge strength by cross-validation over the prompts, then fit on all.
+
+    The objective: with prompts answered both by the cheapest arm and a dearer one, the APGR of the
+    predicted gain against the observed one on the held-out prompts (what routing needs); without
+    enough such prompts, the mean squared error of the predicted qualities."""
+    n_arms = len(arms)
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if vectors.shape[0] != len(data.texts):
+        raise ValueError(f"{vectors.shape[0]} vectors for {len(data.texts)} prompts")
+    candidates = candidates or tuple((f, a) for f in FEATURES for a in ALPHAS)
+    observed = _observed(data, n_arms)
+    paired = ~np.isnan(observed[:, 0]) & (~np.isnan(observed[:, 1:])).any(axis=1)
+    use_apgr = int(paired.sum()) >= 40
+    objective = "cv_apgr" if use_apgr else "cv_mse"
+    scores: dict[tuple[str, float], list[float]] = {}
+    if len(candidates) > 1 and len(data.texts) >= 2 * folds:
+        for val in _folds(len(data.texts), folds, seed):
+            in_val = np.zeros(len(data.texts), dtype=bool)
+            in_val[val] = True
+            fit_rows = np.flatnonzero(~in_val[data.text_of])
+            val_rows = np.flatnonzero(in_val[data.text_of])
+            fit_texts = np.flatnonzero(~in_val)
+            for feat in {f for f, _ in candidates}:
+                family = _hashed_family(feat)
+                idf = fit_idf([data.texts[i] for i in fit_texts], family) if family else None
+                x = features(vectors, data.texts, feat, idf)
+                for f, alpha in candidates:
+                    if f != feat:
+                        continue
+                    coef, icpt = _fit_arms(x, data, fit_rows, n_arms, alpha)
+                    if use_apgr:
+                        pv = val[paired[val]]
+                        pred = np.asarray(x[pv] @ coef.T) + icpt[None, :]
+                        obs = observed[pv]
+                        got = np.nanmax(obs[:, 1:], axis=1) - obs[:, 0]
+                        value = apgr(gain_of(pred), got)
+                    else:
+                        pred = np.asarray(x[data.text_of[val_rows]] @ coef.T) + icpt[None, :]
+                        err = pred[np.arange(len(val_rows)), data.arm_of[val_rows]] - data.quality[val_rows]
+                        value = -float(np.mean(err**2)) if len(err) else float("nan")
+                    if value == value:
+                        scores.setdefault((f, alpha), []).append(value)
+    means = {key: float(np.mean(v)) for key, v in scores.items()}
+    best = max(means, key=lambda k: (means[k], k[1])) if means else candidates[0]
+    feat, alpha = best
+    family = _hashed_family(feat)
+    idf = fit_idf(data.texts, family) if family else None
+    x = features(vectors, data.texts, feat, idf)
+    coef, icpt = _fit_arms(x, data, np.arange(len(data)), n_arms, alpha)
+    gains = np.sort(gain_of(np.asarray(x @ coef.T) + icpt[None, :]))
+    first_row = np.zeros(len(data.texts), dtype=np.int64)
+    first_row[data.text_of[::-1]] = data.row_ids[::-1]
+    return LearnedModel(
+        arms=list(arms),
+        encoder_id=encoder_id,
+        features=feat,
+        alpha=alpha,
+        coef=coef,
+        intercept=icpt,
+        idf=idf,
+        gains=gains,
+        vectors=_normalise(vectors).astype(np.float32),
+        observed=observed,
+        row_ids=first_row,
+        n_labels=len(data),
+        fitted_at=time.time(),
+        cv={f"{f},alpha={a}": v for (f, a), v in means.items()},
+        objective=objective,
+    )
+
+
+# -- the step -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FitReport:
+    rows: int  # labelled rows used
+    prompts: int
+    per_arm: dict[str, int]
+    features: str
+    alpha: float
+    objective: str
+    cv: dict[str, float]
+    threshold: float
+    share_past_cheapest: float  # on the labelled prompts, at the step's strong_share
+    path: str
+
+
+class LearnedStep:
+    def __init__(
+        self,
+        name: str,
+        arms: list[str],
+        embed: Embedder,
+        encoder_id: str,
+        path: Path,
+        *,
+        template: str,
+        strong_share: float = 0.5,
+        min_labels: int = 50,
+        refit_every: int = 0,
+        check_seconds: float = 60.0,
+        neighbours: int = 3,
+        timeout: float = 2.0,
+    ) -> None:
+        self.name = name
+        self.arms = arms
+        self.embed = embed
+        self.encoder_id = encoder_id
+        self.path = path
+        self.template = template
+        self.strong_share = strong_share
+        self.min_labels = min_labels
+        self.refit_every = refit_every
+        self.check_seconds = check_seconds
+        self.k = neighbours
+        self.timeout = timeout
+        self.model: LearnedModel | None = None
+        self.threshold = float("inf")
+        self.why_not = "not fitted yet"
+        self.source: Callable[[], list[dict[str, Any]]] | None = None  # the template's recorded rows
+        self.counter: Callable[[], int] | None = None  # the template's labelled-row count
+        self._fit_lock = asyncio.Lock()
+        self.loaded = False
+        self._seen: int | None = None  # the model file's mtime when last read or written
+        self.count_at_fit: int | None = None  # the template's labelled rows when last fitted
+
+    def use(self, model: LearnedModel) -> None:
+        self.model = model
+        self.threshold = model.threshold(self.strong_share)
+        self.why_not = ""
+
+    def _stamp(self) -> int | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def load(self) -> None:
+        """Load the fitted model from its file, if there is one. A bad file is logged and the step
+        keeps the model it had (none at start: it passes, saying why)."""
+        self.loaded = True
+        stamp = self._stamp()
+        self._seen = stamp
+        if stamp is None:
+            if self.model is None:
+                self.why_not = f"not fitted yet (rswitch route fit --step {self.name})"
+            return
+        try:
+            self.use(LearnedModel.load(self.path, self.arms, self.encoder_id))
+        except ArtifactError as exc:
+            log.warning("learned step %s: %s", self.name, exc)
+            if self.model is None:
+                self.why_not = str(exc)
+
+    def reload_if_changed(self) -> bool:
+        """Load the file again when another process (`rswitch route fit`, a worker) rewrote it."""
+        if self._stamp() == self._seen:
+            return False
+        self.load()
+        return True
+
+    async def warm(self) -> None:
+        if not self.loaded:
+            await asyncio.to_thread(self.load)
+
+    async def _embed_all(self, texts: list[str]) -> np.ndarray:
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), 64):
+            out.append(np.asarray(await self.embed(texts[start : start + 64]), dtype=np.float32))
+        return np.vstack(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    async def fit(self, rows: list[dict[str, Any]] | None = None) -> FitReport:
+        """Fit on the template's labelled rows (from `source` unless given), save, and start using it.
+
+        NotEnoughLabels when there are too few; the step keeps what it had."""
+        async with self._fit_lock:
+            if rows is None:
+                if self.source is None:
+                    raise RuntimeError(f"learned step {self.name} has no dataset to read")
+                rows = await asyncio.to_thread(self.source)
+            data = labelled_rows(rows, self.arms)
+            check_enough(data, self.arms, self.min_labels)
+            vectors = await self._embed_all(data.texts)
+            model = await asyncio.to_thread(fit_model, data, vectors, self.arms, self.encoder_id)
+            await asyncio.to_thread(model.save, self.path)
+            self._seen = self._stamp()
+            self.use(model)
+            gains = model.gains
+            return FitReport(
+                rows=len(data),
+                prompts=len(data.texts),
+                per_arm=dict(zip(self.arms, data.counts(len(self.arms)), strict=True)),
+                features=model.features,
+                alpha=model.alpha,
+                objective=model.objective,
+                cv=model.cv,
+                threshold=self.threshold,
+                share_past_cheapest=float(np.mean(gains >= self.threshold)) if len(gains) else 0.0,
+                path=str(self.path),
+            )
+
+    async def maybe_refit(self) -> FitReport | None:
+        """The background check: refit when `refit_every` labelled rows arrived since the last fit
+        (or, not fitted yet, once there are min_labels)."""
+        if self.refit_every <= 0 or self.counter is None or self._fit_lock.locked():
+            return None
+        count = await asyncio.to_thread(self.counter)
+        base = self.count_at_fit
+        if base is None and self.model is not None:
+            base = self.model.n_labels
+        if count < self.min_labels or (base is not None and count - base < self.refit_every):
+            return None
+        try:
+            report = await self.fit()
+        except NotEnoughLabels as exc:  # labelled rows, but not enough of these arms: wait for more
+            self.count_at_fit = count
+            if self.model is None:
+                self.why_not = f"not fitted yet: {exc}"
+            return None
+        self.count_at_fit = count
+        log.info("learned step %s refitted on %d labelled rows", self.name, report.rows)
+        return report
+
+    def explain(self, pred: np.ndarray, near: list[tuple[int, float]]) -> str:
+        model = self.model
+        assert model is not None
+        scores = " ".join(f"{a}={q:.2f}" for a, q in zip(self.arms, pred, strict=True))
+        shown = []
+        for i, sim in near:
+            seen = ",".join(
+                f"{a}={q:.1f}" for a, q in zip(self.arms, model.observed[i], strict=True) if q == q
+            )
+            shown.append(f"#{model.row_ids[i]} {sim:.2f} ({seen})")
+        return f"predicted {scores}; nearest " + " ".join(shown)
+
+    async def decide(self, query: Query) -> Decision | str | None:
+        model = self.model
+        if model is None:
+            return self.why_not
+        if not query.text.strip():
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                [vector] = await self.embed([query.text])
+        except Exception as exc:  # the encoder is down or slow: pass, don't fail the request
+            log.warning("learned step %s passes: %s: %s", self.name, type(exc).__name__, exc)
+            return f"encoder failed: {type(exc).__name__}"
+        vec = np.asarray(vector, dtype=np.float32)[None, :]
+        pred = model.predict(vec, [query.text])[0]
+        gains = pred[1:] - pred[0]
+        best_gain = float(gains.max())
+        if best_gain >= self.threshold:
+            # the cheapest dearer arm that clears the threshold
+            chosen = 1 + int(np.flatnonzero(gains >= self.threshold)[0])
+        else:
+            chosen = 0
+        rest = sorted((i for i in range(len(self.arms)) if i != chosen), key=lambda i: -pred[i])
+        ranked = tuple(self.arms[i] for i in [chosen, *rest])
+        why = self.explain(pred, model.neighbours(vec[0], self.k))
+        return Decision(
+            self.name,
+            f"combination:{ranked[0]}",
+            ranked,
+            f"{why}; gain",
+            best_gain,
+            self.threshold,
+        )
+
+
+def learned_path(state_dir: Path, template: str, name: str) -> Path:
+    """Where a learned step's fitted model lives: beside the other routing state."""
+    return state_dir / f"learned-{template}-{name}.npz"
+
+
+class LearnedRefitter:
+    """Connects learned steps to the recorded rows and refits them in the background: every
+    step's `check_seconds`, each step whose `refit.every_labels` new labelled rows arrived."""
+
+    def __init__(self, steps: list[LearnedStep], datasets: Any) -> None:
+        self.steps = steps
+        for step in steps:
+            step.source = partial(datasets.examples, step.template)
+            step.counter = partial(_labelled_count, datasets, step.template)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.steps:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="learned-refit")
+
+    async def _run(self) -> None:
+        due = {id(s): time.monotonic() + s.check_seconds for s in self.steps}
+        while True:
+            now = time.monotonic()
+            for step in self.steps:
+                if due[id(step)] > now:
+                    continue
+                due[id(step)] = now + step.check_seconds
+                try:
+                    await asyncio.to_thread(step.reload_if_changed)
+                    await step.maybe_refit()
+                except Exception as exc:  # a failed refit keeps the model it had; next check retries
+                    log.warning(
+                        "learned step %s: background refit failed: %s: %s", step.name, type(exc).__name__, exc
+                    )
+            await asyncio.sleep(max(0.05, min(due.values()) - time.monotonic()))
+
+    async def refit(self, template: str | None = None, name: str | None = None) -> list[tuple[str, Any]]:
+        """Refit now (the admin action): [(step name, FitReport or the reason it did not fit)]."""
+        out: list[tuple[str, Any]] = []
+        for step in self.steps:
+            if (template is None or step.template == template) and (name is None or step.name == name):
+                try:
+                    out.append((step.name, await step.fit()))
+                except NotEnoughLabels as exc:
+                    out.append((step.name, str(exc)))
+        return out
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _labelled_count(datasets: Any, template: str) -> int:
+    return int(datasets.counts(template).get("labelled", 0))
+
+
+def learned_steps(chains: list[Any]) -> list[LearnedStep]:
+    """The learned steps of these router chains (None entries: no chain)."""
+    return [
+        step for chain in chains if chain is not None for step in chain.steps if isinstance(step, LearnedStep)
+    ]
