@@ -302,6 +302,21 @@ class SemanticStepConfig(_Strict):
     aggregate: Literal["mean", "max"] = "mean"
     timeout_seconds: float = Field(2.0, gt=0)
     routes: list[SemanticRouteConfig] = Field(min_length=1)
+    # similarity: nearest utterances against each route's threshold; trained: the classifier
+    # `rswitch route fit --method trained` wrote to `artifact` (rswitch/routing/trained.py)
+    method: Literal["similarity", "trained"] = "similarity"
+    artifact: str | None = Field(
+        None,
+        min_length=1,
+        description="the trained routes file (relative to the config file); "
+        "unset: <config dir>/<step name>.routes.npz",
+    )
+
+    def artifact_path(self, config_source: str | None) -> Path:
+        path = Path(os.path.expanduser(self.artifact or f"{self.name}.routes.npz"))
+        if not path.is_absolute() and config_source:
+            path = Path(config_source).parent / path
+        return path
 
 
 JUDGE_PROVIDER = "rswitch-judge"  # the provider a judge step without `provider` gets
@@ -836,6 +851,14 @@ def _default_judge(cfg: Config) -> None:
         )
 
 
+def _trained_artifacts(cfg: Config) -> None:
+    """A trained semantic step's artifact path, resolved next to the config file once, here."""
+    for chain in (cfg.routing.default, *cfg.routing.templates.values()):
+        for s in chain:
+            if s.type == "semantic" and s.method == "trained":
+                s.artifact = str(s.artifact_path(cfg.source))
+
+
 def _unknown_section(key: str) -> str:
     allowed = [k for k, f in Config.model_fields.items() if not f.exclude]
     close = difflib.get_close_matches(key, allowed, n=1)
@@ -875,6 +898,7 @@ def parse_config(data: Any, source: str | None = None) -> Config:
         raise ConfigError(problems, source) from None
     cfg.source = source
     _default_judge(cfg)
+    _trained_artifacts(cfg)
     problems = _semantic_problems(cfg)
     if problems:
         raise ConfigError(problems, source)

@@ -9,7 +9,7 @@ import typer
 import yaml
 
 from rswitch.cli.common import ConfigOpt, JsonlError, fail, load, read_jsonl
-from rswitch.config import Config, find_config
+from rswitch.config import Config, ConfigError, find_config
 
 app = typer.Typer(help="Inspect query-aware routing.", no_args_is_help=True)
 
@@ -24,9 +24,12 @@ class _RoutingRuntime:
 
         self.providers = routing_providers(cfg)
         cache = cfg.dataset_dir.parent / "routing"
-        self.default, self.per_template = build_chains(
-            cfg.routing, embedder_factory(self.providers), cache, caller_factory(self.providers)
-        )
+        try:
+            self.default, self.per_template = build_chains(
+                cfg.routing, embedder_factory(self.providers), cache, caller_factory(self.providers)
+            )
+        except ConfigError as exc:  # e.g. a trained step's file is missing or made for other routes
+            raise fail(f"invalid config: {exc}") from None
 
     async def __aenter__(self) -> _RoutingRuntime:
         for p in self.providers.values():
@@ -158,9 +161,24 @@ def route_fit(
             help="Write the config with the fitted thresholds to this file (comments are not kept)."
         ),
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="A semantic step: similarity (fit its thresholds) or trained (learn a classifier "
+            "from its utterances and the examples, written to --artifact)."
+        ),
+    ] = "similarity",
+    artifact: Annotated[
+        Path | None,
+        typer.Option(
+            help="--method trained: where to write the classifier "
+            "(default: the step's artifact, or <config dir>/<step name>.routes.npz)."
+        ),
+    ] = None,
 ) -> None:
     """Calibrate a semantic step's thresholds on labelled examples; report accuracy and OOS recall.
-    With --step naming a judge step: set the judge's threshold and report its AUROC."""
+    With --step naming a judge step: set the judge's threshold and report its AUROC.
+    With --step naming a learned step: fit it on the template's recorded rows with labels or feedback."""
     from rswitch.routing.fit import OBJECTIVES
 
     cfg = load(config)
@@ -189,7 +207,14 @@ def route_fit(
         raise fail(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     if share is not None:
         raise fail("--share is for a judge step (name it with --step)")
-    _fit_semantic(cfg, config, template, where, steps_cfg, step_name, examples, objective, per_route, output)
+    if method not in ("similarity", "trained"):
+        raise fail(f"--method must be similarity or trained; got {method!r}")
+    if artifact is not None and method != "trained":
+        raise fail("--artifact is for --method trained")
+    fit_semantic = _fit_semantic if method == "similarity" else _fit_trained
+    fit_semantic(
+        cfg, config, template, where, steps_cfg, step_name, examples, objective, per_route, output, artifact
+    )
 
 
 def _fit_semantic(
@@ -203,49 +228,18 @@ def _fit_semantic(
     objective: str,
     per_route: bool,
     output: Path | None,
+    artifact: Path | None = None,
 ) -> None:
     """`route fit` on a semantic step: thresholds fitted on the examples."""
     import asyncio
 
     import numpy as np
 
-    from rswitch.routing.chains import target_resolver
-    from rswitch.routing.fit import OUT_OF_SCOPE, evaluate, fit
-    from rswitch.routing.semantic import SemanticStep
+    from rswitch.routing.fit import evaluate, fit
 
-    semantic = [(i, s) for i, s in enumerate(steps_cfg) if s.type == "semantic"]
-    if step_name is not None:
-        semantic = [(i, s) for i, s in semantic if s.name == step_name]
-    if not semantic:
-        what = f"named '{step_name}' " if step_name else ""
-        raise fail(f"{where} has no semantic step {what}to fit")
-    index, step_cfg = semantic[0]
-    rows = _read_route_examples(examples, target_resolver(cfg.routing.tiers))
-    runtime = _RoutingRuntime(cfg)
-    chain = runtime.chain(template)
-    step = chain.steps[index]
-    assert isinstance(step, SemanticStep)
-    targets = [r.target for r in step.routes]
-    unknown = sorted({t for _, t in rows if t is not None and t not in targets})
-    if unknown:
-        raise fail(
-            f"examples name routes step '{step.name}' does not have: {', '.join(unknown)}; "
-            f"its routes: {', '.join(targets)}"
-        )
-    labels = np.array([targets.index(t) if t is not None else OUT_OF_SCOPE for _, t in rows])
-
-    async def embed_all() -> np.ndarray:
-        async with runtime:
-            await step.warm()
-            vectors = []
-            texts = [t for t, _ in rows]
-            for start in range(0, len(texts), 64):
-                vectors.extend(np.asarray(await step.embed(texts[start : start + 64]), dtype=np.float32))
-                typer.echo(f"\rembedded {min(start + 64, len(texts))}/{len(texts)}", nl=False, err=True)
-            typer.echo("", err=True)
-            return np.vstack(vectors)
-
-    scores = step.score_many(asyncio.run(embed_all()))
+    index, step, rows, labels, runtime = _semantic_step(cfg, template, where, steps_cfg, step_name, examples)
+    [vectors] = asyncio.run(_embed_texts(runtime, step, [[t for t, _ in rows]]))
+    scores = step.score_many(vectors)
     before = evaluate(scores, labels, np.array([r.threshold for r in step.routes]))
     thresholds = fit(scores, labels, objective=objective, per_route=per_route)
     after = evaluate(scores, labels, thresholds)
@@ -280,3 +274,152 @@ def _fit_semantic(
         route["threshold"] = round(float(t), 4)
     output.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     typer.echo(f"wrote     {output}")
+
+
+def _semantic_step(
+    cfg: Config, template: str | None, where: str, steps_cfg: list[Any], step_name: str | None, examples: Path
+) -> tuple[int, Any, list[tuple[str, str | None]], Any, _RoutingRuntime]:
+    """(index, the built step, examples, their labels, runtime) for the semantic step to fit. The
+    step is built as `method: similarity`: a trained step's file is what the fit writes."""
+    import numpy as np
+
+    from rswitch.routing.chains import target_resolver
+    from rswitch.routing.fit import OUT_OF_SCOPE
+    from rswitch.routing.semantic import SemanticStep
+
+    semantic = [(i, s) for i, s in enumerate(steps_cfg) if s.type == "semantic"]
+    if step_name is not None:
+        semantic = [(i, s) for i, s in semantic if s.name == step_name]
+    if not semantic:
+        what = f"named '{step_name}' " if step_name else ""
+        raise fail(f"{where} has no semantic step {what}to fit")
+    index = semantic[0][0]
+    rows = _read_route_examples(examples, target_resolver(cfg.routing.tiers))
+    cfg = cfg.model_copy(deep=True)
+    (cfg.routing.templates[template] if template else cfg.routing.default)[index].method = "similarity"
+    runtime = _RoutingRuntime(cfg)
+    step = runtime.chain(template).steps[index]
+    assert isinstance(step, SemanticStep)
+    targets = [r.target for r in step.routes]
+    unknown = sorted({t for _, t in rows if t is not None and t not in targets})
+    if unknown:
+        raise fail(
+            f"examples name routes step '{step.name}' does not have: {', '.join(unknown)}; "
+            f"its routes: {', '.join(targets)}"
+        )
+    labels = np.array([targets.index(t) if t is not None else OUT_OF_SCOPE for _, t in rows])
+    return index, step, rows, labels, runtime
+
+
+async def _embed_texts(runtime: _RoutingRuntime, step: Any, groups: list[list[str]]) -> list[Any]:
+    """Each group of texts' vectors through the step's encoder (after warming the step)."""
+    import numpy as np
+
+    out = []
+    async with runtime:
+        await step.warm()
+        for texts in groups:
+            vectors = []
+            for start in range(0, len(texts), 64):
+                vectors.extend(np.asarray(await step.embed(texts[start : start + 64]), dtype=np.float32))
+                typer.echo(f"\rembedded {min(start + 64, len(texts))}/{len(texts)}", nl=False, err=True)
+            typer.echo("", err=True)
+            out.append(np.vstack(vectors))
+    return out
+
+
+def _fit_trained(
+    cfg: Config,
+    config: Path | None,
+    template: str | None,
+    where: str,
+    steps_cfg: list[Any],
+    step_name: str | None,
+    examples: Path,
+    objective: str,
+    per_route: bool,
+    output: Path | None,
+    artifact: Path | None,
+) -> None:
+    """`route fit --method trained`: compare similarity and a trained classifier on a held-out
+    quarter of the examples, then train on all of them and write the classifier's file."""
+    import asyncio
+    import os
+
+    import numpy as np
+
+    from rswitch.routing.fit import OUT_OF_SCOPE, Metrics, evaluate, fit
+    from rswitch.routing.trained import FOLDS, Labelled, split_held_out, train
+
+    index, step, rows, labels, runtime = _semantic_step(cfg, template, where, steps_cfg, step_name, examples)
+    if len(rows) < 2:
+        raise fail("--method trained needs at least two examples (its threshold is fitted on them)")
+    step_cfg = steps_cfg[index]
+    path = artifact if artifact is not None else step_cfg.artifact_path(cfg.source)
+    texts = [t for t, _ in rows]
+    base_texts = [u for r in step.routes for u in r.utterances]
+    base_labels = np.array([i for i, r in enumerate(step.routes) for _ in r.utterances])
+    vectors, base_vectors = asyncio.run(_embed_texts(runtime, step, [texts, base_texts]))
+    base = Labelled(base_texts, base_vectors, base_labels)
+    every = Labelled(texts, vectors, labels)
+    targets = [r.target for r in step.routes]
+
+    def line(name: str, m: Metrics) -> str:
+        oos = f"{m.oos_recall:.1%}" if m.oos_recall is not None else "n/a (no out-of-scope examples)"
+        return (
+            f"  {name:<22} accuracy {m.accuracy:.1%}   in-scope accuracy {m.in_scope_accuracy:.1%}   "
+            f"out-of-scope recall {oos}"
+        )
+
+    n_in, n_out = int((labels != OUT_OF_SCOPE).sum()), int((labels == OUT_OF_SCOPE).sum())
+    typer.echo(f"step      {where}[{index}] '{step.name}' ({step.encoder_id})")
+    typer.echo(f"examples  {len(rows)}: {n_in} in scope, {n_out} out of scope")
+    train_rows, held_rows = split_held_out(labels)
+    try:
+        if len(held_rows) and len(train_rows) >= 2:
+            typer.echo(
+                f"held out  {len(held_rows)} examples (a quarter of each route's and of the out-of-scope "
+                f"ones, seed 0); fitted on the other {len(train_rows)} and the utterances:"
+            )
+            part, held = every.take(train_rows), every.take(held_rows)
+            scores_part, scores_held = step.score_many(part.vectors), step.score_many(held.vectors)
+            current = np.array([r.threshold for r in step.routes])
+            fitted = fit(scores_part, part.labels, objective=objective, per_route=per_route)
+            typer.echo(line("similarity, current", evaluate(scores_held, held.labels, current)))
+            typer.echo(line("similarity, fitted", evaluate(scores_held, held.labels, fitted)))
+            typer.echo("training  on the other examples…", err=True)
+            model = train(base, part, targets, step.encoder_id, objective=objective)
+            probs = model.probabilities_many(held.vectors, held.texts)
+            typer.echo(line("trained", evaluate(probs, held.labels, np.full(len(targets), model.threshold))))
+        else:
+            typer.echo("held out  none: too few examples to compare the methods (give each route a few)")
+        typer.echo("training  on every example…", err=True)
+        model = train(base, every, targets, step.encoder_id, objective=objective)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    model.save(path)
+    kb = path.stat().st_size / 1024
+    typer.echo(
+        f"trained   on {len(base)} utterances + {len(rows)} examples; threshold p >= {model.threshold:.3f} "
+        f"(fitted on {min(FOLDS, len(rows))}-fold held-out probabilities, {objective})"
+    )
+    typer.echo(f"artifact  {path} ({kb:.0f} kB)")
+    if output is None:
+        typer.echo(
+            f"(set method: trained and artifact: {path} on step '{step.name}', "
+            "or use --output FILE to write that config)"
+        )
+        return
+    source = find_config(config)
+    if source is None:
+        raise fail("--output needs a config file (the built-in default has no routing to fit)")
+    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    node = data["routing"]["templates"][template] if template else data["routing"]["default"]
+    node[index]["method"] = "trained"
+    here = output.resolve().parent
+    where_file = path.resolve()
+    node[index]["artifact"] = (
+        os.path.relpath(where_file, here) if where_file.is_relative_to(here) else str(where_file)
+    )
+    output.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    typer.echo(f"wrote     {output} (method: trained, artifact: {node[index]['artifact']})")

@@ -22,6 +22,7 @@ from rswitch.routing.judge import DEFAULT_RUBRIC, Caller, JudgeStep
 from rswitch.routing.learned import LearnedStep, learned_path
 from rswitch.routing.rules import build_rules_step
 from rswitch.routing.semantic import Embedder, SemanticRoute, SemanticStep
+from rswitch.routing.trained import load_for_step
 
 # (provider name, model) -> (embed function, encoder id)
 EmbedderFactory = Callable[[str, str], tuple[Embedder, str]]
@@ -151,6 +152,7 @@ def build_chains(
             raise ValueError(f"routing step '{s.name}' needs an embedder")
         embed, encoder_id = embedder(s.encoder.provider, s.encoder.model)
         routes = [SemanticRoute(*resolve(r.route), r.threshold, list(r.utterances)) for r in s.routes]
+        targets = [r.target for r in routes]
         return SemanticStep(
             s.name,
             routes,
@@ -160,6 +162,7 @@ def build_chains(
             aggregate=s.aggregate,
             timeout=s.timeout_seconds,
             cache_dir=cache_dir,
+            trained=load_for_step(s, encoder_id, targets) if s.method == "trained" else None,
         )
 
     def chain(steps: list[Any], template: str | None = None) -> Chain | None:

@@ -1,5 +1,8 @@
 """The semantic step: embed the prompt, compare it with each route's example utterances by
-cosine similarity (top-k, aggregated), and pick the best route above its threshold.
+cosine similarity (top-k, aggregated), and pick the best route above its threshold
+(`method: similarity`); or, with `method: trained`, ask the classifier `rswitch route fit
+--method trained` wrote (rswitch.routing.trained) for each route's probability, and take the
+most probable route if it reaches the fitted probability threshold.
 
 Utterance embeddings are computed once per encoder and kept in a cache file keyed by the
 encoder's id, so they are recomputed only when the encoder changes. A failing or slow
@@ -20,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rswitch.providers.batching import MicroBatcher
+from rswitch.providers.blas import one_blas_thread
 from rswitch.routing.base import Decision, Query
+from rswitch.routing.trained import TrainedRoutes
 
 log = logging.getLogger("rswitch.routing")
 Embedder = Callable[[list[str]], Awaitable[list[list[float]]]]
@@ -52,8 +58,10 @@ class SemanticStep:
         aggregate: str = "mean",
         timeout: float = 2.0,
         cache_dir: Path | None = None,
+        trained: TrainedRoutes | None = None,
     ) -> None:
         self.name = name
+        self.trained = trained  # method: trained; None = similarity
         self.routes = routes
         self.embed = embed
         self.encoder_id = encoder_id
@@ -65,6 +73,8 @@ class SemanticStep:
         self._table = np.zeros((0, 0), dtype=np.int64)  # route -> its rows (padded)
         self._k = np.zeros(0, dtype=np.int64)  # rows aggregated per route: min(top_k, utterances)
         self._lock = asyncio.Lock()
+        # concurrent decisions share one encoder call and one score matmul (batching.py)
+        self._batch: MicroBatcher[str, np.ndarray] = MicroBatcher(self._embed_and_score)
 
     # -- utterance vectors, cached per encoder ------------------------------------------------
 
@@ -147,18 +157,27 @@ class SemanticStep:
                 out[i : i + chunk] = np.where(keep, ranked, 0.0).sum(axis=2) / self._k
         return out
 
+    async def _embed_and_score(self, texts: list[str]) -> np.ndarray:
+        vectors = np.asarray(await self.embed(texts), dtype=np.float32)
+        with one_blas_thread():  # products of microseconds: spreading them over cores costs more
+            if self.trained is not None:  # each route's probability
+                return self.trained.probabilities_many(vectors, texts)
+            return self.score_many(vectors)
+
     async def decide(self, query: Query) -> Decision | str | None:
         if not query.text.strip():
             return None
         try:
             async with asyncio.timeout(self.timeout):
-                if self._matrix is None:
+                if self._matrix is None and self.trained is None:
                     await self.warm()
-                [vector] = await self.embed([query.text])
+                [row] = await self._batch.submit([query.text])
         except Exception as exc:  # the encoder is down or slow: pass, don't fail the request
             log.warning("semantic step %s passes: %s: %s", self.name, type(exc).__name__, exc)
             return None
-        scores = self.scores(vector)
+        if self.trained is not None:
+            return self._decide_trained(self.trained.threshold, row)
+        scores = row.tolist()
         best = max(range(len(scores)), key=scores.__getitem__)
         route = self.routes[best]
         if scores[best] < route.threshold:
@@ -170,4 +189,22 @@ class SemanticStep:
             f"nearest {route.target}",
             scores[best],
             route.threshold,
+        )
+
+    def _decide_trained(self, threshold: float, probs: np.ndarray) -> Decision | str:
+        best = int(probs.argmax())
+        route = self.routes[best]
+        runner = ""
+        if len(probs) > 1:
+            second = int(np.argpartition(probs, -2)[-2])
+            runner = f", runner-up {self.routes[second].target} p={probs[second]:.3f}"
+        if probs[best] < threshold:
+            return f"trained {route.target} p={probs[best]:.3f} < {threshold:.3f}{runner}"
+        return Decision(
+            self.name,
+            route.target,
+            route.combinations,
+            f"trained ({runner[2:]})" if runner else "trained",
+            float(probs[best]),
+            threshold,
         )
