@@ -314,6 +314,8 @@ class Core:
         if self.optimizer is not None:
             await asyncio.to_thread(self.optimizer.stop)
             self.optimizer = None
+        if self.compares is not None:
+            await self.compares.stop()
         for p in self.providers.values():
             try:
                 await p.close()

@@ -446,6 +446,12 @@ async def test_every_json_answer_validates_against_the_model_its_description_nam
             {"json": {"template_id": "support"}},
         ),  # refused: optimizer off
         "cancel_optimize": ("POST", "/optimizer/cancel", {}),  # refused: nothing running
+        "compare": (
+            "POST",
+            "/templates/support/compare",
+            {"json": {"candidates": ["support-b"], "dry_run": True}},
+        ),
+        "compare_runs": ("GET", "/templates/support/compare/runs", {}),
         "import_package": (
             "POST",
             "/packages/import",

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from rswitch.admin.api import PREFIX
 from rswitch.cli import app
 from rswitch.optimizer import compare as cmp
 from tests import test_storage_postgres
@@ -39,6 +40,7 @@ def config(tmp: Path | None = None) -> dict[str, Any]:
             "wrong-model": {"input": 0.1, "output": 0.1},
             "flaky-model": {"input": 0.5, "output": 0.5},
             "nearly-model": {"input": 0.2, "output": 0.2},
+            "cheap-model": {"input": 0.01, "output": 0.01},
         },
         "templates": {"ask": {"template": "Answer yes or no about {topic}."}},
         "gateway": {
@@ -73,6 +75,13 @@ def labelled(n: int = ROWS) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
+
+
+@pytest.fixture
+async def gw(make_gateway):
+    gw = await make_gateway(config())
+    gw.core.datasets.import_rows("ask", labelled())
+    return gw
 
 
 @pytest.fixture
@@ -273,7 +282,7 @@ async def test_a_model_without_a_known_price_is_never_taken_for_the_cheapest(cor
     unlisted = by_id(result)["right/unlisted-model"]
     assert not unlisted.priced and unlisted.mean == 1.0
     assert result.recommended == "ask-right"  # as good, and its price is known
-    line = next(x for x in render(result).splitlines() if "right/unlisted-model" in x)
+    line = next(x for x in render(result.record()).splitlines() if "right/unlisted-model" in x)
     assert "unknown" in line
 
 
@@ -291,3 +300,170 @@ async def test_on_postgres_a_compare_run_is_stored_in_the_shared_database(make_g
     runs = [r for r in core.analytics.compare_runs("ask") if r["run_id"] == result.run_id]
     assert len(runs) == 1 and runs[0]["rows"] == 12 and runs[0]["recommended"] == "ask-dear"
     assert runs[0]["candidates"][1]["verdict"] == "worse than the incumbent"
+
+
+async def finished(gw: Any, run_id: str) -> dict[str, Any]:
+    """The stored run, once the gateway's background comparison has written it (10 s at most)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        runs = (await gw.client.get(f"{PREFIX}/templates/ask/compare/runs")).json()
+        done = [r for r in runs["runs"] if r["run_id"] == run_id]
+        if done:
+            return done[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"comparison {run_id} never finished")
+
+
+def weights(gw: Any) -> dict[str, float]:
+    return {c.id: c.weight for c in gw.core.gateway.combinations.values() if c.template_id == "ask"}
+
+
+async def test_the_admin_api_runs_a_comparison_in_the_background_and_applies_it(gw):
+    body = {
+        "candidates": ["ask-right", "ask-wrong"],
+        "split": "all",
+        "evaluator": "exact_match",
+        "apply": True,
+    }
+    r = await gw.client.post(f"{PREFIX}/templates/ask/compare", json=body)
+    assert r.status_code == 202, r.text
+    plan = r.json()
+    assert plan["status"] == "running" and plan["rows"] == ROWS and plan["calls"] == 3 * ROWS
+    assert plan["candidates"] == ["ask-dear", "ask-right", "ask-wrong"]
+    run = await finished(gw, plan["run_id"])
+    assert run["recommended"] == "ask-right" and run["rows"] == ROWS
+    assert run["applied"].startswith("weights of 'ask': ask-dear 1 -> 0")
+    # the recommended combination takes the traffic: an operator change, said in the event log
+    assert weights(gw) == {
+        "ask-dear": 0.0,
+        "ask-right": 1.0,
+        "ask-wrong": 0.0,
+        "ask-flaky": 0.0,
+        "ask-nearly": 0.0,
+    }
+    events = (await gw.client.get(f"{PREFIX}/snapshot")).json()["events"]
+    assert any(e["kind"] == "operator" and "ask-right takes the traffic" in e["text"] for e in events)
+    for _ in range(5):
+        r = await gw.client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "ask",
+                "messages": [{"role": "user", "content": "1?"}],
+                "variables": {"topic": "x"},
+            },
+        )
+        assert r.headers["x-rswitch-combination"] == "ask-right"
+    # and undone by resetting the weights
+    assert (await gw.client.post(f"{PREFIX}/combinations/reset")).status_code == 200
+    assert set(weights(gw).values()) == {1.0}
+
+
+async def test_the_admin_api_plans_refuses_and_runs_one_at_a_time(gw):
+    url = f"{PREFIX}/templates/ask/compare"
+    r = await gw.client.post(url, json={"candidates": ["ask-right"], "split": "all", "dry_run": True})
+    assert r.status_code == 202 and r.json()["status"] == "planned" and r.json()["calls"] == 2 * ROWS
+    assert (await gw.client.get(f"{url}/runs")).json() == {"running": None, "runs": []}
+    for bad, message in [
+        ({"candidates": ["zzz"]}, "unknown combination id 'zzz'"),
+        ({"candidates": ["ask-right"], "split": "train"}, "--split must be one of"),
+        ({"candidates": ["ask-right"], "evaluator": "vibes"}, "unknown evaluator 'vibes'"),
+        ({"candidates": ["ask-right"], "rows": 0}, "rows"),
+        ({"candidates": ["ask-right"], "colour": "red"}, "colour"),
+    ]:
+        r = await gw.client.post(url, json=bad)
+        assert r.status_code == 400 and message in r.text, (bad, r.text)
+    assert (
+        await gw.client.post(f"{PREFIX}/templates/nope/compare", json={"candidates": ["ask-right"]})
+    ).status_code == 404
+    first = await gw.client.post(
+        url, json={"candidates": ["ask-right"], "split": "all", "evaluator": "exact_match"}
+    )
+    assert first.status_code == 202
+    busy = await gw.client.post(url, json={"candidates": ["ask-wrong"], "split": "all"})
+    assert busy.status_code == 409 and first.json()["run_id"] in busy.text  # the dear model takes 5 ms a row
+    running = (await gw.client.get(f"{url}/runs")).json()["running"]
+    assert running["run_id"] == first.json()["run_id"] and 0 <= running["rows_done"] <= ROWS
+    await finished(gw, first.json()["run_id"])
+
+
+async def test_applying_a_model_that_is_no_combination_changes_nothing_and_says_what_to_add(core):
+    who = cmp.contenders(core, "ask", [], ["right/cheap-model"])
+    result = await cmp.compare(
+        core, "ask", who, cmp.rows_for(core, "ask", "all", 10, 0), evaluator="exact_match"
+    )
+    assert result.recommended == "right/cheap-model"  # as right as the incumbent, for a hundredth
+    text = cmp.apply(core, result)
+    assert text.startswith("nothing applied: right/cheap-model is not a combination of 'ask'")
+    assert "provider: right, model: cheap-model" in text
+    assert set(weights_of(core).values()) == {1.0}
+
+
+def weights_of(core: Any) -> dict[str, float]:
+    return {c.id: c.weight for c in core.gateway.combinations.values() if c.template_id == "ask"}
+
+
+def test_cli_apply_needs_a_running_gateway(tmp_path):
+    cfg = write(tmp_path)
+    r = runner.invoke(app, ["compare", "ask", "-c", str(cfg), "--candidates", "ask-right", "--apply"])
+    assert r.exit_code == 2 and "--apply changes a running gateway's weights" in r.output
+
+
+@pytest.mark.slow
+def test_cli_through_a_running_gateway_follows_the_run_and_applies_it(tmp_path):
+    import httpx
+
+    from rswitch.storage.datasets import DatasetStore
+    from tests.test_real_server import rswitch_serve
+
+    store = DatasetStore(tmp_path / "prompts", 1000)  # where rswitch_serve points the gateway
+    store.import_rows("ask", labelled())
+    store.close()
+    with rswitch_serve(config(), tmp_path) as (url, _proc):
+        r = runner.invoke(
+            app,
+            [
+                "compare", "ask", "-c", str(tmp_path / "config.yaml"), "--candidates", "ask-right,ask-wrong",
+                "--split", "all", "--evaluator", "exact_match", "--apply",
+            ],
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert f"through the running gateway at {url}" in r.output
+        assert "40 row(s) of the all split x 3 candidate(s) = 120 call(s)" in r.output
+        assert (
+            "recommend ask-right:" in r.output and "applied   weights of 'ask': ask-dear 1 -> 0" in r.output
+        )
+        status = httpx.get(url + "/status").json()
+        served = {c["id"]: c["weight"] for c in status["combinations"] if c["id"].startswith("ask-")}
+        assert served["ask-right"] == 1.0 and served["ask-dear"] == 0.0
+
+
+async def test_an_earlier_version_of_the_prompt_is_a_candidate_of_its_own(make_gateway):
+    from rswitch.templates import Template
+    from tests.fakes import openai_fake
+
+    with openai_fake.running() as up:
+        cfg = config()
+        cfg["model_providers"]["up"] = {"type": "openai", "base_url": up.base_url, "api_key": "sk-test"}
+        cfg["gateway"]["combinations"].append(
+            {"id": "ask-up", "template_id": "ask", "model": "gpt-4o-mini", "provider": "up"}
+        )
+        gw = await make_gateway(cfg)
+        core = gw.core
+        core.datasets.import_rows("ask", labelled(6))
+        core.registry.register(Template(id="ask", template="Answer in one word about {topic}."))
+        assert core.registry.get("ask").version == 2
+        who = cmp.contenders(core, "ask", ["ask-up@v1", "ask-up@v2"], [])
+        assert [c.id for c in who] == ["ask-dear", "ask-up@v1", "ask-up@v2"]
+        await cmp.compare(
+            core, "ask", who, cmp.rows_for(core, "ask", "all", None, 0), evaluator="exact_match"
+        )
+        systems = [r["messages"][0]["content"] for r in up.recorder.requests if "messages" in r]
+        assert systems.count("Answer yes or no about number 0.") == 1  # v1's prompt, rendered
+        assert systems.count("Answer in one word about number 0.") == 1  # v2's, the current one
+        with pytest.raises(cmp.CompareError, match=r"has no version 7 \(versions: 1, 2\)"):
+            cmp.contenders(core, "ask", ["ask-up@v7"], [])
+        with pytest.raises(cmp.CompareError, match="after @ comes a template version"):
+            cmp.contenders(core, "ask", ["ask-up@latest"], [])

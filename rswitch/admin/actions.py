@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from rswitch.admin import views
 from rswitch.gateway.errors import GatewayError
@@ -58,6 +58,36 @@ class OptimizeQueued(Result):
 class OptimizeCancelled(Result):
     status: str = "cancelling"
     template_id: str
+
+
+class CompareSpec(Result):
+    """What to compare (see `rswitch compare`): combination ids and/or provider/model pairs."""
+
+    candidates: list[str] = []
+    models: list[str] = []
+    rows: int | None = Field(None, ge=1)
+    split: str = "test"
+    evaluator: str | None = None
+    budget_calls: int | None = Field(None, ge=1)
+    budget_cost: float | None = Field(None, ge=0)
+    seed: int = 0
+    apply: bool = False
+    dry_run: bool = False  # only the plan: rows, calls, estimated cost
+
+
+class CompareStarted(Result):
+    status: str = "running"  # or "planned" for a dry run
+    run_id: str
+    template_id: str
+    candidates: list[str]
+    rows: int
+    calls: int
+    estimated_cost: float | None
+
+
+class CompareRuns(Result):
+    running: dict[str, Any] | None  # the run going now (any template): its plan and progress
+    runs: list[dict[str, Any]]  # this template's finished runs, newest first
 
 
 class CombinationsChanged(Result):
@@ -139,6 +169,8 @@ class Operator(Protocol):
     async def reset_weights(self) -> CombinationsChanged: ...
     async def optimize(self, template_id: str) -> OptimizeQueued: ...
     async def cancel_optimize(self) -> OptimizeCancelled: ...
+    async def compare(self, template_id: str, spec: CompareSpec) -> CompareStarted: ...
+    async def compare_runs(self, template_id: str) -> CompareRuns: ...
     async def export_package(
         self, template_id: str, output_dir: Path, *, include_analytics: bool = True, logs_limit: int = 1000
     ) -> Path: ...
@@ -367,6 +399,47 @@ class LocalOperator:
             raise GatewayError(409, "no optimization is running", code="nothing_running")
         self.core.event("optimizer", f"cancelling the optimization of '{running}'")
         return OptimizeCancelled(status="cancelling", template_id=running)
+
+    # -- compare ------------------------------------------------------------------------------
+
+    async def compare(self, template_id: str, spec: CompareSpec) -> CompareStarted:
+        from rswitch.optimizer.compare import CompareError, Jobs
+
+        if self.core.registry.get(template_id) is None:
+            raise unknown_template(self.core, template_id)
+        if self.core.compares is None:
+            self.core.compares = Jobs()
+        try:
+            plan = await self._plan(template_id, spec)
+        except CompareError as exc:
+            busy = str(exc).startswith("a comparison of")
+            raise GatewayError(
+                409 if busy else 400, str(exc), code="busy" if busy else "invalid_compare"
+            ) from None
+        return CompareStarted(**plan)
+
+    async def _plan(self, template_id: str, spec: CompareSpec) -> dict[str, Any]:
+        return self.core.compares.start(
+            self.core,
+            template_id,
+            candidates=spec.candidates,
+            models=spec.models,
+            rows=spec.rows,
+            split_name=spec.split,
+            evaluator=spec.evaluator,
+            budget_calls=spec.budget_calls,
+            budget_cost=spec.budget_cost,
+            seed=spec.seed,
+            apply_result=spec.apply,
+            dry_run=spec.dry_run,
+        )
+
+    async def compare_runs(self, template_id: str) -> CompareRuns:
+        if self.core.registry.get(template_id) is None:
+            raise unknown_template(self.core, template_id)
+        runs = await asyncio.to_thread(self.core.analytics.compare_runs, template_id)
+        running = self.core.compares.running if self.core.compares is not None else None
+        return CompareRuns(running=running, runs=runs)
 
     # -- packages (blocking: in a worker thread) ------------------------------------------------
 

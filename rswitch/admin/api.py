@@ -223,6 +223,25 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "POST",
+        "/templates/{template_id}/compare",
+        "compare",
+        "Compare candidate models on the template's labelled rows, in the background (see `rswitch compare`)",
+        actions.CompareStarted,
+        body=actions.CompareSpec,
+        mutation=True,
+        status=202,
+        params=(TID,),
+    ),
+    Endpoint(
+        "GET",
+        "/templates/{template_id}/compare/runs",
+        "compare_runs",
+        "The template's finished comparisons, newest first, and the one running now",
+        actions.CompareRuns,
+        params=(TID,),
+    ),
+    Endpoint(
+        "POST",
         "/packages/export",
         "export_package",
         "Build a template's package on the server and download it (.tar.gz)",
@@ -519,6 +538,19 @@ class AdminAPI:
     async def cancel_optimize(self, request: Request) -> Response:
         try:
             return self.answer(await self.op.cancel_optimize())
+        except GatewayError as err:
+            return error_response(err)
+
+    async def compare(self, request: Request) -> Response:
+        try:
+            body = await parsed(request, actions.CompareSpec, self.body_limit)
+            return self.answer(await self.op.compare(request.path_params["template_id"], body), 202)
+        except GatewayError as err:
+            return error_response(err)
+
+    async def compare_runs(self, request: Request) -> Response:
+        try:
+            return self.answer(await self.op.compare_runs(request.path_params["template_id"]))
         except GatewayError as err:
             return error_response(err)
 

@@ -189,6 +189,19 @@ class HttpOperator:
     async def cancel_optimize(self) -> actions.OptimizeCancelled:
         return await self._json(actions.OptimizeCancelled, "POST", "/optimizer/cancel")
 
+    # -- compare ----------------------------------------------------------------------------------
+
+    async def compare(self, template_id: str, spec: actions.CompareSpec) -> actions.CompareStarted:
+        return await self._json(
+            actions.CompareStarted,
+            "POST",
+            f"/templates/{_seg(template_id)}/compare",
+            json=spec.model_dump(exclude_defaults=True),
+        )
+
+    async def compare_runs(self, template_id: str) -> actions.CompareRuns:
+        return await self._json(actions.CompareRuns, "GET", f"/templates/{_seg(template_id)}/compare/runs")
+
     # -- packages ---------------------------------------------------------------------------------
 
     async def export_package(

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rswitch.admin.actions import CompareSpec
 from rswitch.cli import through
 from rswitch.cli.common import ConfigOpt, fail, get_template, load, registry
 
@@ -49,11 +50,6 @@ def compare(
     ] = False,
 ) -> None:
     """Replay a template's labelled rows through candidate models; compare quality, cost and latency."""
-    import asyncio
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from rswitch.core import Core
     from rswitch.optimizer import compare as cmp
     from rswitch.optimizer.evaluators import EVALUATORS
 
@@ -67,12 +63,57 @@ def compare(
     if not _ids(candidates) and not _ids(models):
         raise fail("name what to compare: --candidates COMBINATION,… and/or --models PROVIDER/MODEL,…")
     get_template(registry(config), template_id)
+    spec = CompareSpec(
+        candidates=_ids(candidates),
+        models=_ids(models),
+        rows=rows,
+        split=split,
+        evaluator=evaluator,
+        budget_calls=budget_calls,
+        budget_cost=budget_cost,
+        seed=seed,
+        apply=apply,
+        dry_run=dry_run,
+    )
     gateway = through.owner(cfg)
-    if gateway is not None:
-        raise fail(
-            f"the gateway at {gateway.admin_url} owns this data: stop it to compare here "
-            f"(or POST {gateway.admin_url}/admin/templates/{template_id}/compare)"
-        )
+    if gateway is not None:  # it holds the stores and the live weights: it runs the comparison
+        record = _through(gateway, template_id, spec)
+    else:
+        if apply and not dry_run:
+            raise fail(
+                "--apply changes a running gateway's weights, and none is running on this data: start "
+                "`rswitch serve` and compare again, or set the weights in the config"
+            )
+        record = _here(cfg, template_id, spec)
+    if record is not None:
+        typer.echo(render(record))
+        if record.get("applied"):
+            typer.echo(f"applied   {record['applied']}")
+
+
+def _bar() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]rows"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+
+
+def _live(means: dict[str, float]) -> str:
+    return "  ".join(f"{cid} {m:.2f}" for cid, m in means.items())
+
+
+def _here(cfg: Any, template_id: str, spec: CompareSpec) -> dict[str, Any] | None:
+    """In this process, with its own gateway core (stopped after)."""
+    import asyncio
+
+    from rswitch.core import Core
+    from rswitch.optimizer import compare as cmp
+
     try:
         core = Core(cfg)
     except Exception as exc:
@@ -81,75 +122,100 @@ def compare(
     async def main() -> Any:
         await core.start()
         try:
-            who = cmp.contenders(core, template_id, _ids(candidates), _ids(models))
-            chosen = cmp.rows_for(core, template_id, split, rows, seed)
+            who = cmp.contenders(core, template_id, spec.candidates, spec.models)
+            chosen = cmp.rows_for(core, template_id, spec.split, spec.rows, spec.seed)
             guess = cmp.estimate(core, template_id, who, chosen)
-            _print_estimate(guess, split)
-            if dry_run:
+            _plan(
+                guess.rows,
+                spec.split,
+                len(who),
+                guess.calls,
+                guess.total,
+                [c for c, v in guess.cost.items() if v is None],
+            )
+            if spec.dry_run:
                 return None
-            with Progress(
-                TextColumn("[bold]rows"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                transient=False,
-            ) as bar:
+            with _bar() as bar:
                 task = bar.add_task("compare", total=len(chosen), info="")
 
                 def on_row(done: int, outcomes: list[cmp.Outcome]) -> None:
-                    live = "  ".join(f"{o.id} {sum(o.scores) / len(o.scores):.2f}" for o in outcomes)
-                    bar.update(task, completed=done, info=live)
+                    bar.update(
+                        task,
+                        completed=done,
+                        info=_live({o.id: sum(o.scores) / len(o.scores) for o in outcomes}),
+                    )
 
                 result = await cmp.compare(
                     core,
                     template_id,
                     who,
                     chosen,
-                    split_name=split,
-                    evaluator=evaluator,
-                    budget_calls=budget_calls,
-                    budget_cost=budget_cost,
-                    seed=seed,
+                    split_name=spec.split,
+                    evaluator=spec.evaluator or "similarity",
+                    budget_calls=spec.budget_calls,
+                    budget_cost=spec.budget_cost,
+                    seed=spec.seed,
                     on_row=on_row,
                 )
-            if apply and result.recommended is not None:
-                result_applied = await cmp.apply(core, result)
-                typer.echo(result_applied)
             core.analytics.record_compare(result.record())
-            return result
+            return result.record()
         finally:
             await core.stop()
 
     try:
-        result = asyncio.run(main())
+        return asyncio.run(main())
     except cmp.CompareError as exc:
         raise fail(str(exc)) from None
-    if result is not None:
-        typer.echo(render(result))
 
 
-def _print_estimate(guess: Any, split: str) -> None:
-    total = guess.total
+def _through(gateway: Any, template_id: str, spec: CompareSpec) -> dict[str, Any] | None:
+    """Started by the gateway that owns the data (its admin API), followed row by row here."""
+    import asyncio
+
+    async def main(op: Any) -> Any:
+        plan = await op.compare(template_id, spec)
+        _plan(plan.rows, spec.split, len(plan.candidates), plan.calls, plan.estimated_cost, [])
+        if spec.dry_run:
+            return None
+        with _bar() as bar:
+            task = bar.add_task("compare", total=plan.rows, info="")
+            while True:
+                runs = await op.compare_runs(template_id)
+                done = next((r for r in runs.runs if r["run_id"] == plan.run_id), None)
+                if done is not None:
+                    bar.update(task, completed=done["rows"])
+                    return done
+                running = runs.running
+                if running is None or running.get("run_id") != plan.run_id:
+                    raise fail(f"the gateway's comparison {plan.run_id} ended without a result: see its log")
+                bar.update(task, completed=running["rows_done"], info=_live(running["means"]))
+                await asyncio.sleep(0.5)
+
+    return through.call(gateway, main)
+
+
+def _plan(
+    n_rows: int, split: str, n_candidates: int, calls: int, total: float | None, unknown: list[str]
+) -> None:
     priced = f"about ${total:.4f}" if total is not None else "no known price"
-    unknown = [cid for cid, c in guess.cost.items() if c is None]
     typer.echo(
-        f"plan      {guess.rows} row(s) of the {split} split x {len(guess.cost)} candidate(s) = "
-        f"{guess.calls} call(s), {priced}"
+        f"plan      {n_rows} row(s) of the {split} split x {n_candidates} candidate(s) = {calls} call(s), {priced}"
         + (f" (no price for {', '.join(unknown)})" if unknown and total is not None else "")
     )
 
 
-def render(result: Any) -> str:
-    """The comparison as an operator reads it: the table, the front, the recommendation."""
+def render(run: dict[str, Any]) -> str:
+    """A comparison's record (`Comparison.record()`, or a stored run) as an operator reads it: the
+    table, the front, the recommendation."""
 
     def num(x: float | None, fmt: str = ".3f") -> str:
         return "-" if x is None else format(x, fmt)
 
-    def versus(o: Any) -> str:
-        if o.incumbent or not o.delta_ci:
+    def versus(o: dict[str, Any]) -> str:
+        if o["incumbent"] or not o["delta_ci"]:
             return ""
-        return f"{num(o.delta, '+.3f')} [{o.delta_ci[0]:+.3f}, {o.delta_ci[1]:+.3f}]"
+        lo, hi = o["delta_ci"]
+        return f"{num(o['delta'], '+.3f')} [{lo:+.3f}, {hi:+.3f}]"
 
     head = (
         "",
@@ -164,28 +230,28 @@ def render(result: Any) -> str:
         "failed",
     )
     table = [head]
-    for o in result.outcomes:
+    for o in run["candidates"]:
         table.append(
             (
-                "*" if o.on_front else "",
-                o.id,
-                num(o.mean),
-                "-" if not o.ci else f"[{o.ci[0]:.3f}, {o.ci[1]:.3f}]",
+                "*" if o["on_front"] else "",
+                o["id"],
+                num(o["mean"]),
+                "-" if not o["ci"] else f"[{o['ci'][0]:.3f}, {o['ci'][1]:.3f}]",
                 versus(o),
-                o.verdict,
-                f"{o.cost_per_1k:.4f}" if o.priced else "unknown",
-                num(o.p50_ms, ".0f"),
-                num(o.p95_ms, ".0f"),
-                f"{o.failures}/{o.calls}",
+                o["verdict"],
+                f"{o['cost_per_1k']:.4f}" if o["priced"] else "unknown",
+                num(o["p50_ms"], ".0f"),
+                num(o["p95_ms"], ".0f"),
+                f"{o['failures']}/{o['calls']}",
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     right = {2, 6, 7, 8, 9}  # numbers line up on the right
     lines = [
-        f"run {result.run_id}: template '{result.template_id}' v{result.version}, {result.rows} of "
-        f"{result.planned_rows} row(s) of the {result.split} split, evaluator {result.evaluator}, "
-        f"{result.calls} call(s), ${result.cost:.4f}, {result.seconds:.1f} s"
-        + (" (stopped: budget)" if result.stopped else ""),
+        f"run {run['run_id']}: template '{run['template_id']}' v{run['template_version']}, {run['rows']} of "
+        f"{run['planned_rows']} row(s) of the {run['split']} split, evaluator {run['evaluator']}, "
+        f"{run['calls']} call(s), ${run['cost']:.4f}, {run['seconds']:.1f} s"
+        + (" (stopped: budget)" if run["stopped"] else ""),
         "",
     ]
     for row in table:
@@ -193,11 +259,11 @@ def render(result: Any) -> str:
             c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append(" ".join(cells).rstrip())
-    front = [o.id for o in result.outcomes if o.on_front]
+    front = [o["id"] for o in run["candidates"] if o["on_front"]]
     lines += [
         "",
         f"front     {', '.join(front) or '-'} (*: no other candidate is as good on quality, cost and "
         "latency and better on one)",
-        f"recommend {result.recommended or '-'}: {result.reason}",
+        f"recommend {run['recommended'] or '-'}: {run['reason']}",
     ]
     return "\n".join(lines)

@@ -51,6 +51,8 @@ class Contender:
     id: str
     combination: Combination
     incumbent: bool = False
+    prompt: Prompt | None = None  # an earlier version's prompt and demos (`ID@vN`); None: the current
+    version: int | None = None
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Comparison:
     recommended: str | None = None
     reason: str = ""
     stopped: str | None = None  # "budget" when a cap ended it early
+    applied: str | None = None  # what --apply changed (or why it changed nothing)
     seconds: float = 0.0
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC).replace(tzinfo=None))
 
@@ -125,11 +128,13 @@ class Comparison:
             "split": self.split,
             "evaluator": self.evaluator,
             "rows": self.rows,
+            "planned_rows": self.planned_rows,
             "calls": self.calls,
             "cost": self.cost,
             "stopped": self.stopped,
             "recommended": self.recommended,
             "reason": self.reason,
+            "applied": self.applied,
             "candidates": [o.view() for o in self.outcomes],
         }
 
@@ -146,6 +151,10 @@ class Estimate:
         return sum(known) if known else None
 
 
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 def contenders(core: Any, template_id: str, combination_ids: list[str], models: list[str]) -> list[Contender]:
     """The incumbent (the combination the optimizer would tune: primary, else heaviest) first, then
     each named combination and `provider/model`, once each."""
@@ -157,13 +166,16 @@ def contenders(core: Any, template_id: str, combination_ids: list[str], models: 
     except OptimizeError as exc:
         raise CompareError(str(exc)) from None
     out = [Contender(incumbent.id, incumbent, incumbent=True)]
-    for cid in combination_ids:
+    for name in combination_ids:
+        cid, at, version = name.partition("@")
         combo = combos.get(cid)
         if combo is None:
             known = ", ".join(sorted(combos)) or "none"
             raise CompareError(f"unknown combination id '{cid}'; configured: {known}")
-        if all(c.id != cid for c in out):
-            out.append(Contender(cid, combo))
+        prompt, number = _version(core, template_id, version, name) if at else (None, None)
+        label = f"{cid}@v{number}" if number is not None else cid
+        if all(c.id != label for c in out):
+            out.append(Contender(label, combo, prompt=prompt, version=number))
     for spec in models:
         provider, sep, model = spec.partition("/")
         if not sep or not provider or not model:
@@ -178,6 +190,27 @@ def contenders(core: Any, template_id: str, combination_ids: list[str], models: 
             f"nothing to compare with the incumbent '{incumbent.id}': name --candidates or --models"
         )
     return out
+
+
+def _version(core: Any, template_id: str, text: str, name: str) -> tuple[Prompt | None, int]:
+    """The prompt and demos of `template_id` version `text` ("3" or "v3"); None for the current."""
+    digits = text[1:] if text[:1] in "vV" else text
+    if not digits.isdigit():
+        raise CompareError(f"{name!r}: after @ comes a template version, e.g. {name.partition('@')[0]}@v1")
+    number = int(digits)
+    current = core.registry.get(template_id)
+    if current is not None and current.version == number:
+        return None, number
+    for manifest in core.registry.history(template_id):
+        if manifest.get("version") == number:
+            return Prompt(str(manifest.get("template", "")), list(manifest.get("demos") or [])), number
+    known = sorted(
+        {m.get("version") for m in core.registry.history(template_id)}
+        | {getattr(current, "version", None)} - {None}
+    )
+    raise CompareError(
+        f"template '{template_id}' has no version {number} (versions: {', '.join(map(str, known))})"
+    )
 
 
 def rows_for(core: Any, template_id: str, which: str, limit: int | None, seed: int) -> list[Example]:
@@ -214,7 +247,7 @@ def estimate(core: Any, template_id: str, candidates: list[Contender], rows: lis
             continue
         total = 0.0
         for row in rows:
-            pt = estimate_tokens(message_text(prompt.messages(row)))
+            pt = estimate_tokens(message_text((c.prompt or prompt).messages(row)))
             ct = estimate_tokens(row.target or "")
             total += core.gateway.prices.cost(c.combination.model, pt, ct)
         costs[c.id] = total
@@ -249,6 +282,7 @@ async def compare(
     concurrency: int = 4,
     seed: int = 0,
     on_row: Callable[[int, list[Outcome]], None] | None = None,
+    run_id: str | None = None,
 ) -> Comparison:
     """Replay `rows` through every candidate and summarise. A budget is checked before each row:
     the row's calls all go out or none do, so every candidate answers the same rows."""
@@ -269,7 +303,7 @@ async def compare(
         for c in candidates
     ]
     result = Comparison(
-        uuid.uuid4().hex[:12],
+        run_id or new_run_id(),
         template_id,
         getattr(tpl, "version", None),
         split_name,
@@ -286,7 +320,9 @@ async def compare(
             try:
                 done = await on_gateway_loop(
                     core,
-                    core.gateway.call_direct(c.combination, prompt.messages(row), EVAL_PARAMS, kind="eval"),
+                    core.gateway.call_direct(
+                        c.combination, (c.prompt or prompt).messages(row), EVAL_PARAMS, kind="eval"
+                    ),
                 )
             except UpstreamError:
                 return 0.0, None, 0.0, 0
@@ -412,3 +448,145 @@ def _dominates(a: Outcome, b: Outcome) -> bool:
     at_least = (a.mean or 0) >= (b.mean or 0) and ca <= cb and la <= lb
     better = (a.mean or 0) > (b.mean or 0) or ca < cb or la < lb
     return at_least and better
+
+
+def apply(core: Any, result: Comparison) -> str:
+    """Give the recommended combination its template's traffic: its weight (1 if it had none) and
+    0 for the template's other combinations; an operator change like a reweight, in the event
+    log with the weights before, undone by resetting the weights (or setting them back)."""
+    rec, tid = result.recommended, result.template_id
+    if rec is None:
+        return "nothing applied: no candidate was recommended"
+    cid, at, version = rec.partition("@")
+    current = core.registry.get(tid)
+    if at and (current is None or f"v{current.version}" != version):
+        return (
+            f"nothing applied: {rec} is an earlier version of the prompt; to serve it again: "
+            f"rswitch template rollback {tid} {version.lstrip('v')}, then compare again"
+        )
+    rec = cid
+    combo = core.gateway.combinations.get(rec)
+    if combo is None or combo.template_id != tid:
+        outcome = next(o for o in result.outcomes if o.id == result.recommended)
+        return (
+            f"nothing applied: {rec} is not a combination of '{tid}'; add one to gateway.combinations "
+            f"(template_id: {tid}, provider: {outcome.provider}, model: {outcome.model}) to send it traffic"
+        )
+    pool = [c for c in core.gateway.combinations.values() if c.template_id == tid and not c.implicit]
+    before = {c.id: (c.weight, c.enabled) for c in pool}
+    changes = []
+    for c in pool:
+        weight = (c.weight or 1.0) if c.id == rec else 0.0
+        if c.id == rec and not c.enabled:
+            core.set_enabled(c.id, True)
+        if weight != c.weight:
+            core.reweight(c.id, weight)
+        old_w, old_on = before[c.id]
+        if (old_w, old_on) != (c.weight, c.enabled):
+            was = f"{old_w:g}" + ("" if old_on else " (disabled)")
+            changes.append(f"{c.id} {was} -> {c.weight:g}")
+    if not changes:
+        return f"nothing to change: {rec} already takes all of '{tid}''s traffic"
+    text = f"weights of '{tid}': {', '.join(changes)}"
+    core.event("operator", f"compare {result.run_id}: {rec} takes the traffic ({text}); undo: reset weights")
+    return text
+
+
+class Jobs:
+    """Comparisons a running gateway runs in the background (the admin API's), one at a time, each
+    stored when done; `running` is the one going, with its progress."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(
+        self,
+        core: Any,
+        template_id: str,
+        *,
+        candidates: list[str],
+        models: list[str],
+        rows: int | None,
+        split_name: str,
+        evaluator: str | None,
+        budget_calls: int | None,
+        budget_cost: float | None,
+        seed: int,
+        apply_result: bool,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Check everything, start the run on this loop and return its plan; CompareError names
+        what is wrong (and nothing starts)."""
+        if self.running is not None:
+            raise CompareError(
+                f"a comparison of '{self.running['template_id']}' is running (run {self.running['run_id']})"
+            )
+        evaluator = evaluator or core.config.gateway.optimization.evaluator
+        try:
+            build_evaluator(evaluator)
+        except ValueError as exc:
+            raise CompareError(str(exc)) from None
+        who = contenders(core, template_id, candidates, models)
+        chosen = rows_for(core, template_id, split_name, rows, seed)
+        guess = estimate(core, template_id, who, chosen)
+        run_id = new_run_id()
+        plan = {
+            "run_id": run_id,
+            "template_id": template_id,
+            "candidates": [c.id for c in who],
+            "rows": guess.rows,
+            "calls": guess.calls,
+            "estimated_cost": guess.total,
+            "status": "planned" if dry_run else "running",
+        }
+        if dry_run:
+            return plan
+        self.running = dict(plan, rows_done=0, means={})
+
+        def on_row(done: int, outcomes: list[Outcome]) -> None:
+            if self.running is not None:
+                self.running["rows_done"] = done
+                self.running["means"] = {o.id: sum(o.scores) / len(o.scores) for o in outcomes}
+
+        async def run() -> None:
+            try:
+                result = await compare(
+                    core,
+                    template_id,
+                    who,
+                    chosen,
+                    split_name=split_name,
+                    evaluator=evaluator,
+                    budget_calls=budget_calls,
+                    budget_cost=budget_cost,
+                    seed=seed,
+                    on_row=on_row,
+                    run_id=run_id,
+                )
+                if apply_result:
+                    result.applied = apply(core, result)
+                await asyncio.to_thread(core.analytics.record_compare, result.record())
+                core.event(
+                    "compare",
+                    f"compare {run_id} of '{template_id}': {result.rows} row(s), recommend "
+                    f"{result.recommended or 'nothing'}",
+                )
+            except Exception as exc:  # said, not lost: the run's error is the last event
+                core.event(
+                    "compare", f"compare {run_id} of '{template_id}' failed: {type(exc).__name__}: {exc}"
+                )
+            finally:
+                self.running = None
+
+        core.event("compare", f"compare {run_id} of '{template_id}': {guess.calls} call(s) planned")
+        self._task = asyncio.get_running_loop().create_task(run())
+        return plan
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except BaseException:
+                pass

@@ -55,12 +55,12 @@ CREATE TABLE IF NOT EXISTS optimizer_trials (
 COMPARE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS compare_runs (
     run_id VARCHAR PRIMARY KEY, template_id VARCHAR, template_version INTEGER, started_at TIMESTAMP,
-    seconds DOUBLE, split VARCHAR, evaluator VARCHAR, rows INTEGER, calls INTEGER, cost DOUBLE,
+    seconds DOUBLE, split VARCHAR, evaluator VARCHAR, rows INTEGER, planned_rows INTEGER, calls INTEGER, cost DOUBLE,
     stopped VARCHAR, recommended VARCHAR, reason VARCHAR, applied VARCHAR, candidates VARCHAR
 );
 """
 COMPARE_COLUMNS = (
-    "run_id template_id template_version started_at seconds split evaluator rows calls cost "
+    "run_id template_id template_version started_at seconds split evaluator rows planned_rows calls cost "
     "stopped recommended reason applied candidates"
 ).split()
 

@@ -154,7 +154,7 @@ CREATE TABLE template_versions (
         """
 CREATE TABLE compare_runs (
     run_id TEXT PRIMARY KEY, template_id TEXT, template_version INTEGER, started_at TIMESTAMPTZ,
-    seconds DOUBLE PRECISION, split TEXT, evaluator TEXT, rows INTEGER, calls INTEGER,
+    seconds DOUBLE PRECISION, split TEXT, evaluator TEXT, rows INTEGER, planned_rows INTEGER, calls INTEGER,
     cost DOUBLE PRECISION, stopped TEXT, recommended TEXT, reason TEXT, applied TEXT, candidates TEXT
 );
 CREATE INDEX compare_runs_template ON compare_runs (template_id, started_at);
