@@ -162,7 +162,9 @@ async def test_keys_guard_every_admin_route(make_gateway):
         }
     )
     for e in ENDPOINTS:
-        path = PREFIX + e.path.format(combination_id="support-a", template_id="support", request_id="x")
+        path = PREFIX + e.path.format(
+            combination_id="support-a", template_id="support", request_id="x", run_id="r1"
+        )
         none = await gw.client.request(e.method, path)
         client = await gw.client.request(e.method, path, headers={"authorization": f"Bearer {CLIENT}"})
         wrong = await gw.client.request(e.method, path, headers={"authorization": "Bearer sk-wrong-key-123"})
@@ -452,6 +454,7 @@ async def test_every_json_answer_validates_against_the_model_its_description_nam
             {"json": {"candidates": ["support-b"], "dry_run": True}},
         ),
         "compare_runs": ("GET", "/templates/support/compare/runs", {}),
+        "apply_compare": ("POST", "/templates/support/compare/runs/nope/apply", {}),  # refused: unknown run
         "import_package": (
             "POST",
             "/packages/import",

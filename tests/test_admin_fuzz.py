@@ -32,8 +32,9 @@ json_values = st.recursive(
 )
 FIELDS = ["weight", "template_id", "template", "name", "variables", "default_model", "default_provider"]
 FIELDS += ["version", "include_analytics", "logs_limit"]
+FIELDS += ["candidates", "models", "rows", "split", "evaluator", "budget_calls", "seed", "dry_run"]
 ACTIONS = [
-    PREFIX + e.path.format(combination_id="support-a", template_id="support")
+    PREFIX + e.path.format(combination_id="support-a", template_id="support", run_id="r1")
     for e in ENDPOINTS
     if e.method == "POST" and not e.upload
 ]

@@ -395,7 +395,7 @@ async def test_applying_a_model_that_is_no_combination_changes_nothing_and_says_
         core, "ask", who, cmp.rows_for(core, "ask", "all", 10, 0), evaluator="exact_match"
     )
     assert result.recommended == "right/cheap-model"  # as right as the incumbent, for a hundredth
-    text = cmp.apply(core, result)
+    text = cmp.apply(core, result.record())
     assert text.startswith("nothing applied: right/cheap-model is not a combination of 'ask'")
     assert "provider: right, model: cheap-model" in text
     assert set(weights_of(core).values()) == {1.0}
@@ -467,3 +467,20 @@ async def test_an_earlier_version_of_the_prompt_is_a_candidate_of_its_own(make_g
             cmp.contenders(core, "ask", ["ask-up@v7"], [])
         with pytest.raises(cmp.CompareError, match="after @ comes a template version"):
             cmp.contenders(core, "ask", ["ask-up@latest"], [])
+
+
+async def test_a_finished_comparison_is_applied_afterwards_once_looked_at(gw):
+    body = {"candidates": ["ask-right"], "split": "all", "evaluator": "exact_match"}
+    run_id = (await gw.client.post(f"{PREFIX}/templates/ask/compare", json=body)).json()["run_id"]
+    run = await finished(gw, run_id)
+    assert run["recommended"] == "ask-right" and run["applied"] is None
+    assert set(weights(gw).values()) == {1.0}  # looked at, nothing changed yet
+    r = await gw.client.post(f"{PREFIX}/templates/ask/compare/runs/{run_id}/apply")
+    assert r.status_code == 200, r.text
+    assert r.json()["applied"].startswith("weights of 'ask': ask-dear 1 -> 0")
+    assert weights(gw)["ask-right"] == 1.0 and weights(gw)["ask-dear"] == 0.0
+    assert (await finished(gw, run_id))["applied"] == r.json()["applied"]  # the stored run says so
+    again = await gw.client.post(f"{PREFIX}/templates/ask/compare/runs/{run_id}/apply")
+    assert again.json()["applied"] == "nothing to change: ask-right already takes all of 'ask''s traffic"
+    missing = await gw.client.post(f"{PREFIX}/templates/ask/compare/runs/nope/apply")
+    assert missing.status_code == 404 and "no comparison 'nope'" in missing.text

@@ -90,6 +90,13 @@ class CompareRuns(Result):
     runs: list[dict[str, Any]]  # this template's finished runs, newest first
 
 
+class CompareApplied(Result):
+    run_id: str
+    template_id: str
+    recommended: str | None
+    applied: str  # what changed, or why nothing did
+
+
 class CombinationsChanged(Result):
     combinations: list[views.CombinationView]
 
@@ -171,6 +178,7 @@ class Operator(Protocol):
     async def cancel_optimize(self) -> OptimizeCancelled: ...
     async def compare(self, template_id: str, spec: CompareSpec) -> CompareStarted: ...
     async def compare_runs(self, template_id: str) -> CompareRuns: ...
+    async def apply_compare(self, template_id: str, run_id: str) -> CompareApplied: ...
     async def export_package(
         self, template_id: str, output_dir: Path, *, include_analytics: bool = True, logs_limit: int = 1000
     ) -> Path: ...
@@ -381,7 +389,10 @@ class LocalOperator:
 
     async def optimize(self, template_id: str) -> OptimizeQueued:
         optimizer = self.core.optimizer
+        refitting = self.core.learned.refit_soon(template_id)  # its learned routing steps too
         if optimizer is None:
+            if refitting:
+                return OptimizeQueued(status="queued", template_id=template_id)
             raise GatewayError(
                 409,
                 "the background optimizer is off (gateway.optimization.enabled)",
@@ -440,6 +451,23 @@ class LocalOperator:
         runs = await asyncio.to_thread(self.core.analytics.compare_runs, template_id)
         running = self.core.compares.running if self.core.compares is not None else None
         return CompareRuns(running=running, runs=runs)
+
+    async def apply_compare(self, template_id: str, run_id: str) -> CompareApplied:
+        from rswitch.optimizer.compare import apply
+
+        if self.core.registry.get(template_id) is None:
+            raise unknown_template(self.core, template_id)
+        runs = await asyncio.to_thread(self.core.analytics.compare_runs, template_id, 1000)
+        run = next((r for r in runs if r["run_id"] == run_id), None)
+        if run is None:
+            raise GatewayError(
+                404, f"no comparison '{run_id}' of '{template_id}'", code="unknown_run", param="run_id"
+            )
+        run["applied"] = apply(self.core, run)
+        await asyncio.to_thread(self.core.analytics.compare_applied, run_id, run["applied"])
+        return CompareApplied(
+            run_id=run_id, template_id=template_id, recommended=run.get("recommended"), applied=run["applied"]
+        )
 
     # -- packages (blocking: in a worker thread) ------------------------------------------------
 

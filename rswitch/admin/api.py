@@ -242,6 +242,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "POST",
+        "/templates/{template_id}/compare/runs/{run_id}/apply",
+        "apply_compare",
+        "Give a finished comparison's recommended combination the template's traffic (reset weights undoes it)",
+        actions.CompareApplied,
+        mutation=True,
+        params=(TID, Param("run_id", "path", STR)),
+    ),
+    Endpoint(
+        "POST",
         "/packages/export",
         "export_package",
         "Build a template's package on the server and download it (.tar.gz)",
@@ -551,6 +560,13 @@ class AdminAPI:
     async def compare_runs(self, request: Request) -> Response:
         try:
             return self.answer(await self.op.compare_runs(request.path_params["template_id"]))
+        except GatewayError as err:
+            return error_response(err)
+
+    async def apply_compare(self, request: Request) -> Response:
+        try:
+            p = request.path_params
+            return self.answer(await self.op.apply_compare(p["template_id"], p["run_id"]))
         except GatewayError as err:
             return error_response(err)
 

@@ -202,6 +202,13 @@ class HttpOperator:
     async def compare_runs(self, template_id: str) -> actions.CompareRuns:
         return await self._json(actions.CompareRuns, "GET", f"/templates/{_seg(template_id)}/compare/runs")
 
+    async def apply_compare(self, template_id: str, run_id: str) -> actions.CompareApplied:
+        return await self._json(
+            actions.CompareApplied,
+            "POST",
+            f"/templates/{_seg(template_id)}/compare/runs/{_seg(run_id)}/apply",
+        )
+
     # -- packages ---------------------------------------------------------------------------------
 
     async def export_package(

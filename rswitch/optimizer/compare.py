@@ -450,11 +450,12 @@ def _dominates(a: Outcome, b: Outcome) -> bool:
     return at_least and better
 
 
-def apply(core: Any, result: Comparison) -> str:
-    """Give the recommended combination its template's traffic: its weight (1 if it had none) and
-    0 for the template's other combinations; an operator change like a reweight, in the event
-    log with the weights before, undone by resetting the weights (or setting them back)."""
-    rec, tid = result.recommended, result.template_id
+def apply(core: Any, run: dict[str, Any]) -> str:
+    """Give a comparison's (its record's) recommended combination its template's traffic: its
+    weight (1 if it had none) and 0 for the template's other combinations; an operator change
+    like a reweight, in the event log with the weights before, undone by resetting the weights
+    (or setting them back)."""
+    rec, tid = run.get("recommended"), run["template_id"]
     if rec is None:
         return "nothing applied: no candidate was recommended"
     cid, at, version = rec.partition("@")
@@ -467,10 +468,10 @@ def apply(core: Any, result: Comparison) -> str:
     rec = cid
     combo = core.gateway.combinations.get(rec)
     if combo is None or combo.template_id != tid:
-        outcome = next(o for o in result.outcomes if o.id == result.recommended)
+        outcome = next(o for o in run["candidates"] if o["id"] == run["recommended"])
         return (
             f"nothing applied: {rec} is not a combination of '{tid}'; add one to gateway.combinations "
-            f"(template_id: {tid}, provider: {outcome.provider}, model: {outcome.model}) to send it traffic"
+            f"(template_id: {tid}, provider: {outcome['provider']}, model: {outcome['model']}) to send it traffic"
         )
     pool = [c for c in core.gateway.combinations.values() if c.template_id == tid and not c.implicit]
     before = {c.id: (c.weight, c.enabled) for c in pool}
@@ -488,7 +489,7 @@ def apply(core: Any, result: Comparison) -> str:
     if not changes:
         return f"nothing to change: {rec} already takes all of '{tid}''s traffic"
     text = f"weights of '{tid}': {', '.join(changes)}"
-    core.event("operator", f"compare {result.run_id}: {rec} takes the traffic ({text}); undo: reset weights")
+    core.event("operator", f"compare {run['run_id']}: {rec} takes the traffic ({text}); undo: reset weights")
     return text
 
 
@@ -565,7 +566,7 @@ class Jobs:
                     run_id=run_id,
                 )
                 if apply_result:
-                    result.applied = apply(core, result)
+                    result.applied = apply(core, result.record())
                 await asyncio.to_thread(core.analytics.record_compare, result.record())
                 core.event(
                     "compare",

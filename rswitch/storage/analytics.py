@@ -407,6 +407,9 @@ class AnalyticsStore:
             compare_values(row),
         )
 
+    def compare_applied(self, run_id: str, applied: str) -> None:
+        self._cursor().execute("UPDATE compare_runs SET applied = ? WHERE run_id = ?", [applied, run_id])
+
     def compare_runs(self, template_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         cur = self._cursor()
         where, params = ("WHERE template_id = ?", [template_id]) if template_id else ("", [])

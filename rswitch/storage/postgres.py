@@ -776,6 +776,9 @@ class PostgresAnalyticsStore:
             *values,
         )
 
+    def compare_applied(self, run_id: str, applied: str) -> None:
+        self.db.execute("UPDATE compare_runs SET applied = $1 WHERE run_id = $2", applied, run_id)
+
     def compare_runs(self, template_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         where_, args = ("WHERE template_id = $1", [template_id]) if template_id else ("", [])
         rows = self.db.query(
