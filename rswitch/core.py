@@ -297,7 +297,7 @@ class Core:
         self.template_watcher.start()
         # learned steps read this gateway's recorded rows, and refit as new labels arrive
         chains = [self.gateway.default_chain, *self.gateway.template_chains.values()]
-        self.learned = LearnedRefitter(learned_steps(chains), self.datasets)
+        self.learned = LearnedRefitter(learned_steps(chains), self.datasets, self.event)
         self.learned.start()
         self._started = True
 

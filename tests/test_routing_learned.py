@@ -237,3 +237,24 @@ def test_config_errors_name_the_key(tmp_path):
     gateway_wide["routing"] = {"default": gateway_wide["routing"]["templates"]["summarise"]}
     with pytest.raises(ConfigError, match=r"routing\.default\[0\]\.template"):
         make_config(tmp_path, gateway_wide)
+
+
+async def test_the_optimize_action_refits_the_templates_learned_steps(make_gateway):
+    """The console's optimize key and the admin API's optimize: the template's learned steps are
+    refitted too (here with the optimizer off), and the event log says how it went."""
+    from rswitch.admin.api import PREFIX
+
+    gw = await make_gateway(learned())
+    await record_with_feedback(gw, MATHS[:12] + CHAT[:12])
+    step = step_of(gw)
+    assert step.model is None
+    r = await gw.client.post(PREFIX + "/optimizer/runs", json={"template_id": "summarise"})
+    assert r.status_code == 202 and r.json() == {"status": "queued", "template_id": "summarise"}
+    async with asyncio.timeout(30):
+        while step.model is None:
+            await asyncio.sleep(0.02)
+    events = [text for _, _, kind, text in gw.core.gateway.events if kind == "routing"]
+    assert any("learned step 'quality' of 'summarise' refitted on 48 labelled rows" in t for t in events)
+    # a template without learned steps, optimizer off: still the optimizer's 409
+    r = await gw.client.post(PREFIX + "/optimizer/runs", json={"template_id": "support"})
+    assert r.status_code == 409
