@@ -348,3 +348,12 @@ def test_method_is_similarity_unless_set_and_only_similarity_or_trained():
     assert parse_config(base).routing.default[0].method == "similarity"
     with pytest.raises(ConfigError, match=r"routing.default\[0\].method"):
         parse_config(dict(CONFIG, routing={"default": [dict(TOPICS, method="knn")]}))
+
+
+def test_a_huge_prompt_is_classified_on_its_first_characters(model, encoder):
+    from rswitch.routing.trained import NGRAM_CHARS
+
+    text = "will it rain on saturday in the hills? " * 5000  # ~200 kB
+    [v] = encoder.encode([text[:1000]])
+    np.testing.assert_allclose(model.probabilities(v, text), model.probabilities(v, text[:NGRAM_CHARS]))
+    assert TARGETS[int(model.probabilities(v, text).argmax())] == "combination:weather"

@@ -105,7 +105,9 @@ class SemanticStep:
         os.replace(tmp, path)
 
     async def warm(self) -> None:
-        """Embed every utterance (those not in the cache) once."""
+        """Embed every utterance (those not in the cache) once. A trained step needs none."""
+        if self.trained is not None:
+            return
         async with self._lock:
             if self._matrix is not None:
                 return
