@@ -125,17 +125,32 @@ def test_the_knn_router_beats_random_on_mmlu():
     assert knn["cpt50"] < 0.45
 
 
+def test_the_learned_step_beats_random_on_mmlu():
+    """The gateway's learned step, fitted by its own code on recorded rows of half a sample."""
+    mmlu = rl.load_mmlu()
+    idx = np.random.default_rng(0).choice(len(mmlu), 2000, replace=False)
+    prompts = [mmlu.prompts[i] for i in idx]
+    emb = rl.embed(prompts)
+    strong, weak, groups = mmlu.strong[idx], mmlu.weak[idx], mmlu.groups[idx]
+    train, test = rl.split(groups, seed=0)
+    model = rl.fit_learned([prompts[i] for i in train], emb[train], strong[train], weak[train], seed=0)
+    scores = rl.learned_scores(model, [prompts[i] for i in test], emb[test])
+    learned = rl.route_metrics(scores, strong[test], weak[test])
+    rnd = np.mean([r["apgr"] for r in rl.random_runs(strong[test], weak[test], 50, 0)])
+    assert learned["apgr"] > rnd + 0.05 and learned["cpt50"] < 0.45
+
+
 def test_a_small_run_reports_every_router():
     mt = rl.load_mt_bench()
     result = rl.run_dataset(mt, rl.embed(mt.prompts), seeds=2, judge_n=0)
-    assert set(result["routers"]) == {"random", "strong_only", "oracle", "knn", "linucb"}
+    assert set(result["routers"]) == {"random", "strong_only", "oracle", "knn", "linucb", "learned"}
     assert result["test"]["n"] == 36
     w, l_ = result["share_strong_only_wins"], result["share_weak_only_wins"]
     assert 0 < l_ < w
     oracle = result["routers"]["oracle"]["apgr"]["values"]
-    for name in ("random", "knn", "linucb"):  # no router beats knowing the outcomes
+    for name in ("random", "knn", "linucb", "learned"):  # no router beats knowing the outcomes
         assert all(o >= r for o, r in zip(oracle, result["routers"][name]["apgr"]["values"], strict=True))
     text = rl.markdown({"config": {"seeds": 2}, "datasets": {"mt_bench": result}, "runtime_seconds": 1.0})
-    for name in ("random", "strong-only", "oracle", "kNN", "LinUCB", "RouteLLM best router"):
+    for name in ("random", "strong-only", "oracle", "kNN", "LinUCB", "learned step", "RouteLLM best router"):
         assert f"| {name}" in text
     assert len(result["routers"]["knn"]["curve"]) == len(rl.GRID)

@@ -55,6 +55,14 @@ over --seeds splits (mean +- std over seeds). Anything that learns sees only the
   `_estimate`, without the exploration bonus), and a threshold sweep over that score gives the
   curve (lambda only shifts the score, so it acts through what the replay explored). lambda in
   {0, 0.1, 0.2, 0.3} and alpha in {0.3, 1} are chosen on a 25% validation slice of the train half.
+- learned: the gateway's `type: learned` step's own fit (rswitch.routing.learned.fit_model, through
+  labelled_rows): each train prompt is two recorded rows, arm "weak" (listed first: the cheapest)
+  and arm "strong", each with its quality as a feedback score; a ridge regression per arm, features
+  (embedding / hashed char n-grams / hashed word n-grams / embedding + chars) and ridge strength
+  (1, 10, 100) chosen by the step's 4-fold cross-validated APGR inside the train half. Score = the
+  predicted gain of strong over weak, which the step compares with its strong_share threshold.
+  Cross-benchmark rows: fitted on the train halves of the two other benchmarks (pooled), tested
+  on this one's test half (--no-cross skips them).
 - judge: the gateway's JudgeStep (rswitch/routing/judge.py) with the embedded SmolLM2-135M
   (LocalProvider, logits_all) and the default rubric; score = its expected difficulty score
   (probability mass over "1".."5"), higher -> strong. A prompt without score tokens in the
@@ -405,6 +413,48 @@ def fit_knn(
     return best[0], best[1], {f"k={k},{kind}": v for (k, kind), v in means.items()}
 
 
+# -- the learned step ---------------------------------------------------------------------------
+
+LEARNED_ARMS = ["weak", "strong"]  # cheapest first, as a `type: learned` step lists them
+
+
+def learned_rows(prompts: list[str], strong: np.ndarray, weak: np.ndarray) -> list[dict[str, Any]]:
+    """The rows a gateway would have recorded had every prompt been answered by both models and
+    each answer scored by feedback (label_score = its quality)."""
+    rows = []
+    for i, p in enumerate(prompts):
+        for arm, q in (("weak", weak[i]), ("strong", strong[i])):
+            rows.append(
+                {
+                    "id": len(rows) + 1,
+                    "combination_id": arm,
+                    "messages": [{"role": "user", "content": p}],
+                    "label_score": float(q),
+                    "label_expected": None,
+                    "output": "",
+                }
+            )
+    return rows
+
+
+def fit_learned(prompts: list[str], emb: np.ndarray, strong: np.ndarray, weak: np.ndarray, seed: int) -> Any:
+    """rswitch.routing.learned's own fit (features and ridge strength by 4-fold CV on these rows)."""
+    from rswitch.routing.learned import fit_model, labelled_rows
+
+    data = labelled_rows(learned_rows(prompts, strong, weak), LEARNED_ARMS)
+    first = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    vectors = emb[[first[t] for t in data.texts]]
+    return fit_model(data, vectors, LEARNED_ARMS, "encoder:static", seed=seed)
+
+
+def learned_scores(model: Any, prompts: list[str], emb: np.ndarray) -> np.ndarray:
+    """Each prompt's predicted gain of the strong arm over the weak one (the step's routing score)."""
+    pred = model.predict(emb, prompts)
+    return pred[:, 1] - pred[:, 0]
+
+
 # -- LinUCB -------------------------------------------------------------------------------------
 
 
@@ -613,11 +663,17 @@ def run_dataset(
     judge_threads: int | None = None,
 ) -> dict[str, Any]:
     say = log or (lambda msg: None)
-    per: dict[str, list[dict[str, Any]]] = {"random": [], "oracle": [], "knn": [], "linucb": []}
-    chosen: dict[str, list[Any]] = {"knn": [], "linucb": []}
+    per: dict[str, list[dict[str, Any]]] = {
+        "random": [],
+        "oracle": [],
+        "knn": [],
+        "linucb": [],
+        "learned": [],
+    }
+    chosen: dict[str, list[Any]] = {"knn": [], "linucb": [], "learned": []}
     tests: list[dict[str, float]] = []
     seed0: dict[str, Any] = {}
-    timings: dict[str, float] = {"knn": 0.0, "linucb": 0.0}
+    timings: dict[str, float] = {"knn": 0.0, "linucb": 0.0, "learned": 0.0}
     for seed in range(seeds):
         tr, te = split(data.groups, seed)
         s_tr, w_tr, s_te, w_te = data.strong[tr], data.weak[tr], data.strong[te], data.weak[te]
@@ -643,12 +699,19 @@ def run_dataset(
             {"lambda": lam, "alpha": alpha, "train_strong_share": strong_share, "val_apgr": val}
         )
         timings["linucb"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = fit_learned([data.prompts[i] for i in tr], emb[tr], s_tr, w_tr, seed)
+        lrn = learned_scores(model, [data.prompts[i] for i in te], emb[te])
+        per["learned"].append(_scored(lrn, s_te, w_te))
+        chosen["learned"].append({"features": model.features, "alpha": model.alpha, "cv": model.cv})
+        timings["learned"] += time.perf_counter() - t0
         say(
             f"  seed {seed}: kNN k={k} {kind} APGR {per['knn'][-1]['apgr']:.3f}; "
-            f"LinUCB lambda={lam} alpha={alpha} APGR {per['linucb'][-1]['apgr']:.3f}"
+            f"LinUCB lambda={lam} alpha={alpha} APGR {per['linucb'][-1]['apgr']:.3f}; "
+            f"learned {model.features} alpha={model.alpha:g} APGR {per['learned'][-1]['apgr']:.3f}"
         )
         if seed == 0:
-            seed0 = {"test": te, "knn": knn, "linucb": lin}
+            seed0 = {"test": te, "knn": knn, "linucb": lin, "learned": lrn}
 
     result: dict[str, Any] = {
         "n_prompts": len(data),
@@ -699,6 +762,7 @@ def run_dataset(
             ("oracle", oracle_scores(s_sub, w_sub)),
             ("knn", seed0["knn"][pos]),
             ("linucb", seed0["linucb"][pos]),
+            ("learned", seed0["learned"][pos]),
             ("judge", jscore),
         ):
             sub_rows[name] = {**_scored(sc, s_sub, w_sub), "std": _bootstrap(sc, s_sub, w_sub, bootstrap, 1)}
@@ -759,6 +823,7 @@ NAMES = {
     "knn": "kNN (static encoder)",
     "judge": "judge (SmolLM2-135M)",
     "linucb": "LinUCB (PCA-32)",
+    "learned": "learned step (ridge, CV)",
 }
 
 
@@ -801,6 +866,9 @@ def markdown(results: dict[str, Any]) -> str:
             + ", ".join(f"{c['lambda']}/{c['alpha']}" for c in lins)
             + f"; replay strong share {np.mean([c['train_strong_share'] for c in lins]):.0%}"
             + f"; win-AUC {_pm(rows['linucb']['win_auc'])}",
+            "learned": "rswitch.routing.learned's fit; features/α by 4-fold CV on train: "
+            + ", ".join(f"{c['features']}/{c['alpha']:g}" for c in r["chosen"]["learned"])
+            + f"; win-AUC {_pm(rows['learned']['win_auc'])}",
         }
         order = ["random", "strong_only", "oracle", "knn"]
         for key in order:
@@ -823,6 +891,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {NAMES['linucb']} | {_pm(row['apgr'])} | {_pm(row['cpt50'], True)} | "
             f"{_pm(row['cpt80'], True)} | {notes['linucb']} |"
         )
+        row = rows["learned"]
+        lines.append(
+            f"| {NAMES['learned']} | {_pm(row['apgr'])} | {_pm(row['cpt50'], True)} | "
+            f"{_pm(row['cpt80'], True)} | {notes['learned']} |"
+        )
         anchor = ANCHORS.get(name, {})
         lines.append(
             "| RouteLLM best router (paper) | "
@@ -841,7 +914,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "| router | APGR | CPT(50%) | CPT(80%) | win-AUC |",
                 "|---|---|---|---|---|",
             ]
-            for key in ("random", "oracle", "knn", "linucb", "judge"):
+            for key in ("random", "oracle", "knn", "linucb", "learned", "judge"):
                 x = sub["routers"][key]
                 lines.append(
                     f"| {NAMES[key]} | {_one(x['apgr'], x['std']['apgr'])} | "
@@ -860,6 +933,27 @@ def markdown(results: dict[str, Any]) -> str:
                 f" ({jj['n_failures']} call failures).",
                 "",
             ]
+    if results.get("cross"):
+        lines += [
+            "## Cross-benchmark: the learned step fitted on two benchmarks, tested on the third",
+            "",
+            "Per seed: fitted on the train halves of the other two benchmarks (their prompts pooled), "
+            "tested on this benchmark's test half — the halves of the rows above, so the last column "
+            "is the same router fitted on this benchmark's own train half.",
+            "",
+            "| tested on | fitted on | APGR | CPT(50%) | CPT(80%) | features/α chosen | APGR fitted in-benchmark |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for target, c in results["cross"].items():
+            row = c["learned"]
+            own = results["datasets"][target]["routers"]["learned"]["apgr"]
+            lines.append(
+                f"| {target} | {' + '.join(c['fit_on'])} | {_pm(row['apgr'])} | {_pm(row['cpt50'], True)} | "
+                f"{_pm(row['cpt80'], True)} | "
+                + ", ".join(f"{x['features']}/{x['alpha']:g}" for x in c["chosen"])
+                + f" | {_pm(own)} |"
+            )
+        lines.append("")
     lines += [
         f"Anchors (RouteLLM, Ong et al. 2024, as quoted in ATTRIBUTION.md): best router CPT(50%) "
         f"{ANCHORS['mt_bench']['cpt50']:.1%} on MT Bench (APGR {ANCHORS['mt_bench']['apgr']}), "
@@ -884,7 +978,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         r = results["datasets"][name]
-        for key in ("random", "oracle", "knn", "linucb"):
+        for key in ("random", "oracle", "knn", "linucb", "learned"):
             ax.plot(GRID, r["routers"][key]["curve"], label=NAMES[key])
         if "subsample" in r:
             ax.plot(GRID, r["subsample"]["routers"]["judge"]["curve"], label=NAMES["judge"] + " (subsample)")
@@ -904,6 +998,37 @@ def embed(prompts: list[str]) -> np.ndarray:
     return StaticEncoder().encode(prompts)
 
 
+def run_cross(
+    loaded: dict[str, tuple[RoutingData, np.ndarray]], seeds: int, log: Any = None
+) -> dict[str, Any]:
+    """The learned step fitted on two benchmarks' traffic and tested on the third: for each seed,
+    fit on the train halves of the other two, test on this one's test half (the same halves as
+    the in-benchmark rows, so the two are side by side)."""
+    say = log or (lambda msg: None)
+    out: dict[str, Any] = {}
+    for target, (data, emb) in loaded.items():
+        others = [n for n in loaded if n != target]
+        runs, chosen = [], []
+        for seed in range(seeds):
+            prompts: list[str] = []
+            embs, strong, weak = [], [], []
+            for n in others:
+                d, e = loaded[n]
+                tr, _ = split(d.groups, seed)
+                prompts += [d.prompts[i] for i in tr]
+                embs.append(e[tr])
+                strong.append(d.strong[tr])
+                weak.append(d.weak[tr])
+            model = fit_learned(prompts, np.vstack(embs), np.concatenate(strong), np.concatenate(weak), seed)
+            _, te = split(data.groups, seed)
+            sc = learned_scores(model, [data.prompts[i] for i in te], emb[te])
+            runs.append(_scored(sc, data.strong[te], data.weak[te]))
+            chosen.append({"features": model.features, "alpha": model.alpha})
+            say(f"  cross {'+'.join(others)} -> {target} seed {seed}: APGR {runs[-1]['apgr']:.3f}")
+        out[target] = {"fit_on": others, "learned": _aggregate(runs), "chosen": chosen}
+    return out
+
+
 def run_benchmark(
     datasets: list[str],
     seeds: int,
@@ -912,9 +1037,11 @@ def run_benchmark(
     data_dir: Path = DATA_DIR,
     log: Any = None,
     judge_threads: int | None = None,
+    cross: bool = True,
 ) -> dict[str, Any]:
     say = log or (lambda msg: None)
     started = time.perf_counter()
+    loaded: dict[str, tuple[RoutingData, np.ndarray]] = {}
     out: dict[str, Any] = {
         "config": {
             "datasets": datasets,
@@ -944,6 +1071,9 @@ def run_benchmark(
             data, emb, seeds, judge_n, judge_chars, log=say, judge_threads=judge_threads
         )
         out["datasets"][name]["seconds"]["embed"] = embed_s
+        loaded[name] = (data, emb)
+    if cross and len(loaded) >= 3:
+        out["cross"] = run_cross(loaded, seeds, log=say)
     out["runtime_seconds"] = time.perf_counter() - started
     return out
 
@@ -959,6 +1089,11 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="llama.cpp threads for the judge, prompt evaluation included (default: the provider's own)",
+    )
+    ap.add_argument(
+        "--no-cross",
+        action="store_true",
+        help="skip the learned step's cross-benchmark rows (needs all three)",
     )
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     ap.add_argument("--json", type=Path, default=None)
@@ -983,6 +1118,7 @@ def main(argv: list[str] | None = None) -> None:
         args.data_dir,
         log=say,
         judge_threads=args.judge_threads,
+        cross=not args.no_cross,
     )
     table = markdown(results)
     print(table)
