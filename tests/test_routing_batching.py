@@ -107,6 +107,16 @@ async def test_a_caller_that_times_out_does_not_strand_the_others():
     assert run.batches == [[1, 2, 3, 4, 5], [2, 3, 5]]
 
 
+async def test_a_batch_over_its_timeout_fails_its_callers_and_the_next_batch_is_served():
+    gate = asyncio.Event()
+    run = Recorder(gate=gate)
+    batcher = MicroBatcher(run, timeout=0.01)
+    results = await asyncio.gather(*(batcher.submit([i]) for i in (1, 2, 3)), return_exceptions=True)
+    assert all(isinstance(r, TimeoutError) for r in results)
+    gate.set()
+    assert list(await batcher.submit([4])) == [8] and run.batches == [[1, 2, 3], [4]]
+
+
 async def test_a_first_caller_cancelled_before_sending_hands_the_batch_on():
     run = Recorder()
     batcher = MicroBatcher(run)

@@ -35,11 +35,12 @@ class MicroBatcher(Generic[T, R]):
     async one.
     """
 
-    def __init__(self, run: BatchFunction[T, R], max_items: int = 64) -> None:
+    def __init__(self, run: BatchFunction[T, R], max_items: int = 64, timeout: float | None = None) -> None:
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
         self.run = run
         self.max_items = max_items
+        self.timeout = timeout  # seconds a batch may take; its callers get TimeoutError after that
         self._open: list[Waiter] | None = None  # the batch callers may still join
         self._open_items = 0
         self._tasks: set[asyncio.Task[None]] = set()  # batches taken over from a gone first caller
@@ -68,9 +69,7 @@ class MicroBatcher(Generic[T, R]):
         waiting = [w for w in batch[1:] if w[1] is not None and not w[1].done()]
         flat = list(items) + [x for its, _ in waiting for x in its]
         try:
-            out = self.run(flat)
-            result = await out if inspect.isawaitable(out) else out
-            _check(result, len(flat))
+            result = await self._call(flat)
         except asyncio.CancelledError:
             self._hand_over(waiting)  # the first caller gave up mid-batch: the rest get it run again
             raise
@@ -79,6 +78,14 @@ class MicroBatcher(Generic[T, R]):
             raise
         _deliver(waiting, result, len(items))
         return result[: len(items)]
+
+    async def _call(self, flat: list[T]) -> Any:
+        out = self.run(flat)
+        if inspect.isawaitable(out):
+            async with asyncio.timeout(self.timeout):  # one timer a batch, not one a caller
+                out = await out
+        _check(out, len(flat))
+        return out
 
     def _hand_over(self, batch: list[Waiter]) -> None:
         if self._open is batch:
@@ -92,9 +99,7 @@ class MicroBatcher(Generic[T, R]):
     async def _run_for(self, waiting: list[Waiter]) -> None:
         flat = [x for its, _ in waiting for x in its]
         try:
-            out = self.run(flat)
-            result = await out if inspect.isawaitable(out) else out
-            _check(result, len(flat))
+            result = await self._call(flat)
         except asyncio.CancelledError:
             for _, fut in waiting:
                 if fut is not None:

@@ -73,8 +73,9 @@ class SemanticStep:
         self._table = np.zeros((0, 0), dtype=np.int64)  # route -> its rows (padded)
         self._k = np.zeros(0, dtype=np.int64)  # rows aggregated per route: min(top_k, utterances)
         self._lock = asyncio.Lock()
-        # concurrent decisions share one encoder call and one score matmul (batching.py)
-        self._batch: MicroBatcher[str, np.ndarray] = MicroBatcher(self._embed_and_score)
+        # concurrent decisions share one encoder call and one score matmul, bounded by one timer
+        # (rswitch/providers/batching.py)
+        self._batch: MicroBatcher[str, np.ndarray] = MicroBatcher(self._embed_and_score, timeout=timeout)
 
     # -- utterance vectors, cached per encoder ------------------------------------------------
 
@@ -170,10 +171,10 @@ class SemanticStep:
         if not query.text.strip():
             return None
         try:
-            async with asyncio.timeout(self.timeout):
-                if self._matrix is None and self.trained is None:
+            if self._matrix is None and self.trained is None:
+                async with asyncio.timeout(self.timeout):
                     await self.warm()
-                [row] = await self._batch.submit([query.text])
+            [row] = await self._batch.submit([query.text])  # within self.timeout too
         except Exception as exc:  # the encoder is down or slow: pass, don't fail the request
             log.warning("semantic step %s passes: %s: %s", self.name, type(exc).__name__, exc)
             return None
