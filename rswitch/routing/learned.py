@@ -237,9 +237,28 @@ class LearnedModel:
     cv: dict[str, float] = field(default_factory=dict)
     objective: str = ""
 
+    def __post_init__(self) -> None:
+        # (dim, arms), contiguous: a product with coef.T would copy the whole matrix every call
+        self._coef_t = np.ascontiguousarray(self.coef.T)
+
     def predict(self, vectors: np.ndarray, texts: list[str]) -> np.ndarray:
-        x = features(vectors, texts, self.features, self.idf)
-        return np.asarray(x @ self.coef.T) + self.intercept[None, :]
+        """Each arm's predicted quality for each prompt: `features(...) @ coef.T + intercept`,
+        computed from the hashed n-grams' own columns (no sparse-matrix building per request)."""
+        family = _hashed_family(self.features)
+        out = np.tile(self.intercept, (len(texts), 1))
+        dense_at = 0
+        if family is not None:
+            assert self.idf is not None
+            counts = _hashed_counts(texts, family)
+            for i in range(len(texts)):
+                cols = counts.indices[counts.indptr[i] : counts.indptr[i + 1]]
+                vals = counts.data[counts.indptr[i] : counts.indptr[i + 1]] * self.idf[cols]
+                norm = float(np.sqrt(vals @ vals)) or 1.0
+                out[i] += (vals / norm) @ self._coef_t[cols]
+            dense_at = HASH_FEATURES
+        if "embedding" in self.features.split("+"):
+            out += _normalise(np.asarray(vectors, dtype=np.float64)) @ self._coef_t[dense_at:]
+        return out
 
     def threshold(self, strong_share: float) -> float:
         """The gain a prompt needs to leave the cheapest arm: the (1 - share) quantile of the gains."""
