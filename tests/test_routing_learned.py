@@ -210,6 +210,14 @@ async def test_route_fit_step_fits_a_learned_step_from_the_recorded_rows(make_ga
     assert res.exit_code == 0, res.output
     assert "labelled  48 rows over 24 prompts: cheap 24, strong 24" in res.output
     assert learned_path(tmp_path / "routing", "summarise", "quality").is_file()
+    # route explain decides with it, and says why
+    res = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        ["route", "explain", MATHS[-1], "--config", str(cfg_file), "--template", "summarise"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "quality: predicted cheap=" in res.output and "decision    combination:strong" in res.output
     # the running gateway loads the file the command wrote
     assert step_of(gw).reload_if_changed() and step_of(gw).model is not None
     # too few labels: a one-line error, nothing written

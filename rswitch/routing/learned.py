@@ -664,6 +664,8 @@ class LearnedStep:
         return f"predicted {scores}; nearest " + " ".join(shown)
 
     async def decide(self, query: Query) -> Decision | str | None:
+        if not self.loaded:  # `rswitch route explain` does not warm the steps up
+            await self.warm()
         model = self.model
         if model is None:
             return self.why_not
