@@ -266,3 +266,22 @@ async def test_the_optimize_action_refits_the_templates_learned_steps(make_gatew
     # a template without learned steps, optimizer off: still the optimizer's 409
     r = await gw.client.post(PREFIX + "/optimizer/runs", json={"template_id": "support"})
     assert r.status_code == 409
+
+
+async def test_when_the_cheap_arm_answers_as_well_nothing_is_sent_past_it(make_gateway):
+    """Every answer scored 1: every prompt's predicted gain is the same, and that tie keeps
+    traffic on the cheapest arm rather than sending all of it past (strong_share is a cap)."""
+    gw = await make_gateway(learned(strong_share=0.3))
+    for prompt in MATHS[:12] + CHAT[:12]:
+        for cid in ("cheap", "strong"):
+            r = await gw.post(
+                chat(prompt, model="summarise", variables=VARS, metadata={"combination_id": cid})
+            )
+            gw.flush()
+            await gw.client.post(
+                "/v1/feedback", json={"request_id": r.headers["x-rswitch-request-id"], "score": 1}
+            )
+    gw.flush()
+    report = await step_of(gw).fit()
+    assert report.share_past_cheapest == 0.0
+    assert {(await routed(gw, p))[0] for p in MATHS[12:] + CHAT[12:]} == {"cheap"}

@@ -261,7 +261,7 @@ class LearnedModel:
         return out
 
     def threshold(self, strong_share: float) -> float:
-        """The gain a prompt needs to leave the cheapest arm: the (1 - share) quantile of the gains."""
+        """The gain a prompt must exceed to leave the cheapest arm: the (1 - share) quantile of the gains."""
         if strong_share <= 0:
             return float("inf")
         if strong_share >= 1:
@@ -625,7 +625,7 @@ class LearnedStep:
                 objective=model.objective,
                 cv=model.cv,
                 threshold=self.threshold,
-                share_past_cheapest=float(np.mean(gains >= self.threshold)) if len(gains) else 0.0,
+                share_past_cheapest=float(np.mean(gains > self.threshold)) if len(gains) else 0.0,
                 path=str(self.path),
             )
 
@@ -681,9 +681,9 @@ class LearnedStep:
         pred = model.predict(vec, [query.text])[0]
         gains = pred[1:] - pred[0]
         best_gain = float(gains.max())
-        if best_gain >= self.threshold:
+        if best_gain > self.threshold:
             # the cheapest dearer arm that clears the threshold
-            chosen = 1 + int(np.flatnonzero(gains >= self.threshold)[0])
+            chosen = 1 + int(np.flatnonzero(gains > self.threshold)[0])
         else:
             chosen = 0
         rest = sorted((i for i in range(len(self.arms)) if i != chosen), key=lambda i: -pred[i])
