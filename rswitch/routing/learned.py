@@ -576,7 +576,11 @@ class LearnedStep:
                 self.why_not = f"not fitted yet (rswitch route fit --step {self.name})"
             return
         try:
-            self.use(LearnedModel.load(self.path, self.arms, self.encoder_id))
+            model = LearnedModel.load(self.path, self.arms, self.encoder_id)
+            family = _hashed_family(model.features)
+            if family is not None:  # import scikit-learn's vectorizer now, not on a request
+                _hashed_counts(["warm up"], family)
+            self.use(model)
         except ArtifactError as exc:
             log.warning("learned step %s: %s", self.name, exc)
             if self.model is None:
