@@ -357,3 +357,27 @@ def test_a_huge_prompt_is_classified_on_its_first_characters(model, encoder):
     [v] = encoder.encode([text[:1000]])
     np.testing.assert_allclose(model.probabilities(v, text), model.probabilities(v, text[:NGRAM_CHARS]))
     assert TARGETS[int(model.probabilities(v, text).argmax())] == "combination:weather"
+
+
+def test_config_check_names_a_missing_or_mismatched_trained_file(model, tmp_path):
+    cfg_path = _trained_config(tmp_path)
+    where = tmp_path / "topics.routes.npz"
+    r = runner.invoke(app, ["config", "check", str(cfg_path)])
+    assert r.exit_code == 1, r.output
+    assert f"routing.default[0].artifact: {where}: no trained routes file" in r.output
+    two = TrainedRoutes(
+        TARGETS[:2],
+        model.encoder_id,
+        model.threshold,
+        True,
+        model.coef[:3],
+        model.intercept[:3],
+        model.vocab,
+        model.idf,
+    )
+    two.save(where)
+    r = runner.invoke(app, ["config", "check", str(cfg_path)])
+    assert r.exit_code == 1 and "trained for routes combination:legal, combination:weather, but" in r.output
+    model.save(where)
+    r = runner.invoke(app, ["config", "check", str(cfg_path)])
+    assert r.exit_code == 0, r.output

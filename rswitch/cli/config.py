@@ -17,11 +17,14 @@ def config_check(path: Path) -> None:
     """Validate a config file and print every problem with its key path."""
     from rswitch.config import config_warnings
     from rswitch.core import build_combinations, open_registry
+    from rswitch.routing.trained import artifact_problems
     from rswitch.storage.postgres import StorageUnavailable
 
     try:
         cfg = load_config(path)
         build_combinations(cfg, open_registry(cfg))
+        if problems := artifact_problems(cfg):  # trained semantic routes' files
+            raise ConfigError(problems, str(path))
     except ConfigError as exc:
         raise fail_with(f"{path}: {len(exc.problems)} problem(s)", exc.problems, 1) from None
     except StorageUnavailable as exc:  # the templates it registered are in Postgres

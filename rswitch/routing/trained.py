@@ -235,6 +235,26 @@ def load_for_step(step: Any, encoder_id: str, routes: list[str]) -> TrainedRoute
         raise ConfigError([ConfigProblem(f"routing step '{step.name}' artifact", str(exc))]) from None
 
 
+def artifact_problems(cfg: Any) -> list[ConfigProblem]:
+    """`rswitch config check`: each `method: trained` step whose file is missing, corrupt or made
+    for other routes (config.Config). Its encoder is checked when the gateway builds the step."""
+    from rswitch.routing.chains import target_resolver
+
+    resolve = target_resolver(cfg.routing.tiers)
+    chains = {"routing.default": cfg.routing.default}
+    chains.update({f"routing.templates.{t}": steps for t, steps in cfg.routing.templates.items()})
+    problems = []
+    for where, steps in chains.items():
+        for i, s in enumerate(steps):
+            if s.type != "semantic" or s.method != "trained":
+                continue
+            try:
+                TrainedRoutes.load(s.artifact_path(None), routes=[resolve(r.route)[0] for r in s.routes])
+            except TrainedArtifactError as exc:
+                problems.append(ConfigProblem(f"{where}[{i}].artifact", str(exc)))
+    return problems
+
+
 # -- training ---------------------------------------------------------------------------------
 
 
