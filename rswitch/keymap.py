@@ -30,6 +30,10 @@ KEYS = (
         "optimize the selected combination's template (progress in the Optimizer tab)"),
     Key("cancel_optimize", "c", "cancel_optimize", "Cancel optimize", "cancel the running optimization"),
     Key("export", "x", "export", "Export", "export the selected template as a package"),
+    Key("compare", "m", "compare", "Compare",
+        "compare candidate models on the selected template's labelled rows (results in the Compare tab)"),
+    Key("apply_compare", "a", "apply_compare", "Apply compare",
+        "the last comparison's recommended combination takes its template's traffic (reset weights undoes it)"),
     Key("inspect", "i", "inspect", "Inspect", "open the selected recent request attempt (or the newest)"),
     Key("filter", "slash", "filter", "Filter", "filter the combinations table (escape clears)"),
     Key("theme", "t", "next_theme", "Theme", "switch to the next theme"),
@@ -41,6 +45,7 @@ KEYS = (
     Key("tab_cost", "3", "tab('cost')", "Cost", "show the Cost pane", footer=False, palette=False),
     Key("tab_optimizer", "4", "tab('optimizer')", "Optimizer", "show the Optimizer pane",
         footer=False, palette=False),
+    Key("tab_compare", "5", "tab('compare')", "Compare", "show the Compare pane", footer=False, palette=False),
 )  # fmt: skip
 KEY_IDS = tuple(k.id for k in KEYS)
 

@@ -243,6 +243,43 @@ CALL = {
 }
 
 
+def _candidate(cid: str, mean: float, ci: tuple[float, float], cost: float, p50: float, **kw: Any) -> dict:
+    return {
+        "id": cid, "provider": cid.split("-")[-1], "model": "m", "incumbent": kw.get("incumbent", False),
+        "mean": mean, "ci": list(ci), "delta": kw.get("delta"), "delta_ci": kw.get("delta_ci"),
+        "verdict": kw.get("verdict", "incumbent"), "cost_per_1k": cost, "priced": True, "p50_ms": p50,
+        "p95_ms": p50 * 2, "failures": kw.get("failures", 0), "calls": 120, "cost": cost * 0.12,
+        "tokens": 12_000, "on_front": kw.get("front", False),
+    }  # fmt: skip
+
+
+COMPARE_RUN = {
+    "run_id": "c0ffee123456",
+    "template_id": "support",
+    "template_version": 3,
+    "started_at": "2026-09-21T12:00:00",
+    "seconds": 95.2,
+    "split": "test",
+    "evaluator": "similarity",
+    "rows": 120,
+    "planned_rows": 120,
+    "calls": 360,
+    "cost": 0.5,
+    "stopped": None,
+    "recommended": "support-local",
+    "reason": "quality 0.812 is not significantly below the best (support-openai, 0.846; 95% paired "
+    "bootstrap), at $0.0000 per 1,000 calls against $4.1200",
+    "applied": None,
+    "candidates": [
+        _candidate("support-openai", 0.846, (0.80, 0.89), 4.12, 820.0, incumbent=True, front=True),
+        _candidate("support-local", 0.812, (0.76, 0.86), 0.0, 640.0, delta=-0.034, delta_ci=[-0.08, 0.01],
+                   verdict="no significant difference", front=True),
+        _candidate("support-mini", 0.701, (0.64, 0.76), 0.61, 910.0, delta=-0.145, delta_ci=[-0.2, -0.09],
+                   verdict="worse than the incumbent", failures=3),
+    ],
+}  # fmt: skip
+
+
 class FakeGateway:
     """An operator (`rswitch.admin.actions.Operator`) answering with the fixed data above (or
     `data`). Its views are built without validation: the data is the console's, not a whole view."""
@@ -264,6 +301,12 @@ class FakeGateway:
         if request_id == INFLIGHT_CALL["request_id"]:
             return views.InFlightDetail.model_construct(**copy.deepcopy(INFLIGHT_CALL))
         raise GatewayError(404, f"request '{request_id}' is not in flight")
+
+    async def compare_runs(self, template_id: str) -> Any:
+        from rswitch.admin.actions import CompareRuns
+
+        runs = [copy.deepcopy(COMPARE_RUN)] if template_id == COMPARE_RUN["template_id"] else []
+        return CompareRuns.model_construct(running=None, runs=runs)
 
 
 @pytest.fixture(autouse=True)
@@ -363,6 +406,31 @@ def test_modals(snap_compare, keys):
         if keys == ["i"]:  # the call is fetched in a worker, then the inspector opens
             await until(pilot, lambda: isinstance(pilot.app.screen, InspectorScreen))
         await pilot.pause()
+        for widget in pilot.app.screen.query("Input"):
+            widget.cursor_blink = False
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
+
+
+def test_compare_pane(snap_compare):
+    """The Compare tab on the last comparison of 'support': the table, the front marked, the scatter."""
+
+    async def before(pilot):
+        await ready(pilot)
+        pilot.app.query_one("ComparePane").follow("support")
+        await pilot.press("5")
+        await until(pilot, lambda: pilot.app.query_one("#compare-table").row_count == 3)
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
+
+
+def test_compare_dialog(snap_compare):
+    async def before(pilot):
+        await ready(pilot)
+        await pilot.press("m")  # on the first row: support-openai
+        await until(pilot, lambda: pilot.app.screen.id == "compare-dialog")
         for widget in pilot.app.screen.query("Input"):
             widget.cursor_blink = False
         await pilot.pause()

@@ -36,6 +36,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedCont
 from rswitch.admin.actions import Operator
 from rswitch.gateway.errors import GatewayError
 from rswitch.tui import model
+from rswitch.tui.compare import CompareKeys, ComparePane
 from rswitch.tui.keys import KEYS, key_rows
 from rswitch.tui.operator import frame, plain, unreachable
 from rswitch.tui.panes import (
@@ -62,37 +63,9 @@ class Snapshot(Message):
         self.taken = taken
 
 
-class RSwitchApp(App[None]):
+class RSwitchApp(CompareKeys, App[None]):
     TITLE = "rswitch"
-    CSS = """
-    #summary { height: auto; padding: 0 1; }
-    #connection { display: none; height: auto; padding: 0 1; background: $error; color: $text; }
-    #connection.shown { display: block; }
-    #main { height: 1fr; }
-    #left { width: 2fr; }
-    #filter { display: none; height: 3; }
-    #filter.shown { display: block; }
-    #combinations { height: 1fr; min-height: 5; }
-    #panes { height: 1fr; min-height: 14; }
-    #side { width: 1fr; min-width: 30; max-width: 64; }
-    #events, #recent { height: 1fr; border: round $primary; }
-    PlotextPlot { height: 1fr; }
-    #cost-plot { width: 1fr; min-width: 24; }
-    #cost-table { width: auto; max-width: 75%; }
-    #optimizer-status { height: auto; max-height: 5; }
-    #trials { height: 1fr; }
-    #best-curve { width: 30; }
-    .dialog { width: 80; height: auto; max-height: 90%; padding: 1 2; border: thick $primary;
-              background: $surface; }
-    .dialog.wide { width: 90%; height: 90%; }
-    .dialog.keys { width: 120; max-width: 95%; }
-    .title { text-style: bold; margin-bottom: 1; }
-    .section { text-style: bold; margin-top: 1; }
-    .hint { color: $text-muted; margin-top: 1; }
-    .buttons { height: 3; margin-top: 1; }
-    HelpScreen, InspectorScreen, ExportScreen { align: center middle; }
-    #help-keys { height: auto; max-height: 30; }
-    """
+    CSS_PATH = "app.tcss"  # the layout, beside this file
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding(k.keys, k.action, k.title, id=k.id, show=k.footer, tooltip=k.description) for k in KEYS
     ]
@@ -164,6 +137,8 @@ class RSwitchApp(App[None]):
                         yield CostPane()
                     with TabPane("Optimizer", id="optimizer"):
                         yield OptimizerPane()
+                    with TabPane("Compare", id="compare"):
+                        yield ComparePane()
             with Vertical(id="side"):
                 yield EventsPane(id="events")
                 yield RecentTable(id="recent")
@@ -340,6 +315,8 @@ class RSwitchApp(App[None]):
             self.guarded(
                 "the optimizer pane", self.query_one(OptimizerPane).show, self.status.get("optimizer") or {}
             )
+        elif active == "compare":
+            self.guarded("the compare pane", self.query_one(ComparePane).poll)
 
     def latency_of(self) -> str | None:
         """The combination the latency pane follows: the selected one, else the busiest."""

@@ -148,6 +148,7 @@ def not_for(c: dict[str, Any], action: str) -> str | None:
             f"{c['provider']}'s models in the config",
             "optimize": "it has no template to optimize",
             "export": "it has no template to export",
+            "compare": "it has no template whose rows could be compared",
         }
     else:
         what = f"{c['id']} is template '{c['template_id']}' served by its default model, not a combination"

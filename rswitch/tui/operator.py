@@ -91,6 +91,15 @@ class InProcessOperator:
     async def cancel_optimize(self) -> actions.OptimizeCancelled:
         return await self._on_gateway(self.local.cancel_optimize())
 
+    async def compare(self, template_id: str, spec: actions.CompareSpec) -> actions.CompareStarted:
+        return await self._on_gateway(self.local.compare(template_id, spec))
+
+    async def compare_runs(self, template_id: str) -> actions.CompareRuns:
+        return await self._on_gateway(self.local.compare_runs(template_id))
+
+    async def apply_compare(self, template_id: str, run_id: str) -> actions.CompareApplied:
+        return await self._on_gateway(self.local.apply_compare(template_id, run_id))
+
     async def export_package(
         self, template_id: str, output_dir: Path, *, include_analytics: bool = True, logs_limit: int = 1000
     ) -> Path:
