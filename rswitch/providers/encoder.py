@@ -60,7 +60,7 @@ class StaticEncoder:
         # package folder has exactly that layout, so point it there and never download.
         pkg = Path(wordllama.__file__).parent
         try:
-            self._model = WordLlama.load(dim=dim, cache_dir=pkg, disable_download=True)
+            model = WordLlama.load(dim=dim, cache_dir=pkg, disable_download=True)
         except FileNotFoundError as exc:
             raise EncoderError(f"WordLlama files missing from {pkg}: {exc}") from exc
         self.dim = dim
@@ -68,7 +68,8 @@ class StaticEncoder:
         # the tokenizers thread pool and releases the GIL: on a busy event loop that costs more
         # than the work. Each text is tokenized on its own here (microseconds, the GIL held), and
         # the token vectors of the whole batch pooled in one gather: the same vectors, cheaper.
-        self._tokenizer = Tokenizer.from_str(self._model.tokenizer.to_str())
+        # Only its tokenizer and token vectors are kept, not the WordLlama object.
+        self._tokenizer: Tokenizer = model.tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         # Llama's tokenizer normalises a text by prepending "▁" and replacing spaces with "▁", then
@@ -79,9 +80,10 @@ class StaticEncoder:
         llama = spec.get("normalizer") == _LLAMA_NORMALIZER and spec.get("pre_tokenizer") is None
         self._bpe = self._tokenizer.model.tokenize if llama else None
         self._special = tuple(a["content"] for a in spec.get("added_tokens", []))
-        table = np.asarray(self._model.embedding, dtype=np.float32)
+        table = np.asarray(model.embedding, dtype=np.float32)
         self._top = len(table) - 1  # the last token id (WordLlama clips to it too)
         # one zero row after the vocabulary: the padding of a batch's shorter texts sums to nothing
+        # (a copy: WordLlama's own table goes with the model)
         self._table = np.vstack([table, np.zeros((1, table.shape[1]), dtype=np.float32)])
 
     def encode(self, texts: list[str]) -> np.ndarray:
