@@ -484,3 +484,26 @@ async def test_a_finished_comparison_is_applied_afterwards_once_looked_at(gw):
     assert again.json()["applied"] == "nothing to change: ask-right already takes all of 'ask''s traffic"
     missing = await gw.client.post(f"{PREFIX}/templates/ask/compare/runs/nope/apply")
     assert missing.status_code == 404 and "no comparison 'nope'" in missing.text
+
+
+async def test_replayed_calls_ask_for_a_bounded_answer_at_temperature_0(make_gateway):
+    from tests.fakes import openai_fake
+
+    with openai_fake.running() as up:
+        cfg = config()
+        cfg["model_providers"]["up"] = {"type": "openai", "base_url": up.base_url, "api_key": "sk-test"}
+        cfg["gateway"]["combinations"].append(
+            {"id": "ask-up", "template_id": "ask", "model": "gpt-4o-mini", "provider": "up"}
+        )
+        gw = await make_gateway(cfg)
+        gw.core.datasets.import_rows("ask", labelled(4))
+        who = cmp.contenders(gw.core, "ask", ["ask-up"], [])
+        await cmp.compare(
+            gw.core, "ask", who, cmp.rows_for(gw.core, "ask", "all", None, 0), evaluator="exact_match"
+        )
+        sent = [r for r in up.recorder.requests if "messages" in r]
+        assert len(sent) == 4
+        # "yes" is one token: twice that and 16 more
+        assert {(r["temperature"], r["max_tokens"]) for r in sent} == {
+            (0, 2 * cmp.estimate_tokens("yes") + 16)
+        }

@@ -38,6 +38,14 @@ SPLITS = ("test", "all")
 RESAMPLES = 1000
 CONFIDENCE = 0.95
 EVAL_PARAMS: dict[str, Any] = {"temperature": 0}
+MAX_ANSWER_TOKENS = 1024
+
+
+def answer_budget(rows: list[Example]) -> int:
+    """max_tokens for the replayed calls: twice the longest label and 16 tokens more (at most
+    1,024), so a model that rambles costs a bounded amount and a right answer is never cut."""
+    longest = max((estimate_tokens(r.target or "") for r in rows), default=0)
+    return min(MAX_ANSWER_TOKENS, 2 * longest + 16)
 
 
 class CompareError(OptimizeError):
@@ -314,6 +322,7 @@ async def compare(
     )
     started = time.perf_counter()
     gate = asyncio.Semaphore(max(1, concurrency))
+    params = dict(EVAL_PARAMS, max_tokens=answer_budget(rows))
 
     async def one(c: Contender, o: Outcome, row: Example) -> tuple[float, float | None, float, int]:
         async with gate:
@@ -321,7 +330,7 @@ async def compare(
                 done = await on_gateway_loop(
                     core,
                     core.gateway.call_direct(
-                        c.combination, (c.prompt or prompt).messages(row), EVAL_PARAMS, kind="eval"
+                        c.combination, (c.prompt or prompt).messages(row), params, kind="eval"
                     ),
                 )
             except UpstreamError:
