@@ -224,3 +224,22 @@ async def test_concurrent_requests_share_encoder_calls_and_each_is_routed_right(
         assert f"topics: nearest combination:{route}" in r.headers["x-rswitch-route"]
     assert sorted(t for c in calls for t in c) == sorted(p for _, p in asks)  # each prompt embedded once
     assert len(calls) < len(asks)  # ... in fewer encoder calls than requests
+
+
+async def test_an_embedding_bandit_shares_encoder_calls_between_concurrent_requests(make_gateway):
+    from tests.test_router_bandit_embedding import CONFIG
+
+    gw = await make_gateway(CONFIG)
+    batcher = gw.core.gateway.default_chain.steps[0].embed.__self__  # the step's MicroBatcher
+    calls: list[list[str]] = []
+    original = batcher.run
+
+    async def counting(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        return await original(texts)
+
+    batcher.run = counting
+    prompts = [p for ps in PROMPTS.values() for p in ps] * 3  # 12 requests
+    responses = await asyncio.gather(*(gw.post(chat(p, variables={"words": 5})) for p in prompts))
+    assert all("learner: linucb pick" in r.headers["x-rswitch-route"] for r in responses)
+    assert sorted(t for c in calls for t in c) == sorted(prompts) and len(calls) < len(prompts)

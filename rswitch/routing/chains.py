@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rswitch.providers.batching import MicroBatcher
 from rswitch.routing.bandit import (
     UCB1,
     BanditStep,
@@ -52,6 +53,7 @@ def build_bandit(
         if embedder is None:
             raise ValueError(f"routing step '{s.name}' needs an embedder")
         embed, encoder_id = embedder(s.encoder.provider, s.encoder.model)
+        embed = MicroBatcher(embed).submit  # concurrent prompts share one encoder call
         context_id = f"embedding:{encoder_id}"
     if s.policy == "linucb":
         policy: Any = LinUCB(alpha=s.alpha, dim=None if embed is not None else 5)
