@@ -507,3 +507,41 @@ async def test_replayed_calls_ask_for_a_bounded_answer_at_temperature_0(make_gat
         assert {(r["temperature"], r["max_tokens"]) for r in sent} == {
             (0, 2 * cmp.estimate_tokens("yes") + 16)
         }
+
+
+@pytest.mark.slow
+async def test_compare_on_the_embedded_model_against_a_mock_that_knows_the_label(make_gateway):
+    """The real SmolLM2-135M through llama.cpp beside a mock answering every row's label: the
+    table has both, the mock is significantly better, and the local calls are eval traffic."""
+    from tests.test_optimizer_local import LOCAL, TEMPLATE, labelled_rows
+
+    cfg = {
+        **LOCAL,
+        "model_providers": {
+            **LOCAL["model_providers"],
+            "oracle": {"type": "mock", "mock": {"response": "weather"}},
+        },
+        "pricing": {"oracle-model": {"input": 2.5, "output": 10.0}},
+    }
+    gw = await make_gateway(cfg)
+    core = gw.core
+    rows = [r for r in labelled_rows(200) if r["expected"] == "weather"][:8]  # the mock's answer is right
+    assert len(rows) == 8 and core.datasets.import_rows(TEMPLATE, rows) == 8
+    who = cmp.contenders(core, TEMPLATE, [], ["oracle/oracle-model"])
+    result = await cmp.compare(
+        core, TEMPLATE, who, cmp.rows_for(core, TEMPLATE, "all", None, 0), evaluator="exact_match"
+    )
+    local, oracle = result.outcomes
+    assert (local.id, oracle.id) == ("intent-local", "oracle/oracle-model")
+    assert oracle.mean == 1.0 and local.calls == 8 and local.failures == 0 and local.p50_ms > 0
+    assert local.mean < 1.0 or oracle.verdict == "no significant difference"  # 135M, seed prompt
+    assert local.cost == 0.0 and local.priced  # in-process: nothing to pay, and said so
+    gw.flush()
+    eval_rows = core.analytics._conn.execute(
+        "SELECT provider, count(*) FROM invocations WHERE kind = 'eval' GROUP BY provider ORDER BY provider"
+    ).fetchall()
+    assert eval_rows == [("local", 8), ("oracle", 8)]
+    from rswitch.cli.compare import render
+
+    table = render(result.record())
+    assert "intent-local" in table and "oracle/oracle-model" in table and "recommend" in table
