@@ -243,3 +243,20 @@ async def test_an_embedding_bandit_shares_encoder_calls_between_concurrent_reque
     responses = await asyncio.gather(*(gw.post(chat(p, variables={"words": 5})) for p in prompts))
     assert all("learner: linucb pick" in r.headers["x-rswitch-route"] for r in responses)
     assert sorted(t for c in calls for t in c) == sorted(prompts) and len(calls) < len(prompts)
+
+
+def test_a_batch_left_open_on_a_closed_loop_does_not_catch_the_next_loops_callers():
+    run = Recorder()
+    batcher = MicroBatcher(run)
+    old = asyncio.new_event_loop()
+    abandoned = old.create_task(batcher.submit([1]))  # still referenced, so never collected
+    old.call_soon(old.stop)
+    old.run_forever()  # one turn: the first caller opened a batch; then its loop is gone
+    old.close()
+
+    async def ask() -> list[int]:
+        async with asyncio.timeout(10):  # joining the dead batch would wait forever: fail instead
+            return list(await batcher.submit([2]))
+
+    assert asyncio.run(ask()) == [4] and run.batches == [[2]]
+    assert not abandoned.done()

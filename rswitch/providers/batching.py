@@ -32,7 +32,7 @@ class MicroBatcher(Generic[T, R]):
 
     `run(items)` gets the items of every caller of a batch, concatenated, and returns one result
     per item (a list, or an array whose rows are the results). It may be a plain function or an
-    async one.
+    async one. Callers share batches only with callers on the same event loop.
     """
 
     def __init__(self, run: BatchFunction[T, R], max_items: int = 64, timeout: float | None = None) -> None:
@@ -42,22 +42,24 @@ class MicroBatcher(Generic[T, R]):
         self.max_items = max_items
         self.timeout = timeout  # seconds a batch may take; its callers get TimeoutError after that
         self._open: list[Waiter] | None = None  # the batch callers may still join
+        self._open_loop: asyncio.AbstractEventLoop | None = None  # ... on this loop only
         self._open_items = 0
         self._tasks: set[asyncio.Task[None]] = set()  # batches taken over from a gone first caller
 
     async def submit(self, items: Sequence[T]) -> Sequence[R]:
         if not items:
             return []
+        loop = asyncio.get_running_loop()
         batch = self._open
-        if batch is not None and self._open_items + len(items) <= self.max_items:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if batch is not None and self._open_loop is loop and self._open_items + len(items) <= self.max_items:
+            fut: asyncio.Future[Any] = loop.create_future()
             batch.append((items, fut))
             self._open_items += len(items)
             if self._open_items >= self.max_items:
                 self._open = None  # full: the next caller starts another
             return await fut
         batch = self._open = [(items, None)]
-        self._open_items = len(items)
+        self._open_items, self._open_loop = len(items), loop
         try:
             await asyncio.sleep(0)  # one loop turn: the callers of this turn join
         except asyncio.CancelledError:
