@@ -58,16 +58,17 @@ class MicroBatcher(Generic[T, R]):
             if self._open_items >= self.max_items:
                 self._open = None  # full: the next caller starts another
             return await fut
-        batch = self._open = [(items, None)]
-        self._open_items, self._open_loop = len(items), loop
-        try:
-            await asyncio.sleep(0)  # one loop turn: the callers of this turn join
-        except asyncio.CancelledError:
-            self._hand_over(batch)
-            raise
-        finally:
-            if self._open is batch:
-                self._open = None
+        batch: list[Waiter] = [(items, None)]
+        if len(items) < self.max_items:  # room for others: wait one loop turn for this turn's callers
+            self._open, self._open_items, self._open_loop = batch, len(items), loop
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                self._hand_over(batch)
+                raise
+            finally:
+                if self._open is batch:
+                    self._open = None
         waiting = [w for w in batch[1:] if w[1] is not None and not w[1].done()]
         flat = list(items) + [x for its, _ in waiting for x in its]
         try:
