@@ -222,6 +222,32 @@ async def run_encoder(kind: str, clinc: dict[str, Any], args: argparse.Namespace
                 nothr = evaluate(probs, test_labels, np.full(len(routes), -np.inf))
                 step = SemanticStep("semantic", routes, embed, encoder_id, trained=classifier)
                 p50, p95, cpu_ms = await latency(step, test_texts[: args.latency_queries])
+                # the spread: train on a seeded 80% of each intent's examples (+ all of oos_train)
+                spread: dict[str, list[float]] = {"in_scope_accuracy": [], "oos_recall": []}
+                for seed in range(args.subsample_seeds):
+                    rng = np.random.default_rng(seed)
+                    keep = np.sort(
+                        np.concatenate(
+                            [
+                                rng.permutation(rows_)[: int(0.8 * len(rows_))]
+                                for rows_ in (np.flatnonzero(train_labels == k) for k in range(len(routes)))
+                            ]
+                        )
+                    )
+                    sub = train(
+                        Labelled([train_texts[i] for i in keep], train_vec[keep], train_labels[keep]),
+                        Labelled(oos_texts, oos_vec, np.full(len(oos_texts), OUT_OF_SCOPE)),
+                        targets,
+                        encoder_id,
+                        calibration=Labelled(val_texts, val_vec, val_labels),
+                    )
+                    ms = evaluate(
+                        sub.probabilities_many(test_vec, test_texts),
+                        test_labels,
+                        np.full(len(routes), sub.threshold),
+                    )
+                    spread["in_scope_accuracy"].append(ms.in_scope_accuracy)
+                    spread["oos_recall"].append(ms.oos_recall or 0.0)
                 rows.append(
                     common
                     | {
@@ -239,6 +265,15 @@ async def run_encoder(kind: str, clinc: dict[str, Any], args: argparse.Namespace
                         "step_p50_ms": p50,
                         "step_p95_ms": p95,
                         "step_cpu_ms": cpu_ms,
+                        "subsamples": {
+                            "seeds": args.subsample_seeds,
+                            "share": 0.8,
+                            **{
+                                f"{k}_{stat}": float(f(v)) if v else None
+                                for k, v in spread.items()
+                                for stat, f in (("mean", np.mean), ("sd", np.std))
+                            },
+                        },
                     }
                 )
         return rows
@@ -262,6 +297,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['step_p50_ms']:.2f} / {r['step_p95_ms']:.2f} | {r['step_cpu_ms']:.2f} "
             f"| {r['batch_texts_per_s']:.0f} |"
         )
+    for r in rows:
+        sub = r.get("subsamples") or {}
+        if sub.get("seeds"):
+            out.append(
+                f"\n{r['encoder']} trained on {sub['seeds']} seeded {sub['share']:.0%} subsamples of each intent's "
+                f"train examples: in-scope accuracy {sub['in_scope_accuracy_mean']:.1%} ± "
+                f"{sub['in_scope_accuracy_sd']:.1%}, OOS recall {sub['oos_recall_mean']:.1%} ± "
+                f"{sub['oos_recall_sd']:.1%} (mean ± sd)"
+            )
     return "\n".join(out)
 
 
@@ -282,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         "--per-intent", type=int, default=20, help="utterances per intent route (method: similarity)"
     )
     ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument(
+        "--subsample-seeds",
+        type=int,
+        default=5,
+        help="trained: also train on this many seeded 80%% subsamples of the train split (the spread)",
+    )
     ap.add_argument("--limit", type=int, default=None, help="sample this many val and test rows (quick runs)")
     ap.add_argument("--latency-queries", type=int, default=300)
     ap.add_argument("--onnx-dir", type=Path, default=None)

@@ -105,7 +105,7 @@ class TrainedRoutes:
         return (p / p.sum())[: len(self.routes)]
 
     def probabilities_many(self, vectors: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        """(prompts, routes) probabilities, for evaluation."""
+        """(prompts, routes) probabilities: a micro-batch of requests, or an evaluation set."""
         return np.vstack([self.probabilities(v, t) for v, t in zip(vectors, texts, strict=True)])
 
     # -- the artifact -------------------------------------------------------------------------
