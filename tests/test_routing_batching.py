@@ -47,6 +47,33 @@ async def test_callers_of_one_turn_share_one_call_and_each_gets_its_own_rows_in_
     assert list(await batcher.submit([])) == [] and len(run.batches) == 2
 
 
+async def test_the_batch_stays_open_while_callers_keep_joining_and_a_lone_caller_waits_one_turn():
+    run = Recorder()
+    batcher = MicroBatcher(run)
+
+    async def after(turns: int, item: int) -> list[int]:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return list(await batcher.submit([item]))
+
+    answers = await asyncio.gather(after(0, 1), after(0, 2), after(1, 3), after(2, 4))
+    assert answers == [[2], [4], [6], [8]] and run.batches == [[1, 2, 3, 4]]
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    start = turns
+    assert list(await batcher.submit([5])) == [10]
+    assert turns - start == 1  # alone: sent after one loop turn
+    ticking.cancel()
+
+
 async def test_a_batch_is_bounded_and_the_rest_start_the_next():
     run = Recorder()
     batcher = MicroBatcher(run, max_items=4)
@@ -55,8 +82,9 @@ async def test_a_batch_is_bounded_and_the_rest_start_the_next():
     assert [len(b) for b in run.batches] == [4, 4, 2]
     # a caller with more items than the bound is served on its own
     assert list(await batcher.submit(list(range(6)))) == [0, 2, 4, 6, 8, 10]
-    with pytest.raises(ValueError, match="max_items"):
-        MicroBatcher(run, max_items=0)
+    for bad in ({"max_items": 0}, {"max_turns": 0}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            MicroBatcher(run, **bad)
 
 
 async def test_an_error_reaches_every_caller_of_that_batch_and_no_other():

@@ -2,10 +2,11 @@
 
 Routing steps embed one prompt per request. Under concurrency many requests reach their step in
 the same turn of the loop; embedding them together costs one tokenizer pass, one gather and one
-normalisation instead of one each. The first caller starts a batch and yields one loop turn;
-callers until then join it (up to `max_items`; a full batch takes nobody else), then the first
-caller runs the batch function and hands each the others their rows. So a lone caller waits one
-loop turn, never a timer, and needs no task or future of its own. (It lives beside the providers, below
+normalisation instead of one each. The first caller starts a batch and yields the loop turn by
+turn while callers keep joining it (up to `max_items`, a full batch takes nobody else; at most
+`max_turns` turns), then runs the batch function and hands the others their rows. A batch is sent
+after the first turn nobody joined in, so a lone caller waits one loop turn, never a timer, and
+needs no task or future of its own. (It lives beside the providers, below
 routing, so that an encoder provider batches its own calls for every user of it.)
 
 Each caller gets its own rows, in its order. An error of the batch function reaches every caller
@@ -35,11 +36,14 @@ class MicroBatcher(Generic[T, R]):
     async one. Callers share batches only with callers on the same event loop.
     """
 
-    def __init__(self, run: BatchFunction[T, R], max_items: int = 64, timeout: float | None = None) -> None:
-        if max_items < 1:
-            raise ValueError("max_items must be at least 1")
+    def __init__(
+        self, run: BatchFunction[T, R], max_items: int = 64, timeout: float | None = None, max_turns: int = 4
+    ) -> None:
+        if max_items < 1 or max_turns < 1:
+            raise ValueError("max_items and max_turns must be at least 1")
         self.run = run
         self.max_items = max_items
+        self.max_turns = max_turns
         self.timeout = timeout  # seconds a batch may take; its callers get TimeoutError after that
         self._open: list[Waiter] | None = None  # the batch callers may still join
         self._open_loop: asyncio.AbstractEventLoop | None = None  # ... on this loop only
@@ -59,10 +63,14 @@ class MicroBatcher(Generic[T, R]):
                 self._open = None  # full: the next caller starts another
             return await fut
         batch: list[Waiter] = [(items, None)]
-        if len(items) < self.max_items:  # room for others: wait one loop turn for this turn's callers
+        if len(items) < self.max_items:  # room for others: wait while this turn's callers join
             self._open, self._open_items, self._open_loop = batch, len(items), loop
             try:
-                await asyncio.sleep(0)
+                for _ in range(self.max_turns):
+                    joined = len(batch)
+                    await asyncio.sleep(0)
+                    if len(batch) == joined or self._open is not batch:  # nobody came, or it is full
+                        break
             except asyncio.CancelledError:
                 self._hand_over(batch)
                 raise
