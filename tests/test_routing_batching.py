@@ -167,7 +167,12 @@ def test_one_blas_thread_inside_the_block_and_the_setting_restored_after():
         with one_blas_thread():
             inside = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
         after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        with one_blas_thread(work=200 * 256):  # one query against 200 utterances: left alone
+            small = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        with one_blas_thread(work=16 * 200 * 256):
+            big = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     assert set(inside) == {1} and set(after) == {2}
+    assert set(small) == {2} and set(big) == {1}
 
 
 # -- the static encoder's own tokenization and pooling -----------------------------------------

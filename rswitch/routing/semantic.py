@@ -162,9 +162,11 @@ class SemanticStep:
 
     async def _embed_and_score(self, texts: list[str]) -> np.ndarray:
         vectors = np.asarray(await self.embed(texts), dtype=np.float32)
-        with one_blas_thread():  # products of microseconds: spreading them over cores costs more
-            if self.trained is not None:  # each route's probability
+        if self.trained is not None:  # each route's probability
+            with one_blas_thread():  # products of microseconds: spreading them over cores costs more
                 return self.trained.probabilities_many(vectors, texts)
+        assert self._matrix is not None
+        with one_blas_thread(vectors.size * len(self._matrix)):
             return self.score_many(vectors)
 
     async def decide(self, query: Query) -> Decision | str | None:
