@@ -60,26 +60,29 @@ SETTINGS: dict[str, Any] = {
 }
 
 
+def config_data(tmp: Path) -> dict[str, Any]:
+    """The benchmark's config, as YAML would give it (bench_compare.py adds to it)."""
+    return {
+        "model_providers": {"local": {"type": "local", "local": {"n_ctx": 2048, "queue_size": 64}}},
+        "template_dirs": [str(SAMPLES)],
+        "gateway": {
+            "combinations": [
+                {
+                    "id": COMBINATION,
+                    "template_id": TEMPLATE_ID,
+                    "model": "smollm2-135m-instruct",
+                    "provider": "local",
+                }
+            ]
+        },
+        "dataset": {"base_path": str(tmp / "prompts")},
+        "analytics": {"path": str(tmp / "analytics.duckdb")},
+        "recorder": {"flush_interval_ms": 50},
+    }
+
+
 def config(tmp: Path) -> Any:
-    return parse_config(
-        {
-            "model_providers": {"local": {"type": "local", "local": {"n_ctx": 2048, "queue_size": 64}}},
-            "template_dirs": [str(SAMPLES)],
-            "gateway": {
-                "combinations": [
-                    {
-                        "id": COMBINATION,
-                        "template_id": TEMPLATE_ID,
-                        "model": "smollm2-135m-instruct",
-                        "provider": "local",
-                    }
-                ]
-            },
-            "dataset": {"base_path": str(tmp / "prompts")},
-            "analytics": {"path": str(tmp / "analytics.duckdb")},
-            "recorder": {"flush_interval_ms": 50},
-        }
-    )
+    return parse_config(config_data(tmp))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -66,6 +66,16 @@ def config(tmp: Path | None = None) -> dict[str, Any]:
     return cfg
 
 
+def with_upstream(up: Any) -> dict[str, Any]:
+    """config() with an `ask-up` combination on a fake OpenAI upstream that records requests."""
+    cfg = config()
+    cfg["model_providers"]["up"] = {"type": "openai", "base_url": up.base_url, "api_key": "sk-test"}
+    cfg["gateway"]["combinations"].append(
+        {"id": "ask-up", "template_id": "ask", "model": "gpt-4o-mini", "provider": "up"}
+    )
+    return cfg
+
+
 def labelled(n: int = ROWS) -> list[dict[str, Any]]:
     return [
         {
@@ -445,12 +455,7 @@ async def test_an_earlier_version_of_the_prompt_is_a_candidate_of_its_own(make_g
     from tests.fakes import openai_fake
 
     with openai_fake.running() as up:
-        cfg = config()
-        cfg["model_providers"]["up"] = {"type": "openai", "base_url": up.base_url, "api_key": "sk-test"}
-        cfg["gateway"]["combinations"].append(
-            {"id": "ask-up", "template_id": "ask", "model": "gpt-4o-mini", "provider": "up"}
-        )
-        gw = await make_gateway(cfg)
+        gw = await make_gateway(with_upstream(up))
         core = gw.core
         core.datasets.import_rows("ask", labelled(6))
         core.registry.register(Template(id="ask", template="Answer in one word about {topic}."))
@@ -490,12 +495,7 @@ async def test_replayed_calls_ask_for_a_bounded_answer_at_temperature_0(make_gat
     from tests.fakes import openai_fake
 
     with openai_fake.running() as up:
-        cfg = config()
-        cfg["model_providers"]["up"] = {"type": "openai", "base_url": up.base_url, "api_key": "sk-test"}
-        cfg["gateway"]["combinations"].append(
-            {"id": "ask-up", "template_id": "ask", "model": "gpt-4o-mini", "provider": "up"}
-        )
-        gw = await make_gateway(cfg)
+        gw = await make_gateway(with_upstream(up))
         gw.core.datasets.import_rows("ask", labelled(4))
         who = cmp.contenders(gw.core, "ask", ["ask-up"], [])
         await cmp.compare(

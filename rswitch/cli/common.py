@@ -52,6 +52,17 @@ def load(config: str | None) -> Config:
         raise fail(f"invalid config: {exc}") from None
 
 
+def new_core(cfg: Config) -> Any:
+    """A gateway core for one command (start and stop it); a config it cannot be built from is
+    the command's error, in one line."""
+    from rswitch.core import Core
+
+    try:
+        return Core(cfg)
+    except Exception as exc:
+        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+
+
 def postgres_datasets(cfg: Config) -> Any:
     """The Postgres dataset store `storage: {backend: postgres}` names, opened for one command
     (close it); an unreachable server or unset DSN is a clear error, without the password."""

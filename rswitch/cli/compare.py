@@ -8,7 +8,7 @@ import typer
 
 from rswitch.admin.actions import CompareSpec
 from rswitch.cli import through
-from rswitch.cli.common import ConfigOpt, fail, get_template, load, registry
+from rswitch.cli.common import ConfigOpt, fail, get_template, load, new_core, registry
 
 
 def _ids(text: str | None) -> list[str]:
@@ -111,13 +111,9 @@ def _here(cfg: Any, template_id: str, spec: CompareSpec) -> dict[str, Any] | Non
     """In this process, with its own gateway core (stopped after)."""
     import asyncio
 
-    from rswitch.core import Core
     from rswitch.optimizer import compare as cmp
 
-    try:
-        core = Core(cfg)
-    except Exception as exc:
-        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+    core = new_core(cfg)
 
     async def main() -> Any:
         await core.start()

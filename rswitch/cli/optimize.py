@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from rswitch.cli import through
-from rswitch.cli.common import DEFAULT_URL, ConfigOpt, admin_key, fail, get_template, load, registry
+from rswitch.cli.common import DEFAULT_URL, ConfigOpt, admin_key, fail, get_template, load, new_core, registry
 
 
 def optimize(
@@ -135,7 +135,6 @@ def run_here(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from rswitch.core import Core
     from rswitch.optimizer.evaluators import EVALUATORS
     from rswitch.optimizer.mipro import Budget, Settings
     from rswitch.optimizer.service import OptimizeError
@@ -154,10 +153,7 @@ def run_here(
     except ValueError as exc:
         raise fail(str(exc)) from None
     get_template(registry(config), template_id)
-    try:
-        core = Core(cfg)
-    except Exception as exc:
-        raise fail(f"rswitch could not start: {type(exc).__name__}: {exc}") from None
+    core = new_core(cfg)
 
     async def main() -> Any:
         await core.start()
