@@ -1,4 +1,4 @@
-"""Micro-batching: the calls made in one event-loop turn share one call of a batch function.
+"""Micro-batching: calls made in the same event-loop turns share one call of a batch function.
 
 Routing steps embed one prompt per request. Under concurrency many requests reach their step in
 the same turn of the loop; embedding them together costs one tokenizer pass, one gather and one
@@ -6,8 +6,9 @@ normalisation instead of one each. The first caller starts a batch and yields th
 turn while callers keep joining it (up to `max_items`, a full batch takes nobody else; at most
 `max_turns` turns), then runs the batch function and hands the others their rows. A batch is sent
 after the first turn nobody joined in, so a lone caller waits one loop turn, never a timer, and
-needs no task or future of its own. (It lives beside the providers, below
-routing, so that an encoder provider batches its own calls for every user of it.)
+needs no task or future of its own. `timeout` bounds each batch with one timer, not one per
+caller. (It lives beside the providers, below routing, so any layer may use it; the semantic
+step batches its embedding and scoring, the embedding bandit its encoder calls.)
 
 Each caller gets its own rows, in its order. An error of the batch function reaches every caller
 of that batch, and only of that batch. A caller that stops waiting (a timeout, a cancelled
