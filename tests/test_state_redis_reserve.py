@@ -86,3 +86,28 @@ async def test_near_the_limit_nothing_is_held_back_from_the_other_replicas(redis
         codes = await burst([b], 50)
         assert codes.count(200) == 40 and codes.count(429) == 10
         assert test_state_redis.upstream_calls(up) == 100
+
+
+async def test_a_waiter_cancelled_while_a_reserve_is_renewed_cancels_only_itself():
+    """A request waiting for the reserve another one renews can be cancelled (its client went
+    away); the renewer and the other waiters still get their answer."""
+    from rswitch.state.shared import SharedLimiter
+
+    class SlowState:
+        degraded = False
+        prefix = "t"
+        limiters: list[Any] = []
+
+        async def take(self, keys: list[str], args: list[Any]) -> Any:
+            await asyncio.sleep(0.05)
+            return [b"0", args[6], b"1.0"]  # every slot asked for granted
+
+    limiter = SharedLimiter("up", 100_000, None, SlowState(), lease=10.0)  # type: ignore[arg-type]
+    await limiter.acquire(0)  # a first request alone
+    renewer = asyncio.ensure_future(limiter.acquire(0))  # the second asks for a reserve
+    await asyncio.sleep(0)
+    waiters = [asyncio.ensure_future(limiter.acquire(0)) for _ in range(3)]
+    await asyncio.sleep(0)
+    waiters[0].cancel()
+    done = await asyncio.gather(renewer, *waiters[1:])
+    assert done == [0.0, 0.0, 0.0] and waiters[0].cancelled()

@@ -518,7 +518,7 @@ class SharedLimiter(ProviderLimiter):
         if not self.lease or self.state.degraded:
             return await self._take(tokens, 1)
         while self._renewing is not None:  # one reserve at a time: wait for it
-            await self._renewing
+            await asyncio.shield(self._renewing)  # a waiter cancelled (its client gone) cancels only itself
             if self._slots and self._spend(tokens):
                 return 0.0
             if not self._reserving:  # it got no reserve (the limit is near): ask alone
@@ -534,7 +534,8 @@ class SharedLimiter(ProviderLimiter):
             return await self._take(tokens, max(self._want, 2))
         finally:
             self._renewing = None
-            renewing.set_result(None)
+            if not renewing.done():
+                renewing.set_result(None)
 
     async def _take(self, tokens: int, wanted: int) -> float:
         sent, back = self.pending, self._back
