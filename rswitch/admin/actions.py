@@ -414,36 +414,32 @@ class LocalOperator:
     # -- compare ------------------------------------------------------------------------------
 
     async def compare(self, template_id: str, spec: CompareSpec) -> CompareStarted:
-        from rswitch.optimizer.compare import CompareError, Jobs
+        from rswitch.optimizer.compare import CompareBusy, CompareError, Jobs
 
         if self.core.registry.get(template_id) is None:
             raise unknown_template(self.core, template_id)
         if self.core.compares is None:
             self.core.compares = Jobs()
         try:
-            plan = await self._plan(template_id, spec)
+            plan = self.core.compares.start(
+                self.core,
+                template_id,
+                candidates=spec.candidates,
+                models=spec.models,
+                rows=spec.rows,
+                split_name=spec.split,
+                evaluator=spec.evaluator,
+                budget_calls=spec.budget_calls,
+                budget_cost=spec.budget_cost,
+                seed=spec.seed,
+                apply_result=spec.apply,
+                dry_run=spec.dry_run,
+            )
+        except CompareBusy as exc:
+            raise GatewayError(409, str(exc), code="busy") from None
         except CompareError as exc:
-            busy = str(exc).startswith("a comparison of")
-            raise GatewayError(
-                409 if busy else 400, str(exc), code="busy" if busy else "invalid_compare"
-            ) from None
+            raise GatewayError(400, str(exc), code="invalid_compare") from None
         return CompareStarted(**plan)
-
-    async def _plan(self, template_id: str, spec: CompareSpec) -> dict[str, Any]:
-        return self.core.compares.start(
-            self.core,
-            template_id,
-            candidates=spec.candidates,
-            models=spec.models,
-            rows=spec.rows,
-            split_name=spec.split,
-            evaluator=spec.evaluator,
-            budget_calls=spec.budget_calls,
-            budget_cost=spec.budget_cost,
-            seed=spec.seed,
-            apply_result=spec.apply,
-            dry_run=spec.dry_run,
-        )
 
     async def compare_runs(self, template_id: str) -> CompareRuns:
         if self.core.registry.get(template_id) is None:
@@ -457,9 +453,8 @@ class LocalOperator:
 
         if self.core.registry.get(template_id) is None:
             raise unknown_template(self.core, template_id)
-        runs = await asyncio.to_thread(self.core.analytics.compare_runs, template_id, 1000)
-        run = next((r for r in runs if r["run_id"] == run_id), None)
-        if run is None:
+        run = await asyncio.to_thread(self.core.analytics.compare_run, run_id)
+        if run is None or run["template_id"] != template_id:
             raise GatewayError(
                 404, f"no comparison '{run_id}' of '{template_id}'", code="unknown_run", param="run_id"
             )

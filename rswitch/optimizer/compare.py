@@ -48,6 +48,10 @@ def answer_budget(rows: list[Example]) -> int:
     return min(MAX_ANSWER_TOKENS, 2 * longest + 16)
 
 
+class CompareBusy(Exception):
+    """Another comparison is running (the admin API answers 409)."""
+
+
 class CompareError(OptimizeError):
     """The comparison cannot run: unknown template, candidate or evaluator, no labelled rows."""
 
@@ -529,7 +533,7 @@ class Jobs:
         """Check everything, start the run on this loop and return its plan; CompareError names
         what is wrong (and nothing starts)."""
         if self.running is not None:
-            raise CompareError(
+            raise CompareBusy(
                 f"a comparison of '{self.running['template_id']}' is running (run {self.running['run_id']})"
             )
         evaluator = evaluator or core.config.gateway.optimization.evaluator

@@ -410,6 +410,12 @@ class AnalyticsStore:
     def compare_applied(self, run_id: str, applied: str) -> None:
         self._cursor().execute("UPDATE compare_runs SET applied = ? WHERE run_id = ?", [applied, run_id])
 
+    def compare_run(self, run_id: str) -> dict[str, Any] | None:
+        res = self._cursor().execute("SELECT * FROM compare_runs WHERE run_id = ?", [run_id])
+        cols = [d[0] for d in res.description]
+        row = res.fetchone()
+        return compare_view(dict(zip(cols, row, strict=True))) if row else None
+
     def compare_runs(self, template_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         cur = self._cursor()
         where, params = ("WHERE template_id = ?", [template_id]) if template_id else ("", [])

@@ -779,6 +779,10 @@ class PostgresAnalyticsStore:
     def compare_applied(self, run_id: str, applied: str) -> None:
         self.db.execute("UPDATE compare_runs SET applied = $1 WHERE run_id = $2", applied, run_id)
 
+    def compare_run(self, run_id: str) -> dict[str, Any] | None:
+        rows = self.db.query("SELECT * FROM compare_runs WHERE run_id = $1", run_id)
+        return duck.compare_view(dict(rows[0])) if rows else None
+
     def compare_runs(self, template_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         where_, args = ("WHERE template_id = $1", [template_id]) if template_id else ("", [])
         rows = self.db.query(
