@@ -55,7 +55,7 @@ class Balancer:
         weights: BanditWeights = BanditWeights(),
     ) -> None:
         self.strategy = strategy
-        self.weights = weights  # what performance_based counts, as the bandit step's reward does
+        self.weights = weights  # performance_based's reward weights (the gateway uses the bandit's defaults)
         self.metrics = metrics
         self.fallback_threshold = fallback_threshold
         self.min_requests = min_requests

@@ -141,3 +141,12 @@ class Chain:
                 return Outcome(decision, trace, (time.perf_counter() - started) * 1000)
             trace.append(f"{step.name}: pass")
         return Outcome(None, trace, (time.perf_counter() - started) * 1000)
+
+
+def normalise(m: Any) -> Any:
+    """Vectors (the last axis) scaled to unit length; a zero vector stays zero (every step that
+    compares embeddings by cosine uses this one)."""
+    import numpy as np
+
+    norms = np.linalg.norm(m, axis=-1, keepdims=True)
+    return m / np.where(norms == 0, 1.0, norms)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from rswitch.routing.base import Decision, Query
+from rswitch.routing.base import Decision, Query, normalise
 from rswitch.routing.semantic import Embedder
 
 log = logging.getLogger("rswitch.routing")
@@ -131,10 +131,7 @@ def check_enough(data: Labelled, arms: list[str], min_labels: int) -> None:
 # -- features -----------------------------------------------------------------------------------
 
 
-def _normalise(m: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return m / norms
+_normalise = normalise  # the semantic step's: unit rows, zero rows kept
 
 
 def _hashed_family(feat: str) -> str | None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from rswitch.providers.batching import MicroBatcher
 from rswitch.providers.blas import one_blas_thread
-from rswitch.routing.base import Decision, Query
+from rswitch.routing.base import Decision, Query, normalise
 from rswitch.routing.trained import TrainedRoutes
 
 log = logging.getLogger("rswitch.routing")
@@ -40,10 +40,7 @@ class SemanticRoute:
     utterances: list[str]
 
 
-def _normalise(m: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return m / norms
+_normalise = normalise
 
 
 class SemanticStep:
@@ -138,10 +135,6 @@ class SemanticStep:
             self._k = np.minimum(counts, self.top_k)
 
     # -- deciding -----------------------------------------------------------------------------
-
-    def scores(self, vector: list[float] | np.ndarray) -> list[float]:
-        """Each route's aggregated similarity to the query vector."""
-        return self.score_many(np.asarray(vector, dtype=np.float32)[None, :])[0].tolist()
 
     def score_many(self, vectors: np.ndarray, chunk: int = 256) -> np.ndarray:
         """(queries, routes): each route's top-k similarity, aggregated, for each query vector."""

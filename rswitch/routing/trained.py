@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from rswitch.config import ConfigError, ConfigProblem
+from rswitch.routing.base import normalise
 from rswitch.routing.fit import OUT_OF_SCOPE, fit
 
 FORMAT = "rswitch-trained-routes"
@@ -44,9 +45,7 @@ class TrainedArtifactError(ValueError):
     """A trained-routes file that cannot be used: corrupt, or made for other routes or another encoder."""
 
 
-def _normalise(v: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(v, axis=-1, keepdims=True)
-    return v / np.where(norms == 0, 1.0, norms)
+_normalise = normalise  # the semantic step's: unit vectors, zero ones kept
 
 
 def _analyzer() -> Callable[[str], list[str]]:
