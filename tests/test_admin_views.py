@@ -35,7 +35,7 @@ def test_the_local_operator_implements_the_whole_interface():
     from rswitch.admin.actions import LocalOperator, Operator
 
     wanted = {n: f for n, f in vars(Operator).items() if inspect.iscoroutinefunction(f)}
-    assert len(wanted) == 18
+    assert len(wanted) == 21  # compare, compare_runs, apply_compare joined the 18
     for name, proto in wanted.items():
         impl = getattr(LocalOperator, name)
         assert inspect.iscoroutinefunction(impl), name

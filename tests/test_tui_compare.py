@@ -68,11 +68,14 @@ async def test_the_dialog_refuses_nothing_picked_and_bad_rows(gateway):
         screen = app.screen
         screen.query_one("#compare-candidates").deselect_all()
         await pilot.click("#compare-go")
-        assert "pick at least one combination" in str(screen.query_one("#compare-hint").content)
+        hint = screen.query_one("#compare-hint")
+        await settle(pilot, lambda: "pick at least one combination" in str(hint.content))
         screen.query_one("#compare-candidates").select("ask-right")
         screen.query_one("#compare-rows").value = "ten"
+        await pilot.pause()
+        await settle(pilot, lambda: list(screen.query_one("#compare-candidates").selected) == ["ask-right"])
         await pilot.click("#compare-go")
-        assert "rows must be a whole number" in str(screen.query_one("#compare-hint").content)
+        await settle(pilot, lambda: "rows must be a whole number" in str(hint.content))
         assert isinstance(app.screen, CompareScreen) and gateway.core.compares is None  # nothing started
         await pilot.press("a")  # nothing compared yet: said, nothing changed
 
