@@ -52,6 +52,24 @@ def load(config: str | None) -> Config:
         raise fail(f"invalid config: {exc}") from None
 
 
+def write_fitted_step(
+    config: str | None, template: str | None, index: int, output: Path, edit: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """`route fit --output`: the config file with routing step `index` (of the template's chain,
+    or the default one) changed by `edit`, written to `output` (comments are not kept; the
+    original is never touched). Returns the edited step."""
+    import yaml
+
+    source = find_config(config)
+    if source is None:
+        raise fail("--output needs a config file (the built-in default has no routing to fit)")
+    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    step = (data["routing"]["templates"][template] if template else data["routing"]["default"])[index]
+    edit(step)
+    output.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return step
+
+
 def new_core(cfg: Config) -> Any:
     """A gateway core for one command (start and stop it); a config it cannot be built from is
     the command's error, in one line."""

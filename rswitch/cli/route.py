@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
-from rswitch.cli.common import ConfigOpt, JsonlError, fail, load, read_jsonl
-from rswitch.config import Config, ConfigError, find_config
+from rswitch.cli.common import ConfigOpt, JsonlError, fail, load, read_jsonl, write_fitted_step
+from rswitch.config import Config, ConfigError
 
 app = typer.Typer(help="Inspect query-aware routing.", no_args_is_help=True)
 
@@ -265,14 +264,12 @@ def _fit_semantic(
     if output is None:
         typer.echo("(use --output FILE to write a config with the fitted thresholds)")
         return
-    source = find_config(config)
-    if source is None:
-        raise fail("--output needs a config file (the built-in default has no routing to fit)")
-    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    node = data["routing"]["templates"][template] if template else data["routing"]["default"]
-    for route, t in zip(node[index]["routes"], thresholds, strict=True):
-        route["threshold"] = round(float(t), 4)
-    output.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+    def set_thresholds(node: dict[str, Any]) -> None:
+        for route, t in zip(node["routes"], thresholds, strict=True):
+            route["threshold"] = round(float(t), 4)
+
+    write_fitted_step(config, template, index, output, set_thresholds)
     typer.echo(f"wrote     {output}")
 
 
@@ -410,16 +407,9 @@ def _fit_trained(
             "or use --output FILE to write that config)"
         )
         return
-    source = find_config(config)
-    if source is None:
-        raise fail("--output needs a config file (the built-in default has no routing to fit)")
-    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    node = data["routing"]["templates"][template] if template else data["routing"]["default"]
-    node[index]["method"] = "trained"
-    here = output.resolve().parent
-    where_file = path.resolve()
-    node[index]["artifact"] = (
-        os.path.relpath(where_file, here) if where_file.is_relative_to(here) else str(where_file)
+    here, where_file = output.resolve().parent, path.resolve()
+    artifact = os.path.relpath(where_file, here) if where_file.is_relative_to(here) else str(where_file)
+    write_fitted_step(
+        config, template, index, output, lambda node: node.update(method="trained", artifact=artifact)
     )
-    output.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    typer.echo(f"wrote     {output} (method: trained, artifact: {node[index]['artifact']})")
+    typer.echo(f"wrote     {output} (method: trained, artifact: {artifact})")

@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 
-from rswitch.cli.common import fail
-from rswitch.config import find_config
+from rswitch.cli.common import fail, write_fitted_step
 
 
 def fit_judge_step(
@@ -71,11 +69,6 @@ def fit_judge_step(
     if output is None:
         typer.echo("(use --output FILE to write a config with the fitted threshold)")
         return
-    source = find_config(config)
-    if source is None:
-        raise fail("--output needs a config file (the built-in default has no routing to fit)")
-    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    node = data["routing"]["templates"][template] if template else data["routing"]["default"]
-    node[index]["threshold"] = round(fitted.fitted.threshold, 4)
-    output.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    threshold = round(fitted.fitted.threshold, 4)
+    write_fitted_step(config, template, index, output, lambda node: node.update(threshold=threshold))
     typer.echo(f"wrote     {output}")
