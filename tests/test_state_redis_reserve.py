@@ -96,6 +96,7 @@ async def test_a_waiter_cancelled_while_a_reserve_is_renewed_cancels_only_itself
     class SlowState:
         degraded = False
         prefix = "t"
+        timeout = 2.0
         limiters: list[Any] = []
 
         async def take(self, keys: list[str], args: list[Any]) -> Any:
@@ -111,3 +112,30 @@ async def test_a_waiter_cancelled_while_a_reserve_is_renewed_cancels_only_itself
     waiters[0].cancel()
     done = await asyncio.gather(renewer, *waiters[1:])
     assert done == [0.0, 0.0, 0.0] and waiters[0].cancelled()
+
+
+async def test_a_waiter_whose_renewal_is_stuck_asks_alone_after_twice_the_timeout():
+    """Should a renewal never come back, the requests waiting for it are not held forever."""
+    from rswitch.state.shared import SharedLimiter
+
+    class StuckState:
+        degraded = False
+        prefix = "t"
+        timeout = 0.05
+        limiters: list[Any] = []
+        asked: list[int] = []
+
+        async def take(self, keys: list[str], args: list[Any]) -> Any:
+            self.asked.append(args[6])
+            if args[6] > 1:  # the renewal: never answered
+                await asyncio.Event().wait()
+            return [b"0", 1, b"1.0"]
+
+    state = StuckState()
+    limiter = SharedLimiter("up", 100_000, None, state, lease=10.0)  # type: ignore[arg-type]
+    await limiter.acquire(0)
+    renewer = asyncio.ensure_future(limiter.acquire(0))
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(limiter.acquire(0), 5) == 0.0  # asked alone, after 0.1 s
+    assert state.asked == [1, 2, 1]
+    renewer.cancel()

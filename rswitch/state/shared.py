@@ -518,7 +518,10 @@ class SharedLimiter(ProviderLimiter):
         if not self.lease or self.state.degraded:
             return await self._take(tokens, 1)
         while self._renewing is not None:  # one reserve at a time: wait for it
-            await asyncio.shield(self._renewing)  # a waiter cancelled (its client gone) cancels only itself
+            try:  # shielded: a waiter cancelled (its client gone) cancels only itself
+                await asyncio.wait_for(asyncio.shield(self._renewing), 2 * self.state.timeout)
+            except TimeoutError:  # the renewal is stuck (its batch is bounded by one timeout): ask alone
+                return await self._take(tokens, 1)
             if self._slots and self._spend(tokens):
                 return 0.0
             if not self._reserving:  # it got no reserve (the limit is near): ask alone
