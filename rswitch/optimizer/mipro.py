@@ -384,11 +384,13 @@ class MIPROv2:
         self.instructions = [current]
         if self.s.num_instructions <= 1:
             return
+        self._stage("summarising data")
         summary = (
             await self._call(
                 "proposer", self.proposer, self._summary_prompt(train), {"temperature": 0, "max_tokens": 160}
             )
         ).text.strip()
+        self._stage("proposing instructions")
         attempts = 0
         while len(self.instructions) < self.s.num_instructions and attempts < self.s.num_instructions * 3:
             attempts += 1
@@ -414,7 +416,6 @@ class MIPROv2:
         try:
             self._stage("bootstrapping demos")
             await self._demo_sets(instruction, demos, splits.train)
-            self._stage("proposing instructions")
             await self._propose(instruction, splits.train)
             result.instructions, result.demo_sets = self.instructions, self.demo_sets
             self._stage("scoring the current prompt")
@@ -435,8 +436,8 @@ class MIPROv2:
             }
             means: dict[tuple[int, int], list[float]] = {}
             rescored: dict[tuple[int, int], float] = {(0, 0): best_val}
-            self._stage("trials")
             for t in range(self.s.trials()):
+                self._stage(f"trial {t + 1}/{self.s.trials()}")
                 trial = study.ask(dist)
                 cand = (trial.params["instruction"], trial.params["demo_set"])
                 batch = self.rng.sample(val, min(self.s.minibatch_size, len(val)))
@@ -455,6 +456,7 @@ class MIPROv2:
                 }
                 if (t + 1) % self.s.full_eval_every == 0 or t == self.s.trials() - 1:
                     top = max(means, key=lambda c: sum(means[c]) / len(means[c]))
+                    self._stage("rescoring the best on validation")
                     full = await self.evaluate(*top, val)
                     full_score = sum(full) / len(full)
                     record["full_score"], record["full_candidate"] = full_score, list(top)
@@ -469,6 +471,7 @@ class MIPROv2:
             if best[0] != 0 and (0, best[1]) not in rescored:
                 # the gain often comes from the demos alone: the incumbent's own instruction with
                 # the winning demos is rescored too, and wins a tie (fewer changes, same score)
+                self._stage("rescoring the best on validation")
                 full = await self.evaluate(0, best[1], val)
                 plain = sum(full) / len(full)
                 if plain >= best_val:
@@ -510,27 +513,30 @@ class MIPROv2:
     async def _gate(self, result: RunResult, test: list[Example]) -> None:
         assert result.winner is not None
         incumbent = await self.evaluate(0, 0, test)
-        result.incumbent_test = sum(incumbent) / len(incumbent)
-        if result.winner == (0, 0):
-            result.winner_test = result.incumbent_test
-            result.verdict = "kept the incumbent: no candidate beat it on validation"
-            return
-        winner = await self.evaluate(*result.winner, test)
-        result.winner_test = sum(winner) / len(winner)
-        lo, hi = paired_bootstrap(
-            incumbent,
-            winner,
-            resamples=self.s.bootstrap_resamples,
-            confidence=self.s.confidence,
-            seed=self.s.seed,
+        winner = None if result.winner == (0, 0) else await self.evaluate(*result.winner, test)
+        gate(result, incumbent, winner, self.s)
+
+
+def gate(result: RunResult, incumbent: list[float], winner: list[float] | None, s: Any) -> None:
+    """The promotion gate every search strategy ends with: the winner replaces the incumbent only
+    if a paired bootstrap CI of (winner − incumbent) on the test rows lies above zero. `winner`
+    None: the search kept the incumbent. `s` carries bootstrap_resamples, confidence and seed."""
+    result.incumbent_test = sum(incumbent) / len(incumbent)
+    if winner is None:
+        result.winner_test = result.incumbent_test
+        result.verdict = "kept the incumbent: no candidate beat it on validation"
+        return
+    result.winner_test = sum(winner) / len(winner)
+    lo, hi = paired_bootstrap(
+        incumbent, winner, resamples=s.bootstrap_resamples, confidence=s.confidence, seed=s.seed
+    )
+    result.ci = (lo, hi)
+    pct = round(s.confidence * 100)
+    if lo > 0:
+        result.promote = True
+        result.verdict = f"promote: test {result.incumbent_test:.3f} → {result.winner_test:.3f}, {pct}% CI of the gain [{lo:+.3f}, {hi:+.3f}]"
+    else:
+        result.verdict = (
+            f"kept the incumbent: test {result.incumbent_test:.3f} vs {result.winner_test:.3f}, "
+            f"{pct}% CI of the gain [{lo:+.3f}, {hi:+.3f}] does not exclude zero"
         )
-        result.ci = (lo, hi)
-        pct = round(self.s.confidence * 100)
-        if lo > 0:
-            result.promote = True
-            result.verdict = f"promote: test {result.incumbent_test:.3f} → {result.winner_test:.3f}, {pct}% CI of the gain [{lo:+.3f}, {hi:+.3f}]"
-        else:
-            result.verdict = (
-                f"kept the incumbent: test {result.incumbent_test:.3f} vs {result.winner_test:.3f}, "
-                f"{pct}% CI of the gain [{lo:+.3f}, {hi:+.3f}] does not exclude zero"
-            )
