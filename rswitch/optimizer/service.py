@@ -12,6 +12,7 @@ from rswitch.gateway.balancer import Combination
 from rswitch.optimizer.data import load_examples, split
 from rswitch.optimizer.evaluators import build_evaluator
 from rswitch.optimizer.mipro import Budget, CallResult, MIPROv2, RunResult, Settings
+from rswitch.optimizer.reflective import ReflectiveSearch, ReflectiveSettings
 from rswitch.templates import Template
 
 T = TypeVar("T")
@@ -67,7 +68,7 @@ async def optimize(
     core: Any,
     template_id: str,
     *,
-    settings: Settings,
+    settings: Settings | ReflectiveSettings,
     combination_id: str | None = None,
     evaluator: str = "similarity",
     proposer: str | None = None,
@@ -78,12 +79,15 @@ async def optimize(
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> tuple[RunResult, int | None]:
-    """Run MIPROv2 for one template; write the winner back as a new version when the gate
-    says so (and not `dry_run`). Returns the run and the new version number, if any."""
+    """Run MIPROv2 (given ReflectiveSettings, the reflective search) for one template; write the
+    winner back as a new version when the gate says so (and not `dry_run`). Returns the run and
+    the new version number, if any."""
     tpl = core.registry.get(template_id)
     if tpl is None:
         raise OptimizeError(f"unknown template id '{template_id}'")
     combo = pick_combination(core, template_id, combination_id)
+    if proposer and proposer not in core.gateway.combinations:
+        raise OptimizeError(f"unknown proposer combination id '{proposer}'")
     propose_with = (
         pick_combination(core, core.gateway.combinations[proposer].template_id, proposer)
         if proposer
@@ -123,7 +127,8 @@ async def optimize(
         if on_trial:
             on_trial(t)
 
-    mipro = MIPROv2(
+    search = ReflectiveSearch if isinstance(settings, ReflectiveSettings) else MIPROv2
+    mipro = search(
         _caller(core, combo, "optimizer"),
         scorer,
         settings,
@@ -149,6 +154,7 @@ async def optimize(
                 demos=winner.demos,
                 provenance={
                     "run_id": result.run_id,
+                    "strategy": "reflective" if search is ReflectiveSearch else "mipro",
                     "evaluator": evaluator,
                     "combination": combo.id,
                     "validation_score": result.winner_val,
