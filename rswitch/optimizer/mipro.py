@@ -456,7 +456,7 @@ class MIPROv2:
                 }
                 if (t + 1) % self.s.full_eval_every == 0 or t == self.s.trials() - 1:
                     top = max(means, key=lambda c: sum(means[c]) / len(means[c]))
-                    self._stage("rescoring the best on validation")
+                    self._stage(f"trial {t + 1}/{self.s.trials()}: rescoring the best on validation")
                     full = await self.evaluate(*top, val)
                     full_score = sum(full) / len(full)
                     record["full_score"], record["full_candidate"] = full_score, list(top)
@@ -471,7 +471,7 @@ class MIPROv2:
             if best[0] != 0 and (0, best[1]) not in rescored:
                 # the gain often comes from the demos alone: the incumbent's own instruction with
                 # the winning demos is rescored too, and wins a tie (fewer changes, same score)
-                self._stage("rescoring the best on validation")
+                self._stage("rescoring the current instruction with the winning demos")
                 full = await self.evaluate(0, best[1], val)
                 plain = sum(full) / len(full)
                 if plain >= best_val:
