@@ -130,6 +130,14 @@ class TemplateConfig(_Strict):
     default_provider: str | None = None
 
 
+class ReflectiveConfig(_Strict):
+    """The reflective strategy's settings (rswitch/optimizer/reflective.py)."""
+
+    minibatch_size: int = Field(3, ge=1, le=50, description="training rows each round shows the proposer")
+    pool_size: int = Field(8, ge=1, le=100, description="candidates kept in the Pareto pool at most")
+    max_proposals: int = Field(12, ge=1, le=1000, description="rounds (one proposer call each) at most")
+
+
 class OptimizationConfig(_Strict):
     enabled: bool = False
     interval_seconds: float = Field(1800, gt=0)
@@ -140,6 +148,10 @@ class OptimizationConfig(_Strict):
     auto: Literal["light", "medium", "heavy"] = "light"
     budget_calls: int = Field(2000, ge=1)
     budget_cost: float = Field(5.0, ge=0)
+    strategy: Literal["mipro", "reflective"] = Field(
+        "mipro", description="mipro: MIPROv2 (instructions x demos); reflective: GEPA-style rewrites"
+    )
+    reflective: ReflectiveConfig = Field(default_factory=ReflectiveConfig)
     reference_combinations: list[str] = Field(
         default_factory=list,
         description="combinations whose answers serve as labels for the others of their template",

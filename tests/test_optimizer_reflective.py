@@ -215,7 +215,10 @@ async def test_through_the_service_the_proposer_combination_rewrites_and_promote
     tpl = core.registry.get("echo")
     assert tpl.template == RIGHT and tpl.demos == [] and tpl.provenance["strategy"] == "reflective"
     assert seen, "the proposer combination was asked"
-    assert stages[0] == "scoring the current prompt" and stages[-1] == "testing the winner"
+    assert (
+        stages[:2] == ["loading examples", "scoring the current prompt"]
+        and stages[-1] == "testing the winner"
+    )
     assert "round 1/4: reflecting on 3 failure(s)" in stages
 
 

@@ -177,7 +177,8 @@ class OptimizerStatus(OpenView):
     enabled: bool
     periodic: bool | None = None
     running: str | None = None
-    stage: str | None = None
+    strategy: str | None = None  # mipro | reflective (gateway.optimization.strategy)
+    stage: str | None = None  # e.g. bootstrapping demos, trial 3/12, round 2/12: reflecting on 3 failure(s)
     calls: int | None = None
     cost: float | None = None
     queued: list[str] = []

@@ -1,4 +1,5 @@
-"""`rswitch optimize ID`: run MIPROv2 here, or `--watch` a running gateway's background run."""
+"""`rswitch optimize ID`: run MIPROv2 (or the reflective search) here, or `--watch` a running
+gateway's background run."""
 
 from __future__ import annotations
 
@@ -17,9 +18,29 @@ def optimize(
     combination: Annotated[
         str | None, typer.Option(help="Optimize for this combination (default: the template's primary).")
     ] = None,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="mipro: MIPROv2 (instructions x demo sets); reflective: a proposer rewrites the "
+            "instruction from the failures (GEPA-style)."
+        ),
+    ] = "mipro",
     auto: Annotated[str, typer.Option(help="MIPROv2 preset: light | medium | heavy.")] = "light",
     trials: Annotated[
-        int | None, typer.Option(help="Search trials (default: from the preset).", min=1)
+        int | None,
+        typer.Option(
+            help="Search trials (default: from the preset); reflective: rounds (default 12).", min=1
+        ),
+    ] = None,
+    minibatch_size: Annotated[
+        int | None,
+        typer.Option("--minibatch-size", help="reflective: training rows a round shows (default 3).", min=1),
+    ] = None,
+    pool_size: Annotated[
+        int | None,
+        typer.Option(
+            "--pool-size", help="reflective: candidates kept in the Pareto pool (default 8).", min=1
+        ),
     ] = None,
     instructions: Annotated[
         int | None, typer.Option(help="Instruction candidates, the current one included.", min=1)
@@ -59,6 +80,9 @@ def optimize(
     """Run MIPROv2 on a template's recorded, labelled traffic; promote the winner only if it beats the incumbent on test."""
     local_only = {
         "--combination": combination is not None,
+        "--strategy": strategy != "mipro",
+        "--minibatch-size": minibatch_size is not None,
+        "--pool-size": pool_size is not None,
         "--auto": auto != "light",
         "--trials": trials is not None,
         "--instructions": instructions is not None,
@@ -98,8 +122,11 @@ def optimize(
         template_id,
         config,
         combination=combination,
+        strategy=strategy,
         auto=auto,
         trials=trials,
+        minibatch_size=minibatch_size,
+        pool_size=pool_size,
         instructions=instructions,
         demo_sets=demo_sets,
         evaluator=evaluator,
@@ -117,8 +144,11 @@ def run_here(
     config: str | None,
     *,
     combination: str | None,
+    strategy: str,
     auto: str,
     trials: int | None,
+    minibatch_size: int | None,
+    pool_size: int | None,
     instructions: int | None,
     demo_sets: int | None,
     evaluator: str,
@@ -129,14 +159,14 @@ def run_here(
     seed: int,
     dry_run: bool,
 ) -> None:
-    """MIPROv2 in this process, with its own gateway core, and a live progress line."""
+    """The search in this process, with its own gateway core, and a live progress line (on a
+    terminal; elsewhere, e.g. in a log, one line per stage)."""
     import asyncio
     import difflib
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from rswitch.optimizer.evaluators import EVALUATORS
     from rswitch.optimizer.mipro import Budget, Settings
+    from rswitch.optimizer.reflective import ReflectiveSettings
     from rswitch.optimizer.service import OptimizeError
     from rswitch.optimizer.service import optimize as run_optimize
 
@@ -145,11 +175,32 @@ def run_here(
         raise fail(f"unknown evaluator {evaluator!r}; choose one of: {', '.join(EVALUATORS)}")
     if evaluator == "llm_judge" and not judge:
         raise fail("the llm_judge evaluator needs --judge COMBINATION_ID")
+    if strategy not in ("mipro", "reflective"):
+        raise fail(f"--strategy must be mipro or reflective; got {strategy!r}")
+    only = (
+        {"--auto": auto != "light", "--instructions": instructions, "--demo-sets": demo_sets}
+        if strategy == "reflective"
+        else {"--minibatch-size": minibatch_size, "--pool-size": pool_size}
+    )
+    given = [name for name, used in only.items() if used]
+    if given:
+        other = "mipro" if strategy == "reflective" else "reflective"
+        raise fail(f"{', '.join(given)}: only for --strategy {other}")
     cfg = load(config)
+    settings: Settings | ReflectiveSettings
     try:
-        settings = Settings.auto(
-            auto, seed=seed, num_trials=trials, num_instructions=instructions, num_demo_sets=demo_sets
-        )
+        if strategy == "reflective":
+            defaults = cfg.gateway.optimization.reflective
+            settings = ReflectiveSettings(
+                seed=seed,
+                max_proposals=trials or defaults.max_proposals,
+                minibatch_size=minibatch_size or defaults.minibatch_size,
+                pool_size=pool_size or defaults.pool_size,
+            )
+        else:
+            settings = Settings.auto(
+                auto, seed=seed, num_trials=trials, num_instructions=instructions, num_demo_sets=demo_sets
+            )
     except ValueError as exc:
         raise fail(str(exc)) from None
     get_template(registry(config), template_id)
@@ -158,30 +209,7 @@ def run_here(
     async def main() -> Any:
         await core.start()
         try:
-            with Progress(
-                TextColumn("[bold]trial"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-            ) as bar:
-                task = bar.add_task(
-                    "optimize", total=settings.trials(), info="preparing demos and instructions…"
-                )
-
-                def on_trial(t: dict[str, Any]) -> None:
-                    full = f" full {t['full_score']:.3f}" if t.get("full_score") is not None else ""
-                    bar.update(
-                        task,
-                        completed=t["trial"] + 1,
-                        info=f"score {t['minibatch_score']:.3f}{full}  best {t['best_score']:.3f}  "
-                        f"calls {t['calls']}  ${t['cost']:.4f}",
-                    )
-
-                def on_stage(stage: str) -> None:
-                    if stage != "trials":  # trials show their own scores
-                        bar.update(task, info=f"{stage}…")
-
+            with _Progress(settings.trials()) as progress:
                 return await run_optimize(
                     core,
                     template_id,
@@ -192,8 +220,8 @@ def run_here(
                     judge=judge,
                     budget=Budget(budget_calls, budget_cost),
                     dry_run=dry_run,
-                    on_trial=on_trial,
-                    on_stage=on_stage,
+                    on_trial=progress.trial,
+                    on_stage=progress.stage,
                 )
         finally:
             await core.stop()
@@ -227,6 +255,53 @@ def run_here(
     if version is not None:
         typer.echo(
             f"wrote template '{template_id}' version {version} (rswitch template rollback {template_id} N to undo)"
+        )
+
+
+class _Progress:
+    """A run's progress: on a terminal one live line (the stage, a bar of trials done, the last
+    trial's scores, calls and cost); elsewhere each stage printed once, as a line, in order."""
+
+    def __init__(self, total: int) -> None:
+        import sys
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.live = sys.stdout.isatty()
+        self.last: str | None = None
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            disable=not self.live,
+        )
+        self.task = self.bar.add_task("starting", total=total, info="")
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def stage(self, name: str) -> None:
+        if name == self.last:
+            return
+        self.last = name
+        if self.live:
+            self.bar.update(self.task, description=name)
+        else:
+            typer.echo(f"{name}…")
+
+    def trial(self, t: dict[str, Any]) -> None:
+        full = f" full {t['full_score']:.3f}" if t.get("full_score") is not None else ""
+        self.bar.update(
+            self.task,
+            completed=t["trial"] + 1,
+            info=f"score {t['minibatch_score']:.3f}{full}  best {t['best_score']:.3f}  "
+            f"calls {t['calls']}  ${t['cost']:.4f}",
         )
 
 
@@ -308,29 +383,40 @@ def _trial_line(t: dict[str, Any]) -> str:
     )
 
 
-# A background run's stages, in the order it goes through them (optimizer/scheduler.py and
-# mipro.py name them); trials come between the first four and the last.
+# A run's stages, in the order it goes through them (optimizer/service.py, mipro.py and
+# reflective.py name them). The search's own ("trial 3/12", "round 2/12: reflecting on 3
+# failure(s)", "trial 5/12: rescoring the best on validation") are its loop: a watcher shows
+# the trials' own lines for those. MIPROv2 goes through every stage; the reflective search
+# through loading, scoring the current prompt, its rounds and the gate.
 STAGES = (
     "loading examples",
     "bootstrapping demos",
+    "summarising data",
     "proposing instructions",
     "scoring the current prompt",
     "trials",
+    "rescoring the current instruction with the winning demos",
     "testing the winner",
 )
 TRIALS_STAGE = STAGES.index("trials")
 
 
+def stage_kind(stage: str) -> str:
+    """A stage's place in STAGES: a stage of the search loop is "trials"."""
+    return "trials" if stage.startswith(("trial ", "round ")) else stage
+
+
 class _StageLine:
     """Which stage to print after a poll's trials, so the lines read in the order things happened:
     a stage the run has left (one before the trials, once a trial is shown) is never printed, and
-    a stage after the trials waits until every trial the run reports has been printed."""
+    a stage after the trials waits until every trial the run reports has been printed. The loop's
+    stages are not printed: each trial prints its own line."""
 
     def __init__(self) -> None:
         self.shown: str | None = None
 
     def due(self, stage: Any, trials_shown: int, trials_run: int) -> str | None:
-        if not isinstance(stage, str) or stage in (self.shown, "trials"):
+        if not isinstance(stage, str) or stage_kind(stage) in (self.shown, "trials"):
             return None
         rank = STAGES.index(stage) if stage in STAGES else None
         if rank is not None:

@@ -1,4 +1,5 @@
-"""The background optimizer: a worker thread that reruns MIPROv2 where new labels arrived.
+"""The background optimizer: a worker thread that reruns MIPROv2 (or, with `strategy: reflective`,
+the reflective instruction search) where new labels arrived.
 
 It runs one template at a time on its own event loop, so its CPU work (search, scoring)
 never runs on the gateway's loop; only the model calls are handed to the gateway's loop,
@@ -18,6 +19,7 @@ from typing import Any
 
 from rswitch.optimizer.data import load_examples
 from rswitch.optimizer.mipro import Budget, Settings
+from rswitch.optimizer.reflective import ReflectiveSettings
 from rswitch.optimizer.service import OptimizeError, optimize
 
 log = logging.getLogger("rswitch.optimizer")
@@ -27,6 +29,13 @@ def _utc(text: str) -> datetime:
     """A stored time (ISO 8601, with or without a zone: naive ones are UTC) to the second."""
     at = datetime.fromisoformat(text)
     return (at if at.tzinfo else at.replace(tzinfo=UTC)).replace(microsecond=0)
+
+
+def search_settings(cfg: Any, seed: int = 0) -> Settings | ReflectiveSettings:
+    """The search a config's `gateway.optimization` asks for, with its settings."""
+    if cfg.strategy == "reflective":
+        return ReflectiveSettings(seed=seed, **cfg.reflective.model_dump())
+    return Settings.auto(cfg.auto, seed=seed)
 
 
 class BackgroundOptimizer:
@@ -39,7 +48,7 @@ class BackgroundOptimizer:
         self._requests: queue.Queue[str] = queue.Queue()
         self._labels_at_last_run: dict[str, int] = {}
         self.running: str | None = None
-        self.stage: str | None = None  # what the running run is doing (bootstrapping demos, trials, …)
+        self.stage: str | None = None  # what the running run is doing (bootstrapping demos, trial 3/12, …)
         self._budget: Budget | None = None  # the running run's, for its calls so far
         self.trials: deque[dict[str, Any]] = deque(maxlen=200)  # the current (or last) run's trials, live
         self.runs: deque[dict[str, Any]] = deque(maxlen=20)  # finished runs, newest last
@@ -79,6 +88,7 @@ class BackgroundOptimizer:
             "enabled": True,
             "periodic": self.periodic,
             "running": self.running,
+            "strategy": self.cfg.strategy,
             "stage": self.stage if self.running else None,
             "calls": self._budget.total_calls if self.running and self._budget else None,
             "cost": self._budget.cost if self.running and self._budget else None,
@@ -169,7 +179,7 @@ class BackgroundOptimizer:
         self.trials.clear()
         self._cancel.clear()
         self.core.event("optimizer", f"optimizing '{template_id}'")
-        settings = Settings.auto(self.cfg.auto)
+        settings = search_settings(self.cfg)
         labels = len(load_examples(self.core.datasets, template_id))
         # counted as tried even if it fails, so a failing template waits for new labels, not the next tick
         self._labels_at_last_run[template_id] = labels

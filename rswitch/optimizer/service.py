@@ -111,6 +111,8 @@ async def optimize(
         scorer = build_evaluator(evaluator, **options)
     except ValueError as exc:
         raise OptimizeError(str(exc)) from None
+    if on_stage:
+        on_stage("loading examples")
     core.recorder.flush()
     # a reference combination's answers label the rows of the others (never its own optimization)
     reference = frozenset(core.config.gateway.optimization.reference_combinations) - {combo.id}

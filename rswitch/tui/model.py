@@ -626,6 +626,8 @@ def optimizer_lines(opt: dict[str, Any]) -> list[str]:
         return ["optimizer: off"]
     running = opt.get("running")
     head = f"optimizer: running {running!r}" if running else "optimizer: idle"
+    if running and opt.get("strategy") == "reflective":  # MIPROv2, the default, goes unsaid
+        head += " (reflective)"
     if running:
         stage = opt.get("stage") or "starting"
         calls, cost = opt.get("calls"), opt.get("cost")
