@@ -40,6 +40,7 @@ from rswitch.config import parse_config  # noqa: E402
 from rswitch.core import Core  # noqa: E402
 from rswitch.optimizer.data import load_examples, split  # noqa: E402
 from rswitch.optimizer.mipro import Candidate, Settings  # noqa: E402
+from rswitch.optimizer.reflective import ReflectiveSettings  # noqa: E402
 from rswitch.optimizer.service import optimize  # noqa: E402
 
 SAMPLES = ROOT / "sample_prompts"
@@ -58,6 +59,10 @@ SETTINGS: dict[str, Any] = {
     "max_labeled_demos": 6,
     "max_bootstrapped_demos": 4,
 }
+
+
+# --strategy reflective: the same validation size; the embedded model is its own proposer.
+REFLECTIVE: dict[str, Any] = {"max_proposals": 12, "minibatch_size": 3, "max_val": 60}
 
 
 def config_data(tmp: Path) -> dict[str, Any]:
@@ -128,8 +133,12 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         await core.start()
         try:
             core.datasets.import_rows(TEMPLATE_ID, read_rows(LABELLED))
-            settings = Settings.auto(
-                args.preset, seed=seed, task_params=dict(TASK_PARAMS), **SETTINGS | args.overrides
+            settings = (
+                ReflectiveSettings(seed=seed, task_params=dict(TASK_PARAMS), **REFLECTIVE | args.overrides)
+                if args.strategy == "reflective"
+                else Settings.auto(
+                    args.preset, seed=seed, task_params=dict(TASK_PARAMS), **SETTINGS | args.overrides
+                )
             )
             started = time.perf_counter()
 
@@ -138,7 +147,8 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
                     full = f" full {t['full_score']:.3f}" if t.get("full_score") is not None else ""
                     print(
                         f"  trial {t['trial']:>2} ({t['instruction']},{t['demo_set']}) "
-                        f"mini {t['minibatch_score']:.3f}{full} best {t['best_score']:.3f} calls {t['calls']}",
+                        f"mini {t['minibatch_score']:.3f}{full} best {t['best_score']:.3f} calls {t['calls']}"
+                        + (f" ({t['note']})" if t.get("note") else ""),
                         flush=True,
                     )
 
@@ -238,11 +248,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str], strategy: str = "mipro") -> dict[str, Any]:
+    fields = (ReflectiveSettings if strategy == "reflective" else Settings).__dataclass_fields__
     out: dict[str, Any] = {}
     for item in items:
         key, _, value = item.partition("=")
-        if key not in Settings.__dataclass_fields__:
+        if key not in fields:
             raise SystemExit(f"--set: unknown setting {key!r}")
         out[key] = json.loads(value)
     return out
@@ -252,6 +263,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated optimizer seeds")
     ap.add_argument("--preset", default="light", help="MIPROv2 preset: light | medium | heavy")
+    ap.add_argument(
+        "--strategy", default="mipro", choices=("mipro", "reflective"), help="the search (rswitch optimize's)"
+    )
     ap.add_argument("--evaluator", default="token_f1", help="an rswitch evaluator name")
     ap.add_argument(
         "--set", dest="overrides", action="append", default=[], help="a Settings field, e.g. num_trials=20"
@@ -259,11 +273,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the per-seed results as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="print trials, instructions and demos")
     args = ap.parse_args()
-    args.overrides = parse_overrides(args.overrides)
+    args.overrides = parse_overrides(args.overrides, args.strategy)
     seeds = [int(s) for s in args.seeds.split(",")]
+    search = (
+        f"reflective search, settings {REFLECTIVE | args.overrides}"
+        if args.strategy == "reflective"
+        else f"MIPROv2: preset {args.preset}, settings {SETTINGS | args.overrides}"
+    )
     print(
-        f"MIPROv2 on {TEMPLATE_ID} (SmolLM2-135M, local): preset {args.preset}, evaluator {args.evaluator}, "
-        f"settings {SETTINGS | args.overrides}, task params {TASK_PARAMS}",
+        f"{search} on {TEMPLATE_ID} (SmolLM2-135M, local, also the proposer): evaluator {args.evaluator}, "
+        f"task params {TASK_PARAMS}",
         flush=True,
     )
     rows = []
