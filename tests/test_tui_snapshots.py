@@ -91,7 +91,7 @@ SNAPSHOT: dict[str, Any] = {
         "enabled": True,
         "periodic": False,
         "running": "support-reply",
-        "stage": "trials",
+        "stage": "trial 8/12",
         "calls": 144,
         "queued": [],
         "last": None,
