@@ -1,0 +1,146 @@
+"""benchmarks/bench_optimizer_peers.py without DSPy: the rows handed to a peer are rswitch's own
+split, calls are counted per peer from the analytics store (HTTP calls by client key, the
+in-process optimizer's by kind), rswitch's side runs end to end on the mock provider, and the
+table says what the seeds said."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rswitch.config import parse_config
+from rswitch.core import Core
+from rswitch.optimizer.data import load_examples, split
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_optimizer_peers as peers  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TASK = peers.TASKS["intent-bench"]
+MOCK = {"type": "mock", "mock": {"response": "Weather."}}
+
+
+def labelled_inputs() -> list[str]:
+    lines = TASK.labelled.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["input"] for line in lines if line.strip()]
+
+
+async def started(tmp_path: Path, keys: dict[str, str]) -> Core:
+    core = Core(parse_config(peers.config_data(tmp_path, TASK, keys, provider=MOCK)))
+    await core.start()
+    return core
+
+
+async def test_peers_get_rswitch_split_the_searched_validation_rows_and_the_newest_test_rows(
+    tmp_path: Path,
+) -> None:
+    core = await started(tmp_path, {})
+    try:
+        core.datasets.import_rows(TASK.template_id, peers.read_rows(TASK.labelled))
+        rows = peers.handoff(core, TASK, seed=1, max_val=60)
+        other = peers.handoff(core, TASK, seed=2, max_val=60)
+        own = split(load_examples(core.datasets, TASK.template_id), seed=1)
+    finally:
+        await core.stop()
+    ids = {k: [r["row_id"] for r in v] for k, v in rows.items()}
+    assert ids["train"] == [e.row_id for e in own.train]
+    assert ids["val"] == [e.row_id for e in own.val[:60]]  # what rswitch's search scores on
+    assert ids["test"] == [e.row_id for e in own.test]
+    assert (len(ids["train"]), len(ids["val"]), len(ids["test"])) == (162, 60, 65)
+    assert not set(ids["train"]) & set(ids["val"]) and not set(ids["test"]) & set(ids["train"] + ids["val"])
+    # the test rows are CLINC's own test sentences, the file's last 65, whatever the seed
+    assert [r["user"] for r in rows["test"]] == labelled_inputs()[-65:]
+    assert other["test"] == rows["test"] and other["train"] != rows["train"]
+    first = rows["val"][0]
+    assert first["variables"] == {"labels": "weather, alarm, flight, calories, traffic"}
+    assert first["expected"] in {"weather", "alarm", "flight", "calories", "traffic"}
+
+
+async def test_calls_and_tokens_are_counted_per_peer_from_the_analytics_store(tmp_path: Path) -> None:
+    keys = peers.peer_keys(["rswitch", "dspy-mipro"])
+    assert set(keys) == {"dspy-mipro", "dspy-mipro-test"}
+    core = await started(tmp_path, keys)
+    combo = core.gateway.combinations["rswitch"]
+    body = {"model": peers.MODEL, "messages": [{"role": "user", "content": "will it rain in Oslo"}]}
+    try:
+        async with peers.served(core) as url, httpx.AsyncClient(base_url=url) as http:
+            for name, n in (("dspy-mipro", 3), ("dspy-mipro-test", 2)):
+                for _ in range(n):
+                    r = await http.post(
+                        "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {keys[name]}"}
+                    )
+                    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Weather."
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 401  # no key
+            for kind, n in (("optimizer", 4), ("benchmark", 1)):
+                for _ in range(n):
+                    await core.gateway.call_direct(combo, body["messages"], {}, kind=kind)
+    finally:
+        await core.stop()
+    counted = peers.usage(tmp_path / "analytics.duckdb")
+    assert {who: c["calls"] for who, c in counted.items()} == {
+        "dspy-mipro": 3,
+        "dspy-mipro-test": 2,
+        "rswitch": 4,
+        "rswitch-test": 1,
+    }
+    # the mock counts a word a token: 5 words asked, 1 answered, per call
+    assert counted["dspy-mipro"]["prompt_tokens"] == 15 and counted["dspy-mipro"]["completion_tokens"] == 3
+    assert all(c["failed"] == 0 for c in counted.values())
+
+
+async def test_rswitch_side_end_to_end_on_the_mock_scores_the_test_rows_and_counts_its_calls() -> None:
+    args = argparse.Namespace(peers=["rswitch"], quick=True, verbose=False)
+    seed = await peers.one_seed(TASK, 0, args, provider=MOCK)
+    res, test = seed["peers"]["rswitch"], seed["test_expected"]
+    assert seed["sizes"]["test"] == len(test) == len(res["answers"]) == len(seed["row_ids"]["test"]) > 0
+    assert all(a == "Weather." for a in res["answers"])
+    # "Weather." is the label exactly, ignoring case and punctuation, for the weather rows only
+    assert res["test_score"] == pytest.approx(sum(e == "weather" for e in test) / len(test))
+    assert 0 < res["test_score"] < 1
+    assert res["usage_calls"] == sum(res["own_calls"].values()) > 0  # the store agrees with the run
+    assert res["test_usage"]["calls"] == len(test)
+
+
+def test_the_same_metric_scores_every_peer() -> None:
+    assert peers.test_score(TASK, "Weather.", "weather") == 1.0
+    assert peers.test_score(TASK, "weather, alarm", "weather") == 0.0
+    assert peers.test_score(TASK, "The weather is fine", "weather") == 0.0
+    extract = peers.TASKS["extract-bench"]
+    assert (
+        peers.test_score(extract, '{"city": "Oslo", "date": "monday"}', '{"city": "oslo", "date": "friday"}')
+        == 0.5
+    )
+    assert peers.test_score(extract, "no json here", '{"city": "oslo"}') == 0.0
+
+
+def test_dspy_starts_from_the_same_seed_instruction_naming_its_input_fields() -> None:
+    assert (
+        peers.dspy_instruction("Which of these topics is the user's message about: {labels}?\n")
+        == "Which of these topics is the user's message about: `labels`?"
+    )
+    assert (
+        peers.dspy_instruction("Reply as JSON {{like this}} for {city}.")
+        == "Reply as JSON {like this} for `city`."
+    )
+
+
+def test_table_gives_mean_sd_per_seed_scores_calls_tokens_and_wall_time() -> None:
+    def run(score: float, calls: int, wall: float) -> dict[str, Any]:
+        return {"test_score": score, "usage_calls": calls, "usage_prompt_tokens": 10 * calls,
+                "usage_completion_tokens": calls, "wall_seconds": wall}  # fmt: skip
+
+    seeds = [
+        {"seed": 0, "peers": {"rswitch": run(0.4, 400, 100), "dspy-mipro": run(0.7, 600, 300)}},
+        {"seed": 1, "peers": {"rswitch": run(0.6, 500, 200), "dspy-mipro": run(0.5, 600, 500)}},
+    ]
+    lines = peers.table(TASK, seeds).splitlines()
+    assert lines[0].startswith("| optimizer | test accuracy (mean ± sd) | per seed (0, 1) | model calls |")
+    assert lines[2] == "| rswitch | 50.0 ± 14.1 | 40.0 / 60.0 | 450 ± 71 | 4950 ± 778 | 150 ± 71 |"
+    assert lines[3] == "| dspy-mipro | 60.0 ± 14.1 | 70.0 / 50.0 | 600 ± 0 | 6600 ± 0 | 400 ± 141 |"
