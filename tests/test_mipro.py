@@ -328,3 +328,103 @@ async def test_bootstrapping_asks_with_labelled_demos_in_context():
     await opt._demo_sets("Repeat for {topic}.", [], rows(30))
     bootstrapped = [s for s in opt.demo_sets[2:] if s and all(d["assistant"].isupper() for d in s)]
     assert bootstrapped and min(asked) > 2  # every bootstrap call had demos before the row
+
+
+def test_light_preset_halves_the_instructions_when_demos_are_searched():
+    """DSPy's light preset: with demos in the search, 3 instructions and 6 demo sets; zero-shot, 6."""
+    s = Settings.auto("light")
+    assert (s.num_instructions, s.num_demo_sets) == (3, 6)
+    zero_shot = Settings.auto("light", max_labeled_demos=0, max_bootstrapped_demos=0)
+    assert zero_shot.num_instructions == 6
+    assert Settings.auto("light", num_instructions=5).num_instructions == 5  # an explicit count wins
+
+
+async def test_labelled_demo_sets_each_cover_every_label_and_end_on_different_labels():
+    labels = ["a", "b", "c", "d", "e"]
+    train = labelled_rows([labels[i % 5] if i < 30 else "a" for i in range(50)])
+
+    async def wrong(messages, params):
+        return CallResult("?")  # nothing bootstraps: every extra set is labelled
+
+    opt = MIPROv2(wrong, build_evaluator("exact_match"), settings(num_demo_sets=6, max_labeled_demos=6))
+    await opt._demo_sets("Classify for {topic}.", [], train)
+    labelled = opt.demo_sets[1:]
+    assert len(labelled) == 5 and len({str(s) for s in labelled}) == 5  # five different draws
+    for demos in labelled:
+        assert len(demos) == 6 and {d["assistant"] for d in demos} == set(labels)
+    last = [demos[-1]["assistant"] for demos in labelled]
+    assert all(x != y for x, y in zip(last, last[1:], strict=False)), last
+
+
+async def test_bootstrapped_sets_mix_the_models_answers_with_labelled_rows_of_the_missing_labels():
+    labels = ["a", "b", "c", "d", "e"]
+    train = labelled_rows([labels[i % 5] for i in range(40)])
+    answers = {f"q{i}": labels[i % 5] for i in range(40)}
+
+    async def right_with_demos(messages, params):
+        return CallResult(answers[messages[-1]["content"]] if len(messages) > 2 else "?")
+
+    opt = MIPROv2(
+        right_with_demos,
+        build_evaluator("exact_match"),
+        settings(num_demo_sets=4, max_labeled_demos=6, max_bootstrapped_demos=4),
+    )
+    await opt._demo_sets("Classify for {topic}.", [], train)
+    boot = opt.demo_sets[2]  # incumbent's, labelled, then bootstrapped
+    assert len(boot) == 6 and {d["assistant"] for d in boot} == set(labels)
+    assert len(opt._answers) >= 4  # four of them are the model's own answers, one label each at most
+
+
+def fixed_demo_sets(opt: MIPROv2, sets: list[list[dict[str, str]]]) -> None:
+    async def demo_sets(instruction, demos, train):
+        opt.demo_sets = [list(demos)] + sets
+
+    opt._demo_sets = demo_sets
+
+
+async def test_every_demo_set_is_first_tried_with_the_current_instruction_on_the_same_rows():
+    seen: list[tuple[int, int, list[int]]] = []
+    opt = MIPROv2(
+        make_task([]),
+        build_evaluator("exact_match"),
+        settings(num_trials=5, num_instructions=1, minibatch_size=4, full_eval_every=100),
+    )
+    fixed_demo_sets(opt, [[{"user": f"u{k}", "assistant": f"U{k}"}] for k in range(3)])
+    evaluate = opt.evaluate
+
+    async def recording(i, d, rows):
+        seen.append((i, d, [r.row_id for r in rows]))
+        return await evaluate(i, d, rows)
+
+    opt.evaluate = recording
+    res = await opt.run("t", "Repeat the user's text for {topic}.", [], split(rows(40), seed=1))
+    assert [(t["instruction"], t["demo_set"]) for t in res.trials[:3]] == [(0, 1), (0, 2), (0, 3)]
+    screening = seen[1:4]  # after the incumbent's full validation score
+    assert len({tuple(rows) for _, _, rows in screening}) == 1 and len(screening[0][2]) == 4
+
+
+async def test_the_winner_is_the_best_on_all_of_validation_not_the_best_minibatch():
+    """One demo set is right only on the first rows it is asked (a lucky minibatch), another on
+    about half of every row: full rescoring finds the lucky one out, and no candidate is rescored
+    twice."""
+    lucky_rows: set[str] = set()
+
+    async def task(messages, params):
+        user = messages[-1]["content"]
+        demo = messages[1]["content"] if len(messages) > 2 else None
+        if demo == "lucky" and (len(lucky_rows) < 5 or user in lucky_rows):
+            lucky_rows.add(user)
+            return CallResult(user.upper())
+        if demo == "steady" and int(user.split()[-1]) % 2 == 0:
+            return CallResult(user.upper())
+        return CallResult(user)
+
+    s = settings(num_trials=6, num_instructions=1, minibatch_size=5, full_eval_every=2)
+    opt = MIPROv2(task, build_evaluator("exact_match"), s)
+    fixed_demo_sets(opt, [[{"user": "lucky", "assistant": "L"}], [{"user": "steady", "assistant": "S"}]])
+    res = await opt.run("t", "Repeat the user's text for {topic}.", [], split(rows(60), seed=1))
+    full = [(tuple(t["full_candidate"]), t["full_score"]) for t in res.trials if t["full_score"] is not None]
+    assert [c for c, _ in full][:2] == [(0, 1), (0, 2)] and len(full) == len({c for c, _ in full})
+    assert res.trials[0]["minibatch_score"] == 1.0 > res.trials[1]["minibatch_score"]
+    assert dict(full)[(0, 1)] < dict(full)[(0, 2)]
+    assert res.winner == (0, 2) and res.winner_val == dict(full)[(0, 2)]

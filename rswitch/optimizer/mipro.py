@@ -118,6 +118,12 @@ class Settings:
         n = AUTO[preset]["n"]
         base = {"num_instructions": n, "num_demo_sets": n, "max_val": AUTO[preset]["val_size"]}
         base.update({k: v for k, v in overrides.items() if v is not None})
+        demos = base.get("max_labeled_demos", cls.max_labeled_demos) or base.get(
+            "max_bootstrapped_demos", cls.max_bootstrapped_demos
+        )
+        if demos and overrides.get("num_instructions") is None:
+            # DSPy: with demos in the search, half as many instructions (demos are the better spend)
+            base["num_instructions"] = max(1, n // 2)
         return cls(**base)
 
     def trials(self) -> int:
@@ -227,6 +233,7 @@ class MIPROv2:
         self._scores: dict[tuple[int, int, int], float] = {}  # (instruction, demo set, row) → score
         self.instructions: list[str] = []
         self.demo_sets: list[list[dict[str, str]]] = []
+        self._answers: dict[int, str] = {}  # row id → the model's own passing answer (bootstrapped)
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -261,72 +268,123 @@ class MIPROv2:
 
     # -- demo sets ---------------------------------------------------------------------------
 
-    def _labelled_sets(self, labelled: list[Example]) -> list[list[dict[str, str]]]:
-        """Demo sets drawn from labelled rows: the first covers every distinct label it can (one
-        row per label, then others), so a classifier sees each class; the second is a plain
-        random draw. Identical draws are kept once."""
+    def _labelled_sets(self, labelled: list[Example], count: int) -> list[list[dict[str, str]]]:
+        """`count` demo sets drawn from labelled rows (each its own seeded draw), class-balanced:
+        each set takes one row of every distinct label it can before a second of any, so a
+        classifier sees every class, and set j ends on a different label than set j-1 (a weak
+        model leans towards the last demo's label). Identical draws are kept once."""
         size = min(self.s.max_labeled_demos, len(labelled))
-        rng = random.Random(self.s.seed)
-        by_label: dict[str, list[Example]] = {}
-        for r in labelled:
-            by_label.setdefault(r.target or "", []).append(r)
-        first: list[Example] = []
-        for rows in rng.sample(list(by_label.values()), len(by_label)):
-            if len(first) < size:
-                first.append(rng.choice(rows))
-        rest = [r for r in labelled if r not in first]
-        first += rng.sample(rest, min(size - len(first), len(rest)))
-        rng.shuffle(first)  # the last demo's label must not always be the same one
-        second = random.Random(self.s.seed + 1).sample(labelled, size)
         out: list[list[dict[str, str]]] = []
-        for pick in (first, second):
+        for j in range(count):
+            pick = self._balanced(labelled, [], size, random.Random(self.s.seed * 7919 + j), j)
             demos = [{"user": r.user_text(), "assistant": r.target or ""} for r in pick]
-            if demos not in out:
+            if demos and demos not in out:
                 out.append(demos)
         return out
+
+    @staticmethod
+    def _balanced(
+        rows: list[Example], taken: list[Example], size: int, rng: random.Random, turn: int
+    ) -> list[Example]:
+        """`taken` filled up to `size` from `rows`, labels least represented first (ties at random),
+        shuffled so that the last demo's label is the `turn`-th label in sorted order."""
+        by_label: dict[str, list[Example]] = {}
+        for r in rows:
+            if r not in taken:
+                by_label.setdefault(r.target or "", []).append(r)
+        for pool in by_label.values():
+            rng.shuffle(pool)
+        counts: dict[str, int] = {lab: 0 for lab in by_label}
+        for r in taken:
+            counts[r.target or ""] = counts.get(r.target or "", 0) + 1
+        pick = list(taken)
+        while len(pick) < size and any(by_label.values()):
+            open_labels = [lab for lab, pool in by_label.items() if pool]
+            low = min(counts[lab] for lab in open_labels)
+            lab = rng.choice(sorted(lab for lab in open_labels if counts[lab] == low))
+            pick.append(by_label[lab].pop())
+            counts[lab] += 1
+        rng.shuffle(pick)
+        labels = sorted({r.target or "" for r in pick})
+        if len(labels) > 1:
+            want = labels[turn % len(labels)]
+            last = max(i for i, r in enumerate(pick) if (r.target or "") == want)
+            pick.append(pick.pop(last))
+        return pick
+
+    async def _bootstrap(
+        self, base_instruction: str, teacher: list[dict[str, str]], train: list[Example], k: int
+    ) -> list[Example] | None:
+        """Rows of one shuffle of train whose answer, asked with the teacher demos in context
+        (DSPy's teacher: a weak model gets little right zero-shot), passes the evaluator; each
+        row comes back carrying the model's own answer as its target."""
+        rows = list(train)
+        random.Random(self.s.seed + 1000 + k).shuffle(rows)
+        # at most an even share per label, so a classifier's bootstrapped demos are not all one class
+        cap = math.ceil(self.s.max_bootstrapped_demos / max(1, len({r.target for r in train})))
+        per_label: dict[str | None, int] = {}
+        kept: list[Example] = []
+        for row in rows:
+            if len(kept) >= self.s.max_bootstrapped_demos:
+                break
+            if per_label.get(row.target, 0) >= cap:
+                continue
+            context = [d for d in teacher if d["user"] != row.user_text()]
+            out = await self._call(
+                "task", self.task, Candidate(base_instruction, context).messages(row), self.s.task_params
+            )
+            try:
+                s = await self.evaluator.score(
+                    output=out.text,
+                    expected=row.target,
+                    inputs={"messages": row.messages, "variables": row.variables},
+                )
+            except EvaluationError:
+                continue
+            if self.evaluator.passed(s):
+                kept.append(row)
+                per_label[row.target] = per_label.get(row.target, 0) + 1
+                self._answers[row.row_id] = out.text
+        return kept
 
     async def _demo_sets(
         self, base_instruction: str, base_demos: list[dict[str, str]], train: list[Example]
     ) -> None:
+        """The incumbent's demos (set 0, so candidate (0, 0) is the incumbent), zero-shot, then
+        class-balanced labelled sets and bootstrapped sets in turn (DSPy's mix): a bootstrapped set
+        is the model's own passing answers on a shuffle of train, filled up with labelled rows
+        (labels it lacks first) to `max_labeled_demos`."""
         labelled = [r for r in train if r.expected is not None]
-        # set 0 is the incumbent's own demos (so candidate (0, 0) is the incumbent), then zero-shot
         sets: list[list[dict[str, str]]] = [list(base_demos)] + ([[]] if base_demos else [])
-        labelled_sets = self._labelled_sets(labelled) if labelled and self.s.num_demo_sets > 2 else []
-        if labelled_sets:
-            sets.append(labelled_sets[0])
-        # bootstrapping asks the model with labelled demos in context (DSPy's teacher), which a
-        # weak model needs to get anything right; the demos kept are its own passing answers
+        first = len(sets)
+        room = self.s.num_demo_sets - first
+        labelled_sets = self._labelled_sets(labelled, room) if labelled and room > 0 else []
         teacher = labelled_sets[0] if labelled_sets else []
-        k = 0
-        while len(sets) < self.s.num_demo_sets and k < self.s.num_demo_sets * 2:
-            rows = list(train)
-            random.Random(self.s.seed + 1000 + k).shuffle(rows)
-            k += 1
-            demos: list[dict[str, str]] = []
-            for row in rows:
-                if len(demos) >= self.s.max_bootstrapped_demos:
-                    break
-                context = [d for d in teacher if d["user"] != row.user_text()]
-                out = await self._call(
-                    "task", self.task, Candidate(base_instruction, context).messages(row), self.s.task_params
-                )
-                try:
-                    s = await self.evaluator.score(
-                        output=out.text,
-                        expected=row.target,
-                        inputs={"messages": row.messages, "variables": row.variables},
-                    )
-                except EvaluationError:
+        boot_ok = bool(labelled) and self.s.max_bootstrapped_demos > 0
+        size = max(self.s.max_labeled_demos, self.s.max_bootstrapped_demos)
+        k = tries = 0
+        while len(sets) < self.s.num_demo_sets and tries < 3 * max(room, 1):
+            tries += 1
+            if boot_ok and ((len(sets) - first) % 2 == 1 or not labelled_sets):
+                kept = await self._bootstrap(base_instruction, teacher, train, k)
+                k += 1
+                if not kept:
+                    boot_ok = False  # nothing passes even with demos: more shuffles will not help
                     continue
-                if self.evaluator.passed(s):
-                    demos.append({"user": row.user_text(), "assistant": out.text})
-            if demos and demos not in sets:
+                rng = random.Random(self.s.seed * 104729 + k)
+                pick = self._balanced(labelled, kept, size, rng, k)
+                demos = [
+                    {"user": r.user_text(), "assistant": self._answers.get(r.row_id, r.target or "")}
+                    if r in kept
+                    else {"user": r.user_text(), "assistant": r.target or ""}
+                    for r in pick
+                ]
+            elif labelled_sets:
+                demos = labelled_sets.pop(0)
+            else:
+                break
+            if demos not in sets:
                 sets.append(demos)
-            elif not demos:
-                break  # the model answers nothing well even with demos: more shuffles will not help
-        for extra in labelled_sets[1:]:
-            if len(sets) < self.s.num_demo_sets and extra not in sets:
-                sets.append(extra)
         self.demo_sets = sets
 
     # -- instruction proposals ----------------------------------------------------------------
@@ -436,11 +494,24 @@ class MIPROv2:
             }
             means: dict[tuple[int, int], list[float]] = {}
             rescored: dict[tuple[int, int], float] = {(0, 0): best_val}
+            # the incumbent's full score seeds the study (DSPy's default-program trial); then the
+            # current instruction is tried with every demo set before TPE takes over, so each set
+            # is seen at least once, on the same rows (the gain usually comes from the demos)
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={"instruction": 0, "demo_set": 0}, distributions=dist, value=best_val
+                )
+            )
+            for d in range(1, min(len(self.demo_sets), self.s.trials() + 1)):
+                study.enqueue_trial({"instruction": 0, "demo_set": d})
+            order = random.Random(self.s.seed).sample(val, len(val))
+            drawn: dict[tuple[int, int], int] = {}
             for t in range(self.s.trials()):
                 self._stage(f"trial {t + 1}/{self.s.trials()}")
                 trial = study.ask(dist)
                 cand = (trial.params["instruction"], trial.params["demo_set"])
-                batch = self.rng.sample(val, min(self.s.minibatch_size, len(val)))
+                batch = self._minibatch(order, drawn.get(cand, 0))
+                drawn[cand] = drawn.get(cand, 0) + 1
                 score = sum(await self.evaluate(*cand, batch)) / len(batch)
                 study.tell(trial, score)
                 means.setdefault(cand, []).append(score)
@@ -454,13 +525,22 @@ class MIPROv2:
                     "minibatch_score": score,
                     "full_score": None,
                 }
-                if (t + 1) % self.s.full_eval_every == 0 or t == self.s.trials() - 1:
-                    top = max(means, key=lambda c: sum(means[c]) / len(means[c]))
+                fresh = [c for c in means if c not in rescored]
+                if fresh and ((t + 1) % self.s.full_eval_every == 0 or t == self.s.trials() - 1):
+                    # DSPy's schedule: the best minibatch average not yet scored on all of validation
+                    top = max(fresh, key=lambda c: sum(means[c]) / len(means[c]))
                     self._stage(f"trial {t + 1}/{self.s.trials()}: rescoring the best on validation")
                     full = await self.evaluate(*top, val)
                     full_score = sum(full) / len(full)
                     record["full_score"], record["full_candidate"] = full_score, list(top)
                     rescored[top] = full_score
+                    study.add_trial(
+                        optuna.trial.create_trial(
+                            params={"instruction": top[0], "demo_set": top[1]},
+                            distributions=dist,
+                            value=full_score,
+                        )
+                    )
                     best, best_val = self._better((best, best_val), (top, full_score))
                 record.update(
                     best=list(best), best_score=best_val, calls=self.budget.total_calls, cost=self.budget.cost
@@ -491,6 +571,14 @@ class MIPROv2:
         )
         result.seconds = time.monotonic() - started
         return result
+
+    def _minibatch(self, order: list[Example], k: int) -> list[Example]:
+        """A candidate's k-th minibatch: the k-th slice of one seeded order of validation, the same
+        rows for every candidate (paired, so minibatch means compare like with like), and rows a
+        later full rescoring finds already scored."""
+        m = min(self.s.minibatch_size, len(order))
+        start = (k * m) % len(order)
+        return (order + order)[start : start + m]
 
     def _stage(self, name: str) -> None:
         if self.on_stage:
