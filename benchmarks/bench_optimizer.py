@@ -203,6 +203,8 @@ async def one_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
                         + (f" ({t['note']})" if t.get("note") else ""),
                         flush=True,
                     )
+                    if t.get("refused_text"):
+                        print(f"    refused: {t['refused_text'][:160]!r}", flush=True)
 
             result, _ = await optimize(
                 core,

@@ -355,6 +355,7 @@ class ReflectiveSearch:
                 refused = self._refusal(proposal, train)
                 if refused:
                     record["note"] = f"proposal refused: {refused}"
+                    record["refused_text"] = proposal[:500]
                 else:
                     self.instructions.append(proposal)
                     k = len(self.instructions) - 1
