@@ -226,3 +226,22 @@ async def test_an_unknown_proposer_combination_is_a_clear_error(make_gateway):
     gw = await make_gateway(CONFIG)
     with pytest.raises(OptimizeError, match="unknown proposer combination id 'nope'"):
         await optimize(gw.core, "echo", settings=rs(), proposer="nope")
+
+
+def test_the_reflective_settings_in_config_are_checked_with_their_key_path():
+    from rswitch.config import ConfigError, parse_config
+    from rswitch.optimizer.scheduler import search_settings
+
+    with pytest.raises(
+        ConfigError, match=r"gateway\.optimization\.strategy: Input should be 'mipro' or 'reflective'"
+    ):
+        parse_config({"gateway": {"optimization": {"strategy": "gepa"}}})
+    with pytest.raises(
+        ConfigError, match=r"gateway\.optimization\.reflective\.pool_size: .*greater than or equal to 1"
+    ):
+        parse_config({"gateway": {"optimization": {"reflective": {"pool_size": 0}}}})
+    cfg = parse_config(
+        {"gateway": {"optimization": {"strategy": "reflective", "reflective": {"pool_size": 4}}}}
+    )
+    settings = search_settings(cfg.gateway.optimization, seed=2)
+    assert isinstance(settings, ReflectiveSettings) and (settings.pool_size, settings.seed) == (4, 2)
