@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,14 +117,20 @@ def evaluate(name: str, answer: str, expected: str) -> Any:
 
 
 def config_data(
-    tmp: Path, task: Task, keys: dict[str, str], provider: dict[str, Any] | None = None, model: str = MODEL
+    tmp: Path,
+    task: Task,
+    keys: dict[str, str],
+    provider: dict[str, Any] | None = None,
+    model: str = MODEL,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """One provider, the sample templates, one combination for the task, a client key per peer."""
     from rswitch.auth import hash_key
 
     return {
         "model_providers": {
-            "local": provider or {"type": "local", "local": {"n_ctx": 4096, "queue_size": 64}},
+            "local": provider
+            or {"type": "local", "local": {"n_ctx": 4096, "queue_size": 64, "n_threads": threads}},
         },
         "template_dirs": [str(SAMPLES)],
         "gateway": {
@@ -201,13 +207,15 @@ async def served(core: Any) -> AsyncIterator[str]:
 
 
 def usage(analytics_path: Path) -> dict[str, dict[str, int]]:
-    """Calls and tokens per caller, from the analytics store's `invocations` (read after the core
-    has stopped and drained its recorder): a client key's name, or for the in-process calls their
+    """Calls and tokens per caller, from the analytics store's `invocations` (after the recorder
+    has flushed): a client key's name, or for the in-process calls their
     combination (`rswitch`, `rswitch-reflective`: the optimizer's calls, kind `optimizer`), with
     `-test` for this script's test scoring of the winner."""
     import duckdb
 
-    con = duckdb.connect(str(analytics_path), read_only=True)
+    # a plain connection: in the process whose core has the file open DuckDB hands out the same
+    # database (a read-only one would conflict with it); afterwards it simply opens the file
+    con = duckdb.connect(str(analytics_path))
     try:
         rows = con.execute(
             """SELECT coalesce(client, combination_id || CASE WHEN kind = 'optimizer' THEN '' ELSE '-test' END),
@@ -440,16 +448,24 @@ def keep_instruction_when_proposal_fails(dspy: Any) -> list[int]:
 
 
 async def one_seed(
-    task: Task, seed: int, args: Any, provider: dict[str, Any] | None = None
+    task: Task,
+    seed: int,
+    args: Any,
+    provider: dict[str, Any] | None = None,
+    on_peer: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Every optimizer in `args.peers` on one seed's split; `on_peer` gets the seed's record so
+    far after each one (scored, and counted in the store the core is still writing)."""
     from rswitch.config import parse_config
     from rswitch.core import Core
 
     keys = peer_keys(args.peers)
+    record: dict[str, Any] = {"seed": seed, "peers": {}, "failed": {}}
     with tempfile.TemporaryDirectory(prefix=f"rswitch-peers-{seed}-") as tmp:
-        core = Core(parse_config(config_data(Path(tmp), task, keys, provider)))
+        store = Path(tmp) / "analytics.duckdb"
+        threads = getattr(args, "threads", None)
+        core = Core(parse_config(config_data(Path(tmp), task, keys, provider, threads=threads)))
         await core.start()
-        results: dict[str, dict[str, Any]] = {}
         try:
             labelled = read_rows(task.labelled)
             core.datasets.import_rows(
@@ -457,39 +473,50 @@ async def one_seed(
             )
             max_val = QUICK["val"] if args.quick else ({"max_val": 100} | task.settings)["max_val"]
             rows = handoff(core, task, seed, max_val)
+            record |= {
+                "sizes": {k: len(v) for k, v in rows.items()},
+                "row_ids": {k: [r["row_id"] for r in v] for k, v in rows.items()},
+                "test_expected": [r["expected"] for r in rows["test"]],
+            }
             async with served(core) as url:
                 for peer in args.peers:
                     print(f"  seed {seed}: {peer}…", flush=True)
-                    if peer in RSWITCH:
-                        results[peer] = await run_rswitch(peer, core, task, rows, seed, args)
-                    else:
-                        results[peer] = await run_dspy(peer, url, keys, task, rows, seed, args)
-                    print(f"  seed {seed}: {peer} done in {results[peer]['wall_seconds']:.0f} s", flush=True)
+                    try:
+                        if peer in RSWITCH:
+                            res = await run_rswitch(peer, core, task, rows, seed, args)
+                        else:
+                            res = await run_dspy(peer, url, keys, task, rows, seed, args)
+                    except Exception as exc:  # one optimizer's failure is a result; the others still run
+                        print(f"  seed {seed}: {peer} FAILED: {exc}", flush=True)
+                        record["failed"][peer] = f"{type(exc).__name__}: {exc}"[-2000:]
+                        continue
+                    record["peers"][peer] = res
+                    core.recorder.flush(30)
+                    tally(task, record, usage(store))
+                    print(
+                        f"  seed {seed}: {peer} test {task.test_metric} {100 * res['test_score']:.1f}, "
+                        f"{res.get('usage_calls', 0)} calls, {res['wall_seconds']:.0f} s",
+                        flush=True,
+                    )
+                    if on_peer:
+                        on_peer(record)
         finally:
             await core.stop()
-        counted = usage(Path(tmp) / "analytics.duckdb")
-    expected = [r["expected"] for r in rows["test"]]
-    for peer, res in results.items():
-        scores = [test_score(task, a, e) for a, e in zip(res["answers"], expected, strict=True)]
+        tally(task, record, usage(store))  # final: the recorder drained
+    return record
+
+
+def tally(task: Task, record: dict[str, Any], counted: dict[str, dict[str, int]]) -> None:
+    """Each finished optimizer's test score and its calls and tokens as the store counts them."""
+    record["usage"] = counted
+    for peer, res in record["peers"].items():
+        scores = [
+            test_score(task, a, e) for a, e in zip(res["answers"], record["test_expected"], strict=True)
+        ]
         res["test_score"] = statistics.mean(scores)
         res["test_scores"] = scores
         res |= {f"usage_{k}": v for k, v in counted.get(peer, {}).items()}
         res["test_usage"] = counted.get(f"{peer}-test", {})
-        print(
-            f"  seed {seed}: {peer} test {task.test_metric} {100 * res['test_score']:.1f}, "
-            f"{res.get('usage_calls', 0)} calls, {res['wall_seconds']:.0f} s",
-            flush=True,
-        )
-    sizes = {k: len(v) for k, v in rows.items()}
-    row_ids = {k: [r["row_id"] for r in v] for k, v in rows.items()}
-    return {
-        "seed": seed,
-        "sizes": sizes,
-        "row_ids": row_ids,
-        "test_expected": expected,
-        "usage": counted,
-        "peers": results,
-    }
 
 
 def mean_sd(values: list[float], scale: float = 100, digits: int = 1) -> str:
@@ -500,7 +527,7 @@ def mean_sd(values: list[float], scale: float = 100, digits: int = 1) -> str:
 
 def table(task: Task, seeds: list[dict[str, Any]]) -> str:
     """optimizer | test score mean ± sd | per-seed scores | model calls | tokens | wall time."""
-    peers = list(dict.fromkeys(p for s in seeds for p in s["peers"]))
+    peers = list(dict.fromkeys(p for s in seeds for p in (*s["peers"], *s.get("failed", {}))))
     lines = [
         f"| optimizer | test {task.test_metric} (mean ± sd) | per seed ({', '.join(str(s['seed']) for s in seeds)}) "
         "| model calls | tokens (prompt + completion) | wall s |",
@@ -508,12 +535,20 @@ def table(task: Task, seeds: list[dict[str, Any]]) -> str:
     ]
     for peer in peers:
         runs = [s["peers"][peer] for s in seeds if peer in s["peers"]]
+        each = [
+            f"{100 * s['peers'][peer]['test_score']:.1f}" if peer in s["peers"]
+            else ("failed" if peer in s.get("failed", {}) else "–")
+            for s in seeds
+        ]  # fmt: skip
+        if not runs:
+            lines.append(f"| {peer} | – | {' / '.join(each)} | – | – | – |")
+            continue
         calls = [r.get("usage_calls", 0) for r in runs]
         scores = [r["test_score"] for r in runs]
         tokens = [r.get("usage_prompt_tokens", 0) + r.get("usage_completion_tokens", 0) for r in runs]
         lines.append(
             f"| {peer} | {mean_sd(scores)} "
-            f"| {' / '.join(f'{100 * x:.1f}' for x in scores)} "
+            f"| {' / '.join(each)} "
             f"| {mean_sd(calls, 1, 0)} | {mean_sd(tokens, 1, 0)} | {mean_sd([r['wall_seconds'] for r in runs], 1, 0)} |"
         )
     return "\n".join(lines)
@@ -541,6 +576,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of: {', '.join(PEERS)}")
     ap.add_argument("--quick", action="store_true", help="a few rows and trials: checks the pipeline only")
+    ap.add_argument(
+        "--threads", type=int, help="llama.cpp's CPU threads (1 on a machine other jobs share: no spinning)"
+    )
     ap.add_argument("--peer-python", default=sys.executable, help="the Python with DSPy installed")
     ap.add_argument("--json", type=Path, help="write every seed's results here")
     ap.add_argument("--markdown", type=Path, help="write the table and settings here")
@@ -558,29 +596,60 @@ def main() -> None:
         f"{args.task}: {', '.join(args.peers)} on SmolLM2-135M (local, served on loopback); commit {commit}"
     )
     seeds: list[dict[str, Any]] = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        print(f"seed {seed}…", flush=True)
-        seeds.append(asyncio.run(one_seed(task, seed, args)))
-        out = table(task, seeds)
-        record = {"task": args.task, "commit": commit, "quick": args.quick, "seeds": seeds}
-        if args.json:  # after every seed, so a long run's finished seeds are kept
+
+    def save(current: dict[str, Any] | None = None) -> None:
+        """After every optimizer of every seed, so a long run's finished parts are kept."""
+        done = seeds + ([current] if current is not None else [])
+        record = {"task": args.task, "commit": commit, "quick": args.quick, "threads": args.threads}
+        record["seeds"] = done
+        if args.json:
             args.json.write_text(json.dumps(record, indent=2, ensure_ascii=False))
         if args.markdown:
-            args.markdown.write_text(markdown(task, record, out, args))
+            args.markdown.write_text(markdown(task, record, table(task, done), args))
+
+    for seed in (int(s) for s in args.seeds.split(",")):
+        print(f"seed {seed}…", flush=True)
+        seeds.append(asyncio.run(one_seed(task, seed, args, on_peer=save)))
+        save()
     print()
     print(table(task, seeds))
 
 
 def markdown(task: Task, record: dict[str, Any], out: str, args: Any) -> str:
     sizes = record["seeds"][0]["sizes"]
-    return (
-        f"# {task.template_id}: rswitch's optimizer beside DSPy's\n\n"
+    threads = f" --threads {record['threads']}" if record.get("threads") else ""
+    lines = [
+        f"# {task.template_id}: rswitch's optimizer beside DSPy's",
+        "",
         f"`python benchmarks/bench_optimizer_peers.py --task {task.template_id} --seeds "
-        f"{','.join(str(s['seed']) for s in record['seeds'])} --peers {','.join(args.peers)}`; rswitch at commit "
-        f"{record['commit']}. Rows: {sizes['train']} train, {sizes['val']} validation, {sizes['test']} test, "
-        f"the same for every optimizer. Search metric `{task.evaluator}`; test metric `{task.test_metric}`. "
-        "Calls and tokens are counted in the analytics store.\n\n" + out + "\n"
-    )
+        f"{','.join(str(s['seed']) for s in record['seeds'])} --peers {','.join(args.peers)}{threads}`; "
+        f"rswitch at commit {record['commit']}. Rows: {sizes['train']} train, {sizes['val']} validation, "
+        f"{sizes['test']} test, the same for every optimizer. Search metric `{task.evaluator}`; test metric "
+        f"`{task.test_metric}`. Calls and tokens are counted in the analytics store; they do not include "
+        "this script's scoring of each winner on the test rows (one call a row).",
+        "",
+        out,
+        "",
+        "| seed | optimizer | test | calls | failed calls | instruction (first 80 characters) | demos | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in record["seeds"]:
+        for peer, r in s["peers"].items():
+            notes = []
+            if "verdict" in r:
+                notes.append(f"gate: {r['verdict']}")
+            if r.get("failed_proposals"):
+                notes.append(f"{r['failed_proposals']} proposals unparsable (kept the instruction)")
+            if r.get("parse_errors"):
+                notes.append(f"{r['parse_errors']} test answers unparsable (scored 0)")
+            instruction = " ".join(str(r.get("instruction", "")).split())[:80].replace("|", "\\|")
+            lines.append(
+                f"| {s['seed']} | {peer} | {100 * r['test_score']:.1f} | {r.get('usage_calls', 0)} "
+                f"| {r.get('usage_failed', 0)} | {instruction} | {len(r.get('demos') or [])} | {'; '.join(notes)} |"
+            )
+        for peer, why in s.get("failed", {}).items():
+            lines.append(f"| {s['seed']} | {peer} | failed | | | | | {why.splitlines()[0][:200]} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

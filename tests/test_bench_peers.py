@@ -97,8 +97,12 @@ async def test_calls_and_tokens_are_counted_per_peer_from_the_analytics_store(tm
 
 async def test_rswitch_side_end_to_end_on_the_mock_scores_the_test_rows_and_counts_its_calls() -> None:
     args = argparse.Namespace(peers=["rswitch"], quick=True, verbose=False)
-    seed = await peers.one_seed(TASK, 0, args, provider=MOCK)
+    live: list[int] = []
+    seed = await peers.one_seed(
+        TASK, 0, args, provider=MOCK, on_peer=lambda r: live.append(r["peers"]["rswitch"]["usage_calls"])
+    )
     res, test = seed["peers"]["rswitch"], seed["test_expected"]
+    assert live == [res["usage_calls"]]  # counted while the core still ran: nothing was missing
     assert seed["sizes"]["test"] == len(test) == len(res["answers"]) == len(seed["row_ids"]["test"]) > 0
     assert all(a == "Weather." for a in res["answers"])
     # "Weather." is the label exactly, ignoring case and punctuation, for the weather rows only
@@ -140,7 +144,9 @@ def test_table_gives_mean_sd_per_seed_scores_calls_tokens_and_wall_time() -> Non
         {"seed": 0, "peers": {"rswitch": run(0.4, 400, 100), "dspy-mipro": run(0.7, 600, 300)}},
         {"seed": 1, "peers": {"rswitch": run(0.6, 500, 200), "dspy-mipro": run(0.5, 600, 500)}},
     ]
+    seeds[0]["failed"] = {"dspy-gepa": "RuntimeError: dspy-gepa worker failed (exit 1)"}
     lines = peers.table(TASK, seeds).splitlines()
     assert lines[0].startswith("| optimizer | test accuracy (mean ± sd) | per seed (0, 1) | model calls |")
     assert lines[2] == "| rswitch | 50.0 ± 14.1 | 40.0 / 60.0 | 450 ± 71 | 4950 ± 778 | 150 ± 71 |"
     assert lines[3] == "| dspy-mipro | 60.0 ± 14.1 | 70.0 / 50.0 | 600 ± 0 | 6600 ± 0 | 400 ± 141 |"
+    assert lines[4] == "| dspy-gepa | – | failed / – | – | – | – |"  # a failure is shown, not dropped
