@@ -10,11 +10,20 @@ wall-clock, so other work on the machine barely moves the figures.
 The harness itself (tasks, Query objects) is measured the same way with a step that decides
 nothing, and reported beside it, so `step` is what the semantic step adds.
 
+With --gateway it measures the whole gateway instead: two `rswitch serve` processes on one
+nginx upstream, one with bench_gateway.py's config and `--routing none`, one with `--routing
+semantic`, loaded in turn by wrk for the same time (alternating, so both see the same noise), and
+reports each server's CPU per completed request (/proc/PID/stat: every thread, and the event loop
+thread alone). On a busy machine req/s says little; CPU per request is what bounds the peak.
+
 Usage: python benchmarks/bench_routing_cpu.py [--concurrency 1,16] [--queries 4000] [--rounds 5]
        [--prompts distinct|hello] [--max-batch 64] [--thread]
+       python benchmarks/bench_routing_cpu.py --gateway [--concurrency 16] [--rounds 5] [--seconds 5]
+       [--rswitch-cmd CMD] [--before-cmd CMD]
   --prompts hello   every query is "hello", as bench_gateway.py sends
   --max-batch 1     no micro-batching: one encoder call and one scoring per query
   --thread          every encoder call in a worker thread (asyncio.to_thread), as long prompts go
+  --rswitch-cmd     the command that runs rswitch (e.g. another checkout: "env PYTHONPATH=DIR python -m rswitch")
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench_gateway as bg  # noqa: E402
 from bench_gateway import write_config  # noqa: E402
 
 from rswitch.config import load_config  # noqa: E402
@@ -77,9 +89,81 @@ def _stats(values: list[float]) -> str:
     return f"{statistics.median(values):7.1f} ± {sd:5.1f}"
 
 
+def gateway(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU µs per request of `rswitch serve` with routing none and semantic, on the same load."""
+    procs = bg.Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="rswitch-routing-cpu-"))
+    levels = [int(x) for x in args.concurrency.split(",")]
+    cmds = {"": shlex.split(args.rswitch_cmd) if args.rswitch_cmd else [sys.executable, "-m", "rswitch"]}
+    if args.before_cmd:
+        cmds["@before"] = shlex.split(args.before_cmd)
+    results: dict[str, Any] = {"args": vars(args), "levels": {}}
+    try:
+        _, _, up_port = bg.start_upstream(bg.pick_upstream("auto"), procs, tmp)
+        servers = {}
+        for tag, cmd in cmds.items():
+            for routing in ["none", *args.compare.split(",")]:
+                d = tmp / f"{routing}{tag}"
+                d.mkdir()
+                proc, port = bg.start_rswitch(procs, d, write_config(d, up_port, {}, routing), cmd)
+                bg.check_one_request(port)
+                servers[routing + tag] = (proc.pid, f"http://{bg.HOST}:{port}/v1/chat/completions")
+        loader = bg.Loader(bg.pick_loader("auto"), procs, tmp)
+        print(
+            f"rswitch serve, bench_gateway.py's config, routing none vs {args.compare}; {args.seconds:g}s of "
+            f"{loader.describe()} per server per round, {args.rounds} rounds, alternating"
+        )
+        print("µs of CPU per completed request, median ± sd over rounds (process = all threads, loop = main)")
+        print(
+            "added: CPU a request more than routing none (of the same rswitch), round by round; peak: the "
+            "throughput that leaves if the process's CPU is what bounds it"
+        )
+        print(f"{'conc':>4}  {'routing':<15}  {'process':>15}  {'loop':>15}  {'added':>15}  {'peak':>7}")
+        for c in levels:
+            threads = 1 if c == 1 else 2
+            for _, url in servers.values():  # warm up
+                loader.run(url, c, threads, 1.0)
+            per: dict[str, dict[str, list[float]]] = {r: {"process": [], "loop": []} for r in servers}
+            for _ in range(args.rounds):
+                for routing, (pid, url) in servers.items():
+                    p0, t0 = bg.cpu_seconds(pid), bg.thread_cpu_seconds(pid, pid)
+                    n = int(loader.run(url, c, threads, args.seconds)["requests"])
+                    p1, t1 = bg.cpu_seconds(pid), bg.thread_cpu_seconds(pid, pid)
+                    per[routing]["process"].append((p1 - p0) / max(n, 1) * 1e6)
+                    per[routing]["loop"].append((t1 - t0) / max(n, 1) * 1e6)
+            for routing, m in per.items():
+                none = per["none" + routing.partition("@")[1] + routing.partition("@")[2]]
+                added = [s - n for s, n in zip(m["process"], none["process"], strict=True)]
+                ratio = [n / s for s, n in zip(m["process"], none["process"], strict=True)]
+                print(
+                    f"{c:>4}  {routing:<15}  {_stats(m['process']):>15}  {_stats(m['loop']):>15}"
+                    + (
+                        f"  {_stats(added):>15}  {100 * (statistics.median(ratio) - 1):+6.1f}%"
+                        if not routing.startswith("none")
+                        else ""
+                    )
+                )
+            results["levels"][str(c)] = per
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,16", help="comma-separated concurrent callers (default 1,16)")
+    ap.add_argument("--gateway", action="store_true", help="measure rswitch serve, none vs semantic routing")
+    ap.add_argument("--seconds", type=float, default=5.0, help="--gateway: seconds of load per run")
+    ap.add_argument("--rswitch-cmd", default=None, help="--gateway: the command that runs rswitch")
+    ap.add_argument(
+        "--before-cmd",
+        default=None,
+        help="--gateway: also run this rswitch (another checkout) beside, as routing@before, same load",
+    )
+    ap.add_argument(
+        "--compare", default="semantic", help="--gateway: routings measured beside none (semantic, rules)"
+    )
     ap.add_argument("--queries", type=int, default=4000, help="queries per round (default 4000)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds per level; median and sd reported")
     ap.add_argument("--prompts", choices=["distinct", "hello"], default="distinct")
@@ -87,6 +171,11 @@ async def main() -> None:
     ap.add_argument("--thread", action="store_true", help="encode in a worker thread, even short prompts")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args()
+    if args.gateway:
+        results = gateway(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return
 
     with tempfile.TemporaryDirectory(prefix="rswitch-routing-cpu-") as tmp:
         cfg = load_config(write_config(Path(tmp), 1, {}, "semantic"))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+import pytest
+
 from tests.conftest import chat
 from tests.test_router_rules import COMBOS
 
@@ -122,3 +125,50 @@ def test_semantic_config_errors():
                 "routing": bad,
             }
         )
+
+
+def _reference_scores(
+    routes: list[list[np.ndarray]], q: np.ndarray, top_k: int, aggregate: str
+) -> np.ndarray:
+    """Each route's top-k cosine similarity, mean or max, one query and one route at a time."""
+    out = np.zeros((len(q), len(routes)))
+    for i, v in enumerate(q):
+        for j, rows in enumerate(routes):
+            nv = np.linalg.norm(v)
+            sims = sorted(
+                (float(r @ v / (np.linalg.norm(r) * nv)) if nv else 0.0 for r in rows), reverse=True
+            )
+            best = sims[: min(top_k, len(sims))]
+            out[i, j] = best[0] if aggregate == "max" else sum(best) / len(best)
+    return out
+
+
+@pytest.mark.parametrize(
+    "counts, top_k, aggregate",
+    [
+        ([10] * 20, 3, "mean"),  # routes of one size: laid out in place
+        ([1, 5, 2], 3, "mean"),  # a route with fewer utterances than top_k
+        ([60, 2, 3, 1], 3, "mean"),  # sizes too uneven to pad: gathered by a table
+        ([60, 2, 3, 1], 2, "max"),
+        ([2, 2], 5, "mean"),
+    ],
+)
+def test_each_route_scores_its_top_k_similarities_for_every_batch_size(counts, top_k, aggregate):
+    from rswitch.routing.semantic import GEMV_ROWS, SemanticRoute, SemanticStep
+
+    rng = np.random.default_rng(7)
+    vectors = {f"r{i}u{j}": rng.normal(size=16) for i, c in enumerate(counts) for j in range(c)}
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return [vectors[t].tolist() for t in texts]
+
+    names = [[f"r{i}u{j}" for j in range(c)] for i, c in enumerate(counts)]
+    routes = [SemanticRoute(f"combination:c{i}", (f"c{i}",), 0.5, us) for i, us in enumerate(names)]
+    step = SemanticStep("topics", routes, embed, "test", top_k=top_k, aggregate=aggregate)
+    asyncio.run(step.warm())
+    for n in (1, GEMV_ROWS, GEMV_ROWS + 1, 300):  # one product per query, one per batch, chunked
+        q = rng.normal(size=(n, 16))
+        q[0] = 0.0  # a query without a direction scores 0 everywhere
+        want = _reference_scores([[vectors[u] for u in us] for us in names], q, top_k, aggregate)
+        got = step.score_many(q, chunk=128)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5

@@ -206,7 +206,8 @@ def test_static_encoder_gives_wordllamas_vectors_and_token_ids(static, wordllama
     assert [static._token_ids(t) for t in texts] == [
         tok.encode(t, add_special_tokens=False).ids for t in texts
     ]
-    for batch in (texts, texts[:1], ["hi", "a much longer prompt than the other " * 30]):
+    similar = ["", "hi there you", "hello there", "what is the weather"]  # one padded gather
+    for batch in (texts, texts[:1], texts[:8], similar, ["hi", "a much longer prompt than the other " * 30]):
         got = static.encode(batch)
         with np.errstate(invalid="ignore"):  # WordLlama divides a text without tokens by 0
             want = np.asarray(wordllama.embed(batch, norm=True), dtype=np.float32)

@@ -82,6 +82,7 @@ class StaticEncoder:
         self._special = tuple(a["content"] for a in spec.get("added_tokens", []))
         table = np.asarray(model.embedding, dtype=np.float32)
         self._top = len(table) - 1  # the last token id (WordLlama clips to it too)
+        self._clip = self._tokenizer.get_vocab_size() > len(table)  # ids past the table can come
         # one zero row after the vocabulary: the padding of a batch's shorter texts sums to nothing
         # (a copy: WordLlama's own table goes with the model)
         self._table = np.vstack([table, np.zeros((1, table.shape[1]), dtype=np.float32)])
@@ -92,7 +93,9 @@ class StaticEncoder:
         top = self._top
         ids = [self._token_ids(t) for t in texts]
         if len(ids) == 1:
-            index = np.minimum(np.asarray(ids[0], dtype=np.intp), top)
+            index = np.asarray(ids[0], dtype=np.intp)
+            if self._clip:
+                np.minimum(index, top, out=index)
             out = np.add.reduce(self._table[index], axis=0, keepdims=True)
         else:
             out = self._pool(ids)
@@ -107,16 +110,20 @@ class StaticEncoder:
     def _pool(self, ids: list[list[int]]) -> np.ndarray:
         """Each text's sum of token vectors: one padded gather when the texts are of similar
         length, else one gather of all tokens summed per text."""
-        lengths = np.fromiter(map(len, ids), dtype=np.intp, count=len(ids))
-        total, longest = int(lengths.sum()), int(lengths.max())
-        flat = np.fromiter(chain.from_iterable(ids), dtype=np.intp, count=total)
-        np.minimum(flat, self._top, out=flat)
+        lengths = list(map(len, ids))
+        total, longest = sum(lengths), max(lengths)
         if len(ids) * longest <= 2 * total:
-            index = np.full((len(ids), longest), self._top + 1, dtype=np.intp)  # the zero row
-            index[np.arange(longest) < lengths[:, None]] = flat
+            # the padded index built in Python: at a few short texts, each numpy call is what costs
+            pad, top = self._top + 1, self._top  # pad: the zero row
+            if self._clip:
+                ids = [[min(i, top) for i in x] for x in ids]
+            index = np.array([x + [pad] * (longest - len(x)) for x in ids], dtype=np.intp)
             return np.add.reduce(self._table[index], axis=1)
+        flat = np.fromiter(chain.from_iterable(ids), dtype=np.intp, count=total)
+        if self._clip:
+            np.minimum(flat, self._top, out=flat)
         out = np.zeros((len(ids), self._table.shape[1]), dtype=np.float32)
-        some = lengths > 0
+        some = np.asarray(lengths) > 0
         starts = np.cumsum(lengths) - lengths
         out[some] = np.add.reduceat(self._table[flat], starts[some], axis=0)
         return out

@@ -41,6 +41,10 @@ class SemanticRoute:
 
 
 _normalise = normalise
+_TINY = np.finfo(np.float32).tiny
+# Up to this many queries, B products of one query (gemv) cost less than one product of B (gemm, which
+# packs the utterance matrix each call): 6 us against 18 for 3 queries x 200 utterances x 256 dimensions.
+GEMV_ROWS = 6
 
 
 class SemanticStep:
@@ -67,8 +71,13 @@ class SemanticStep:
         self.timeout = timeout
         self.cache_dir = cache_dir
         self._matrix: np.ndarray | None = None  # all utterances, normalised, one row each
-        self._table = np.zeros((0, 0), dtype=np.int64)  # route -> its rows (padded)
-        self._k = np.zeros(0, dtype=np.int64)  # rows aggregated per route: min(top_k, utterances)
+        # the utterances as columns, route by route; see _lay_out
+        self._columns = np.zeros((0, 0), dtype=np.float32)
+        self._bias: np.ndarray | None = None  # -inf for padding columns
+        self._table: np.ndarray | None = None  # route -> its columns, when not laid out in place
+        self._width = 0  # columns a route has
+        self._k = np.zeros(0, dtype=np.float32)  # rows aggregated per route: min(top_k, utterances)
+        self._short = False  # some route has fewer utterances than it aggregates (padding in its top-k)
         self._lock = asyncio.Lock()
         # concurrent decisions share one encoder call and one score matmul, bounded by one timer
         # (rswitch/providers/batching.py)
@@ -123,35 +132,74 @@ class SemanticStep:
                 for u in r.utterances:
                     rows.append(cached[u])
                     owner.append(i)
-            self._matrix = _normalise(np.asarray(rows, dtype=np.float32))
-            # route i's rows as row i of a padded index table, so one sort ranks every route
-            counts = np.bincount(np.asarray(owner), minlength=len(self.routes))
-            table = np.full((len(self.routes), int(counts.max())), len(rows), dtype=np.int64)
-            fill = np.zeros(len(self.routes), dtype=np.int64)
-            for row, i in enumerate(owner):
-                table[i, fill[i]] = row
-                fill[i] += 1
-            self._table = table
-            self._k = np.minimum(counts, self.top_k)
+            self._lay_out(_normalise(np.asarray(rows, dtype=np.float32)), owner)
+
+    def _lay_out(self, matrix: np.ndarray, owner: list[int]) -> None:
+        """Lay the utterance vectors out as columns so one product scores a batch of queries against
+        all of them and each route's similarities are a slice of it: route i owns columns
+        i*width .. i*width+width-1 (padded with zero columns scored -inf), so the scores reshape into
+        (queries, routes, width) without a copy. When the routes' sizes differ so much that padding
+        would more than double the product, the columns stay in utterance order and a table gathers
+        each route's (one -inf column pads it)."""
+        counts = np.bincount(np.asarray(owner), minlength=len(self.routes))
+        n, width = len(matrix), int(counts.max())
+        slots = np.zeros(n, dtype=np.int64)  # each utterance's place among its route's
+        seen = np.zeros(len(self.routes), dtype=np.int64)
+        for row, i in enumerate(owner):
+            slots[row] = seen[i]
+            seen[i] += 1
+        owners = np.asarray(owner, dtype=np.int64)
+        if len(self.routes) * width <= 2 * n:
+            cols = len(self.routes) * width
+            where = owners * width + slots
+            table = None
+        else:
+            cols = n + 1
+            where = np.arange(n)
+            table = np.full((len(self.routes), width), n, dtype=np.int64)
+            table[owners, slots] = np.arange(n)
+        columns = np.zeros((matrix.shape[1], cols), dtype=np.float32)
+        columns[:, where] = matrix.T
+        bias = np.full(cols, -np.inf, dtype=np.float32)
+        bias[where] = 0.0
+        self._columns = np.ascontiguousarray(columns)
+        self._bias = bias if cols > n else None
+        self._table, self._width = table, width
+        self._k = np.minimum(counts, self.top_k).astype(np.float32)
+        self._short = bool((counts < min(self.top_k, width)).any())
+        self._matrix = matrix
 
     # -- deciding -----------------------------------------------------------------------------
 
     def score_many(self, vectors: np.ndarray, chunk: int = 256) -> np.ndarray:
         """(queries, routes): each route's top-k similarity, aggregated, for each query vector."""
         assert self._matrix is not None
-        q = _normalise(np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1))
-        out = np.empty((len(q), len(self.routes)), dtype=np.float32)
-        pad = np.full((1, 1), -np.inf, dtype=np.float32)
-        for i in range(0, len(q), chunk):
-            part = q[i : i + chunk]
-            sims = np.hstack([part @ self._matrix.T, np.repeat(pad, len(part), axis=0)])  # pad -> -inf
-            ranked = -np.sort(-sims[:, self._table], axis=2)[:, :, : self.top_k]  # best first per route
-            if self.aggregate == "max":
-                out[i : i + chunk] = ranked[:, :, 0]
-            else:
-                keep = np.arange(ranked.shape[2]) < self._k[:, None]
-                out[i : i + chunk] = np.where(keep, ranked, 0.0).sum(axis=2) / self._k
-        return out
+        q = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+        if len(q) <= chunk:
+            return self._score(q)
+        return np.concatenate([self._score(q[i : i + chunk]) for i in range(0, len(q), chunk)])
+
+    def _score(self, q: np.ndarray) -> np.ndarray:
+        # a handful of numpy calls a batch: at the gateway's batch sizes each call's overhead, not the
+        # arithmetic, is what the step costs
+        if len(q) <= GEMV_ROWS:  # one matrix-vector product per query: cheaper than one small gemm
+            sims = np.matmul(q[:, None, :], self._columns)[:, 0]
+        else:
+            sims = q @ self._columns
+        sims /= np.maximum(np.sqrt(np.einsum("ij,ij->i", q, q)), _TINY)[:, None]  # cosine (0 for a zero q)
+        if self._bias is not None:
+            sims += self._bias
+        if self._table is None:
+            per_route = sims.reshape(len(q), len(self.routes), self._width)
+        else:
+            per_route = sims[:, self._table]
+        if self.aggregate == "max":
+            return per_route.max(axis=2)
+        width, k = self._width, self.top_k
+        top = np.partition(per_route, width - k, axis=2)[:, :, width - k :] if width > k else per_route
+        if self._short:  # a route with fewer utterances than k: its padding is not a similarity
+            top = np.where(top == -np.inf, 0.0, top)
+        return top.sum(axis=2) / self._k
 
     async def _embed_and_score(self, texts: list[str]) -> np.ndarray:
         vectors = np.asarray(await self.embed(texts), dtype=np.float32)
@@ -159,7 +207,7 @@ class SemanticStep:
             with one_blas_thread():  # products of microseconds: spreading them over cores costs more
                 return self.trained.probabilities_many(vectors, texts)
         assert self._matrix is not None
-        with one_blas_thread(vectors.size * len(self._matrix)):
+        with one_blas_thread(self._columns.size * (1 if len(vectors) <= GEMV_ROWS else len(vectors))):
             return self.score_many(vectors)
 
     async def decide(self, query: Query) -> Decision | str | None:
@@ -175,18 +223,12 @@ class SemanticStep:
             return None
         if self.trained is not None:
             return self._decide_trained(self.trained.threshold, row)
-        scores = row.tolist()
-        best = max(range(len(scores)), key=scores.__getitem__)
-        route = self.routes[best]
-        if scores[best] < route.threshold:
-            return f"nearest {route.target} {scores[best]:.3f} < {route.threshold:.3f}"
+        best = int(row.argmax())
+        route, score = self.routes[best], float(row[best])
+        if score < route.threshold:
+            return f"nearest {route.target} {score:.3f} < {route.threshold:.3f}"
         return Decision(
-            self.name,
-            route.target,
-            route.combinations,
-            f"nearest {route.target}",
-            scores[best],
-            route.threshold,
+            self.name, route.target, route.combinations, f"nearest {route.target}", score, route.threshold
         )
 
     def _decide_trained(self, threshold: float, probs: np.ndarray) -> Decision | str:
