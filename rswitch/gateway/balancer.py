@@ -182,20 +182,7 @@ class Balancer:
     ) -> list[Combination]:
         """The candidates for one request: the pick, its fallbacks, then the other combinations
         of its pool that serve the same template (best effective weight first)."""
-        out = [first]
-        seen = {first.id}
-        for fid in first.fallbacks:
-            c = combos.get(fid)
-            if c is not None and c.enabled and fid not in seen:
-                out.append(c)
-                seen.add(fid)
-        if not pinned:
-            rest = sorted(
-                (c for c in pool if c.id not in seen and c.template_id == first.template_id),
-                key=lambda c: -eff.get(c.id, 0.0),
-            )
-            out.extend(rest)
-        return out
+        return self._candidates([first], pool, combos, eff, pinned)
 
     def order_ranked(
         self,
@@ -208,6 +195,18 @@ class Balancer:
         ranked combinations in that order, then each one's fallbacks in the same order, then
         the other combinations of the pool that serve the first one's template (best effective
         weight first). The ranking comes first because the step learned how those serve."""
+        return self._candidates(ranked, pool, combos, eff, pinned=False)
+
+    @staticmethod
+    def _candidates(
+        ranked: list[Combination],
+        pool: list[Combination],
+        combos: dict[str, Combination],
+        eff: dict[str, float],
+        pinned: bool,
+    ) -> list[Combination]:
+        """`ranked` in order, then their enabled fallbacks (each once, in the ranking's order), then,
+        unless the request was pinned, the rest of the pool serving the first one's template."""
         out = list(ranked)
         seen = {c.id for c in out}
         for c in ranked:
@@ -216,9 +215,8 @@ class Balancer:
                 if f is not None and f.enabled and fid not in seen:
                     out.append(f)
                     seen.add(fid)
-        rest = sorted(
-            (c for c in pool if c.id not in seen and c.template_id == ranked[0].template_id),
-            key=lambda c: -eff.get(c.id, 0.0),
-        )
-        out.extend(rest)
+        if not pinned:
+            template = ranked[0].template_id
+            rest = (c for c in pool if c.id not in seen and c.template_id == template)
+            out.extend(sorted(rest, key=lambda c: -eff.get(c.id, 0.0)))
         return out
