@@ -146,6 +146,16 @@ def test_save_and_load_give_the_same_probabilities(model, encoder, tmp_path):
     assert back.info["examples"] == len(EXAMPLES) and back.info["threshold_on"] == "5-fold"
 
 
+def test_a_batch_gets_the_probabilities_each_prompt_gets_alone(model, encoder):
+    texts = ["is this clause enforceable", "sunny tomorrow?", "", "!!!", "bake sourdough bread at home"] * 3
+    vectors = encoder.encode(texts)
+    alone = np.vstack([model.probabilities(v, t) for v, t in zip(vectors, texts, strict=True)])
+    for chunk in (64, 4):  # one batch; batches cut mid-way
+        batch = model.probabilities_many(vectors, texts, chunk=chunk)
+        assert batch.shape == (len(texts), len(TARGETS))
+        np.testing.assert_allclose(batch, alone, rtol=1e-5, atol=1e-7)
+
+
 def test_a_mismatched_artifact_is_refused_with_what_to_do(model, tmp_path):
     path = tmp_path / "topics.routes.npz"
     model.save(path)

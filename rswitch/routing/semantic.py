@@ -204,7 +204,9 @@ class SemanticStep:
     async def _embed_and_score(self, texts: list[str]) -> np.ndarray:
         vectors = np.asarray(await self.embed(texts), dtype=np.float32)
         if self.trained is not None:  # each route's probability
-            with one_blas_thread():  # products of microseconds: spreading them over cores costs more
+            with one_blas_thread(
+                vectors.size * len(self.trained.coef)
+            ):  # microseconds: no spreading over cores
                 return self.trained.probabilities_many(vectors, texts)
         assert self._matrix is not None
         with one_blas_thread(self._columns.size * (1 if len(vectors) <= GEMV_ROWS else len(vectors))):

@@ -46,6 +46,7 @@ class TrainedArtifactError(ValueError):
 
 
 _normalise = normalise  # the semantic step's: unit vectors, zero ones kept
+_TINY = np.finfo(np.float32).tiny
 
 
 def _analyzer() -> Callable[[str], list[str]]:
@@ -94,18 +95,39 @@ class TrainedRoutes:
 
     def probabilities(self, vector: Sequence[float] | np.ndarray, text: str) -> np.ndarray:
         """Each route's probability for one prompt (its embedding and its text)."""
-        v = _normalise(np.asarray(vector, dtype=np.float32).reshape(-1))
-        logits = v @ self._emb + self._intercept
-        cols, w = self._ngrams(text)
-        if len(cols):
-            logits += w @ self._ngram[cols]
-        logits -= logits.max()
-        p = np.exp(logits)
-        return (p / p.sum())[: len(self.routes)]
+        return self.probabilities_many(np.asarray(vector, dtype=np.float32).reshape(1, -1), [text])[0]
 
-    def probabilities_many(self, vectors: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        """(prompts, routes) probabilities: a micro-batch of requests, or an evaluation set."""
-        return np.vstack([self.probabilities(v, t) for v, t in zip(vectors, texts, strict=True)])
+    def probabilities_many(self, vectors: np.ndarray, texts: Sequence[str], chunk: int = 64) -> np.ndarray:
+        """(prompts, routes) probabilities: a micro-batch of requests, or an evaluation set. The
+        embeddings are scored in one matrix product, and the n-grams in another (`chunk` prompts at
+        a time, bounding the n-gram weights' matrix)."""
+        q = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+        if len(q) <= chunk:
+            return self._probabilities(q, texts)
+        return np.concatenate(
+            [self._probabilities(q[i : i + chunk], texts[i : i + chunk]) for i in range(0, len(q), chunk)]
+        )
+
+    def _probabilities(self, q: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        logits = q @ self._emb
+        logits /= np.maximum(np.sqrt(np.einsum("ij,ij->i", q, q)), _TINY)[:, None]  # unit vectors (0 stays 0)
+        logits += self._intercept
+        grams = [self._ngrams(t) for t in texts]
+        if len(grams) == 1:
+            cols, w = grams[0]
+            if len(cols):
+                logits[0] += w @ self._ngram[cols]
+        elif any(len(c) for c, _ in grams):
+            # the batch's n-grams side by side, each prompt's weights on its own row: one product
+            cols = np.concatenate([c for c, _ in grams])
+            weights = np.zeros((len(grams), len(cols)), dtype=np.float32)
+            rows = np.repeat(np.arange(len(grams)), [len(c) for c, _ in grams])
+            weights[rows, np.arange(len(cols))] = np.concatenate([w for _, w in grams])
+            logits += weights @ self._ngram[cols]
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        return p[:, : len(self.routes)]
 
     # -- the artifact -------------------------------------------------------------------------
 
