@@ -248,3 +248,20 @@ def test_balanced_objective_does_not_give_up_on_a_rare_hard_class():
     best = fit_threshold(scores, hard, "balanced")
     assert best.hard_recall == 1.0 and best.accuracy == 1.0
     assert 1.8 < best.threshold <= 2.5
+
+
+def test_semantic_and_judge_thresholds_break_ties_alike_in_the_middle():
+    from rswitch.routing.fit import OUT_OF_SCOPE, evaluate, fit
+
+    # in scope and out of scope alternate: three thresholds tie for the best balanced score
+    semantic = np.array([[0.1], [0.3], [0.5], [0.7], [0.9], [0.95]])
+    labels = np.array([OUT_OF_SCOPE, 0, OUT_OF_SCOPE, 0, OUT_OF_SCOPE, 0])
+    judged = np.array([1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
+    hard = labels == 0
+    [t] = fit(semantic, labels)
+    j = fit_threshold(judged, hard, "balanced").threshold
+    # both take the middle one of the tied splits (semantic 0.2 / 0.6 / 0.925, judge 1.75 / 2.75 / 3.75)
+    assert 0.5 < t < 0.7 and 2.5 < j < 3.0
+    assert evaluate(semantic, labels, np.array([t])).objective("balanced") == pytest.approx(2 / 3)
+    # and a per-route fit keeps the shared threshold when no route's own is better
+    assert fit(semantic, labels, per_route=True).tolist() == [t]

@@ -10,7 +10,9 @@ or `accuracy` (share of all examples handled right).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -59,16 +61,37 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> 
     )
 
 
-def _candidates(values: np.ndarray, limit: int = 400) -> np.ndarray:
-    """Midpoints between neighbouring distinct scores (at most `limit`), one below them all and
-    one above (capped at 1, the most a threshold may be)."""
-    v = np.unique(values)
-    if len(v) > limit + 1:
+def candidates(
+    values: np.ndarray,
+    *,
+    margin: float,
+    bounds: tuple[float | None, float | None] = (None, None),
+    limit: int | None = None,
+) -> np.ndarray:
+    """Every distinct way a threshold splits `values`, ascending: the midpoints between neighbouring
+    distinct values (at most `limit` of them, spread over the quantiles), one `margin` below them all
+    and one above (rejecting or taking everything is a choice too), kept within `bounds` (the
+    thresholds a config accepts)."""
+    v = np.unique(np.asarray(values, dtype=float))
+    if not len(v):
+        return np.array([bounds[0] if bounds[0] is not None else -1.0])
+    if limit is not None and len(v) > limit + 1:
         v = np.unique(np.quantile(v, np.linspace(0, 1, limit + 1)))
-    mids = (v[:-1] + v[1:]) / 2 if len(v) > 1 else v
-    low = (v[0] - 1e-3) if len(v) else -1.0
-    high = [min(v[-1] + 1e-3, 1.0)] if len(v) else []  # rejecting everything is a choice too
-    return np.concatenate([[low], mids, high])
+    out = np.concatenate([[v[0] - margin], (v[:-1] + v[1:]) / 2, [v[-1] + margin]])
+    return np.unique(np.clip(out, *bounds))
+
+
+def scan(thresholds: np.ndarray, value: Callable[[float], Any]) -> tuple[float, Any]:
+    """The threshold of `thresholds` (ascending) whose `value` is highest, and that value.
+
+    The tie rule of every threshold fit in rswitch (semantic thresholds, trained probability
+    thresholds, judge thresholds): of the thresholds that tie for the best value, the middle one
+    (the upper of two), the split least sensitive to noise in the scores. Values are compared
+    exactly (tuples allowed: a tie-break after the main value); round floats that should tie."""
+    values = [value(float(t)) for t in thresholds]
+    best = max(values)
+    tied = [float(t) for t, v in zip(thresholds, values, strict=True) if v == best]
+    return tied[len(tied) // 2], best
 
 
 def fit(
@@ -83,21 +106,19 @@ def fit(
 
     One shared threshold first (a scan over the observed scores); with `per_route`, each
     route's own threshold is then tuned in turn, holding the others, for `rounds` passes.
-    Ties go to the lower threshold (fewer good matches thrown away)."""
+    Ties: `scan`'s rule, the middle of the tied thresholds."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
     routes = scores.shape[1]
     top = scores.max(axis=1)
 
     def score_of(th: np.ndarray) -> float:
-        return evaluate(scores, labels, th).objective(objective)
+        return round(evaluate(scores, labels, th).objective(objective), 12)
 
-    best_t, best_v = None, -1.0
-    for t in _candidates(top):
-        v = score_of(np.full(routes, t))
-        if v > best_v + 1e-12:
-            best_t, best_v = t, v
-    thresholds = np.full(routes, float(best_t if best_t is not None else -1.0))
+    shared, best_v = scan(
+        candidates(top, margin=1e-3, bounds=(None, 1.0), limit=400), lambda t: score_of(np.full(routes, t))
+    )
+    thresholds = np.full(routes, shared)
     if not per_route:
         return thresholds
     nearest = scores.argmax(axis=1)
@@ -106,10 +127,13 @@ def fit(
             mine = top[nearest == r]
             if not len(mine):
                 continue
-            for t in _candidates(mine, limit=100):
+
+            def with_route(t: float, r: int = r) -> float:
                 trial = thresholds.copy()
                 trial[r] = t
-                v = score_of(trial)
-                if v > best_v + 1e-12:
-                    thresholds, best_v = trial, v
+                return score_of(trial)
+
+            t, v = scan(candidates(mine, margin=1e-3, bounds=(None, 1.0), limit=100), with_route)
+            if v > best_v:  # only a better route threshold moves it
+                thresholds[r], best_v = t, v
     return thresholds

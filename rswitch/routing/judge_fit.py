@@ -18,9 +18,11 @@ import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from rswitch.routing.fit import candidates, scan
 from rswitch.routing.judge import JudgeStep
 
 OBJECTIVES = ("balanced", "accuracy", "share")
@@ -89,35 +91,28 @@ def operating(scores: np.ndarray, hard: np.ndarray, threshold: float) -> Operati
     )
 
 
-def candidates(scores: np.ndarray) -> list[float]:
-    """Every distinct way to split the scores: midpoints between neighbours, and beyond both ends
-    (within the scale a config accepts, 1 to 5)."""
-    u = np.unique(scores)
-    mids = ((u[:-1] + u[1:]) / 2).tolist()
-    low, high = max(float(u[0]) - 0.5, SCALE[0]), min(float(u[-1]) + 0.5, SCALE[1])
-    return sorted({low, *mids, high})
-
-
 def fit_threshold(
     scores: np.ndarray, hard: np.ndarray, objective: str = "balanced", share: float | None = None
 ) -> Operating:
-    """The threshold that maximises `objective` (or meets the hard `share`) on the examples."""
+    """The threshold that maximises `objective` (or meets the hard `share`) on the examples: the
+    same scan as the semantic thresholds' (`fit.scan`), with its tie rule (the middle of the tied
+    thresholds), over every distinct split of the scores within the 1-5 scale."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     if scores.size == 0:
         raise ValueError("no scored examples to fit on")
-    points = [operating(scores, hard, t) for t in candidates(scores)]
-    if objective == "share":
-        if share is None or not 0 <= share <= 1:
-            raise ValueError("the share objective needs a target share of prompts to hard, in [0, 1]")
-        # nearest share first; among equals the better-ranked split
-        return min(points, key=lambda p: (round(abs(p.hard_share - share), 9), -p.balanced))
-    key: Callable[[Operating], float] = (
-        (lambda p: p.balanced) if objective == "balanced" else (lambda p: p.accuracy)
-    )
-    best = max(key(p) for p in points)
-    tied = [p for p in points if key(p) == best]
-    return tied[len(tied) // 2]  # the middle of a plateau: the split least sensitive to noise
+    if objective == "share" and (share is None or not 0 <= share <= 1):
+        raise ValueError("the share objective needs a target share of prompts to hard, in [0, 1]")
+
+    def value(t: float) -> Any:
+        p = operating(scores, hard, t)
+        if objective == "share":  # nearest the share first; among equals the better-ranked split
+            assert share is not None
+            return (-round(abs(p.hard_share - share), 9), round(p.balanced, 12))
+        return round(p.balanced if objective == "balanced" else p.accuracy, 12)
+
+    threshold, _ = scan(candidates(scores, margin=0.5, bounds=SCALE), value)
+    return operating(scores, hard, threshold)
 
 
 @dataclass(frozen=True)
