@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class SemanticStep:
         self._lock = asyncio.Lock()
         # concurrent decisions share one encoder call and one score matmul, bounded by one timer
         # (rswitch/providers/batching.py)
-        self._batch: MicroBatcher[str, np.ndarray] = MicroBatcher(self._embed_and_score, timeout=timeout)
+        self._batch: MicroBatcher[str, Any] = MicroBatcher(self._embed_and_score, timeout=timeout)
 
     # -- utterance vectors, cached per encoder ------------------------------------------------
 
@@ -201,16 +202,17 @@ class SemanticStep:
             top = np.where(top == -np.inf, 0.0, top)
         return top.sum(axis=2) / self._k
 
-    async def _embed_and_score(self, texts: list[str]) -> np.ndarray:
+    async def _embed_and_score(self, texts: list[str]) -> Any:
+        """Each text's route probabilities (trained), or its nearest route and that route's score."""
         vectors = np.asarray(await self.embed(texts), dtype=np.float32)
-        if self.trained is not None:  # each route's probability
-            with one_blas_thread(
-                vectors.size * len(self.trained.coef)
-            ):  # microseconds: no spreading over cores
+        if self.trained is not None:  # each route's probability; products of microseconds: one thread
+            with one_blas_thread(vectors.size * len(self.trained.coef)):
                 return self.trained.probabilities_many(vectors, texts)
         assert self._matrix is not None
         with one_blas_thread(self._columns.size * (1 if len(vectors) <= GEMV_ROWS else len(vectors))):
-            return self.score_many(vectors)
+            scores = self.score_many(vectors)
+        best = scores.argmax(axis=1)  # the batch's argmax in one call, not one per request
+        return list(zip(best.tolist(), scores[np.arange(len(best)), best].tolist(), strict=True))
 
     async def decide(self, query: Query) -> Decision | str | None:
         if not query.text.strip():
@@ -225,8 +227,8 @@ class SemanticStep:
             return None
         if self.trained is not None:
             return self._decide_trained(self.trained.threshold, row)
-        best = int(row.argmax())
-        route, score = self.routes[best], float(row[best])
+        best, score = row
+        route = self.routes[best]
         if score < route.threshold:
             return f"nearest {route.target} {score:.3f} < {route.threshold:.3f}"
         return Decision(
