@@ -285,3 +285,154 @@ async def test_when_the_cheap_arm_answers_as_well_nothing_is_sent_past_it(make_g
     report = await step_of(gw).fit()
     assert report.share_past_cheapest == 0.0
     assert {(await routed(gw, p))[0] for p in MATHS[12:] + CHAT[12:]} == {"cheap"}
+
+
+# -- the fit's choice, the file, and one refit among processes ----------------------------------
+
+
+def _rows(texts, cheap, strong):
+    """Each prompt answered by both arms, each answer scored (as `record_with_feedback` records)."""
+    rows = []
+    for text, qc, qs in zip(texts, cheap, strong, strict=True):
+        for cid, q in (("cheap", qc), ("strong", qs)):
+            rows.append(
+                {
+                    "id": len(rows) + 1,
+                    "combination_id": cid,
+                    "messages": [{"role": "user", "content": text}],
+                    "label_score": float(q),
+                }
+            )
+    return rows
+
+
+def _around(directions, per, seed):
+    """`per` unit vectors near each direction (16-d), and which direction each is near."""
+    rng = np.random.default_rng(seed)
+    which = np.repeat(np.arange(len(directions)), per)
+    vectors = np.asarray(directions, dtype=float)[which] + 0.25 * rng.standard_normal((len(which), 16))
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), which
+
+
+def _fit(texts, vectors, cheap, strong, **kw):
+    from rswitch.routing.learned import fit_model, labelled_rows
+
+    data = labelled_rows(_rows(texts, cheap, strong), ["cheap", "strong"])
+    return fit_model(data, vectors, ["cheap", "strong"], "encoder:test", **kw)
+
+
+def test_the_fit_picks_neighbours_or_words_by_how_well_they_rank_held_out_prompts():
+    """Two kinds of traffic: where the strong arm helps is a cluster pattern no linear model of the
+    embedding can draw (both ends of one axis), or a word in the prompt with embeddings that say
+    nothing. Cross-validation picks the neighbour blend for the first, a word model for the second,
+    and each routes new prompts of the helped kind past the cheap arm."""
+    e = np.eye(16)
+    vectors, which = _around([e[0], -e[0], e[1], -e[1]], 30, seed=1)
+    helped = which < 2  # both ends of axis 0
+    texts = [f"prompt number {i}" for i in range(len(which))]
+    model = _fit(texts, vectors, np.where(helped, 0.0, 1.0), np.ones(len(which)))
+    assert model.objective == "cv_apgr" and model.blend > 0, model.cv
+    assert model.cv[min(model.cv, key=lambda k: -model.cv[k])] == max(model.cv.values())
+    new, new_which = _around([e[0], -e[0], e[1], -e[1]], 5, seed=2)
+    pred = model.predict(new, [f"new prompt {i}" for i in range(len(new))])
+    gain = pred[:, 1] - pred[:, 0]
+    assert gain[new_which < 2].min() > gain[new_which >= 2].max()
+
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((120, 16))
+    topic = np.arange(120) % 2 == 0
+    texts = [f"{'integrate' if t else 'greet'} item {i} please" for i, t in enumerate(topic)]
+    model = _fit(texts, noise, np.where(topic, 0.0, 1.0), np.ones(120))
+    assert "words" in model.features or "chars" in model.features, model.cv
+    assert model.blend < 1
+    pred = model.predict(rng.standard_normal((2, 16)), ["integrate item 999 please", "greet item 999 please"])
+    assert pred[0, 1] - pred[0, 0] > pred[1, 1] - pred[1, 0]
+
+
+def _blended_model():
+    e = np.eye(16)
+    vectors, which = _around([e[0], -e[0], e[1], -e[1]], 30, seed=1)
+    texts = [f"prompt number {i}" for i in range(len(which))]
+    return _fit(texts, vectors, np.where(which < 2, 0.0, 1.0), np.ones(len(which)), count_at_fit=321)
+
+
+def _rewrite(path, **meta_changes):
+    """The model file with its meta record changed (None: key removed)."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    for key, value in meta_changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def test_a_blended_model_file_loads_as_it_was_saved_and_an_older_file_still_loads(tmp_path):
+    model = _blended_model()
+    assert model.blend > 0 and model.knn_k > 0
+    path = tmp_path / "m.npz"
+    model.save(path)
+    again = LearnedModel.load(path, ["cheap", "strong"], "encoder:test")
+    assert (again.knn_k, again.blend, again.count_at_fit) == (model.knn_k, model.blend, 321)
+    probe = np.random.default_rng(5).standard_normal((6, 16))
+    texts = [f"probe {i}" for i in range(6)]
+    assert np.allclose(again.predict(probe, texts), model.predict(probe, texts), atol=1e-5)
+    # a file of the first format (no blend) loads, and routes with its ridge alone
+    _rewrite(path, format="rswitch-learned-router/1", knn_k=None, blend=None, count_at_fit=None)
+    old = LearnedModel.load(path, ["cheap", "strong"], "encoder:test")
+    assert old.blend == 0 and old.count_at_fit is None
+    assert np.allclose(old.predict(probe, texts), model.predict_linear(probe, texts), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"blend": 1.5}, "neighbour blend 1.5 with knn_k"),
+        ({"blend": 0.5, "knn_k": 0}, "k in 1..120"),
+        ({"blend": 0.5, "knn_k": 10_000}, "k in 1..120"),
+        ({"blend": "half"}, "neighbour blend 'half'"),
+        ({"count_at_fit": -3}, "count_at_fit -3 is not a row count"),
+        ({"format": "rswitch-learned-router/9"}, r"expected one of .*: refit it \(rswitch route fit --step"),
+    ],
+)
+def test_a_model_file_with_a_bad_blend_or_format_is_refused(tmp_path, change, error):
+    path = tmp_path / "m.npz"
+    _blended_model().save(path)
+    _rewrite(path, **change)
+    with pytest.raises(ArtifactError, match=error):
+        LearnedModel.load(path)
+
+
+async def test_with_several_processes_one_refits_and_the_others_load_its_file(make_gateway, monkeypatch):
+    """`serve --workers N`: every process has the step and counts the labels, but one refits the
+    shared model file (the one holding the lock beside it); the others load that file."""
+    import rswitch.routing.learned as learned_module
+    from rswitch.routing.learned import _try_lock
+
+    fits = []
+    real_fit = learned_module.fit_model
+    monkeypatch.setattr(learned_module, "fit_model", lambda *a, **kw: fits.append(1) or real_fit(*a, **kw))
+    config = learned(refit={"every_labels": 10, "check_seconds": 3600})  # checks driven by the test
+    one, two = await make_gateway(config), await make_gateway(config)
+    first, second = step_of(one), step_of(two)
+    assert first.path == second.path
+    await record_with_feedback(one, MATHS[:12] + CHAT[:12])
+    # another process is refitting (it holds the lock): this one leaves it to it
+    other = _try_lock(first.lock_path)
+    assert other is not None
+    assert await second.maybe_refit() is None and not fits and not first.path.exists()
+    other.close()
+    # the lock free, one process refits; the other then loads its file instead of fitting again
+    report = await first.maybe_refit()
+    assert report is not None and len(fits) == 1
+    assert await second.maybe_refit() is None and len(fits) == 1
+    assert second.model is not None and second.model.fitted_at == first.model.fitted_at
+    assert (await routed(two, MATHS[-1]))[0] == "strong"
+    # more labels: whichever process checks first refits, once, and the other follows
+    await record_with_feedback(one, MATHS[12:18] + CHAT[12:18])
+    assert await second.maybe_refit() is not None and len(fits) == 2
+    assert await first.maybe_refit() is None and len(fits) == 2
+    assert first.model.fitted_at == second.model.fitted_at and first.model.n_labels == 72

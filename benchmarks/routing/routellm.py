@@ -59,8 +59,10 @@ over --seeds splits (mean +- std over seeds). Anything that learns sees only the
   labelled_rows): each train prompt is two recorded rows, arm "weak" (listed first: the cheapest)
   and arm "strong", each with its quality as a feedback score; a ridge regression per arm, features
   (embedding / hashed char n-grams / hashed word n-grams / embedding + chars) and ridge strength
-  (1, 10, 100) chosen by the step's 4-fold cross-validated APGR inside the train half. Score = the
-  predicted gain of strong over weak, which the step compares with its strong_share threshold.
+  (1, 10, 100), blended (weight 0, .25, .5, .75, 1) with the mean observed quality of the k (20,
+  50, 100, 200) most similar train prompts, all chosen by the step's 4-fold cross-validated APGR
+  inside the train half (3 repeated splits below 2,000 prompts). Score = the predicted gain of
+  strong over weak, which the step compares with its strong_share threshold.
   Cross-benchmark rows: fitted on the train halves of the two other benchmarks (pooled), tested
   on this one's test half (--no-cross skips them).
 - judge: the gateway's JudgeStep (rswitch/routing/judge.py) with the embedded SmolLM2-135M
@@ -79,6 +81,7 @@ over --seeds splits (mean +- std over seeds). Anything that learns sees only the
     python benchmarks/routing/routellm.py                              # full run, ~10 min on 2 cores
     python benchmarks/routing/routellm.py --datasets mmlu --judge-n 0  # no judge: ~1 min
     python benchmarks/routing/routellm.py --json out.json --markdown out.md [--plot out.png]
+    python benchmarks/routing/routellm.py --judge-from old.json ...    # the judge's scores of an earlier run
 """
 
 from __future__ import annotations
@@ -449,10 +452,25 @@ def fit_learned(prompts: list[str], emb: np.ndarray, strong: np.ndarray, weak: n
     return fit_model(data, vectors, LEARNED_ARMS, "encoder:static", seed=seed)
 
 
+def learned_choice(model: Any) -> dict[str, Any]:
+    return {"features": model.features, "alpha": model.alpha, "knn_k": model.knn_k, "blend": model.blend}
+
+
+def _choice(c: dict[str, Any]) -> str:
+    """features/alpha, and the neighbour blend when chosen: chars/10+knn100×0.25, knn200 alone."""
+    if c.get("blend", 0) >= 1:
+        return f"knn{c['knn_k']}"
+    ridge = f"{c['features']}/{c['alpha']:g}"
+    return ridge + (f"+knn{c['knn_k']}×{c['blend']:g}" if c.get("blend", 0) > 0 else "")
+
+
 def learned_scores(model: Any, prompts: list[str], emb: np.ndarray) -> np.ndarray:
     """Each prompt's predicted gain of the strong arm over the weak one (the step's routing score)."""
-    pred = model.predict(emb, prompts)
-    return pred[:, 1] - pred[:, 0]
+    out = []
+    for start in range(0, len(prompts), 1024):  # the neighbour blend's similarities, a block at a time
+        pred = model.predict(emb[start : start + 1024], prompts[start : start + 1024])
+        out.append(pred[:, 1] - pred[:, 0])
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 # -- LinUCB -------------------------------------------------------------------------------------
@@ -596,6 +614,33 @@ async def judge_scores(
     return {"scores": scores, "latencies": latencies, "failures": failures, "load_seconds": load_s}
 
 
+def reused_judge(old: dict[str, Any], n: int, q_weak: float, q_strong: float, chars: int) -> dict[str, Any]:
+    """The judge's scores from an earlier run's JSON (--judge-from): the same seed-0 subsample,
+    checked by its size, its two models' mean quality and the prompt cut."""
+    sub = old.get("subsample") or {}
+    jj = sub.get("judge") or {}
+    same = (
+        sub.get("n") == n
+        and abs(sub.get("q_weak", -1) - q_weak) < 1e-9
+        and abs(sub.get("q_strong", -1) - q_strong) < 1e-9
+        and jj.get("max_chars") == chars
+        and len(jj.get("scores") or []) == n
+    )
+    if not same:
+        raise SystemExit(
+            "--judge-from: that run's judge subsample is not this one (n, data or --judge-chars differ)"
+        )
+    return {
+        "scores": jj["scores"],
+        "failures": jj.get("failures", []),
+        "latency_ms": jj["latency_ms"],
+        "load_seconds": jj["load_seconds"],
+        "seconds": jj.get("seconds"),
+        "threads": jj.get("threads"),
+        "reused_from": jj.get("reused_from") or "an earlier run (--judge-from)",
+    }
+
+
 # -- the benchmark ------------------------------------------------------------------------------
 
 
@@ -661,6 +706,7 @@ def run_dataset(
     bootstrap: int = 200,
     log: Any = None,
     judge_threads: int | None = None,
+    judge_from: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     say = log or (lambda msg: None)
     per: dict[str, list[dict[str, Any]]] = {
@@ -703,7 +749,7 @@ def run_dataset(
         model = fit_learned([data.prompts[i] for i in tr], emb[tr], s_tr, w_tr, seed)
         lrn = learned_scores(model, [data.prompts[i] for i in te], emb[te])
         per["learned"].append(_scored(lrn, s_te, w_te))
-        chosen["learned"].append({"features": model.features, "alpha": model.alpha, "cv": model.cv})
+        chosen["learned"].append({**learned_choice(model), "cv": model.cv})
         timings["learned"] += time.perf_counter() - t0
         say(
             f"  seed {seed}: kNN k={k} {kind} APGR {per['knn'][-1]['apgr']:.3f}; "
@@ -743,15 +789,21 @@ def run_dataset(
         pos = np.sort(np.random.default_rng(0).choice(len(te), size=min(judge_n, len(te)), replace=False))
         idx = te[pos]
         s_sub, w_sub = data.strong[idx], data.weak[idx]
-        say(f"  judge on {len(idx)} prompts …")
-        t0 = time.perf_counter()
-        j = asyncio.run(
-            judge_scores([data.prompts[i] for i in idx], judge_timeout, judge_chars, threads=judge_threads)
-        )
-        judge_seconds = time.perf_counter() - t0
+        if judge_from is not None:
+            j = reused_judge(judge_from, len(idx), float(w_sub.mean()), float(s_sub.mean()), judge_chars)
+            judge_seconds = 0.0
+        else:
+            say(f"  judge on {len(idx)} prompts …")
+            t0 = time.perf_counter()
+            j = asyncio.run(
+                judge_scores(
+                    [data.prompts[i] for i in idx], judge_timeout, judge_chars, threads=judge_threads
+                )
+            )
+            judge_seconds = time.perf_counter() - t0
         raw = np.array([np.nan if v is None else v for v in j["scores"]], dtype=float)
         jscore = np.where(np.isnan(raw), -np.inf, raw)
-        lat = np.array(j["latencies"]) * 1000
+        lat = np.array(j.get("latencies", [])) * 1000
         sub_rows: dict[str, Any] = {}
         rnd = random_runs(s_sub, w_sub, 200, 0)
         sub_rows["random"] = {
@@ -779,16 +831,18 @@ def run_dataset(
                 "n_failures": len(j["failures"]),
                 "score_mean": float(finite.mean()) if len(finite) else None,
                 "score_std": float(finite.std()) if len(finite) else None,
-                "latency_ms": {
+                "latency_ms": j.get("latency_ms")
+                or {
                     "n": len(lat),
                     "p50": float(np.percentile(lat, 50)) if len(lat) else None,
                     "p90": float(np.percentile(lat, 90)) if len(lat) else None,
                     "mean": float(lat.mean()) if len(lat) else None,
                 },
                 "load_seconds": j["load_seconds"],
-                "seconds": judge_seconds,
+                "seconds": j.get("seconds", judge_seconds),
                 "max_chars": judge_chars,
-                "threads": judge_threads,
+                "threads": j.get("threads", judge_threads),
+                "reused_from": j.get("reused_from"),
             },
         }
     return result
@@ -866,8 +920,8 @@ def markdown(results: dict[str, Any]) -> str:
             + ", ".join(f"{c['lambda']}/{c['alpha']}" for c in lins)
             + f"; replay strong share {np.mean([c['train_strong_share'] for c in lins]):.0%}"
             + f"; win-AUC {_pm(rows['linucb']['win_auc'])}",
-            "learned": "rswitch.routing.learned's fit; features/α by 4-fold CV on train: "
-            + ", ".join(f"{c['features']}/{c['alpha']:g}" for c in r["chosen"]["learned"])
+            "learned": "rswitch.routing.learned's fit; model by 4-fold CV on train: "
+            + ", ".join(_choice(c) for c in r["chosen"]["learned"])
             + f"; win-AUC {_pm(rows['learned']['win_auc'])}",
         }
         order = ["random", "strong_only", "oracle", "knn"]
@@ -930,7 +984,12 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{jj['threads'] or 'the provider default'}); expected score "
                 f"{jj['score_mean']:.2f} ± {jj['score_std']:.2f}; "
                 f"{jj['no_score_tokens_or_failed']} prompts without score tokens"
-                f" ({jj['n_failures']} call failures).",
+                f" ({jj['n_failures']} call failures)."
+                + (
+                    f" Judge scores and latencies taken from {jj['reused_from']}."
+                    if jj.get("reused_from")
+                    else ""
+                ),
                 "",
             ]
     if results.get("cross"):
@@ -941,7 +1000,7 @@ def markdown(results: dict[str, Any]) -> str:
             "tested on this benchmark's test half — the halves of the rows above, so the last column "
             "is the same router fitted on this benchmark's own train half.",
             "",
-            "| tested on | fitted on | APGR | CPT(50%) | CPT(80%) | features/α chosen | APGR fitted in-benchmark |",
+            "| tested on | fitted on | APGR | CPT(50%) | CPT(80%) | model chosen | APGR fitted in-benchmark |",
             "|---|---|---|---|---|---|---|",
         ]
         for target, c in results["cross"].items():
@@ -950,7 +1009,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {target} | {' + '.join(c['fit_on'])} | {_pm(row['apgr'])} | {_pm(row['cpt50'], True)} | "
                 f"{_pm(row['cpt80'], True)} | "
-                + ", ".join(f"{x['features']}/{x['alpha']:g}" for x in c["chosen"])
+                + ", ".join(_choice(x) for x in c["chosen"])
                 + f" | {_pm(own)} |"
             )
         lines.append("")
@@ -1023,7 +1082,7 @@ def run_cross(
             _, te = split(data.groups, seed)
             sc = learned_scores(model, [data.prompts[i] for i in te], emb[te])
             runs.append(_scored(sc, data.strong[te], data.weak[te]))
-            chosen.append({"features": model.features, "alpha": model.alpha})
+            chosen.append(learned_choice(model))
             say(f"  cross {'+'.join(others)} -> {target} seed {seed}: APGR {runs[-1]['apgr']:.3f}")
         out[target] = {"fit_on": others, "learned": _aggregate(runs), "chosen": chosen}
     return out
@@ -1038,6 +1097,7 @@ def run_benchmark(
     log: Any = None,
     judge_threads: int | None = None,
     cross: bool = True,
+    judge_from: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     say = log or (lambda msg: None)
     started = time.perf_counter()
@@ -1068,7 +1128,14 @@ def run_benchmark(
         emb = embed(data.prompts)
         embed_s = time.perf_counter() - t0
         out["datasets"][name] = run_dataset(
-            data, emb, seeds, judge_n, judge_chars, log=say, judge_threads=judge_threads
+            data,
+            emb,
+            seeds,
+            judge_n,
+            judge_chars,
+            log=say,
+            judge_threads=judge_threads,
+            judge_from=(judge_from or {}).get(name) if judge_from is not None else None,
         )
         out["datasets"][name]["seconds"]["embed"] = embed_s
         loaded[name] = (data, emb)
@@ -1076,6 +1143,15 @@ def run_benchmark(
         out["cross"] = run_cross(loaded, seeds, log=say)
     out["runtime_seconds"] = time.perf_counter() - started
     return out
+
+
+def _judge_from(path: Path) -> dict[str, Any]:
+    datasets = json.loads(path.read_text())["datasets"]
+    for d in datasets.values():
+        judge = (d.get("subsample") or {}).get("judge")
+        if judge is not None and not judge.get("reused_from"):
+            judge["reused_from"] = f"an earlier run ({path.name}, --judge-from)"
+    return datasets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1094,6 +1170,13 @@ def main(argv: list[str] | None = None) -> None:
         "--no-cross",
         action="store_true",
         help="skip the learned step's cross-benchmark rows (needs all three)",
+    )
+    ap.add_argument(
+        "--judge-from",
+        type=Path,
+        default=None,
+        help="take the judge's scores from an earlier run's --json (the same subsample) instead of "
+        "running the model (~40 min); every other router is run afresh",
     )
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     ap.add_argument("--json", type=Path, default=None)
@@ -1119,6 +1202,7 @@ def main(argv: list[str] | None = None) -> None:
         log=say,
         judge_threads=args.judge_threads,
         cross=not args.no_cross,
+        judge_from=_judge_from(args.judge_from) if args.judge_from else None,
     )
     table = markdown(results)
     print(table)

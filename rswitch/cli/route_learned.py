@@ -53,8 +53,12 @@ def fit_learned_step(
     typer.echo(f"step      {where}[{index}] '{step.name}' ({step.encoder_id}), template '{step.template}'")
     arms = ", ".join(f"{a} {n}" for a, n in report.per_arm.items())
     typer.echo(f"labelled  {report.rows} rows over {report.prompts} prompts: {arms}")
-    chosen = f"{report.features}, alpha={report.alpha:g}"
-    typer.echo(f"model     ridge per arm on {chosen} (chosen by {report.objective})")
+    chosen = f"ridge per arm on {report.features}, alpha={report.alpha:g}"
+    if report.blend >= 1:
+        chosen = f"the {report.knn_k} nearest labelled prompts' mean quality"
+    elif report.blend > 0:
+        chosen += f", blended {report.blend:g} with the {report.knn_k} nearest labelled prompts"
+    typer.echo(f"model     {chosen} (chosen by {report.objective})")
     for key, value in sorted(report.cv.items(), key=lambda kv: -kv[1]):
         typer.echo(f"  {key:<32} {value:.4f}")
     typer.echo(

@@ -3,9 +3,12 @@ feedback scores, learn per prompt how well each arm (combination) answers, then 
 the cheapest arm predicted to be good enough.
 
 Arms are listed cheapest first. For each arm a ridge regression (scikit-learn) predicts the quality
-of its answer to a prompt from the prompt's encoder embedding and, when cross-validation on the
-labelled rows prefers it, hashed character n-grams (TF-IDF weighted). The predicted *gain* of a
-prompt is the best predicted quality among the dearer arms minus the cheapest arm's. One knob,
+of its answer to a prompt from the prompt's encoder embedding and/or hashed character or word
+n-grams (TF-IDF weighted), blended, when cross-validation prefers it, with the mean quality the
+arm got on the k most similar labelled prompts (the same embeddings the explanation's neighbours
+come from). Which features, ridge strength, k and blend weight: the candidate whose predicted gains
+rank held-out prompts best (cross-validated APGR on the labelled prompts). The predicted *gain* of
+a prompt is the best predicted quality among the dearer arms minus the cheapest arm's. One knob,
 `strong_share`, says which share of traffic may leave the cheapest arm (RouteLLM's threshold): the
 gain threshold is that quantile of the gains on the labelled prompts, so `strong_share: 0.3` sends
 the 30% of prompts with the largest predicted gains (as they were distributed in the labelled
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -32,16 +36,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
+from rswitch.providers.batching import MicroBatcher
+from rswitch.providers.blas import one_blas_thread
 from rswitch.routing.base import Decision, Query, normalise
 from rswitch.routing.semantic import Embedder
 
 log = logging.getLogger("rswitch.routing")
 
-FORMAT = "rswitch-learned-router/1"
+FORMAT = "rswitch-learned-router/2"  # /2 adds the neighbour blend (knn_k, blend) and count_at_fit
+FORMATS = ("rswitch-learned-router/1", FORMAT)  # a /1 file is a /2 one without the blend
 HASH_FEATURES = 2**18  # buckets for character 2..5-grams (hashed: no vocabulary to store)
 CHAR_NGRAMS = (2, 5)
 WORD_NGRAMS = (1, 2)
@@ -49,8 +56,16 @@ WORD_NGRAMS = (1, 2)
 # word n-grams on MMLU and GSM8K (benchmarks/routing/routellm.py)
 FEATURES = ("embedding", "chars", "words", "embedding+chars")
 ALPHAS = (1.0, 10.0, 100.0)
+# the ridge's predictions are blended with the mean observed quality of the k nearest labelled
+# prompts (embedding cosine): blend 0 is the ridge alone, 1 the neighbours alone
+KNN_KS = (20, 50, 100, 200)
+BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CV_FOLDS = 4
-CV_REPEATS = 1  # 3 repeats chose the same on RouteLLM's GSM8K (APGR 0.595 either way), at 3x the time
+# repeats of the k-fold split: the choice is noisy on a few hundred prompts and cheap to repeat
+# there; one split on larger sets (a fit on 7,000 MMLU prompts takes ~1 min of CPU per repeat)
+CV_REPEATS = 3
+CV_REPEAT_BELOW = 2000  # prompts
+MIN_PAIRED_PER_FOLD = 5  # prompts answered by the cheapest arm and a dearer one
 
 
 class NotEnoughLabels(ValueError):
@@ -182,8 +197,16 @@ def _ridge(x: Any, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
 
     if len(y) == 0:
         return np.zeros(x.shape[1]), 0.0
-    m = Ridge(alpha=alpha).fit(x, y)
-    return np.asarray(m.coef_, dtype=np.float64).ravel(), float(m.intercept_)
+    if not hasattr(x, "indices"):
+        m = Ridge(alpha=alpha).fit(x, y)
+        return np.asarray(m.coef_, dtype=np.float64).ravel(), float(m.intercept_)
+    # hashed n-grams: only the columns these rows use. A column of zeros gets coefficient 0 (its
+    # mean is 0 too), so the solution is the same, on a few thousand columns instead of 2^18
+    used = np.unique(x.indices)
+    m = Ridge(alpha=alpha).fit(x[:, used], y)
+    coef = np.zeros(x.shape[1])
+    coef[used] = np.asarray(m.coef_, dtype=np.float64).ravel()
+    return coef, float(m.intercept_)
 
 
 def gain_of(pred: np.ndarray) -> np.ndarray:
@@ -233,14 +256,32 @@ class LearnedModel:
     fitted_at: float
     cv: dict[str, float] = field(default_factory=dict)
     objective: str = ""
+    knn_k: int = 0  # neighbours averaged for the blend (0: none)
+    blend: float = 0.0  # the neighbours' weight in the predicted qualities
+    count_at_fit: int | None = None  # the template's labelled rows when fitted (background refits)
 
     def __post_init__(self) -> None:
         # (dim, arms), contiguous: a product with coef.T would copy the whole matrix every call
         self._coef_t = np.ascontiguousarray(self.coef.T)
 
-    def predict(self, vectors: np.ndarray, texts: list[str]) -> np.ndarray:
-        """Each arm's predicted quality for each prompt: `features(...) @ coef.T + intercept`,
-        computed from the hashed n-grams' own columns (no sparse-matrix building per request)."""
+    def similarities(self, vectors: np.ndarray) -> np.ndarray:
+        """(prompts, labelled prompts): cosine similarity to each labelled prompt."""
+        return _normalise(np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)) @ self.vectors.T
+
+    def predict(self, vectors: np.ndarray, texts: list[str], sims: np.ndarray | None = None) -> np.ndarray:
+        """Each arm's predicted quality for each prompt: the ridge's, blended with the neighbours'
+        mean observed quality when the fit chose a blend (`sims`: `similarities(vectors)`)."""
+        pred = self.predict_linear(vectors, texts)
+        if self.blend <= 0:
+            return pred
+        if sims is None:
+            sims = self.similarities(vectors)
+        near = neighbour_quality(sims, self.observed, self.knn_k)
+        return (1 - self.blend) * pred + self.blend * near
+
+    def predict_linear(self, vectors: np.ndarray, texts: list[str]) -> np.ndarray:
+        """The ridge's part: `features(...) @ coef.T + intercept`, computed from the hashed
+        n-grams' own columns (no sparse-matrix building per request)."""
         family = _hashed_family(self.features)
         out = np.tile(self.intercept, (len(texts), 1))
         dense_at = 0
@@ -265,9 +306,8 @@ class LearnedModel:
             return float("-inf")
         return float(np.quantile(self.gains, 1 - strong_share))
 
-    def neighbours(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        q = _normalise(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0]
-        sims = self.vectors @ q
+    def neighbours(self, sims: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The k labelled prompts most similar to one prompt (`sims`: its row of similarities)."""
         k = min(k, len(sims))
         top = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
         top = top[np.argsort(-sims[top], kind="stable")]
@@ -286,6 +326,9 @@ class LearnedModel:
             "fitted_at": self.fitted_at,
             "cv": self.cv,
             "objective": self.objective,
+            "knn_k": self.knn_k,
+            "blend": self.blend,
+            "count_at_fit": self.count_at_fit,
         }
 
     def save(self, path: Path) -> None:
@@ -326,9 +369,10 @@ class LearnedModel:
             meta = json.loads(bytes(data["meta"].astype(np.uint8)).decode())
         except (KeyError, ValueError, UnicodeDecodeError):
             raise ArtifactError(f"{path}: no readable 'meta' record") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
             raise ArtifactError(
-                f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}"
+                f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                f"expected one of {', '.join(FORMATS)}: refit it (rswitch route fit --step NAME)"
             )
         missing = [
             k for k in ("coef", "intercept", "gains", "vectors", "observed", "row_ids") if k not in data
@@ -373,6 +417,20 @@ class LearnedModel:
             idf is not None and not np.isfinite(idf).all()
         ):
             raise ArtifactError(f"{path}: non-finite numbers in the model")
+        knn_k, blend, count = meta.get("knn_k", 0), meta.get("blend", 0.0), meta.get("count_at_fit")
+        if (
+            not isinstance(knn_k, int)
+            or isinstance(blend, bool)
+            or not isinstance(blend, int | float)
+            or not 0 <= blend <= 1
+            or (blend > 0 and not 1 <= knn_k <= n)
+        ):
+            raise ArtifactError(
+                f"{path}: neighbour blend {blend!r} with knn_k {knn_k!r}: the weight must be in 0..1 "
+                f"and k in 1..{n} (its labelled prompts)"
+            )
+        if count is not None and (not isinstance(count, int) or count < 0):
+            raise ArtifactError(f"{path}: count_at_fit {count!r} is not a row count")
         return cls(
             arms=model_arms,
             encoder_id=str(meta.get("encoder")),
@@ -389,6 +447,9 @@ class LearnedModel:
             fitted_at=float(meta.get("fitted_at", 0.0)),
             cv={str(k): float(v) for k, v in (meta.get("cv") or {}).items()},
             objective=str(meta.get("objective", "")),
+            knn_k=knn_k,
+            blend=float(blend),
+            count_at_fit=count,
         )
 
 
@@ -413,6 +474,44 @@ def _observed(data: Labelled, n_arms: int) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def neighbour_quality(sims: np.ndarray, observed: np.ndarray, k: int) -> np.ndarray:
+    """(prompts, arms): each arm's mean observed quality over the k most similar labelled prompts
+    that arm answered (the arm's overall mean where none of them did)."""
+    k = min(k, sims.shape[1])
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else None
+    seen = observed[top] if top is not None else np.broadcast_to(observed, (len(sims), *observed.shape))
+    answered = ~np.isnan(seen)
+    total = np.where(answered, seen, 0.0).sum(axis=1)
+    count = answered.sum(axis=1)
+    overall = np.nanmean(np.where(np.isnan(observed).all(axis=0), 0.0, observed), axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), overall[None, :])
+
+
+def _candidates(
+    features_alphas: tuple[tuple[str, float], ...], ks: tuple[int, ...], blends: tuple[float, ...]
+) -> list[tuple[str, float, int, float]]:
+    """(features, alpha, k, blend): the ridge alone, the ridge blended with k neighbours, and the
+    neighbours alone (once per k, whatever the ridge)."""
+    out = []
+    for f, a in features_alphas:
+        for w in blends:
+            if w <= 0:
+                out.append((f, a, 0, 0.0))
+            elif w < 1:
+                out.extend((f, a, k, w) for k in ks)
+    if any(w >= 1 for w in blends):
+        f, a = features_alphas[0]
+        out.extend((f, a, k, 1.0) for k in ks)
+    return out
+
+
+def candidate_name(feat: str, alpha: float, k: int, blend: float) -> str:
+    if blend >= 1:
+        return f"knn k={k}"
+    ridge = f"{feat},alpha={alpha:g}"
+    return ridge if blend <= 0 else f"{ridge}+knn k={k} w={blend:g}"
+
+
 def fit_model(
     data: Labelled,
     vectors: np.ndarray,
@@ -420,61 +519,80 @@ def fit_model(
     encoder_id: str,
     *,
     candidates: tuple[tuple[str, float], ...] | None = None,
+    knn_ks: tuple[int, ...] = KNN_KS,
+    blends: tuple[float, ...] = BLENDS,
     seed: int = 0,
     folds: int = CV_FOLDS,
-    repeats: int = CV_REPEATS,
+    repeats: int | None = None,
+    count_at_fit: int | None = None,
 ) -> LearnedModel:
-    """Choose features and ridge strength by cross-validation over the prompts, then fit on all.
+    """Choose the model by cross-validation over the prompts, then fit it on all of them.
 
-    The objective: with prompts answered both by the cheapest arm and a dearer one, the APGR of the
-    predicted gain against the observed one on the held-out prompts (what routing needs); without
+    The candidates: a ridge regression per arm on each feature set and ridge strength
+    (`candidates`), each blended with weight w in `blends` with the k-nearest-neighbour mean of
+    the observed qualities (k in `knn_ks`). The objective: with prompts answered both by the
+    cheapest arm and a dearer one, the APGR of the predicted gain against the observed one on the
+    held-out prompts (how well the gain ranks prompts, which is what routing needs); without
     enough such prompts, the mean squared error of the predicted qualities."""
     n_arms = len(arms)
     vectors = np.asarray(vectors, dtype=np.float64)
     if vectors.shape[0] != len(data.texts):
         raise ValueError(f"{vectors.shape[0]} vectors for {len(data.texts)} prompts")
-    candidates = candidates or tuple((f, a) for f in FEATURES for a in ALPHAS)
+    n_texts = len(data.texts)
+    unit = _normalise(vectors)
+    grid = _candidates(candidates or tuple((f, a) for f in FEATURES for a in ALPHAS), knn_ks, blends)
+    if repeats is None:
+        repeats = CV_REPEATS if n_texts < CV_REPEAT_BELOW else 1
     observed = _observed(data, n_arms)
     paired = ~np.isnan(observed[:, 0]) & (~np.isnan(observed[:, 1:])).any(axis=1)
-    use_apgr = int(paired.sum()) >= 40
+    # ranking by APGR needs a few paired prompts in each held-out fold; below that, squared error
+    use_apgr = int(paired.sum()) >= MIN_PAIRED_PER_FOLD * folds
     objective = "cv_apgr" if use_apgr else "cv_mse"
-    scores: dict[tuple[str, float], list[float]] = {}
-    if len(candidates) > 1 and len(data.texts) >= 2 * folds:
-        for val in [v for r in range(repeats) for v in _folds(len(data.texts), folds, seed + r)]:
-            in_val = np.zeros(len(data.texts), dtype=bool)
+    scores: dict[tuple[str, float, int, float], list[float]] = {}
+    if len(grid) > 1 and n_texts >= 2 * folds:
+        for val in [v for r in range(repeats) for v in _folds(n_texts, folds, seed + r)]:
+            in_val = np.zeros(n_texts, dtype=bool)
             in_val[val] = True
             fit_rows = np.flatnonzero(~in_val[data.text_of])
             val_rows = np.flatnonzero(in_val[data.text_of])
             fit_texts = np.flatnonzero(~in_val)
-            for feat in {f for f, _ in candidates}:
+            fit_observed = _observed_of(data, fit_rows, n_arms)[fit_texts]
+            sims = unit[val] @ unit[fit_texts].T
+            near = {k: neighbour_quality(sims, fit_observed, k) for k in {k for _, _, k, w in grid if w > 0}}
+            ridge: dict[tuple[str, float], np.ndarray] = {}
+            for feat in dict.fromkeys(f for f, _, _, w in grid if w < 1):
                 family = _hashed_family(feat)
                 idf = fit_idf([data.texts[i] for i in fit_texts], family) if family else None
                 x = features(vectors, data.texts, feat, idf)
-                for f, alpha in candidates:
-                    if f != feat:
-                        continue
+                for alpha in dict.fromkeys(a for f, a, _, w in grid if f == feat and w < 1):
                     coef, icpt = _fit_arms(x, data, fit_rows, n_arms, alpha)
-                    if use_apgr:
-                        pv = val[paired[val]]
-                        pred = np.asarray(x[pv] @ coef.T) + icpt[None, :]
-                        obs = observed[pv]
-                        got = np.nanmax(obs[:, 1:], axis=1) - obs[:, 0]
-                        value = apgr(gain_of(pred), got)
-                    else:
-                        pred = np.asarray(x[data.text_of[val_rows]] @ coef.T) + icpt[None, :]
-                        err = pred[np.arange(len(val_rows)), data.arm_of[val_rows]] - data.quality[val_rows]
-                        value = -float(np.mean(err**2)) if len(err) else float("nan")
-                    if value == value:
-                        scores.setdefault((f, alpha), []).append(value)
+                    ridge[(feat, alpha)] = np.asarray(x[val] @ coef.T) + icpt[None, :]
+            for key in grid:
+                feat, alpha, k, w = key
+                pred = near[k] if w >= 1 else ridge[(feat, alpha)]
+                if 0 < w < 1:
+                    pred = (1 - w) * pred + w * near[k]
+                value = _cv_value(pred, val, val_rows, data, observed, paired, use_apgr)
+                if value == value:
+                    scores.setdefault(key, []).append(value)
     means = {key: float(np.mean(v)) for key, v in scores.items()}
-    best = max(means, key=lambda k: (means[k], k[1])) if means else candidates[0]
-    feat, alpha = best
+    # ties: the plainer model (no neighbours, then the stronger ridge)
+    best = max(means, key=lambda c: (means[c], -c[3], c[1])) if means else grid[0]
+    feat, alpha, knn_k, blend = best
     family = _hashed_family(feat)
     idf = fit_idf(data.texts, family) if family else None
     x = features(vectors, data.texts, feat, idf)
     coef, icpt = _fit_arms(x, data, np.arange(len(data)), n_arms, alpha)
-    gains = np.sort(gain_of(np.asarray(x @ coef.T) + icpt[None, :]))
-    first_row = np.zeros(len(data.texts), dtype=np.int64)
+    pred = np.asarray(x @ coef.T) + icpt[None, :]
+    if blend > 0:
+        # each labelled prompt's neighbours without itself, as a new prompt would see them
+        near = np.empty_like(pred)
+        for start in range(0, n_texts, 1024):
+            sims = unit[start : start + 1024] @ unit.T
+            sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
+            near[start : start + 1024] = neighbour_quality(sims, observed, knn_k)
+        pred = (1 - blend) * pred + blend * near
+    first_row = np.zeros(n_texts, dtype=np.int64)
     first_row[data.text_of[::-1]] = data.row_ids[::-1]
     return LearnedModel(
         arms=list(arms),
@@ -484,15 +602,43 @@ def fit_model(
         coef=coef,
         intercept=icpt,
         idf=idf,
-        gains=gains,
-        vectors=_normalise(vectors).astype(np.float32),
+        gains=np.sort(gain_of(pred)),
+        vectors=unit.astype(np.float32),
         observed=observed,
         row_ids=first_row,
         n_labels=len(data),
         fitted_at=time.time(),
-        cv={f"{f},alpha={a}": v for (f, a), v in means.items()},
+        cv={candidate_name(*c): v for c, v in means.items()},
         objective=objective,
+        knn_k=min(knn_k, n_texts) if blend > 0 else 0,
+        blend=blend,
+        count_at_fit=count_at_fit,
     )
+
+
+def _observed_of(data: Labelled, rows: np.ndarray, n_arms: int) -> np.ndarray:
+    sub = Labelled(data.texts, data.text_of[rows], data.arm_of[rows], data.quality[rows], data.row_ids[rows])
+    return _observed(sub, n_arms)
+
+
+def _cv_value(
+    pred: np.ndarray,
+    val: np.ndarray,
+    val_rows: np.ndarray,
+    data: Labelled,
+    observed: np.ndarray,
+    paired: np.ndarray,
+    use_apgr: bool,
+) -> float:
+    """One held-out fold's score of a candidate's predictions `pred` (val prompts x arms)."""
+    if use_apgr:
+        mine = paired[val]
+        obs = observed[val][mine]
+        got = np.nanmax(obs[:, 1:], axis=1) - obs[:, 0]
+        return apgr(gain_of(pred[mine]), got)
+    at = np.searchsorted(val, data.text_of[val_rows])
+    err = pred[at, data.arm_of[val_rows]] - data.quality[val_rows]
+    return -float(np.mean(err**2)) if len(err) else float("nan")
 
 
 # -- the step -----------------------------------------------------------------------------------
@@ -505,6 +651,8 @@ class FitReport:
     per_arm: dict[str, int]
     features: str
     alpha: float
+    knn_k: int
+    blend: float
     objective: str
     cv: dict[str, float]
     threshold: float
@@ -541,6 +689,8 @@ class LearnedStep:
         self.check_seconds = check_seconds
         self.k = neighbours
         self.timeout = timeout
+        # as the semantic step: concurrent decisions share one encoder call and one product
+        self._batch: MicroBatcher[str, Any] = MicroBatcher(self._embed_and_predict, timeout=timeout)
         self.model: LearnedModel | None = None
         self.threshold = float("inf")
         self.why_not = "not fitted yet"
@@ -555,6 +705,12 @@ class LearnedStep:
         self.model = model
         self.threshold = model.threshold(self.strong_share)
         self.why_not = ""
+        if model.count_at_fit is not None:  # fitted here or by another process: counted from there
+            self.count_at_fit = model.count_at_fit
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
 
     def _stamp(self) -> int | None:
         try:
@@ -600,7 +756,9 @@ class LearnedStep:
             out.append(np.asarray(await self.embed(texts[start : start + 64]), dtype=np.float32))
         return np.vstack(out) if out else np.zeros((0, 0), dtype=np.float32)
 
-    async def fit(self, rows: list[dict[str, Any]] | None = None) -> FitReport:
+    async def fit(
+        self, rows: list[dict[str, Any]] | None = None, count_at_fit: int | None = None
+    ) -> FitReport:
         """Fit on the template's labelled rows (from `source` unless given), save, and start using it.
 
         NotEnoughLabels when there are too few; the step keeps what it had."""
@@ -612,7 +770,9 @@ class LearnedStep:
             data = labelled_rows(rows, self.arms)
             check_enough(data, self.arms, self.min_labels)
             vectors = await self._embed_all(data.texts)
-            model = await asyncio.to_thread(fit_model, data, vectors, self.arms, self.encoder_id)
+            model = await asyncio.to_thread(
+                partial(fit_model, count_at_fit=count_at_fit), data, vectors, self.arms, self.encoder_id
+            )
             await asyncio.to_thread(model.save, self.path)
             self._seen = self._stamp()
             self.use(model)
@@ -623,6 +783,8 @@ class LearnedStep:
                 per_arm=dict(zip(self.arms, data.counts(len(self.arms)), strict=True)),
                 features=model.features,
                 alpha=model.alpha,
+                knn_k=model.knn_k,
+                blend=model.blend,
                 objective=model.objective,
                 cv=model.cv,
                 threshold=self.threshold,
@@ -630,24 +792,42 @@ class LearnedStep:
                 path=str(self.path),
             )
 
-    async def maybe_refit(self) -> FitReport | None:
-        """The background check: refit when `refit_every` labelled rows arrived since the last fit
-        (or, not fitted yet, once there are min_labels)."""
-        if self.refit_every <= 0 or self.counter is None or self._fit_lock.locked():
-            return None
-        count = await asyncio.to_thread(self.counter)
+    def _due(self, count: int) -> bool:
         base = self.count_at_fit
         if base is None and self.model is not None:
             base = self.model.n_labels
-        if count < self.min_labels or (base is not None and count - base < self.refit_every):
+        return count >= self.min_labels and (base is None or count - base >= self.refit_every)
+
+    async def maybe_refit(self) -> FitReport | None:
+        """The background check: refit when `refit_every` labelled rows arrived since the last fit
+        (or, not fitted yet, once there are min_labels).
+
+        One process refits a model file at a time: every process of `serve --workers N` (and a
+        replica on the same disk) checks, but only the one that takes the lock file beside the
+        model refits; a process that finds it taken leaves the refit to its holder, and one that
+        takes it after another's refit loads that file instead of fitting again (the file says at
+        which labelled-row count it was fitted)."""
+        if self.refit_every <= 0 or self.counter is None or self._fit_lock.locked():
+            return None
+        count = await asyncio.to_thread(self.counter)
+        if not self._due(count):
+            return None
+        held = await asyncio.to_thread(_try_lock, self.lock_path)
+        if held is None:  # another process is refitting: its file is loaded when it changes
             return None
         try:
-            report = await self.fit()
-        except NotEnoughLabels as exc:  # labelled rows, but not enough of these arms: wait for more
-            self.count_at_fit = count
-            if self.model is None:
-                self.why_not = f"not fitted yet: {exc}"
-            return None
+            await asyncio.to_thread(self.reload_if_changed)
+            if not self._due(count):
+                return None
+            try:
+                report = await self.fit(count_at_fit=count)
+            except NotEnoughLabels as exc:  # labelled rows, but not enough of these arms: wait for more
+                self.count_at_fit = count
+                if self.model is None:
+                    self.why_not = f"not fitted yet: {exc}"
+                return None
+        finally:
+            held.close()
         self.count_at_fit = count
         log.info("learned step %s refitted on %d labelled rows", self.name, report.rows)
         return report
@@ -664,6 +844,17 @@ class LearnedStep:
             shown.append(f"#{model.row_ids[i]} {sim:.2f} ({seen})")
         return f"predicted {scores}; nearest " + " ".join(shown)
 
+    async def _embed_and_predict(self, texts: list[str]) -> list[Any]:
+        """(model, similarities, predicted qualities) of each text: a batch's in one encoder call and
+        one product (the similarities serve the neighbour blend and the explanation)."""
+        model = self.model  # one model for the whole batch, even if a refit swaps it meanwhile
+        assert model is not None
+        vectors = np.asarray(await self.embed(texts), dtype=np.float32).reshape(len(texts), -1)
+        with one_blas_thread(vectors.size * len(model.vectors)):
+            sims = model.similarities(vectors)
+            pred = model.predict(vectors, texts, sims)
+        return [(model, s, p) for s, p in zip(sims, pred, strict=True)]
+
     async def decide(self, query: Query) -> Decision | str | None:
         if not self.loaded:  # `rswitch route explain` does not warm the steps up
             await self.warm()
@@ -673,13 +864,10 @@ class LearnedStep:
         if not query.text.strip():
             return None
         try:
-            async with asyncio.timeout(self.timeout):
-                [vector] = await self.embed([query.text])
+            [(model, sims, pred)] = await self._batch.submit([query.text])  # within self.timeout
         except Exception as exc:  # the encoder is down or slow: pass, don't fail the request
             log.warning("learned step %s passes: %s: %s", self.name, type(exc).__name__, exc)
             return f"encoder failed: {type(exc).__name__}"
-        vec = np.asarray(vector, dtype=np.float32)[None, :]
-        pred = model.predict(vec, [query.text])[0]
         gains = pred[1:] - pred[0]
         best_gain = float(gains.max())
         if best_gain > self.threshold:
@@ -689,7 +877,7 @@ class LearnedStep:
             chosen = 0
         rest = sorted((i for i in range(len(self.arms)) if i != chosen), key=lambda i: -pred[i])
         ranked = tuple(self.arms[i] for i in [chosen, *rest])
-        why = self.explain(pred, model.neighbours(vec[0], self.k))
+        why = self.explain(pred, model.neighbours(sims, self.k))
         return Decision(
             self.name,
             f"combination:{ranked[0]}",
@@ -698,6 +886,19 @@ class LearnedStep:
             best_gain,
             self.threshold,
         )
+
+
+def _try_lock(path: Path) -> IO[bytes] | None:
+    """An exclusive lock on `path` (held until the returned file is closed), or None if another
+    open file holds it: another process, or another step of this one on the same model file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = path.open("a+b")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    return fh
 
 
 def learned_path(state_dir: Path, template: str, name: str) -> Path:
