@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from rswitch.providers.batching import MicroBatcher
 from rswitch.providers.blas import one_blas_thread
 from rswitch.providers.encoder import StaticEncoder
+from rswitch.routing.base import Query
 from tests.conftest import chat
 from tests.test_encoder import ENCODER
 from tests.test_router_rules import COMBOS
@@ -294,3 +296,30 @@ def test_a_batch_left_open_on_a_closed_loop_does_not_catch_the_next_loops_caller
 
     assert asyncio.run(ask()) == [4] and run.batches == [[2]]
     assert not abandoned.done()
+
+
+async def test_a_learned_step_shares_encoder_calls_and_routes_each_prompt_as_alone(make_gateway):
+    from tests.test_routing_learned import CHAT, MATHS, learned, record_with_feedback, step_of
+
+    gw = await make_gateway(learned())
+    step = step_of(gw)
+    await record_with_feedback(gw, MATHS[:16] + CHAT[:16])
+    await step.fit()
+    prompts = MATHS[16:] + CHAT[16:]
+    alone = [await step.decide(Query([{"role": "user", "content": p}])) for p in prompts]
+    calls: list[list[str]] = []
+    original = step.embed
+
+    async def counting(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        return await original(texts)
+
+    step.embed = counting
+    together = await asyncio.gather(*(step.decide(Query([{"role": "user", "content": p}])) for p in prompts))
+    assert [d.combinations for d in together] == [d.combinations for d in alone]
+    assert [d.score for d in together] == pytest.approx([d.score for d in alone], abs=1e-5)
+    # the same nearest labelled prompts (equally near ones may swap places: one product, not one each)
+    assert [sorted(re.findall(r"#\d+", d.reason)) for d in together] == [
+        sorted(re.findall(r"#\d+", d.reason)) for d in alone
+    ]
+    assert sorted(t for c in calls for t in c) == sorted(prompts) and len(calls) < len(prompts)
