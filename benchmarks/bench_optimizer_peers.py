@@ -33,6 +33,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -311,7 +312,12 @@ async def run_dspy(
             args.peer_python, str(Path(__file__).resolve()), "dspy-worker", str(spec_path), str(out_path),
             stdout=None if args.verbose else subprocess.DEVNULL, stderr=None if args.verbose else subprocess.PIPE,
         )  # fmt: skip
-        _, err = await proc.communicate()
+        try:
+            _, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:  # interrupted (Ctrl-C): the worker must not run on alone
+                proc.kill()
+                await proc.wait()
         if proc.returncode != 0:
             tail = (err or b"").decode(errors="replace")[-3000:]
             raise RuntimeError(f"{peer} worker failed (exit {proc.returncode}):\n{tail}")
@@ -571,6 +577,7 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "dspy-worker":
         dspy_worker(sys.argv[2], sys.argv[3])
         return
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`: stop the DSPy worker too
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="intent-bench", choices=sorted(TASKS))
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
