@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_optimizer import REFLECTIVE, SAMPLES, SETTINGS, TASK_PARAMS, label_of, read_rows  # noqa: E402
+from bench_optimizer import REFLECTIVE, SAMPLES, SETTINGS, label_of, read_rows  # noqa: E402
+from bench_optimizer import TASKS as BENCH_TASKS  # noqa: E402
 
 # rswitch's two searches run in-process, each on a combination named after it (so the analytics
 # store tells their calls apart); DSPy's are clients of the served endpoint with keys of their own.
@@ -76,16 +77,19 @@ class Task:
         return SAMPLES / self.template_id / "labelled.jsonl"
 
 
+# bench_optimizer.py's tasks (template, evaluator, task params), with the test metric and the
+# DSPy output field: intent-bench's label accuracy, extract-bench's json_fields (partial credit)
+OUTPUT_FIELD = {"intent-bench": "label", "extract-bench": "json"}
 TASKS: dict[str, Task] = {
-    "intent-bench": Task("intent-bench", "token_f1", "accuracy", dict(TASK_PARAMS), "label", dict(SETTINGS)),
-    "extract-bench": Task(
-        "extract-bench",
-        "json_fields",
-        "json_fields",
-        {"temperature": 0, "max_tokens": 64, "stop": ["\n\n"]},
-        "json",
+    name: Task(
+        t.template_id,
+        t.evaluator,
+        "accuracy" if t.strict == "label" else t.evaluator,
+        dict(t.task_params),
+        OUTPUT_FIELD.get(name, "answer"),
         dict(SETTINGS),
-    ),
+    )
+    for name, t in BENCH_TASKS.items()
 }
 # --quick: the whole pipeline on every 5th row and a few trials, to check it runs (numbers mean nothing)
 QUICK = {"every": 5, "val": 8, "trials": 2, "candidates": 2, "gepa_calls": 24}
