@@ -150,3 +150,15 @@ def test_table_gives_mean_sd_per_seed_scores_calls_tokens_and_wall_time() -> Non
     assert lines[2] == "| rswitch | 50.0 ± 14.1 | 40.0 / 60.0 | 450 ± 71 | 4950 ± 778 | 150 ± 71 |"
     assert lines[3] == "| dspy-mipro | 60.0 ± 14.1 | 70.0 / 50.0 | 600 ± 0 | 6600 ± 0 | 400 ± 141 |"
     assert lines[4] == "| dspy-gepa | – | failed / – | – | – | – |"  # a failure is shown, not dropped
+
+
+def test_rswitch_never_imports_dspy() -> None:
+    """DSPy is the benchmark's extra: serving, the console and the optimizer run without it."""
+    import subprocess
+
+    code = (
+        "import sys, rswitch.cli, rswitch.server, rswitch.core, rswitch.optimizer.service, "
+        "rswitch.optimizer.reflective; print(sorted(m for m in sys.modules if m.split('.')[0] in ('dspy', 'litellm')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
