@@ -1058,7 +1058,10 @@ def embed(prompts: list[str]) -> np.ndarray:
 
 
 def run_cross(
-    loaded: dict[str, tuple[RoutingData, np.ndarray]], seeds: int, log: Any = None
+    loaded: dict[str, tuple[RoutingData, np.ndarray]],
+    seeds: int,
+    log: Any = None,
+    targets: list[str] | None = None,
 ) -> dict[str, Any]:
     """The learned step fitted on two benchmarks' traffic and tested on the third: for each seed,
     fit on the train halves of the other two, test on this one's test half (the same halves as
@@ -1066,6 +1069,8 @@ def run_cross(
     say = log or (lambda msg: None)
     out: dict[str, Any] = {}
     for target, (data, emb) in loaded.items():
+        if targets is not None and target not in targets:
+            continue
         others = [n for n in loaded if n != target]
         runs, chosen = [], []
         for seed in range(seeds):
