@@ -1,16 +1,19 @@
 """MIPROv2 (Opsahl-Ong et al., "Optimizing Instructions and Demonstrations for Multi-Stage
 Language Model Programs"; DSPy's `MIPROv2`) for one prompt: search instruction × demo set.
 
-1. Demo sets: zero-shot, labelled-only, and sets bootstrapped by running the task model on
-   train rows and keeping answers that score at or above the evaluator's threshold.
+1. Demo sets: zero-shot, class-balanced labelled-only sets, and sets bootstrapped by running
+   the task model on train rows (labelled demos in context) and keeping answers that score at
+   or above the evaluator's threshold, filled up with labelled rows of the labels they lack.
 2. Instruction candidates: the current instruction (always candidate 0) plus proposals from
    a proposer model, grounded in a summary of the data, the current instruction, sample demos
    and a random tip. Proposals that copy long spans of training rows, or change the
    template's variables, are rejected.
-3. Search: optuna's TPE sampler (seeded, multivariate), maximising, a fresh study per run;
-   each trial is scored on a minibatch of validation rows, and the best-so-far candidate is
-   rescored on the full validation set every few trials. The winner is the best full-
-   validation score — never a minibatch fluke, never the minimum.
+3. Search: optuna's TPE sampler (seeded, multivariate), maximising, a fresh study per run,
+   seeded with the incumbent's score; the current instruction is tried with every demo set
+   first; each trial is scored on a minibatch of validation rows (the same rows for every
+   candidate's k-th minibatch), and every few trials the best minibatch average not yet
+   rescored is scored on the full validation set. The winner is the best full-validation
+   score — never a minibatch fluke, never the minimum.
 4. Gate: the winner replaces the incumbent only if, on the held-out test split, a paired
    bootstrap confidence interval of (winner − incumbent) lies above zero.
 """
