@@ -310,7 +310,9 @@ async def test_on_postgres_a_compare_run_is_stored_in_the_shared_database(make_g
     runs = [r for r in core.analytics.compare_runs("ask") if r["run_id"] == result.run_id]
     assert len(runs) == 1 and runs[0]["rows"] == 12 and runs[0]["recommended"] == "ask-dear"
     assert runs[0]["candidates"][1]["verdict"] == "worse than the incumbent"
-    assert core.analytics.compare_run(result.run_id)["rows"] == 12 and core.analytics.compare_run("nope") is None
+    assert (
+        core.analytics.compare_run(result.run_id)["rows"] == 12 and core.analytics.compare_run("nope") is None
+    )
 
 
 async def finished(gw: Any, run_id: str) -> dict[str, Any]:

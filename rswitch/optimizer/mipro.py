@@ -211,12 +211,16 @@ def copies_training(proposal: str, rows: list[Example], span: int = COPY_SPAN_WO
     return False
 
 
-class MIPROv2:
+class Search:
+    """What every search strategy shares: the task and proposer calls, charged to one budget and
+    stopped by the cancel event, and the stage and trial callbacks. MIPROv2 and the reflective
+    search (reflective.py) take the same constructor, so the service, scheduler and CLI run either."""
+
     def __init__(
         self,
         task: TaskFn,
         evaluator: Evaluator,
-        settings: Settings,
+        settings: Any,
         *,
         proposer: TaskFn | None = None,
         budget: Budget | None = None,
@@ -233,22 +237,35 @@ class MIPROv2:
         self.on_trial = on_trial
         self.on_stage = on_stage  # told what the run is doing, e.g. before trial 0 (which takes a while)
         self.rng = random.Random(settings.seed)
-        self._scores: dict[tuple[int, int, int], float] = {}  # (instruction, demo set, row) → score
-        self.instructions: list[str] = []
-        self.demo_sets: list[list[dict[str, str]]] = []
-        self._answers: dict[int, str] = {}  # row id → the model's own passing answer (bootstrapped)
 
-    # -- calls ----------------------------------------------------------------------------------
+    def _before_call(self) -> None:
+        """A strategy's own reason to stop before a call (the reflective search's gate reserve)."""
 
     async def _call(
         self, kind: str, fn: TaskFn, messages: list[dict[str, Any]], params: dict[str, Any]
     ) -> CallResult:
         if self.cancel.is_set():
             raise Cancelled("the run was cancelled")
+        self._before_call()
         self.budget.check()
         result = await fn(messages, params)
         self.budget.charge(kind, result)
         return result
+
+    def _stage(self, name: str) -> None:
+        if self.on_stage:
+            self.on_stage(name)
+
+
+class MIPROv2(Search):
+    def __init__(self, task: TaskFn, evaluator: Evaluator, settings: Settings, **kw: Any) -> None:
+        super().__init__(task, evaluator, settings, **kw)
+        self._scores: dict[tuple[int, int, int], float] = {}  # (instruction, demo set, row) → score
+        self.instructions: list[str] = []
+        self.demo_sets: list[list[dict[str, str]]] = []
+        self._answers: dict[int, str] = {}  # row id → the model's own passing answer (bootstrapped)
+
+    # -- calls ----------------------------------------------------------------------------------
 
     async def _score(self, i: int, d: int, row: Example) -> float:
         key = (i, d, row.row_id)
@@ -582,10 +599,6 @@ class MIPROv2:
         m = min(self.s.minibatch_size, len(order))
         start = (k * m) % len(order)
         return (order + order)[start : start + m]
-
-    def _stage(self, name: str) -> None:
-        if self.on_stage:
-            self.on_stage(name)
 
     def _size(self, cand: tuple[int, int]) -> int:
         demos = self.demo_sets[cand[1]]

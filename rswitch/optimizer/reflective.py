@@ -27,22 +27,19 @@ from __future__ import annotations
 
 import random
 import re
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rswitch.optimizer.data import Example, Splits
 from rswitch.optimizer.evaluators import EvaluationError, Evaluator
 from rswitch.optimizer.mipro import (
-    Budget,
     BudgetExhausted,
-    CallResult,
     Cancelled,
     Candidate,
     RunResult,
+    Search,
     TaskFn,
     copies_training,
     gate,
@@ -124,30 +121,11 @@ def clean_proposal(text: str) -> str:
     return re.sub(r"\A(?:new|improved|updated)?\s*instruction\s*:\s*", "", text, flags=re.I).strip()
 
 
-class ReflectiveSearch:
-    """Same constructor and `run` as MIPROv2, so the service, scheduler and CLI run either."""
+class ReflectiveSearch(Search):
+    """Same constructor and `run` as MIPROv2 (mipro.Search), so the service, scheduler and CLI run either."""
 
-    def __init__(
-        self,
-        task: TaskFn,
-        evaluator: Evaluator,
-        settings: ReflectiveSettings,
-        *,
-        proposer: TaskFn | None = None,
-        budget: Budget | None = None,
-        cancel: threading.Event | None = None,
-        on_trial: Callable[[dict[str, Any]], None] | None = None,
-        on_stage: Callable[[str], None] | None = None,
-    ) -> None:
-        self.task = task
-        self.proposer = proposer or task
-        self.evaluator = evaluator
-        self.s = settings
-        self.budget = budget or Budget()
-        self.cancel = cancel or threading.Event()
-        self.on_trial = on_trial
-        self.on_stage = on_stage
-        self.rng = random.Random(settings.seed)
+    def __init__(self, task: TaskFn, evaluator: Evaluator, settings: ReflectiveSettings, **kw: Any) -> None:
+        super().__init__(task, evaluator, settings, **kw)
         self.instructions: list[str] = []
         self.demos: list[dict[str, str]] = []
         self.val_scores: dict[int, list[float]] = {}  # candidate → its score on each validation row
@@ -156,17 +134,9 @@ class ReflectiveSearch:
 
     # -- calls ------------------------------------------------------------------------------------
 
-    async def _call(
-        self, kind: str, fn: TaskFn, messages: list[dict[str, Any]], params: dict[str, Any]
-    ) -> CallResult:
-        if self.cancel.is_set():
-            raise Cancelled("the run was cancelled")
+    def _before_call(self) -> None:
         if self._limit is not None and self.budget.total_calls >= self._limit:
             raise _SearchSpent()
-        self.budget.check()
-        result = await fn(messages, params)
-        self.budget.charge(kind, result)
-        return result
 
     async def outcome(self, i: int, row: Example) -> Outcome:
         key = (i, row.row_id)
@@ -378,7 +348,3 @@ class ReflectiveSearch:
             result.trials.append(record)
             if self.on_trial:
                 self.on_trial(record)
-
-    def _stage(self, name: str) -> None:
-        if self.on_stage:
-            self.on_stage(name)
