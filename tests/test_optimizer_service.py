@@ -276,7 +276,8 @@ async def test_llm_judge_scores_through_a_judge_combination_and_counts_its_calls
     assert result.stopped is None and result.verdict
 
 
-def test_cli_optimize_reports_and_dry_run_writes_nothing(tmp_path):
+def cli_config(tmp_path) -> str:
+    """A config with one mock combination `echo-m` and 30 labelled rows in its dataset, for the CLI."""
     from rswitch.storage.datasets import DatasetStore
 
     cfg = tmp_path / "c.yaml"
@@ -298,6 +299,11 @@ def test_cli_optimize_reports_and_dry_run_writes_nothing(tmp_path):
         "echo", [{"messages": e.messages, "variables": e.variables, "expected": e.expected} for e in rows(30)]
     )
     store.close()
+    return str(cfg)
+
+
+def test_cli_optimize_reports_and_dry_run_writes_nothing(tmp_path):
+    cfg = cli_config(tmp_path)
     r = runner.invoke(
         app,
         [

@@ -6,41 +6,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from rswitch.cli import app
-from rswitch.storage.datasets import DatasetStore
 from rswitch.tui.model import optimizer_lines
 from tests.test_mipro import rows
 from tests.test_optimizer_background import BACKGROUND
-from tests.test_optimizer_service import reply, task_model
+from tests.test_optimizer_service import cli_config, reply, task_model
 
 runner = CliRunner()
 PREFIX = "/admin/v1"
-
-
-def cli_config(tmp_path) -> str:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model_providers": {"m": {"type": "mock"}},
-                "templates": {"echo": {"template": "Repeat the user's text for {topic}."}},
-                "gateway": {
-                    "combinations": [{"id": "echo-m", "template_id": "echo", "model": "m", "provider": "m"}]
-                },
-                "dataset": {"base_path": str(tmp_path / "p")},
-                "analytics": {"path": str(tmp_path / "a.duckdb")},
-            }
-        )
-    )
-    store = DatasetStore(tmp_path / "p", 1000)
-    store.import_rows(
-        "echo", [{"messages": e.messages, "variables": e.variables, "expected": e.expected} for e in rows(30)]
-    )
-    store.close()
-    return str(cfg)
 
 
 def stage_lines(output: str) -> list[str]:
