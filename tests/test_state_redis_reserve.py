@@ -139,3 +139,26 @@ async def test_a_waiter_whose_renewal_is_stuck_asks_alone_after_twice_the_timeou
     assert await asyncio.wait_for(limiter.acquire(0), 5) == 0.0  # asked alone, after 0.1 s
     assert state.asked == [1, 2, 1]
     renewer.cancel()
+
+
+async def test_a_background_write_slower_than_a_second_but_within_the_timeout_does_not_degrade(redis_server):
+    """Breaker publications and the per-second sync took a fixed 1 s timeout, stricter than
+    state.timeout_ms: a Redis that answered within the configured timeout still flapped the
+    replica to degraded (seen in a CI run right after Redis restarted under load)."""
+    import os
+    import signal
+
+    from rswitch.state.shared import SharedState
+
+    state = SharedState(redis_server.url, prefix="bg", timeout_ms=5000)
+    await state.start()
+    try:
+        assert not state.degraded
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)  # Redis stalls for 1.5 s, then answers
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.5, os.kill, redis_server.proc.pid, signal.SIGCONT)
+        await state._quietly(state.client.set("bg:k", "v"))
+        assert not state.degraded and await state.client.get("bg:k") == b"v"
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await state.close()

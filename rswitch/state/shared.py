@@ -135,6 +135,8 @@ class SharedState:
         self.url = url
         self.prefix = prefix
         self.timeout = timeout_ms / 1000
+        # background writes and the per-second sync: never stricter than a request's own timeout
+        self.background_timeout = max(1.0, self.timeout)
         self.client: Any = None
         self.degraded = False  # Redis did not answer: local state serves meanwhile
         self.degraded_since: float | None = None
@@ -215,7 +217,7 @@ class SharedState:
 
     async def _quietly(self, command: Any) -> None:
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(self.background_timeout):
                 await command
         except Exception as exc:
             self.down(exc)
@@ -379,7 +381,7 @@ class SharedState:
         if not syncers or self.degraded:
             return
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(self.background_timeout):
                 async with self.client.pipeline(transaction=False) as pipe:
                     queued = []
                     for syncer in syncers:  # each adds its command last: one that fails adds none
