@@ -256,6 +256,17 @@ class Search:
         if self.on_stage:
             self.on_stage(name)
 
+    def _finish(self, result: RunResult, started: float, demo_sets: list[list[dict[str, str]]]) -> RunResult:
+        """What every run reports however it ended: its candidates, calls, cost, tokens and time."""
+        result.instructions, result.demo_sets = self.instructions, demo_sets
+        result.calls, result.cost, result.tokens = (
+            dict(self.budget.calls),
+            self.budget.cost,
+            self.budget.tokens,
+        )
+        result.seconds = time.monotonic() - started
+        return result
+
 
 class MIPROv2(Search):
     def __init__(self, task: TaskFn, evaluator: Evaluator, settings: Settings, **kw: Any) -> None:
@@ -583,14 +594,7 @@ class MIPROv2(Search):
             result.stopped, result.verdict = "budget", f"stopped: {exc}; nothing promoted"
         except Cancelled:
             result.stopped, result.verdict = "cancelled", "stopped: cancelled; nothing promoted"
-        result.instructions, result.demo_sets = self.instructions, self.demo_sets
-        result.calls, result.cost, result.tokens = (
-            dict(self.budget.calls),
-            self.budget.cost,
-            self.budget.tokens,
-        )
-        result.seconds = time.monotonic() - started
-        return result
+        return self._finish(result, started, self.demo_sets)
 
     def _minibatch(self, order: list[Example], k: int) -> list[Example]:
         """A candidate's k-th minibatch: the k-th slice of one seeded order of validation, the same

@@ -278,14 +278,7 @@ class ReflectiveSearch(Search):
             result.stopped, result.verdict = "budget", f"stopped: {exc}; nothing promoted"
         except Cancelled:
             result.stopped, result.verdict = "cancelled", "stopped: cancelled; nothing promoted"
-        result.instructions, result.demo_sets = self.instructions, [self.demos]
-        result.calls, result.cost, result.tokens = (
-            dict(self.budget.calls),
-            self.budget.cost,
-            self.budget.tokens,
-        )
-        result.seconds = time.monotonic() - started
-        return result
+        return self._finish(result, started, [self.demos])
 
     async def _search(
         self, result: RunResult, template_id: str, val: list[Example], train: list[Example]
