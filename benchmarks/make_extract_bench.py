@@ -36,6 +36,8 @@ import random
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from make_intent_bench import write_jsonl  # this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = Path(__file__).resolve().parent / "data" / "usaddress" / "labeled.xml.gz"
 DEFAULT_OUT = ROOT / "sample_prompts" / "extract-bench"
@@ -140,10 +142,6 @@ def build(source: Path) -> tuple[list[dict], list[dict]]:
         for t, f in extra
     ]
     return labelled, examples
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def main() -> None:
