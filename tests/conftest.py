@@ -10,6 +10,7 @@ from typing import Any
 
 import duckdb
 import httpx
+import numpy as np
 import pytest
 
 from rswitch.config import parse_config
@@ -158,3 +159,39 @@ def read_duckdb(path: Path) -> list[tuple[Any, ...]]:
         return conn.execute("SELECT combination_id, success, error_type FROM invocations").fetchall()
     finally:
         conn.close()
+
+
+# -- a tiny real ONNX sentence encoder (the onnx backend's files) ---------------------------
+
+WORDS = "refund money back order rain weather paris tomorrow please my the a".split()
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory):
+    """A real ONNX model (an embedding lookup: last_hidden_state = E[input_ids]) with a real
+    `tokenizers` word-level tokenizer: the same files a sentence-transformers export has."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("onnx-encoder")
+    vocab = {"[PAD]": 0, "[UNK]": 1} | {w: i + 2 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    table = np.random.default_rng(7).normal(size=(len(vocab), 16)).astype(np.float32)
+    table[0] = 100.0  # padding rows would wreck the mean if the mask were ignored
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["last_hidden_state"], axis=0)],
+        "lookup",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+            for n in ("input_ids", "attention_mask", "token_type_ids")
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", 16])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # what any onnxruntime of the last years reads
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder, table, vocab

