@@ -154,3 +154,21 @@ def test_a_small_run_reports_every_router():
     for name in ("random", "strong-only", "oracle", "kNN", "LinUCB", "learned step", "RouteLLM best router"):
         assert f"| {name}" in text
     assert len(result["routers"]["knn"]["curve"]) == len(rl.GRID)
+
+
+def test_a_run_on_another_encoder_fits_and_names_it(onnx_dir):
+    """`--encoder minilm`: kNN, LinUCB and the learned step read that encoder's embeddings (here
+    the onnx backend on a tiny real ONNX graph), the learned model records it, the table names it."""
+    pytest.importorskip("onnxruntime")
+    folder, _, _ = onnx_dir
+    mt = rl.load_mt_bench()
+    emb = rl.embed(mt.prompts, "minilm", onnx_dir=folder)
+    assert emb.shape == (len(mt), 16)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    model = rl.fit_learned(mt.prompts, emb, mt.strong, mt.weak, seed=0, encoder_id="encoder:minilm")
+    assert model.encoder_id == "encoder:minilm"
+    result = rl.run_dataset(mt, emb, seeds=1, judge_n=0, encoder_id="encoder:minilm")
+    run = {"datasets": {"mt_bench": result}, "runtime_seconds": 1.0}
+    text = rl.markdown({"config": {"seeds": 1, "encoder": "minilm"}} | run)
+    assert "| kNN (MiniLM) |" in text and "`--encoder minilm`" in text
+    assert "| kNN (static encoder) |" in rl.markdown({"config": {"seeds": 1}} | run)
