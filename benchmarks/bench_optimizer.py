@@ -92,14 +92,15 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "intent-bench": Task(TEMPLATE_ID, COMBINATION, "token_f1", TASK_PARAMS, "label"),
-    # One line of JSON with five short fields is about 35 tokens. "\n\n", not "\n", ends it: a
+    # One line of JSON with five short fields is about 35 tokens (64 cut one long address's answer
+    # in the first run, so 96). "\n\n", not "\n", ends it: a
     # model (or DSPy's adapter, in bench_optimizer_peers.py) that writes the object over several
     # lines is scored on what it wrote, not cut after "{".
     "extract-bench": Task(
         "extract-bench",
         "extract-local",
         "json_fields",
-        {"temperature": 0, "max_tokens": 64, "stop": ["\n\n"]},
+        {"temperature": 0, "max_tokens": 96, "stop": ["\n\n"]},
         "fields",
     ),
 }
