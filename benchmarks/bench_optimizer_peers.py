@@ -564,6 +564,64 @@ def table(task: Task, seeds: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def versus(seeds: list[dict[str, Any]], ours: str = "rswitch", theirs: str = "dspy-mipro") -> str:
+    """Seed by seed, ours against theirs: the score difference and the calls each made, and
+    whether ours scored at least theirs with no more calls on every seed both finished."""
+    both = [s for s in seeds if ours in s["peers"] and theirs in s["peers"]]
+    if not both:
+        return ""
+    parts, held = [], True
+    for s in both:
+        a, b = s["peers"][ours], s["peers"][theirs]
+        diff = 100 * (a["test_score"] - b["test_score"])
+        ca, cb = a.get("usage_calls", 0), b.get("usage_calls", 0)
+        held &= diff >= 0 and ca <= cb
+        parts.append(f"seed {s['seed']} {diff:+.1f} points, {ca} vs {cb} calls")
+    verdict = (
+        "at least as good with no more calls on every seed"
+        if held
+        else "NOT at least as good with no more calls on every seed"
+    )
+    return f"{ours} − {theirs}: {'; '.join(parts)}: {verdict}."
+
+
+def merge(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Runs of one task (some optimizers in one run, the rest in another) as one record. Each seed's
+    rows must be the same in every run, and an optimizer may appear once a seed."""
+    tasks = sorted({r["task"] for r in records})
+    if len(tasks) != 1:
+        raise SystemExit(f"--merge: the runs are of different tasks ({', '.join(tasks)})")
+    if len({bool(r.get("quick")) for r in records}) != 1:
+        raise SystemExit("--merge: --quick runs and full runs do not go in one table")
+    by_seed: dict[int, dict[str, Any]] = {}
+    for record, name in zip(records, names, strict=True):
+        for s in record["seeds"]:
+            have = by_seed.get(s["seed"])
+            if have is None:
+                by_seed[s["seed"]] = json.loads(json.dumps(s)) | {"from": {p: name for p in s["peers"]}}
+                continue
+            if have["row_ids"] != s["row_ids"]:
+                raise SystemExit(f"--merge: seed {s['seed']}'s rows differ in {name}: not the same split")
+            twice = sorted(set(have["peers"]) & set(s["peers"]))
+            if twice:
+                raise SystemExit(f"--merge: seed {s['seed']} has {', '.join(twice)} in more than one run")
+            have["peers"].update(s["peers"])
+            have["from"].update({p: name for p in s["peers"]})
+            have["failed"] = {
+                p: why
+                for p, why in (have.get("failed", {}) | s.get("failed", {})).items()
+                if p not in have["peers"]
+            }
+    return {
+        "task": tasks[0],
+        "commit": ", ".join(dict.fromkeys(r["commit"] for r in records)),
+        "quick": records[0].get("quick", False),
+        "threads": ", ".join(dict.fromkeys(str(r.get("threads")) for r in records)),
+        "merged_from": names,
+        "seeds": [by_seed[k] for k in sorted(by_seed)],
+    }
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(
@@ -594,7 +652,24 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write every seed's results here")
     ap.add_argument("--markdown", type=Path, help="write the table and settings here")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the DSPy workers' output")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="no run: the --json files of earlier runs of one task (the same seeds' rows) as one table",
+    )
     args = ap.parse_args()
+    if args.merge:
+        record = merge([json.loads(f.read_text()) for f in args.merge], [f.name for f in args.merge])
+        task = TASKS[record["task"]]
+        args.peers = list(dict.fromkeys(p for s in record["seeds"] for p in s["peers"]))
+        if args.json:
+            args.json.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        if args.markdown:
+            args.markdown.write_text(markdown(task, record, table(task, record["seeds"]), args))
+        print(table(task, record["seeds"]))
+        print(versus(record["seeds"]))
+        return
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = sorted(set(args.peers) - set(PEERS))
     if unknown:
@@ -624,22 +699,39 @@ def main() -> None:
         save()
     print()
     print(table(task, seeds))
+    print(versus(seeds))
 
 
 def markdown(task: Task, record: dict[str, Any], out: str, args: Any) -> str:
     sizes = record["seeds"][0]["sizes"]
     threads = f" --threads {record['threads']}" if record.get("threads") else ""
+    seeds = ",".join(str(s["seed"]) for s in record["seeds"])
+    if record.get("merged_from"):
+        runs = {
+            n: sorted({p for s in record["seeds"] for p, f in s["from"].items() if f == n})
+            for n in record["merged_from"]
+        }
+        command = (
+            f"runs of `python benchmarks/bench_optimizer_peers.py --task {task.template_id} --seeds {seeds} "
+            f"--peers …`, one for {' and one for '.join(','.join(p) for p in runs.values())} (llama.cpp threads "
+            f"{record['threads']}), merged by `--merge {' '.join(runs)}`; rswitch at commit(s) {record['commit']}"
+        )
+    else:
+        command = (
+            f"`python benchmarks/bench_optimizer_peers.py --task {task.template_id} --seeds "
+            f"{seeds} --peers {','.join(args.peers)}{threads}`; rswitch at commit {record['commit']}"
+        )
     lines = [
         f"# {task.template_id}: rswitch's optimizer beside DSPy's",
         "",
-        f"`python benchmarks/bench_optimizer_peers.py --task {task.template_id} --seeds "
-        f"{','.join(str(s['seed']) for s in record['seeds'])} --peers {','.join(args.peers)}{threads}`; "
-        f"rswitch at commit {record['commit']}. Rows: {sizes['train']} train, {sizes['val']} validation, "
+        f"{command}. Rows: {sizes['train']} train, {sizes['val']} validation, "
         f"{sizes['test']} test, the same for every optimizer. Search metric `{task.evaluator}`; test metric "
         f"`{task.test_metric}`. Calls and tokens are counted in the analytics store; they do not include "
         "this script's scoring of each winner on the test rows (one call a row).",
         "",
         out,
+        "",
+        versus(record["seeds"]),
         "",
         "| seed | optimizer | test | calls | failed calls | instruction (first 80 characters) | demos | notes |",
         "|---|---|---|---|---|---|---|---|",

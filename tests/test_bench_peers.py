@@ -162,3 +162,52 @@ def test_rswitch_never_imports_dspy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _seed(seed: int, rows: list[int], **runs: dict[str, Any]) -> dict[str, Any]:
+    return {"seed": seed, "row_ids": {"test": rows}, "sizes": {"train": 2, "val": 1, "test": len(rows)},
+            "peers": runs, "failed": {}}  # fmt: skip
+
+
+def _run(score: float, calls: int) -> dict[str, Any]:
+    return {"test_score": score, "usage_calls": calls, "wall_seconds": 1.0, "answers": []}
+
+
+def test_merge_joins_runs_of_the_same_splits_and_versus_says_who_won_each_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = {"task": "intent-bench", "commit": "aaa", "threads": 1, "quick": False,
+             "seeds": [_seed(0, [1, 2], rswitch=_run(0.9, 400)), _seed(1, [3, 4], rswitch=_run(0.7, 450))]}  # fmt: skip
+    later = {"task": "intent-bench", "commit": "bbb", "threads": 1, "quick": False,
+             "seeds": [_seed(0, [1, 2], **{"dspy-mipro": _run(0.6, 1000)}),
+                       _seed(1, [3, 4], **{"dspy-mipro": _run(0.8, 900)})]}  # fmt: skip
+    files = []
+    for name, record in (("a.json", first), ("b.json", later)):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps(record))
+    out = tmp_path / "t.md"
+    monkeypatch.setattr(sys, "argv", ["x", "--merge", *map(str, files), "--markdown", str(out)])
+    peers.main()
+    text = out.read_text()
+    assert "| rswitch | 80.0 ± 14.1 | 90.0 / 70.0 |" in text
+    assert "| dspy-mipro | 70.0 ± 14.1 | 60.0 / 80.0 |" in text
+    # seed 1 is lost by 10 points: the verdict says so, whatever the mean says
+    assert "seed 0 +30.0 points, 400 vs 1000 calls; seed 1 -10.0 points, 450 vs 900 calls" in text
+    assert "NOT at least as good with no more calls on every seed" in text
+    assert "--merge a.json b.json" in text and "aaa, bbb" in text
+
+    later["seeds"][1]["row_ids"] = {"test": [5, 6]}  # another split: refused, nothing written
+    files[1].write_text(json.dumps(later))
+    out.unlink()
+    with pytest.raises(SystemExit, match="seed 1's rows differ in b.json"):
+        peers.main()
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="seed 0 has rswitch in more than one run"):
+        peers.merge([first, first], ["a.json", "a2.json"])
+
+
+def test_versus_needs_no_more_calls_as_well_as_the_score() -> None:
+    seeds = [_seed(0, [1], rswitch=_run(0.8, 1200), **{"dspy-mipro": _run(0.7, 1000)})]
+    assert "NOT at least as good" in peers.versus(seeds)
+    seeds[0]["peers"]["rswitch"]["usage_calls"] = 1000
+    assert peers.versus(seeds).endswith("at least as good with no more calls on every seed.")
