@@ -172,3 +172,24 @@ def test_each_route_scores_its_top_k_similarities_for_every_batch_size(counts, t
         want = _reference_scores([[vectors[u] for u in us] for us in names], q, top_k, aggregate)
         got = step.score_many(q, chunk=128)
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+
+
+async def test_the_first_request_waits_one_timeout_for_warming_and_its_query_together():
+    """The first decision embeds every utterance and then its query: one timeout covers both (it
+    passes), not one timeout each (it waited up to twice as long). The next decision, warm, is
+    within its own timeout and decides."""
+    from rswitch.routing.base import Query
+    from rswitch.routing.semantic import SemanticRoute, SemanticStep
+
+    async def slow_embed(texts: list[str]) -> list[list[float]]:
+        await asyncio.sleep(0.6)  # an encoder taking 0.6 of the 1 s timeout for each call
+        return [[1.0, 0.0] if "refund" in t else [0.0, 1.0] for t in texts]
+
+    routes = [SemanticRoute("combination:a", ("a",), 0.5, ["refund please"]),
+              SemanticRoute("combination:b", ("b",), 0.5, ["weather today"])]  # fmt: skip
+    step = SemanticStep("topics", routes, slow_embed, "test", timeout=1.0)
+    query = Query([{"role": "user", "content": "refund my order"}])
+    assert await step.decide(query) is None  # 0.6 s warming + 0.6 s query > 1 s: passes
+    assert step._matrix is not None  # the warming itself finished (under the lock) and is kept
+    decision = await step.decide(query)
+    assert decision is not None and decision.target == "combination:a"

@@ -219,9 +219,12 @@ class SemanticStep:
             return None
         try:
             if self._matrix is None and self.trained is None:
+                # the first request embeds the utterances too: both within one timeout, not one each
                 async with asyncio.timeout(self.timeout):
                     await self.warm()
-            [row] = await self._batch.submit([query.text])  # within self.timeout too
+                    [row] = await self._batch.submit([query.text])
+            else:
+                [row] = await self._batch.submit([query.text])  # the batch's own timer bounds it
         except Exception as exc:  # the encoder is down or slow: pass, don't fail the request
             log.warning("semantic step %s passes: %s: %s", self.name, type(exc).__name__, exc)
             return None
