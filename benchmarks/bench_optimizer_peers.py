@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import re
@@ -588,6 +589,8 @@ def versus(seeds: list[dict[str, Any]], ours: str = "rswitch", theirs: str = "ds
 def merge(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Runs of one task (some optimizers in one run, the rest in another) as one record. Each seed's
     rows must be the same in every run, and an optimizer may appear once a seed."""
+    if len(records) == 1:  # one run: its own table, with its own command
+        return records[0]
     tasks = sorted({r["task"] for r in records})
     if len(tasks) != 1:
         raise SystemExit(f"--merge: the runs are of different tasks ({', '.join(tasks)})")
@@ -598,7 +601,7 @@ def merge(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         for s in record["seeds"]:
             have = by_seed.get(s["seed"])
             if have is None:
-                by_seed[s["seed"]] = json.loads(json.dumps(s)) | {"from": {p: name for p in s["peers"]}}
+                by_seed[s["seed"]] = copy.deepcopy(s) | {"from": {p: name for p in s["peers"]}}
                 continue
             if have["row_ids"] != s["row_ids"]:
                 raise SystemExit(f"--merge: seed {s['seed']}'s rows differ in {name}: not the same split")

@@ -202,6 +202,7 @@ def test_merge_joins_runs_of_the_same_splits_and_versus_says_who_won_each_seed(
     with pytest.raises(SystemExit, match="seed 1's rows differ in b.json"):
         peers.main()
     assert not out.exists()
+    assert peers.merge([first], ["a.json"]) is first  # one run is printed with its own command
     with pytest.raises(SystemExit, match="seed 0 has rswitch in more than one run"):
         peers.merge([first, first], ["a.json", "a2.json"])
 

