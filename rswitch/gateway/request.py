@@ -118,7 +118,9 @@ def validate(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str,
             raise bad_request(
                 f"messages[{i}].content is required for role {role!r}", param=f"messages[{i}].content"
             )
-        if len(m) > 2 or isinstance(content, list):  # names, tool calls, content parts' shapes
+        # names, tool calls, content parts' shapes: any key beside role and content (an assistant
+        # turn may have tool_calls and no content: two keys, not role and content)
+        if len(m) > 2 or isinstance(content, list) or "content" not in m:
             problem = check_message(i, m)
             if problem is not None:
                 raise problem
