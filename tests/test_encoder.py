@@ -97,6 +97,7 @@ async def test_semantic_router_on_the_static_encoder(make_gateway):
 
 # -- the onnx backend, on a tiny real ONNX graph ----------------------------------------------
 
+
 def test_onnx_encoder_mean_pools_over_the_mask_and_normalises(onnx_dir):
     pytest.importorskip("onnxruntime")
     folder, table, vocab = onnx_dir

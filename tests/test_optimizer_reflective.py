@@ -8,7 +8,13 @@ import pytest
 from rswitch.optimizer.data import Example, split
 from rswitch.optimizer.evaluators import build_evaluator
 from rswitch.optimizer.mipro import Budget, CallResult
-from rswitch.optimizer.reflective import ReflectiveSearch, ReflectiveSettings, clean_proposal, pareto_pool
+from rswitch.optimizer.reflective import (
+    ReflectiveSearch,
+    ReflectiveSettings,
+    clean_proposal,
+    pareto_pool,
+    restore_variables,
+)
 from rswitch.optimizer.service import OptimizeError, optimize
 from tests.test_mipro import MAGIC
 from tests.test_optimizer_service import CONFIG, reply
@@ -93,6 +99,38 @@ async def test_a_stronger_proposer_shown_the_failures_wins_with_the_instruction_
     assert "WRONG, score 0.00: output differs from expected" in shown and "Expected output: WORD" in shown
     assert res.trials[0]["full_score"] == 1.0 and res.trials[0]["instruction"] == 1
     assert res.calls["proposer"] >= 1 and res.calls["task"] + res.calls["proposer"] == len(calls)
+
+
+def test_a_proposal_that_drops_a_variable_gets_the_parents_sentence_back():
+    parent = "Classify the message. Which topic is it about: {labels}? Answer with one label."
+    fixed, restored = restore_variables("Read the message and answer with one topic.", parent)
+    assert restored == ["labels"]
+    assert fixed == "Read the message and answer with one topic.\n\nWhich topic is it about: {labels}?"
+    two = "Extract {keys} as JSON.\nUse only the text of {source}."
+    assert restore_variables("Extract the fields as JSON.", two)[0].endswith(
+        "\n\nExtract {keys} as JSON. Use only the text of {source}."
+    )
+    assert restore_variables("Say {x} again.", "Say {x}.") == ("Say {x} again.", [])
+
+
+async def test_a_proposal_without_the_templates_variable_is_kept_with_it_restored():
+    """A small proposer writes the right rule but drops `{topic}`: the rule is kept, the variable
+    carried over, and the instruction wins; a proposal adding an unknown variable is refused."""
+    calls: list = []
+    data = split(numbered(40), seed=1)
+    dropped = f"{MAGIC}. Answer with the user's words in capitals."
+    replies = iter(["Use {unknown} words.", dropped])
+
+    async def proposer(messages, params):
+        calls.append(("proposer", messages))
+        return CallResult(next(replies, "Repeat the user's text for {topic}, carefully."))
+
+    search = ReflectiveSearch(scripted_task(calls), build_evaluator("exact_match"), rs(), proposer=proposer)
+    res = await search.run("t", SEED, DEMOS, data)
+    assert res.trials[0]["note"] == "proposal refused: changes the template's variables"
+    assert res.trials[1]["note"] == "kept {topic} from the parent"
+    assert res.winner_candidate.instruction == f"{dropped}\n\n{SEED}"
+    assert res.winner_test == 1.0 and res.promote
 
 
 async def test_the_search_stops_at_the_call_budget_and_still_ends_at_the_gate():

@@ -8,8 +8,9 @@ instruction alone, from what went wrong:
 2. Each round picks a parent from the Pareto pool (weighted by the validation rows it is best
    on), runs it on a small minibatch of training rows, and shows a proposer model the rows it
    got wrong with the evaluator's reasons (expected vs got, missing JSON fields…). The proposer
-   writes a new instruction; one that drops the template's variables, rambles, or copies
-   training rows is refused.
+   writes a new instruction. Where it dropped some of the template's `{variables}` (small
+   proposers often do), the parent's sentences holding them are carried over to its end; one
+   that adds a variable the template does not have, rambles, or copies training rows is refused.
 3. The child is scored on the same minibatch; only if it beats its parent there is it scored on
    every validation row and joins the pool. The pool keeps a candidate while it is the best on
    at least one validation row and no other kept candidate covers all of those rows; so a
@@ -119,6 +120,23 @@ def clean_proposal(text: str) -> str:
     if fenced:
         text = fenced.group(1).strip()
     return re.sub(r"\A(?:new|improved|updated)?\s*instruction\s*:\s*", "", text, flags=re.I).strip()
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def restore_variables(proposal: str, parent: str) -> tuple[str, list[str]]:
+    """The proposal with the parent's sentences that hold the variables it dropped appended, and
+    the names restored. A small proposer rewriting "Which topic is this about: {labels}?" often
+    drops `{labels}`; the rewrite is kept and the parent's sentence carried over, instead of the
+    whole proposal being lost. A proposal that drops nothing is returned as it is."""
+    missing = [n for n in placeholders(parent) if n not in set(placeholders(proposal))]
+    if not missing or not proposal:
+        return proposal, []
+    carried = [
+        s.strip() for s in _SENTENCE.split(parent) if s.strip() and set(placeholders(s)) & set(missing)
+    ]
+    return proposal.rstrip() + "\n\n" + " ".join(carried), missing
 
 
 class ReflectiveSearch(Search):
@@ -314,12 +332,17 @@ class ReflectiveSearch(Search):
                     self._reflection_prompt(self.instructions[parent], batch, seen),
                     {**self.s.proposer_params, "seed": self.s.seed * 1000 + t},
                 )
-                proposal = clean_proposal(reply.text)
+                proposal, restored = restore_variables(clean_proposal(reply.text), self.instructions[parent])
                 refused = self._refusal(proposal, train)
                 if refused:
                     record["note"] = f"proposal refused: {refused}"
                     record["refused_text"] = proposal[:500]
                 else:
+                    notes = (
+                        [f"kept {', '.join(f'{{{n}}}' for n in restored)} from the parent"]
+                        if restored
+                        else []
+                    )
                     self.instructions.append(proposal)
                     k = len(self.instructions) - 1
                     self._stage(f"round {t + 1}/{n}: evaluating candidate #{k}")
@@ -329,7 +352,9 @@ class ReflectiveSearch(Search):
                         self.val_scores[k] = await self.evaluate(k, val)
                         record["full_score"] = self._mean(k)
                     else:
-                        record["note"] = f"no better than #{parent} on its minibatch"
+                        notes.append(f"no better than #{parent} on its minibatch")
+                    if notes:
+                        record["note"] = "; ".join(notes)
             top = self.best()
             record.update(
                 best=[top, 0],
