@@ -91,6 +91,7 @@ def test_loading_drops_the_contaminated_prompts():
     assert (len(gsm8k), gsm8k.n_raw, gsm8k.n_contaminated) == (1307, 1319, 12)
     assert (len(mmlu), mmlu.n_raw, mmlu.n_contaminated, mmlu.meta["subjects"]) == (14037, 14042, 5, 57)
     assert (len(mt), mt.n_raw, mt.n_contaminated) == (72, 80, 8)
+    assert len(mmlu.topics) == len(mmlu) and len(set(mmlu.topics)) == 57 and "anatomy" in mmlu.topics
     for d in (gsm8k, mmlu):
         assert set(np.unique(d.strong)) == {0.0, 1.0} and set(np.unique(d.weak)) == {0.0, 1.0}
     assert ((mt.strong >= 0.1) & (mt.strong <= 1)).all() and ((mt.weak >= 0.1) & (mt.weak <= 1)).all()
@@ -172,3 +173,30 @@ def test_a_run_on_another_encoder_fits_and_names_it(onnx_dir):
     text = rl.markdown({"config": {"seeds": 1, "encoder": "minilm"}} | run)
     assert "| kNN (MiniLM) |" in text and "`--encoder minilm`" in text
     assert "| kNN (static encoder) |" in rl.markdown({"config": {"seeds": 1}} | run)
+
+
+def test_the_subject_reference_routes_on_the_subjects_gain_and_reports_each_row():
+    """mmlu_subjects.py: a subject where the strong model wins often is routed first, an unseen
+    subject gets the overall mean, and a small run reports its three rows."""
+    from benchmarks.routing import mmlu_subjects as ms
+
+    rng = np.random.default_rng(0)
+    n = 400
+    topics = np.array(["algebra", "history"] * (n // 2))
+    strong = np.ones(n)
+    weak = np.where(topics == "algebra", rng.random(n) < 0.4, rng.random(n) < 0.95).astype(float)
+    scores = ms.subject_scores(topics[:200], (strong - weak)[:200], np.r_[topics[200:], ["law"]])
+    assert scores[0] > scores[1]  # algebra's gain (~0.6) before history's (~0.05)
+    assert scores[-1] == pytest.approx((strong - weak)[:200].mean())
+    m = rl.route_metrics(scores[:-1], strong[200:], weak[200:])
+    # algebra first: ~92% of the gain by c = 0.5, so APGR ~ 0.5 * .92 / 2 + 0.5 * 1.92 / 2 = 0.71
+    assert m["apgr"] > 0.68 and m["cpt50"] < 0.3
+
+    prompts = [f"{t} question {i}" for i, t in enumerate(topics)]
+    data = rl.RoutingData("mmlu", prompts, strong, weak, rl._groups(prompts), n, 0, topics=topics)
+    result = ms.run(seeds=2, data=data, emb=rng.normal(size=(n, 8)))
+    assert set(result["routers"]) == {"subject", "subject_text", "subject_from_text"}
+    assert result["subjects"] == 2 and result["routers"]["subject"]["apgr"]["mean"] > 0.68
+    # the classifier reads the subject off the prompt's first word: as good as being told
+    assert result["routers"]["subject_from_text"]["apgr"]["mean"] > 0.68
+    assert "subject prior (told the subject)" in ms.markdown(result)

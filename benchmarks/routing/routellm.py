@@ -146,6 +146,7 @@ class RoutingData:
     n_raw: int
     n_contaminated: int
     meta: dict[str, Any] = field(default_factory=dict)
+    topics: np.ndarray | None = None  # MMLU: each row's subject (its file), which no router sees
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -210,9 +211,13 @@ def load_mmlu(data_dir: Path = DATA_DIR) -> RoutingData:
     )
     for name in files:
         with _open(data_dir / "mmlu" / "responses" / name) as fh:
-            rows.extend(csv.DictReader(fh))
-    data = _from_rows("mmlu", rows, _contaminated(data_dir / "mmlu" / "contaminated_prompts.jsonl"))
+            rows.extend(
+                {**r, "subject": name.removeprefix("mmlu_").removesuffix(".csv")} for r in csv.DictReader(fh)
+            )
+    contaminated = _contaminated(data_dir / "mmlu" / "contaminated_prompts.jsonl")
+    data = _from_rows("mmlu", rows, contaminated)
     data.meta["subjects"] = len(files)
+    data.topics = np.array([r["subject"] for r in rows if r["prompt"] not in contaminated])
     return data
 
 
