@@ -115,11 +115,13 @@ def test_a_proposal_that_drops_a_variable_gets_the_parents_sentence_back():
 
 async def test_a_proposal_without_the_templates_variable_is_kept_with_it_restored():
     """A small proposer writes the right rule but drops `{topic}`: the rule is kept, the variable
-    carried over, and the instruction wins; a proposal adding an unknown variable is refused."""
+    carried over, and the instruction wins; a proposal adding an unknown variable, or writing back
+    the reflection prompt's headings, is refused."""
     calls: list = []
     data = split(numbered(40), seed=1)
     dropped = f"{MAGIC}. Answer with the user's words in capitals."
-    replies = iter(["Use {unknown} words.", dropped])
+    echoed = "The user's message is about\n\nExpected output:\n\nHere's how to fix the mistakes."
+    replies = iter(["Use {unknown} words.", echoed, dropped])
 
     async def proposer(messages, params):
         calls.append(("proposer", messages))
@@ -128,7 +130,8 @@ async def test_a_proposal_without_the_templates_variable_is_kept_with_it_restore
     search = ReflectiveSearch(scripted_task(calls), build_evaluator("exact_match"), rs(), proposer=proposer)
     res = await search.run("t", SEED, DEMOS, data)
     assert res.trials[0]["note"] == "proposal refused: changes the template's variables"
-    assert res.trials[1]["note"] == "kept {topic} from the parent"
+    assert res.trials[1]["note"] == "proposal refused: copies the reflection prompt's layout"
+    assert res.trials[2]["note"] == "kept {topic} from the parent"
     assert res.winner_candidate.instruction == f"{dropped}\n\n{SEED}"
     assert res.winner_test == 1.0 and res.promote
 

@@ -10,7 +10,8 @@ instruction alone, from what went wrong:
    got wrong with the evaluator's reasons (expected vs got, missing JSON fields…). The proposer
    writes a new instruction. Where it dropped some of the template's `{variables}` (small
    proposers often do), the parent's sentences holding them are carried over to its end; one
-   that adds a variable the template does not have, rambles, or copies training rows is refused.
+   that adds a variable the template does not have, rambles, copies training rows or writes back
+   the reflection prompt's own headings ("Expected output:") is refused.
 3. The child is scored on the same minibatch; only if it beats its parent there is it scored on
    every validation row and joins the pool. The pool keeps a candidate while it is the best on
    at least one validation row and no other kept candidate covers all of those rows; so a
@@ -122,6 +123,12 @@ def clean_proposal(text: str) -> str:
     return re.sub(r"\A(?:new|improved|updated)?\s*instruction\s*:\s*", "", text, flags=re.I).strip()
 
 
+# the headings of the reflection prompt itself: a proposer that writes them back is continuing
+# that prompt (a small model's habit), not writing an instruction for the task model
+_SCAFFOLD = re.compile(
+    r"^\s*(?:#+\s*Example \d+|Input:|Model output:|Expected output:|Current instruction:|New instruction:)",
+    re.I | re.M,
+)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -229,6 +236,8 @@ class ReflectiveSearch(Search):
             return "mostly repeated lines"
         if copies_training(proposal, train):
             return "copies training rows"
+        if _SCAFFOLD.search(proposal) and not _SCAFFOLD.search(current):
+            return "copies the reflection prompt's layout"
         return None
 
     # -- the run ----------------------------------------------------------------------------------
