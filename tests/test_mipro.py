@@ -241,7 +241,9 @@ async def test_degenerate_proposals_are_rejected():
     junk = [
         "Improved example:\n{topic}\n" * 12,
         "For {topic}: " + "very " * 400 + MAGIC,
-        f"For {{topic}}: {MAGIC}.",
+        # it continued the proposal prompt (the 135M proposer did so on extract-bench)
+        f"Here's a corrected instruction:\n\nTask summary: words.\n\nCurrent instruction:\nFor {{topic}}: {MAGIC}.",
+        f"Here's a corrected instruction:\n\nFor {{topic}}: {MAGIC}.",
     ]
     opt = MIPROv2(
         make_task(calls),
@@ -250,6 +252,7 @@ async def test_degenerate_proposals_are_rejected():
         proposer=make_proposer(calls, junk),
     )
     res = await opt.run("t", "Repeat the user's text for {topic}.", [], split(rows(40), seed=1))
+    # the last one's preamble is dropped: the instruction is what follows it
     assert res.instructions == ["Repeat the user's text for {topic}.", f"For {{topic}}: {MAGIC}."]
 
 

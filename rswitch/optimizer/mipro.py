@@ -54,6 +54,8 @@ TIPS = [
     "Make the instruction short and direct.",
     "Explain what a perfect answer looks like.",
 ]
+# the proposal prompt's headings (_proposal_prompt): a proposal that writes them back continued it
+PROPOSAL_HEADINGS = ("Task summary:", "Current instruction:", "Example inputs and", "Tip:")
 COPY_SPAN_WORDS = 8  # a proposal sharing this many consecutive words with a training row is a copy
 
 
@@ -209,6 +211,32 @@ def copies_training(proposal: str, rows: list[Example], span: int = COPY_SPAN_WO
             if any(tuple(w[i : i + span]) in shingles for i in range(len(w) - span + 1)):
                 return True
     return False
+
+
+_FENCE = re.compile(r"\A```[\w-]*\n(.*?)\n?```\s*\Z", re.S)
+_PREAMBLE = re.compile(
+    r"\A(?:(?:here(?:'s| is)|this is) (?:an? |the |my )?(?:new |improved |updated |corrected |revised )?"
+    r"instruction\s*[:.]|(?:new |improved |updated |corrected |revised )?instruction\s*:)\s*",
+    re.I,
+)
+
+
+def clean_proposal(text: str) -> str:
+    """The instruction a proposer wrote, without a code fence or a preamble ("New instruction:",
+    "Here's a corrected instruction:")."""
+    text = text.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    return _PREAMBLE.sub("", text).strip()
+
+
+def echoes_prompt(proposal: str, current: str, headings: tuple[str, ...]) -> bool:
+    """Whether a proposal writes back the proposer prompt's own headings at the start of a line
+    ("Task summary:", "Current instruction:"), which the current instruction does not have: the
+    proposer continued its prompt instead of writing an instruction."""
+    pattern = re.compile(r"^\s*(?:" + "|".join(headings) + ")", re.I | re.M)
+    return bool(pattern.search(proposal)) and not pattern.search(current)
 
 
 class Search:
@@ -460,6 +488,8 @@ class MIPROv2(Search):
     def _acceptable(self, proposal: str, current: str, train: list[Example]) -> bool:
         if not proposal.strip() or proposal.strip() in (x.strip() for x in self.instructions):
             return False
+        if echoes_prompt(proposal, current, PROPOSAL_HEADINGS):
+            return False  # it continued the proposal prompt
         if set(placeholders(proposal)) != set(placeholders(current)):
             return False  # it must render with the same variables the traffic sends
         if len(proposal) > max(4 * len(current), 800):
@@ -491,6 +521,7 @@ class MIPROv2(Search):
                     "proposer", self.proposer, self._proposal_prompt(summary, current, demos, tip), params
                 )
             ).text.strip()
+            text = clean_proposal(text)
             if self._acceptable(text, current, train):
                 self.instructions.append(text)
 

@@ -43,7 +43,9 @@ from rswitch.optimizer.mipro import (
     RunResult,
     Search,
     TaskFn,
+    clean_proposal,
     copies_training,
+    echoes_prompt,
     gate,
 )
 from rswitch.templates import placeholders
@@ -111,24 +113,9 @@ def pareto_pool(scores: dict[int, list[float]], pool_size: int | None = None) ->
     return wins
 
 
-_FENCE = re.compile(r"\A```[\w-]*\n(.*?)\n?```\s*\Z", re.S)
-
-
-def clean_proposal(text: str) -> str:
-    """The instruction a proposer wrote, without a code fence or a 'New instruction:' preamble."""
-    text = text.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    return re.sub(r"\A(?:new|improved|updated)?\s*instruction\s*:\s*", "", text, flags=re.I).strip()
-
-
 # the headings of the reflection prompt itself: a proposer that writes them back is continuing
 # that prompt (a small model's habit), not writing an instruction for the task model
-_SCAFFOLD = re.compile(
-    r"^\s*(?:#+\s*Example \d+|Input:|Model output:|Expected output:|Current instruction:|New instruction:)",
-    re.I | re.M,
-)
+HEADINGS = (r"#+\s*Example \d+", "Input:", "Model output:", "Expected output:", "Current instruction:")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -236,7 +223,7 @@ class ReflectiveSearch(Search):
             return "mostly repeated lines"
         if copies_training(proposal, train):
             return "copies training rows"
-        if _SCAFFOLD.search(proposal) and not _SCAFFOLD.search(current):
+        if echoes_prompt(proposal, current, HEADINGS):
             return "copies the reflection prompt's layout"
         return None
 
