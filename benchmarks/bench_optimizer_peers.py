@@ -586,6 +586,42 @@ def versus(seeds: list[dict[str, Any]], ours: str = "rswitch", theirs: str = "ds
     return f"{ours} − {theirs}: {'; '.join(parts)}: {verdict}."
 
 
+def pick(record: dict[str, Any], wanted: set[str], name: str) -> dict[str, Any]:
+    """A run's record with only the optimizers named (`--merge FILE:rswitch,dspy-gepa`): a later
+    run of one of them, on the same splits, can then replace the earlier one's rows."""
+    unknown = sorted(wanted - set(PEERS))
+    if unknown:
+        raise SystemExit(
+            f"--merge {name}: unknown optimizer {', '.join(unknown)}; choose from {', '.join(PEERS)}"
+        )
+    out = copy.deepcopy(record)
+    out["seeds"] = []
+    for s in record["seeds"]:
+        peers = {p: r for p, r in s["peers"].items() if p in wanted}
+        failed = {p: why for p, why in s.get("failed", {}).items() if p in wanted}
+        if peers or failed:
+            out["seeds"].append(copy.deepcopy(s) | {"peers": peers, "failed": failed})
+    if not out["seeds"]:
+        raise SystemExit(f"--merge {name}: no seed of this run has {', '.join(sorted(wanted))}")
+    return out
+
+
+def load_runs(specs: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """`--merge` arguments, each FILE or FILE:optimizer,optimizer, as records and their names."""
+    records, names = [], []
+    for spec in specs:
+        path, _, only = spec.rpartition(":") if not Path(spec).exists() and ":" in spec else (spec, "", "")
+        if not Path(path).is_file():
+            raise SystemExit(f"--merge: {path} is not a file")
+        record = json.loads(Path(path).read_text())
+        name = Path(path).name + (f":{only}" if only else "")
+        if only:
+            record = pick(record, {p.strip() for p in only.split(",") if p.strip()}, name)
+        records.append(record)
+        names.append(name)
+    return records, names
+
+
 def merge(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Runs of one task (some optimizers in one run, the rest in another) as one record. Each seed's
     rows must be the same in every run, and an optimizer may appear once a seed."""
@@ -657,13 +693,14 @@ def main() -> None:
     ap.add_argument("-v", "--verbose", action="store_true", help="show the DSPy workers' output")
     ap.add_argument(
         "--merge",
-        type=Path,
         nargs="+",
-        help="no run: the --json files of earlier runs of one task (the same seeds' rows) as one table",
+        metavar="FILE[:OPTIMIZERS]",
+        help="no run: the --json files of earlier runs of one task (the same seeds' rows) as one table; "
+        "FILE:rswitch,dspy-gepa takes only those optimizers' rows from FILE",
     )
     args = ap.parse_args()
     if args.merge:
-        record = merge([json.loads(f.read_text()) for f in args.merge], [f.name for f in args.merge])
+        record = merge(*load_runs(args.merge))
         task = TASKS[record["task"]]
         args.peers = list(dict.fromkeys(p for s in record["seeds"] for p in s["peers"]))
         if args.json:

@@ -207,6 +207,32 @@ def test_merge_joins_runs_of_the_same_splits_and_versus_says_who_won_each_seed(
         peers.merge([first, first], ["a.json", "a2.json"])
 
 
+def test_merge_can_take_some_optimizers_of_a_run_so_a_rerun_replaces_them(tmp_path: Path) -> None:
+    """An earlier run of rswitch and DSPy, and a later run of rswitch alone on the same splits:
+    FILE:dspy-mipro keeps DSPy's rows of the first and the later rswitch rows replace its own."""
+    both = {"task": "intent-bench", "commit": "aaa", "threads": 1, "quick": False,
+            "seeds": [_seed(0, [1, 2], rswitch=_run(0.5, 400), **{"dspy-mipro": _run(0.6, 1000)})]}  # fmt: skip
+    rerun = {"task": "intent-bench", "commit": "ccc", "threads": 1, "quick": False,
+             "seeds": [_seed(0, [1, 2], rswitch=_run(0.9, 420))]}  # fmt: skip
+    (tmp_path / "both.json").write_text(json.dumps(both))
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    with pytest.raises(SystemExit, match="seed 0 has rswitch in more than one run"):
+        peers.merge(*peers.load_runs([str(tmp_path / "both.json"), str(tmp_path / "rerun.json")]))
+    records, names = peers.load_runs([f"{tmp_path / 'both.json'}:dspy-mipro", str(tmp_path / "rerun.json")])
+    assert names == ["both.json:dspy-mipro", "rerun.json"]
+    record = peers.merge(records, names)
+    runs = record["seeds"][0]["peers"]
+    assert runs["rswitch"]["test_score"] == 0.9 and runs["dspy-mipro"]["test_score"] == 0.6
+    assert record["seeds"][0]["from"] == {"dspy-mipro": "both.json:dspy-mipro", "rswitch": "rerun.json"}
+    assert both["seeds"][0]["peers"]["rswitch"]["test_score"] == 0.5  # the file's record is not changed
+    with pytest.raises(SystemExit, match="unknown optimizer dspy-typo"):
+        peers.load_runs([f"{tmp_path / 'both.json'}:dspy-typo"])
+    with pytest.raises(SystemExit, match="no seed of this run has dspy-gepa"):
+        peers.load_runs([f"{tmp_path / 'both.json'}:dspy-gepa"])
+    with pytest.raises(SystemExit, match="missing.json is not a file"):
+        peers.load_runs([str(tmp_path / "missing.json")])
+
+
 def test_versus_needs_no_more_calls_as_well_as_the_score() -> None:
     seeds = [_seed(0, [1], rswitch=_run(0.8, 1200), **{"dspy-mipro": _run(0.7, 1000)})]
     assert "NOT at least as good" in peers.versus(seeds)
