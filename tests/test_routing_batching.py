@@ -318,8 +318,12 @@ async def test_a_learned_step_shares_encoder_calls_and_routes_each_prompt_as_alo
     together = await asyncio.gather(*(step.decide(Query([{"role": "user", "content": p}])) for p in prompts))
     assert [d.combinations for d in together] == [d.combinations for d in alone]
     assert [d.score for d in together] == pytest.approx([d.score for d in alone], abs=1e-5)
-    # the same nearest labelled prompts (equally near ones may swap places: one product, not one each)
-    assert [sorted(re.findall(r"#\d+", d.reason)) for d in together] == [
-        sorted(re.findall(r"#\d+", d.reason)) for d in alone
-    ]
+
+    # equally near labelled prompts: the batch's one product may order a tie, even at the k-th
+    # place, otherwise than one product a prompt does; the neighbours' similarities are the same
+    def near(d):
+        return sorted(float(x) for x in re.findall(r"#\d+ (\d\.\d\d)", d.reason))
+
+    for a, b in zip(together, alone, strict=True):
+        assert near(a) == pytest.approx(near(b), abs=0.011) and len(near(a)) == 3
     assert sorted(t for c in calls for t in c) == sorted(prompts) and len(calls) < len(prompts)
