@@ -530,15 +530,23 @@ def tally(task: Task, record: dict[str, Any], counted: dict[str, dict[str, int]]
         res["test_usage"] = counted.get(f"{peer}-test", {})
 
 
+def in_order(peer: str) -> int:
+    """An optimizer's place in tables: PEERS' order (rswitch's searches first)."""
+    return PEERS.index(peer) if peer in PEERS else len(PEERS)
+
+
 def mean_sd(values: list[float], scale: float = 100, digits: int = 1) -> str:
+    """Mean ± sd over seeds; one seed's value alone (it has no spread to show)."""
     m = statistics.mean(values) * scale
-    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+    if len(values) == 1:
+        return f"{m:.{digits}f} (1 seed)"
+    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def table(task: Task, seeds: list[dict[str, Any]]) -> str:
     """optimizer | test score mean ± sd | per-seed scores | model calls | tokens | wall time."""
     peers = list(dict.fromkeys(p for s in seeds for p in (*s["peers"], *s.get("failed", {}))))
+    peers.sort(key=in_order)  # rswitch's first, however the runs were merged
     lines = [
         f"| optimizer | test {task.test_metric} (mean ± sd) | per seed ({', '.join(str(s['seed']) for s in seeds)}) "
         "| model calls | tokens (prompt + completion) | wall s |",
@@ -777,7 +785,7 @@ def markdown(task: Task, record: dict[str, Any], out: str, args: Any) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in record["seeds"]:
-        for peer, r in s["peers"].items():
+        for peer, r in sorted(s["peers"].items(), key=lambda pr: in_order(pr[0])):
             notes = []
             if "verdict" in r:
                 notes.append(f"gate: {r['verdict']}")

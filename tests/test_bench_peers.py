@@ -150,6 +150,13 @@ def test_table_gives_mean_sd_per_seed_scores_calls_tokens_and_wall_time() -> Non
     assert lines[2] == "| rswitch | 50.0 ± 14.1 | 40.0 / 60.0 | 450 ± 71 | 4950 ± 778 | 150 ± 71 |"
     assert lines[3] == "| dspy-mipro | 60.0 ± 14.1 | 70.0 / 50.0 | 600 ± 0 | 6600 ± 0 | 400 ± 141 |"
     assert lines[4] == "| dspy-gepa | – | failed / – | – | – | – |"  # a failure is shown, not dropped
+    # an optimizer run on one seed only: its value, not a spread of 0; rows in rswitch-first order
+    seeds[1]["peers"]["rswitch-reflective"] = run(0.1, 200, 50)
+    lines = peers.table(TASK, seeds).splitlines()
+    assert (
+        lines[3]
+        == "| rswitch-reflective | 10.0 (1 seed) | – / 10.0 | 200 (1 seed) | 2200 (1 seed) | 50 (1 seed) |"
+    )
 
 
 def test_rswitch_never_imports_dspy() -> None:
