@@ -602,8 +602,7 @@ def pick(record: dict[str, Any], wanted: set[str], name: str) -> dict[str, Any]:
         raise SystemExit(
             f"--merge {name}: unknown optimizer {', '.join(unknown)}; choose from {', '.join(PEERS)}"
         )
-    out = copy.deepcopy(record)
-    out["seeds"] = []
+    out = {k: v for k, v in record.items() if k != "seeds"} | {"seeds": []}
     for s in record["seeds"]:
         peers = {p: r for p, r in s["peers"].items() if p in wanted}
         failed = {p: why for p, why in s.get("failed", {}).items() if p in wanted}

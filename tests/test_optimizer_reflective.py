@@ -130,7 +130,7 @@ async def test_a_proposal_without_the_templates_variable_is_kept_with_it_restore
     search = ReflectiveSearch(scripted_task(calls), build_evaluator("exact_match"), rs(), proposer=proposer)
     res = await search.run("t", SEED, DEMOS, data)
     assert res.trials[0]["note"] == "proposal refused: changes the template's variables"
-    assert res.trials[1]["note"] == "proposal refused: copies the reflection prompt's layout"
+    assert res.trials[1]["note"] == "proposal refused: copies the proposer prompt's layout"
     assert res.trials[2]["note"] == "kept {topic} from the parent"
     assert res.winner_candidate.instruction == f"{dropped}\n\n{SEED}"
     assert res.winner_test == 1.0 and res.promote

@@ -231,12 +231,40 @@ def clean_proposal(text: str) -> str:
     return _PREAMBLE.sub("", text).strip()
 
 
-def echoes_prompt(proposal: str, current: str, headings: tuple[str, ...]) -> bool:
+def _echoes(proposal: str, current: str, headings: tuple[str, ...]) -> bool:
     """Whether a proposal writes back the proposer prompt's own headings at the start of a line
     ("Task summary:", "Current instruction:"), which the current instruction does not have: the
     proposer continued its prompt instead of writing an instruction."""
     pattern = re.compile(r"^\s*(?:" + "|".join(headings) + ")", re.I | re.M)
     return bool(pattern.search(proposal)) and not pattern.search(current)
+
+
+def refusal(
+    proposal: str,
+    current: str,
+    candidates: list[str],
+    train: list[Example],
+    headings: tuple[str, ...],
+    max_chars: int,
+) -> str | None:
+    """Why a proposed instruction cannot be a candidate, or None when it can; both searches ask.
+    `headings`: the proposer prompt's own (see `_echoes`); `max_chars`: longer is a ramble."""
+    if not proposal:
+        return "empty"
+    if proposal in (x.strip() for x in candidates):
+        return "already a candidate"
+    if set(placeholders(proposal)) != set(placeholders(current)):
+        return "changes the template's variables"  # it must render with the variables traffic sends
+    if len(proposal) > max_chars:
+        return "too long"
+    lines = [ln.strip() for ln in proposal.splitlines() if ln.strip()]
+    if len(lines) >= 4 and len(set(lines)) < len(lines) / 2:
+        return "mostly repeated lines"  # a degenerate generation
+    if copies_training(proposal, train):
+        return "copies training rows"
+    if _echoes(proposal, current, headings):
+        return "copies the proposer prompt's layout"
+    return None
 
 
 class Search:
@@ -486,18 +514,8 @@ class MIPROv2(Search):
         ]
 
     def _acceptable(self, proposal: str, current: str, train: list[Example]) -> bool:
-        if not proposal.strip() or proposal.strip() in (x.strip() for x in self.instructions):
-            return False
-        if echoes_prompt(proposal, current, PROPOSAL_HEADINGS):
-            return False  # it continued the proposal prompt
-        if set(placeholders(proposal)) != set(placeholders(current)):
-            return False  # it must render with the same variables the traffic sends
-        if len(proposal) > max(4 * len(current), 800):
-            return False  # a rambling proposal is not an instruction
-        lines = [ln.strip() for ln in proposal.splitlines() if ln.strip()]
-        if len(lines) >= 4 and len(set(lines)) < len(lines) / 2:
-            return False  # mostly repeated lines: a degenerate generation
-        return not copies_training(proposal, train)
+        limit = max(4 * len(current), 800)
+        return refusal(proposal, current, self.instructions, train, PROPOSAL_HEADINGS, limit) is None
 
     async def _propose(self, current: str, train: list[Example]) -> None:
         self.instructions = [current]
@@ -520,7 +538,7 @@ class MIPROv2(Search):
                 await self._call(
                     "proposer", self.proposer, self._proposal_prompt(summary, current, demos, tip), params
                 )
-            ).text.strip()
+            ).text
             text = clean_proposal(text)
             if self._acceptable(text, current, train):
                 self.instructions.append(text)

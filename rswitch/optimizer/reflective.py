@@ -44,9 +44,8 @@ from rswitch.optimizer.mipro import (
     Search,
     TaskFn,
     clean_proposal,
-    copies_training,
-    echoes_prompt,
     gate,
+    refusal,
 )
 from rswitch.templates import placeholders
 
@@ -124,12 +123,11 @@ def restore_variables(proposal: str, parent: str) -> tuple[str, list[str]]:
     the names restored. A small proposer rewriting "Which topic is this about: {labels}?" often
     drops `{labels}`; the rewrite is kept and the parent's sentence carried over, instead of the
     whole proposal being lost. A proposal that drops nothing is returned as it is."""
-    missing = [n for n in placeholders(parent) if n not in set(placeholders(proposal))]
+    kept = set(placeholders(proposal))
+    missing = [n for n in placeholders(parent) if n not in kept]
     if not missing or not proposal:
         return proposal, []
-    carried = [
-        s.strip() for s in _SENTENCE.split(parent) if s.strip() and set(placeholders(s)) & set(missing)
-    ]
+    carried = [s.strip() for s in _SENTENCE.split(parent) if s.strip() and set(placeholders(s)) - kept]
     return proposal.rstrip() + "\n\n" + " ".join(carried), missing
 
 
@@ -210,22 +208,7 @@ class ReflectiveSearch(Search):
     def _refusal(self, proposal: str, train: list[Example]) -> str | None:
         """Why a proposal cannot be a candidate, or None when it can."""
         current = self.instructions[0]
-        if not proposal:
-            return "empty"
-        if proposal in (x.strip() for x in self.instructions):
-            return "already a candidate"
-        if set(placeholders(proposal)) != set(placeholders(current)):
-            return "changes the template's variables"
-        if len(proposal) > max(6 * len(current), 2000):
-            return "too long"
-        lines = [ln.strip() for ln in proposal.splitlines() if ln.strip()]
-        if len(lines) >= 4 and len(set(lines)) < len(lines) / 2:
-            return "mostly repeated lines"
-        if copies_training(proposal, train):
-            return "copies training rows"
-        if echoes_prompt(proposal, current, HEADINGS):
-            return "copies the reflection prompt's layout"
-        return None
+        return refusal(proposal, current, self.instructions, train, HEADINGS, max(6 * len(current), 2000))
 
     # -- the run ----------------------------------------------------------------------------------
 
