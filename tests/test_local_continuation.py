@@ -15,7 +15,9 @@ from tests.test_streaming import events, joined
 pytestmark = pytest.mark.slow
 
 
-async def test_the_local_model_continues_a_stream_cut_upstream(make_gateway):
+@pytest.mark.parametrize("json_mode", [False, True])
+async def test_the_local_model_continues_a_stream_cut_upstream(make_gateway, json_mode: bool):
+    """In JSON mode too: the remote's partial object is finished into one that parses."""
     with openai_fake.running() as up:
         gw = await make_gateway(
             {
@@ -51,7 +53,8 @@ async def test_the_local_model_continues_a_stream_cut_upstream(make_gateway):
                 variables=SUPPORT_VARS,
                 stream=True,
                 temperature=0,
-                max_tokens=24,
+                max_tokens=256 if json_mode else 24,
+                **({"response_format": {"type": "json_object"}} if json_mode else {}),
             )
         )
     evts = events(r.text)
@@ -64,6 +67,8 @@ async def test_the_local_model_continues_a_stream_cut_upstream(make_gateway):
     broken, done = gw.dataset_rows("support")
     sent = broken["output"]  # what the remote streamed before it was cut
     assert sent and text.startswith(sent) and len(text) > len(sent)
+    if json_mode:
+        assert sent.startswith('{"answer": "echo:') and isinstance(json.loads(text), dict), text
     assert done["combination_id"] == "loc" and done["success"] == 1 and done["output"] == text
     assert [a["combination"] for a in json.loads(done["attempts"])] == ["remote", "loc"]
     assert evts[-2]["rswitch"]["continued"] is True

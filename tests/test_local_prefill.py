@@ -3,6 +3,7 @@ prompt over its context window is an error another model can fix."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -85,3 +86,63 @@ async def test_a_prompt_over_the_context_window_needs_another_model(
     assert needs_other_model(err) and "exceed context window of 512" in err.message
     ok = await local.complete(ChatCall(model="smollm2", messages=QUESTION, params={"max_tokens": 4}))
     assert ok["choices"][0]["message"]["content"]  # the model is still there for the next call
+
+
+PERSON = [
+    {
+        "role": "user",
+        "content": "Describe a fictional person as a JSON object with the keys name, age and hobbies.",
+    }
+]
+JSON_MODE = {"temperature": 0, "max_tokens": 160, "response_format": {"type": "json_object"}}
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        '{"name": "Ada Love',  # in a string
+        '{"name": "Ada", "age": 3',  # in a number
+        '{"name": "Ada", "hobbies": ["chess", ',  # in an array, after a comma
+        '{\n  "name": "Ada",\n  "age": 36,\n  "hob',  # in a key, indented
+        '{"name": "Ada", "age": 36}',  # whole: as text, the model writes a second object after it
+    ],
+)
+async def test_a_json_mode_answer_cut_anywhere_is_continued_into_json(
+    local: LocalProvider, partial: str
+) -> None:
+    def call() -> ChatCall:
+        messages = [*PERSON, {"role": "assistant", "content": partial}]
+        return ChatCall(model="smollm2", messages=messages, params=JSON_MODE, prefill=True)
+
+    out = await local.complete(call())
+    rest = out["choices"][0]["message"]["content"]
+    assert out["choices"][0]["finish_reason"] == "stop", rest
+    assert isinstance(json.loads(partial + rest), dict), partial + rest
+
+    chunks = [c async for c in local.stream(call())]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    streamed = streamed_text(chunks)
+    assert isinstance(json.loads(partial + streamed), dict), partial + streamed
+
+
+async def test_a_json_schema_is_followed_and_an_unknown_response_format_refused(local: LocalProvider) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+        "required": ["colour"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}}
+    question = [{"role": "user", "content": "Pick a colour of the rainbow."}]
+    out = await local.complete(
+        ChatCall(model="smollm2", messages=question, params={"temperature": 0, "response_format": fmt})
+    )
+    assert json.loads(out["choices"][0]["message"]["content"])["colour"] in ("red", "green", "blue")
+
+    for bad in ({"type": "xml"}, {}):
+        with pytest.raises(UpstreamError) as info:
+            await local.complete(
+                ChatCall(model="smollm2", messages=question, params={"response_format": bad})
+            )
+        assert (info.value.status, info.value.retryable) == (400, False)
+        assert "response_format type" in info.value.message and "'json_schema'" in info.value.message

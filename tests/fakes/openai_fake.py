@@ -49,6 +49,7 @@ from tests.fakes.server import (
 DEFAULT_MODELS = ["gpt-4o-mini", "gpt-4o"]
 FINGERPRINT = "fp_fake0001"
 TOOL_ARGUMENTS = {"location": "Paris"}  # what the fake "model" asks the weather tool for
+JSON_MODES = ("json_object", "json_schema")  # response_format types that make the answer a JSON object
 
 # status -> (error.type, error.code, error.param), as OpenAI answers them
 ERRORS: dict[int, tuple[str, str | None, str | None]] = {
@@ -222,6 +223,9 @@ class Answer:
             self.text = ""
         else:
             full = reply_text(messages) if text is None else text
+            fmt = body.get("response_format")
+            if text is None and isinstance(fmt, dict) and fmt.get("type") in JSON_MODES:
+                full = json.dumps({"answer": full})  # JSON mode: the answer is a JSON object
             if prefill:
                 partial = text_of(body["messages"][-1].get("content"))
                 full = full[len(partial) :] if full.startswith(partial) else full
