@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -226,6 +227,50 @@ async def test_redis_going_away_degrades_to_local_limits_and_recovers(redis_serv
         r = await client.post("/v1/chat/completions", json=chat("after", model="r", variables=SUPPORT_VARS))
         assert r.status_code == 200
         assert await client.core.shared_state.client.exists("rswitch:limits:up")  # shared again
+
+
+# a script Redis takes ARGV[1] ms to answer (it works that long): an answer still on its way
+SLOW = """
+local t = redis.call('TIME')
+local start = t[1] * 1000 + t[2] / 1000
+repeat t = redis.call('TIME') until t[1] * 1000 + t[2] / 1000 - start >= tonumber(ARGV[1])
+return 1
+"""
+
+
+async def test_an_answer_that_came_while_the_event_loop_was_stalled_is_not_an_outage(redis_server, replicas):
+    """A busy machine can hold the event loop past the 250 ms timeout while Redis answers in
+    time: that is not Redis failing to answer, and the replica stays on the shared limits."""
+    with upstream() as up:
+        cfg = replica_config(Path("."), redis_server.url, up.base_url)
+        cfg["state"]["timeout_ms"] = 250  # the default
+        client = await replicas(cfg, "r0")
+        state = client.core.shared_state
+        slow = state.client.register_script(SLOW)
+        # Redis answers after 100 ms; from 10 ms the loop is held for 600 ms (a blocking call, other
+        # work on the cores), so it finds the answer and its deadline both passed
+        asyncio.get_running_loop().call_later(0.01, time.sleep, 0.6)
+        assert await state.call(slow, [], [100]) == 1
+        status = (await client.get("/status")).json()["state"]
+        assert status["status"] == "ok" and status["outages"] == 0
+
+
+async def test_a_redis_that_stops_answering_is_an_outage_within_the_timeout(redis_server, replicas):
+    """...while a Redis that does not answer (its process stopped, the socket open) is one: the
+    loop saw the deadline on time, and nothing came."""
+    with upstream() as up:
+        cfg = replica_config(Path("."), redis_server.url, up.base_url)
+        cfg["state"]["timeout_ms"] = 250
+        client = await replicas(cfg, "r0")
+        state = client.core.shared_state
+        assert await state.lead("hang-test") is True
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            assert await state.lead("hang-test") is False  # nobody leads while Redis is away
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        status = (await client.get("/status")).json()["state"]
+        assert status["status"] == "degraded" and status["outages"] == 1
 
 
 async def ask(client: httpx.AsyncClient, text: str) -> int:

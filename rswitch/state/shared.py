@@ -7,7 +7,8 @@ calls left pending (settling an estimate against real usage costs no round trip 
 and honours a provider's Retry-After block set by any replica. The limit is one limit, not one
 per replica.
 
-When Redis does not answer within `timeout_ms`, the limiter falls back to the process's own
+When Redis does not answer within `timeout_ms` (time the event loop was stalled not counted:
+`within`), the limiter falls back to the process's own
 buckets (each replica then allows the whole limit), `/status` and `/metrics` say degraded, the
 log says so once, and a background task pings Redis every second until it answers again.
 """
@@ -18,13 +19,48 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
 from rswitch.state.learning import HealthSync, syncer_for
 from rswitch.state.takes import TakeChannel
 
 log = logging.getLogger("rswitch.state")
+
+T = TypeVar("T")
+STALL_GRACE = 3  # at most this many more timeouts for a wait whose deadline the event loop saw late
+
+
+async def within(seconds: float, aw: Awaitable[T]) -> T:
+    """`aw`'s result, or TimeoutError once it has not come in `seconds` the event loop could
+    have seen it come.
+
+    asyncio.timeout counts wall time. When the event loop itself is held up past the deadline
+    (a blocking call, a machine whose cores other work takes), an answer already waiting in the
+    socket is not read before the timeout fires, and a Redis that answered in a millisecond is
+    taken for one that is not answering. Here a deadline whose check came late by more than a
+    quarter of `seconds` (the loop was stalled, not Redis) is granted `seconds` more, up to
+    STALL_GRACE times; a check on time that finds no answer is a timeout."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(aw)
+    deadline = loop.time() + seconds
+    try:
+        for _ in range(1 + STALL_GRACE):
+            done, _pending = await asyncio.wait((task,), timeout=max(0.0, deadline - loop.time()))
+            if done:
+                return task.result()
+            now = loop.time()
+            if now - deadline <= seconds / 4:
+                break
+            deadline = now + seconds
+    except BaseException:  # the caller was cancelled: so is what it waited for
+        task.cancel()
+        raise
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a late failure: retrieved
+    raise TimeoutError(f"no answer within {seconds:g} s")
+
 
 # KEYS[1]: the provider's tpm bucket (hash), KEYS[2]: its upstream block (a key with a TTL),
 # KEYS[3]: when its requests of the last window were taken (a list, newest first)
@@ -162,8 +198,10 @@ class SharedState:
     async def start(self) -> None:
         import redis.asyncio as aioredis
 
+        # redis-py's own timeouts only back up `within`'s: they count a stalled loop's time too
+        backstop = max(self.timeout * (2 + STALL_GRACE), 5.0)
         self.client = aioredis.Redis.from_url(
-            self.url, socket_connect_timeout=max(self.timeout, 0.5), socket_timeout=max(self.timeout, 0.5)
+            self.url, socket_connect_timeout=backstop, socket_timeout=backstop
         )
         self._take = self.client.register_script(TAKE)
         if TakeChannel.usable(self.client):
@@ -217,8 +255,7 @@ class SharedState:
 
     async def _quietly(self, command: Any) -> None:
         try:
-            async with asyncio.timeout(self.background_timeout):
-                await command
+            await within(self.background_timeout, command)
         except Exception as exc:
             self.down(exc)
 
@@ -274,8 +311,7 @@ class SharedState:
         if self.degraded:
             return None
         try:
-            async with asyncio.timeout(self.timeout):
-                return await script(keys=keys, args=args)
+            return await within(self.timeout, script(keys=keys, args=args))
         except Exception as exc:
             self.down(exc)
             return None
@@ -304,8 +340,7 @@ class SharedState:
                 try:
                     if self.degraded:  # gone while these waited: each goes local at once
                         raise ConnectionError(self.last_error or "Redis is not answering")
-                    async with asyncio.timeout(self.timeout):
-                        results = await self._run_batch(batch)
+                    results = await within(self.timeout, self._run_batch(batch))
                 except Exception as exc:
                     for _, _, future in batch:
                         if not future.done():
