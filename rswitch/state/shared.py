@@ -7,8 +7,8 @@ calls left pending (settling an estimate against real usage costs no round trip 
 and honours a provider's Retry-After block set by any replica. The limit is one limit, not one
 per replica.
 
-When Redis does not answer within `timeout_ms` (time the event loop was stalled not counted:
-`within`), the limiter falls back to the process's own
+When Redis does not answer within `timeout_ms` (an answer that came while the event loop was
+stalled past the deadline counts: `within`), the limiter falls back to the process's own
 buckets (each replica then allows the whole limit), `/status` and `/metrics` say degraded, the
 log says so once, and a background task pings Redis every second until it answers again.
 """
@@ -19,8 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from rswitch.gateway.ratelimit import MAX_UPSTREAM_BLOCK, ProviderLimiter
 from rswitch.state.learning import HealthSync, syncer_for
@@ -28,38 +27,38 @@ from rswitch.state.takes import TakeChannel
 
 log = logging.getLogger("rswitch.state")
 
-T = TypeVar("T")
-STALL_GRACE = 3  # at most this many more timeouts for a wait whose deadline the event loop saw late
 
+class within:  # noqa: N801 - used as `async with within(seconds):`, like asyncio.timeout
+    """asyncio.timeout(seconds), save that an answer the event loop finds together with the
+    deadline is taken, not cancelled.
 
-async def within(seconds: float, aw: Awaitable[T]) -> T:
-    """`aw`'s result, or TimeoutError once it has not come in `seconds` the event loop could
-    have seen it come.
+    asyncio.timeout counts wall time and cancels in the loop pass its timer runs. When the loop
+    is held up past the deadline (a blocking call, a machine whose cores other work takes), the
+    pass after the stall finds Redis's answer in the socket and the deadline passed at once; the
+    answer's reader only wakes in the next pass, so asyncio.timeout has cancelled it by then,
+    and a Redis that answered in a millisecond is taken for one that is not answering. Here the
+    deadline's timer expires the wait one pass later (after what its own pass woke), so such an
+    answer is read; with no answer there, the wait ends as asyncio.timeout's would (the body
+    cancelled, TimeoutError raised), one loop pass later."""
 
-    asyncio.timeout counts wall time. When the event loop itself is held up past the deadline
-    (a blocking call, a machine whose cores other work takes), an answer already waiting in the
-    socket is not read before the timeout fires, and a Redis that answered in a millisecond is
-    taken for one that is not answering. Here a deadline whose check came late by more than a
-    quarter of `seconds` (the loop was stalled, not Redis) is granted `seconds` more, up to
-    STALL_GRACE times; a check on time that finds no answer is a timeout."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(aw)
-    deadline = loop.time() + seconds
-    try:
-        for _ in range(1 + STALL_GRACE):
-            done, _pending = await asyncio.wait((task,), timeout=max(0.0, deadline - loop.time()))
-            if done:
-                return task.result()
-            now = loop.time()
-            if now - deadline <= seconds / 4:
-                break
-            deadline = now + seconds
-    except BaseException:  # the caller was cancelled: so is what it waited for
-        task.cancel()
-        raise
-    task.cancel()
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a late failure: retrieved
-    raise TimeoutError(f"no answer within {seconds:g} s")
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._timeout = asyncio.timeout(None)  # expired by hand, from the deadline's timer
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> within:
+        await self._timeout.__aenter__()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + self.seconds, self._due)
+        return self
+
+    def _due(self) -> None:
+        self._timeout.reschedule(asyncio.get_running_loop().time())  # expires in the next pass
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        if self._timer is not None:
+            self._timer.cancel()
+        return await self._timeout.__aexit__(*exc)
 
 
 # KEYS[1]: the provider's tpm bucket (hash), KEYS[2]: its upstream block (a key with a TTL),
@@ -198,8 +197,8 @@ class SharedState:
     async def start(self) -> None:
         import redis.asyncio as aioredis
 
-        # redis-py's own timeouts only back up `within`'s: they count a stalled loop's time too
-        backstop = max(self.timeout * (2 + STALL_GRACE), 5.0)
+        # redis-py's own timeouts only back up `within`'s: they cancel as asyncio.timeout does
+        backstop = max(self.timeout * 4, 5.0)
         self.client = aioredis.Redis.from_url(
             self.url, socket_connect_timeout=backstop, socket_timeout=backstop
         )
@@ -255,7 +254,8 @@ class SharedState:
 
     async def _quietly(self, command: Any) -> None:
         try:
-            await within(self.background_timeout, command)
+            async with within(self.background_timeout):
+                await command
         except Exception as exc:
             self.down(exc)
 
@@ -311,7 +311,8 @@ class SharedState:
         if self.degraded:
             return None
         try:
-            return await within(self.timeout, script(keys=keys, args=args))
+            async with within(self.timeout):
+                return await script(keys=keys, args=args)
         except Exception as exc:
             self.down(exc)
             return None
@@ -340,7 +341,8 @@ class SharedState:
                 try:
                     if self.degraded:  # gone while these waited: each goes local at once
                         raise ConnectionError(self.last_error or "Redis is not answering")
-                    results = await within(self.timeout, self._run_batch(batch))
+                    async with within(self.timeout):
+                        results = await self._run_batch(batch)
                 except Exception as exc:
                     for _, _, future in batch:
                         if not future.done():
