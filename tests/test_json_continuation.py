@@ -70,6 +70,7 @@ def test_json_mode_wants_an_object_and_value_mode_any_value(vocab) -> None:
     assert continuation_grammar("[1, 2") is None and continuation_grammar('"ab') is None
     assert accepts(vocab, continuation_grammar("[1, 2", root="value"), "]")
     assert accepts(vocab, continuation_grammar("  ", root="value"), "3.5")
+    assert accepts(vocab, continuation_grammar("", root="value"), '""\n')  # a value, then a newline
     assert accepts(vocab, continuation_grammar(" "), "{}")
     assert not accepts(vocab, continuation_grammar(" "), "3.5")
     with pytest.raises(ValueError, match="root"):

@@ -59,7 +59,7 @@ NUMBER_ENDS = {"zero", "int", "frac", "exp"}
 
 # what may follow a container (or the top level) in each state, once the token it was in ends
 FRAME_REST = {
-    ("top", "value"): "ws {root}",
+    ("top", "value"): "ws {root} ws",
     ("top", "done"): "ws",
     ("obj", "key_or_close"): 'ws ( member objtail | "}" )',
     ("obj", "key"): "ws member objtail",

@@ -253,13 +253,16 @@ class LocalProvider(Provider):
         if kind == "json_schema":
             spec = fmt.get("json_schema")
             schema = spec.get("schema") if isinstance(spec, dict) else None
-            return {"type": "json_object", **({"schema": schema} if isinstance(schema, dict) else {})}
+            if isinstance(schema, dict):
+                return {"type": "json_object", "schema": schema}
+            problem = "response_format json_schema needs json_schema.schema, a JSON schema object"
+        else:
+            problem = (
+                f"response_format type {kind!r} is not one the local model knows: "
+                "'text', 'json_object' or 'json_schema'"
+            )
         raise UpstreamError(
-            400,
-            f"provider '{self.name}': response_format type {kind!r} is not one the local model "
-            "knows: 'text', 'json_object' or 'json_schema'",
-            error_type="invalid_request_error",
-            retryable=False,
+            400, f"provider '{self.name}': {problem}", error_type="invalid_request_error", retryable=False
         )
 
     def _messages(self, call: ChatCall) -> list[dict[str, str]]:
