@@ -340,7 +340,11 @@ def answered_per_replica(replies: list[Reply]) -> list[int]:
 def test_with_redis_stopped_every_replica_answers_on_its_own_limits_says_degraded_and_shares_again(cluster):
     up, urls = cluster.upstreams["paced"], cluster.urls
     until("all three ok", lambda: all(status(u)["state"]["status"] == "ok" for u in urls))
+    outages = [status(u)["state"]["outages"] for u in urls]
     before = burst(urls, "paced", 24, "before")
+    # Redis answered all along (a replica that took it for gone would have answered on its own
+    # limit, and the counts below would say so less clearly)
+    assert [status(u)["state"]["outages"] for u in urls] == outages
     assert {r.status for r in before} == {200, 429}
     assert PACED_RPM <= sum(answered_per_replica(before)) <= PACED_RPM + 1  # one limit for the three
 
@@ -364,7 +368,9 @@ def test_with_redis_stopped_every_replica_answers_on_its_own_limits_says_degrade
     assert [metric(u, "rswitch_state_degraded") for u in urls] == [0, 0, 0]
     for replica in cluster.replicas:
         replica.wait_for_line(r"Redis answers again", timeout=5)
+    outages = [status(u)["state"]["outages"] for u in urls]
     after = burst(urls, "paced", 24, "after")
+    assert [status(u)["state"]["outages"] for u in urls] == outages
     # one limit again (the restarted Redis has a full bucket)
     assert PACED_RPM <= sum(answered_per_replica(after)) <= PACED_RPM + 1
     reached = sum(1 for body in up.recorder.requests if "messages" in body)

@@ -209,7 +209,7 @@ class SharedState:
         self._lead = self.client.register_script(LEAD)
         self._resign = self.client.register_script(RESIGN)
         try:
-            async with asyncio.timeout(2.0):
+            async with within(2.0):
                 await self.client.ping()
         except Exception as exc:  # start anyway, on local state, and keep trying
             self.down(exc)
@@ -396,7 +396,7 @@ class SharedState:
             await asyncio.sleep(1.0)
             if self.degraded:
                 try:
-                    async with asyncio.timeout(1.0):
+                    async with within(self.background_timeout):
                         await self.client.ping()
                 except Exception as exc:
                     self.last_error = f"{type(exc).__name__}: {exc}"[:200]
@@ -418,7 +418,7 @@ class SharedState:
         if not syncers or self.degraded:
             return
         try:
-            async with asyncio.timeout(self.background_timeout):
+            async with within(self.background_timeout):
                 async with self.client.pipeline(transaction=False) as pipe:
                     queued = []
                     for syncer in syncers:  # each adds its command last: one that fails adds none
