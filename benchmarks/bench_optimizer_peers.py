@@ -754,13 +754,18 @@ def markdown(task: Task, record: dict[str, Any], out: str, args: Any) -> str:
     threads = f" --threads {record['threads']}" if record.get("threads") else ""
     seeds = ",".join(str(s["seed"]) for s in record["seeds"])
     if record.get("merged_from"):
-        runs = {
-            n: sorted({p for s in record["seeds"] for p, f in s["from"].items() if f == n})
-            for n in record["merged_from"]
-        }
+        every = [s["seed"] for s in record["seeds"]]
+        runs = {}
+        for n in record["merged_from"]:  # each run's optimizers, and its seeds when not all of them
+            has = {s["seed"]: sorted(p for p, f in s["from"].items() if f == n) for s in record["seeds"]}
+            has = {seed: peers for seed, peers in has.items() if peers}
+            what = ",".join(sorted({p for peers in has.values() for p in peers}))
+            if sorted(has) != every:
+                what += f" (seed{'s' if len(has) > 1 else ''} {', '.join(str(k) for k in sorted(has))})"
+            runs[n] = what
         command = (
             f"runs of `python benchmarks/bench_optimizer_peers.py --task {task.template_id} --seeds {seeds} "
-            f"--peers …`, one for {' and one for '.join(','.join(p) for p in runs.values())} (llama.cpp threads "
+            f"--peers …`, one for {', one for '.join(runs.values())} (llama.cpp threads "
             f"{record['threads']}), merged by `--merge {' '.join(runs)}`; rswitch at commit(s) {record['commit']}"
         )
     else:
