@@ -72,6 +72,11 @@ FRAME_REST = {
 }
 
 
+def after_value(kind: str) -> str:
+    """The state of a frame of `kind` once the value in it has ended."""
+    return "done" if kind == "top" else "next"
+
+
 @dataclass
 class Frame:
     kind: str  # "top", "obj" or "arr"
@@ -202,8 +207,7 @@ class Reader:
         return True
 
     def _value_done(self) -> None:
-        frame = self.frames[-1]
-        frame.state = "done" if frame.kind == "top" else "next"
+        self.frames[-1].state = after_value(self.frames[-1].kind)
 
     def rest(self) -> str:
         """The grammar's root: what may follow the text read so far."""
@@ -218,15 +222,15 @@ class Reader:
             pieces.append(NUMBER_REST[self.number])
         elif self.token == "literal":
             pieces.append(f'"{self.literal}"')
-        frames = [Frame(f.kind, f.state) for f in self.frames]
+        inner = self.frames[-1]
+        state = inner.state  # once the token the text stopped in has ended:
         if self.token == "key":
-            frames[-1].state = "colon"
+            state = "colon"
         elif self.token is not None:
-            frames[-1].state = "done" if frames[-1].kind == "top" else "next"
-        inner, *outer = reversed(frames)
-        pieces.append(FRAME_REST[inner.kind, inner.state].replace("{root}", self.root))
-        for frame in outer:  # each waits for the value holding the ones inside it to end
-            pieces.append({"obj": "objtail", "arr": "arrtail", "top": "ws"}[frame.kind])
+            state = after_value(inner.kind)
+        pieces.append(FRAME_REST[inner.kind, state].replace("{root}", self.root))
+        for frame in reversed(self.frames[:-1]):  # each waits for the value inside it to end
+            pieces.append(FRAME_REST[frame.kind, after_value(frame.kind)])
         return " ".join(pieces)
 
 
