@@ -370,3 +370,36 @@ async def test_a_stream_broken_on_openai_is_continued_by_a_prefill_on_another_pr
         assert last["role"] == "assistant" and ANSWER.startswith(partial.rstrip()) and partial
     done = gw.dataset_rows("support")[-1]
     assert done["combination_id"] == "backup" and done["output"] == ANSWER
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_a_json_mode_stream_is_continued_into_one_object_without_the_format(sdk, kind):
+    """A server applies a JSON format's grammar from the first token it generates (vLLM,
+    llama.cpp's server, Ollama): sent with the format, a prefill after a partial object would
+    get a second object. The continuation is sent without it, and the client gets one object."""
+    from tests.fakes import ollama_fake
+
+    fake = openai_fake if kind == "openai" else ollama_fake
+    with openai_fake.running() as p1, fake.running() as p2:
+        cfg = config({"p1": p1})
+        cfg["model_providers"]["p2"] = {"type": kind, "base_url": p2.base_url, "prefill": True}
+        gw, client = await sdk(cfg)
+        p1.faults.push(Fault("cut", after=3))
+        text, chunks = await stream_text(client, response_format={"type": "json_object"})
+        [cont] = [r for r in p2.recorder.requests if "messages" in r]
+    assert json.loads(text) == {"answer": ANSWER} and finishes(chunks) == ["stop"]
+    partial = cont["messages"][-1]["content"]
+    assert cont["messages"][-1]["role"] == "assistant" and partial.startswith('{"answer": ')
+    assert "response_format" not in cont and "format" not in cont
+    done = gw.dataset_rows("support")[-1]
+    assert done["combination_id"] == "backup" and done["output"] == text
+
+
+async def test_a_json_mode_request_anew_keeps_its_format(sdk, ups):
+    """Only a continuation goes without the format: a fallback that replays the request gets it."""
+    gw, client = await sdk(config(ups))
+    ups["p1"].faults.push(Fault("cut", after=3))
+    text, _ = await stream_text(client, response_format={"type": "json_object"})
+    [anew] = chat_requests(ups["p2"])
+    assert anew["response_format"] == {"type": "json_object"} and anew["messages"][-1]["role"] == "user"
+    assert json.loads(text) == {"answer": ANSWER}

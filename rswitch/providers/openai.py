@@ -142,6 +142,9 @@ class OpenAIProvider(Provider):
             # (llama.cpp's server ignores these keys and continues a trailing assistant message)
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
+            # a JSON-mode grammar constrains the generated text from its first token: after a
+            # partial object it would write a second one. The model continues the JSON it is given.
+            body.pop("response_format", None)
         if stream:
             body["stream"] = True
             opts = dict(body.get("stream_options") or {})

@@ -4,6 +4,8 @@ Answers are `reply_text(messages)`; a request offering tools whose last user mes
 mentions "weather" is answered with a call to the first tool instead. A trailing assistant
 message is continued, as Ollama does: the answer is the rest of the full answer when the
 message is its start (else the full answer), and only that rest is counted in eval_count.
+With a `format` the answer is `{"answer": ...}`, a whole object even after a trailing
+assistant message (Ollama's format grammar starts at the first generated token).
 
 Fault kinds of this fake besides the shared ones: "malformed" (two unreadable lines after
 `after` parts, then the rest), "reset_after_done" (the whole answer, done part included,
@@ -69,11 +71,20 @@ def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
 MALFORMED_LINES = (b'{"model": "llama3.2", "message": {"role": "assi\n', b'{"done": "maybe"}\n')
 
 
-def _continuation(messages: list[dict[str, Any]]) -> str:
-    """The answer, or after a trailing assistant message only what follows it."""
-    full = reply_text(messages)
+def _continuation(body: dict[str, Any]) -> str:
+    """The answer, or after a trailing assistant message only what follows it. With a `format`
+    the answer is `{"answer": <text>}`, its grammar applied from the first generated token, as
+    Ollama does: after a trailing assistant message, a whole object again. Without one, a
+    trailing assistant message that begins that object is continued as JSON."""
+    messages = body["messages"]
     last = messages[-1]
     prefix = str(last.get("content") or "") if last.get("role") == "assistant" else ""
+    full = reply_text(messages)
+    as_json = json.dumps({"answer": full})
+    if body.get("format"):
+        return as_json
+    if prefix.startswith("{") and as_json.startswith(prefix):
+        full = as_json
     return full[len(prefix) :] if prefix and full.startswith(prefix) else full
 
 
@@ -83,7 +94,7 @@ class _Answer:
     def __init__(self, body: dict[str, Any]) -> None:
         self.model = body["model"]
         self.call = _tool_call(body)
-        text = _continuation(body["messages"])
+        text = _continuation(body)
         self.pieces = [""] if self.call else split_words(text)
         self.eval_count = len(self.pieces) if self.call else len(text.split())
         self.prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body["messages"])

@@ -11,7 +11,10 @@ Options (per fake): `require_key` (answer 401 unless `Authorization: Bearer <key
 `prefill`: with "continue" (the default) a request with `continue_final_message: true` whose
 last message is the assistant's continues it as vLLM/SGLang do: the answer is only the rest of
 the full answer to the messages before it (the full answer when it does not start with the
-partial one), and only the rest counts as completion tokens; with "reject" such a request is a
+partial one), and only the rest counts as completion tokens. In JSON mode (`response_format`
+json_object / json_schema) the answer is `{"answer": <text>}`, whose grammar a server applies
+from the first generated token: a prefill in JSON mode gets a whole object, not the rest; a
+prefill without a format that begins that object is continued. With "reject" such a request is a
 400, as a server without the option (OpenAI itself) answers. A trailing assistant message
 without `continue_final_message` is answered anew, like OpenAI.
 
@@ -224,10 +227,15 @@ class Answer:
         else:
             full = reply_text(messages) if text is None else text
             fmt = body.get("response_format")
+            as_json = json.dumps({"answer": full})
+            partial = text_of(body["messages"][-1].get("content")) if prefill else ""
             if text is None and isinstance(fmt, dict) and fmt.get("type") in JSON_MODES:
-                full = json.dumps({"answer": full})  # JSON mode: the answer is a JSON object
-            if prefill:
-                partial = text_of(body["messages"][-1].get("content"))
+                # JSON mode: the answer is one JSON object, its grammar applied from the first
+                # generated token, as vLLM and llama.cpp's server do: a prefill gets a whole one
+                full, partial = as_json, ""
+            elif prefill and text is None and partial.startswith("{") and as_json.startswith(partial):
+                full = as_json  # no format: a model continues the JSON it is given as JSON
+            if partial:
                 full = full[len(partial) :] if full.startswith(partial) else full
             self.text = full
         self.finish_reason = "tool_calls" if self.tool else "stop"
