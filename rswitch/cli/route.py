@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -210,25 +211,32 @@ def route_fit(
         raise fail(f"--method must be similarity or trained; got {method!r}")
     if artifact is not None and method != "trained":
         raise fail("--artifact is for --method trained")
-    fit_semantic = _fit_semantic if method == "similarity" else _fit_trained
-    fit_semantic(
-        cfg, config, template, where, steps_cfg, step_name, examples, objective, per_route, output, artifact
+    job = _SemanticFit(
+        cfg, config, template, where, steps_cfg, step_name, examples, objective, per_route, output
     )
+    if method == "similarity":
+        _fit_semantic(job)
+    else:
+        _fit_trained(job, artifact)
 
 
-def _fit_semantic(
-    cfg: Config,
-    config: Path | None,
-    template: str | None,
-    where: str,
-    steps_cfg: list[Any],
-    step_name: str | None,
-    examples: Path,
-    objective: str,
-    per_route: bool,
-    output: Path | None,
-    artifact: Path | None = None,
-) -> None:
+@dataclass(frozen=True)
+class _SemanticFit:
+    """What `route fit` was asked to fit on a semantic step, and where the result goes."""
+
+    cfg: Config
+    config: Path | None  # the config file given (None: the default one)
+    template: str | None  # whose chain (None: routing.default)
+    where: str  # the chain, as the messages name it
+    steps_cfg: list[Any]
+    step_name: str | None
+    examples: Path
+    objective: str
+    per_route: bool  # a similarity threshold per route
+    output: Path | None  # a config to write with the fitted step
+
+
+def _fit_semantic(job: _SemanticFit) -> None:
     """`route fit` on a semantic step: thresholds fitted on the examples."""
     import asyncio
 
@@ -236,7 +244,8 @@ def _fit_semantic(
 
     from rswitch.routing.fit import evaluate, fit
 
-    index, step, rows, labels, runtime = _semantic_step(cfg, template, where, steps_cfg, step_name, examples)
+    index, step, rows, labels, runtime = _semantic_step(job)
+    objective, per_route, output = job.objective, job.per_route, job.output
     [vectors] = asyncio.run(_embed_texts(runtime, step, [[t for t, _ in rows]]))
     scores = step.score_many(vectors)
     before = evaluate(scores, labels, np.array([r.threshold for r in step.routes]))
@@ -250,7 +259,7 @@ def _fit_semantic(
             f"out-of-scope recall {oos}"
         )
 
-    typer.echo(f"step      {where}[{index}] '{step.name}' ({step.encoder_id})")
+    typer.echo(f"step      {job.where}[{index}] '{step.name}' ({step.encoder_id})")
     typer.echo(f"examples  {len(rows)}: {before.in_scope} in scope, {before.out_of_scope} out of scope")
     typer.echo(line("current", before))
     typer.echo(line("fitted", after))
@@ -269,13 +278,11 @@ def _fit_semantic(
         for route, t in zip(node["routes"], thresholds, strict=True):
             route["threshold"] = round(float(t), 4)
 
-    write_fitted_step(config, template, index, output, set_thresholds)
+    write_fitted_step(job.config, job.template, index, output, set_thresholds)
     typer.echo(f"wrote     {output}")
 
 
-def _semantic_step(
-    cfg: Config, template: str | None, where: str, steps_cfg: list[Any], step_name: str | None, examples: Path
-) -> tuple[int, Any, list[tuple[str, str | None]], Any, _RoutingRuntime]:
+def _semantic_step(job: _SemanticFit) -> tuple[int, Any, list[tuple[str, str | None]], Any, _RoutingRuntime]:
     """(index, the built step, examples, their labels, runtime) for the semantic step to fit. The
     step is built as `method: similarity`: a trained step's file is what the fit writes."""
     import numpy as np
@@ -284,14 +291,15 @@ def _semantic_step(
     from rswitch.routing.fit import OUT_OF_SCOPE
     from rswitch.routing.semantic import SemanticStep
 
-    semantic = [(i, s) for i, s in enumerate(steps_cfg) if s.type == "semantic"]
+    cfg, template, where, step_name = job.cfg, job.template, job.where, job.step_name
+    semantic = [(i, s) for i, s in enumerate(job.steps_cfg) if s.type == "semantic"]
     if step_name is not None:
         semantic = [(i, s) for i, s in semantic if s.name == step_name]
     if not semantic:
         what = f"named '{step_name}' " if step_name else ""
         raise fail(f"{where} has no semantic step {what}to fit")
     index = semantic[0][0]
-    rows = _read_route_examples(examples, target_resolver(cfg.routing.tiers))
+    rows = _read_route_examples(job.examples, target_resolver(cfg.routing.tiers))
     cfg = cfg.model_copy(deep=True)
     (cfg.routing.templates[template] if template else cfg.routing.default)[index].method = "similarity"
     runtime = _RoutingRuntime(cfg)
@@ -325,19 +333,7 @@ async def _embed_texts(runtime: _RoutingRuntime, step: Any, groups: list[list[st
     return out
 
 
-def _fit_trained(
-    cfg: Config,
-    config: Path | None,
-    template: str | None,
-    where: str,
-    steps_cfg: list[Any],
-    step_name: str | None,
-    examples: Path,
-    objective: str,
-    per_route: bool,
-    output: Path | None,
-    artifact: Path | None,
-) -> None:
+def _fit_trained(job: _SemanticFit, artifact: Path | None) -> None:
     """`route fit --method trained`: compare similarity and a trained classifier on a held-out
     quarter of the examples, then train on all of them and write the classifier's file."""
     import asyncio
@@ -348,11 +344,11 @@ def _fit_trained(
     from rswitch.routing.fit import OUT_OF_SCOPE, Metrics, evaluate, fit
     from rswitch.routing.trained import FOLDS, Labelled, split_held_out, train
 
-    index, step, rows, labels, runtime = _semantic_step(cfg, template, where, steps_cfg, step_name, examples)
+    index, step, rows, labels, runtime = _semantic_step(job)
     if len(rows) < 2:
         raise fail("--method trained needs at least two examples (its threshold is fitted on them)")
-    step_cfg = steps_cfg[index]
-    path = artifact if artifact is not None else step_cfg.artifact_path(cfg.source)
+    objective, output = job.objective, job.output
+    path = artifact if artifact is not None else job.steps_cfg[index].artifact_path(job.cfg.source)
     texts = [t for t, _ in rows]
     base_texts = [u for r in step.routes for u in r.utterances]
     base_labels = np.array([i for i, r in enumerate(step.routes) for _ in r.utterances])
@@ -369,7 +365,7 @@ def _fit_trained(
         )
 
     n_in, n_out = int((labels != OUT_OF_SCOPE).sum()), int((labels == OUT_OF_SCOPE).sum())
-    typer.echo(f"step      {where}[{index}] '{step.name}' ({step.encoder_id})")
+    typer.echo(f"step      {job.where}[{index}] '{step.name}' ({step.encoder_id})")
     typer.echo(f"examples  {len(rows)}: {n_in} in scope, {n_out} out of scope")
     train_rows, held_rows = split_held_out(labels)
     try:
@@ -381,7 +377,7 @@ def _fit_trained(
             part, held = every.take(train_rows), every.take(held_rows)
             scores_part, scores_held = step.score_many(part.vectors), step.score_many(held.vectors)
             current = np.array([r.threshold for r in step.routes])
-            fitted = fit(scores_part, part.labels, objective=objective, per_route=per_route)
+            fitted = fit(scores_part, part.labels, objective=objective, per_route=job.per_route)
             typer.echo(line("similarity, current", evaluate(scores_held, held.labels, current)))
             typer.echo(line("similarity, fitted", evaluate(scores_held, held.labels, fitted)))
             typer.echo("training  on the other examples…", err=True)
@@ -410,6 +406,6 @@ def _fit_trained(
     here, where_file = output.resolve().parent, path.resolve()
     artifact = os.path.relpath(where_file, here) if where_file.is_relative_to(here) else str(where_file)
     write_fitted_step(
-        config, template, index, output, lambda node: node.update(method="trained", artifact=artifact)
+        job.config, job.template, index, output, lambda node: node.update(method="trained", artifact=artifact)
     )
     typer.echo(f"wrote     {output} (method: trained, artifact: {artifact})")
