@@ -200,3 +200,48 @@ def test_the_subject_reference_routes_on_the_subjects_gain_and_reports_each_row(
     # the classifier reads the subject off the prompt's first word: as good as being told
     assert result["routers"]["subject_from_text"]["apgr"]["mean"] > 0.68
     assert "subject prior (told the subject)" in ms.markdown(result)
+
+
+def test_the_encoder_reference_scores_an_embedding_that_carries_the_gain_above_one_that_does_not(tmp_path):
+    """mmlu_encoders.py: the ridge router on an embedding that encodes which prompts the strong
+    model wins routes them first; on noise it is near random. Embeddings are cached by name."""
+    from benchmarks.routing import mmlu_encoders as me
+
+    rng = np.random.default_rng(1)
+    strong, weak = synthetic(w=150, l_=50, both=250, neither=150)
+    n = len(strong)
+    prompts = [f"question {i}" for i in range(n)]
+    data = rl.RoutingData("mmlu", prompts, strong, weak, rl._groups(prompts), n, 0)
+    rows = me.sample(data, 500)
+    assert len(rows) == 500 and len(set(rows)) == 500 and (np.diff(rows) > 0).all()
+    assert (me.sample(data, 10_000) == np.arange(n)).all()
+    noise = rng.normal(size=(n, 16))
+    signal = noise.copy()
+    signal[:, 0] = (strong - weak) + 0.5 * rng.normal(size=n)  # the gain, blurred
+    with_signal = [me.ridge_apgr(signal[rows], data, rows, seed)[0] for seed in range(3)]
+    without = [me.ridge_apgr(noise[rows], data, rows, seed)[0] for seed in range(3)]
+    assert min(with_signal) > 0.9 and 0.3 < np.mean(without) < 0.7
+
+    made = []
+    first, seconds = me.cached(tmp_path, "enc", 500, lambda: made.append(1) or signal[rows])
+    again, none = me.cached(tmp_path, "enc", 500, lambda: made.append(1) or noise[rows])
+    assert made == [1] and (again == first).all() and seconds is not None and none is None
+
+    assert me.parse_encoder("gguf:nomic=/m/n.gguf@classification: ") == (
+        "nomic",
+        "gguf",
+        "/m/n.gguf",
+        "classification: ",
+    )
+    assert me.parse_encoder("st:gemma=/m/g") == ("gemma", "st", "/m/g", "")
+    with pytest.raises(SystemExit, match="not static, minilm"):
+        me.parse_encoder("gguf:/m/n.gguf")
+    table = me.markdown(
+        {
+            "n_prompts": 500,
+            "seeds": 3,
+            "encoders": {"x": {"dim": 16, "apgr": with_signal, "mean": 0.95, "std": 0.01}},
+        },
+        {"x": "an encoder"},
+    )
+    assert "| an encoder | 16 | 0.950 ± 0.010 |" in table
