@@ -14,7 +14,7 @@ from aiohttp import web
 
 from rswitch.config import ProviderConfig
 from rswitch.providers.base import ChatCall, UpstreamError, needs_other_model
-from rswitch.providers.ollama import OllamaProvider
+from rswitch.providers.ollama import OllamaProvider, to_ollama_chat_body
 from tests.fakes.ollama_fake import running
 from tests.fakes.server import FakeUpstream, Fault, serve_app
 
@@ -109,6 +109,18 @@ async def test_response_format_and_images_are_translated(provider, fake):
 
     await provider.complete(chat(response_format={"type": "json_object"}))
     assert fake.recorder.last["format"] == "json"
+
+
+@pytest.mark.parametrize(("partial", "kept"), [('{"answer": "ec', False), ("  ", True)])
+async def test_a_prefill_after_begun_text_goes_without_the_format(provider, fake, partial, kept):
+    """Ollama applies `format` from the first token it generates: after a begun object it would
+    write a second one. A partial answer of only whitespace keeps it."""
+    call = chat(response_format={"type": "json_object"})
+    call.messages.append({"role": "assistant", "content": partial})
+    call.prefill = True
+    await provider.complete(call)
+    assert fake.recorder.last.get("format") == ("json" if kept else None)
+    assert to_ollama_chat_body(call, stream=True).get("format") == ("json" if kept else None)
 
 
 async def test_remote_image_url_is_refused_before_any_request(provider, fake):

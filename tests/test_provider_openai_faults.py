@@ -236,6 +236,30 @@ async def test_a_prefill_completion_returns_only_the_rest(
     assert fake.recorder.last["continue_final_message"] is True
 
 
+CONSTRAINTS = {
+    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    "guided_json": {"type": "object"},  # vLLM
+    "structured_outputs": {"json": {"type": "object"}},
+    "grammar": 'root ::= "{}"',  # llama.cpp's server
+}
+
+
+@pytest.mark.parametrize(("partial", "sent"), [('{"answer": "echo', False), ("\n ", True)])
+async def test_a_prefill_after_begun_text_goes_without_output_constraints(
+    provider: OpenAIProvider, fake: FakeUpstream, partial: str, sent: bool
+) -> None:
+    """A server applies them from the first token it generates: after a begun object it would
+    write a second one. Before any text (only whitespace) they still apply, and are kept."""
+    await provider.complete(
+        chat(user(QUESTION), assistant(partial), prefill=True, temperature=0, **CONSTRAINTS)
+    )
+    body = fake.recorder.last
+    assert body["continue_final_message"] is True and body["temperature"] == 0
+    assert {k: body.get(k) for k in CONSTRAINTS} == (CONSTRAINTS if sent else dict.fromkeys(CONSTRAINTS))
+    await provider.complete(chat(user(QUESTION), **CONSTRAINTS))  # not a prefill: all of them
+    assert {k: fake.recorder.last.get(k) for k in CONSTRAINTS} == CONSTRAINTS
+
+
 async def test_a_trailing_assistant_message_without_prefill_is_answered_anew(
     provider: OpenAIProvider, fake: FakeUpstream
 ) -> None:

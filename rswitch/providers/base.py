@@ -34,6 +34,16 @@ class ChatCall:
     # only set for a provider whose `accepts_prefill(model)` is true
     prefill: bool = False
 
+    @property
+    def continues_text(self) -> bool:
+        """A prefill whose partial answer has begun (more than whitespace). A server applies an
+        output constraint (JSON mode, a schema, a grammar) from the first token it generates, so
+        after begun text it would start a second value: such a continuation goes without it."""
+        if not self.prefill:
+            return False
+        content = self.messages[-1].get("content")
+        return not isinstance(content, str) or bool(content.strip())
+
 
 @dataclass(slots=True)
 class EmbedCall:

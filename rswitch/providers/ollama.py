@@ -153,11 +153,11 @@ def to_ollama_options(params: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def to_ollama_format(params: dict[str, Any], prefill: bool = False) -> str | dict[str, Any] | None:
-    """Ollama's `format` for OpenAI's response_format. None on a prefill: the format's grammar
-    constrains the generated text from its first token, so after a partial object it would
-    write a second one; the model continues the JSON it is given."""
-    if prefill:
+def to_ollama_format(params: dict[str, Any], continues: bool = False) -> str | dict[str, Any] | None:
+    """Ollama's `format` for OpenAI's response_format. None when continuing begun text (see
+    ChatCall.continues_text): the format's grammar constrains the generated text from its first
+    token, so after a partial object it would write a second one."""
+    if continues:
         return None
     fmt = params.get("response_format") or {}
     if fmt.get("type") == "json_object":
@@ -182,7 +182,7 @@ def to_ollama_chat_body(call: ChatCall, stream: bool) -> dict[str, Any]:
             ollama.Tool.model_validate(t).model_dump(exclude_none=True) for t in _tools(call.params) or []
         ],
         "stream": stream,
-        "format": to_ollama_format(call.params, call.prefill),
+        "format": to_ollama_format(call.params, call.continues_text),
         "options": to_ollama_options(call.params) or None,
     }
     return {k: v for k, v in body.items() if v is not None}
@@ -325,7 +325,7 @@ class OllamaProvider(Provider):
             to_ollama_messages(call.messages),
             tools=_tools(call.params),
             stream=stream,
-            format=to_ollama_format(call.params, call.prefill),
+            format=to_ollama_format(call.params, call.continues_text),
             options=to_ollama_options(call.params) or None,
         )
 

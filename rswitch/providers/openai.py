@@ -39,6 +39,18 @@ CONTEXT_TOO_LONG = re.compile(
 )
 # llama.cpp server's error type for a prompt beyond its context (`n_ctx`)
 LLAMA_CPP_CONTEXT_TYPE = "exceed_context_size_error"
+# output constraints a server applies from the first generated token: OpenAI's response_format,
+# vLLM's guided_* and structured_outputs, llama.cpp's server's grammar and json_schema
+OUTPUT_CONSTRAINTS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "grammar",
+    "json_schema",
+)
 
 
 class OpenAIProvider(Provider):
@@ -142,9 +154,9 @@ class OpenAIProvider(Provider):
             # (llama.cpp's server ignores these keys and continues a trailing assistant message)
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
-            # a JSON-mode grammar constrains the generated text from its first token: after a
-            # partial object it would write a second one. The model continues the JSON it is given.
-            body.pop("response_format", None)
+            if call.continues_text:  # the model continues the JSON (or text) it is given
+                for key in OUTPUT_CONSTRAINTS:
+                    body.pop(key, None)
         if stream:
             body["stream"] = True
             opts = dict(body.get("stream_options") or {})

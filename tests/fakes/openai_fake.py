@@ -14,8 +14,10 @@ the full answer to the messages before it (the full answer when it does not star
 partial one), and only the rest counts as completion tokens. In JSON mode (`response_format`
 json_object / json_schema) the answer is `{"answer": <text>}`, whose grammar a server applies
 from the first generated token: a prefill in JSON mode gets a whole object, not the rest; a
-prefill without a format that begins that object is continued. With "reject" such a request is a
-400, as a server without the option (OpenAI itself) answers. A trailing assistant message
+prefill without a format that begins that object is continued. In "continue" mode the fake
+also takes vLLM's and llama.cpp server's output constraints (`guided_json`, `structured_outputs`,
+`grammar`, …) and ignores them. With "reject" such a request is a 400, as a server without the
+option (OpenAI itself) answers. A trailing assistant message
 without `continue_final_message` is answered anew, like OpenAI.
 
 Every wait the fake does (`delay`, `slow_chunks`, a `stall` fault) ends early when the fake
@@ -74,6 +76,17 @@ CONTEXT_MESSAGE = (
 )
 MALFORMED_DEFAULT = "{not json"  # what a "malformed" fault sends unless its message says otherwise
 PREFILL_KEYS = ("continue_final_message", "add_generation_prompt")  # vLLM/SGLang's chat options
+# other OpenAI-compatible servers' output constraints (vLLM's, llama.cpp server's): accepted, and
+# ignored, by the fake unless it rejects prefills as OpenAI does
+SERVER_KEYS = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "grammar",
+    "json_schema",
+)
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -183,7 +196,8 @@ def request_problem(body: Any, models: list[str] | None, prefill: str = "continu
     problem = prefill_problem(body, prefill)
     if problem is not None:
         return problem
-    problem = chat_request_problem({k: v for k, v in body.items() if k not in PREFILL_KEYS})
+    own = PREFILL_KEYS + (SERVER_KEYS if prefill == "continue" else ())
+    problem = chat_request_problem({k: v for k, v in body.items() if k not in own})
     if problem is not None:
         return invalid_request(problem[0], problem[1])
     n = body.get("n", 1)
