@@ -223,9 +223,11 @@ def test_the_encoder_reference_scores_an_embedding_that_carries_the_gain_above_o
     assert min(with_signal) > 0.9 and 0.3 < np.mean(without) < 0.7
 
     made = []
-    first, seconds = me.cached(tmp_path, "enc", 500, lambda: made.append(1) or signal[rows])
-    again, none = me.cached(tmp_path, "enc", 500, lambda: made.append(1) or noise[rows])
-    assert made == [1] and (again == first).all() and seconds is not None and none is None
+    first, seconds = me.cached(tmp_path, "enc", 500, "st:enc=a", lambda: made.append(1) or signal[rows])
+    again, same = me.cached(tmp_path, "enc", 500, "st:enc=a", lambda: made.append(1) or noise[rows])
+    assert made == [1] and (again == first).all() and same == seconds
+    with pytest.raises(SystemExit, match="was made by 'st:enc=a', not 'st:enc=b'"):
+        me.cached(tmp_path, "enc", 500, "st:enc=b", lambda: noise[rows])
 
     assert me.parse_encoder("gguf:nomic=/m/n.gguf@classification: ") == (
         "nomic",
@@ -240,8 +242,10 @@ def test_the_encoder_reference_scores_an_embedding_that_carries_the_gain_above_o
         {
             "n_prompts": 500,
             "seeds": 3,
-            "encoders": {"x": {"dim": 16, "apgr": with_signal, "mean": 0.95, "std": 0.01}},
+            "encoders": {
+                "x": {"dim": 16, "apgr": with_signal, "mean": 0.95, "std": 0.01, "embed_seconds": 12.4}
+            },
         },
         {"x": "an encoder"},
     )
-    assert "| an encoder | 16 | 0.950 ± 0.010 |" in table
+    assert "| an encoder | 16 | 0.950 ± 0.010 |" in table and table.rstrip().endswith("| 12 s |")

@@ -15,13 +15,14 @@ Encoders (`--encoders`, comma-separated):
 - `gguf:NAME=PATH[@PREFIX]`: a GGUF embedding model through llama.cpp, mean-pooled as rswitch's
   `local` provider embeds; PREFIX is put before every prompt (nomic-embed wants a task prefix,
   e.g. `@classification: `).
-- `st:NAME=DIR`: a sentence-transformers model folder (needs `sentence-transformers` and torch,
-  which rswitch does not install; `encode_query` where the model has it; prompts truncated to
-  512 tokens).
+- `st:NAME=DIR[@PREFIX]`: a sentence-transformers model folder (needs `sentence-transformers`
+  and torch, which rswitch does not install; prompts truncated to 512 tokens; EmbeddingGemma's
+  classification prompt is `@task: classification | query: `).
 
-Embeddings are cached in `--cache` (default: the system temp dir), keyed by encoder name and
-sample, so an encoder whose library lives in another environment can be embedded there with the
-same `--n` and `--cache` and then tabled here beside the others.
+Embeddings are cached in `--cache` (default: the system temp dir) by encoder name and sample,
+with the spec that made them and the seconds it took beside them (a cached name made from
+another spec is an error), so an encoder whose library lives in another environment can be
+embedded there with the same `--n` and `--cache` and then tabled here beside the others.
 
 Usage: python benchmarks/routing/mmlu_encoders.py --encoders static,minilm [--n 4000] [--seeds 10]
        [--json out.json] [--markdown out.md]
@@ -45,7 +46,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 import routellm as rl  # noqa: E402
 
-ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 FOLDS = 4
 
 
@@ -58,8 +59,8 @@ def sample(data: rl.RoutingData, n: int) -> np.ndarray:
 
 def parse_encoder(spec: str) -> tuple[str, str, str | None, str]:
     """(name, kind, location, prefix) of one --encoders entry."""
-    if spec in ("static", "minilm"):
-        return spec, spec, None, ""
+    if spec.strip() in ("static", "minilm"):
+        return spec.strip(), spec.strip(), None, ""
     kind, _, rest = spec.partition(":")
     name, _, where = rest.partition("=")
     if kind not in ("gguf", "st") or not name or not where:
@@ -106,20 +107,25 @@ def embed(kind: str, where: str | None, prefix: str, prompts: list[str]) -> np.n
         ) from None
     model = SentenceTransformer(where, device="cpu")
     model.max_seq_length = min(model.max_seq_length or 512, 512)  # MMLU's longest prompts, bounded
-    encode = getattr(model, "encode_query", model.encode)
-    return _unit(encode(texts, batch_size=32, show_progress_bar=True))
+    return _unit(model.encode(texts, batch_size=32, show_progress_bar=True))
 
 
-def cached(cache: Path, name: str, n: int, make: Any) -> tuple[np.ndarray, float | None]:
-    """The sample's embeddings by `name` (made and saved when absent), and the seconds making took."""
+def cached(cache: Path, name: str, n: int, spec: str, make: Any) -> tuple[np.ndarray, float]:
+    """The sample's embeddings by `name` (made and saved, with `spec` and the time taken, when
+    absent), and the seconds making them took."""
     path = cache / f"mmlu-{n}-{name}.npy"
-    if path.exists():
-        return np.load(path), None
+    about = path.with_suffix(".json")
+    if path.exists() and about.exists():
+        made = json.loads(about.read_text())
+        if made["spec"] != spec:
+            raise SystemExit(f"{path} was made by {made['spec']!r}, not {spec!r}: remove it or rename")
+        return np.load(path), made["seconds"]
     started = time.perf_counter()
     vectors = make()
     seconds = time.perf_counter() - started
     cache.mkdir(parents=True, exist_ok=True)
     np.save(path, vectors)
+    about.write_text(json.dumps({"spec": spec, "seconds": seconds}) + "\n")
     return vectors, seconds
 
 
@@ -156,8 +162,9 @@ def run(encoders: list[str], n: int, seeds: int, cache: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"n_prompts": len(rows), "seeds": seeds, "encoders": {}}
     for spec in encoders:
         name, kind, where, prefix = parse_encoder(spec)
+        spec = name if kind in ("static", "minilm") else spec
         print(f"{name}: embedding {len(prompts)} prompts", flush=True)
-        x, seconds = cached(cache, name, len(rows), lambda: embed(kind, where, prefix, prompts))  # noqa: B023
+        x, seconds = cached(cache, name, len(rows), spec, lambda: embed(kind, where, prefix, prompts))  # noqa: B023
         scores, alphas = zip(*(ridge_apgr(x, data, rows, s) for s in range(seeds)), strict=True)
         out["encoders"][name] = {
             "spec": spec,
@@ -179,15 +186,17 @@ def markdown(result: dict[str, Any], labels: dict[str, str] | None = None) -> st
         "",
         f"{result['n_prompts']} seeded MMLU prompts; ridge on each encoder's embedding of the strong "
         f"model's gain, penalty by 4-fold CV APGR on the train half; APGR on the test half of "
-        f"{result['seeds']} seeded 50/50 splits (mean ± std, range). The same splits for every encoder.",
+        f"{result['seeds']} seeded 50/50 splits (mean ± std, range). The same splits for every encoder. "
+        "Embedding times are wall-clock on the machine that made the cached vectors.",
         "",
-        "| encoder | dim | APGR | range |",
-        "|---|---|---|---|",
+        "| encoder | dim | APGR | range | embedding the sample |",
+        "|---|---|---|---|---|",
     ]
     for name, r in result["encoders"].items():
+        took = r.get("embed_seconds")
         lines.append(
             f"| {labels.get(name, name)} | {r['dim']} | {r['mean']:.3f} ± {r['std']:.3f} | "
-            f"{min(r['apgr']):.3f}–{max(r['apgr']):.3f} |"
+            f"{min(r['apgr']):.3f}–{max(r['apgr']):.3f} | {'–' if took is None else f'{took:.0f} s'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -250,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--seeds must be at least 1 and --n at least 100")
     labels = dict(item.partition("=")[::2] for item in args.label)
     started = time.perf_counter()
-    result = run([e.strip() for e in args.encoders.split(",") if e.strip()], args.n, args.seeds, args.cache)
+    specs = [e.lstrip() for e in args.encoders.split(",") if e.strip()]  # a prefix may end in a space
+    result = run(specs, args.n, args.seeds, args.cache)
     result["seconds"] = time.perf_counter() - started
     result["command"] = "python benchmarks/routing/mmlu_encoders.py " + " ".join(argv or sys.argv[1:])
     if args.json:
