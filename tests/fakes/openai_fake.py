@@ -37,6 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
+from rswitch.providers.openai import OUTPUT_CONSTRAINTS
 from tests.fakes.openai_schema import chat_request_problem
 from tests.fakes.server import (
     INJECTED,
@@ -78,15 +79,7 @@ MALFORMED_DEFAULT = "{not json"  # what a "malformed" fault sends unless its mes
 PREFILL_KEYS = ("continue_final_message", "add_generation_prompt")  # vLLM/SGLang's chat options
 # other OpenAI-compatible servers' output constraints (vLLM's, llama.cpp server's): accepted, and
 # ignored, by the fake unless it rejects prefills as OpenAI does
-SERVER_KEYS = (
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "structured_outputs",
-    "grammar",
-    "json_schema",
-)
+SERVER_KEYS = tuple(k for k in OUTPUT_CONSTRAINTS if k != "response_format")
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
