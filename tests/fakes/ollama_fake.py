@@ -33,6 +33,7 @@ from tests.fakes.server import (
     reply_text,
     serve_app,
     split_words,
+    written_text,
 )
 
 VERSION = "0.6.8"
@@ -72,20 +73,10 @@ MALFORMED_LINES = (b'{"model": "llama3.2", "message": {"role": "assi\n', b'{"don
 
 
 def _continuation(body: dict[str, Any]) -> str:
-    """The answer, or after a trailing assistant message only what follows it. With a `format`
-    the answer is `{"answer": <text>}`, its grammar applied from the first generated token, as
-    Ollama does: after a trailing assistant message, a whole object again. Without one, a
-    trailing assistant message that begins that object is continued as JSON."""
-    messages = body["messages"]
-    last = messages[-1]
+    """The answer, or after a trailing assistant message only what follows it (`written_text`)."""
+    last = body["messages"][-1]
     prefix = str(last.get("content") or "") if last.get("role") == "assistant" else ""
-    full = reply_text(messages)
-    as_json = json.dumps({"answer": full})
-    if body.get("format"):
-        return as_json
-    if prefix.startswith("{") and as_json.startswith(prefix):
-        full = as_json
-    return full[len(prefix) :] if prefix and full.startswith(prefix) else full
+    return written_text(reply_text(body["messages"]), prefix, json_format=bool(body.get("format")))
 
 
 class _Answer:

@@ -50,6 +50,7 @@ from tests.fakes.server import (
     reply_text,
     serve_app,
     split_words,
+    written_text,
 )
 
 DEFAULT_MODELS = ["gpt-4o-mini", "gpt-4o"]
@@ -232,19 +233,10 @@ class Answer:
             }
             self.text = ""
         else:
-            full = reply_text(messages) if text is None else text
             fmt = body.get("response_format")
-            as_json = json.dumps({"answer": full})
+            json_mode = text is None and isinstance(fmt, dict) and fmt.get("type") in JSON_MODES
             partial = text_of(body["messages"][-1].get("content")) if prefill else ""
-            if text is None and isinstance(fmt, dict) and fmt.get("type") in JSON_MODES:
-                # JSON mode: the answer is one JSON object, its grammar applied from the first
-                # generated token, as vLLM and llama.cpp's server do: a prefill gets a whole one
-                full, partial = as_json, ""
-            elif prefill and text is None and partial.startswith("{") and as_json.startswith(partial):
-                full = as_json  # no format: a model continues the JSON it is given as JSON
-            if partial:
-                full = full[len(partial) :] if full.startswith(partial) else full
-            self.text = full
+            self.text = written_text(reply_text(messages) if text is None else text, partial, json_mode)
         self.finish_reason = "tool_calls" if self.tool else "stop"
         self.prompt_tokens = prompt_tokens(body["messages"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -159,6 +160,20 @@ def reply_text(messages: list[dict[str, Any]]) -> str:
                 )
             return f"echo: {content}"
     return "echo:"
+
+
+def written_text(full: str, partial: str = "", json_format: bool = False) -> str:
+    """What a fake model writes for the answer `full`: under a JSON format `{"answer": full}`,
+    whose grammar applies from the first generated token, so after a partial answer a whole
+    object again (as vLLM, llama.cpp's server and Ollama do); without one, after a partial answer
+    only the rest — of that JSON object when the partial begins it (a model continues the JSON it
+    is given) — or the whole answer when the partial is not its start."""
+    as_json = json.dumps({"answer": full})
+    if json_format:
+        return as_json
+    if partial.startswith("{") and as_json.startswith(partial):
+        full = as_json
+    return full[len(partial) :] if partial and full.startswith(partial) else full
 
 
 def split_words(text: str) -> list[str]:
